@@ -1,0 +1,65 @@
+# promptpipe: one entry point for setting up, running and testing.
+#   make demo   set everything up, start the quickstart pipeline, stream an answer, stop it
+#   make test   set everything up and run every test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3.11
+VENV        := .venv
+BIN         := $(VENV)/bin
+# Heavy builds are cached outside the clone, so a fresh clone on the same machine reuses them.
+CACHE       ?= $(HOME)/.cache/promptpipe
+WHEELS      := $(CACHE)/wheels
+LLAMA_VER   := 0.3.36
+LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_VER).built
+# Only the library is needed: no llama.cpp examples, tools or server binaries.
+LLAMA_CMAKE := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+STAMP       := $(VENV)/.installed
+QUESTION    ?= What does the post stage do?
+export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
+
+.PHONY: help setup demo test test-fast proto bench lint clean
+
+help:
+	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet pip==25.3
+
+# llama-cpp-python compiles llama.cpp from source (about 10 minutes on 2 cores): build it once.
+$(LLAMA_WHEEL): | $(BIN)/python
+	mkdir -p $(WHEELS)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
+	  $(BIN)/pip wheel --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	touch $@
+
+$(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
+	$(BIN)/pip install --quiet --find-links $(WHEELS) --constraint constraints.txt --editable '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/promptpipe up -f deploy/examples/quickstart.yaml
+	$(BIN)/promptpipe generate --session demo "$(QUESTION)" || { $(BIN)/promptpipe down; exit 1; }
+	$(BIN)/promptpipe down
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not processes and not model"
+
+proto: setup
+	$(BIN)/python protos/generate.py
+
+bench: setup
+	$(BIN)/python -m bench.pipeline
+
+lint: setup
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache

@@ -1,0 +1,28 @@
+"""Inference backends, chosen by `spec.model.backend`."""
+
+from __future__ import annotations
+
+from promptpipe.backends.base import Backend
+from promptpipe.config.spec import BackendKind, ModelSpec, RetrySpec
+from promptpipe.runtime.metrics import BackendMetrics
+
+
+def build_backend(model: ModelSpec, retry: RetrySpec, metrics: BackendMetrics) -> Backend:
+    # Imports are local so a stage only loads the client library it uses.
+    if model.backend is BackendKind.LLAMACPP:
+        from promptpipe.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(model.llamacpp, metrics)
+    if model.backend is BackendKind.SYNTHETIC:
+        from promptpipe.backends.synthetic import SyntheticBackend
+
+        return SyntheticBackend(model.synthetic)
+    if model.backend is BackendKind.TGI:
+        from promptpipe.backends.tgi import TgiBackend
+
+        assert model.tgi is not None  # checked by the spec
+        return TgiBackend(model.tgi, breaker=model.circuit_breaker, retry=retry, metrics=metrics)
+    from promptpipe.backends.openai import OpenAIBackend
+
+    assert model.openai is not None
+    return OpenAIBackend(model.openai, breaker=model.circuit_breaker, retry=retry, metrics=metrics)

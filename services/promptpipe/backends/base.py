@@ -1,0 +1,55 @@
+"""The inference backend interface: a prompt in, text pieces out, then an outcome."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from promptpipe.v1.common_pb2 import FinishReason
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    session_id: str
+    deadline: float  # time.monotonic() clock
+    request_id: str = ""
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finish_reason: FinishReason.ValueType
+    completion_tokens: int
+    prompt_tokens: int = 0
+    details: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+        """Yield pieces as they are generated, then exactly one Outcome.
+
+        Closing the iterator early (caller gone, deadline) must stop the generation.
+        """
+        ...
+
+    async def close(self) -> None: ...

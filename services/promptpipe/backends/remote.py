@@ -1,0 +1,93 @@
+"""What HTTP backends share: session affinity, per-endpoint circuit breakers, and
+retries with backoff and jitter, only while nothing has been streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from promptpipe.backends.affinity import HashRing
+from promptpipe.backends.base import GenerationRequest, Outcome, Piece
+from promptpipe.config.spec import CircuitBreakerSpec, RemoteBackendSpec, RetrySpec
+from promptpipe.runtime.errors import DeadlineExceeded, Shed, Unavailable
+from promptpipe.runtime.metrics import BackendMetrics
+from promptpipe.runtime.resilience import CircuitBreaker, backoff_delay
+
+OVERLOAD_RETRY_AFTER = 1.0
+
+
+class BackendCallError(Exception):
+    def __init__(self, message: str, retryable: bool, overloaded: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.overloaded = overloaded
+
+
+class RemoteBackend:
+    name = "remote"
+
+    def __init__(self, spec: RemoteBackendSpec, *, breaker: CircuitBreakerSpec, retry: RetrySpec,
+                 metrics: BackendMetrics) -> None:
+        self.spec = spec
+        self._retry = retry
+        self._metrics = metrics
+        self._ring = HashRing(spec.endpoints)
+        self._breakers = {ep: CircuitBreaker(breaker) for ep in spec.endpoints}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+        raise NotImplementedError
+
+    def _candidates(self, session: str) -> list[str]:
+        """The session's home endpoint first, then the ring order; open circuits skipped."""
+        return [ep for ep in self._ring.preference(session or "") if self._breakers[ep].allow()]
+
+    def _update_circuit_gauge(self) -> None:
+        self._metrics.circuit_open.set(sum(b.is_open for b in self._breakers.values()))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+        last: BackendCallError | None = None
+        for attempt in range(1, self._retry.max_attempts + 1):
+            candidates = self._candidates(request.session_id)
+            if not candidates:
+                retry_in = min(b.retry_after() for b in self._breakers.values())
+                raise Unavailable(f"backend circuit open; retry in {retry_in:.1f}s")
+            endpoint = candidates[(attempt - 1) % len(candidates)] if last and not last.overloaded else candidates[0]
+            produced = finished = failed = False
+            self._metrics.active.inc()
+            try:
+                async for out in self.stream_from(endpoint, request):
+                    if isinstance(out, Piece):
+                        produced = True
+                        self._metrics.tokens.inc(out.tokens)
+                    else:
+                        finished = True
+                    yield out
+                self._breakers[endpoint].record_success()
+                return
+            except BackendCallError as err:
+                failed = True
+                if not err.overloaded:  # a busy backend is healthy; do not trip its breaker
+                    self._breakers[endpoint].record_failure()
+                if produced or not err.retryable:
+                    raise Unavailable(str(err)) from None
+                last = err
+            finally:
+                self._metrics.active.dec()
+                if not finished and not failed:  # the caller left: generation stopped early
+                    self._metrics.cancelled.inc()
+                self._update_circuit_gauge()
+            delay = backoff_delay(self._retry, attempt)
+            if time.monotonic() + delay >= request.deadline:
+                raise DeadlineExceeded("deadline passed while retrying the backend")
+            await asyncio.sleep(delay)
+        assert last is not None
+        if last.overloaded:
+            raise Shed(str(last), OVERLOAD_RETRY_AFTER)
+        raise Unavailable(str(last))

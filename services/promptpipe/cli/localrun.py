@@ -1,0 +1,183 @@
+"""`promptpipe up/down/status` on a laptop: each stage a local process on loopback.
+
+The processes run the same entry point as the container images
+(`promptpipe.runtime.server`), configured the same way (PROMPTPIPE_* environment
+and a runtime config file), so local runs exercise the production code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from promptpipe.config.loader import RuntimeConfig, load_pipeline, load_runtime_config
+from promptpipe.config.spec import STAGE_ORDER, StageName
+
+# The gateway drains first (it stops taking requests), the model server last.
+SHUTDOWN_ORDER = (StageName.STREAM, StageName.RAG, StageName.ASSEMBLE, StageName.POST, StageName.INFERENCE)
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("PROMPTPIPE_HOME", Path.home() / ".promptpipe"))
+
+
+@dataclass
+class StageProcess:
+    stage: str
+    pid: int
+    port: int
+    metrics_port: int
+    log: str
+
+
+@dataclass
+class LocalRun:
+    name: str
+    folder: str
+    stages: dict[str, StageProcess]
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.stages[StageName.STREAM.value].port}"
+
+    def save(self) -> None:
+        (Path(self.folder) / "state.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> LocalRun:
+        data = json.loads((folder / "state.json").read_text())
+        stages = {k: StageProcess(**v) for k, v in data.pop("stages").items()}
+        return cls(stages=stages, **data)
+
+
+class LocalRunError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
+
+
+def find_run(name: str | None) -> LocalRun:
+    runs = state_home() / "runs"
+    candidates = sorted(p for p in runs.glob("*") if (p / "state.json").exists()) if runs.exists() else []
+    if name is not None:
+        candidates = [p for p in candidates if p.name == name]
+    if not candidates:
+        raise LocalRunError("no local pipeline is running (start one with `promptpipe up -f FILE`)")
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise LocalRunError(f"several pipelines are running ({names}); pick one with --name")
+    return LocalRun.load(candidates[0])
+
+
+def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
+    pipeline = load_pipeline(pipeline_file)
+    name = pipeline.metadata.name
+    folder = state_home() / "runs" / name
+    if (folder / "state.json").exists():
+        existing = LocalRun.load(folder)
+        if any(alive(p.pid) for p in existing.stages.values()):
+            raise LocalRunError(f"pipeline {name!r} is already running (promptpipe down --name {name})")
+    folder.mkdir(parents=True, exist_ok=True)
+    ports = {stage: free_port() for stage in STAGE_ORDER}
+    config = RuntimeConfig(
+        pipeline=pipeline, endpoints={s: f"127.0.0.1:{p}" for s, p in ports.items()},
+        base_dir=str(pipeline_file.resolve().parent),
+    )
+    config_path = folder / "runtime.yaml"
+    config_path.write_text(config.dump_yaml())
+    run = LocalRun(name=name, folder=str(folder), stages={})
+    for stage in STAGE_ORDER:
+        log_path = folder / f"{stage.value}.log"
+        env = {
+            **os.environ, "PROMPTPIPE_STAGE": stage.value, "PROMPTPIPE_CONFIG": str(config_path),
+            "PROMPTPIPE_PORT": str(ports[stage]), "PROMPTPIPE_METRICS_PORT": str(free_port()),
+            "PROMPTPIPE_PORT_FILE": str(folder / f"{stage.value}.ports"), "PROMPTPIPE_OTEL_EXPORTER": otel_exporter,
+        }
+        (folder / f"{stage.value}.ports").unlink(missing_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(  # noqa: S603 - our own entry point
+                [sys.executable, "-m", "promptpipe.runtime.server"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        run.stages[stage.value] = StageProcess(stage.value, proc.pid, ports[stage], 0, str(log_path))
+    run.save()
+    return run
+
+
+def wait_serving(run: LocalRun, timeout: float) -> None:
+    """Wait until every stage's health check says SERVING; fail fast if one died."""
+    deadline = time.monotonic() + timeout
+    pending = dict(run.stages)
+    while pending:
+        for stage, proc in list(pending.items()):
+            if not alive(proc.pid):
+                tail = Path(proc.log).read_text(errors="replace")[-2000:]
+                raise LocalRunError(f"stage {stage} exited during start-up; its log ends:\n{tail}")
+            if health_status(f"127.0.0.1:{proc.port}", 1.0) == "SERVING":
+                ports = Path(run.folder, f"{stage}.ports").read_text().split()
+                proc.metrics_port = int(ports[1])
+                del pending[stage]
+        if pending and time.monotonic() > deadline:
+            raise LocalRunError(f"stages not serving after {timeout:.0f}s: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.1)
+    run.save()
+
+
+def health_status(target: str, timeout: float) -> str:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            return "UNREACHABLE" if err.code() is grpc.StatusCode.UNAVAILABLE else err.code().name
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def stop(run: LocalRun) -> list[str]:
+    """SIGTERM each stage in drain order and wait for it; SIGKILL after its drain grace."""
+    config = load_runtime_config(Path(run.folder) / "runtime.yaml")
+    killed: list[str] = []
+    for stage in SHUTDOWN_ORDER:
+        proc = run.stages.get(stage.value)
+        if proc is None or not alive(proc.pid):
+            continue
+        os.kill(proc.pid, signal.SIGTERM)
+        grace = config.pipeline.spec.stages.get(stage).drain_grace_seconds
+        deadline = time.monotonic() + grace + 5.0
+        while alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(proc.pid):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(stage.value)
+    Path(run.folder, "state.json").unlink(missing_ok=True)
+    return killed

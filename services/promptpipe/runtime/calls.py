@@ -1,0 +1,78 @@
+"""Calls from one stage to the next: deadline passed on, retries only before the
+first event arrived, downstream statuses passed back unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from promptpipe.config.spec import RetrySpec
+from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError
+from promptpipe.runtime.resilience import backoff_delay
+from promptpipe.v1 import stage_pb2, stage_pb2_grpc
+
+# Only failures that mean "this call never reached a working server" are retried.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+)
+
+
+class StageClient:
+    def __init__(self, target: str, retry: RetrySpec, interceptors: Sequence[Any] = ()) -> None:
+        self.target = target
+        self._retry = retry
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
+        self._stub = stage_pb2_grpc.StageStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def stats(self, timeout: float) -> stage_pb2.StageStats:
+        result: stage_pb2.StageStats = await self._stub.Stats(stage_pb2.StatsRequest(), timeout=timeout)
+        return result
+
+    async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncIterator[stage_pb2.StageEvent]:
+        """Stream the next stage's events; `deadline` is on the time.monotonic clock."""
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline passed before the next stage was reached")
+            call = self._stub.Run(item, timeout=remaining)
+            streamed = False
+            try:
+                async for event in call:
+                    streamed = True
+                    yield event
+                return
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if streamed or code not in _RETRYABLE or attempt >= self._retry.max_attempts:
+                    raise UpstreamError(code, err.details() or code.name, tuple(err.trailing_metadata() or ())) from None
+            finally:
+                call.cancel()  # no-op when finished; stops the next stage when we leave early
+            delay = backoff_delay(self._retry, attempt)
+            if time.monotonic() + delay >= deadline:
+                raise DeadlineExceeded("deadline passed while retrying the next stage")
+            await asyncio.sleep(delay)
+
+    async def run_to_item(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
+        """For rag and assemble: their answer is one enriched work item."""
+        result: stage_pb2.WorkItem | None = None
+        async for event in self.run(item, deadline):
+            if event.HasField("item"):
+                result = event.item
+        if result is None:
+            raise UpstreamError(grpc.StatusCode.INTERNAL, f"stage at {self.target} returned no work item")
+        return result

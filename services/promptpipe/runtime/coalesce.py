@@ -1,0 +1,82 @@
+"""Coalescing of token chunks when the reader is slower than the producer.
+
+A pump task reads the source into a buffer; the reader takes everything buffered
+at once and sends it as one chunk. A reader that keeps up gets every chunk as it
+was produced (no added latency); a slow one gets fewer, larger chunks, so the
+per-message cost of gRPC stops bounding throughput. The buffer is bounded in
+tokens, so a stalled reader stalls the producer (backpressure), not memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+from promptpipe.v1 import common_pb2, stage_pb2
+
+MAX_BUFFERED_TOKENS = 1024
+
+
+async def coalesce(
+    source: AsyncIterator[stage_pb2.StageEvent], max_buffered_tokens: int = MAX_BUFFERED_TOKENS
+) -> AsyncIterator[stage_pb2.StageEvent]:
+    buffer: collections.deque[stage_pb2.StageEvent] = collections.deque()
+    buffered_tokens = 0
+    ready = asyncio.Event()
+    space = asyncio.Event()
+    space.set()
+    done = False
+    failure: BaseException | None = None
+
+    async def pump() -> None:
+        nonlocal buffered_tokens, done, failure
+        try:
+            async for event in source:
+                if event.HasField("chunk"):
+                    while buffered_tokens >= max_buffered_tokens:
+                        space.clear()
+                        await space.wait()
+                    buffered_tokens += max(1, event.chunk.token_count)
+                buffer.append(event)
+                ready.set()
+        except Exception as exc:  # handed to the reader, raised there
+            failure = exc
+        finally:
+            done = True
+            ready.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            while buffer:
+                event = buffer.popleft()
+                if not event.HasField("chunk"):
+                    yield event
+                    continue
+                texts = [event.chunk.text]
+                count = event.chunk.token_count
+                taken = max(1, count)
+                while buffer and buffer[0].HasField("chunk"):
+                    nxt = buffer.popleft().chunk
+                    texts.append(nxt.text)
+                    count += nxt.token_count
+                    taken += max(1, nxt.token_count)
+                buffered_tokens -= taken
+                space.set()
+                if len(texts) == 1:
+                    yield event
+                else:
+                    yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text="".join(texts), token_count=count))
+            if done and not buffer:
+                break
+        if failure is not None:
+            raise failure
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

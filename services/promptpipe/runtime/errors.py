@@ -1,0 +1,98 @@
+"""Errors a stage raises on purpose, and their one mapping to gRPC status codes.
+
+Anything else becomes INTERNAL with a fixed message: internals never reach clients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+
+class StageError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(StageError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Shed(StageError):
+    """Load shedding: the request was refused or dropped; retry after `retry_after`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float, reason: str = "rejected") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason  # "rejected" (reject-new) or "dropped" (drop-oldest)
+
+
+class DeadlineExceeded(StageError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(StageError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(StageError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UpstreamError(StageError):
+    """A downstream stage ended the call with a status; pass it on unchanged."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.trailers = trailers
+
+
+def _retry_info_status(err: Shed) -> grpc.Status:
+    seconds = int(err.retry_after)
+    nanos = int((err.retry_after - seconds) * 1e9)
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos))
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=err.message)
+    status.details.add().Pack(info)
+    return rpc_status.to_status(status)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, stage: str) -> None:
+    """End the call with the status that `exc` stands for. Always raises."""
+    if isinstance(exc, Shed):
+        await context.abort_with_status(_retry_info_status(exc))
+    if isinstance(exc, UpstreamError):
+        trailers = tuple((k, v) for k, v in exc.trailers if k == "grpc-status-details-bin")
+        await context.abort(exc.code, exc.message, trailing_metadata=trailers)
+    if isinstance(exc, StageError):
+        await context.abort(exc.code, exc.message)
+    log.exception("unexpected error in stage %s", stage, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in stage {stage}")
+
+
+def retry_after_of(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo hint of a RESOURCE_EXHAUSTED error, if it carries one."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None

@@ -1,0 +1,107 @@
+"""One stage process: gRPC server with health and reflection, /metrics, graceful drain.
+
+This is the entry point the container images run (`promptpipe-stage`) and the one
+`promptpipe up` starts locally, so both paths are the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from promptpipe.config.loader import RuntimeConfig, load_runtime_config
+from promptpipe.config.settings import StageSettings
+from promptpipe.config.spec import StageName
+from promptpipe.runtime.stage import StageRuntime, StageServicer
+from promptpipe.runtime.tracing import setup_tracing
+from promptpipe.stages import build_stage
+from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+)
+
+
+async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
+    stage = settings.stage
+    pipeline = config.pipeline
+    server_interceptors, client_interceptors = setup_tracing(
+        settings.otel_exporter, f"promptpipe-{pipeline.metadata.name}-{stage.value}"
+    )
+    registry = CollectorRegistry()
+    runtime = StageRuntime.create(stage.value, pipeline.spec.stages.get(stage), registry, pipeline.metadata.name)
+    built = build_stage(stage, config, runtime, registry, client_interceptors)
+    servicer = StageServicer(runtime, built.handler)
+
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors or None)
+    stage_pb2_grpc.add_StageServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    services = [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name]
+    if built.gateway is not None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
+        services.append(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+
+    metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    metrics_port = metrics_httpd.server_port
+
+    # Not serving until the stage has loaded what it needs (model, index).
+    for name in ("", *services):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    await built.start()
+    for name in ("", *services):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    servicer.serving = True
+    if settings.port_file is not None:
+        settings.port_file.write_text(f"{port} {metrics_port}\n")
+    log.info("stage %s of pipeline %s serving on %s:%d (metrics :%d)",
+             stage.value, pipeline.metadata.name, settings.host, port, metrics_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    grace = runtime.spec.drain_grace_seconds
+    log.info("draining stage %s: %d in flight, %d queued, grace %.1fs",
+             stage.value, runtime.queue.in_flight, runtime.queue.depth, grace)
+    servicer.serving = False
+    await health_servicer.enter_graceful_shutdown()
+    try:
+        # New calls are refused at once; calls in progress may finish within the grace.
+        await server.stop(grace)
+    finally:
+        await built.close()
+        metrics_httpd.shutdown()
+    log.info("stage %s stopped", stage.value)
+
+
+def main() -> None:
+    settings = StageSettings(_cli_parse_args=True)  # type: ignore[call-arg]
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_runtime_config(settings.config)
+    asyncio.run(serve(settings, config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""What every stage shares: admission, deadline, span, timing, metrics, error mapping.
+
+A stage's own logic is a `StageHandler`: an async generator of events for one work
+item. It never touches gRPC contexts, status codes or metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from promptpipe.config.spec import StageSpec
+from promptpipe.runtime.admission import AdmissionQueue
+from promptpipe.runtime.errors import Shed, StageError, abort_with
+from promptpipe.runtime.metrics import StageMetrics
+from promptpipe.runtime.tracing import SPAN_NAMES, tracer
+from promptpipe.v1 import common_pb2, stage_pb2
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One admitted call as a handler sees it."""
+
+    deadline: float  # time.monotonic() clock
+    queue_wait: float
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class StageHandler(Protocol):
+    async def start(self) -> None:
+        """Load what the stage needs (index, model) before it reports SERVING."""
+
+    def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]: ...
+
+    async def close(self) -> None: ...
+
+
+class StageRuntime:
+    def __init__(self, stage: str, spec: StageSpec, queue: AdmissionQueue, metrics: StageMetrics) -> None:
+        self.stage = stage
+        self.spec = spec
+        self.queue = queue
+        self.metrics = metrics
+        self._span_name = SPAN_NAMES[stage]
+
+    @classmethod
+    def create(cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str) -> StageRuntime:
+        q = spec.queue
+        queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
+        return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
+
+    def deadline_for(self, context: grpc.aio.ServicerContext) -> float:
+        """The caller's deadline, capped by this stage's timeout."""
+        remaining = context.time_remaining()
+        timeout = self.spec.timeout_seconds if remaining is None else min(remaining, self.spec.timeout_seconds)
+        return time.monotonic() + timeout
+
+    async def serve(
+        self, context: grpc.aio.ServicerContext, body: Callable[[Call], AsyncIterator[T]]
+    ) -> AsyncIterator[T]:
+        """Admit the call, run `body` in a span, map any failure to a status."""
+        deadline = self.deadline_for(context)
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            async with self.queue.slot(deadline - time.monotonic()) as waited:
+                self.metrics.queue_wait.observe(waited)
+                started = time.perf_counter()
+                with tracer().start_as_current_span(self._span_name):
+                    async for out in body(Call(deadline, waited)):
+                        yield out
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, StageError) else "INTERNAL"
+            if isinstance(exc, Shed):
+                (self.metrics.dropped if exc.reason == "dropped" else self.metrics.rejected).inc()
+            await abort_with(context, exc, self.stage)
+        finally:
+            self.metrics.observe_call(code, time.perf_counter() - started)
+
+    def timing(self, call: Call, work_started: float) -> common_pb2.StageTiming:
+        return common_pb2.StageTiming(
+            stage=self.stage, queue_wait_seconds=call.queue_wait, work_seconds=time.perf_counter() - work_started
+        )
+
+    def stats(self, serving: bool) -> stage_pb2.StageStats:
+        q = self.queue
+        return stage_pb2.StageStats(
+            stage=self.stage, queue_depth=q.depth, queue_capacity=q.capacity, in_flight=q.in_flight,
+            concurrency=q.concurrency, rejected_total=q.counters.rejected, dropped_total=q.counters.dropped,
+            completed_total=q.counters.completed, serving=serving, shed_policy=q.policy.value,
+        )
+
+
+class StageServicer:
+    """The internal `promptpipe.v1.Stage` service of one stage process."""
+
+    def __init__(self, runtime: StageRuntime, handler: StageHandler | None) -> None:
+        self.runtime = runtime
+        self.handler = handler
+        self.serving = False
+
+    async def Run(  # noqa: N802 - gRPC method name
+        self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[stage_pb2.StageEvent]:
+        handler = self.handler
+        if handler is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} has no Run; call Gateway")
+            return
+
+        async def body(call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+            work_started = time.perf_counter()
+            async for event in handler.run(request, call):
+                # Every stage records its own time on what it hands back.
+                if event.HasField("item"):
+                    event.item.timings.append(self.runtime.timing(call, work_started))
+                elif event.HasField("final"):
+                    event.final.timings.append(self.runtime.timing(call, work_started))
+                yield event
+
+        async for event in self.runtime.serve(context, body):
+            yield event
+
+    async def Stats(  # noqa: N802 - gRPC method name
+        self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.StageStats:
+        return self.runtime.stats(self.serving)

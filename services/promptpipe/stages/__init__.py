@@ -1,0 +1,65 @@
+"""The five stages, and how a stage process wires its handler from the config."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from promptpipe.config.loader import RuntimeConfig
+from promptpipe.config.spec import StageName
+from promptpipe.runtime.calls import StageClient
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
+from promptpipe.runtime.stage import StageHandler, StageRuntime
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class BuiltStage:
+    handler: StageHandler | None
+    gateway: Any = None
+    start: Callable[[], Awaitable[None]] = _nothing
+    close: Callable[[], Awaitable[None]] = field(default=_nothing)
+
+
+def build_stage(stage: StageName, config: RuntimeConfig, runtime: StageRuntime, registry: CollectorRegistry,
+                client_interceptors: Sequence[Any]) -> BuiltStage:
+    spec = config.pipeline.spec
+    name = config.pipeline.metadata.name
+    retry = spec.stages.get(stage).retries
+
+    def client(to: StageName) -> StageClient:
+        return StageClient(config.endpoints[to], retry, client_interceptors)
+
+    handler: StageHandler
+    if stage is StageName.STREAM:
+        from promptpipe.stages.gateway import GatewayServicer
+
+        gateway = GatewayServicer(runtime, spec.generation, client(StageName.RAG), client(StageName.ASSEMBLE),
+                                  client(StageName.POST), GatewayMetrics(registry, name))
+        return BuiltStage(handler=None, gateway=gateway, close=gateway.close)
+    if stage is StageName.RAG:
+        from promptpipe.stages.rag import RagHandler
+
+        corpus = config.resolve(spec.rag.corpus.path) if spec.rag.corpus.path else None
+        handler = RagHandler(spec.rag, corpus)
+    elif stage is StageName.ASSEMBLE:
+        from promptpipe.stages.assemble import AssembleHandler
+
+        handler = AssembleHandler(spec.template, spec.model, spec.generation.max_new_tokens)
+    elif stage is StageName.INFERENCE:
+        from promptpipe.backends import build_backend
+        from promptpipe.stages.inference import InferenceHandler
+
+        metrics = BackendMetrics(registry, name, spec.model.backend.value)
+        handler = InferenceHandler(build_backend(spec.model, retry, metrics))
+    else:
+        from promptpipe.stages.post import PostHandler
+
+        handler = PostHandler(spec.post, client(StageName.INFERENCE))
+    return BuiltStage(handler=handler, start=handler.start, close=handler.close)

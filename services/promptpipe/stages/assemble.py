@@ -1,0 +1,68 @@
+"""assemble: renders the prompt with the model's chat template, within a token budget."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from promptpipe.config.spec import BackendKind, ModelSpec, TemplateSpec
+from promptpipe.runtime.stage import Call
+from promptpipe.stages.prompting import CHATML, ChatTemplate, Tokenize, assemble
+from promptpipe.v1 import stage_pb2
+
+log = logging.getLogger(__name__)
+
+
+def approximate_tokens(text: str) -> int:
+    """About four characters a token: used when the model's vocabulary is not at hand."""
+    return max(1, (len(text) + 3) // 4)
+
+
+class AssembleHandler:
+    def __init__(self, spec: TemplateSpec, model: ModelSpec, default_max_new_tokens: int) -> None:
+        self._spec = spec
+        self._model = model
+        self._default_max_new = default_max_new_tokens
+        self._template = ChatTemplate(spec.chat_template or CHATML)
+        self._tokenize: Tokenize = approximate_tokens
+        self._context_size: int | None = None
+
+    async def start(self) -> None:
+        if self._model.backend is not BackendKind.LLAMACPP:
+            return
+        # The GGUF carries the model's vocabulary and chat template; load only those.
+        from llama_cpp import Llama
+
+        from promptpipe.backends.llamacpp import model_path
+
+        vocab: Any = await asyncio.to_thread(Llama, str(model_path(self._model.llamacpp)),
+                                             vocab_only=True, verbose=False)
+        self._tokenize = lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=True))
+        self._context_size = self._model.llamacpp.context_size
+        if not self._spec.chat_template:
+            source = vocab.metadata.get("tokenizer.chat_template")
+            if source:
+                bos = vocab.detokenize([vocab.token_bos()]).decode(errors="ignore")
+                eos = vocab.detokenize([vocab.token_eos()]).decode(errors="ignore")
+                self._template = ChatTemplate(source, bos, eos)
+                log.info("using the chat template from the model's GGUF metadata")
+
+    async def close(self) -> None:
+        return None
+
+    def budget(self, item: stage_pb2.WorkItem) -> int:
+        budget = self._spec.max_prompt_tokens
+        if self._context_size is not None:
+            max_new = item.parameters.max_new_tokens or self._default_max_new
+            budget = min(budget, self._context_size - max_new)
+        return max(0, budget)
+
+    async def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+        result = assemble(self._spec, self._template, self._tokenize, self.budget(item), item)
+        item.prompt = result.prompt
+        item.prompt_tokens = result.tokens
+        if result.passages_used < len(item.passages):
+            del item.passages[result.passages_used:]
+        yield stage_pb2.StageEvent(item=item)

@@ -1,0 +1,69 @@
+"""stream: the gateway, the public API. Admission first, then rag -> assemble -> post."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from promptpipe.config.spec import GenerationDefaults
+from promptpipe.runtime.calls import StageClient
+from promptpipe.runtime.coalesce import coalesce
+from promptpipe.runtime.metrics import GatewayMetrics
+from promptpipe.runtime.stage import Call, StageRuntime
+from promptpipe.stages.requests import own_timings, work_item
+from promptpipe.v1 import gateway_pb2, stage_pb2
+
+
+class GatewayServicer:
+    def __init__(self, runtime: StageRuntime, defaults: GenerationDefaults, rag: StageClient,
+                 assemble: StageClient, post: StageClient, metrics: GatewayMetrics) -> None:
+        self._runtime = runtime
+        self._defaults = defaults
+        self._rag = rag
+        self._assemble = assemble
+        self._post = post
+        self._metrics = metrics
+
+    async def close(self) -> None:
+        for client in (self._rag, self._assemble, self._post):
+            await client.close()
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        received = time.perf_counter()
+        request_id = uuid.uuid4().hex
+
+        async def body(call: Call) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+            started = time.perf_counter()
+            item = work_item(request, self._defaults, request_id)
+            item = await self._rag.run_to_item(item, call.deadline)
+            item = await self._assemble.run_to_item(item, call.deadline)
+            first: float | None = None
+            tokens = 0
+            async for event in coalesce(self._post.run(item, call.deadline)):
+                if event.HasField("chunk"):
+                    if first is None:
+                        first = time.perf_counter()
+                        self._metrics.ttft.observe(first - received)
+                    tokens += event.chunk.token_count
+                    self._metrics.tokens.inc(event.chunk.token_count)
+                    yield gateway_pb2.GenerateResponse(chunk=event.chunk)
+                elif event.HasField("final"):
+                    end = time.perf_counter()
+                    if first is not None and tokens > 1:
+                        self._metrics.tpot.observe((end - first) / (tokens - 1))
+                    stream_timing = self._runtime.timing(call, started)
+                    summary = gateway_pb2.GenerateSummary(
+                        finish_reason=event.final.finish_reason, usage=event.final.usage,
+                        timings=own_timings([*item.timings, *event.final.timings], stream_timing),
+                        time_to_first_token_seconds=(first or end) - received,
+                        total_seconds=end - received, request_id=request_id,
+                    )
+                    yield gateway_pb2.GenerateResponse(summary=summary)
+
+        async for response in self._runtime.serve(context, body):
+            yield response

@@ -1,0 +1,45 @@
+"""inference: streams tokens from the configured backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from promptpipe.backends.base import Backend, GenerationRequest, Piece
+from promptpipe.runtime.coalesce import coalesce
+from promptpipe.runtime.stage import Call
+from promptpipe.v1 import common_pb2, stage_pb2
+
+
+def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationRequest:
+    p = item.parameters  # the gateway has filled in every default
+    return GenerationRequest(
+        prompt=item.prompt, max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
+        top_k=p.top_k, seed=p.seed if p.HasField("seed") else None, session_id=item.session_id,
+        deadline=call.deadline, request_id=item.request_id,
+    )
+
+
+class InferenceHandler:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+        return coalesce(self._events(item, call))
+
+    async def _events(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+        generation = self.backend.generate(generation_request(item, call))
+        try:
+            async for out in generation:
+                if isinstance(out, Piece):
+                    yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=out.text, token_count=out.tokens))
+                else:
+                    usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=out.completion_tokens)
+                    yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(finish_reason=out.finish_reason, usage=usage))
+        finally:
+            await generation.aclose()  # stops the backend when we leave early

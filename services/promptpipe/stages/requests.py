@@ -1,0 +1,102 @@
+"""Checking a public GenerateRequest and turning it into a work item: pure functions.
+
+Every problem raises InvalidArgument naming the field as the client spelled it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from promptpipe.config.spec import GenerationDefaults
+from promptpipe.runtime.errors import InvalidArgument
+from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
+
+MAX_TEXT_CHARS = 200_000
+MAX_MESSAGES = 256
+MAX_STOPS = 8
+MAX_STOP_CHARS = 64
+MAX_SESSION_CHARS = 256
+MAX_METADATA = 32
+CHAT_ROLES = ("user", "assistant")
+
+
+def _check_messages(request: gateway_pb2.GenerateRequest) -> list[common_pb2.ChatMessage]:
+    if request.prompt and request.messages:
+        raise InvalidArgument("prompt", "give either prompt or messages, not both")
+    if request.prompt:
+        if len(request.prompt) > MAX_TEXT_CHARS:
+            raise InvalidArgument("prompt", f"longer than {MAX_TEXT_CHARS} characters")
+        return [common_pb2.ChatMessage(role="user", content=request.prompt)]
+    if not request.messages:
+        raise InvalidArgument("prompt", "either prompt or messages is required")
+    if len(request.messages) > MAX_MESSAGES:
+        raise InvalidArgument("messages", f"more than {MAX_MESSAGES} messages")
+    for i, m in enumerate(request.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, not {m.role!r}")
+        if not m.content.strip():
+            raise InvalidArgument(f"messages[{i}].content", "must not be empty")
+        if len(m.content) > MAX_TEXT_CHARS:
+            raise InvalidArgument(f"messages[{i}].content", f"longer than {MAX_TEXT_CHARS} characters")
+    if request.messages[-1].role != "user":
+        raise InvalidArgument(f"messages[{len(request.messages) - 1}].role", "the last message must be from the user")
+    return list(request.messages)
+
+
+def _resolve_parameters(p: common_pb2.GenerationParameters, d: GenerationDefaults) -> common_pb2.GenerationParameters:
+    if p.max_new_tokens > d.max_new_tokens_limit:
+        raise InvalidArgument("parameters.max_new_tokens", f"must be at most {d.max_new_tokens_limit}")
+    temperature = p.temperature if p.HasField("temperature") else d.temperature
+    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise InvalidArgument("parameters.temperature", "must be between 0 and 2")
+    top_p = p.top_p if p.HasField("top_p") else d.top_p
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidArgument("parameters.top_p", "must be greater than 0 and at most 1")
+    if p.top_k > 1000:
+        raise InvalidArgument("parameters.top_k", "must be at most 1000")
+    if len(p.stop) > MAX_STOPS:
+        raise InvalidArgument("parameters.stop", f"at most {MAX_STOPS} stop sequences")
+    for i, s in enumerate(p.stop):
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"parameters.stop[{i}]", f"must have 1 to {MAX_STOP_CHARS} characters")
+    resolved = common_pb2.GenerationParameters(
+        max_new_tokens=p.max_new_tokens or d.max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=p.top_k or d.top_k, stop=list(p.stop),
+    )
+    if p.HasField("seed"):
+        resolved.seed = p.seed
+    return resolved
+
+
+def work_item(request: gateway_pb2.GenerateRequest, defaults: GenerationDefaults, request_id: str) -> stage_pb2.WorkItem:
+    if len(request.session_id) > MAX_SESSION_CHARS:
+        raise InvalidArgument("session_id", f"longer than {MAX_SESSION_CHARS} characters")
+    if len(request.metadata) > MAX_METADATA:
+        raise InvalidArgument("metadata", f"more than {MAX_METADATA} entries")
+    for key, value in request.metadata.items():
+        if not key or len(key) > 64 or len(value) > 1024:
+            raise InvalidArgument(f"metadata[{key!r}]", "keys need 1 to 64 characters, values at most 1024")
+    return stage_pb2.WorkItem(
+        request_id=request_id, session_id=request.session_id or request_id, messages=_check_messages(request),
+        parameters=_resolve_parameters(request.parameters, defaults), metadata=dict(request.metadata),
+    )
+
+
+def own_timings(nested: list[common_pb2.StageTiming], stream: common_pb2.StageTiming) -> list[common_pb2.StageTiming]:
+    """Per-stage time excluding the stages each one called, in pipeline order.
+
+    The gateway calls rag, assemble and post; post calls inference.
+    """
+    by_stage = {t.stage: t for t in nested}
+    total = {name: t.queue_wait_seconds + t.work_seconds for name, t in by_stage.items()}
+    out: list[common_pb2.StageTiming] = []
+    for name in ("rag", "assemble", "inference", "post"):
+        t = by_stage.get(name)
+        if t is None:
+            continue
+        work = t.work_seconds - (total.get("inference", 0.0) if name == "post" else 0.0)
+        out.append(common_pb2.StageTiming(stage=name, queue_wait_seconds=t.queue_wait_seconds, work_seconds=max(0.0, work)))
+    called = sum(total.get(n, 0.0) for n in ("rag", "assemble", "post"))
+    out.append(common_pb2.StageTiming(stage="stream", queue_wait_seconds=stream.queue_wait_seconds,
+                                      work_seconds=max(0.0, stream.work_seconds - called)))
+    return out

@@ -1,0 +1,1 @@
+"""Streaming post-processing: stop sequences, PII redaction, blocklist."""

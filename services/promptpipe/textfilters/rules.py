@@ -1,0 +1,94 @@
+"""What the post stage looks for: PII detectors, stop sequences, blocklist words.
+
+Each rule is a pattern plus an optional validator that sees the full match (Luhn
+for cards, ISO 13616 mod-97 for IBANs, digit count for phones), so a 16-digit
+order number that fails Luhn is left alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import regex
+
+from promptpipe.config.spec import BlocklistAction, PostSpec
+
+
+class Action(enum.Enum):
+    REPLACE = "replace"  # put `replacement` in place of the match
+    STOP = "stop"  # end the answer before the match (stop sequence)
+    REFUSE = "refuse"  # end the answer before the match (content filter)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pattern: regex.Pattern[str]
+    action: Action
+    replacement: str = ""
+    validate: Callable[[str], bool] | None = None
+
+
+def _digits(text: str) -> str:
+    return "".join(c for c in text if c.isdigit())
+
+
+def luhn_valid(text: str) -> bool:
+    digits = _digits(text)
+    if not 13 <= len(digits) <= 19:
+        return False
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_valid(text: str) -> bool:
+    compact = "".join(text.split()).upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    number = "".join(str(int(c, 36)) for c in rearranged)
+    return int(number) % 97 == 1
+
+
+def phone_valid(text: str) -> bool:
+    return 7 <= len(_digits(text)) <= 15
+
+
+# Boundaries are lookarounds so a match never eats its neighbours' characters.
+EMAIL = r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+(?![\w-])"
+CARD = r"(?<![\w-]|\d[ -])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)"
+IBAN = r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?!\w)"
+PHONE = r"(?<![\w+]|\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){5,13}(?![\w-]|[ .-]\d)"
+
+
+def stop_rules(stops: Sequence[str]) -> list[Rule]:
+    return [Rule(f"stop:{s}", regex.compile(regex.escape(s)), Action.STOP) for s in dict.fromkeys(stops)]
+
+
+def build_rules(spec: PostSpec) -> list[Rule]:
+    rules = stop_rules(spec.stop_sequences)
+    red = spec.redact
+    if red.email:
+        rules.append(Rule("email", regex.compile(EMAIL), Action.REPLACE, red.replacement))
+    if red.card:
+        rules.append(Rule("card", regex.compile(CARD), Action.REPLACE, red.replacement, luhn_valid))
+    if red.iban:
+        rules.append(Rule("iban", regex.compile(IBAN), Action.REPLACE, red.replacement, iban_valid))
+    if red.phone:
+        rules.append(Rule("phone", regex.compile(PHONE), Action.REPLACE, red.replacement, phone_valid))
+    block = spec.blocklist
+    if block.words:
+        words = "|".join(regex.escape(w) for w in block.words)
+        pattern = regex.compile(rf"(?<!\w)(?:{words})(?!\w)", regex.IGNORECASE)
+        if block.action is BlocklistAction.REFUSE:
+            rules.append(Rule("blocklist", pattern, Action.REFUSE))
+        else:
+            rules.append(Rule("blocklist", pattern, Action.REPLACE, "[BLOCKED]"))
+    return rules

@@ -1,0 +1,135 @@
+"""Starting real pipelines (five stage processes) from tests, through `promptpipe up`'s code."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from promptpipe.cli import localrun
+from promptpipe.config.spec import StageName
+
+
+def synthetic_pipeline(name: str = "t", **spec: Any) -> dict[str, Any]:
+    """A pipeline on the synthetic backend; `spec` entries are merged over the defaults."""
+    doc: dict[str, Any] = {
+        "apiVersion": "promptpipe.io/v1alpha1",
+        "kind": "PromptPipeline",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "synthetic", "backend": "synthetic", "synthetic": {"tokensPerSecond": 0}},
+            "generation": {"maxNewTokens": 16},
+            "rag": {"enabled": False},
+            "stages": {},
+        },
+    }
+    deep_merge(doc["spec"], spec)
+    return doc
+
+
+def deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+class RunningPipeline:
+    def __init__(self, run: localrun.LocalRun) -> None:
+        self.run = run
+
+    @property
+    def gateway(self) -> str:
+        return self.run.gateway
+
+    def target(self, stage: StageName) -> str:
+        return f"127.0.0.1:{self.run.stages[stage.value].port}"
+
+    def pid(self, stage: StageName) -> int:
+        return self.run.stages[stage.value].pid
+
+    def metrics(self, stage: StageName) -> str:
+        url = f"http://127.0.0.1:{self.run.stages[stage.value].metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+            return str(resp.read().decode())
+
+    def metric(self, stage: StageName, name: str, **labels: str) -> float:
+        """The value of one sample in the stage's /metrics."""
+        for line in self.metrics(stage).splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    return float(line.rsplit(" ", 1)[1])
+        raise KeyError(f"{name}{labels} not in the metrics of {stage.value}")
+
+
+@contextmanager
+def running_pipeline(doc: dict[str, Any], folder: Path) -> Iterator[RunningPipeline]:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    run = localrun.start(path)
+    try:
+        localrun.wait_serving(run, timeout=60)
+        yield RunningPipeline(run)
+    finally:
+        localrun.stop(run)
+        for proc in run.stages.values():  # never leave a process behind, even on failure
+            if localrun.alive(proc.pid):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
+    """A TGI-protocol server in its own process; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tests.support.tgi_server", "--port", str(port), "--name", name,
+         "--max-concurrent", str(max_concurrent)],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()  # noqa: S310
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the TGI test server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tgi_stats(url: str) -> dict[str, Any]:
+    import json
+
+    with urllib.request.urlopen(url + "/stats", timeout=5) as resp:  # noqa: S310
+        data: dict[str, Any] = json.loads(resp.read())
+        return data

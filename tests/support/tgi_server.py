@@ -1,0 +1,132 @@
+"""A server speaking TGI's wire protocol, for the `tgi` backend's tests (TGI needs GPUs).
+
+It implements what the `text-generation` client uses: POST /generate_stream with
+SSE `data:` events (token events, then one with `generated_text` and `details`),
+errors as HTTP 4xx/5xx JSON `{"error", "error_type"}` before the stream and as an
+SSE error event under HTTP 200 once streaming, 429 `overloaded` when its
+concurrency limit is reached, GET /health and /info. Its behaviour comes from the
+prompt, so one server serves every test case:
+
+    "fail-after:N"   send N tokens, then an SSE error event (error_type generation)
+    "slow:MS"        wait MS milliseconds between tokens
+    "overload:K"     answer 429 to the first K requests carrying this prompt
+
+GET /stats tells what the server saw: streams started, finished, and cut off by the
+client (with how many tokens had been sent), so tests can prove cancellation from
+the backend's side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+from collections import Counter
+
+from aiohttp import web
+
+WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+class FakeTgi:
+    def __init__(self, name: str, max_concurrent: int) -> None:
+        self.name = name
+        self.max_concurrent = max_concurrent
+        self.active = 0
+        self.stats: dict[str, object] = {"started": 0, "finished": 0, "aborted": 0, "aborted_after_tokens": [],
+                                         "overloaded": 0, "prompts": []}
+        self._overloads: Counter[str] = Counter()
+
+    def _option(self, prompt: str, key: str) -> int | None:
+        m = re.search(rf"{key}:(\d+)", prompt)
+        return int(m.group(1)) if m else None
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        prompt: str = body["inputs"]
+        params = body.get("parameters", {})
+        max_new = int(params.get("max_new_tokens") or 20)
+        self.stats["prompts"].append(prompt)  # type: ignore[attr-defined]
+        overload = self._option(prompt, "overload")
+        if self.active >= self.max_concurrent or (overload and self._overloads[prompt] < overload):
+            self._overloads[prompt] += 1
+            self.stats["overloaded"] += 1  # type: ignore[operator]
+            return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"}, status=429)
+        if max_new > 4096:
+            return web.json_response({"error": "max_new_tokens must be <= 4096", "error_type": "validation"},
+                                     status=422)
+        fail_after = self._option(prompt, "fail-after")
+        delay = (self._option(prompt, "slow") or 0) / 1000
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        self.active += 1
+        self.stats["started"] += 1  # type: ignore[operator]
+        sent = 0
+        try:
+            for i in range(max_new):
+                if fail_after is not None and i == fail_after:
+                    await self._event(response, {"error": "Request failed during generation: CUDA error",
+                                                 "error_type": "generation"})
+                    return response
+                if delay:
+                    await asyncio.sleep(delay)
+                text = f" {WORDS[i % len(WORDS)]}"
+                last = i == max_new - 1
+                event = {
+                    "index": i + 1,
+                    "token": {"id": 1000 + i, "text": text, "logprob": -0.5, "special": False},
+                    "generated_text": None, "details": None, "top_tokens": None,
+                }
+                if last:
+                    event["generated_text"] = "".join(f" {WORDS[j % len(WORDS)]}" for j in range(max_new))
+                    event["details"] = {"finish_reason": "length", "generated_tokens": max_new, "seed": None}
+                await self._event(response, event)
+                sent += 1
+            self.stats["finished"] += 1  # type: ignore[operator]
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The client went away: aiohttp cancels the handler or the write fails.
+            self.stats["aborted"] += 1  # type: ignore[operator]
+            self.stats["aborted_after_tokens"].append(sent)  # type: ignore[attr-defined]
+            raise
+        finally:
+            self.active -= 1
+        return response
+
+    @staticmethod
+    async def _event(response: web.StreamResponse, data: dict[str, object]) -> None:
+        await response.write(f"data:{json.dumps(data)}\n\n".encode())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_id": "fake/tgi", "max_concurrent_requests": self.max_concurrent,
+                                  "version": "fake", "router": self.name})
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({**self.stats, "active": self.active, "name": self.name})
+
+
+def make_app(name: str, max_concurrent: int) -> web.Application:
+    fake = FakeTgi(name, max_concurrent)
+    app = web.Application()
+    app.router.add_post("/generate_stream", fake.generate_stream)
+    app.router.add_get("/health", fake.health)
+    app.router.add_get("/info", fake.info)
+    app.router.add_get("/stats", fake.get_stats)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="tgi")
+    parser.add_argument("--max-concurrent", type=int, default=128)
+    args = parser.parse_args()
+    web.run_app(make_app(args.name, args.max_concurrent), host="127.0.0.1", port=args.port, print=None,
+                shutdown_timeout=1.0)
+
+
+if __name__ == "__main__":
+    main()
