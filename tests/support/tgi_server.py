@@ -1,6 +1,7 @@
 """A server speaking TGI's wire protocol, for the `tgi` backend's tests (TGI needs GPUs).
 
-It implements what the `text-generation` client uses: POST /generate_stream with
+It implements what the `text-generation` client uses: POST / (TGI's compat route,
+`"stream": true`) and POST /generate_stream, both with
 SSE `data:` events (token events, then one with `generated_text` and `details`),
 errors as HTTP 4xx/5xx JSON `{"error", "error_type"}` before the stream and as an
 SSE error event under HTTP 200 once streaming, 429 `overloaded` when its
@@ -42,11 +43,20 @@ class FakeTgi:
         m = re.search(rf"{key}:(\d+)", prompt)
         return int(m.group(1)) if m else None
 
-    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+    async def compat_generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        prompt: str = body["inputs"]
-        params = body.get("parameters", {})
-        max_new = int(params.get("max_new_tokens") or 20)
+        if not body.get("stream"):
+            return web.json_response({"error": "this test server only streams", "error_type": "validation"},
+                                     status=422)
+        return await self._stream(request, body)
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, await request.json())
+
+    async def _stream(self, request: web.Request, body: dict[str, object]) -> web.StreamResponse:
+        prompt = str(body["inputs"])
+        params: dict[str, object] = body.get("parameters") or {}  # type: ignore[assignment]
+        max_new = int(params.get("max_new_tokens") or 20)  # type: ignore[call-overload]
         self.stats["prompts"].append(prompt)  # type: ignore[attr-defined]
         overload = self._option(prompt, "overload")
         if self.active >= self.max_concurrent or (overload and self._overloads[prompt] < overload):
@@ -111,6 +121,8 @@ class FakeTgi:
 def make_app(name: str, max_concurrent: int) -> web.Application:
     fake = FakeTgi(name, max_concurrent)
     app = web.Application()
+    # TGI's compat route: POST / with "stream": true is what the text-generation client calls.
+    app.router.add_post("/", fake.compat_generate)
     app.router.add_post("/generate_stream", fake.generate_stream)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/info", fake.info)

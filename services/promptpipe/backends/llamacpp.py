@@ -73,7 +73,6 @@ class LlamaCppBackend:
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
         stop = threading.Event()
         worker = loop.run_in_executor(None, self._decode, request, queue, loop, stop)
-        self._metrics.active.inc()
         finished = False
         try:
             while True:
@@ -91,11 +90,9 @@ class LlamaCppBackend:
         finally:
             stop.set()
             if not finished:
-                self._metrics.cancelled.inc()
                 while not queue.empty():  # unblock a thread waiting to put
                     queue.get_nowait()
                 await asyncio.shield(worker)
-            self._metrics.active.dec()
             self._lock.release()
 
     def _decode(self, request: GenerationRequest, queue: asyncio.Queue[Any],
@@ -125,7 +122,7 @@ class LlamaCppBackend:
                 finish = choice.get("finish_reason")
                 if finish is None:  # the closing chunk carries only the finish reason
                     produced += 1
-                    self._metrics.tokens.inc()
+                    self._metrics.decoded.inc()
                 if choice["text"]:
                     put(Piece(choice["text"]))
                 if finish == "stop":

@@ -4,6 +4,7 @@ retries with backoff and jitter, only while nothing has been streamed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,8 @@ from promptpipe.config.spec import CircuitBreakerSpec, RemoteBackendSpec, RetryS
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, Unavailable
 from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.runtime.resilience import CircuitBreaker, backoff_delay
+
+log = logging.getLogger(__name__)
 
 OVERLOAD_RETRY_AFTER = 1.0
 
@@ -59,29 +62,21 @@ class RemoteBackend:
                 retry_in = min(b.retry_after() for b in self._breakers.values())
                 raise Unavailable(f"backend circuit open; retry in {retry_in:.1f}s")
             endpoint = candidates[(attempt - 1) % len(candidates)] if last and not last.overloaded else candidates[0]
-            produced = finished = failed = False
-            self._metrics.active.inc()
+            produced = False
             try:
                 async for out in self.stream_from(endpoint, request):
-                    if isinstance(out, Piece):
-                        produced = True
-                        self._metrics.tokens.inc(out.tokens)
-                    else:
-                        finished = True
+                    produced = produced or isinstance(out, Piece)
                     yield out
                 self._breakers[endpoint].record_success()
                 return
             except BackendCallError as err:
-                failed = True
+                log.warning("backend %s failed (attempt %d of %d): %s", endpoint, attempt, self._retry.max_attempts, err)
                 if not err.overloaded:  # a busy backend is healthy; do not trip its breaker
                     self._breakers[endpoint].record_failure()
                 if produced or not err.retryable:
                     raise Unavailable(str(err)) from None
                 last = err
             finally:
-                self._metrics.active.dec()
-                if not finished and not failed:  # the caller left: generation stopped early
-                    self._metrics.cancelled.inc()
                 self._update_circuit_gauge()
             delay = backoff_delay(self._retry, attempt)
             if time.monotonic() + delay >= request.deadline:

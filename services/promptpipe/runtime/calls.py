@@ -11,11 +11,12 @@ from typing import Any
 import grpc
 
 from promptpipe.config.spec import RetrySpec
-from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError
+from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
 from promptpipe.runtime.resilience import backoff_delay
 from promptpipe.v1 import stage_pb2, stage_pb2_grpc
 
-# Only failures that mean "this call never reached a working server" are retried.
+# Only failures that mean "this call never reached a working server" are retried:
+# UNAVAILABLE from the transport, not one a stage's handler chose (see ORIGIN_TRAILER).
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
@@ -58,8 +59,9 @@ class StageClient:
                 return
             except grpc.aio.AioRpcError as err:
                 code = err.code()
-                if streamed or code not in _RETRYABLE or attempt >= self._retry.max_attempts:
-                    raise UpstreamError(code, err.details() or code.name, tuple(err.trailing_metadata() or ())) from None
+                trailers = tuple(err.trailing_metadata() or ())
+                if streamed or code not in _RETRYABLE or from_a_stage(trailers) or attempt >= self._retry.max_attempts:
+                    raise UpstreamError(code, err.details() or code.name, trailers) from None
             finally:
                 call.cancel()  # no-op when finished; stops the next stage when we leave early
             delay = backoff_delay(self._retry, attempt)

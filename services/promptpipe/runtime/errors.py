@@ -72,17 +72,28 @@ def _retry_info_status(err: Shed) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+# Trailer naming the stage whose handler chose the status. A status without it came
+# from the transport (nothing reached a handler), and only such a call is retried.
+ORIGIN_TRAILER = "promptpipe-origin"
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, stage: str) -> None:
     """End the call with the status that `exc` stands for. Always raises."""
-    if isinstance(exc, Shed):
-        await context.abort_with_status(_retry_info_status(exc))
     if isinstance(exc, UpstreamError):
-        trailers = tuple((k, v) for k, v in exc.trailers if k == "grpc-status-details-bin")
-        await context.abort(exc.code, exc.message, trailing_metadata=trailers)
+        passed_on = tuple((k, v) for k, v in exc.trailers if k in ("grpc-status-details-bin", ORIGIN_TRAILER))
+        await context.abort(exc.code, exc.message, trailing_metadata=passed_on or ((ORIGIN_TRAILER, stage),))
+    origin = ((ORIGIN_TRAILER, stage),)
+    if isinstance(exc, Shed):
+        context.set_trailing_metadata(origin)
+        await context.abort_with_status(_retry_info_status(exc))
     if isinstance(exc, StageError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, exc.message, trailing_metadata=origin)
     log.exception("unexpected error in stage %s", stage, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in stage {stage}")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in stage {stage}", trailing_metadata=origin)
+
+
+def from_a_stage(trailers: tuple[tuple[str, str | bytes], ...]) -> bool:
+    return any(k == ORIGIN_TRAILER for k, _ in trailers)
 
 
 def retry_after_of(error: grpc.aio.AioRpcError) -> float | None:

@@ -58,12 +58,16 @@ class BackendMetrics:
     def __init__(self, registry: CollectorRegistry, pipeline: str, backend: str) -> None:
         labels = {"pipeline": pipeline, "backend": backend}
         names = list(labels)
-        self.tokens = Counter("promptpipe_backend_generated_tokens_total", "Tokens the backend generated.",
+        self.tokens = Counter("promptpipe_backend_generated_tokens_total", "Tokens received from the backend.",
                               names, registry=registry).labels(**labels)
         self.cancelled = Counter("promptpipe_backend_generations_cancelled_total",
                                  "Generations stopped early because the caller went away or its deadline passed.",
                                  names, registry=registry).labels(**labels)
         self.active = Gauge("promptpipe_backend_active_generations", "Generations running now.",
                             names, registry=registry).labels(**labels)
+        # Counted inside llama.cpp's decode loop: proves generation stops, not just streaming.
+        self.decoded = Counter("promptpipe_backend_decoded_tokens_total",
+                               "Tokens the embedded llama.cpp decoded (llamacpp backend only).",
+                               names, registry=registry).labels(**labels)
         self.circuit_open = Gauge("promptpipe_backend_circuit_open", "1 while the circuit breaker is open.",
                                   names, registry=registry).labels(**labels)

@@ -57,7 +57,7 @@ def build_stage(stage: StageName, config: RuntimeConfig, runtime: StageRuntime, 
         from promptpipe.stages.inference import InferenceHandler
 
         metrics = BackendMetrics(registry, name, spec.model.backend.value)
-        handler = InferenceHandler(build_backend(spec.model, retry, metrics))
+        handler = InferenceHandler(build_backend(spec.model, retry, metrics), metrics)
     else:
         from promptpipe.stages.post import PostHandler
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from promptpipe.backends.base import Backend, GenerationRequest, Piece
 from promptpipe.runtime.coalesce import coalesce
+from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.runtime.stage import Call
 from promptpipe.v1 import common_pb2, stage_pb2
 
@@ -20,8 +21,9 @@ def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationReques
 
 
 class InferenceHandler:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, metrics: BackendMetrics) -> None:
         self.backend = backend
+        self._metrics = metrics
 
     async def start(self) -> None:
         await self.backend.start()
@@ -34,12 +36,22 @@ class InferenceHandler:
 
     async def _events(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
         generation = self.backend.generate(generation_request(item, call))
+        finished = failed = False
+        self._metrics.active.inc()
         try:
             async for out in generation:
                 if isinstance(out, Piece):
+                    self._metrics.tokens.inc(out.tokens)
                     yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=out.text, token_count=out.tokens))
                 else:
+                    finished = True
                     usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=out.completion_tokens)
                     yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(finish_reason=out.finish_reason, usage=usage))
+        except Exception:
+            failed = True
+            raise
         finally:
             await generation.aclose()  # stops the backend when we leave early
+            self._metrics.active.dec()
+            if not finished and not failed:  # the caller left or its deadline passed
+                self._metrics.cancelled.inc()

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from promptpipe.config.spec import PostSpec
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
+from promptpipe.runtime.errors import StageError
 from promptpipe.runtime.stage import Call
 from promptpipe.textfilters.rules import Action, build_rules, stop_rules
 from promptpipe.textfilters.stream import StreamingFilter
@@ -35,6 +36,13 @@ class PostHandler:
         upstream = self._inference.run(item, call.deadline)
         unsent_tokens = 0  # tokens whose text is still held back by the filter
         received = 0
+
+        def chunk(text: str) -> stage_pb2.StageEvent:
+            nonlocal unsent_tokens
+            event = stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=text, token_count=unsent_tokens))
+            unsent_tokens = 0
+            return event
+
         try:
             async for event in upstream:
                 if event.HasField("chunk"):
@@ -46,16 +54,21 @@ class PostHandler:
                 else:
                     continue
                 if out.text:
-                    yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=out.text, token_count=unsent_tokens))
-                    unsent_tokens = 0
+                    yield chunk(out.text)
                 if out.ended_by is not None:
-                    # Leaving the loop cancels the inference call, and with it the generation.
+                    # Returning cancels the inference call, and with it the generation.
                     usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=received)
-                    yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(finish_reason=_ENDED_BY[out.ended_by],
-                                                                          usage=usage))
+                    final = stage_pb2.StageFinal(finish_reason=_ENDED_BY[out.ended_by], usage=usage)
+                    yield stage_pb2.StageEvent(final=final)
                     return
                 if event.HasField("final"):
                     yield event
                     return
+        except StageError:
+            # The stream broke: what was held back is final now; send it before the status.
+            out = text_filter.finish()
+            if out.text:
+                yield chunk(out.text)
+            raise
         finally:
             await upstream.aclose()

@@ -1,0 +1,95 @@
+"""The `tgi` backend against a server speaking TGI's wire protocol, through the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+import pytest
+
+from promptpipe.config.spec import StageName
+from tests.support.calls import collect
+from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
+
+pytestmark = pytest.mark.processes
+
+
+def tgi_pipeline(*urls: str, **extra: object) -> dict[str, object]:
+    return synthetic_pipeline(
+        model={"backend": "tgi", "tgi": {"endpoints": list(urls)}, "circuitBreaker": {"failureThreshold": 100}},
+        generation={"maxNewTokens": 6},
+        stages={"post": {"retries": {"maxAttempts": 1}}, "inference": {"retries": {"maxAttempts": 3}}},
+        **extra,
+    )
+
+
+async def test_streams_tokens_and_finish_reason(start_pipeline) -> None:
+    with tgi_server() as url:
+        p = start_pipeline(tgi_pipeline(url))
+        out = await collect(p.gateway, "hello")
+        assert out.error is None
+        assert out.text == " alpha bravo charlie delta echo foxtrot"
+        assert out.summary is not None and out.summary.usage.completion_tokens == 6
+        assert out.summary.finish_reason == 2  # LENGTH, from TGI's details.finish_reason
+
+
+async def test_error_event_mid_stream_ends_call_with_explicit_status(start_pipeline) -> None:
+    with tgi_server() as url:
+        p = start_pipeline(tgi_pipeline(url))
+        out = await collect(p.gateway, "fail-after:3")
+        assert out.text == " alpha bravo charlie", "tokens streamed before the error are kept"
+        assert out.error is not None and out.error.code is grpc.StatusCode.UNAVAILABLE
+        assert "GenerationError" in out.error.message
+        assert "CUDA" not in out.error.message, "backend internals are not passed to clients"
+        assert tgi_stats(url)["started"] == 1, "nothing is retried once tokens were streamed"
+
+
+async def test_overload_before_first_token_is_retried(start_pipeline) -> None:
+    with tgi_server() as url:
+        p = start_pipeline(tgi_pipeline(url))
+        out = await collect(p.gateway, "overload:2")
+        assert out.error is None and out.summary is not None
+        assert tgi_stats(url)["overloaded"] == 2
+
+
+async def test_persistent_overload_becomes_resource_exhausted(start_pipeline) -> None:
+    with tgi_server() as url:
+        p = start_pipeline(tgi_pipeline(url))
+        out = await collect(p.gateway, "overload:9")
+        assert out.error is not None and out.error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert out.error.retry_after is not None and out.error.retry_after > 0
+        assert tgi_stats(url)["overloaded"] == 3
+
+
+async def test_circuit_opens_after_repeated_failures(start_pipeline) -> None:
+    with tgi_server() as url:
+        doc = tgi_pipeline(url)
+        doc["spec"]["model"]["circuitBreaker"] = {"failureThreshold": 2, "resetSeconds": 60}
+        doc["spec"]["stages"]["inference"]["retries"] = {"maxAttempts": 1}
+        p = start_pipeline(doc)
+        for _ in range(2):
+            failed = await collect(p.gateway, "fail-after:0")
+            assert failed.error is not None and failed.error.code is grpc.StatusCode.UNAVAILABLE
+        fast = await collect(p.gateway, "hello")
+        assert fast.error is not None and "circuit open" in fast.error.message
+        assert tgi_stats(url)["started"] == 2, "an open circuit sends nothing to the backend"
+        assert p.metric(StageName.INFERENCE, "promptpipe_backend_circuit_open") == 1
+
+
+async def test_session_affinity_keeps_each_session_on_one_replica(start_pipeline) -> None:
+    with tgi_server("a") as a, tgi_server("b") as b:
+        p = start_pipeline(tgi_pipeline(a, b))
+        sessions = [f"user-{i}" for i in range(24)]
+        for _round in range(2):
+            results = await asyncio.gather(
+                *(collect(p.gateway, f"session marker {s}.", session_id=s) for s in sessions))
+            assert all(r.error is None for r in results)
+        homes: dict[str, Counter[str]] = {s: Counter() for s in sessions}
+        for name, url in (("a", a), ("b", b)):
+            for prompt in tgi_stats(url)["prompts"]:
+                for s in sessions:
+                    if f"marker {s}." in prompt:
+                        homes[s][name] += 1
+        assert all(sum(c.values()) == 2 and len(c) == 1 for c in homes.values()), homes
+        assert {name for c in homes.values() for name in c} == {"a", "b"}, "sessions spread over both replicas"
