@@ -1,0 +1,82 @@
+"""Coalescing: chunks merge only when the reader falls behind; nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from promptpipe.runtime.coalesce import coalesce
+from promptpipe.v1 import common_pb2, stage_pb2
+
+
+async def tokens(n: int, produced: list[int] | None = None) -> AsyncIterator[stage_pb2.StageEvent]:
+    for i in range(n):
+        if produced is not None:
+            produced.append(i)
+        yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=f"t{i} ", token_count=1))
+        await asyncio.sleep(0)
+    yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(usage=common_pb2.Usage(completion_tokens=n)))
+
+
+async def test_a_reader_that_keeps_up_gets_every_chunk_alone() -> None:
+    out = [e async for e in coalesce(tokens(50))]
+    chunks = [e.chunk for e in out if e.HasField("chunk")]
+    assert len(chunks) == 50 and all(c.token_count == 1 for c in chunks)
+    assert out[-1].HasField("final")
+
+
+async def test_a_slow_reader_gets_merged_chunks_with_all_text_in_order() -> None:
+    chunks = []
+    final = None
+    async for e in coalesce(tokens(200)):
+        if e.HasField("chunk"):
+            chunks.append(e.chunk)
+            await asyncio.sleep(0.005)  # slower than the producer
+        else:
+            final = e
+    assert "".join(c.text for c in chunks) == "".join(f"t{i} " for i in range(200))
+    assert sum(c.token_count for c in chunks) == 200
+    assert len(chunks) < 50, "the slow reader should see far fewer, larger chunks"
+    assert final is not None and final.final.usage.completion_tokens == 200
+
+
+async def test_a_stalled_reader_stalls_the_producer() -> None:
+    produced: list[int] = []
+    stream = coalesce(tokens(10_000, produced), max_buffered_tokens=64)
+    await anext(stream)
+    await asyncio.sleep(0.05)
+    assert len(produced) <= 64 + 2, "the buffer is bounded in tokens"
+    await stream.aclose()
+
+
+async def test_errors_reach_the_reader_after_what_came_before() -> None:
+    async def failing() -> AsyncIterator[stage_pb2.StageEvent]:
+        yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text="a", token_count=1))
+        raise RuntimeError("boom")
+
+    seen = []
+    try:
+        async for e in coalesce(failing()):
+            seen.append(e.chunk.text)
+    except RuntimeError as err:
+        assert str(err) == "boom"
+    else:
+        raise AssertionError("the error was swallowed")
+    assert seen == ["a"]
+
+
+async def test_closing_the_reader_stops_the_source() -> None:
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[stage_pb2.StageEvent]:
+        try:
+            while True:
+                yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text="x", token_count=1))
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    stream = coalesce(endless())
+    await anext(stream)
+    await stream.aclose()
+    assert closed.is_set()

@@ -1,0 +1,100 @@
+"""Request validation and prompt assembly: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from promptpipe.config.spec import GenerationDefaults, TemplateSpec
+from promptpipe.runtime.errors import InvalidArgument
+from promptpipe.stages.prompting import CHATML, ChatTemplate, assemble
+from promptpipe.stages.requests import own_timings, work_item
+from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
+
+DEFAULTS = GenerationDefaults(max_new_tokens=64, max_new_tokens_limit=512, temperature=0.3)
+
+
+def request(**kw: object) -> gateway_pb2.GenerateRequest:
+    return gateway_pb2.GenerateRequest(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("req", "field"), [
+    (request(), "prompt"),
+    (request(prompt="a", messages=[common_pb2.ChatMessage(role="user", content="b")]), "prompt"),
+    (request(messages=[common_pb2.ChatMessage(role="robot", content="b")]), "messages[0].role"),
+    (request(messages=[common_pb2.ChatMessage(role="user", content="hi"),
+                       common_pb2.ChatMessage(role="assistant", content="yo")]), "messages[1].role"),
+    (request(messages=[common_pb2.ChatMessage(role="user", content="  ")]), "messages[0].content"),
+    (request(prompt="a", parameters=common_pb2.GenerationParameters(max_new_tokens=10_000)),
+     "parameters.max_new_tokens"),
+    (request(prompt="a", parameters=common_pb2.GenerationParameters(temperature=2.5)), "parameters.temperature"),
+    (request(prompt="a", parameters=common_pb2.GenerationParameters(temperature=float("nan"))),
+     "parameters.temperature"),
+    (request(prompt="a", parameters=common_pb2.GenerationParameters(top_p=0)), "parameters.top_p"),
+    (request(prompt="a", parameters=common_pb2.GenerationParameters(stop=["x"] * 9)), "parameters.stop"),
+    (request(prompt="a", parameters=common_pb2.GenerationParameters(stop=["ok", ""])), "parameters.stop[1]"),
+    (request(prompt="a", session_id="s" * 300), "session_id"),
+])
+def test_bad_requests_name_the_field(req: gateway_pb2.GenerateRequest, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        work_item(req, DEFAULTS, "rid")
+    assert info.value.field == field
+    assert str(info.value).startswith(field + ": ")
+
+
+def test_defaults_fill_unset_parameters_and_explicit_zero_temperature_is_kept() -> None:
+    item = work_item(request(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=0.0)),
+                     DEFAULTS, "rid")
+    assert item.parameters.max_new_tokens == 64
+    assert item.parameters.temperature == 0.0
+    assert item.session_id == "rid", "a call without a session is its own session"
+    assert [(m.role, m.content) for m in item.messages] == [("user", "hi")]
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def item_with(history: int, passages: int, question: str = "what is it?") -> stage_pb2.WorkItem:
+    msgs = []
+    for i in range(history):
+        msgs += [common_pb2.ChatMessage(role="user", content=f"old question {i} " * 5),
+                 common_pb2.ChatMessage(role="assistant", content=f"old answer {i} " * 5)]
+    msgs.append(common_pb2.ChatMessage(role="user", content=question))
+    return stage_pb2.WorkItem(messages=msgs, passages=[
+        stage_pb2.Passage(source=f"doc{i}", text=f"passage {i} " * 10, score=10 - i) for i in range(passages)])
+
+
+def test_prompt_uses_template_with_context_history_and_question() -> None:
+    spec = TemplateSpec(system="Be brief.", max_prompt_tokens=10_000)
+    result = assemble(spec, ChatTemplate(CHATML), count_words, 10_000, item_with(history=1, passages=2))
+    assert result.prompt.startswith("<|im_start|>system\nBe brief.\n\nUse the following context")
+    assert "[1] (doc0) passage 0" in result.prompt and "[2] (doc1)" in result.prompt
+    assert "old question 0" in result.prompt
+    assert result.prompt.endswith("<|im_start|>user\nwhat is it?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_over_budget_drops_oldest_history_first_then_lowest_ranked_passages() -> None:
+    spec = TemplateSpec(system="Be brief.")
+    full = assemble(spec, ChatTemplate(CHATML), count_words, 10_000, item_with(history=3, passages=3))
+    budget = full.tokens - 15
+    cut = assemble(spec, ChatTemplate(CHATML), count_words, budget, item_with(history=3, passages=3))
+    assert cut.tokens <= budget
+    assert cut.history_used == 4 and cut.passages_used == 3
+    assert "old question 0" not in cut.prompt and "old question 2" in cut.prompt
+    tight = assemble(spec, ChatTemplate(CHATML), count_words, 20, item_with(history=3, passages=3))
+    assert tight.history_used == 0 and tight.passages_used < 3 and tight.tokens <= 20
+
+
+def test_question_that_cannot_fit_is_the_callers_error() -> None:
+    with pytest.raises(InvalidArgument, match="^messages: the question needs"):
+        assemble(TemplateSpec(), ChatTemplate(CHATML), count_words, 5, item_with(0, 0, "word " * 50))
+
+
+def test_own_timings_subtract_the_stages_each_one_called() -> None:
+    t = common_pb2.StageTiming
+    nested = [t(stage="rag", work_seconds=0.01), t(stage="assemble", work_seconds=0.02),
+              t(stage="inference", queue_wait_seconds=0.1, work_seconds=1.0), t(stage="post", work_seconds=1.2)]
+    out = {x.stage: x for x in own_timings(nested, t(stage="stream", work_seconds=1.5))}
+    assert list(out) == ["rag", "assemble", "inference", "post", "stream"]
+    assert out["post"].work_seconds == pytest.approx(0.1)
+    assert out["stream"].work_seconds == pytest.approx(1.5 - 0.01 - 0.02 - 1.2)

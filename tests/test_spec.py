@@ -1,0 +1,81 @@
+"""Pipeline files: the quickstart is valid; every malformed one is refused naming the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from promptpipe.cli.main import app
+from promptpipe.config.loader import PipelineFileError, load_pipeline, parse_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "deploy" / "examples" / "quickstart.yaml"
+
+
+def quickstart() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(QUICKSTART.read_text())
+    return doc
+
+
+def test_every_example_pipeline_is_valid() -> None:
+    examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+    assert QUICKSTART in examples
+    for path in examples:
+        assert load_pipeline(path).kind == "PromptPipeline"
+
+
+@pytest.mark.parametrize(("path", "value", "field"), [
+    (["spec", "stages", "rag", "queue", "capacity"], -1, "spec.stages.rag.queue.capacity"),
+    (["spec", "stages", "post", "queue", "shedPolicy"], "drop-newest", "spec.stages.post.queue.shedPolicy"),
+    (["spec", "stages", "inference", "scaling"], {"minReplicas": 5, "maxReplicas": 2},
+     "spec.stages.inference.scaling"),
+    (["spec", "stages", "ranker"], {}, "spec.stages.ranker"),
+    (["spec", "model", "backend"], "tgi", "spec.model"),
+    (["spec", "model", "backend"], "vllm", "spec.model.backend"),
+    (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
+    (["spec", "rag", "topK"], "three", "spec.rag.topK"),
+    (["metadata", "name"], "Not_A_DNS_Name", "metadata.name"),
+    (["apiVersion"], "promptpipe.io/v2", "apiVersion"),
+])
+def test_malformed_pipeline_is_refused_naming_the_field(path: list[str], value: object, field: str) -> None:
+    doc = quickstart()
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(PipelineFileError) as info:
+        parse_pipeline(doc)
+    assert str(info.value).startswith(field + ":") or f"\n{field}:" in str(info.value), str(info.value)
+
+
+def test_missing_model_is_refused() -> None:
+    doc = quickstart()
+    del doc["spec"]["model"]
+    with pytest.raises(PipelineFileError, match=r"^spec\.model: Field required"):
+        parse_pipeline(doc)
+
+
+def test_cli_validate_names_the_field_and_exits_2(tmp_path: Path) -> None:
+    doc = copy.deepcopy(quickstart())
+    doc["spec"]["stages"]["rag"]["queue"]["capacity"] = -5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["validate", "-f", str(bad)])
+    assert result.exit_code == 2
+    assert "spec.stages.rag.queue.capacity" in result.output
+    good = CliRunner().invoke(app, ["validate", "-f", str(QUICKSTART)])
+    assert good.exit_code == 0, good.output
+
+
+def test_cli_up_refuses_an_invalid_file_without_starting_anything(tmp_path: Path) -> None:
+    doc = quickstart()
+    doc["spec"]["stages"]["post"]["queue"]["shedPolicy"] = "random"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["up", "-f", str(bad)])
+    assert result.exit_code == 2 and "spec.stages.post.queue.shedPolicy" in result.output

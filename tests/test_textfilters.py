@@ -1,0 +1,108 @@
+"""Streaming post-processing: the output never depends on how the text was split."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from promptpipe.config.spec import PostSpec
+from promptpipe.textfilters.rules import Action, build_rules, iban_valid, luhn_valid, stop_rules
+from promptpipe.textfilters.stream import StreamingFilter
+
+SPEC = PostSpec.model_validate({"stopSequences": ["<END>"], "blocklist": {"words": ["darn"]}})
+
+TEXT = (
+    "Mail bob.smith@example.co.uk or call +1 415-555-2671. Card 4111 1111 1111 1111, "
+    "not 4111 1111 1111 1112. IBAN GB82 WEST 1234 5698 7654 32 ok darn it <END> never shown"
+)
+EXPECTED = (
+    "Mail [REDACTED] or call [REDACTED]. Card [REDACTED], "
+    "not 4111 1111 1111 1112. IBAN [REDACTED] ok [BLOCKED] it "
+)
+
+
+def stream(pieces: list[str], spec: PostSpec = SPEC) -> tuple[str, Action | None]:
+    f = StreamingFilter(build_rules(spec))
+    out = []
+    for piece in pieces:
+        emitted = f.feed(piece)
+        out.append(emitted.text)
+        if emitted.ended_by:
+            return "".join(out), emitted.ended_by
+    emitted = f.finish()
+    return "".join(out) + emitted.text, emitted.ended_by
+
+
+def test_one_piece_gives_the_expected_redaction() -> None:
+    assert stream([TEXT]) == (EXPECTED, Action.STOP)
+
+
+@pytest.mark.parametrize("cut", range(len(TEXT) + 1))
+def test_every_two_way_split_gives_the_same_output(cut: int) -> None:
+    assert stream([TEXT[:cut], TEXT[cut:]]) == (EXPECTED, Action.STOP)
+
+
+def test_one_character_tokens_give_the_same_output() -> None:
+    assert stream(list(TEXT)) == (EXPECTED, Action.STOP)
+
+
+def test_random_multi_splits_give_the_same_output() -> None:
+    rng = random.Random(20261123)
+    for _ in range(500):
+        cuts = sorted(rng.sample(range(1, len(TEXT)), rng.randint(2, 40)))
+        pieces = [TEXT[a:b] for a, b in zip([0, *cuts], [*cuts, len(TEXT)], strict=True)]
+        assert stream(pieces) == (EXPECTED, Action.STOP), pieces
+
+
+@pytest.mark.parametrize("pii", [
+    "jane.doe+news@mail.example.org", "+44 20 7946 0958", "(415) 555-2671", "5500-0000-0000-0004",
+    "DE89 3704 0044 0532 0130 00", "DE89370400440532013000",
+])
+def test_each_kind_of_pii_is_redacted_at_every_split(pii: str) -> None:
+    text = f"Contact: {pii}. Thanks"
+    expected = "Contact: [REDACTED]. Thanks"
+    assert stream([text]) == (expected, None)
+    for cut in range(len(text) + 1):
+        assert stream([text[:cut], text[cut:]]) == (expected, None), cut
+
+
+def test_numbers_that_fail_their_checksum_are_left_alone() -> None:
+    text = "Order 4111 1111 1111 1112 and GB00 WEST ABCD EFGH IJ shipped."
+    assert stream([text]) == (text, None)
+
+
+def test_plain_text_is_released_at_once_except_the_word_in_progress() -> None:
+    f = StreamingFilter(build_rules(SPEC))
+    assert f.feed("The answer is ").text == "The answer is "
+    assert f.feed("Paris").text == ""  # could still become an e-mail address
+    assert f.held_back == len("Paris")
+    assert f.feed(", in France. ").text == "Paris, in France. "
+    assert f.held_back == 0
+
+
+def test_stop_sequence_split_across_tokens_ends_before_it() -> None:
+    f = StreamingFilter(stop_rules(["###"]))
+    assert f.feed("answer #").text == "answer "
+    emitted = f.feed("## more")
+    assert (emitted.text, emitted.ended_by) == ("", Action.STOP)
+    assert f.feed("ignored").text == ""
+
+
+def test_a_partial_stop_sequence_at_the_end_is_released_on_finish() -> None:
+    f = StreamingFilter(stop_rules(["###"]))
+    assert f.feed("cost: #").text == "cost: "
+    assert f.finish().text == "#"
+
+
+def test_blocklist_refuse_ends_with_content_filter() -> None:
+    spec = PostSpec.model_validate({"blocklist": {"words": ["secret plan"], "action": "refuse"},
+                                    "redact": {"email": False, "phone": False, "card": False, "iban": False}})
+    assert stream(["the Secret ", "Plan is"], spec) == ("the ", Action.REFUSE)
+    assert stream(["secretive plans"], spec) == ("secretive plans", None)
+
+
+def test_luhn_and_iban_validators() -> None:
+    assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+    assert luhn_valid("5500 0000 0000 0004")
+    assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid("GB82 WEST 1234 5698 7654 33")
