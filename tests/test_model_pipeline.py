@@ -1,0 +1,95 @@
+"""The quickstart on the embedded SmolLM2-135M model: real tokens, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from llama_cpp import Llama
+
+from promptpipe.backends.llamacpp import default_model_path
+from promptpipe.cli import localrun
+from promptpipe.config.loader import load_pipeline
+from promptpipe.config.spec import StageName
+from promptpipe.runtime.calls import StageClient
+from promptpipe.stages.requests import work_item
+from promptpipe.textfilters.rules import build_rules
+from promptpipe.textfilters.stream import StreamingFilter
+from promptpipe.v1 import common_pb2, gateway_pb2
+from tests.support.calls import Outcome, collect, wait_until
+from tests.support.pipelines import RunningPipeline
+
+pytestmark = [pytest.mark.processes, pytest.mark.model]
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "quickstart.yaml"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PROMPTPIPE_HOME", str(tmp_path_factory.mktemp("home")))
+    run = localrun.start(QUICKSTART)
+    try:
+        localrun.wait_serving(run, timeout=120)
+        yield RunningPipeline(run)
+    finally:
+        localrun.stop(run)
+        mp.undo()
+
+
+async def assembled_prompt(p: RunningPipeline, request: gateway_pb2.GenerateRequest) -> str:
+    """The prompt the pipeline builds for `request`, asked of the rag and assemble stages."""
+    spec = load_pipeline(QUICKSTART).spec
+    item = work_item(request, spec.generation, "direct")
+    deadline = time.monotonic() + 30
+    retry = spec.stages.rag.retries
+    rag, assemble = StageClient(p.target(StageName.RAG), retry), StageClient(p.target(StageName.ASSEMBLE), retry)
+    try:
+        item = await rag.run_to_item(item, deadline)
+        assert any("Paris" in passage.text for passage in item.passages), "rag found the relevant passage"
+        item = await assemble.run_to_item(item, deadline)
+    finally:
+        await rag.close()
+        await assemble.close()
+    return item.prompt
+
+
+async def test_quickstart_answers_with_the_models_own_tokens(quickstart: RunningPipeline) -> None:
+    max_new = 24
+    out = await collect(quickstart.gateway, QUESTION, temperature=0.0, max_new_tokens=max_new, session_id="s1")
+    assert out.error is None and out.summary is not None
+    assert out.text.strip(), "a non-empty answer"
+    assert out.summary.usage.prompt_tokens > 50, "the prompt holds the template and retrieved context"
+
+    # The same prompt, decoded greedily by llama.cpp directly, then post-processed the same way.
+    request = gateway_pb2.GenerateRequest(session_id="s1", prompt=QUESTION, parameters=common_pb2.GenerationParameters(
+        temperature=0.0, max_new_tokens=max_new))
+    prompt = await assembled_prompt(quickstart, request)
+    llm = Llama(str(default_model_path()), n_ctx=2048, verbose=False)
+    direct = llm.create_completion(prompt, max_tokens=max_new, temperature=0.0, top_k=40, top_p=0.95)
+    expected = StreamingFilter(build_rules(load_pipeline(QUICKSTART).spec.post))
+    want = expected.feed(direct["choices"][0]["text"]).text + expected.finish().text
+    assert out.text == want
+    assert out.summary.usage.completion_tokens == direct["usage"]["completion_tokens"]
+
+
+async def test_cancelled_call_stops_llama_cpp_decoding(quickstart: RunningPipeline) -> None:
+    def decoded() -> float:
+        return quickstart.metric(StageName.INFERENCE, "promptpipe_backend_decoded_tokens_total")
+
+    before = decoded()
+    out = Outcome()
+    call = asyncio.create_task(collect(quickstart.gateway, "Write a very long story about a dragon.", out,
+                                       max_new_tokens=400, temperature=0.8))
+    await wait_until(lambda: out.chunks >= 3, timeout=60, what="three chunks")
+    call.cancel()
+    await wait_until(lambda: quickstart.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
+                     what="the generation to end")
+    stopped_at = decoded()
+    await asyncio.sleep(0.5)
+    assert decoded() == stopped_at, "llama.cpp is no longer decoding"
+    assert stopped_at - before < 100, "stopped long before max_new_tokens"
+    assert quickstart.metric(StageName.INFERENCE, "promptpipe_backend_generations_cancelled_total") >= 1
