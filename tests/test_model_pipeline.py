@@ -48,9 +48,9 @@ async def assembled_prompt(p: RunningPipeline, request: gateway_pb2.GenerateRequ
     retry = spec.stages.rag.retries
     rag, assemble = StageClient(p.target(StageName.RAG), retry), StageClient(p.target(StageName.ASSEMBLE), retry)
     try:
-        item = await rag.run_to_item(item, deadline)
+        item = await rag.process(item, deadline)
         assert any("Paris" in passage.text for passage in item.passages), "rag found the relevant passage"
-        item = await assemble.run_to_item(item, deadline)
+        item = await assemble.process(item, deadline)
     finally:
         await rag.close()
         await assemble.close()

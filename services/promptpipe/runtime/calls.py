@@ -42,15 +42,24 @@ class StageClient:
         result: stage_pb2.StageStats = await self._stub.Stats(stage_pb2.StatsRequest(), timeout=timeout)
         return result
 
-    async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncIterator[stage_pb2.StageEvent]:
-        """Stream the next stage's events; `deadline` is on the time.monotonic clock."""
+    async def process(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
+        """rag and assemble: one call, the enriched work item back."""
         attempt = 0
         while True:
             attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded("deadline passed before the next stage was reached")
-            call = self._stub.Run(item, timeout=remaining)
+            try:
+                result: stage_pb2.WorkItem = await self._stub.Process(item, timeout=self._remaining(deadline))
+                return result
+            except grpc.aio.AioRpcError as err:
+                self._raise_unless_retryable(err, attempt, streamed=False)
+            await self._backoff(attempt, deadline)
+
+    async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncIterator[stage_pb2.StageEvent]:
+        """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
+        attempt = 0
+        while True:
+            attempt += 1
+            call = self._stub.Run(item, timeout=self._remaining(deadline))
             streamed = False
             try:
                 async for event in call:
@@ -58,23 +67,26 @@ class StageClient:
                     yield event
                 return
             except grpc.aio.AioRpcError as err:
-                code = err.code()
-                trailers = tuple(err.trailing_metadata() or ())
-                if streamed or code not in _RETRYABLE or from_a_stage(trailers) or attempt >= self._retry.max_attempts:
-                    raise UpstreamError(code, err.details() or code.name, trailers) from None
+                self._raise_unless_retryable(err, attempt, streamed)
             finally:
                 call.cancel()  # no-op when finished; stops the next stage when we leave early
-            delay = backoff_delay(self._retry, attempt)
-            if time.monotonic() + delay >= deadline:
-                raise DeadlineExceeded("deadline passed while retrying the next stage")
-            await asyncio.sleep(delay)
+            await self._backoff(attempt, deadline)
 
-    async def run_to_item(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
-        """For rag and assemble: their answer is one enriched work item."""
-        result: stage_pb2.WorkItem | None = None
-        async for event in self.run(item, deadline):
-            if event.HasField("item"):
-                result = event.item
-        if result is None:
-            raise UpstreamError(grpc.StatusCode.INTERNAL, f"stage at {self.target} returned no work item")
-        return result
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("deadline passed before the next stage was reached")
+        return remaining
+
+    def _raise_unless_retryable(self, err: grpc.aio.AioRpcError, attempt: int, streamed: bool) -> None:
+        code = err.code()
+        trailers = tuple(err.trailing_metadata() or ())
+        if streamed or code not in _RETRYABLE or from_a_stage(trailers) or attempt >= self._retry.max_attempts:
+            raise UpstreamError(code, err.details() or code.name, trailers) from None
+
+    async def _backoff(self, attempt: int, deadline: float) -> None:
+        delay = backoff_delay(self._retry, attempt)
+        if time.monotonic() + delay >= deadline:
+            raise DeadlineExceeded("deadline passed while retrying the next stage")
+        await asyncio.sleep(delay)

@@ -1,16 +1,17 @@
 """What every stage shares: admission, deadline, span, timing, metrics, error mapping.
 
-A stage's own logic is a `StageHandler`: an async generator of events for one work
-item. It never touches gRPC contexts, status codes or metrics.
+A stage's own logic is a handler: `process` (rag, assemble) or `run` (inference,
+post) for one work item. It never touches gRPC contexts, status codes or metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, runtime_checkable
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -21,9 +22,6 @@ from promptpipe.runtime.errors import Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import SPAN_NAMES, tracer
 from promptpipe.v1 import common_pb2, stage_pb2
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Call:
@@ -40,9 +38,21 @@ class StageHandler(Protocol):
     async def start(self) -> None:
         """Load what the stage needs (index, model) before it reports SERVING."""
 
-    def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]: ...
-
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EnrichingHandler(StageHandler, Protocol):
+    """rag, assemble: one work item in, the same item enriched out."""
+
+    async def process(self, item: stage_pb2.WorkItem, call: Call) -> stage_pb2.WorkItem: ...
+
+
+@runtime_checkable
+class StreamingHandler(StageHandler, Protocol):
+    """inference, post: token chunks, then one final event."""
+
+    def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]: ...
 
 
 class StageRuntime:
@@ -65,10 +75,10 @@ class StageRuntime:
         timeout = self.spec.timeout_seconds if remaining is None else min(remaining, self.spec.timeout_seconds)
         return time.monotonic() + timeout
 
-    async def serve(
-        self, context: grpc.aio.ServicerContext, body: Callable[[Call], AsyncIterator[T]]
-    ) -> AsyncIterator[T]:
-        """Admit the call, run `body` in a span, map any failure to a status."""
+    @contextlib.asynccontextmanager
+    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
+        """Admit the call and hold its work slot for the body, in a span; map any
+        failure of the body to a status (the one place errors become statuses)."""
         deadline = self.deadline_for(context)
         started = time.perf_counter()
         code = "OK"
@@ -77,8 +87,7 @@ class StageRuntime:
                 self.metrics.queue_wait.observe(waited)
                 started = time.perf_counter()
                 with tracer().start_as_current_span(self._span_name):
-                    async for out in body(Call(deadline, waited)):
-                        yield out
+                    yield Call(deadline, waited)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -107,31 +116,40 @@ class StageRuntime:
 class StageServicer:
     """The internal `promptpipe.v1.Stage` service of one stage process."""
 
-    def __init__(self, runtime: StageRuntime, handler: StageHandler | None) -> None:
+    def __init__(self, runtime: StageRuntime, handler: EnrichingHandler | StreamingHandler | None) -> None:
         self.runtime = runtime
-        self.handler = handler
+        # Decided once here: a Protocol isinstance check is too slow for every call.
+        self._enricher = handler if isinstance(handler, EnrichingHandler) else None
+        self._streamer = handler if isinstance(handler, StreamingHandler) else None
         self.serving = False
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext
+    ) -> stage_pb2.WorkItem:
+        handler = self._enricher
+        if handler is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} streams; call Run")
+            raise AssertionError("abort raises")
+        async with self.runtime.admitted(context) as call:
+            work_started = time.perf_counter()
+            item = await handler.process(request, call)
+            item.timings.append(self.runtime.timing(call, work_started))
+            return item
+        raise AssertionError("unreachable: admitted() either yields or aborts")
 
     async def Run(  # noqa: N802 - gRPC method name
         self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[stage_pb2.StageEvent]:
-        handler = self.handler
+        handler = self._streamer
         if handler is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} has no Run; call Gateway")
-            return
-
-        async def body(call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} has no Run")
+            raise AssertionError("abort raises")
+        async with self.runtime.admitted(context) as call:
             work_started = time.perf_counter()
             async for event in handler.run(request, call):
-                # Every stage records its own time on what it hands back.
-                if event.HasField("item"):
-                    event.item.timings.append(self.runtime.timing(call, work_started))
-                elif event.HasField("final"):
+                if event.HasField("final"):  # every stage records its own time on the final event
                     event.final.timings.append(self.runtime.timing(call, work_started))
                 yield event
-
-        async for event in self.runtime.serve(context, body):
-            yield event
 
     async def Stats(  # noqa: N802 - gRPC method name
         self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext

@@ -12,7 +12,7 @@ from promptpipe.config.loader import RuntimeConfig
 from promptpipe.config.spec import StageName
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
-from promptpipe.runtime.stage import StageHandler, StageRuntime
+from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
 
 
 async def _nothing() -> None:
@@ -21,7 +21,7 @@ async def _nothing() -> None:
 
 @dataclass
 class BuiltStage:
-    handler: StageHandler | None
+    handler: EnrichingHandler | StreamingHandler | None
     gateway: Any = None
     start: Callable[[], Awaitable[None]] = _nothing
     close: Callable[[], Awaitable[None]] = field(default=_nothing)
@@ -36,7 +36,7 @@ def build_stage(stage: StageName, config: RuntimeConfig, runtime: StageRuntime, 
     def client(to: StageName) -> StageClient:
         return StageClient(config.endpoints[to], retry, client_interceptors)
 
-    handler: StageHandler
+    handler: EnrichingHandler | StreamingHandler
     if stage is StageName.STREAM:
         from promptpipe.stages.gateway import GatewayServicer
 

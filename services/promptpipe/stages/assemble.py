@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from promptpipe.config.spec import BackendKind, ModelSpec, TemplateSpec
@@ -59,10 +58,10 @@ class AssembleHandler:
             budget = min(budget, self._context_size - max_new)
         return max(0, budget)
 
-    async def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+    async def process(self, item: stage_pb2.WorkItem, call: Call) -> stage_pb2.WorkItem:
         result = assemble(self._spec, self._template, self._tokenize, self.budget(item), item)
         item.prompt = result.prompt
         item.prompt_tokens = result.tokens
         if result.passages_used < len(item.passages):
             del item.passages[result.passages_used:]
-        yield stage_pb2.StageEvent(item=item)
+        return item

@@ -12,7 +12,7 @@ from promptpipe.config.spec import GenerationDefaults
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.metrics import GatewayMetrics
-from promptpipe.runtime.stage import Call, StageRuntime
+from promptpipe.runtime.stage import StageRuntime
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import gateway_pb2, stage_pb2
 
@@ -37,11 +37,11 @@ class GatewayServicer:
         received = time.perf_counter()
         request_id = uuid.uuid4().hex
 
-        async def body(call: Call) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        async with self._runtime.admitted(context) as call:
             started = time.perf_counter()
             item = work_item(request, self._defaults, request_id)
-            item = await self._rag.run_to_item(item, call.deadline)
-            item = await self._assemble.run_to_item(item, call.deadline)
+            item = await self._rag.process(item, call.deadline)
+            item = await self._assemble.process(item, call.deadline)
             first: float | None = None
             tokens = 0
             async for event in coalesce(self._post.run(item, call.deadline)):
@@ -65,5 +65,3 @@ class GatewayServicer:
                     )
                     yield gateway_pb2.GenerateResponse(summary=summary)
 
-        async for response in self._runtime.serve(context, body):
-            yield response

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import bm25s
@@ -93,7 +92,7 @@ class RagHandler:
     async def close(self) -> None:
         return None
 
-    async def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+    async def process(self, item: stage_pb2.WorkItem, call: Call) -> stage_pb2.WorkItem:
         if self._spec.enabled and self._spec.top_k:
             item.passages.extend(self._index.search(question_of(item), self._spec.top_k))
-        yield stage_pb2.StageEvent(item=item)
+        return item

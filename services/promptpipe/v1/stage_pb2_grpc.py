@@ -34,6 +34,11 @@ class StageStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Process = channel.unary_unary(
+                '/promptpipe.v1.Stage/Process',
+                request_serializer=promptpipe_dot_v1_dot_stage__pb2.WorkItem.SerializeToString,
+                response_deserializer=promptpipe_dot_v1_dot_stage__pb2.WorkItem.FromString,
+                _registered_method=True)
         self.Run = channel.unary_stream(
                 '/promptpipe.v1.Stage/Run',
                 request_serializer=promptpipe_dot_v1_dot_stage__pb2.WorkItem.SerializeToString,
@@ -49,9 +54,15 @@ class StageStub:
 class StageServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Process(self, request, context):
+        """rag and assemble: the work item, enriched. A unary call, the cheapest hop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Run(self, request, context):
-        """rag and assemble answer with one `item` (the work item, enriched);
-        inference and post stream `chunk`s and end with one `final`.
+        """inference and post: `chunk`s, then exactly one `final`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -67,6 +78,11 @@ class StageServicer:
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Process': grpc.unary_unary_rpc_method_handler(
+                    servicer.Process,
+                    request_deserializer=promptpipe_dot_v1_dot_stage__pb2.WorkItem.FromString,
+                    response_serializer=promptpipe_dot_v1_dot_stage__pb2.WorkItem.SerializeToString,
+            ),
             'Run': grpc.unary_stream_rpc_method_handler(
                     servicer.Run,
                     request_deserializer=promptpipe_dot_v1_dot_stage__pb2.WorkItem.FromString,
@@ -87,6 +103,33 @@ def add_StageServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Stage:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Process(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/promptpipe.v1.Stage/Process',
+            promptpipe_dot_v1_dot_stage__pb2.WorkItem.SerializeToString,
+            promptpipe_dot_v1_dot_stage__pb2.WorkItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Run(request,

@@ -1,0 +1,138 @@
+"""Benchmark plumbing: start pipelines, drive streams, summarise latencies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import yaml
+
+from promptpipe.cli import localrun
+from promptpipe.runtime.calls import CHANNEL_OPTIONS
+from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
+
+
+def pipeline_doc(name: str, *, tokens_per_second: float = 0.0, max_new_tokens: int = 8,
+                 stages: dict[str, Any] | None = None) -> dict[str, Any]:
+    wide = {"queue": {"capacity": 256, "concurrency": 256}}
+    return {
+        "apiVersion": "promptpipe.io/v1alpha1", "kind": "PromptPipeline", "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "synthetic", "backend": "synthetic", "synthetic": {"tokensPerSecond": tokens_per_second}},
+            "generation": {"maxNewTokens": max_new_tokens, "maxNewTokensLimit": 32768},
+            "rag": {"enabled": False},
+            "stages": stages or {s: wide for s in ("stream", "rag", "assemble", "inference", "post")},
+        },
+    }
+
+
+@contextmanager
+def running(doc: dict[str, Any] | Path) -> Iterator[localrun.LocalRun]:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["PROMPTPIPE_HOME"] = tmp
+        if isinstance(doc, Path):
+            path = doc
+        else:
+            path = Path(tmp) / "pipeline.yaml"
+            path.write_text(yaml.safe_dump(doc))
+        run = localrun.start(path)
+        try:
+            localrun.wait_serving(run, 120)
+            yield run
+        finally:
+            localrun.stop(run)
+
+
+def rss_mib(run: localrun.LocalRun) -> float:
+    total = 0
+    for proc in run.stages.values():
+        try:
+            total += psutil.Process(proc.pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+@dataclass
+class StreamResult:
+    ttft: float | None
+    tokens: int
+    seconds: float
+    code: grpc.StatusCode
+
+
+async def gateway_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int, timeout: float = 60.0) -> StreamResult:
+    request = gateway_pb2.GenerateRequest(prompt="bench", parameters=common_pb2.GenerationParameters(
+        max_new_tokens=max_new))
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    try:
+        async for r in stub.Generate(request, timeout=timeout):
+            if r.HasField("chunk"):
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                tokens += r.chunk.token_count
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as err:
+        code = err.code()
+    return StreamResult(ttft, tokens, time.perf_counter() - start, code)
+
+
+async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamResult:
+    """The inference stage alone: a work item straight to its Run."""
+    item = stage_pb2.WorkItem(request_id="b", session_id="b", prompt="bench", parameters=common_pb2.GenerationParameters(
+        max_new_tokens=max_new, temperature=0.0, top_p=1.0))
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async for e in stub.Run(item, timeout=60):
+        if e.HasField("chunk"):
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            tokens += e.chunk.token_count
+    return StreamResult(ttft, tokens, time.perf_counter() - start, grpc.StatusCode.OK)
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:8.3f} ms"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+async def closed_loop(fn: Any, concurrency: int, total: int) -> list[StreamResult]:
+    """`concurrency` workers issue `total` calls back to back."""
+    results: list[StreamResult] = []
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            results.append(await fn())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
