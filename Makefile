@@ -47,6 +47,7 @@ demo: setup
 	$(BIN)/promptpipe down
 
 test: setup
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup

@@ -29,7 +29,7 @@ class GenerationError(Exception):
 class PipelineClient:
     def __init__(self, target: str) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> PipelineClient:
         return self

@@ -75,11 +75,11 @@ class RunningPipeline:
 
 
 @contextmanager
-def running_pipeline(doc: dict[str, Any], folder: Path) -> Iterator[RunningPipeline]:
+def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "none") -> Iterator[RunningPipeline]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc))
-    run = localrun.start(path)
+    run = localrun.start(path, otel_exporter=otel_exporter)
     try:
         localrun.wait_serving(run, timeout=60)
         yield RunningPipeline(run)
@@ -133,3 +133,35 @@ def tgi_stats(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url + "/stats", timeout=5) as resp:  # noqa: S310
         data: dict[str, Any] = json.loads(resp.read())
         return data
+
+
+@contextmanager
+def openai_server() -> Iterator[str]:
+    """llama.cpp's OpenAI-compatible server on SmolLM2, in its own process; yields its base URL."""
+    from promptpipe.backends.llamacpp import default_model_path
+
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=1).close()  # noqa: S310
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("llama.cpp's OpenAI-compatible server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

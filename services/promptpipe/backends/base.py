@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from promptpipe.v1.common_pb2 import FinishReason
+from promptpipe.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Piece:
 
 @dataclass(frozen=True)
 class Outcome:
-    finish_reason: FinishReason.ValueType
+    finish_reason: common_pb2.FinishReason
     completion_tokens: int
     prompt_tokens: int = 0
     details: dict[str, str] = field(default_factory=dict)
@@ -45,7 +45,7 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         """Yield pieces as they are generated, then exactly one Outcome.
 
         Closing the iterator early (caller gone, deadline) must stop the generation.

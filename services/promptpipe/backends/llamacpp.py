@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class LlamaCppBackend:
     async def close(self) -> None:
         self._llm = None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         if self._llm is None:
             raise Unavailable("model not loaded")
         try:

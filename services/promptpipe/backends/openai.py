@@ -7,9 +7,8 @@ completions endpoint, streaming.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-import httpx
 import openai
 
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
@@ -25,13 +24,13 @@ class OpenAIBackend(RemoteBackend):
 
     def _client(self, endpoint: str, request: GenerationRequest) -> openai.AsyncOpenAI:
         key = os.environ.get(self.spec.api_key_env, "") if self.spec.api_key_env else ""
-        timeout = httpx.Timeout(max(0.001, request.remaining()), connect=self.spec.connect_timeout_seconds,
-                                read=self.spec.read_timeout_seconds)
+        timeout = openai.Timeout(max(0.001, request.remaining()), connect=self.spec.connect_timeout_seconds,
+                                 read=self.spec.read_timeout_seconds)
         # Retries are ours (only before the first token), not the SDK's.
         return openai.AsyncOpenAI(base_url=endpoint.rstrip("/") + "/v1", api_key=key or "unused",
                                   timeout=timeout, max_retries=0)
 
-    async def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    async def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         produced = 0
         client = self._client(endpoint, request)
         try:

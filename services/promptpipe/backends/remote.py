@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from promptpipe.backends.affinity import HashRing
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
@@ -44,7 +44,7 @@ class RemoteBackend:
     async def close(self) -> None:
         return None
 
-    def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         raise NotImplementedError
 
     def _candidates(self, session: str) -> list[str]:
@@ -54,7 +54,7 @@ class RemoteBackend:
     def _update_circuit_gauge(self) -> None:
         self._metrics.circuit_open.set(sum(b.is_open for b in self._breakers.values()))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         last: BackendCallError | None = None
         for attempt in range(1, self._retry.max_attempts + 1):
             candidates = self._candidates(request.session_id)

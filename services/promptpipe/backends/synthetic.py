@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
 from promptpipe.config.spec import SyntheticSpec
@@ -24,7 +24,7 @@ class SyntheticBackend:
     async def close(self) -> None:
         return None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         piece = Piece(self._text)
         start = time.monotonic()
         for i in range(request.max_new_tokens):

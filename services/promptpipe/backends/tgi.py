@@ -8,7 +8,7 @@ SSE `error` event under HTTP 200, which the client raises as typed errors.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import aiohttp
 from text_generation import AsyncClient
@@ -25,7 +25,7 @@ _FINISH = {"length": FINISH_REASON_LENGTH, "eos_token": FINISH_REASON_EOS, "stop
 class TgiBackend(RemoteBackend):
     name = "tgi"
 
-    async def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncIterator[Piece | Outcome]:
+    async def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         client = AsyncClient(endpoint.rstrip("/"))
         client.timeout = aiohttp.ClientTimeout(
             total=max(0.001, request.remaining()),

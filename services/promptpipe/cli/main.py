@@ -84,7 +84,8 @@ def down(name: NameOption = None) -> None:
 async def _stats(target: str) -> stage_pb2.StageStats | None:
     async with grpc.aio.insecure_channel(target) as channel:
         try:
-            result: stage_pb2.StageStats = await stage_pb2_grpc.StageStub(channel).Stats(
+            stub = stage_pb2_grpc.StageStub(channel)  # type: ignore[no-untyped-call]
+            result: stage_pb2.StageStats = await stub.Stats(
                 stage_pb2.StatsRequest(), timeout=2.0)
             return result
         except grpc.aio.AioRpcError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
@@ -33,7 +33,7 @@ class StageClient:
         self.target = target
         self._retry = retry
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
-        self._stub = stage_pb2_grpc.StageStub(self._channel)
+        self._stub = stage_pb2_grpc.StageStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         await self._channel.close()
@@ -54,7 +54,7 @@ class StageClient:
                 self._raise_unless_retryable(err, attempt, streamed=False)
             await self._backoff(attempt, deadline)
 
-    async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncIterator[stage_pb2.StageEvent]:
+    async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
         """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
         attempt = 0
         while True:

@@ -98,12 +98,12 @@ def from_a_stage(trailers: tuple[tuple[str, str | bytes], ...]) -> bool:
 
 def retry_after_of(error: grpc.aio.AioRpcError) -> float | None:
     """The RetryInfo hint of a RESOURCE_EXHAUSTED error, if it carries one."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return None
     for detail in status.details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
-            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return None

@@ -12,7 +12,7 @@ from promptpipe.config.spec import CircuitBreakerSpec, RetrySpec
 def backoff_delay(spec: RetrySpec, attempt: int, rng: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff before retry number `attempt` (1-based)."""
     ceiling = min(spec.max_backoff_seconds, spec.initial_backoff_seconds * (2 ** (attempt - 1)))
-    return ceiling * rng()
+    return float(ceiling * rng())
 
 
 class CircuitBreaker:

@@ -35,7 +35,7 @@ def setup_tracing(exporter: str, service_name: str) -> tuple[list[Any], list[Any
     else:
         raise ValueError(f"otel_exporter: unknown exporter {exporter!r} (none, console, otlp)")
     trace.set_tracer_provider(provider)
-    return [aio_server_interceptor()], list(aio_client_interceptors())
+    return [aio_server_interceptor()], list(aio_client_interceptors())  # type: ignore[no-untyped-call]
 
 
 def tracer() -> trace.Tracer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from promptpipe.config.spec import PostSpec
 from promptpipe.runtime.calls import StageClient

@@ -73,7 +73,7 @@ class Bm25Index:
 def question_of(item: stage_pb2.WorkItem) -> str:
     for message in reversed(item.messages):
         if message.role == "user":
-            return message.content
+            return str(message.content)
     return ""
 
 
