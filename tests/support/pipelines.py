@@ -98,33 +98,39 @@ def free_port() -> int:
 
 
 @contextmanager
-def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
-    """A TGI-protocol server in its own process; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "tests.support.tgi_server", "--port", str(port), "--name", name,
-         "--max-concurrent", str(max_concurrent)],
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    url = f"http://127.0.0.1:{port}"
+def serving_process(args: list[str], probe_url: str, what: str, timeout: float = 60.0) -> Iterator[None]:
+    """Run a server process until the block ends; wait until `probe_url` answers."""
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2],  # noqa: S603
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()  # noqa: S310
+                urllib.request.urlopen(probe_url, timeout=1).close()  # noqa: S310 - loopback
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the TGI test server did not start") from None
+                    raise RuntimeError(f"{what} did not start") from None
                 time.sleep(0.05)
-        yield url
+        yield
     finally:
         proc.terminate()
         try:
-            proc.wait(5)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
+    """A TGI-protocol server in its own process; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [sys.executable, "-m", "tests.support.tgi_server", "--port", str(port), "--name", name,
+            "--max-concurrent", str(max_concurrent)]
+    with serving_process(args, url + "/health", "the TGI test server"):
+        yield url
 
 
 def tgi_stats(url: str) -> dict[str, Any]:
@@ -141,27 +147,8 @@ def openai_server() -> Iterator[str]:
     from promptpipe.backends.llamacpp import default_model_path
 
     port = free_port()
-    proc = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--verbose", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=1).close()  # noqa: S310
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("llama.cpp's OpenAI-compatible server did not start") from None
-                time.sleep(0.1)
+    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", "2048", "--verbose", "false"]
+    with serving_process(args, url + "/v1/models", "llama.cpp's OpenAI-compatible server"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
