@@ -16,7 +16,7 @@ LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_VER).built
 # Only the library is needed: no llama.cpp examples, tools or server binaries.
 LLAMA_CMAKE := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 STAMP       := $(VENV)/.installed
-QUESTION    ?= What does the post stage do?
+QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
 .PHONY: help setup demo test test-fast proto bench lint clean
