@@ -19,7 +19,7 @@ STAMP       := $(VENV)/.installed
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup demo test test-fast proto bench lint clean
+.PHONY: help setup controlplane cluster-up cluster-down demo test test-fast proto bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -39,7 +39,12 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
 	$(BIN)/pip install --quiet --find-links $(WHEELS) --constraint constraints.txt --editable '.[dev]'
 	touch $@
 
-setup: $(STAMP)
+# etcd, kube-apiserver, kubectl and helm from the Go module proxy, plus KEDA's CRDs: built once
+# into $(CACHE)/controlplane (about 15 minutes the first time); a no-op when they are there.
+controlplane: $(STAMP)
+	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster build
+
+setup: $(STAMP) controlplane
 
 demo: setup
 	$(BIN)/promptpipe up -f deploy/examples/quickstart.yaml
@@ -55,6 +60,12 @@ test-fast: setup
 
 proto: setup
 	$(BIN)/python protos/generate.py
+
+cluster-up: setup
+	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster up
+
+cluster-down:
+	$(BIN)/promptpipe-dev cluster down
 
 bench: setup
 	$(BIN)/python -m bench.pipeline

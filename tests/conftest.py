@@ -23,3 +23,6 @@ def start_pipeline(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Runnin
             return stack.enter_context(running_pipeline(doc, tmp_path / "pipelines"))
 
         yield start
+
+
+pytest_plugins = ["tests.support.kube"]

@@ -1,0 +1,155 @@
+"""Building the control-plane binaries from the Go module proxy, once, into a cache.
+
+kube-apiserver cannot be `go install`ed: k8s.io/kubernetes's go.mod replaces every
+k8s.io staging module with a local path (kubernetes issue #79384). A small wrapper
+module of ours requires k8s.io/kubernetes and replaces each staging module with its
+published v0.Y.Z instead. etcd's server module has local replaces too, so it gets a
+wrapper as well (a dependency's replaces are ignored). helm installs directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from promptpipe.devcluster import versions
+
+log = logging.getLogger(__name__)
+
+_LOCAL_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/src/\1\s*$", re.MULTILINE)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PROMPTPIPE_CACHE", Path.home() / ".cache" / "promptpipe"))
+
+
+@dataclass(frozen=True)
+class Tools:
+    etcd: Path
+    kube_apiserver: Path
+    kubectl: Path
+    helm: Path
+    keda_crds: Path  # a folder of keda.sh CRD manifests
+
+
+def tools_dir() -> Path:
+    return cache_root() / "controlplane" / (
+        f"kubernetes-{versions.KUBERNETES}_etcd-{versions.ETCD}_helm-{versions.HELM}_keda-{versions.KEDA}")
+
+
+def expected_tools(root: Path | None = None) -> Tools:
+    root = root or tools_dir()
+    return Tools(root / "bin" / "etcd", root / "bin" / "kube-apiserver", root / "bin" / "kubectl",
+                 root / "bin" / "helm", root / "keda-crds")
+
+
+def staging_modules(kubernetes_gomod: str) -> list[str]:
+    """The k8s.io modules that k8s.io/kubernetes's go.mod points at ./staging/src."""
+    return sorted(_LOCAL_REPLACE.findall(kubernetes_gomod))
+
+
+def wrapper_gomod(module: str, requires: dict[str, str], replaces: dict[str, str]) -> str:
+    lines = [f"module {module}", "", "go 1.23", "", "require ("]
+    lines += [f"\t{path} {version}" for path, version in sorted(requires.items())]
+    lines.append(")")
+    if replaces:
+        lines += ["", "replace ("]
+        lines += [f"\t{path} => {path} {version}" for path, version in sorted(replaces.items())]
+        lines.append(")")
+    return "\n".join(lines) + "\n"
+
+
+def tools_go(packages: list[str]) -> str:
+    imports = "\n".join(f'\t_ "{p}"' for p in packages)
+    return f"//go:build tools\n\npackage tools\n\nimport (\n{imports}\n)\n"
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The checksum database reachable here has no entries for k8s.io/kubernetes and
+    # several k8s.io staging modules; those are taken from the proxy by pinned version
+    # without it, every other module is verified as usual. Never fetch a Go toolchain.
+    env.update({"GONOSUMDB": "k8s.io", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"})
+    return env
+
+
+def _go(args: list[str], cwd: Path) -> str:
+    log.info("go %s", " ".join(args))
+    done = subprocess.run(["go", *args], cwd=cwd, env=_go_env(), check=True, text=True,  # noqa: S603, S607
+                          stdout=subprocess.PIPE)
+    return done.stdout
+
+
+def _module_file(path: str, version: str, work: Path) -> dict[str, str]:
+    info: dict[str, str] = json.loads(_go(["mod", "download", "-json", f"{path}@{version}"], work))
+    return info
+
+
+def _wrapper(work: Path, requires: dict[str, str], replaces: dict[str, str], packages: list[str]) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text(wrapper_gomod("promptpipe.local/controlplane", requires, replaces))
+    (work / "tools.go").write_text(tools_go(packages))
+    _go(["mod", "tidy"], work)
+
+
+def build_kubernetes(bin_dir: Path, work: Path) -> None:
+    v = versions.KUBERNETES
+    work.mkdir(parents=True, exist_ok=True)
+    gomod = Path(_module_file("k8s.io/kubernetes", f"v{v}", work)["GoMod"]).read_text()
+    staging = {m: "v0." + v.split(".", 1)[1] for m in staging_modules(gomod)}
+    commands = ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl"]
+    _wrapper(work, {"k8s.io/kubernetes": f"v{v}"}, staging, commands)
+    major, minor, _ = v.split(".")
+    stamp = " ".join(f"-X k8s.io/component-base/version.{k}={val}" for k, val in (
+        ("gitVersion", f"v{v}"), ("gitMajor", major), ("gitMinor", minor), ("gitTreeState", "clean")))
+    for cmd in commands:
+        _go(["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(bin_dir / cmd.rsplit("/", 1)[1]), cmd], work)
+
+
+def build_etcd(bin_dir: Path, work: Path) -> None:
+    _wrapper(work, {"go.etcd.io/etcd/server/v3": f"v{versions.ETCD}"}, {}, ["go.etcd.io/etcd/server/v3"])
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(bin_dir / "etcd"), "go.etcd.io/etcd/server/v3"], work)
+
+
+def build_helm(bin_dir: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    env_bin = work / "gobin"
+    env = _go_env() | {"GOBIN": str(env_bin)}
+    stamp = f"-X helm.sh/helm/v3/internal/version.version=v{versions.HELM}"
+    subprocess.run(["go", "install", "-trimpath", f"-ldflags=-s -w {stamp}",  # noqa: S603, S607
+                    f"helm.sh/helm/v3/cmd/helm@v{versions.HELM}"], cwd=work, env=env, check=True)
+    shutil.move(env_bin / "helm", bin_dir / "helm")
+
+
+def fetch_keda_crds(dest: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    module = Path(_module_file("github.com/kedacore/keda/v2", f"v{versions.KEDA}", work)["Dir"])
+    dest.mkdir(parents=True, exist_ok=True)
+    for crd in sorted((module / "config" / "crd" / "bases").glob("keda.sh_*.yaml")):
+        shutil.copyfile(crd, dest / crd.name)
+
+
+def ensure_tools() -> Tools:
+    """Build whatever is missing; a second call costs nothing."""
+    root = tools_dir()
+    tools = expected_tools(root)
+    bin_dir = root / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    work = cache_root() / "controlplane" / "work"
+    steps: list[tuple[Path, Callable[[], None]]] = [
+        (tools.kube_apiserver, lambda: build_kubernetes(bin_dir, work / f"kubernetes-{versions.KUBERNETES}")),
+        (tools.etcd, lambda: build_etcd(bin_dir, work / f"etcd-{versions.ETCD}")),
+        (tools.helm, lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
+        (tools.keda_crds / "keda.sh_scaledobjects.yaml", lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
+    ]
+    for product, step in steps:
+        if not product.exists():
+            step()
+    return tools

@@ -1,0 +1,194 @@
+"""Starting and stopping a local control plane: etcd and kube-apiserver on free
+loopback ports in a folder of their own, RBAC on, an admin client certificate and a
+kubeconfig. Like envtest: no kubelet, no controllers, no scheduler."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from promptpipe.devcluster.build import Tools
+from promptpipe.devcluster.pki import make_pki
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    """In the child: be killed when the process that started us dies (a crashed test run)."""
+    os.setsid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, object]:
+    return {
+        "apiVersion": "v1", "kind": "Config", "current-context": "promptpipe-test",
+        "clusters": [{"name": "promptpipe-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "admin", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
+        "contexts": [{"name": "promptpipe-test", "context": {"cluster": "promptpipe-test", "user": "admin"}}],
+    }
+
+
+def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int) -> list[str]:
+    pki = folder / "pki"
+    return [
+        str(tools.kube_apiserver),
+        f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+        f"--cert-dir={pki}", f"--tls-cert-file={pki / 'server.crt'}", f"--tls-private-key-file={pki / 'server.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        "--authorization-mode=RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+        # ClusterIPs are only allocated (stored in etcd); nothing listens on or sends to them.
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false",
+        "--enable-priority-and-fairness=false", "--v=0",
+    ]
+
+
+def etcd_args(tools: Tools, folder: Path, client_port: int, peer_port: int) -> list[str]:
+    peer = f"http://127.0.0.1:{peer_port}"
+    client = f"http://127.0.0.1:{client_port}"
+    return [
+        str(tools.etcd), "--name=default", f"--data-dir={folder / 'etcd'}",
+        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}", f"--initial-cluster=default={peer}",
+        "--unsafe-no-fsync", "--log-level=warn",
+    ]
+
+
+@dataclass
+class ControlPlane:
+    folder: str
+    server: str
+    kubeconfig: str
+    etcd_pid: int
+    apiserver_pid: int
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.apiserver_pid, self.etcd_pid]
+
+    def env(self) -> dict[str, str]:
+        return {"KUBECONFIG": self.kubeconfig}
+
+    def save(self) -> None:
+        Path(self.folder, "controlplane.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> ControlPlane:
+        return cls(**json.loads((folder / "controlplane.json").read_text()))
+
+    @classmethod
+    def start(cls, tools: Tools, folder: Path, *, tied_to_parent: bool = True, timeout: float = 60.0) -> ControlPlane:
+        """Start etcd and kube-apiserver; return once /readyz answers ok."""
+        folder.mkdir(parents=True, exist_ok=True)
+        pki_dir = folder / "pki"
+        pki_dir.mkdir(exist_ok=True)
+        pki = make_pki()
+        for name, data in (("ca.crt", pki.ca.cert), ("ca.key", pki.ca.key), ("server.crt", pki.server.cert),
+                           ("server.key", pki.server.key), ("admin.crt", pki.admin.cert),
+                           ("admin.key", pki.admin.key), ("sa.key", pki.service_account_key),
+                           ("sa.pub", pki.service_account_pub)):
+            (pki_dir / name).write_bytes(data)
+            (pki_dir / name).chmod(0o600)
+        client_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        preexec = _die_with_parent if tied_to_parent else os.setsid
+        etcd = subprocess.Popen(etcd_args(tools, folder, client_port, peer_port), preexec_fn=preexec,  # noqa: S603, PLW1509
+                                stdout=open(folder / "etcd.log", "ab"), stderr=subprocess.STDOUT)
+        api = subprocess.Popen(  # noqa: S603
+            apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port), preexec_fn=preexec,  # noqa: PLW1509
+            stdout=open(folder / "kube-apiserver.log", "ab"), stderr=subprocess.STDOUT)
+        server = f"https://127.0.0.1:{api_port}"
+        config = folder / "kubeconfig"
+        config.write_text(yaml.safe_dump(kubeconfig(server, pki_dir / "ca.crt", pki_dir / "admin.crt",
+                                                    pki_dir / "admin.key")))
+        plane = cls(str(folder), server, str(config), etcd.pid, api.pid)
+        plane.save()
+        try:
+            plane.wait_ready(timeout, (etcd, api))
+        except BaseException:
+            plane.stop()
+            raise
+        return plane
+
+    def _ssl(self) -> ssl.SSLContext:
+        pki = Path(self.folder) / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(pki / "admin.crt", pki / "admin.key")
+        return ctx
+
+    def wait_ready(self, timeout: float, procs: tuple[subprocess.Popen[bytes], ...] = ()) -> None:
+        deadline = time.monotonic() + timeout
+        ctx = self._ssl()
+        last = ""
+        while time.monotonic() < deadline:
+            for proc in procs:
+                if proc.poll() is not None:
+                    log = Path(self.folder, "kube-apiserver.log" if proc.pid == self.apiserver_pid else "etcd.log")
+                    raise ControlPlaneError(f"{log.stem} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.server + "/readyz", context=ctx, timeout=2) as r:  # noqa: S310
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError) as err:
+                last = str(err)
+            time.sleep(0.2)
+        raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop both processes (and anything they started); never leaves one behind."""
+        for pid in self.pids:
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for pid in self.pids:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                _signal_group(pid, signal.SIGKILL)
+                while _alive(pid):
+                    time.sleep(0.05)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

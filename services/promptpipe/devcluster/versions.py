@@ -1,0 +1,9 @@
+"""Pinned versions of the control-plane parts. Changing one rebuilds only that part."""
+
+KUBERNETES = "1.32.4"  # kube-apiserver and kubectl; the machine's kubectl is 1.32 too
+# kube-apiserver 1.31+ reads consistently from its watch cache, which needs etcd >= 3.5.13.
+ETCD = "3.5.21"
+HELM = "3.16.4"
+# The first KEDA releases whose ScaledObject CRD checks minReplicaCount <= maxReplicaCount (CEL)
+# are after 2.16; 2.21.0 is pinned.
+KEDA = "2.21.0"

@@ -1,0 +1,75 @@
+"""pytest fixtures for the local control plane."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from kubernetes import client, config
+
+from promptpipe.devcluster.build import Tools, expected_tools
+from promptpipe.devcluster.cli import install_keda_crds
+from promptpipe.devcluster.cluster import ControlPlane
+
+
+@pytest.fixture(scope="session")
+def kube_tools() -> Tools:
+    tools = expected_tools()
+    missing = [str(p) for p in (tools.etcd, tools.kube_apiserver, tools.kubectl, tools.helm) if not p.exists()]
+    if missing:  # a failure, not a skip: these tests are part of the suite
+        pytest.fail(f"control-plane binaries not built ({', '.join(missing)}); run `make setup`", pytrace=False)
+    return tools
+
+
+@pytest.fixture(scope="session")
+def control_plane(kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane.start(kube_tools, tmp_path_factory.mktemp("controlplane"))
+    try:
+        install_keda_crds(plane, kube_tools)
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+def kube(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
+    """An API client with the admin identity (group system:masters)."""
+    api = config.new_client_from_config(config_file=control_plane.kubeconfig)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def namespace(kube: client.ApiClient) -> str:
+    """A fresh namespace. Not deleted: without a controller manager it would stay Terminating."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    client.CoreV1Api(kube).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    return name
+
+
+@pytest.fixture
+def as_service_account(kube: client.ApiClient, control_plane: ControlPlane) -> Iterator[
+        Callable[[str, str], client.ApiClient]]:
+    """A client that authenticates as a ServiceAccount, with a token the API server issued."""
+    made: list[client.ApiClient] = []
+
+    def make(namespace: str, name: str) -> client.ApiClient:
+        core = client.CoreV1Api(kube)
+        core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
+            metadata=client.V1ObjectMeta(name=name)))
+        token = core.create_namespaced_service_account_token(name, namespace, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))).status.token
+        cfg = client.Configuration()
+        cfg.host = control_plane.server
+        cfg.ssl_ca_cert = str(kube.configuration.ssl_ca_cert)
+        cfg.api_key = {"authorization": f"Bearer {token}"}
+        api = client.ApiClient(cfg)
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.close()

@@ -1,0 +1,61 @@
+"""The control-plane build recipe and PKI: pure functions, no Go, no processes."""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from promptpipe.devcluster.build import expected_tools, staging_modules, tools_go, wrapper_gomod
+from promptpipe.devcluster.cluster import apiserver_args
+from promptpipe.devcluster.pki import make_pki
+
+KUBERNETES_GOMOD = """module k8s.io/kubernetes
+
+require (
+\tk8s.io/api v0.0.0
+\tgithub.com/spf13/cobra v1.8.1
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go
+\tk8s.io/kube-aggregator => ./staging/src/k8s.io/kube-aggregator
+\tgithub.com/example/fork => github.com/example/fork v1.2.3
+)
+"""
+
+
+def test_staging_modules_are_read_from_kubernetes_replace_block() -> None:
+    assert staging_modules(KUBERNETES_GOMOD) == ["k8s.io/api", "k8s.io/client-go", "k8s.io/kube-aggregator"]
+
+
+def test_wrapper_replaces_each_staging_module_with_its_published_version() -> None:
+    gomod = wrapper_gomod("promptpipe.local/controlplane", {"k8s.io/kubernetes": "v1.32.4"},
+                          {"k8s.io/api": "v0.32.4", "k8s.io/client-go": "v0.32.4"})
+    assert "\tk8s.io/kubernetes v1.32.4\n" in gomod
+    assert "\tk8s.io/api => k8s.io/api v0.32.4\n" in gomod
+    assert "\tk8s.io/client-go => k8s.io/client-go v0.32.4\n" in gomod
+    assert "./staging" not in gomod
+    assert tools_go(["k8s.io/kubernetes/cmd/kube-apiserver"]).startswith("//go:build tools\n")
+
+
+def test_pki_chains_to_its_ca_with_the_right_identities() -> None:
+    pki = make_pki()
+    ca = x509.load_pem_x509_certificate(pki.ca.cert)
+    server = x509.load_pem_x509_certificate(pki.server.cert)
+    admin = x509.load_pem_x509_certificate(pki.admin.cert)
+    for cert in (server, admin):
+        assert cert.issuer == ca.subject
+        ca_key = ca.public_key()
+        assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+        cert.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    assert admin.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "system:masters"
+
+
+def test_apiserver_runs_with_rbac_on_loopback_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = apiserver_args(expected_tools(tmp_path), tmp_path, "http://127.0.0.1:2379", 6443)
+    assert "--authorization-mode=RBAC" in args
+    assert "--bind-address=127.0.0.1" in args and "--etcd-servers=http://127.0.0.1:2379" in args
