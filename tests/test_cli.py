@@ -1,0 +1,58 @@
+"""The promptpipe command as a user runs it: up, generate, status, down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.pipelines import synthetic_pipeline
+
+pytestmark = pytest.mark.processes
+
+
+def promptpipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "promptpipe.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_up_generate_status_down(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMPTPIPE_HOME": str(tmp_path / "home"), "COLUMNS": "120"}
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump(synthetic_pipeline("cli", post={"redact": {"replacement": "[X]"}})))
+
+    up = promptpipe("up", "-f", str(pipeline), env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        assert "pipeline cli is serving" in up.stdout
+        assert up.stdout.count("SERVING") == 5
+
+        again = promptpipe("up", "-f", str(pipeline), env=env)
+        assert again.returncode == 1 and "already running" in again.stderr
+
+        gen = promptpipe("generate", "--session", "s1", "hello", env=env)
+        assert gen.returncode == 0, gen.stderr
+        assert gen.stdout == " tok" * 16 + "\n"
+        assert "finish=length" in gen.stderr and "tokens=" in gen.stderr
+        for stage in ("rag", "assemble", "inference", "post", "stream"):
+            assert f"{stage} " in gen.stderr
+
+        bad = promptpipe("generate", "hello", "--temperature", "7", env=env)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: parameters.temperature" in bad.stderr
+
+        status = promptpipe("status", env=env)
+        assert status.returncode == 0
+        rows = [line.split() for line in status.stdout.splitlines() if line.split()[:1] in (
+            ["stream"], ["rag"], ["assemble"], ["inference"], ["post"])]
+        assert len(rows) == 5 and all(row[1] == "SERVING" for row in rows)
+        done = {row[0]: row[-1] for row in rows}
+        # The gateway admits before it validates, so the refused request held a gateway slot too.
+        assert done == {"stream": "2", "rag": "1", "assemble": "1", "inference": "1", "post": "1"}
+    finally:
+        down = promptpipe("down", env=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert promptpipe("status", env=env).returncode == 1
