@@ -19,7 +19,7 @@ STAMP       := $(VENV)/.installed
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup controlplane cluster-up cluster-down demo test test-fast proto bench lint clean
+.PHONY: help setup controlplane cluster-up cluster-down demo test test-fast proto crd bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -60,6 +60,9 @@ test-fast: setup
 
 proto: setup
 	$(BIN)/python protos/generate.py
+
+crd: setup
+	$(BIN)/python -m promptpipe.config.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
 
 cluster-up: setup
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster up

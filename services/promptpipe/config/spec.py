@@ -65,6 +65,12 @@ class RetrySpec(_Model):
 class ScalingSpec(_Model):
     """Used by the operator's KEDA ScaledObject; ignored locally."""
 
+    # The API server's copy of `_min_le_max` below (defaults spelled out: CEL sees unset fields).
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
+        "message": "minReplicas must not exceed maxReplicas",
+    }]})
+
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
     target_queue_depth: Annotated[int, Field(ge=1, le=100_000)] = 8
@@ -137,6 +143,12 @@ class BackendKind(str, enum.Enum):
 
 
 class ModelSpec(_Model):
+    # The API server's copy of `_backend_configured` below.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": f"!has(self.backend) || self.backend != '{kind}' || has(self.{kind})",
+         "message": f"backend '{kind}' needs spec.model.{kind}.endpoints"} for kind in ("tgi", "openai")
+    ]})
+
     name: Annotated[str, Field(min_length=1, max_length=253)]
     version: str = ""
     backend: BackendKind = BackendKind.LLAMACPP
