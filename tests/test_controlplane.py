@@ -164,6 +164,34 @@ def test_helm_installs_upgrades_and_uninstalls_a_chart(control_plane: ControlPla
     assert info.value.status == 404
 
 
+def absent(read: Callable[[], Any]) -> None:
+    """Passes when `read` answers 404; raises AssertionError (retried by `eventually`) otherwise."""
+    try:
+        read()
+    except ApiException as err:
+        assert err.status == 404, err
+        return
+    raise AssertionError("still there")
+
+
+def test_owner_references_are_garbage_collected_and_namespaces_deleted(kube: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube)
+    ns = f"gc-{time.time_ns()}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    owner = core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner")))
+    ref = client.V1OwnerReference(api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid)
+    core.create_namespaced_config_map(ns, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name="dependent", owner_references=[ref])))
+    core.delete_namespaced_config_map("owner", ns)
+
+    eventually(lambda: absent(lambda: core.read_namespaced_config_map("dependent", ns)),
+               timeout=60)  # the collector first syncs its informers
+    eventually(lambda: core.read_namespaced_service_account("default", ns), timeout=30)
+    core.delete_namespace(ns)
+
+    eventually(lambda: absent(lambda: core.read_namespace(ns)), timeout=60)
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

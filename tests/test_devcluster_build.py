@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from promptpipe.devcluster.build import expected_tools, staging_modules, tools_go, wrapper_gomod
-from promptpipe.devcluster.cluster import apiserver_args
+from promptpipe.devcluster.cluster import apiserver_args, controller_manager_args
 from promptpipe.devcluster.pki import make_pki
 
 KUBERNETES_GOMOD = """module k8s.io/kubernetes
@@ -53,6 +53,12 @@ def test_pki_chains_to_its_ca_with_the_right_identities() -> None:
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
     assert admin.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "system:masters"
+
+
+def test_controller_manager_runs_only_the_controllers_tests_need(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = controller_manager_args(expected_tools(tmp_path), tmp_path, tmp_path / "kubeconfig", 10257)
+    assert "--controllers=garbagecollector,namespace,serviceaccount" in args
+    assert "--bind-address=127.0.0.1" in args
 
 
 def test_apiserver_runs_with_rbac_on_loopback_only(tmp_path) -> None:  # type: ignore[no-untyped-def]

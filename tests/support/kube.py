@@ -16,7 +16,8 @@ from promptpipe.devcluster.cluster import ControlPlane
 @pytest.fixture(scope="session")
 def kube_tools() -> Tools:
     tools = expected_tools()
-    missing = [str(p) for p in (tools.etcd, tools.kube_apiserver, tools.kubectl, tools.helm) if not p.exists()]
+    missing = [str(p) for p in (tools.etcd, tools.kube_apiserver, tools.kube_controller_manager, tools.kubectl,
+                                tools.helm) if not p.exists()]
     if missing:  # a failure, not a skip: these tests are part of the suite
         pytest.fail(f"control-plane binaries not built ({', '.join(missing)}); run `make setup`", pytrace=False)
     return tools
@@ -43,11 +44,13 @@ def kube(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
 
 
 @pytest.fixture
-def namespace(kube: client.ApiClient) -> str:
-    """A fresh namespace. Not deleted: without a controller manager it would stay Terminating."""
+def namespace(kube: client.ApiClient) -> Iterator[str]:
+    """A fresh namespace, deleted (with everything in it) after the test."""
     name = f"t-{uuid.uuid4().hex[:10]}"
-    client.CoreV1Api(kube).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    return name
+    core = client.CoreV1Api(kube)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
 
 
 @pytest.fixture

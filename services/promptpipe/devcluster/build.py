@@ -5,6 +5,9 @@ k8s.io staging module with a local path (kubernetes issue #79384). A small wrapp
 module of ours requires k8s.io/kubernetes and replaces each staging module with its
 published v0.Y.Z instead. etcd's server module has local replaces too, so it gets a
 wrapper as well (a dependency's replaces are ignored). helm installs directly.
+kube-controller-manager is built too: run with only the garbage collector, namespace
+and service-account controllers, it makes owner references and namespace deletion
+behave as in a cluster.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def cache_root() -> Path:
 class Tools:
     etcd: Path
     kube_apiserver: Path
+    kube_controller_manager: Path
     kubectl: Path
     helm: Path
     keda_crds: Path  # a folder of keda.sh CRD manifests
@@ -46,8 +50,9 @@ def tools_dir() -> Path:
 
 def expected_tools(root: Path | None = None) -> Tools:
     root = root or tools_dir()
-    return Tools(root / "bin" / "etcd", root / "bin" / "kube-apiserver", root / "bin" / "kubectl",
-                 root / "bin" / "helm", root / "keda-crds")
+    b = root / "bin"
+    return Tools(b / "etcd", b / "kube-apiserver", b / "kube-controller-manager", b / "kubectl", b / "helm",
+                 root / "keda-crds")
 
 
 def staging_modules(kubernetes_gomod: str) -> list[str]:
@@ -104,7 +109,8 @@ def build_kubernetes(bin_dir: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     gomod = Path(_module_file("k8s.io/kubernetes", f"v{v}", work)["GoMod"]).read_text()
     staging = {m: "v0." + v.split(".", 1)[1] for m in staging_modules(gomod)}
-    commands = ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl"]
+    commands = ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager",
+                "k8s.io/kubernetes/cmd/kubectl"]
     _wrapper(work, {"k8s.io/kubernetes": f"v{v}"}, staging, commands)
     major, minor, _ = v.split(".")
     stamp = " ".join(f"-X k8s.io/component-base/version.{k}={val}" for k, val in (
@@ -143,13 +149,14 @@ def ensure_tools() -> Tools:
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     work = cache_root() / "controlplane" / "work"
-    steps: list[tuple[Path, Callable[[], None]]] = [
-        (tools.kube_apiserver, lambda: build_kubernetes(bin_dir, work / f"kubernetes-{versions.KUBERNETES}")),
-        (tools.etcd, lambda: build_etcd(bin_dir, work / f"etcd-{versions.ETCD}")),
-        (tools.helm, lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
-        (tools.keda_crds / "keda.sh_scaledobjects.yaml", lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
+    kubernetes = (tools.kube_apiserver, tools.kube_controller_manager, tools.kubectl)
+    steps: list[tuple[tuple[Path, ...], Callable[[], None]]] = [
+        (kubernetes, lambda: build_kubernetes(bin_dir, work / f"kubernetes-{versions.KUBERNETES}")),
+        ((tools.etcd,), lambda: build_etcd(bin_dir, work / f"etcd-{versions.ETCD}")),
+        ((tools.helm,), lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
+        ((tools.keda_crds / "keda.sh_scaledobjects.yaml",), lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
     ]
-    for product, step in steps:
-        if not product.exists():
+    for products, step in steps:
+        if not all(p.exists() for p in products):
             step()
     return tools

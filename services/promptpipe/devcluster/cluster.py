@@ -1,6 +1,8 @@
-"""Starting and stopping a local control plane: etcd and kube-apiserver on free
-loopback ports in a folder of their own, RBAC on, an admin client certificate and a
-kubeconfig. Like envtest: no kubelet, no controllers, no scheduler."""
+"""Starting and stopping a local control plane: etcd, kube-apiserver and a
+kube-controller-manager with only the garbage collector, namespace and
+service-account controllers, on free loopback ports in a folder of their own, RBAC
+on, an admin client certificate and a kubeconfig. Like envtest: no kubelet, no
+scheduler, so Deployments never get pods."""
 
 from __future__ import annotations
 
@@ -69,6 +71,18 @@ def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int) -> list
     ]
 
 
+def controller_manager_args(tools: Tools, folder: Path, kubeconfig: Path, port: int) -> list[str]:
+    """Only the controllers that make the API behave as in a cluster: owner-reference
+    garbage collection, namespace deletion, default ServiceAccounts. No pods run."""
+    return [
+        str(tools.kube_controller_manager), f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
+        "--controllers=garbagecollector,namespace,serviceaccount", "--leader-elect=false",
+        "--bind-address=127.0.0.1", f"--secure-port={port}", f"--root-ca-file={folder / 'pki' / 'ca.crt'}",
+        "--v=0",
+    ]
+
+
 def etcd_args(tools: Tools, folder: Path, client_port: int, peer_port: int) -> list[str]:
     peer = f"http://127.0.0.1:{peer_port}"
     client = f"http://127.0.0.1:{client_port}"
@@ -87,10 +101,12 @@ class ControlPlane:
     kubeconfig: str
     etcd_pid: int
     apiserver_pid: int
+    controller_manager_pid: int = 0
 
     @property
     def pids(self) -> list[int]:
-        return [self.apiserver_pid, self.etcd_pid]
+        """In stopping order."""
+        return [pid for pid in (self.controller_manager_pid, self.apiserver_pid, self.etcd_pid) if pid]
 
     def env(self) -> dict[str, str]:
         return {"KUBECONFIG": self.kubeconfig}
@@ -130,6 +146,11 @@ class ControlPlane:
         plane.save()
         try:
             plane.wait_ready(timeout, (etcd, api))
+            kcm = subprocess.Popen(  # noqa: S603
+                controller_manager_args(tools, folder, config, _free_port()), preexec_fn=preexec,  # noqa: PLW1509
+                stdout=open(folder / "kube-controller-manager.log", "ab"), stderr=subprocess.STDOUT)
+            plane.controller_manager_pid = kcm.pid
+            plane.save()
         except BaseException:
             plane.stop()
             raise
