@@ -143,9 +143,9 @@ def wait_serving(run: LocalRun, timeout: float) -> None:
             if not alive(proc.pid):
                 tail = Path(proc.log).read_text(errors="replace")[-2000:]
                 raise LocalRunError(f"stage {stage} exited during start-up; its log ends:\n{tail}")
-            if health_status(f"127.0.0.1:{proc.port}", 1.0) == "SERVING":
-                ports = Path(run.folder, f"{stage}.ports").read_text().split()
-                proc.metrics_port = int(ports[1])
+            port_file = Path(run.folder, f"{stage}.ports")
+            if port_file.exists() and health_status(f"127.0.0.1:{proc.port}", 1.0) == "SERVING":
+                proc.metrics_port = int(port_file.read_text().split()[1])
                 del pending[stage]
         if pending and time.monotonic() > deadline:
             raise LocalRunError(f"stages not serving after {timeout:.0f}s: {', '.join(pending)}")

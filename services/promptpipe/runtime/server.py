@@ -68,11 +68,14 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     await built.start()
+    if settings.port_file is not None:
+        # Written before SERVING, so whoever sees SERVING can read it; renamed into place whole.
+        partial = settings.port_file.with_suffix(".partial")
+        partial.write_text(f"{port} {metrics_port}\n")
+        partial.replace(settings.port_file)
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     servicer.serving = True
-    if settings.port_file is not None:
-        settings.port_file.write_text(f"{port} {metrics_port}\n")
     log.info("stage %s of pipeline %s serving on %s:%d (metrics :%d)",
              stage.value, pipeline.metadata.name, settings.host, port, metrics_port)
 
