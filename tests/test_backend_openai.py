@@ -9,7 +9,8 @@ import pytest
 
 from promptpipe.v1 import common_pb2
 from tests.support.calls import Outcome, collect, wait_until
-from tests.support.pipelines import free_port, openai_server, synthetic_pipeline
+from promptpipe.localproc import free_port
+from tests.support.pipelines import openai_server, synthetic_pipeline
 
 pytestmark = [pytest.mark.processes, pytest.mark.model]
 

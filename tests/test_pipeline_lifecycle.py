@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from promptpipe.cli import localrun
+from promptpipe.localproc import alive
 from promptpipe.config.spec import StageName
 from tests.support.calls import Outcome, collect, wait_until
 from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
@@ -69,4 +69,4 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(start_pipelin
     for done in await asyncio.gather(*calls):
         assert done.error is None, done.error
         assert done.summary is not None and done.summary.usage.completion_tokens == 30
-    await wait_until(lambda: not localrun.alive(gateway_pid), timeout=10, what="the gateway to exit")
+    await wait_until(lambda: not alive(gateway_pid), timeout=10, what="the gateway to exit")

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from promptpipe.client import GenerationError, PipelineClient
-from promptpipe.config.spec import StageName
 from promptpipe.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc
 
 
@@ -64,5 +63,3 @@ async def wait_until(condition: Callable[[], object], timeout: float = 10.0, wha
 async def queue_depth(target: str) -> int:
     return (await stats(target)).queue_depth
 
-
-__all__ = ["Outcome", "collect", "stats", "wait_until", "queue_depth", "StageName"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 
 from promptpipe.cli import localrun
 from promptpipe.config.spec import StageName
+from promptpipe.localproc import alive, free_port
 
 
 def synthetic_pipeline(name: str = "t", **spec: Any) -> dict[str, Any]:
@@ -86,15 +86,8 @@ def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "no
     finally:
         localrun.stop(run)
         for proc in run.stages.values():  # never leave a process behind, even on failure
-            if localrun.alive(proc.pid):
+            if alive(proc.pid):
                 os.kill(proc.pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager

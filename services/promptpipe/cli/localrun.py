@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from promptpipe.config.loader import RuntimeConfig, load_pipeline, load_runtime_config
 from promptpipe.config.spec import STAGE_ORDER, StageName
+from promptpipe.localproc import alive, free_port
 
 # The gateway drains first (it stops taking requests), the model server last.
 SHUTDOWN_ORDER = (StageName.STREAM, StageName.RAG, StageName.ASSEMBLE, StageName.POST, StageName.INFERENCE)
@@ -62,28 +62,6 @@ class LocalRun:
 
 class LocalRunError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        return waited == 0
-    except ChildProcessError:
-        return True
 
 
 def find_run(name: str | None) -> LocalRun:

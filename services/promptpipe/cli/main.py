@@ -16,6 +16,7 @@ from rich.table import Table
 from promptpipe.cli import localrun
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.config.loader import PipelineFileError, load_pipeline
+from promptpipe.localproc import alive
 from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 
 app = typer.Typer(help="Multi-stage LLM prompt pipelines as streaming gRPC microservices.",
@@ -99,7 +100,7 @@ def _print_status(run: localrun.LocalRun) -> None:
         table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
     for stage, proc in run.stages.items():
         target = f"127.0.0.1:{proc.port}"
-        health = localrun.health_status(target, 2.0) if localrun.alive(proc.pid) else "EXITED"
+        health = localrun.health_status(target, 2.0) if alive(proc.pid) else "EXITED"
         stats = asyncio.run(_stats(target)) if health != "EXITED" else None
         colour = "green" if health == "SERVING" else "red"
         row = [stage, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]

@@ -10,7 +10,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -23,19 +22,13 @@ import yaml
 
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.pki import make_pki
+from promptpipe.localproc import alive, free_port
 
 _PR_SET_PDEATHSIG = 1
 
 
 class ControlPlaneError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _die_with_parent() -> None:
@@ -131,7 +124,7 @@ class ControlPlane:
                            ("sa.pub", pki.service_account_pub)):
             (pki_dir / name).write_bytes(data)
             (pki_dir / name).chmod(0o600)
-        client_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        client_port, peer_port, api_port = free_port(), free_port(), free_port()
         preexec = _die_with_parent if tied_to_parent else os.setsid
         etcd = subprocess.Popen(etcd_args(tools, folder, client_port, peer_port), preexec_fn=preexec,  # noqa: S603, PLW1509
                                 stdout=open(folder / "etcd.log", "ab"), stderr=subprocess.STDOUT)
@@ -147,7 +140,7 @@ class ControlPlane:
         try:
             plane.wait_ready(timeout, (etcd, api))
             kcm = subprocess.Popen(  # noqa: S603
-                controller_manager_args(tools, folder, config, _free_port()), preexec_fn=preexec,  # noqa: PLW1509
+                controller_manager_args(tools, folder, config, free_port()), preexec_fn=preexec,  # noqa: PLW1509
                 stdout=open(folder / "kube-controller-manager.log", "ab"), stderr=subprocess.STDOUT)
             plane.controller_manager_pid = kcm.pid
             plane.save()
@@ -186,11 +179,11 @@ class ControlPlane:
             _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for pid in self.pids:
-            while _alive(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if alive(pid):
                 _signal_group(pid, signal.SIGKILL)
-                while _alive(pid):
+                while alive(pid):
                     time.sleep(0.05)
 
 
@@ -199,17 +192,3 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: ask the kernel
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
