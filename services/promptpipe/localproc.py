@@ -4,15 +4,42 @@ control plane): free loopback ports and whether a process is still alive."""
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
+
+# Ports handed out by this process, so two callers never get the same one.
+_handed_out: set[int] = set()
+_LOWEST = 10_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def free_port() -> int:
-    """A loopback port free right now (bind-then-close: a tiny race, fine locally)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback port that is free now, for a server started next.
+
+    Chosen below the kernel's ephemeral range: ports from bind(0) come from that range,
+    where outgoing connections take their source ports, so one could take the port
+    before our server binds it.
+    """
+    high = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(_LOWEST, high)  # noqa: S311 - not security-relevant
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free loopback port between {_LOWEST} and {high}")
 
 
 def alive(pid: int) -> bool:
