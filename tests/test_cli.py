@@ -56,3 +56,14 @@ def test_up_generate_status_down(tmp_path: Path) -> None:
         down = promptpipe("down", env=env)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert promptpipe("status", env=env).returncode == 1
+
+
+def test_up_refuses_operator_managed_tgi_locally_saying_what_to_set(tmp_path: Path) -> None:
+    file = tmp_path / "gpu.yaml"
+    file.write_text(yaml.safe_dump(synthetic_pipeline("gpu", model={"name": "m", "backend": "tgi"})))
+    env = {**os.environ, "PROMPTPIPE_HOME": str(tmp_path / "home")}
+    assert promptpipe("validate", "-f", str(file), env=env).returncode == 0, "valid for a cluster"
+    result = promptpipe("up", "-f", str(file), env=env)
+    assert result.returncode != 0
+    assert "spec.model.tgi.endpoints" in result.stderr + result.stdout
+    assert not (tmp_path / "home" / "runs" / "gpu").exists(), "nothing was started"

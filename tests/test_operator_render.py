@@ -15,7 +15,17 @@ from promptpipe.config.loader import RuntimeConfig, parse_pipeline
 from promptpipe.config.spec import STAGE_ORDER, StageName
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
-from promptpipe_operator.render import GRPC_PORT, child_name, children, config_map, deployment, scaled_object
+from promptpipe_operator.render import (
+    CORPUS_DIR,
+    GRPC_PORT,
+    TGI_PORT,
+    child_name,
+    children,
+    config_map,
+    deployment,
+    runtime_config,
+    scaled_object,
+)
 from promptpipe_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +34,13 @@ SETTINGS = OperatorSettings()
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def pipeline(name: str = "quickstart", **stages: Any) -> Any:
+def pipeline(name: str = "quickstart", with_model: dict[str, Any] | None = None,
+             with_rag: dict[str, Any] | None = None,
+             **stages: Any) -> Any:
     doc = copy.deepcopy(QUICKSTART)
     doc["metadata"]["name"] = name
+    doc["spec"]["model"].update(with_model or {})
+    doc["spec"]["rag"].update(with_rag or {})
     for stage, spec in stages.items():
         doc["spec"]["stages"].setdefault(stage, {}).update(spec)
     return parse_pipeline(doc)
@@ -95,12 +109,81 @@ def test_scaled_object_scales_on_the_stages_queue_depth() -> None:
     assert so["spec"]["scaleTargetRef"]["name"] == "quickstart-rag"
 
 
+def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_calls() -> None:
+    pp = pipeline(with_model={"name": "Qwen/Qwen2.5-7B-Instruct", "backend": "tgi",
+                         "tgi": {"gpus": 2, "maxConcurrentRequests": 64, "maxInputTokens": 4000, "quantize": "awq"}})
+    out = children(pp, "ns1", SETTINGS)
+    tgi = by_kind(out, "Deployment")["quickstart-backend"]
+    pod = tgi["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert args[args.index("--model-id") + 1] == "Qwen/Qwen2.5-7B-Instruct"
+    assert args[args.index("--max-concurrent-requests") + 1] == "64"
+    assert args[args.index("--max-input-tokens") + 1] == "4000"
+    assert args[args.index("--quantize") + 1] == "awq" and args[args.index("--num-shard") + 1] == "2"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    svc = by_kind(out, "Service")["quickstart-backend"]
+    assert svc["spec"]["selector"].items() <= tgi["spec"]["template"]["metadata"]["labels"].items()
+    model = runtime_config(pp, "ns1").pipeline.spec.model
+    assert model.tgi is not None and model.tgi.endpoints == [f"http://quickstart-backend.ns1.svc:{TGI_PORT}"]
+
+
+def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> None:
+    for model in ({"backend": "tgi", "tgi": {"endpoints": ["http://tgi.example:80"]}}, {"backend": "llamacpp"},
+                  {"backend": "openai", "openai": {"endpoints": ["http://vllm:8000/v1"]}}):
+        names = {m["metadata"]["name"] for m in children(pipeline(with_model=model), "ns1", SETTINGS)}
+        assert "quickstart-backend" not in names, model
+
+
+def test_openai_key_comes_from_the_named_secret() -> None:
+    pp = pipeline(with_model={"backend": "openai", "openai": {"endpoints": ["http://vllm:8000/v1"],
+                                                         "apiKeySecret": {"name": "llm-key", "key": "token"}}})
+    container = deployment(pp, "ns1", StageName.INFERENCE, SETTINGS, "h")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-key", "key": "token"}}} \
+        in container["env"]
+    openai = runtime_config(pp, "ns1").pipeline.spec.model.openai
+    assert openai is not None and openai.api_key_env == "OPENAI_API_KEY"
+
+
+def test_corpus_config_map_is_mounted_for_rag_only_and_the_config_points_at_it() -> None:
+    pp = pipeline(with_rag={"corpus": {"configMap": "docs"}})
+    rag = deployment(pp, "ns1", StageName.RAG, SETTINGS, "h")["spec"]["template"]["spec"]
+    assert {"name": "corpus", "configMap": {"name": "docs"}} in rag["volumes"]
+    assert {"name": "corpus", "mountPath": CORPUS_DIR, "readOnly": True} in rag["containers"][0]["volumeMounts"]
+    post = deployment(pp, "ns1", StageName.POST, SETTINGS, "h")["spec"]["template"]["spec"]
+    assert all(v["name"] != "corpus" for v in post["volumes"])
+    assert runtime_config(pp, "ns1").pipeline.spec.rag.corpus.path == CORPUS_DIR
+
+
+def test_stage_resources_come_from_the_spec_else_from_what_the_stage_runs() -> None:
+    pp = pipeline(post={"resources": {"requests": {"cpu": 2}, "limits": {"memory": "1Gi"}}})
+    def resources(stage: StageName) -> Any:
+        return deployment(pp, "ns1", stage, SETTINGS, "h")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources(StageName.POST) == {"requests": {"cpu": "2"}, "limits": {"memory": "1Gi"}}
+    assert resources(StageName.INFERENCE)["requests"]["memory"] == "1Gi", "llama.cpp holds the model in memory"
+    assert resources(StageName.RAG)["requests"]["cpu"] == "100m"
+
+
+def test_config_hash_ignores_kubernetes_metadata_so_status_writes_roll_nothing() -> None:
+    doc = copy.deepcopy(QUICKSTART)
+    first = config_map(parse_pipeline(doc), "ns1")[1]
+    doc["metadata"] |= {"resourceVersion": "42", "uid": "u-1", "generation": 3, "annotations": {"a": "b"}}
+    doc["status"] = {"phase": "Ready"}
+    assert config_map(parse_pipeline(doc), "ns1")[1] == first
+
+
 @pytest.mark.controlplane
 def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
         control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
-    for pp in (pipeline(), pipeline("scale-to-zero", post={"scaling": {"minReplicas": 0, "maxReplicas": 2}})):
+    for pp, extra in ((pipeline(), 0),
+                      (pipeline("scale-to-zero", post={"scaling": {"minReplicas": 0, "maxReplicas": 2}}), 0),
+                      (pipeline("gpu", with_model={"backend": "tgi", "tgi": {"gpus": 1}},
+                                with_rag={"corpus": {"configMap": "d"}},
+                                inference={"resources": {"limits": {"cpu": "500m"}}}), 2)):
         manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS))
         result = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "apply",
                                  "--dry-run=server", "-f", "-"], input=manifests, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.count("(server dry run)") == 1 + 3 * len(STAGE_ORDER)
+        assert result.stdout.count("(server dry run)") == 1 + 3 * len(STAGE_ORDER) + extra

@@ -35,7 +35,7 @@ def test_every_example_pipeline_is_valid() -> None:
     (["spec", "stages", "inference", "scaling"], {"minReplicas": 5, "maxReplicas": 2},
      "spec.stages.inference.scaling"),
     (["spec", "stages", "ranker"], {}, "spec.stages.ranker"),
-    (["spec", "model", "backend"], "tgi", "spec.model"),
+    (["spec", "model", "backend"], "openai", "spec.model"),
     (["spec", "model", "backend"], "vllm", "spec.model.backend"),
     (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
     (["spec", "rag", "topK"], "three", "spec.rag.topK"),

@@ -3,7 +3,8 @@
 Per stage: a Deployment and a Service, and a KEDA ScaledObject scaling the Deployment
 on the stage's queue depth; one ConfigMap holds the runtime config every stage reads
 (the same file `promptpipe up` writes locally, with Service DNS names as endpoints).
-Replicas are left out of the Deployment: KEDA owns them.
+Replicas are left out of the stage Deployments: KEDA owns them. With backend `tgi`
+and no endpoints, the operator also runs TGI: a GPU Deployment behind one Service.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import hashlib
 from typing import Any
 
 from promptpipe.config.loader import RuntimeConfig
-from promptpipe.config.spec import STAGE_ORDER, PromptPipeline, StageName
+from promptpipe.config.spec import API_VERSION, KIND
+from promptpipe.config.spec import STAGE_ORDER, BackendKind, PromptPipeline, ResourcesSpec, StageName, TgiSpec
 from promptpipe_operator.settings import OperatorSettings
 
 GRPC_PORT = 50051
 METRICS_PORT = 9090
 CONFIG_DIR = "/etc/promptpipe"
 CONFIG_FILE = "runtime.yaml"
+CORPUS_DIR = "/var/lib/promptpipe/corpus"
+BACKEND = "backend"
+TGI_PORT = 8080
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
 MANAGER = "promptpipe-operator"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
@@ -45,10 +51,39 @@ def selector(pipeline: str, component: str) -> dict[str, str]:
     return {k: v for k, v in labels(pipeline, component).items() if k != "app.kubernetes.io/managed-by"}
 
 
+def owner_reference(pipeline: str, uid: str) -> dict[str, Any]:
+    # No blockOwnerDeletion: it would need update on promptpipelines/finalizers, and
+    # background deletion (the default) does not wait on it.
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": pipeline, "uid": uid, "controller": True}
+
+
+def managed_tgi(pp: PromptPipeline) -> TgiSpec | None:
+    """The TGI the operator runs for this pipeline, or None (another backend, or TGI at given endpoints)."""
+    model = pp.spec.model
+    if model.backend is not BackendKind.TGI:
+        return None
+    tgi = model.tgi or TgiSpec()
+    return None if tgi.endpoints else tgi
+
+
 def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
+    """The pipeline as the stages see it in the cluster: cluster paths and endpoints filled in."""
     name = pp.metadata.name
     endpoints = {s: f"{child_name(name, s.value)}.{namespace}.svc:{GRPC_PORT}" for s in STAGE_ORDER}
-    bare = pp.model_copy(update={"status": None})
+    spec = pp.spec
+    model = spec.model
+    tgi = managed_tgi(pp)
+    if tgi is not None:
+        url = f"http://{child_name(name, BACKEND)}.{namespace}.svc:{TGI_PORT}"
+        model = model.model_copy(update={"tgi": tgi.model_copy(update={"endpoints": [url]})})
+    if model.openai is not None and model.openai.api_key_secret is not None and not model.openai.api_key_env:
+        model = model.model_copy(update={"openai": model.openai.model_copy(update={"api_key_env": OPENAI_KEY_ENV})})
+    rag = spec.rag
+    if rag.corpus.config_map:
+        rag = rag.model_copy(update={"corpus": rag.corpus.model_copy(update={"path": CORPUS_DIR})})
+    spec = spec.model_copy(update={"model": model, "rag": rag})
+    bare = pp.model_copy(update={"status": None, "spec": spec, "metadata": type(pp.metadata)(
+        name=name, namespace=namespace)})
     return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR)
 
 
@@ -75,17 +110,50 @@ def _probe(stage: StageName, kind: str) -> dict[str, Any]:
     return probe
 
 
+# Requests sized for this machine class of work; limits only on memory, so a stage
+# is throttled rather than killed when it bursts on CPU.
+_STAGE_RESOURCES = ResourcesSpec(requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"})
+_LLAMACPP_RESOURCES = ResourcesSpec(requests={"cpu": "1", "memory": "1Gi"}, limits={"memory": "4Gi"})
+
+
+def stage_resources(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
+    """The stage container's resources: the spec's, else a default for what the stage runs."""
+    chosen = pp.spec.stages.get(stage).resources
+    if chosen is None:
+        embedded = stage is StageName.INFERENCE and pp.spec.model.backend is BackendKind.LLAMACPP
+        chosen = _LLAMACPP_RESOURCES if embedded else _STAGE_RESOURCES
+    return _resources(chosen)
+
+
+def _resources(spec: ResourcesSpec) -> dict[str, Any]:
+    return {k: dict(v) for k, v in (("requests", spec.requests), ("limits", spec.limits)) if v}
+
+
 def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings,
                config_hash: str) -> Manifest:
     name = pp.metadata.name
     spec = pp.spec.stages.get(stage)
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "PROMPTPIPE_STAGE", "value": stage.value},
         {"name": "PROMPTPIPE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_FILE}"},
         {"name": "PROMPTPIPE_HOST", "value": "0.0.0.0"},  # noqa: S104 - inside the pod
         {"name": "PROMPTPIPE_PORT", "value": str(GRPC_PORT)},
         {"name": "PROMPTPIPE_METRICS_PORT", "value": str(METRICS_PORT)},
     ]
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - an emptyDir
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": child_name(name, "config")}},
+                                     {"name": "tmp", "emptyDir": {}}]
+    corpus = pp.spec.rag.corpus.config_map
+    if stage is StageName.RAG and corpus:
+        mounts.append({"name": "corpus", "mountPath": CORPUS_DIR, "readOnly": True})
+        volumes.append({"name": "corpus", "configMap": {"name": corpus}})
+    openai = pp.spec.model.openai
+    if stage is StageName.INFERENCE and pp.spec.model.backend is BackendKind.OPENAI and openai is not None \
+            and openai.api_key_secret is not None:
+        ref = openai.api_key_secret
+        env.append({"name": openai.api_key_env or OPENAI_KEY_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     container = {
         "name": "stage",
         "image": settings.stage_image,
@@ -96,10 +164,10 @@ def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: O
         "startupProbe": _probe(stage, "startup"),
         "readinessProbe": _probe(stage, "readiness"),
         "livenessProbe": _probe(stage, "liveness"),
+        "resources": stage_resources(pp, stage),
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108 - an emptyDir
+        "volumeMounts": mounts,
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -119,8 +187,7 @@ def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: O
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
                                         "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
-                    "volumes": [{"name": "config", "configMap": {"name": child_name(name, "config")}},
-                                {"name": "tmp", "emptyDir": {}}],
+                    "volumes": volumes,
                 },
             },
         },
@@ -171,10 +238,83 @@ def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings
     }
 
 
+def _tgi_args(tgi: TgiSpec, model_id: str) -> list[str]:
+    args = ["--model-id", model_id, "--port", str(TGI_PORT), "--hostname", "0.0.0.0",  # noqa: S104 - in the pod
+            "--max-concurrent-requests", str(tgi.max_concurrent_requests)]
+    for flag, value in (("--max-input-tokens", tgi.max_input_tokens), ("--max-total-tokens", tgi.max_total_tokens),
+                        ("--max-batch-prefill-tokens", tgi.max_batch_prefill_tokens)):
+        if value is not None:
+            args += [flag, str(value)]
+    if tgi.quantize is not None:
+        args += ["--quantize", tgi.quantize.value]
+    if tgi.gpus > 1:
+        args += ["--num-shard", str(tgi.gpus)]
+    return args
+
+
+def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec) -> Manifest:
+    """TGI serving the pipeline's model on GPUs (the image runs as root; it is not ours to change)."""
+    name = pp.metadata.name
+    resources = _resources(tgi.resources or ResourcesSpec(requests={"cpu": "2", "memory": "16Gi"}))
+    if tgi.gpus:
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(tgi.gpus)
+    health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
+    pod: dict[str, Any] = {
+        # In-flight generations finish before the pod goes.
+        "terminationGracePeriodSeconds": int(pp.spec.stages.inference.timeout_seconds) + TERMINATION_MARGIN_SECONDS,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "tgi",
+            "image": tgi.image,
+            "args": _tgi_args(tgi, tgi.model_id or pp.spec.model.name),
+            "env": [{"name": "HF_HOME", "value": "/data"}],
+            "ports": [{"name": "http", "containerPort": TGI_PORT, "protocol": "TCP"}],
+            # Downloading and loading weights can take long; after that, /health answers in milliseconds.
+            "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
+            "readinessProbe": {**health, "periodSeconds": 5},
+            "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
+            "resources": resources,
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}],
+        }],
+        # NCCL and the model shards share memory through /dev/shm.
+        "volumes": [{"name": "data", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory",
+                                                                               "sizeLimit": "1Gi"}}],
+    }
+    if tgi.gpus:
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if tgi.node_selector:
+        pod["nodeSelector"] = dict(tgi.node_selector)
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": child_name(name, BACKEND), "namespace": namespace, "labels": labels(name, BACKEND)},
+        "spec": {
+            "replicas": tgi.replicas,
+            "selector": {"matchLabels": selector(name, BACKEND)},
+            # GPUs are scarce: replace a pod at a time rather than needing a spare GPU.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
+            "template": {"metadata": {"labels": labels(name, BACKEND)}, "spec": pod},
+        },
+    }
+
+
+def tgi_service(pp: PromptPipeline, namespace: str) -> Manifest:
+    name = pp.metadata.name
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": child_name(name, BACKEND), "namespace": namespace, "labels": labels(name, BACKEND)},
+        "spec": {"selector": selector(name, BACKEND),
+                 "ports": [{"name": "http", "port": TGI_PORT, "targetPort": "http"}]},
+    }
+
+
 def children(pp: PromptPipeline, namespace: str, settings: OperatorSettings) -> list[Manifest]:
     """Everything the pipeline owns, in the order it should be applied."""
     cm, config_hash = config_map(pp, namespace)
     out = [cm]
+    tgi = managed_tgi(pp)
+    if tgi is not None:
+        out += [tgi_deployment(pp, namespace, tgi), tgi_service(pp, namespace)]
     for stage in STAGE_ORDER:
         out += [deployment(pp, namespace, stage, settings, config_hash), service(pp, namespace, stage),
                 scaled_object(pp, namespace, stage, settings)]

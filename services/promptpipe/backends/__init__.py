@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from promptpipe.backends.base import Backend
-from promptpipe.config.spec import BackendKind, ModelSpec, RetrySpec
+from promptpipe.config.spec import BackendKind, ModelSpec, RetrySpec, TgiSpec
 from promptpipe.runtime.metrics import BackendMetrics
+
+
+TGI_WITHOUT_ENDPOINTS = ("spec.model.tgi.endpoints is empty: in a cluster the operator runs TGI and fills it in; "
+                         "outside one, give the URL of a running TGI server")
 
 
 def build_backend(model: ModelSpec, retry: RetrySpec, metrics: BackendMetrics) -> Backend:
@@ -20,8 +24,10 @@ def build_backend(model: ModelSpec, retry: RetrySpec, metrics: BackendMetrics) -
     if model.backend is BackendKind.TGI:
         from promptpipe.backends.tgi import TgiBackend
 
-        assert model.tgi is not None  # checked by the spec
-        return TgiBackend(model.tgi, breaker=model.circuit_breaker, retry=retry, metrics=metrics)
+        tgi = model.tgi or TgiSpec()
+        if not tgi.endpoints:
+            raise ValueError(TGI_WITHOUT_ENDPOINTS)
+        return TgiBackend(tgi, breaker=model.circuit_breaker, retry=retry, metrics=metrics)
     from promptpipe.backends.openai import OpenAIBackend
 
     assert model.openai is not None

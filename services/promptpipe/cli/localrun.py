@@ -19,8 +19,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from promptpipe.backends import TGI_WITHOUT_ENDPOINTS
 from promptpipe.config.loader import RuntimeConfig, load_pipeline, load_runtime_config
-from promptpipe.config.spec import STAGE_ORDER, StageName
+from promptpipe.config.spec import STAGE_ORDER, BackendKind, StageName
 from promptpipe.localproc import alive, free_port
 
 # The gateway drains first (it stops taking requests), the model server last.
@@ -79,6 +80,9 @@ def find_run(name: str | None) -> LocalRun:
 
 def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
     pipeline = load_pipeline(pipeline_file)
+    model = pipeline.spec.model
+    if model.backend is BackendKind.TGI and not (model.tgi and model.tgi.endpoints):
+        raise LocalRunError(TGI_WITHOUT_ENDPOINTS)
     name = pipeline.metadata.name
     folder = state_home() / "runs" / name
     if (folder / "state.json").exists():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "promptpipe.io/v1alpha1"
@@ -82,12 +82,33 @@ class ScalingSpec(_Model):
         return self
 
 
+# A Kubernetes resource quantity ("500m", "1Gi", 2); YAML numbers are taken as written.
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+                    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+Quantity = Annotated[
+    str,
+    BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v),
+    Field(pattern=QUANTITY_PATTERN),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
+                    "x-kubernetes-int-or-string": True}),
+]
+
+
+class ResourcesSpec(_Model):
+    """A container's requests and limits, as in a Pod spec (`cpu`, `memory`, `nvidia.com/gpu`, ...)."""
+
+    requests: dict[str, Quantity] = {}
+    limits: dict[str, Quantity] = {}
+
+
 class StageSpec(_Model):
     queue: QueueSpec = QueueSpec()
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     retries: RetrySpec = RetrySpec()
     drain_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
     scaling: ScalingSpec = ScalingSpec()
+    # Operator only: the stage container's resources; unset, the operator's defaults for the stage.
+    resources: ResourcesSpec | None = None
 
 
 class StagesSpec(_Model):
@@ -115,17 +136,57 @@ class LlamaCppSpec(_Model):
 
 
 class RemoteBackendSpec(_Model):
-    """An HTTP backend (TGI or OpenAI-compatible), one or more replicas."""
+    """An HTTP backend, one or more replicas."""
 
     endpoints: Annotated[list[str], Field(min_length=1)]
     # Seconds without a byte from the backend before the stream is failed.
     read_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     connect_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
-    # OpenAI only: the served model name, and the env var holding the API key.
+
+
+class SecretKeyRef(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class OpenAISpec(RemoteBackendSpec):
+    """An OpenAI-compatible completions server (vLLM, llama.cpp's server, a hosted API)."""
+
+    # The served model name.
     model: str = ""
+    # The environment variable holding the API key.
     api_key_env: str = ""
-    # TGI only: its router limits (the operator passes them to the TGI pods).
+    # Operator only: the Secret the key comes from (put into `apiKeyEnv`, default OPENAI_API_KEY).
+    api_key_secret: SecretKeyRef | None = None
+
+
+class TgiQuantize(str, enum.Enum):
+    AWQ = "awq"
+    GPTQ = "gptq"
+    EETQ = "eetq"
+    FP8 = "fp8"
+    BITSANDBYTES = "bitsandbytes"
+    BITSANDBYTES_NF4 = "bitsandbytes-nf4"
+    BITSANDBYTES_FP4 = "bitsandbytes-fp4"
+
+
+class TgiSpec(RemoteBackendSpec):
+    """Text Generation Inference: servers you run (`endpoints`), or, empty, TGI pods the operator runs."""
+
+    endpoints: list[str] = []  # optional here: empty means operator-managed
+    # TGI's router limits, passed to the TGI pods the operator runs.
     max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 128
+    max_input_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
+    max_total_tokens: Annotated[int, Field(ge=2, le=1_048_576)] | None = None
+    max_batch_prefill_tokens: Annotated[int, Field(ge=1, le=10_485_760)] | None = None
+    # Operator-managed TGI only.
+    image: str = "ghcr.io/huggingface/text-generation-inference:3.3.5"
+    model_id: str = ""  # empty: spec.model.name
+    replicas: Annotated[int, Field(ge=1, le=100)] = 1
+    gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    quantize: TgiQuantize | None = None
+    resources: ResourcesSpec | None = None
+    node_selector: dict[str, str] = {}
 
 
 class SyntheticSpec(_Model):
@@ -145,23 +206,22 @@ class BackendKind(str, enum.Enum):
 class ModelSpec(_Model):
     # The API server's copy of `_backend_configured` below.
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": f"!has(self.backend) || self.backend != '{kind}' || has(self.{kind})",
-         "message": f"backend '{kind}' needs spec.model.{kind}.endpoints"} for kind in ("tgi", "openai")
+        {"rule": "!has(self.backend) || self.backend != 'openai' || has(self.openai)",
+         "message": "backend 'openai' needs spec.model.openai.endpoints"},
     ]})
 
     name: Annotated[str, Field(min_length=1, max_length=253)]
     version: str = ""
     backend: BackendKind = BackendKind.LLAMACPP
     llamacpp: LlamaCppSpec = LlamaCppSpec()
-    tgi: RemoteBackendSpec | None = None
-    openai: RemoteBackendSpec | None = None
+    # Unset with backend tgi: TGI pods the operator runs, with TgiSpec's defaults.
+    tgi: TgiSpec | None = None
+    openai: OpenAISpec | None = None
     synthetic: SyntheticSpec = SyntheticSpec()
     circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
 
     @model_validator(mode="after")
     def _backend_configured(self) -> ModelSpec:
-        if self.backend is BackendKind.TGI and self.tgi is None:
-            raise ValueError("backend 'tgi' needs spec.model.tgi.endpoints")
         if self.backend is BackendKind.OPENAI and self.openai is None:
             raise ValueError("backend 'openai' needs spec.model.openai.endpoints")
         return self
@@ -178,6 +238,9 @@ class GenerationDefaults(_Model):
 class CorpusSpec(_Model):
     # A folder of .txt/.md files; relative paths are relative to the pipeline file.
     path: str = ""
+    # Operator only: a ConfigMap whose keys are the corpus files, mounted for the rag stage
+    # (`kubectl create configmap NAME --from-file=DIR`). Takes the place of `path` in a cluster.
+    config_map: str = ""
 
 
 class RagSpec(_Model):
