@@ -19,7 +19,7 @@ STAMP       := $(VENV)/.installed
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup controlplane cluster-up cluster-down demo test test-fast proto crd bench lint clean
+.PHONY: help setup controlplane cluster-up cluster-down demo test test-fast proto manifests crd bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -61,8 +61,12 @@ test-fast: setup
 proto: setup
 	$(BIN)/python protos/generate.py
 
-crd: setup
+# Generated manifests: the CRD from the spec models, the operator's RBAC from its rules.
+manifests: setup
 	$(BIN)/python -m promptpipe.config.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
+	mkdir -p deploy/rbac && $(BIN)/python -m promptpipe_operator.rbac > deploy/rbac/operator.yaml
+
+crd: manifests
 
 cluster-up: setup
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster up

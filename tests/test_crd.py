@@ -21,7 +21,7 @@ QUICKSTART = ROOT / "deploy" / "examples" / "quickstart.yaml"
 
 
 def test_committed_crd_is_what_the_spec_generates() -> None:
-    assert CRD_FILE.read_text() == render(), "run `make crd`: deploy/crds drifted from config/spec.py"
+    assert CRD_FILE.read_text() == render(), "run `make manifests`: deploy/crds drifted from config/spec.py"
 
 
 def test_schema_is_structural() -> None:

@@ -14,7 +14,16 @@ from typing import Any
 
 from promptpipe.config.loader import RuntimeConfig
 from promptpipe.config.spec import API_VERSION, KIND
-from promptpipe.config.spec import STAGE_ORDER, BackendKind, PromptPipeline, ResourcesSpec, StageName, TgiSpec
+from promptpipe.config.spec import (
+    STAGE_ORDER,
+    BackendKind,
+    CorpusSpec,
+    PromptPipeline,
+    ResourcesSpec,
+    ScalingSpec,
+    StageName,
+    TgiSpec,
+)
 from promptpipe_operator.settings import OperatorSettings
 
 GRPC_PORT = 50051
@@ -67,7 +76,9 @@ def managed_tgi(pp: PromptPipeline) -> TgiSpec | None:
 
 
 def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
-    """The pipeline as the stages see it in the cluster: cluster paths and endpoints filled in."""
+    """The pipeline as the stages see it in the cluster: cluster paths and endpoints filled in,
+    and what only the operator uses (scaling, resources, how TGI is run) left at defaults, so
+    editing those changes the ScaledObject or the TGI Deployment without rolling every stage."""
     name = pp.metadata.name
     endpoints = {s: f"{child_name(name, s.value)}.{namespace}.svc:{GRPC_PORT}" for s in STAGE_ORDER}
     spec = pp.spec
@@ -75,13 +86,20 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     tgi = managed_tgi(pp)
     if tgi is not None:
         url = f"http://{child_name(name, BACKEND)}.{namespace}.svc:{TGI_PORT}"
-        model = model.model_copy(update={"tgi": tgi.model_copy(update={"endpoints": [url]})})
-    if model.openai is not None and model.openai.api_key_secret is not None and not model.openai.api_key_env:
-        model = model.model_copy(update={"openai": model.openai.model_copy(update={"api_key_env": OPENAI_KEY_ENV})})
+        model = model.model_copy(update={"tgi": TgiSpec(
+            endpoints=[url], read_timeout_seconds=tgi.read_timeout_seconds,
+            connect_timeout_seconds=tgi.connect_timeout_seconds)})
+    if model.openai is not None and model.openai.api_key_secret is not None:
+        key_env = model.openai.api_key_env or OPENAI_KEY_ENV
+        model = model.model_copy(update={"openai": model.openai.model_copy(
+            update={"api_key_env": key_env, "api_key_secret": None})})
     rag = spec.rag
     if rag.corpus.config_map:
-        rag = rag.model_copy(update={"corpus": rag.corpus.model_copy(update={"path": CORPUS_DIR})})
-    spec = spec.model_copy(update={"model": model, "rag": rag})
+        rag = rag.model_copy(update={"corpus": CorpusSpec(path=CORPUS_DIR)})
+    stages = spec.stages.model_copy(update={
+        s.value: spec.stages.get(s).model_copy(update={"scaling": ScalingSpec(), "resources": None})
+        for s in STAGE_ORDER})
+    spec = spec.model_copy(update={"model": model, "rag": rag, "stages": stages})
     bare = pp.model_copy(update={"status": None, "spec": spec, "metadata": type(pp.metadata)(
         name=name, namespace=namespace)})
     return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Literal
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class OperatorSettings(BaseSettings):
@@ -13,3 +16,17 @@ class OperatorSettings(BaseSettings):
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
     """Where KEDA's prometheus scaler reads the stages' queue depth."""
     image_pull_policy: str = "IfNotPresent"
+
+    namespaces: Annotated[list[str], NoDecode] = []
+    """Namespaces to watch (comma-separated); empty: all of them."""
+    resync_seconds: float = 30.0
+    """Every pipeline is reconciled at least this often, whatever the events say."""
+    metrics_port: int = 8080
+    """Prometheus metrics of the operator itself; 0: off."""
+    liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
+    log_format: Literal["json", "plain"] = "json"
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value

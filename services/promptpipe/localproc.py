@@ -1,10 +1,13 @@
 """Helpers for the processes promptpipe starts on this machine (local runs, the test
-control plane): free loopback ports and whether a process is still alive."""
+control plane): free loopback ports, whether a process is still alive, and tying a
+child's life to its parent's."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
 import socket
 from pathlib import Path
 
@@ -57,3 +60,12 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child (a `preexec_fn`): be killed when the process that started it dies (a crashed test run)."""
+    os.setsid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -6,7 +6,6 @@ scheduler, so Deployments never get pods."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -22,19 +21,10 @@ import yaml
 
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.pki import make_pki
-from promptpipe.localproc import alive, free_port
-
-_PR_SET_PDEATHSIG = 1
-
+from promptpipe.localproc import alive, die_with_parent, free_port
 
 class ControlPlaneError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    """In the child: be killed when the process that started us dies (a crashed test run)."""
-    os.setsid()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, object]:
@@ -125,7 +115,7 @@ class ControlPlane:
             (pki_dir / name).write_bytes(data)
             (pki_dir / name).chmod(0o600)
         client_port, peer_port, api_port = free_port(), free_port(), free_port()
-        preexec = _die_with_parent if tied_to_parent else os.setsid
+        preexec = die_with_parent if tied_to_parent else os.setsid
         etcd = subprocess.Popen(etcd_args(tools, folder, client_port, peer_port), preexec_fn=preexec,  # noqa: S603, PLW1509
                                 stdout=open(folder / "etcd.log", "ab"), stderr=subprocess.STDOUT)
         api = subprocess.Popen(  # noqa: S603

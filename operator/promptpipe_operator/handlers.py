@@ -1,0 +1,180 @@
+"""kopf wiring: when a pipeline is reconciled, and what a failed reconcile means to kopf.
+
+Triggers, all ending in the same level-triggered reconcile (`reconcile.py`):
+- the pipeline created, its spec changed, or the operator (re)started;
+- any change to a child (deleted, edited, its readiness changed), for quick repair;
+- a resync of every pipeline every `resyncSeconds`, whatever the events said.
+No timers or daemons on the pipeline: kopf would put a finalizer on it for them,
+and children need none (owner references let the garbage collector remove them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any, cast
+
+import kopf
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from promptpipe.config.crd import GROUP, PLURAL, VERSION
+from promptpipe_operator.kube import Kube
+from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
+from promptpipe_operator.reconcile import InvalidSpec, Result, Transient, reconcile_once
+from promptpipe_operator.render import MANAGER
+from promptpipe_operator.settings import OperatorSettings
+from promptpipe_operator.workqueue import KeyedRunner
+
+log = logging.getLogger("promptpipe.operator")
+Key = tuple[str, str]  # (namespace, name)
+MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
+
+
+class Operator:
+    """What the handlers share: the API client, the per-pipeline runner, the known pipelines."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        config.load_config()  # type: ignore[no-untyped-call]  # in a pod: its ServiceAccount; else KUBECONFIG
+        self.kube = Kube(client.ApiClient())
+        self.runner: KeyedRunner[Key, Result | None] = KeyedRunner(self._reconcile)
+        self.known: set[Key] = set()
+        self._resync: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port)
+        self._resync = asyncio.get_running_loop().create_task(self._resync_forever())
+
+    async def stop(self) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+        self.kube.close()
+
+    async def _reconcile(self, key: Key) -> Result | None:
+        namespace, name = key
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(reconcile_once, self.kube, self.settings, namespace, name)
+        except Exception:
+            RECONCILES.labels("crashed").inc()
+            log.exception("reconcile failed", extra={"pipeline": name, "namespace": namespace})
+            raise
+        finally:
+            RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        if result is None:
+            self.known.discard(key)
+            return None
+        outcome = "ok" if result.error is None else "invalid" if isinstance(result.error, InvalidSpec) else "error"
+        RECONCILES.labels(outcome).inc()
+        if result.error is not None:
+            RECONCILE_ERRORS.labels(result.status.get("conditions", [{}])[0].get("reason", "Unknown")).inc()
+        for action, items in (("created", result.created), ("updated", result.updated), ("deleted", result.deleted)):
+            for item in items:
+                CHILD_CHANGES.labels(action, item.split(" ", 1)[0]).inc()
+        for event in result.events:
+            kopf.event(kopf.Body(cast(kopf.RawBody, result.body)), type=event.type, reason=event.reason, message=event.message)
+        if result.created or result.updated or result.deleted or result.error:
+            log.info("reconciled", extra={
+                "pipeline": name, "namespace": namespace, "phase": result.status.get("phase"),
+                "children_created": len(result.created), "children_updated": len(result.updated),
+                "children_deleted": len(result.deleted),
+                "error": str(result.error) if result.error else None,
+                "seconds": round(time.perf_counter() - started, 4)})
+        return result
+
+    async def request(self, key: Key) -> Result | None:
+        self.known.add(key)
+        return await self.runner.request(key)
+
+    async def _resync_forever(self) -> None:
+        limit = asyncio.Semaphore(4)
+
+        async def one(key: Key) -> None:
+            async with limit:
+                try:
+                    await self.request(key)
+                except Exception:  # noqa: BLE001 - logged by _reconcile; the next resync tries again
+                    pass
+
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            await asyncio.gather(*(one(k) for k in sorted(self.known)))
+
+
+def _raise_for(result: Result | None) -> None:
+    """What kopf should do about the run: nothing, retry later, or wait for the next spec change."""
+    if result is None or result.error is None:
+        return
+    if isinstance(result.error, InvalidSpec):
+        raise kopf.PermanentError(f"invalid spec: {result.error}")
+    if isinstance(result.error, Transient):
+        raise kopf.TemporaryError(str(result.error), delay=result.error.delay)
+
+
+class _QuietWatchers(logging.Filter):
+    """kopf logs every event handler's success at INFO: one line per child event is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("succeeded.") and ("'child_changed'" in message or "'track'" in message))
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    logging.getLogger("kopf.objects").addFilter(_QuietWatchers())
+    # Keep kopf's bookkeeping in our own annotations, and out of the status we write.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.reporting_component = MANAGER
+    settings.posting.reporting_instance = socket.gethostname()
+    operator = Operator(OperatorSettings())
+    memo["operator"] = operator
+    await operator.start()
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    await memo["operator"].stop()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def converge(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # a namespaced resource
+    _raise_for(await memo["operator"].request((namespace, name)))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def track(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:  # noqa: A002 - kopf's
+    operator: Operator = memo["operator"]
+    assert namespace is not None
+    if type == "DELETED":
+        operator.known.discard((namespace, name))
+    else:
+        operator.known.add((namespace, name))
+
+
+async def _child_changed(body: kopf.Body, namespace: str | None, memo: Any) -> None:
+    owner = next((r["name"] for r in body.metadata.get("ownerReferences") or []
+                  if r.get("kind") == "PromptPipeline" and r.get("controller")), None)
+    if owner is None or namespace is None:
+        return
+    try:
+        await memo["operator"].request((namespace, owner))
+    except Exception:  # noqa: BLE001 - logged by the reconcile; the resync tries again
+        pass
+
+
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels=MANAGED)
+async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    await _child_changed(body, namespace, memo)

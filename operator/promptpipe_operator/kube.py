@@ -1,0 +1,96 @@
+"""The operator's calls to the API server, and nothing else (blocking; called from a worker thread)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from kubernetes import client
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.resource import Resource
+
+from promptpipe.config.spec import API_VERSION, KIND
+from promptpipe_operator.render import MANAGER, Manifest
+
+# What a pipeline owns, as (apiVersion, kind): listed to find children and strays.
+CHILD_KINDS: tuple[tuple[str, str], ...] = (
+    ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("keda.sh/v1alpha1", "ScaledObject"),
+)
+ChildKey = tuple[str, str]  # (kind, name)
+
+
+class KindNotServed(Exception):
+    """The API server does not serve a kind the pipeline needs (KEDA's CRDs not installed)."""
+
+    def __init__(self, api_version: str, kind: str) -> None:
+        super().__init__(f"the API server does not serve {kind} ({api_version})")
+        self.api_version, self.kind = api_version, kind
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        # A discovery cache of our own: the shared default in /tmp may describe another cluster.
+        fd, self._cache = tempfile.mkstemp(prefix="promptpipe-discovery-", suffix=".json")
+        os.close(fd)
+        os.unlink(self._cache)
+        self._dyn = DynamicClient(api, cache_file=self._cache)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        if os.path.exists(self._cache):
+            os.unlink(self._cache)
+
+    def _resource(self, api_version: str, kind: str) -> Resource:
+        try:
+            found: Resource = self._dyn.resources.get(api_version=api_version, kind=kind)
+            return found
+        except ResourceNotFoundError:
+            # Installed since we last looked? Ask again once before giving up.
+            self._dyn.resources.invalidate_cache()
+            try:
+                again: Resource = self._dyn.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                raise KindNotServed(api_version, kind) from None
+            return again
+
+    def get_pipeline(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self._resource(API_VERSION, KIND).get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+        return obj
+
+    def patch_pipeline_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self._resource(API_VERSION, KIND).status.patch(
+            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json")
+
+    def apply(self, manifest: Manifest) -> dict[str, Any]:
+        """Server-side apply, taking back fields someone else changed (drift is repaired, not merged)."""
+        meta = manifest["metadata"]
+        res = self._resource(manifest["apiVersion"], manifest["kind"])
+        out: dict[str, Any] = self._dyn.server_side_apply(
+            res, body=manifest, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER,
+            force_conflicts=True).to_dict()  # type: ignore[no-untyped-call]
+        return out
+
+    def owned(self, namespace: str, owner_uid: str, selector: str) -> dict[ChildKey, dict[str, Any]]:
+        """The children, by kind and name, of the owner with this uid (among objects matching `selector`)."""
+        out: dict[ChildKey, dict[str, Any]] = {}
+        for api_version, kind in CHILD_KINDS:
+            try:
+                items = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector).items
+            except KindNotServed:
+                continue
+            for item in items:
+                obj = item.to_dict()
+                refs = obj["metadata"].get("ownerReferences") or []
+                if any(r.get("uid") == owner_uid and r.get("controller") for r in refs):
+                    out[(kind, obj["metadata"]["name"])] = obj
+        return out
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._resource(api_version, kind).delete(name=name, namespace=namespace)
+        except NotFoundError:
+            pass

@@ -1,0 +1,178 @@
+"""One reconcile of one pipeline: render, apply, prune, observe, write status.
+
+Level-triggered: it reads the pipeline and its children afresh every time and
+converges them, whatever event (or timer) asked for it, so running it twice
+changes nothing the first run got right. Blocking (it runs in a worker thread);
+the kopf handlers in `handlers.py` decide when it runs and what its failures mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.dynamic.exceptions import DynamicApiError
+
+from promptpipe.config.loader import PipelineFileError, parse_pipeline
+from promptpipe_operator import render
+from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
+from promptpipe_operator.settings import OperatorSettings
+from promptpipe_operator.status import (
+    Problem,
+    components,
+    condition,
+    invalid_spec_status,
+    pipeline_status,
+)
+
+
+class InvalidSpec(Exception):
+    """The spec passed the API server's schema but not the pipeline model: retrying cannot help."""
+
+
+class Transient(Exception):
+    """The API server refused or failed a call, or a kind is missing; a later attempt may succeed."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Result:
+    body: dict[str, Any]  # the pipeline as read, for posting Events on it
+    status: dict[str, Any]
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    # Set when the run could not converge everything; the status already says why.
+    error: InvalidSpec | Transient | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _label(manifest: dict[str, Any]) -> str:
+    return f"{manifest['kind']} {manifest['metadata']['name']}"
+
+
+def _summary(items: list[str], limit: int = 6) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def events_for(result: Result, before: dict[str, Any], generation: int) -> list[Event]:
+    """What to tell `kubectl describe` about this run (pure)."""
+    out: list[Event] = []
+    seen_generation = before.get("observedGeneration")
+    if seen_generation == generation and (result.created or result.updated):
+        # Nothing in the spec changed, so the children had drifted: say what was put back.
+        parts = ([f"recreated {_summary(result.created)}"] if result.created else []) + (
+            [f"reverted changes to {_summary(result.updated)}"] if result.updated else [])
+        out.append(Event("Warning", "DriftRepaired", "; ".join(parts)))
+    else:
+        if result.created:
+            out.append(Event("Normal", "Created", f"created {_summary(result.created)}"))
+        if result.updated:
+            out.append(Event("Normal", "Updated", f"updated {_summary(result.updated)}"))
+    if result.deleted:
+        out.append(Event("Normal", "Pruned", f"deleted {_summary(result.deleted)}, no longer in the spec"))
+    was, now = condition(before, "Ready"), condition(result.status, "Ready")
+    if now and now["status"] == "True" and not (was and was["status"] == "True"):
+        out.append(Event("Normal", "Ready", now["message"]))
+    was_d, now_d = condition(before, "Degraded"), condition(result.status, "Degraded")
+    if now_d and now_d["status"] == "True" and not (
+            was_d and was_d["status"] == "True" and was_d["reason"] == now_d["reason"]):
+        out.append(Event("Warning", now_d["reason"], now_d["message"]))
+    return out
+
+
+def _api_failure(err: DynamicApiError, what: str) -> Transient:
+    status = getattr(err, "status", None)
+    summary = getattr(err, "summary", lambda: str(err))()
+    # Forbidden or invalid will not fix themselves quickly; back off longer than for a busy server.
+    delay = 30.0 if status in (403, 422) else 5.0
+    return Transient(f"{what}: HTTP {status}: {summary}", delay)
+
+
+def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name: str) -> Result | None:
+    """Converge one pipeline's children and status; None if the pipeline is gone."""
+    body = kube.get_pipeline(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None  # its children go with it: they carry owner references
+    meta = body["metadata"]
+    generation = int(meta.get("generation", 1))
+    before: dict[str, Any] = body.get("status") or {}
+    try:
+        pp = parse_pipeline(body)
+    except PipelineFileError as err:
+        result = Result(body, invalid_spec_status(generation, str(err), before, _now()), error=InvalidSpec(str(err)))
+        try:
+            _write_status(kube, namespace, name, before, result.status)
+        except DynamicApiError as api_err:
+            result.error = _api_failure(api_err, "writing the status")
+        result.events = events_for(result, before, generation)
+        return result
+
+    owner = render.owner_reference(name, meta["uid"])
+    desired = render.children(pp, namespace, settings)
+    for manifest in desired:
+        manifest["metadata"]["ownerReferences"] = [owner]
+    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={render.MANAGER}"
+
+    result = Result(body, {})
+    applied: dict[ChildKey, dict[str, Any]] = {}
+    problem: Problem | None = None
+    failure: Transient | None = None
+    try:
+        existing = kube.owned(namespace, meta["uid"], selector)
+        for manifest in desired:
+            key = (manifest["kind"], manifest["metadata"]["name"])
+            obj = kube.apply(manifest)
+            applied[key] = obj
+            if key not in existing:
+                result.created.append(_label(manifest))
+            elif existing[key]["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+                result.updated.append(_label(manifest))
+        versions = dict((kind, v) for v, kind in CHILD_KINDS)
+        for kind, child in sorted(set(existing) - set(applied)):
+            kube.delete(versions[kind], kind, namespace, child)
+            result.deleted.append(f"{kind} {child}")
+    except KindNotServed as err:
+        problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
+        failure = Transient(str(err), 30.0)
+    except DynamicApiError as err:
+        failure = _api_failure(err, "applying the children")
+        problem = Problem("ApplyFailed", str(failure))
+
+    deployments = {n: obj for (k, n), obj in applied.items() if k == "Deployment"}
+    if failure is not None:  # what was not applied this time may still be there from before
+        deployments = {n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items()
+                       if k == "Deployment"} | deployments
+    health = components(pp, deployments)
+    result.status = pipeline_status(pp, namespace, generation, health, before, _now(), problem)
+    try:
+        _write_status(kube, namespace, name, before, result.status)
+    except DynamicApiError as err:
+        failure = failure or _api_failure(err, "writing the status")
+    result.events = events_for(result, before, generation)
+    result.error = failure
+    return result
+
+
+def _write_status(kube: Kube, namespace: str, name: str, before: dict[str, Any], status: dict[str, Any]) -> None:
+    # A merge patch: keys no longer in the status are removed with null.
+    patch = {**{k: None for k in before if k not in status}, **status}
+    # Unchanged status is not written: no write, no watch event, no loop.
+    if any(before.get(k) != v for k, v in patch.items()):
+        kube.patch_pipeline_status(namespace, name, patch)

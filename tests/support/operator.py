@@ -1,0 +1,171 @@
+"""The operator as the tests run it: its own process, authenticated as its ServiceAccount,
+bound to exactly the ClusterRole in `promptpipe_operator.rbac`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe.localproc import die_with_parent, free_port
+from promptpipe_operator import rbac
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "deploy" / "crds" / "promptpipelines.promptpipe.io.yaml"
+SYSTEM_NAMESPACE = "promptpipe-system"
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0, every: float = 0.05) -> Any:
+    """Poll until `check()` is truthy and return it; fail naming `what` (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})", pytrace=False)
+
+
+def apply_crd(plane: ControlPlane) -> None:
+    api = config.new_client_from_config(config_file=plane.kubeconfig)
+    try:
+        ext = client.ApiextensionsV1Api(api)
+        crd = yaml.safe_load(CRD_FILE.read_text())
+        name = crd["metadata"]["name"]
+        try:
+            ext.create_custom_resource_definition(crd)
+        except client.ApiException as err:
+            if err.status != 409:
+                raise
+            current = ext.read_custom_resource_definition(name)
+            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+            ext.replace_custom_resource_definition(name, crd)
+        wait_for(lambda: any(c.type == "Established" and c.status == "True"
+                             for c in ext.read_custom_resource_definition(name).status.conditions or []),
+                 "the CRD to be established")
+    finally:
+        api.close()
+
+
+def operator_kubeconfig(plane: ControlPlane, folder: Path) -> Path:
+    """Install the operator's ServiceAccount, ClusterRole and binding; a kubeconfig with a token for it."""
+    api = config.new_client_from_config(config_file=plane.kubeconfig)
+    try:
+        core, authz = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+        if not any(n.metadata.name == SYSTEM_NAMESPACE for n in core.list_namespace().items):
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NAMESPACE)))
+        for create, body in ((lambda b: core.create_namespaced_service_account(SYSTEM_NAMESPACE, b),
+                              rbac.service_account(SYSTEM_NAMESPACE)),
+                             (authz.create_cluster_role, rbac.cluster_role()),
+                             (authz.create_cluster_role_binding, rbac.cluster_role_binding(SYSTEM_NAMESPACE))):
+            try:
+                create(body)
+            except client.ApiException as err:
+                if err.status != 409:
+                    raise
+        token = core.create_namespaced_service_account_token(
+            rbac.NAME, SYSTEM_NAMESPACE, client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=24 * 3600))).status.token
+    finally:
+        api.close()
+    admin = yaml.safe_load(Path(plane.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": rbac.NAME, "user": {"token": token}}],
+        "contexts": [{"name": rbac.NAME, "context": {"cluster": cluster["name"], "user": rbac.NAME}}],
+        "current-context": rbac.NAME,
+    }
+    path = folder / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class OperatorProcess:
+    """`promptpipe-operator` watching one namespace; stop and start it like a pod restart."""
+
+    kubeconfig: Path
+    namespace: str
+    log: Path
+    resync_seconds: float = 30.0
+    proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
+
+    def start(self) -> None:
+        self.metrics_port = free_port()
+        health = free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "PROMPTPIPE_OPERATOR_NAMESPACES": self.namespace,
+               "PROMPTPIPE_OPERATOR_METRICS_PORT": str(self.metrics_port),
+               "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{health}/healthz",
+               "PROMPTPIPE_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
+               "PROMPTPIPE_OPERATOR_LOG_FORMAT": "json"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "promptpipe_operator"], env=env,  # noqa: S603
+                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # noqa: PLW1509
+
+        def alive() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"the operator exited:\n{self.log.read_text()[-3000:]}", pytrace=False)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1).close()  # noqa: S310
+                return True
+            except OSError:
+                return False
+        wait_for(alive, "the operator's liveness endpoint", timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A sample from the operator's /metrics (0 when absent)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
+        pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+        return sum(float(m.group(2)) for m in pattern.finditer(text) if labels in (m.group(1) or ""))
+
+
+@pytest.fixture(scope="session")
+def promptpipe_crd(control_plane: ControlPlane) -> None:
+    apply_crd(control_plane)
+
+
+@pytest.fixture(scope="session")
+def operator_identity(control_plane: ControlPlane, promptpipe_crd: None,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return operator_kubeconfig(control_plane, tmp_path_factory.mktemp("operator"))
+
+
+@pytest.fixture
+def operator(operator_identity: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    """The operator, running as its ServiceAccount, watching the test's namespace."""
+    op = OperatorProcess(operator_identity, namespace, tmp_path / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()

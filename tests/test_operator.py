@@ -1,0 +1,308 @@
+"""The operator against the real kube-apiserver, running as its own process under its ServiceAccount.
+
+There is no kubelet: tests simulate readiness by writing Deployment status, as the
+Deployment controller would once pods are Ready.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from promptpipe.config.spec import STAGE_ORDER
+from promptpipe.devcluster.build import Tools
+from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe_operator import rbac
+from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.controlplane
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
+GROUP, VERSION, PLURAL = "promptpipe.io", "v1alpha1", "promptpipelines"
+STAGES = [s.value for s in STAGE_ORDER]
+# ConfigMap, and per stage a Deployment, a Service and a ScaledObject.
+QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
+
+
+def kubectl(plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", *args], input=stdin,
+                            capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def pipeline_doc(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(QUICKSTART)
+    doc["metadata"]["name"] = name
+    doc["spec"].update(spec)
+    return doc
+
+
+class Cluster:
+    """What a test looks at, through the admin identity."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.ns = namespace
+        self.core, self.apps = client.CoreV1Api(api), client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def pipeline(self, name: str = "quickstart") -> dict[str, Any]:
+        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+        return obj
+
+    def status(self, name: str = "quickstart") -> dict[str, Any]:
+        return self.pipeline(name).get("status") or {}
+
+    def children(self, name: str = "quickstart") -> dict[tuple[str, str], dict[str, Any]]:
+        """Every object labelled as this pipeline's, by (kind, name)."""
+        selector = f"app.kubernetes.io/instance={name}"
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for kind, items in (
+            ("ConfigMap", self.core.list_namespaced_config_map(self.ns, label_selector=selector).items),
+            ("Service", self.core.list_namespaced_service(self.ns, label_selector=selector).items),
+            ("Deployment", self.apps.list_namespaced_deployment(self.ns, label_selector=selector).items),
+        ):
+            for item in items:
+                out[(kind, item.metadata.name)] = client.ApiClient().sanitize_for_serialization(item)
+        for item in self.custom.list_namespaced_custom_object("keda.sh", "v1alpha1", self.ns, "scaledobjects",
+                                                              label_selector=selector)["items"]:
+            out[("ScaledObject", item["metadata"]["name"])] = item
+        return out
+
+    def versions(self, name: str = "quickstart") -> dict[tuple[str, str], str]:
+        return {k: v["metadata"]["resourceVersion"] for k, v in self.children(name).items()}
+
+    def set_ready(self, deployment: str, available: int | None = None) -> None:
+        """Write the status the Deployment controller writes once the pods are (or are not) available."""
+        d = self.apps.read_namespaced_deployment(deployment, self.ns)
+        want = d.spec.replicas if d.spec.replicas is not None else 1
+        up = want if available is None else available
+        self.apps.patch_namespaced_deployment_status(deployment, self.ns, {"status": {
+            "observedGeneration": d.metadata.generation, "replicas": want, "updatedReplicas": want,
+            "readyReplicas": up, "availableReplicas": up, "unavailableReplicas": want - up}})
+
+    def events(self, reason: str) -> list[str]:
+        items = self.core.list_namespaced_event(self.ns).items
+        return [e.message for e in items if e.reason == reason and e.involved_object.kind == "PromptPipeline"]
+
+
+@pytest.fixture
+def cluster(kube: client.ApiClient, namespace: str) -> Cluster:
+    return Cluster(kube, namespace)
+
+
+def apply(plane: ControlPlane, tools: Tools, namespace: str, doc: dict[str, Any]) -> None:
+    kubectl(plane, tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+
+
+def all_created(cluster: Cluster, count: int = QUICKSTART_CHILDREN, name: str = "quickstart") -> bool:
+    return len(cluster.children(name)) == count
+
+
+def settled(cluster: Cluster, name: str = "quickstart") -> bool:
+    """The operator has observed the current generation."""
+    p = cluster.pipeline(name)
+    return (p.get("status") or {}).get("observedGeneration") == p["metadata"]["generation"]
+
+
+def deploy(plane: ControlPlane, tools: Tools, cluster: Cluster, doc: dict[str, Any]) -> None:
+    """Apply a quickstart-shaped pipeline and wait until the operator made all of it and saw this generation."""
+    apply(plane, tools, cluster.ns, doc)
+    wait_for(lambda: all_created(cluster, name=doc["metadata"]["name"]) and settled(cluster, doc["metadata"]["name"]),
+             "all children")
+
+
+def test_apply_creates_every_child_owned_by_the_pipeline(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
+    wait_for(lambda: all_created(cluster), "all children")
+    uid = cluster.pipeline()["metadata"]["uid"]
+    children = cluster.children()
+    expected = {("ConfigMap", "quickstart-config")} | {(k, f"quickstart-{s}") for s in STAGES
+                                                       for k in ("Deployment", "Service", "ScaledObject")}
+    assert set(children) == expected
+    for key, obj in children.items():
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
+            ("PromptPipeline", "quickstart", uid, True)], key
+    # Every ScaledObject was admitted by KEDA's real CRD schema (its CEL rules included).
+    so = children[("ScaledObject", "quickstart-inference")]["spec"]
+    assert so["scaleTargetRef"]["name"] == "quickstart-inference" and so["triggers"][0]["type"] == "prometheus"
+    status = wait_for(lambda: settled(cluster) and cluster.status(), "a first status")
+    assert status["phase"] == "Progressing" and status["readyStages"] == "0/5"
+    assert status["endpoints"]["gateway"] == f"quickstart-stream.{cluster.ns}.svc:50051"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "False", "Progressing": "True", "Degraded": "False"}
+    created = wait_for(lambda: cluster.events("Created"), "a Created event")
+    assert "Deployment quickstart-stream" in created[0]
+    # The operator stored nothing of kopf's in the status, and put no finalizer on the pipeline.
+    assert "kopf" not in status and not cluster.pipeline()["metadata"].get("finalizers")
+
+
+def test_ready_when_every_stage_is_available_then_degraded_when_one_is_not(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
+    wait_for(lambda: all_created(cluster), "all children")
+    for stage in STAGES:
+        cluster.set_ready(f"quickstart-{stage}")
+    status = wait_for(lambda: cluster.status().get("phase") == "Ready" and cluster.status(), "phase Ready")
+    assert status["readyStages"] == "5/5"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "AllStagesReady")
+    listed = kubectl(control_plane, kube_tools, "get", "pp", "-n", cluster.ns).stdout.splitlines()
+    assert listed[1].split()[:4] == ["quickstart", "Ready", "smollm2-135m-instruct", "5/5"]
+    wait_for(lambda: cluster.events("Ready"), "a Ready event")
+
+    cluster.set_ready("quickstart-post", available=0)
+    status = wait_for(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "StagesUnavailable"
+    assert "post: 0 of 1 replicas available" in degraded["message"]
+    assert status["stages"]["post"]["health"] == "Unavailable"
+    wait_for(lambda: cluster.events("StagesUnavailable"), "a Warning event naming the reason")
+    described = kubectl(control_plane, kube_tools, "describe", "pp", "-n", cluster.ns, "quickstart").stdout
+    assert "StagesUnavailable" in described and "Observed Generation" in described
+
+
+def test_a_spec_edit_changes_exactly_the_children_it_must(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    doc = pipeline_doc()
+    deploy(control_plane, kube_tools, cluster, doc)
+    before = cluster.versions()
+
+    # Scaling is the operator's business only: one ScaledObject changes, no pod rolls.
+    doc["spec"]["stages"]["rag"]["scaling"] = {"maxReplicas": 9}
+    apply(control_plane, kube_tools, cluster.ns, doc)
+    wait_for(lambda: settled(cluster), "the edit observed")
+    after = cluster.versions()
+    assert {k for k in before if before[k] != after[k]} == {("ScaledObject", "quickstart-rag")}
+    assert cluster.children()[("ScaledObject", "quickstart-rag")]["spec"]["maxReplicaCount"] == 9
+
+    # A runtime setting: the ConfigMap changes and every stage Deployment rolls (new config hash).
+    doc["spec"]["stages"]["post"]["timeoutSeconds"] = 30
+    apply(control_plane, kube_tools, cluster.ns, doc)
+    wait_for(lambda: settled(cluster), "the second edit observed")
+    final = cluster.versions()
+    assert {k for k in after if after[k] != final[k]} == {("ConfigMap", "quickstart-config")} | {
+        ("Deployment", f"quickstart-{s}") for s in STAGES}
+    wait_for(lambda: cluster.events("Updated"), "an Updated event")
+
+
+def test_a_deleted_or_hand_edited_child_is_repaired(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    deploy(control_plane, kube_tools, cluster, pipeline_doc())
+    old_uid = cluster.children()[("Service", "quickstart-rag")]["metadata"]["uid"]
+
+    cluster.core.delete_namespaced_service("quickstart-rag", cluster.ns)
+    cluster.apps.patch_namespaced_deployment("quickstart-post", cluster.ns, {"spec": {"template": {"spec": {
+        "containers": [{"name": "stage", "image": "evil/image:latest"}]}}}})
+    kubectl(control_plane, kube_tools, "patch", "scaledobject", "quickstart-stream", "-n", cluster.ns,
+            "--type=merge", "-p", '{"spec":{"maxReplicaCount":99}}')
+    # Replicas belong to KEDA, not to the operator: a scale is not drift.
+    cluster.apps.patch_namespaced_deployment_scale("quickstart-rag", cluster.ns, {"spec": {"replicas": 3}})
+
+    def repaired() -> bool:
+        c = cluster.children()
+        svc = c.get(("Service", "quickstart-rag"))
+        image = c[("Deployment", "quickstart-post")]["spec"]["template"]["spec"]["containers"][0]["image"]
+        return (svc is not None and svc["metadata"]["uid"] != old_uid and image != "evil/image:latest"
+                and c[("ScaledObject", "quickstart-stream")]["spec"]["maxReplicaCount"] == 4)
+    wait_for(repaired, "the Service back and both edits reverted")
+    assert cluster.apps.read_namespaced_deployment("quickstart-rag", cluster.ns).spec.replicas == 3
+    wait_for(lambda: any("Service quickstart-rag" in m for m in cluster.events("DriftRepaired")),
+             "a DriftRepaired event naming the Service")
+
+
+def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_done(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    doc = pipeline_doc()
+    deploy(control_plane, kube_tools, cluster, doc)
+    before = cluster.versions()
+    pipeline_rv = cluster.pipeline()["metadata"]["resourceVersion"]
+
+    operator.stop()
+    operator.start()
+    wait_for(lambda: operator.metric("promptpipe_operator_reconciles_total", 'outcome="ok"') >= 1,
+             "a reconcile after the restart")
+    assert cluster.versions() == before, "a restart rewrote children that were right"
+    assert cluster.pipeline()["metadata"]["resourceVersion"] == pipeline_rv, "nor the pipeline or its status"
+    assert operator.metric("promptpipe_operator_reconcile_duration_seconds_count") >= 1
+
+    # Half done: while the operator is down, a child goes and the spec changes.
+    operator.stop()
+    cluster.apps.delete_namespaced_deployment("quickstart-assemble", cluster.ns)
+    doc["spec"]["stages"]["inference"]["scaling"] = {"minReplicas": 0, "maxReplicas": 2}
+    apply(control_plane, kube_tools, cluster.ns, doc)
+    operator.start()
+    wait_for(lambda: all_created(cluster) and settled(cluster), "the missing child and the edit")
+    assert cluster.children()[("ScaledObject", "quickstart-inference")]["spec"]["minReplicaCount"] == 0
+
+
+def test_deleting_the_pipeline_removes_all_children(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
+    wait_for(lambda: all_created(cluster), "all children")
+    kubectl(control_plane, kube_tools, "delete", "pp", "quickstart", "-n", cluster.ns, "--wait=true", "--timeout=20s")
+    # The garbage collector follows the owner references (it may need a while to sync after start).
+    wait_for(lambda: not cluster.children(), "the garbage collector to remove every child", timeout=90, every=0.5)
+
+
+def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_changes(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    doc = pipeline_doc("gpu")
+    doc["spec"]["model"] = {"name": "Qwen/Qwen2.5-0.5B-Instruct", "backend": "tgi",
+                            "tgi": {"gpus": 1, "maxConcurrentRequests": 32}}
+    apply(control_plane, kube_tools, cluster.ns, doc)
+    wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN + 2, "gpu"), "the pipeline and TGI children")
+    tgi = cluster.children("gpu")[("Deployment", "gpu-backend")]["spec"]["template"]["spec"]["containers"][0]
+    assert tgi["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--max-concurrent-requests" in tgi["args"]
+    status = wait_for(lambda: settled(cluster, "gpu") and cluster.status("gpu"), "a status")
+    assert status["endpoints"]["backend"] == f"http://gpu-backend.{cluster.ns}.svc:8080"
+    assert status["readyStages"] == "0/6", "the TGI Deployment counts towards readiness"
+
+    doc["spec"]["model"] = {"name": "smollm2-135m-instruct", "backend": "llamacpp"}
+    apply(control_plane, kube_tools, cluster.ns, doc)
+    wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN, "gpu"), "the TGI children pruned")
+    assert wait_for(lambda: cluster.events("Pruned"), "a Pruned event")
+
+
+def test_a_spec_the_api_server_took_but_the_pipeline_refuses_fails_visibly_and_creates_nothing(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    # Kubernetes allows dots in object names; Service names (and so pipeline names) cannot have them.
+    apply(control_plane, kube_tools, cluster.ns, pipeline_doc("my.pipeline"))
+    status = wait_for(lambda: cluster.status("my.pipeline").get("phase") == "Failed" and cluster.status("my.pipeline"),
+                      "phase Failed")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and "metadata.name" in ready["message"]
+    assert not cluster.children("my.pipeline")
+    wait_for(lambda: cluster.events("InvalidSpec"), "a Warning event")
+
+
+def test_the_operators_service_account_is_refused_what_it_does_not_need(
+        operator_identity: Path, control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
+    def can_i(*args: str) -> str:
+        result = kubectl(control_plane, kube_tools, "auth", "can-i", *args, "-n", namespace,
+                         f"--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{rbac.NAME}", check=False)
+        return result.stdout.strip()
+    for allowed in (("patch", "deployments.apps"), ("patch", "promptpipelines.promptpipe.io/status"),
+                    ("watch", "scaledobjects.keda.sh"), ("create", "events")):
+        assert can_i(*allowed) == "yes", allowed
+    for denied in (("get", "secrets"), ("create", "pods"), ("delete", "promptpipelines.promptpipe.io"),
+                   ("update", "deployments.apps/scale"), ("create", "rolebindings.rbac.authorization.k8s.io"),
+                   ("patch", "customresourcedefinitions.apiextensions.k8s.io"), ("get", "configmaps")):
+        assert can_i(*denied) == "no", denied
+
+
+def test_committed_rbac_manifests_are_what_the_rules_generate() -> None:
+    assert (ROOT / "deploy" / "rbac" / "operator.yaml").read_text() == rbac.manifests(), \
+        "run `make manifests`: deploy/rbac drifted from promptpipe_operator/rbac.py"
