@@ -76,6 +76,7 @@ cluster-down:
 
 bench: setup
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.operator
 
 lint: setup
 	$(BIN)/mypy

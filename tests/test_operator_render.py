@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from promptpipe.config.loader import RuntimeConfig, parse_pipeline
-from promptpipe.config.spec import STAGE_ORDER, StageName
+from promptpipe.config.spec import STAGE_ORDER, CorpusSpec, StageName
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe_operator.render import (
@@ -81,7 +81,10 @@ def test_runtime_config_points_each_stage_at_the_service_dns_names() -> None:
     cm, _ = config_map(pipeline(), "ns1")
     config = RuntimeConfig.model_validate(yaml.safe_load(cm["data"]["runtime.yaml"]))
     assert config.endpoints[StageName.RAG] == f"quickstart-rag.ns1.svc:{GRPC_PORT}"
-    assert config.pipeline.spec == pipeline().spec
+    spec = pipeline().spec
+    # The same pipeline, with the corpus where the rag pod mounts its ConfigMap.
+    assert config.pipeline.spec == spec.model_copy(update={"rag": spec.rag.model_copy(
+        update={"corpus": CorpusSpec(path=CORPUS_DIR)})})
 
 
 def test_deployment_probes_security_drain_and_config_rollout() -> None:

@@ -1,0 +1,117 @@
+"""Operator latency on the real kube-apiserver: apply → every child created, readiness → status Ready,
+and a deleted child → recreated.
+
+    python -m bench.operator [--pipelines 10]
+
+The operator runs as its own process under its ServiceAccount (as in the tests).
+Readiness is simulated by writing Deployment status, as the Deployment controller
+would (there is no kubelet here). Times are polled every 5 ms, so they carry up to
+5 ms of polling error plus one list round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+
+from promptpipe.config.spec import STAGE_ORDER
+from promptpipe.devcluster.build import expected_tools
+from promptpipe.devcluster.cli import install_keda_crds
+from promptpipe.devcluster.cluster import ControlPlane
+from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
+CHILDREN = 1 + 3 * len(STAGE_ORDER)
+
+
+def poll(check: Any, timeout: float = 30.0) -> float:
+    """Seconds until check() is true."""
+    start = time.perf_counter()
+    while not check():
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError("no convergence within 30 s")
+        time.sleep(0.005)
+    return time.perf_counter() - start
+
+
+def summary(name: str, seconds: list[float], target: float | None = None) -> str:
+    ms = sorted(s * 1000 for s in seconds)
+    p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
+    goal = f"   target ≤ {target * 1000:.0f} ms" if target else ""
+    return f"{name:<40} median {statistics.median(ms):7.1f} ms   p90 {p90:7.1f}   max {ms[-1]:7.1f}   n={len(ms)}{goal}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipelines", type=int, default=10)
+    args = parser.parse_args()
+    tools = expected_tools()
+    with tempfile.TemporaryDirectory(prefix="promptpipe-bench-") as tmp:
+        folder = Path(tmp)
+        plane = ControlPlane.start(tools, folder / "plane")
+        operator: OperatorProcess | None = None
+        try:
+            install_keda_crds(plane, tools)
+            apply_crd(plane)
+            api = config.new_client_from_config(config_file=plane.kubeconfig)
+            core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+            ns = "bench"
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+            operator = OperatorProcess(operator_kubeconfig(plane, folder), ns, folder / "operator.log")
+            operator.start()
+
+            def children(name: str) -> int:
+                selector = f"app.kubernetes.io/instance={name}"
+                return (len(core.list_namespaced_config_map(ns, label_selector=selector).items)
+                        + len(core.list_namespaced_service(ns, label_selector=selector).items)
+                        + len(apps.list_namespaced_deployment(ns, label_selector=selector).items)
+                        + len(custom.list_namespaced_custom_object("keda.sh", "v1alpha1", ns, "scaledobjects",
+                                                                   label_selector=selector)["items"]))
+
+            def phase(name: str) -> str:
+                obj = custom.get_namespaced_custom_object("promptpipe.io", "v1alpha1", ns, "promptpipelines", name)
+                return str((obj.get("status") or {}).get("phase", ""))
+
+            created, ready, repaired = [], [], []
+            for i in range(args.pipelines):
+                name = f"p{i}"
+                doc = {**QUICKSTART, "metadata": {"name": name}}
+                start = time.perf_counter()
+                custom.create_namespaced_custom_object("promptpipe.io", "v1alpha1", ns, "promptpipelines", doc)
+                created.append(time.perf_counter() - start + poll(lambda n=name: children(n) == CHILDREN))
+                poll(lambda n=name: phase(n) == "Progressing")
+                start = time.perf_counter()
+                for stage in STAGE_ORDER:
+                    d = apps.read_namespaced_deployment(f"{name}-{stage.value}", ns)
+                    apps.patch_namespaced_deployment_status(f"{name}-{stage.value}", ns, {"status": {
+                        "observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1,
+                        "readyReplicas": 1, "availableReplicas": 1}})
+                ready.append(time.perf_counter() - start + poll(lambda n=name: phase(n) == "Ready"))
+                start = time.perf_counter()
+                core.delete_namespaced_service(f"{name}-rag", ns)
+                repaired.append(time.perf_counter() - start + poll(lambda n=name: children(n) == CHILDREN))
+
+            reconciles = operator.metric("promptpipe_operator_reconcile_duration_seconds_count")
+            spent = operator.metric("promptpipe_operator_reconcile_duration_seconds_sum")
+            print(f"operator as its ServiceAccount, {args.pipelines} quickstart pipelines ({CHILDREN} children each), "
+                  "applied one after another")
+            print(summary("apply → all children created", created, 2.0))
+            print(summary("last stage ready → status Ready", ready, 2.0))
+            print(summary("Service deleted → recreated", repaired))
+            print(f"{'reconciles':<40} {reconciles:.0f} in all, mean {1000 * spent / max(reconciles, 1):.1f} ms each")
+        finally:
+            if operator is not None:
+                operator.stop()
+            plane.stop()
+
+
+if __name__ == "__main__":
+    main()
