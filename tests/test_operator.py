@@ -19,7 +19,7 @@ from promptpipe.config.spec import STAGE_ORDER
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe_operator import rbac
-from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, wait_for
+from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -274,6 +274,33 @@ def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_c
     apply(control_plane, kube_tools, cluster.ns, doc)
     wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN, "gpu"), "the TGI children pruned")
     assert wait_for(lambda: cluster.events("Pruned"), "a Pruned event")
+
+
+def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted_without_any_event(
+        promptpipe_crd: None, kube: client.ApiClient, cluster: Cluster, control_plane: ControlPlane,
+        kube_tools: Tools, tmp_path: Path) -> None:
+    account = f"limited-{cluster.ns}"
+    without_keda = [r for r in rbac.RULES if r["apiGroups"] != ["keda.sh"]]
+    op = OperatorProcess(operator_kubeconfig(control_plane, tmp_path, account, without_keda), cluster.ns,
+                         tmp_path / "operator.log", resync_seconds=1.0)
+    op.start()
+    try:
+        apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
+        status = wait_for(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
+        degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+        assert degraded["reason"] == "ApplyFailed" and "403" in degraded["message"]
+        wait_for(lambda: cluster.events("ApplyFailed"), "a Warning event")
+        assert op.metric("promptpipe_operator_reconciles_total", 'outcome="error"') >= 1
+
+        # Granting the permission changes nothing the operator watches: the resync converges it.
+        client.RbacAuthorizationV1Api(kube).patch_cluster_role(account, {"rules": rbac.RULES})
+        wait_for(lambda: all_created(cluster) and cluster.status().get("phase") == "Progressing",
+                 "every child, and the Degraded condition cleared")
+    finally:
+        op.stop()
+        rbac_api = client.RbacAuthorizationV1Api(kube)
+        rbac_api.delete_cluster_role_binding(account)
+        rbac_api.delete_cluster_role(account)
 
 
 def test_a_spec_the_api_server_took_but_the_pipeline_refuses_fails_visibly_and_creates_nothing(

@@ -35,9 +35,10 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def cluster_role(name: str = NAME) -> dict[str, Any]:
+def cluster_role(name: str = NAME, rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": NAME}}, "rules": RULES}
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": NAME}},
+            "rules": RULES if rules is None else rules}
 
 
 def service_account(namespace: str, name: str = NAME) -> dict[str, Any]:

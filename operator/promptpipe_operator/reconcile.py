@@ -157,8 +157,11 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
 
     deployments = {n: obj for (k, n), obj in applied.items() if k == "Deployment"}
     if failure is not None:  # what was not applied this time may still be there from before
-        deployments = {n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items()
-                       if k == "Deployment"} | deployments
+        try:
+            deployments = {n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items()
+                           if k == "Deployment"} | deployments
+        except DynamicApiError:
+            pass  # the status then says less about the stages; the condition says why
     health = components(pp, deployments)
     result.status = pipeline_status(pp, namespace, generation, health, before, _now(), problem)
     try:

@@ -61,24 +61,28 @@ def apply_crd(plane: ControlPlane) -> None:
         api.close()
 
 
-def operator_kubeconfig(plane: ControlPlane, folder: Path) -> Path:
-    """Install the operator's ServiceAccount, ClusterRole and binding; a kubeconfig with a token for it."""
+def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.NAME,
+                        rules: list[dict[str, Any]] | None = None) -> Path:
+    """Install the operator's ServiceAccount, ClusterRole and binding; a kubeconfig with a token for it.
+
+    `account` and `rules` make another identity (for tests of what happens without a permission)."""
     api = config.new_client_from_config(config_file=plane.kubeconfig)
     try:
         core, authz = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
         if not any(n.metadata.name == SYSTEM_NAMESPACE for n in core.list_namespace().items):
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NAMESPACE)))
         for create, body in ((lambda b: core.create_namespaced_service_account(SYSTEM_NAMESPACE, b),
-                              rbac.service_account(SYSTEM_NAMESPACE)),
-                             (authz.create_cluster_role, rbac.cluster_role()),
-                             (authz.create_cluster_role_binding, rbac.cluster_role_binding(SYSTEM_NAMESPACE))):
+                              rbac.service_account(SYSTEM_NAMESPACE, account)),
+                             (authz.create_cluster_role, rbac.cluster_role(account, rules)),
+                             (authz.create_cluster_role_binding,
+                              rbac.cluster_role_binding(SYSTEM_NAMESPACE, account, account))):
             try:
                 create(body)
             except client.ApiException as err:
                 if err.status != 409:
                     raise
         token = core.create_namespaced_service_account_token(
-            rbac.NAME, SYSTEM_NAMESPACE, client.AuthenticationV1TokenRequest(
+            account, SYSTEM_NAMESPACE, client.AuthenticationV1TokenRequest(
                 spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=24 * 3600))).status.token
     finally:
         api.close()
@@ -87,11 +91,11 @@ def operator_kubeconfig(plane: ControlPlane, folder: Path) -> Path:
     kubeconfig = {
         "apiVersion": "v1", "kind": "Config",
         "clusters": [cluster],
-        "users": [{"name": rbac.NAME, "user": {"token": token}}],
-        "contexts": [{"name": rbac.NAME, "context": {"cluster": cluster["name"], "user": rbac.NAME}}],
-        "current-context": rbac.NAME,
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": cluster["name"], "user": account}}],
+        "current-context": account,
     }
-    path = folder / "operator.kubeconfig"
+    path = folder / f"{account}.kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
     path.chmod(0o600)
     return path
