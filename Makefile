@@ -61,10 +61,13 @@ test-fast: setup
 proto: setup
 	$(BIN)/python protos/generate.py
 
-# Generated manifests: the CRD from the spec models, the operator's RBAC from its rules.
+# Generated manifests: the CRD from the spec models, the operator's RBAC rules from
+# rbac.py, and deploy/install.yaml (for users without Helm) from the chart.
 manifests: setup
 	$(BIN)/python -m promptpipe.config.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
-	mkdir -p deploy/rbac && $(BIN)/python -m promptpipe_operator.rbac > deploy/rbac/operator.yaml
+	$(BIN)/python -m promptpipe.config.crd > charts/promptpipe/crds/promptpipelines.promptpipe.io.yaml
+	$(BIN)/python -m promptpipe_operator.rbac > charts/promptpipe/files/operator-rules.yaml
+	$(BIN)/python charts/generate.py > deploy/install.yaml
 
 crd: manifests
 

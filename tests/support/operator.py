@@ -81,8 +81,17 @@ def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.N
             except client.ApiException as err:
                 if err.status != 409:
                     raise
-        token = core.create_namespaced_service_account_token(
-            account, SYSTEM_NAMESPACE, client.AuthenticationV1TokenRequest(
+    finally:
+        api.close()
+    return service_account_kubeconfig(plane, folder, SYSTEM_NAMESPACE, account)
+
+
+def service_account_kubeconfig(plane: ControlPlane, folder: Path, namespace: str, account: str) -> Path:
+    """A kubeconfig authenticating as an existing ServiceAccount, with a token the API server issued."""
+    api = config.new_client_from_config(config_file=plane.kubeconfig)
+    try:
+        token = client.CoreV1Api(api).create_namespaced_service_account_token(
+            account, namespace, client.AuthenticationV1TokenRequest(
                 spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=24 * 3600))).status.token
     finally:
         api.close()
@@ -95,7 +104,7 @@ def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.N
         "contexts": [{"name": account, "context": {"cluster": cluster["name"], "user": account}}],
         "current-context": account,
     }
-    path = folder / f"{account}.kubeconfig"
+    path = folder / f"{namespace}-{account}.kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
     path.chmod(0o600)
     return path

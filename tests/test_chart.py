@@ -1,0 +1,158 @@
+"""The Helm chart, with the real helm CLI: lint, render, schema, and install/upgrade/uninstall
+on the real kube-apiserver with the operator running as the chart's ServiceAccount."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from promptpipe.config.crd import render as render_crd
+from promptpipe.devcluster.build import Tools
+from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe_operator import rbac
+from tests.support.operator import OperatorProcess, service_account_kubeconfig, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "promptpipe"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+KUBE_VERSION = "1.32.4"
+CRD_NAME = "promptpipelines.promptpipe.io"
+
+
+def helm(tools: Tools, *args: str, plane: ControlPlane | None = None,
+         check: bool = True) -> subprocess.CompletedProcess[str]:
+    kube = [f"--kubeconfig={plane.kubeconfig}"] if plane else []
+    result = subprocess.run([str(tools.helm), *kube, *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def rendered(tools: Tools, *args: str) -> list[dict[str, Any]]:
+    out = helm(tools, "template", "pp", str(CHART), "--kube-version", KUBE_VERSION, *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_the_chart_crd_rules_and_plain_install_are_generated_from_their_one_source(kube_tools: Tools) -> None:
+    assert (CHART / "crds" / f"{CRD_NAME}.yaml").read_text() == render_crd(), "run `make manifests`"
+    assert (CHART / "files" / "operator-rules.yaml").read_text() == rbac.rules_yaml(), "run `make manifests`"
+    generated = subprocess.run([sys.executable, str(ROOT / "charts" / "generate.py")], capture_output=True,
+                               text=True, check=True).stdout
+    assert (ROOT / "deploy" / "install.yaml").read_text() == generated, "run `make manifests`"
+
+
+@pytest.mark.parametrize("values", [None, *SCENARIOS], ids=lambda v: v.name if v else "defaults")
+def test_lint_and_template_every_scenario(kube_tools: Tools, values: Path | None) -> None:
+    extra = ["-f", str(values)] if values else []
+    helm(kube_tools, "lint", "--strict", str(CHART), *extra)
+    docs = rendered(kube_tools, *extra)
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert role["rules"] == rbac.RULES, "the chart's ClusterRole is exactly the operator's rules"
+    operator = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert operator["securityContext"]["runAsNonRoot"] is True
+    assert operator["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_monitoring_scenario_adds_service_monitors_and_the_dashboard(kube_tools: Tools) -> None:
+    docs = rendered(kube_tools, "-f", str(CHART / "ci" / "monitoring-values.yaml"))
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 2 and monitors[1]["spec"]["namespaceSelector"] == {"any": True}
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert "promptpipe_stage_queue_depth" in dashboard["data"]["promptpipe-pipelines.json"]
+    assert not [d for d in rendered(kube_tools) if d["kind"] in ("ServiceMonitor", "ConfigMap")], "off by default"
+
+
+@pytest.mark.parametrize(("setting", "field"), [
+    ("operator.resyncSeconds=soon", "operator.resyncSeconds"),
+    ("operator.logFormat=xml", "operator.logFormat"),
+    ("operator.replicas=2", "operator.replicas"),
+    ("operator.image.pullPolicy=Sometimes", "operator.image.pullPolicy"),
+    ("operator.colour=blue", "colour"),
+    ("pipelines.prometheusAddress=prometheus:9090", "pipelines.prometheusAddress"),
+])
+def test_values_schema_refuses_wrong_values_naming_the_field(kube_tools: Tools, setting: str, field: str) -> None:
+    result = helm(kube_tools, "template", "pp", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting,
+                  check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr and field in result.stderr
+
+
+@pytest.mark.controlplane
+def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_uninstall(
+        control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str,
+        tmp_path: Path) -> None:
+    ext, core = client.ApiextensionsV1Api(kube), client.CoreV1Api(kube)
+    authz, apps = client.RbacAuthorizationV1Api(kube), client.AppsV1Api(kube)
+    # Helm installs crds/ only when the CRD is absent: start from a cluster without it.
+    if any(c.metadata.name == CRD_NAME for c in ext.list_custom_resource_definition().items):
+        ext.delete_custom_resource_definition(CRD_NAME)
+        wait_for(lambda: all(c.metadata.name != CRD_NAME for c in ext.list_custom_resource_definition().items),
+                 "the old CRD to be gone", timeout=60)
+    release_ns = f"{namespace}-sys"
+    helm(kube_tools, "install", "promptpipe", str(CHART), "-n", release_ns, "--create-namespace", "--wait=false",
+         "--set", f"operator.watchNamespaces={{{namespace}}}", plane=control_plane)
+    try:
+        crd = wait_for(lambda: next((c for c in ext.list_custom_resource_definition().items
+                                     if c.metadata.name == CRD_NAME and any(
+                                         s.type == "Established" and s.status == "True"
+                                         for s in c.status.conditions or [])), None), "the CRD served")
+        assert crd.spec.names.short_names == ["pp"]
+        deployment = apps.read_namespaced_deployment("promptpipe", release_ns)
+        env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+        assert env["PROMPTPIPE_OPERATOR_NAMESPACES"] == namespace
+        account = deployment.spec.template.spec.service_account_name
+
+        # No kubelet runs the operator's pod here: run the operator as that pod would, with its identity.
+        op = OperatorProcess(service_account_kubeconfig(control_plane, tmp_path, release_ns, account), namespace,
+                             tmp_path / "operator.log")
+        op.start()
+        try:
+            example = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
+            client.CustomObjectsApi(kube).create_namespaced_custom_object(
+                "promptpipe.io", "v1alpha1", namespace, "promptpipelines", example)
+            wait_for(lambda: len(apps.list_namespaced_deployment(
+                namespace, label_selector="app.kubernetes.io/instance=quickstart").items) == 5,
+                "the example reconciled by the chart's identity")
+        finally:
+            op.stop()
+        who = f"--as=system:serviceaccount:{release_ns}:{account}"
+        for verb, resource in (("get", "secrets"), ("create", "pods"), ("delete", "namespaces")):
+            can = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "auth",
+                                  "can-i", verb, resource, "-n", namespace, who], capture_output=True, text=True)
+            assert can.stdout.strip() == "no", (verb, resource)
+
+        helm(kube_tools, "upgrade", "promptpipe", str(CHART), "-n", release_ns, "--reuse-values",
+             "--set", "operator.resyncSeconds=5", plane=control_plane)
+        env = {e.name: e.value for e in apps.read_namespaced_deployment(
+            "promptpipe", release_ns).spec.template.spec.containers[0].env}
+        assert env["PROMPTPIPE_OPERATOR_RESYNC_SECONDS"] == "5"
+        assert env["PROMPTPIPE_OPERATOR_NAMESPACES"] == namespace, "reused values kept"
+    finally:
+        helm(kube_tools, "uninstall", "promptpipe", "-n", release_ns, "--wait", plane=control_plane)
+    labelled = "app.kubernetes.io/instance=promptpipe"
+    assert not authz.list_cluster_role(label_selector=labelled).items
+    assert not authz.list_cluster_role_binding(label_selector=labelled).items
+    assert not apps.list_namespaced_deployment(release_ns).items
+    assert not [s for s in core.list_namespaced_service_account(release_ns).items if s.metadata.name == "promptpipe"]
+    # Helm never deletes what crds/ installed (pipelines would go with it): the CRD stays, as documented.
+    assert any(c.metadata.name == CRD_NAME for c in ext.list_custom_resource_definition().items)
+    core.delete_namespace(release_ns)
+
+
+@pytest.mark.controlplane
+def test_the_plain_install_is_accepted_by_the_api_server(
+        control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube)
+    if not any(n.metadata.name == "promptpipe-system" for n in core.list_namespace().items):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="promptpipe-system")))
+    result = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "apply",
+                             "--server-side", "--force-conflicts", "--dry-run=server", "-f",
+                             str(ROOT / "deploy" / "install.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(server dry run)") == 6
