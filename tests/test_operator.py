@@ -329,3 +329,17 @@ def test_the_operators_service_account_is_refused_what_it_does_not_need(
                    ("patch", "customresourcedefinitions.apiextensions.k8s.io"), ("get", "configmaps")):
         assert can_i(*denied) == "no", denied
 
+
+
+def test_every_example_is_reconciled(
+        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+    for path in examples:
+        doc = yaml.safe_load(path.read_text())
+        model = doc["spec"]["model"]
+        tgi_run_here = model.get("backend") == "tgi" and not (model.get("tgi") or {}).get("endpoints")
+        apply(control_plane, kube_tools, cluster.ns, doc)
+        name = doc["metadata"]["name"]
+        wait_for(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 2 * t, n)
+                 and settled(cluster, n), f"{path.name} reconciled")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from promptpipe.devcluster import versions
+from promptpipe.devcluster import dockerfile_lint, versions
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Tools:
     kubectl: Path
     helm: Path
     keda_crds: Path  # a folder of keda.sh CRD manifests
+    dockerfile_lint: Path
 
 
 def tools_dir() -> Path:
@@ -52,7 +53,7 @@ def expected_tools(root: Path | None = None) -> Tools:
     root = root or tools_dir()
     b = root / "bin"
     return Tools(b / "etcd", b / "kube-apiserver", b / "kube-controller-manager", b / "kubectl", b / "helm",
-                 root / "keda-crds")
+                 root / "keda-crds", b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}")
 
 
 def staging_modules(kubernetes_gomod: str) -> list[str]:
@@ -134,6 +135,15 @@ def build_helm(bin_dir: Path, work: Path) -> None:
     shutil.move(env_bin / "helm", bin_dir / "helm")
 
 
+def build_dockerfile_lint(dest: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text(wrapper_gomod("promptpipe.local/dockerfile-lint",
+                                               {"github.com/moby/buildkit": f"v{versions.BUILDKIT}"}, {}))
+    (work / "main.go").write_text(dockerfile_lint.MAIN_GO)
+    _go(["mod", "tidy"], work)
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), "."], work)
+
+
 def fetch_keda_crds(dest: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     module = Path(_module_file("github.com/kedacore/keda/v2", f"v{versions.KEDA}", work)["Dir"])
@@ -155,6 +165,7 @@ def ensure_tools() -> Tools:
         ((tools.etcd,), lambda: build_etcd(bin_dir, work / f"etcd-{versions.ETCD}")),
         ((tools.helm,), lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
         ((tools.keda_crds / "keda.sh_scaledobjects.yaml",), lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
+        ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):

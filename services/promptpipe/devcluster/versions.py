@@ -7,3 +7,5 @@ HELM = "3.16.4"
 # The first KEDA releases whose ScaledObject CRD checks minReplicaCount <= maxReplicaCount (CEL)
 # are after 2.16; 2.21.0 is pinned.
 KEDA = "2.21.0"
+# BuildKit, for its Dockerfile checks (dockerfile-lint); the binary's name carries the version.
+BUILDKIT = "0.25.2"
