@@ -67,6 +67,7 @@ manifests: setup
 	$(BIN)/python -m promptpipe.config.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
 	$(BIN)/python -m promptpipe.config.crd > charts/promptpipe/crds/promptpipelines.promptpipe.io.yaml
 	$(BIN)/python -m promptpipe_operator.rbac > charts/promptpipe/files/operator-rules.yaml
+	$(BIN)/python -m promptpipe_operator.rbac --leader-election > charts/promptpipe/files/leader-election-rules.yaml
 	$(BIN)/python charts/generate.py > deploy/install.yaml
 
 crd: manifests

@@ -42,6 +42,8 @@ def rendered(tools: Tools, *args: str) -> list[dict[str, Any]]:
 def test_the_chart_crd_rules_and_plain_install_are_generated_from_their_one_source(kube_tools: Tools) -> None:
     assert (CHART / "crds" / f"{CRD_NAME}.yaml").read_text() == render_crd(), "run `make manifests`"
     assert (CHART / "files" / "operator-rules.yaml").read_text() == rbac.rules_yaml(), "run `make manifests`"
+    assert (CHART / "files" / "leader-election-rules.yaml").read_text() == rbac.rules_yaml(
+        rbac.LEADER_ELECTION_RULES), "run `make manifests`"
     generated = subprocess.run([sys.executable, str(ROOT / "charts" / "generate.py")], capture_output=True,
                                text=True, check=True).stdout
     assert (ROOT / "deploy" / "install.yaml").read_text() == generated, "run `make manifests`"
@@ -54,6 +56,10 @@ def test_lint_and_template_every_scenario(kube_tools: Tools, values: Path | None
     docs = rendered(kube_tools, *extra)
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert role["rules"] == rbac.RULES, "the chart's ClusterRole is exactly the operator's rules"
+    lease_role = next(d for d in docs if d["kind"] == "Role")
+    assert lease_role["rules"] == rbac.LEADER_ELECTION_RULES
+    assert lease_role["metadata"]["namespace"] == next(d for d in docs if d["kind"] == "Deployment")[
+        "metadata"]["namespace"], "the Lease permission is only in the operator's namespace"
     operator = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert operator["securityContext"]["runAsNonRoot"] is True
     assert operator["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
@@ -71,7 +77,7 @@ def test_monitoring_scenario_adds_service_monitors_and_the_dashboard(kube_tools:
 @pytest.mark.parametrize(("setting", "field"), [
     ("operator.resyncSeconds=soon", "operator.resyncSeconds"),
     ("operator.logFormat=xml", "operator.logFormat"),
-    ("operator.replicas=2", "operator.replicas"),
+    ("operator.leaderElection=false,operator.replicas=2", "operator.replicas"),
     ("operator.image.pullPolicy=Sometimes", "operator.image.pullPolicy"),
     ("operator.colour=blue", "colour"),
     ("pipelines.prometheusAddress=prometheus:9090", "pipelines.prometheusAddress"),
@@ -107,15 +113,19 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
         env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
         assert env["PROMPTPIPE_OPERATOR_NAMESPACES"] == namespace
         account = deployment.spec.template.spec.service_account_name
+        assert env["PROMPTPIPE_OPERATOR_LEADER_ELECTION"] == "true"
 
-        # No kubelet runs the operator's pod here: run the operator as that pod would, with its identity.
+        # No kubelet runs the operator's pod here: run the operator as that pod would, with its identity,
+        # electing a leader on the chart's Lease in the release namespace.
         op = OperatorProcess(service_account_kubeconfig(control_plane, tmp_path, release_ns, account), namespace,
-                             tmp_path / "operator.log")
+                             tmp_path / "operator.log", lease=env["PROMPTPIPE_OPERATOR_LEASE_NAME"],
+                             lease_namespace=release_ns)
         op.start()
         try:
             example = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
             client.CustomObjectsApi(kube).create_namespaced_custom_object(
                 "promptpipe.io", "v1alpha1", namespace, "promptpipelines", example)
+            wait_for(lambda: op.metric("promptpipe_operator_leader") == 1, "the operator to lead")
             wait_for(lambda: len(apps.list_namespaced_deployment(
                 namespace, label_selector="app.kubernetes.io/instance=quickstart").items) == 5,
                 "the example reconciled by the chart's identity")
@@ -155,4 +165,4 @@ def test_the_plain_install_is_accepted_by_the_api_server(
                              "--server-side", "--force-conflicts", "--dry-run=server", "-f",
                              str(ROOT / "deploy" / "install.yaml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("(server dry run)") == 6
+    assert result.stdout.count("(server dry run)") == 8

@@ -4,6 +4,7 @@ built: the Dockerfiles are checked by BuildKit's own linter (the checks of
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -87,3 +88,30 @@ def test_skaffold_builds_every_image_from_its_dockerfile_and_deploys_the_chart()
         for part in key.split("."):
             assert part in node, f"skaffold sets {key}, which values.yaml does not have"
             node = node[part]
+
+
+def skaffold(tools: Tools, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    assert tools.skaffold.exists(), "run `make setup` (builds skaffold)"
+    env = {**os.environ, "PATH": f"{tools.helm.parent}:{os.environ['PATH']}", "SKAFFOLD_UPDATE_CHECK": "false"}
+    return subprocess.run([str(tools.skaffold), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_real_skaffold_reads_the_config_and_refuses_a_broken_one(kube_tools: Tools, tmp_path: Path) -> None:
+    result = skaffold(kube_tools, "diagnose", "--yaml-only")
+    assert result.returncode == 0, result.stderr
+    assert "dockerfile: services/Dockerfile" in result.stdout
+    broken = tmp_path / "skaffold.yaml"
+    broken.write_text((ROOT / "skaffold.yaml").read_text().replace("chartPath:", "chartDir:"))
+    result = skaffold(kube_tools, "diagnose", "--yaml-only", "-f", str(broken))
+    assert result.returncode != 0 and "chartDir" in result.stdout + result.stderr
+
+
+def test_skaffold_renders_the_chart_with_the_images_it_builds(kube_tools: Tools) -> None:
+    result = skaffold(kube_tools, "render", "--offline=true", "--digest-source=tag", "--tag=dev1")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    operator = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert operator["image"] == "ghcr.io/promptpipe/operator:dev1"
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert env["PROMPTPIPE_OPERATOR_STAGE_IMAGE"] == "ghcr.io/promptpipe/stage:dev1"

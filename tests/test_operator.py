@@ -7,6 +7,7 @@ Deployment controller would once pods are Ready.
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,60 @@ def test_every_example_is_reconciled(
         name = doc["metadata"]["name"]
         wait_for(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 2 * t, n)
                  and settled(cluster, n), f"{path.name} reconciled")
+
+
+def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(
+        operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools,
+        tmp_path: Path) -> None:
+    lease = f"lease-{cluster.ns}"
+    replicas = [OperatorProcess(operator_identity, cluster.ns, tmp_path / f"operator-{i}.log", lease=lease)
+                for i in range(2)]
+    try:
+        for op in replicas:
+            op.start()
+
+        def leaders() -> list[OperatorProcess]:
+            return [op for op in replicas if op.proc and op.proc.poll() is None
+                    and op.metric("promptpipe_operator_leader") == 1]
+        (leader,) = wait_for(lambda: len(leaders()) == 1 and leaders(), "one leader")
+        (follower,) = [op for op in replicas if op is not leader]
+        doc = pipeline_doc()
+        deploy(control_plane, kube_tools, cluster, doc)
+        assert follower.metric("promptpipe_operator_reconciles_total") == 0, "the follower did nothing"
+        assert follower.metric("promptpipe_operator_leader") == 0
+
+        leader.kill()  # a crash: the Lease is not released and must expire (4 s here)
+        wait_for(lambda: follower.metric("promptpipe_operator_leader") == 1, "the follower to lead", timeout=30)
+        doc["spec"]["stages"]["rag"]["scaling"] = {"maxReplicas": 7}
+        apply(control_plane, kube_tools, cluster.ns, doc)
+        wait_for(lambda: settled(cluster) and cluster.children()[("ScaledObject", "quickstart-rag")][
+            "spec"]["maxReplicaCount"] == 7, "the new leader to reconcile the edit")
+
+        follower.stop()  # a normal stop hands the Lease over at once
+        held = client.CoordinationV1Api(cluster.core.api_client).read_namespaced_lease(lease, SYSTEM_NAMESPACE)
+        assert held.spec.holder_identity is None
+    finally:
+        for op in replicas:
+            op.stop()
+
+
+def test_a_leader_that_loses_its_lease_stops_and_exits_non_zero(
+        operator_identity: Path, cluster: Cluster, tmp_path: Path) -> None:
+    lease = f"lease-{cluster.ns}"
+    op = OperatorProcess(operator_identity, cluster.ns, tmp_path / "operator.log", lease=lease)
+    op.start()
+    try:
+        wait_for(lambda: op.metric("promptpipe_operator_leader") == 1, "it to lead")
+        coordination = client.CoordinationV1Api(cluster.core.api_client)
+        held = coordination.read_namespaced_lease(lease, SYSTEM_NAMESPACE)
+        # Another holder, renewing: as after a network partition in which another replica took over.
+        held.spec.holder_identity = "someone-else"
+        held.spec.renew_time = datetime.now(UTC)
+        coordination.replace_namespaced_lease(lease, SYSTEM_NAMESPACE, held)
+        assert op.proc is not None
+        wait_for(lambda: op.proc is not None and op.proc.poll() is not None, "the operator to stop", timeout=30)
+        assert op.proc.returncode == 1
+        assert coordination.read_namespaced_lease(lease, SYSTEM_NAMESPACE).spec.holder_identity == "someone-else", \
+            "a leader that lost the Lease does not release someone else's"
+    finally:
+        op.stop()

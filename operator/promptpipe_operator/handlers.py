@@ -18,7 +18,6 @@ from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
-from prometheus_client import start_http_server
 
 from promptpipe.config.crd import GROUP, PLURAL, VERSION
 from promptpipe_operator.kube import Kube
@@ -45,8 +44,6 @@ class Operator:
         self._resync: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port)
         self._resync = asyncio.get_running_loop().create_task(self._resync_forever())
 
     async def stop(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILES = Counter(
     "promptpipe_operator_reconciles_total", "Reconciles of a pipeline, by outcome.", ["outcome"])
@@ -13,3 +13,5 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 CHILD_CHANGES = Counter(
     "promptpipe_operator_child_changes_total", "Children created, updated or deleted.", ["action", "kind"])
+LEADER = Gauge(
+    "promptpipe_operator_leader", "1 while this replica holds the leader Lease (or runs without election).")

@@ -24,7 +24,17 @@ class OperatorSettings(BaseSettings):
     metrics_port: int = 8080
     """Prometheus metrics of the operator itself; 0: off."""
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
+    """kopf's liveness probe, while this replica runs kopf; empty: off."""
     log_format: Literal["json", "plain"] = "json"
+
+    leader_election: bool = False
+    """Run kopf only while holding a Lease, so several replicas are safe."""
+    lease_name: str = "promptpipe-operator"
+    lease_namespace: str = "default"
+    """Where the Lease lives: the operator's own namespace (the chart passes it)."""
+    lease_seconds: int = 15
+    lease_renew_deadline_seconds: int = 10
+    lease_retry_seconds: int = 2
 
     @field_validator("namespaces", mode="before")
     @classmethod

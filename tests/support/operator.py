@@ -71,11 +71,18 @@ def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.N
         core, authz = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
         if not any(n.metadata.name == SYSTEM_NAMESPACE for n in core.list_namespace().items):
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NAMESPACE)))
+        lease_role = {"metadata": {"name": account, "namespace": SYSTEM_NAMESPACE},
+                      "rules": rbac.LEADER_ELECTION_RULES}
+        lease_binding = {"metadata": {"name": account, "namespace": SYSTEM_NAMESPACE},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+                         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": SYSTEM_NAMESPACE}]}
         for create, body in ((lambda b: core.create_namespaced_service_account(SYSTEM_NAMESPACE, b),
                               rbac.service_account(SYSTEM_NAMESPACE, account)),
                              (authz.create_cluster_role, rbac.cluster_role(account, rules)),
                              (authz.create_cluster_role_binding,
-                              rbac.cluster_role_binding(SYSTEM_NAMESPACE, account, account))):
+                              rbac.cluster_role_binding(SYSTEM_NAMESPACE, account, account)),
+                             (lambda b: authz.create_namespaced_role(SYSTEM_NAMESPACE, b), lease_role),
+                             (lambda b: authz.create_namespaced_role_binding(SYSTEM_NAMESPACE, b), lease_binding)):
             try:
                 create(body)
             except client.ApiException as err:
@@ -118,6 +125,8 @@ class OperatorProcess:
     namespace: str
     log: Path
     resync_seconds: float = 30.0
+    lease: str = ""  # with a name: leader election on that Lease (short timings, for tests)
+    lease_namespace: str = SYSTEM_NAMESPACE
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
 
@@ -130,6 +139,11 @@ class OperatorProcess:
                "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{health}/healthz",
                "PROMPTPIPE_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
                "PROMPTPIPE_OPERATOR_LOG_FORMAT": "json"}
+        if self.lease:
+            env |= {"PROMPTPIPE_OPERATOR_LEADER_ELECTION": "true", "PROMPTPIPE_OPERATOR_LEASE_NAME": self.lease,
+                    "PROMPTPIPE_OPERATOR_LEASE_NAMESPACE": self.lease_namespace, "PROMPTPIPE_OPERATOR_LEASE_SECONDS": "4",
+                    "PROMPTPIPE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "3",
+                    "PROMPTPIPE_OPERATOR_LEASE_RETRY_SECONDS": "1"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "promptpipe_operator"], env=env,  # noqa: S603
                                          stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # noqa: PLW1509
@@ -138,12 +152,21 @@ class OperatorProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 pytest.fail(f"the operator exited:\n{self.log.read_text()[-3000:]}", pytrace=False)
+            # A follower runs no kopf, so no kopf liveness endpoint: it serves its metrics.
+            url = (f"http://127.0.0.1:{self.metrics_port}/metrics" if self.lease
+                   else f"http://127.0.0.1:{health}/healthz")
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=1).close()  # noqa: S310
+                urllib.request.urlopen(url, timeout=1).close()  # noqa: S310
                 return True
             except OSError:
                 return False
-        wait_for(alive, "the operator's liveness endpoint", timeout=30)
+        wait_for(alive, "the operator to serve", timeout=30)
+
+    def kill(self) -> None:
+        """A crash: no chance to release anything."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -26,6 +26,8 @@ from promptpipe.devcluster import dockerfile_lint, versions
 
 log = logging.getLogger(__name__)
 
+# `replace path => path vX` lines of a go.mod (replaces to another version, not to a folder).
+_VERSION_REPLACE = re.compile(r"^replace\s+(\S+)\s+=>\s+\1\s+(v\S+)\s*$", re.MULTILINE)
 _LOCAL_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/src/\1\s*$", re.MULTILINE)
 
 
@@ -42,6 +44,7 @@ class Tools:
     helm: Path
     keda_crds: Path  # a folder of keda.sh CRD manifests
     dockerfile_lint: Path
+    skaffold: Path
 
 
 def tools_dir() -> Path:
@@ -53,7 +56,8 @@ def expected_tools(root: Path | None = None) -> Tools:
     root = root or tools_dir()
     b = root / "bin"
     return Tools(b / "etcd", b / "kube-apiserver", b / "kube-controller-manager", b / "kubectl", b / "helm",
-                 root / "keda-crds", b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}")
+                 root / "keda-crds", b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}",
+                 b / f"skaffold-{versions.SKAFFOLD}")
 
 
 def staging_modules(kubernetes_gomod: str) -> list[str]:
@@ -144,6 +148,18 @@ def build_dockerfile_lint(dest: Path, work: Path) -> None:
     _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), "."], work)
 
 
+def build_skaffold(dest: Path, work: Path) -> None:
+    """skaffold pins some dependencies with replaces in its go.mod, which a dependent ignores: copy them."""
+    v = versions.SKAFFOLD
+    work.mkdir(parents=True, exist_ok=True)
+    module = "github.com/GoogleContainerTools/skaffold/v2"
+    gomod = Path(_module_file(module, f"v{v}", work)["GoMod"]).read_text()
+    command = f"{module}/cmd/skaffold"
+    _wrapper(work, {module: f"v{v}"}, dict(_VERSION_REPLACE.findall(gomod)), [command])
+    _go(["build", "-trimpath", f"-ldflags=-s -w -X {module}/pkg/skaffold/version.version=v{v}", "-o", str(dest),
+         command], work)
+
+
 def fetch_keda_crds(dest: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     module = Path(_module_file("github.com/kedacore/keda/v2", f"v{versions.KEDA}", work)["Dir"])
@@ -166,6 +182,7 @@ def ensure_tools() -> Tools:
         ((tools.helm,), lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
         ((tools.keda_crds / "keda.sh_scaledobjects.yaml",), lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
         ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
+        ((tools.skaffold,), lambda: build_skaffold(tools.skaffold, work / f"skaffold-{versions.SKAFFOLD}")),
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):

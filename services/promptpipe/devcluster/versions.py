@@ -9,3 +9,5 @@ HELM = "3.16.4"
 KEDA = "2.21.0"
 # BuildKit, for its Dockerfile checks (dockerfile-lint); the binary's name carries the version.
 BUILDKIT = "0.25.2"
+# skaffold, to check skaffold.yaml with the real CLI (render, diagnose); the binary's name carries the version.
+SKAFFOLD = "2.16.1"
