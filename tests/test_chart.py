@@ -148,6 +148,8 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
     labelled = "app.kubernetes.io/instance=promptpipe"
     assert not authz.list_cluster_role(label_selector=labelled).items
     assert not authz.list_cluster_role_binding(label_selector=labelled).items
+    assert not authz.list_namespaced_role(release_ns).items and not authz.list_namespaced_role_binding(
+        release_ns).items
     assert not apps.list_namespaced_deployment(release_ns).items
     assert not [s for s in core.list_namespaced_service_account(release_ns).items if s.metadata.name == "promptpipe"]
     # Helm never deletes what crds/ installed (pipelines would go with it): the CRD stays, as documented.
