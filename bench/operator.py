@@ -52,23 +52,29 @@ def summary(name: str, seconds: list[float], target: float | None = None) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipelines", type=int, default=10)
+    parser.add_argument("--concurrency", default="1,4",
+                        help="apply concurrencies to compare, one operator each, measured in turns")
     args = parser.parse_args()
     tools = expected_tools()
+    levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="promptpipe-bench-") as tmp:
         folder = Path(tmp)
         plane = ControlPlane.start(tools, folder / "plane")
-        operator: OperatorProcess | None = None
+        operators: dict[int, OperatorProcess] = {}
         try:
             install_keda_crds(plane, tools)
             apply_crd(plane)
             api = config.new_client_from_config(config_file=plane.kubeconfig)
             core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
-            ns = "bench"
-            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-            operator = OperatorProcess(operator_kubeconfig(plane, folder), ns, folder / "operator.log")
-            operator.start()
+            identity = operator_kubeconfig(plane, folder)
+            for level in levels:
+                ns = f"bench-c{level}"
+                core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+                operators[level] = OperatorProcess(identity, ns, folder / f"operator-{level}.log",
+                                                   env={"PROMPTPIPE_OPERATOR_APPLY_CONCURRENCY": str(level)})
+                operators[level].start()
 
-            def children(name: str) -> int:
+            def children(ns: str, name: str) -> int:
                 selector = f"app.kubernetes.io/instance={name}"
                 return (len(core.list_namespaced_config_map(ns, label_selector=selector).items)
                         + len(core.list_namespaced_service(ns, label_selector=selector).items)
@@ -76,40 +82,51 @@ def main() -> None:
                         + len(custom.list_namespaced_custom_object("keda.sh", "v1alpha1", ns, "scaledobjects",
                                                                    label_selector=selector)["items"]))
 
-            def phase(name: str) -> str:
+            def phase(ns: str, name: str) -> str:
                 obj = custom.get_namespaced_custom_object("promptpipe.io", "v1alpha1", ns, "promptpipelines", name)
                 return str((obj.get("status") or {}).get("phase", ""))
 
-            created, ready, repaired = [], [], []
+            created: dict[int, list[float]] = {c: [] for c in levels}
+            ready: dict[int, list[float]] = {c: [] for c in levels}
+            repaired: dict[int, list[float]] = {c: [] for c in levels}
             for i in range(args.pipelines):
-                name = f"p{i}"
-                doc = {**QUICKSTART, "metadata": {"name": name}}
-                start = time.perf_counter()
-                custom.create_namespaced_custom_object("promptpipe.io", "v1alpha1", ns, "promptpipelines", doc)
-                created.append(time.perf_counter() - start + poll(lambda n=name: children(n) == CHILDREN))
-                poll(lambda n=name: phase(n) == "Progressing")
-                start = time.perf_counter()
-                for stage in STAGE_ORDER:
-                    d = apps.read_namespaced_deployment(f"{name}-{stage.value}", ns)
-                    apps.patch_namespaced_deployment_status(f"{name}-{stage.value}", ns, {"status": {
-                        "observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1,
-                        "readyReplicas": 1, "availableReplicas": 1}})
-                ready.append(time.perf_counter() - start + poll(lambda n=name: phase(n) == "Ready"))
-                start = time.perf_counter()
-                core.delete_namespaced_service(f"{name}-rag", ns)
-                repaired.append(time.perf_counter() - start + poll(lambda n=name: children(n) == CHILDREN))
+                for level in levels:  # in turns, so both see the same machine
+                    ns, name = f"bench-c{level}", f"p{i}"
+                    doc = {**QUICKSTART, "metadata": {"name": name}}
+                    start = time.perf_counter()
+                    custom.create_namespaced_custom_object("promptpipe.io", "v1alpha1", ns, "promptpipelines", doc)
+                    created[level].append(time.perf_counter() - start + poll(lambda: children(ns, name) == CHILDREN))
+                    poll(lambda: phase(ns, name) == "Progressing")
+                    start = time.perf_counter()
+                    for stage in STAGE_ORDER:
+                        d = apps.read_namespaced_deployment(f"{name}-{stage.value}", ns)
+                        apps.patch_namespaced_deployment_status(f"{name}-{stage.value}", ns, {"status": {
+                            "observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1,
+                            "readyReplicas": 1, "availableReplicas": 1}})
+                    ready[level].append(time.perf_counter() - start + poll(lambda: phase(ns, name) == "Ready"))
+                    start = time.perf_counter()
+                    core.delete_namespaced_service(f"{name}-rag", ns)
+                    repaired[level].append(time.perf_counter() - start + poll(lambda: children(ns, name) == CHILDREN))
 
-            reconciles = operator.metric("promptpipe_operator_reconcile_duration_seconds_count")
-            spent = operator.metric("promptpipe_operator_reconcile_duration_seconds_sum")
-            print(f"operator as its ServiceAccount, {args.pipelines} quickstart pipelines ({CHILDREN} children each), "
-                  "applied one after another")
-            print(summary("apply → all children created", created, 2.0))
-            print(summary("last stage ready → status Ready", ready, 2.0))
-            print(summary("Service deleted → recreated", repaired))
-            print(f"{'reconciles':<40} {reconciles:.0f} in all, mean {1000 * spent / max(reconciles, 1):.1f} ms each")
+            print(f"operator as its ServiceAccount, {args.pipelines} quickstart pipelines ({CHILDREN} children each) "
+                  f"per setting, applied one after another, settings in turns")
+            for level in levels:
+                op = operators[level]
+                reconciles = op.metric("promptpipe_operator_reconcile_duration_seconds_count")
+                spent = op.metric("promptpipe_operator_reconcile_duration_seconds_sum")
+                print(f"-- apply concurrency {level}")
+                print(summary("apply → all children created", created[level], 2.0))
+                print(summary("last stage ready → status Ready", ready[level], 2.0))
+                print(summary("Service deleted → recreated", repaired[level]))
+                print(f"{'reconciles':<40} {reconciles:.0f} in all, mean {1000 * spent / max(reconciles, 1):.1f} ms")
+            if len(levels) == 2:
+                a, b = levels
+                print(f"-- median ratio, concurrency {b} / {a}: apply→created "
+                      f"{statistics.median(created[b]) / statistics.median(created[a]):.2f}, ready→Ready "
+                      f"{statistics.median(ready[b]) / statistics.median(ready[a]):.2f}")
         finally:
-            if operator is not None:
-                operator.stop()
+            for op in operators.values():
+                op.stop()
             plane.stop()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubernetes import client
@@ -30,14 +31,17 @@ class KindNotServed(Exception):
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, workers: int = 4) -> None:
         # A discovery cache of our own: the shared default in /tmp may describe another cluster.
         fd, self._cache = tempfile.mkstemp(prefix="promptpipe-discovery-", suffix=".json")
         os.close(fd)
         os.unlink(self._cache)
         self._dyn = DynamicClient(api, cache_file=self._cache)  # type: ignore[no-untyped-call]
+        # Children are applied a few at a time: each apply is a round trip the API server can overlap.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="apply")
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if os.path.exists(self._cache):
             os.unlink(self._cache)
 
@@ -73,6 +77,12 @@ class Kube:
             res, body=manifest, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER,
             force_conflicts=True).to_dict()  # type: ignore[no-untyped-call]
         return out
+
+    def apply_all(self, manifests: list[Manifest]) -> list[dict[str, Any]]:
+        """`apply` each, concurrently, results in order; the first failure is raised."""
+        for manifest in manifests:  # discovery once, before the threads share its cache
+            self._resource(manifest["apiVersion"], manifest["kind"])
+        return list(self._pool.map(self.apply, manifests))
 
     def owned(self, namespace: str, owner_uid: str, selector: str) -> dict[ChildKey, dict[str, Any]]:
         """The children, by kind and name, of the owner with this uid (among objects matching `selector`)."""

@@ -136,9 +136,8 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
     failure: Transient | None = None
     try:
         existing = kube.owned(namespace, meta["uid"], selector)
-        for manifest in desired:
+        for manifest, obj in zip(desired, kube.apply_all(desired), strict=True):
             key = (manifest["kind"], manifest["metadata"]["name"])
-            obj = kube.apply(manifest)
             applied[key] = obj
             if key not in existing:
                 result.created.append(_label(manifest))

@@ -21,6 +21,8 @@ class OperatorSettings(BaseSettings):
     """Namespaces to watch (comma-separated); empty: all of them."""
     resync_seconds: float = 30.0
     """Every pipeline is reconciled at least this often, whatever the events say."""
+    apply_concurrency: int = 4
+    """Children applied at once in a reconcile (1: one after another)."""
     metrics_port: int = 8080
     """Prometheus metrics of the operator itself; 0: off."""
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class OperatorProcess:
     resync_seconds: float = 30.0
     lease: str = ""  # with a name: leader election on that Lease (short timings, for tests)
     lease_namespace: str = SYSTEM_NAMESPACE
+    env: dict[str, str] = field(default_factory=dict)  # more PROMPTPIPE_OPERATOR_* settings
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
 
@@ -138,7 +139,7 @@ class OperatorProcess:
                "PROMPTPIPE_OPERATOR_METRICS_PORT": str(self.metrics_port),
                "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{health}/healthz",
                "PROMPTPIPE_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
-               "PROMPTPIPE_OPERATOR_LOG_FORMAT": "json"}
+               "PROMPTPIPE_OPERATOR_LOG_FORMAT": "json", **self.env}
         if self.lease:
             env |= {"PROMPTPIPE_OPERATOR_LEADER_ELECTION": "true", "PROMPTPIPE_OPERATOR_LEASE_NAME": self.lease,
                     "PROMPTPIPE_OPERATOR_LEASE_NAMESPACE": self.lease_namespace, "PROMPTPIPE_OPERATOR_LEASE_SECONDS": "4",
