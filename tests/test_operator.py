@@ -149,6 +149,17 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
     assert "kopf" not in status and not cluster.pipeline()["metadata"].get("finalizers")
 
 
+def test_cluster_wide_as_the_chart_runs_it_by_default(
+        operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools,
+        tmp_path: Path) -> None:
+    op = OperatorProcess(operator_identity, "", tmp_path / "operator.log")  # no namespaces: all of them
+    op.start()
+    try:
+        deploy(control_plane, kube_tools, cluster, pipeline_doc())
+    finally:
+        op.stop()
+
+
 def test_ready_when_every_stage_is_available_then_degraded_when_one_is_not(
         operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
