@@ -39,14 +39,16 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
 	$(BIN)/pip install --quiet --find-links $(WHEELS) --constraint constraints.txt --editable '.[dev]'
 	touch $@
 
-# etcd, kube-apiserver, kubectl and helm from the Go module proxy, plus KEDA's CRDs: built once
-# into $(CACHE)/controlplane (about 15 minutes the first time); a no-op when they are there.
+# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold and dockerfile-lint from
+# the Go module proxy, plus KEDA's CRDs: built once into $(CACHE)/controlplane (about 20 minutes
+# the first time on 2 cores); a no-op when they are there.
 controlplane: $(STAMP)
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster build
 
 setup: $(STAMP) controlplane
 
-demo: setup
+# The demo needs no Kubernetes tools: only the Python install.
+demo: $(STAMP)
 	$(BIN)/promptpipe up -f deploy/examples/quickstart.yaml
 	$(BIN)/promptpipe generate --session demo "$(QUESTION)" || { $(BIN)/promptpipe down; exit 1; }
 	$(BIN)/promptpipe down
