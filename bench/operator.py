@@ -63,7 +63,7 @@ def main() -> None:
         operators: dict[int, OperatorProcess] = {}
         try:
             install_keda_crds(plane, tools)
-            apply_crd(plane)
+            apply_crd(plane, tools)
             api = config.new_client_from_config(config_file=plane.kubeconfig)
             core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
             identity = operator_kubeconfig(plane, folder)

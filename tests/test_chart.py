@@ -16,6 +16,7 @@ from promptpipe.config.crd import render as render_crd
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe_operator import rbac
+from tests.support.kube import kubectl
 from tests.support.operator import OperatorProcess, service_account_kubeconfig, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,8 +134,8 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
             op.stop()
         who = f"--as=system:serviceaccount:{release_ns}:{account}"
         for verb, resource in (("get", "secrets"), ("create", "pods"), ("delete", "namespaces")):
-            can = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "auth",
-                                  "can-i", verb, resource, "-n", namespace, who], capture_output=True, text=True)
+            can = kubectl(control_plane, kube_tools, "auth", "can-i", verb, resource, "-n", namespace, who,
+                          check=False)
             assert can.stdout.strip() == "no", (verb, resource)
 
         helm(kube_tools, "upgrade", "promptpipe", str(CHART), "-n", release_ns, "--reuse-values",
@@ -163,8 +164,6 @@ def test_the_plain_install_is_accepted_by_the_api_server(
     core = client.CoreV1Api(kube)
     if not any(n.metadata.name == "promptpipe-system" for n in core.list_namespace().items):
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="promptpipe-system")))
-    result = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "apply",
-                             "--server-side", "--force-conflicts", "--dry-run=server", "-f",
-                             str(ROOT / "deploy" / "install.yaml")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = kubectl(control_plane, kube_tools, "apply", "--server-side", "--force-conflicts", "--dry-run=server",
+                     "-f", str(ROOT / "deploy" / "install.yaml"))
     assert result.stdout.count("(server dry run)") == 8

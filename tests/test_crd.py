@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from kubernetes import client
 from promptpipe.config.crd import promptpipeline_crd, render
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
+from tests.support.kube import kubectl
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "deploy" / "crds" / "promptpipelines.promptpipe.io.yaml"
@@ -41,19 +41,6 @@ def test_schema_is_structural() -> None:
     walk(promptpipeline_crd())
 
 
-@pytest.fixture(scope="module")
-def installed_crd(control_plane: ControlPlane, kube_tools: Tools) -> None:
-    kubectl(control_plane, kube_tools, "apply", "--server-side", "-f", str(CRD_FILE))
-    kubectl(control_plane, kube_tools, "wait", "--for=condition=Established", "--timeout=30s",
-            "crd/promptpipelines.promptpipe.io")
-
-
-def kubectl(plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", *args], input=stdin,
-                          capture_output=True, text=True, check=check)
-
-
 def quickstart(name: str) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load(QUICKSTART.read_text())
     doc["metadata"]["name"] = name
@@ -62,7 +49,7 @@ def quickstart(name: str) -> dict[str, Any]:
 
 @pytest.mark.controlplane
 def test_examples_are_accepted_and_listed_by_short_name(
-        installed_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
+        promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
     for example in sorted((ROOT / "deploy" / "examples").glob("*.yaml")):
         dry = kubectl(control_plane, kube_tools, "apply", "-n", namespace, "--dry-run=server", "-f", str(example))
         assert "created (server dry run)" in dry.stdout, dry.stderr
@@ -91,7 +78,7 @@ MALFORMED = [
 @pytest.mark.controlplane
 @pytest.mark.parametrize(("path", "value", "field"), MALFORMED)
 def test_malformed_resource_is_refused_at_apply_naming_the_field(
-        installed_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str,
+        promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str,
         path: list[str], value: object, field: str) -> None:
     doc = quickstart("bad")
     node = doc
@@ -105,7 +92,7 @@ def test_malformed_resource_is_refused_at_apply_naming_the_field(
 
 
 @pytest.mark.controlplane
-def test_missing_model_is_refused(installed_crd: None, kube: client.ApiClient, namespace: str) -> None:
+def test_missing_model_is_refused(promptpipe_crd: None, kube: client.ApiClient, namespace: str) -> None:
     doc = copy.deepcopy(quickstart("nomodel"))
     del doc["spec"]["model"]
     with pytest.raises(client.exceptions.ApiException) as info:

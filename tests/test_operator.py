@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from promptpipe.config.spec import STAGE_ORDER
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe_operator import rbac
+from tests.support.kube import kubectl
 from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig, wait_for
 
 pytestmark = pytest.mark.controlplane
@@ -30,15 +30,6 @@ GROUP, VERSION, PLURAL = "promptpipe.io", "v1alpha1", "promptpipelines"
 STAGES = [s.value for s in STAGE_ORDER]
 # ConfigMap, and per stage a Deployment, a Service and a ScaledObject.
 QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
-
-
-def kubectl(plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", *args], input=stdin,
-                            capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def pipeline_doc(name: str = "quickstart", **spec: Any) -> dict[str, Any]:

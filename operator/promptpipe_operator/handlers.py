@@ -158,7 +158,12 @@ async def track(type: str, namespace: str | None, name: str, memo: Any, **_: Any
         operator.known.add((namespace, name))
 
 
-async def _child_changed(body: kopf.Body, namespace: str | None, memo: Any) -> None:
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels=MANAGED)
+async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Any change to a child (gone, edited, readiness) reconciles its pipeline."""
     owner = next((r["name"] for r in body.metadata.get("ownerReferences") or []
                   if r.get("kind") == "PromptPipeline" and r.get("controller")), None)
     if owner is None or namespace is None:
@@ -167,11 +172,3 @@ async def _child_changed(body: kopf.Body, namespace: str | None, memo: Any) -> N
         await memo["operator"].request((namespace, owner))
     except Exception:  # noqa: BLE001 - logged by the reconcile; the resync tries again
         pass
-
-
-@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
-@kopf.on.event("", "v1", "services", labels=MANAGED)
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels=MANAGED)
-async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
-    await _child_changed(body, namespace, memo)

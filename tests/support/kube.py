@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -11,6 +12,24 @@ from kubernetes import client, config
 from promptpipe.devcluster.build import Tools, expected_tools
 from promptpipe.devcluster.cli import install_keda_crds
 from promptpipe.devcluster.cluster import ControlPlane
+
+
+def kubectl(plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The pinned kubectl as the admin; with `check`, a failure fails the test with kubectl's message."""
+    result = subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", *args], input=stdin,
+                            capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def service_account_token(api: client.ApiClient, namespace: str, name: str, seconds: int = 3600) -> str:
+    """A token the API server issues for an existing ServiceAccount (TokenRequest)."""
+    token: str = client.CoreV1Api(api).create_namespaced_service_account_token(
+        name, namespace, client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds))).status.token
+    return token
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +82,7 @@ def as_service_account(kube: client.ApiClient, control_plane: ControlPlane) -> I
         core = client.CoreV1Api(kube)
         core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
             metadata=client.V1ObjectMeta(name=name)))
-        token = core.create_namespaced_service_account_token(name, namespace, client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))).status.token
+        token = service_account_token(kube, namespace, name)
         cfg = client.Configuration()
         cfg.host = control_plane.server
         cfg.ssl_ca_cert = str(kube.configuration.ssl_ca_cert)

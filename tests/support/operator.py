@@ -19,9 +19,11 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe.localproc import die_with_parent, free_port
 from promptpipe_operator import rbac
+from tests.support.kube import kubectl, service_account_token
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "deploy" / "crds" / "promptpipelines.promptpipe.io.yaml"
@@ -40,25 +42,11 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0, every: 
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})", pytrace=False)
 
 
-def apply_crd(plane: ControlPlane) -> None:
-    api = config.new_client_from_config(config_file=plane.kubeconfig)
-    try:
-        ext = client.ApiextensionsV1Api(api)
-        crd = yaml.safe_load(CRD_FILE.read_text())
-        name = crd["metadata"]["name"]
-        try:
-            ext.create_custom_resource_definition(crd)
-        except client.ApiException as err:
-            if err.status != 409:
-                raise
-            current = ext.read_custom_resource_definition(name)
-            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
-            ext.replace_custom_resource_definition(name, crd)
-        wait_for(lambda: any(c.type == "Established" and c.status == "True"
-                             for c in ext.read_custom_resource_definition(name).status.conditions or []),
-                 "the CRD to be established")
-    finally:
-        api.close()
+def apply_crd(plane: ControlPlane, tools: Tools) -> None:
+    """Install the CRD the way the docs say: `kubectl apply --server-side -f deploy/crds/`."""
+    kubectl(plane, tools, "apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kubectl(plane, tools, "wait", "--for=condition=Established", "--timeout=30s",
+            "crd/promptpipelines.promptpipe.io")
 
 
 def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.NAME,
@@ -97,9 +85,7 @@ def service_account_kubeconfig(plane: ControlPlane, folder: Path, namespace: str
     """A kubeconfig authenticating as an existing ServiceAccount, with a token the API server issued."""
     api = config.new_client_from_config(config_file=plane.kubeconfig)
     try:
-        token = client.CoreV1Api(api).create_namespaced_service_account_token(
-            account, namespace, client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=24 * 3600))).status.token
+        token = service_account_token(api, namespace, account, seconds=24 * 3600)
     finally:
         api.close()
     admin = yaml.safe_load(Path(plane.kubeconfig).read_text())
@@ -187,8 +173,8 @@ class OperatorProcess:
 
 
 @pytest.fixture(scope="session")
-def promptpipe_crd(control_plane: ControlPlane) -> None:
-    apply_crd(control_plane)
+def promptpipe_crd(control_plane: ControlPlane, kube_tools: Tools) -> None:
+    apply_crd(control_plane, kube_tools)
 
 
 @pytest.fixture(scope="session")
