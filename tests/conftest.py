@@ -25,4 +25,4 @@ def start_pipeline(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Runnin
         yield start
 
 
-pytest_plugins = ["tests.support.kube", "tests.support.operator"]
+pytest_plugins = ["tests.support.kube", "tests.support.operator", "tests.support.moto"]

@@ -32,7 +32,7 @@ def main() -> None:
         return
     from promptpipe_operator.leader import lead  # noqa: PLC0415
 
-    config.load_config()  # type: ignore[no-untyped-call]
+    config.load_config()
     sys.exit(lead(settings, lambda: run_kopf(settings)))
 
 

@@ -37,7 +37,7 @@ class Operator:
 
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
-        config.load_config()  # type: ignore[no-untyped-call]  # in a pod: its ServiceAccount; else KUBECONFIG
+        config.load_config()  # in a pod: its ServiceAccount; else KUBECONFIG
         self.kube = Kube(client.ApiClient(), workers=settings.apply_concurrency)
         self.runner: KeyedRunner[Key, Result | None] = KeyedRunner(self._reconcile)
         self.known: set[Key] = set()

@@ -36,7 +36,7 @@ class Kube:
         fd, self._cache = tempfile.mkstemp(prefix="promptpipe-discovery-", suffix=".json")
         os.close(fd)
         os.unlink(self._cache)
-        self._dyn = DynamicClient(api, cache_file=self._cache)  # type: ignore[no-untyped-call]
+        self._dyn = DynamicClient(api, cache_file=self._cache)
         # Children are applied a few at a time: each apply is a round trip the API server can overlap.
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="apply")
 
@@ -75,7 +75,7 @@ class Kube:
         res = self._resource(manifest["apiVersion"], manifest["kind"])
         out: dict[str, Any] = self._dyn.server_side_apply(
             res, body=manifest, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER,
-            force_conflicts=True).to_dict()  # type: ignore[no-untyped-call]
+            force_conflicts=True).to_dict()
         return out
 
     def apply_all(self, manifests: list[Manifest]) -> list[dict[str, Any]]:

@@ -91,10 +91,12 @@ def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "no
 
 
 @contextmanager
-def serving_process(args: list[str], probe_url: str, what: str, timeout: float = 60.0) -> Iterator[None]:
+def serving_process(args: list[str], probe_url: str, what: str, timeout: float = 60.0,
+                    env: dict[str, str] | None = None) -> Iterator[None]:
     """Run a server process until the block ends; wait until `probe_url` answers."""
     proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2],  # noqa: S603
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env} if env else None)
     try:
         deadline = time.monotonic() + timeout
         while True:

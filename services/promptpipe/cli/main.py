@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from promptpipe.cli import localrun
+from promptpipe.cli.models import model_app, registry_app
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.config.loader import PipelineFileError, load_pipeline
 from promptpipe.localproc import alive
@@ -23,6 +24,9 @@ app = typer.Typer(help="Multi-stage LLM prompt pipelines as streaming gRPC micro
                   no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True)
 out = Console()
+
+app.add_typer(model_app, name="model")
+app.add_typer(registry_app, name="registry")
 
 NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Which running pipeline (default: the only one).")]
 

@@ -31,7 +31,7 @@ def install_keda_crds(plane: ControlPlane, tools: Tools, timeout: float = 30.0) 
     subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side",  # noqa: S603
                     "-f", str(tools.keda_crds)], check=True, stdout=subprocess.DEVNULL)
     # Polled here: `kubectl wait` fails outright while a new CRD has no conditions yet.
-    api = config.new_client_from_config(config_file=plane.kubeconfig)  # type: ignore[no-untyped-call]
+    api = config.new_client_from_config(config_file=plane.kubeconfig)
     try:
         crds = client.ApiextensionsV1Api(api)
         names = [f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.keda.sh" for p in tools.keda_crds.glob("*.yaml")]

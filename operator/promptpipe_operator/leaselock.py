@@ -1,0 +1,71 @@
+"""A coordination.k8s.io Lease as the resource lock of the official client's LeaderElection.
+
+kubernetes 36.x (pinned: 37 needs a python-dateutil that botocore refuses) ships only
+a ConfigMap lock. This one keeps the same three-method interface (get/create/update)
+and uses the Lease's resourceVersion, so two candidates can never both win an update.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
+
+
+def _time(text: str | None) -> dt.datetime | None:
+    # The elector writes str(datetime.fromtimestamp(...)): local, naive.
+    return dt.datetime.fromisoformat(text).astimezone(dt.UTC) if text else None
+
+
+def _text(value: dt.datetime | None) -> str | None:
+    return str(value.astimezone().replace(tzinfo=None)) if value else None
+
+
+class LeaseLock:
+    def __init__(self, name: str, namespace: str, identity: str) -> None:
+        self.name, self.namespace, self.identity = name, namespace, identity
+        self._api = client.CoordinationV1Api()
+        self._lease: client.V1Lease | None = None
+
+    def get(self, name: str, namespace: str) -> tuple[bool, LeaderElectionRecord | ApiException | None]:
+        try:
+            self._lease = self._api.read_namespaced_lease(name, namespace)
+        except ApiException as e:
+            return False, e
+        spec = self._lease.spec
+        if spec is None:
+            return True, None
+        duration = str(spec.lease_duration_seconds) if spec.lease_duration_seconds else None
+        return True, LeaderElectionRecord(
+            spec.holder_identity, duration, _text(spec.acquire_time), _text(spec.renew_time))
+
+    def _spec(self, record: LeaderElectionRecord, transitions: int) -> client.V1LeaseSpec:
+        return client.V1LeaseSpec(
+            holder_identity=record.holder_identity, lease_duration_seconds=int(record.lease_duration),
+            acquire_time=_time(record.acquire_time), renew_time=_time(record.renew_time),
+            lease_transitions=transitions)
+
+    def create(self, name: str, namespace: str, election_record: LeaderElectionRecord) -> bool:
+        body = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+                              spec=self._spec(election_record, 0))
+        try:
+            self._lease = self._api.create_namespaced_lease(namespace, body)
+        except ApiException:
+            return False
+        return True
+
+    def update(self, name: str, namespace: str, updated_record: LeaderElectionRecord) -> bool:
+        if self._lease is None:
+            return False
+        old = self._lease.spec
+        transitions = (old.lease_transitions or 0) if old else 0
+        if old is None or old.holder_identity != updated_record.holder_identity:
+            transitions += 1
+        self._lease.spec = self._spec(updated_record, transitions)
+        try:  # carries the resourceVersion read by get(): a concurrent writer makes this a 409
+            self._lease = self._api.replace_namespaced_lease(name, namespace, self._lease)
+        except ApiException:
+            return False
+        return True
