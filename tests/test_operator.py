@@ -19,7 +19,10 @@ from promptpipe.config.spec import STAGE_ORDER
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe_operator import rbac
+from promptpipe.registry.store import Registry
 from tests.support.kube import kubectl
+from tests.support.moto import registry_env
+from tests.test_registry import make_model
 from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig, wait_for
 
 pytestmark = pytest.mark.controlplane
@@ -265,13 +268,15 @@ def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_c
     doc["spec"]["model"] = {"name": "Qwen/Qwen2.5-0.5B-Instruct", "backend": "tgi",
                             "tgi": {"gpus": 1, "maxConcurrentRequests": 32}}
     apply(control_plane, kube_tools, cluster.ns, doc)
-    wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN + 2, "gpu"), "the pipeline and TGI children")
-    tgi = cluster.children("gpu")[("Deployment", "gpu-backend")]["spec"]["template"]["spec"]["containers"][0]
+    # The inference Service, and the first (blue) color's Deployment and Service.
+    wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN + 3, "gpu"), "the pipeline and TGI children")
+    tgi = cluster.children("gpu")[("Deployment", "gpu-backend-blue")]["spec"]["template"]["spec"]["containers"][0]
     assert tgi["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--max-concurrent-requests" in tgi["args"]
     status = wait_for(lambda: settled(cluster, "gpu") and cluster.status("gpu"), "a status")
     assert status["endpoints"]["backend"] == f"http://gpu-backend.{cluster.ns}.svc:8080"
     assert status["readyStages"] == "0/6", "the TGI Deployment counts towards readiness"
+    assert (status["activeVersion"], status["activeColor"]) == ("Qwen/Qwen2.5-0.5B-Instruct", "blue")
 
     doc["spec"]["model"] = {"name": "smollm2-135m-instruct", "backend": "llamacpp"}
     apply(control_plane, kube_tools, cluster.ns, doc)
@@ -335,17 +340,28 @@ def test_the_operators_service_account_is_refused_what_it_does_not_need(
 
 
 def test_every_example_is_reconciled(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
-    examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
-    assert len(examples) >= 3
-    for path in examples:
-        doc = yaml.safe_load(path.read_text())
-        model = doc["spec"]["model"]
-        tgi_run_here = model.get("backend") == "tgi" and not (model.get("tgi") or {}).get("endpoints")
-        apply(control_plane, kube_tools, cluster.ns, doc)
-        name = doc["metadata"]["name"]
-        wait_for(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 2 * t, n)
-                 and settled(cluster, n), f"{path.name} reconciled")
+        operator_identity: Path, registry: Registry, cluster: Cluster, control_plane: ControlPlane,
+        kube_tools: Tools, tmp_path: Path) -> None:
+    # The blue-green example follows a registry alias.
+    registry.push("qwen2-5-7b", make_model(tmp_path / "model"), "v1")
+    registry.promote("qwen2-5-7b", "v1", "prod")
+    operator = OperatorProcess(operator_identity, cluster.ns, tmp_path / "operator.log",
+                               env=registry_env(registry.settings))
+    operator.start()
+    try:
+        examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+        assert len(examples) >= 4
+        for path in examples:
+            doc = yaml.safe_load(path.read_text())
+            model = doc["spec"]["model"]
+            tgi_run_here = model.get("backend") == "tgi" and not (model.get("tgi") or {}).get("endpoints")
+            apply(control_plane, kube_tools, cluster.ns, doc)
+            name = doc["metadata"]["name"]
+            wait_for(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 3 * t, n)
+                     and settled(cluster, n), f"{path.name} reconciled")
+        assert cluster.status("assistant-bg")["activeVersion"] == "v1"
+    finally:
+        operator.stop()
 
 
 def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(

@@ -26,6 +26,8 @@ from promptpipe_operator.render import (
     runtime_config,
     scaled_object,
 )
+from promptpipe.registry.settings import RegistrySettings
+from promptpipe_operator.rollout import BLUE, GREEN, Slot, State
 from promptpipe_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,8 +117,9 @@ def test_scaled_object_scales_on_the_stages_queue_depth() -> None:
 def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_calls() -> None:
     pp = pipeline(with_model={"name": "Qwen/Qwen2.5-7B-Instruct", "backend": "tgi",
                          "tgi": {"gpus": 2, "maxConcurrentRequests": 64, "maxInputTokens": 4000, "quantize": "awq"}})
-    out = children(pp, "ns1", SETTINGS)
-    tgi = by_kind(out, "Deployment")["quickstart-backend"]
+    out = children(pp, "ns1", SETTINGS, State(active=Slot("Qwen/Qwen2.5-7B-Instruct", BLUE)))
+    assert "quickstart-backend-green" not in by_kind(out, "Deployment")
+    tgi = by_kind(out, "Deployment")["quickstart-backend-blue"]
     pod = tgi["spec"]["template"]["spec"]
     container = pod["containers"][0]
     args = container["args"]
@@ -129,8 +132,33 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     svc = by_kind(out, "Service")["quickstart-backend"]
     assert svc["spec"]["selector"].items() <= tgi["spec"]["template"]["metadata"]["labels"].items()
+    assert svc["spec"]["selector"]["promptpipe.io/color"] == "blue"
     model = runtime_config(pp, "ns1").pipeline.spec.model
     assert model.tgi is not None and model.tgi.endpoints == [f"http://quickstart-backend.ns1.svc:{TGI_PORT}"]
+
+
+def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tgi_starts() -> None:
+    pp = pipeline(with_model={"name": "smollm2", "version": "v2", "backend": "tgi"})
+    registry = RegistrySettings(bucket="models", table="models-table", region="eu-west-1")
+    settings = OperatorSettings(registry_secret="registry-keys")
+    state = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN), phase="Progressing")
+    out = children(pp, "ns1", settings, state, registry)
+    deployments = by_kind(out, "Deployment")
+    for color, version in (("blue", "v1"), ("green", "v2")):
+        pod = deployments[f"quickstart-backend-{color}"]["spec"]["template"]["spec"]
+        fetch = pod["initContainers"][0]
+        assert fetch["command"] == ["promptpipe", "model", "pull", f"smollm2:{version}", "/models/model"]
+        assert {"name": "PROMPTPIPE_REGISTRY_BUCKET", "value": "models"} in fetch["env"]
+        assert {"name": "PROMPTPIPE_REGISTRY_REGION", "value": "eu-west-1"} in fetch["env"]
+        assert fetch["envFrom"] == [{"secretRef": {"name": "registry-keys"}}]
+        tgi = pod["containers"][0]
+        assert tgi["args"][tgi["args"].index("--model-id") + 1] == "/models/model"
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in tgi["volumeMounts"]
+    services = by_kind(out, "Service")
+    # Traffic stays on the active color while green comes up; each color has its own Service for the smoke test.
+    assert services["quickstart-backend"]["spec"]["selector"]["promptpipe.io/color"] == "blue"
+    assert services["quickstart-backend-green"]["spec"]["selector"]["promptpipe.io/color"] == "green"
+    assert out[0]["metadata"]["name"] == "quickstart-backend", "the switch is applied first"
 
 
 def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> None:
@@ -180,12 +208,14 @@ def test_config_hash_ignores_kubernetes_metadata_so_status_writes_roll_nothing()
 @pytest.mark.controlplane
 def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
         control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
-    for pp, extra in ((pipeline(), 0),
-                      (pipeline("scale-to-zero", post={"scaling": {"minReplicas": 0, "maxReplicas": 2}}), 0),
-                      (pipeline("gpu", with_model={"backend": "tgi", "tgi": {"gpus": 1}},
-                                with_rag={"corpus": {"configMap": "d"}},
-                                inference={"resources": {"limits": {"cpu": "500m"}}}), 2)):
-        manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS))
+    both_colors = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN), phase="Progressing")
+    for pp, state, extra in (
+            (pipeline(), None, 0),
+            (pipeline("scale-to-zero", post={"scaling": {"minReplicas": 0, "maxReplicas": 2}}), None, 0),
+            (pipeline("gpu", with_model={"backend": "tgi", "tgi": {"gpus": 1}}, with_rag={"corpus": {"configMap": "d"}},
+                      inference={"resources": {"limits": {"cpu": "500m"}}}), State(active=Slot("m", BLUE)), 3),
+            (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5)):
+        manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS, state, RegistrySettings()))
         result = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "apply",
                                  "--dry-run=server", "-f", "-"], input=manifests, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr

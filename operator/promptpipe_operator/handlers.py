@@ -3,7 +3,9 @@
 Triggers, all ending in the same level-triggered reconcile (`reconcile.py`):
 - the pipeline created, its spec changed, or the operator (re)started;
 - any change to a child (deleted, edited, its readiness changed), for quick repair;
-- a resync of every pipeline every `resyncSeconds`, whatever the events said.
+- a resync of every pipeline every `resyncSeconds`, whatever the events said;
+- a wake-up a reconcile asks for (a rollout's deadline, analysis interval, alias poll);
+- a new `promptpipe.io/rollback` annotation (a manual rollback).
 No timers or daemons on the pipeline: kopf would put a finalizer on it for them,
 and children need none (owner references let the garbage collector remove them).
 """
@@ -19,9 +21,11 @@ from typing import Any, cast
 import kopf
 from kubernetes import client, config
 
-from promptpipe.config.crd import GROUP, PLURAL, VERSION
+from promptpipe.config.crd import GROUP, PLURAL, ROLLBACK_ANNOTATION, VERSION
 from promptpipe_operator.kube import Kube
 from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
+from promptpipe.registry.settings import RegistrySettings
+from promptpipe.registry.store import Registry
 from promptpipe_operator.reconcile import InvalidSpec, Result, Transient, reconcile_once
 from promptpipe_operator.render import MANAGER
 from promptpipe_operator.settings import OperatorSettings
@@ -30,6 +34,14 @@ from promptpipe_operator.workqueue import KeyedRunner
 log = logging.getLogger("promptpipe.operator")
 Key = tuple[str, str]  # (namespace, name)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
+
+
+def _registry() -> Registry | None:
+    try:
+        return Registry(RegistrySettings())
+    except Exception as err:  # noqa: BLE001 - e.g. no AWS region anywhere: pipelines on the registry say why
+        log.warning("no model registry: %s", err)
+        return None
 
 
 class Operator:
@@ -42,6 +54,8 @@ class Operator:
         self.runner: KeyedRunner[Key, Result | None] = KeyedRunner(self._reconcile)
         self.known: set[Key] = set()
         self._resync: asyncio.Task[None] | None = None
+        self._wakeups: dict[Key, asyncio.TimerHandle] = {}
+        self.registry = _registry()
 
     async def start(self) -> None:
         self._resync = asyncio.get_running_loop().create_task(self._resync_forever())
@@ -49,13 +63,15 @@ class Operator:
     async def stop(self) -> None:
         if self._resync is not None:
             self._resync.cancel()
+        for handle in self._wakeups.values():
+            handle.cancel()
         self.kube.close()
 
     async def _reconcile(self, key: Key) -> Result | None:
         namespace, name = key
         started = time.perf_counter()
         try:
-            result = await asyncio.to_thread(reconcile_once, self.kube, self.settings, namespace, name)
+            result = await asyncio.to_thread(reconcile_once, self.kube, self.settings, namespace, name, self.registry)
         except Exception:
             RECONCILES.labels("crashed").inc()
             log.exception("reconcile failed", extra={"pipeline": name, "namespace": namespace})
@@ -65,6 +81,8 @@ class Operator:
         if result is None:
             self.known.discard(key)
             return None
+        if result.requeue_after is not None:
+            self._wake(key, result.requeue_after)
         outcome = "ok" if result.error is None else "invalid" if isinstance(result.error, InvalidSpec) else "error"
         RECONCILES.labels(outcome).inc()
         if result.error is not None:
@@ -82,6 +100,24 @@ class Operator:
                 "error": str(result.error) if result.error else None,
                 "seconds": round(time.perf_counter() - started, 4)})
         return result
+
+    def _wake(self, key: Key, delay: float) -> None:
+        """Reconcile `key` again in `delay` seconds (one pending wake-up per pipeline: the latest asked)."""
+        if (old := self._wakeups.pop(key, None)) is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._wakeups.pop(key, None)
+            loop.create_task(self.request_quietly(key))
+
+        self._wakeups[key] = loop.call_later(delay, fire)
+
+    async def request_quietly(self, key: Key) -> None:
+        try:
+            await self.request(key)
+        except Exception:  # noqa: BLE001 - logged by _reconcile; the resync tries again
+            pass
 
     async def request(self, key: Key) -> Result | None:
         self.known.add(key)
@@ -149,13 +185,19 @@ async def converge(namespace: str | None, name: str, memo: Any, **_: Any) -> Non
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def track(type: str, namespace: str | None, name: str, memo: Any, **_: Any) -> None:  # noqa: A002 - kopf's
+async def track(type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any,  # noqa: A002 - kopf's
+                **_: Any) -> None:
     operator: Operator = memo["operator"]
     assert namespace is not None
     if type == "DELETED":
         operator.known.discard((namespace, name))
-    else:
-        operator.known.add((namespace, name))
+        return
+    operator.known.add((namespace, name))
+    # A rollback is asked for with an annotation (not the spec): act on a new one at once.
+    request = (body.metadata.annotations or {}).get(ROLLBACK_ANNOTATION, "")
+    handled = ((body.get("status") or {}).get("rollout") or {}).get("rollbackHandled", "")
+    if request and request != handled:
+        await operator.request_quietly((namespace, name))
 
 
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)

@@ -99,6 +99,19 @@ class Kube:
                     out[(kind, obj["metadata"]["name"])] = obj
         return out
 
+    def ready_pod_metrics_urls(self, namespace: str, selector: str) -> dict[str, str]:
+        """`/metrics` of every Ready pod matching `selector`, by pod name (its container port named metrics)."""
+        out: dict[str, str] = {}
+        for item in self._resource("v1", "Pod").get(namespace=namespace, label_selector=selector).items:
+            pod = item.to_dict()
+            status = pod.get("status") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+            ports = [p["containerPort"] for c in pod["spec"].get("containers", []) for p in c.get("ports") or []
+                     if p.get("name") == "metrics"]
+            if ready and status.get("podIP") and ports:
+                out[pod["metadata"]["name"]] = f"http://{status['podIP']}:{ports[0]}/metrics"
+        return out
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:
             self._resource(api_version, kind).delete(name=name, namespace=namespace)

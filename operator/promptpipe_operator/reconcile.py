@@ -8,23 +8,43 @@ the kopf handlers in `handlers.py` decide when it runs and what its failures mea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.dynamic.exceptions import DynamicApiError
 
+from promptpipe.config.crd import ROLLBACK_ANNOTATION
 from promptpipe.config.loader import PipelineFileError, parse_pipeline
-from promptpipe_operator import render
+from promptpipe.config.spec import PromptPipeline, StageName
+from promptpipe.registry.store import Registry
+from promptpipe_operator import probes, render
 from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
+from promptpipe_operator.rollout import (
+    ANALYZING,
+    PROGRESSING,
+    Decision,
+    Observed,
+    State,
+    decide,
+    parse_ts,
+    wake_in,
+    wants_analysis,
+    wants_smoke,
+)
 from promptpipe_operator.settings import OperatorSettings
 from promptpipe_operator.status import (
+    Health,
     Problem,
     components,
     condition,
+    deployment_health,
     invalid_spec_status,
     pipeline_status,
 )
+
+ROLLOUT_REASONS = {"Deployed", "RolloutStarted", "RolloutCancelled", "Switched", "RolloutSucceeded", "RolledBack",
+                   "RollbackUnavailable"}
 
 
 class InvalidSpec(Exception):
@@ -56,6 +76,8 @@ class Result:
     events: list[Event] = field(default_factory=list)
     # Set when the run could not converge everything; the status already says why.
     error: InvalidSpec | Transient | None = None
+    # Run again in this many seconds (a rollout's deadline, analysis, expiry, alias poll).
+    requeue_after: float | None = None
 
 
 def _now() -> str:
@@ -105,7 +127,8 @@ def _api_failure(err: DynamicApiError, what: str) -> Transient:
     return Transient(f"{what}: HTTP {status}: {summary}", delay)
 
 
-def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name: str) -> Result | None:
+def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name: str,
+                   registry: Registry | None = None) -> Result | None:
     """Converge one pipeline's children and status; None if the pipeline is gone."""
     body = kube.get_pipeline(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -125,17 +148,27 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
         return result
 
     owner = render.owner_reference(name, meta["uid"])
-    desired = render.children(pp, namespace, settings)
-    for manifest in desired:
-        manifest["metadata"]["ownerReferences"] = [owner]
     selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={render.MANAGER}"
-
     result = Result(body, {})
     applied: dict[ChildKey, dict[str, Any]] = {}
     problem: Problem | None = None
     failure: Transient | None = None
+    rollout_state: State | None = None
     try:
         existing = kube.owned(namespace, meta["uid"], selector)
+        if render.managed_tgi(pp) is not None:
+            decision, unresolved = advance_rollout(kube, settings, registry, pp, body, existing)
+            rollout_state = decision.state
+            result.events += [Event(n.type, n.reason, n.message) for n in decision.notes]
+            result.requeue_after = wake_in(rollout_state, pp.spec.rollout, probes.now())
+            if pp.spec.model.alias:  # a promotion is seen at the next poll
+                result.requeue_after = min(result.requeue_after or settings.alias_poll_seconds,
+                                           settings.alias_poll_seconds)
+            if unresolved:
+                problem = Problem("ModelUnresolved", unresolved)
+        desired = render.children(pp, namespace, settings, rollout_state, registry.settings if registry else None)
+        for manifest in desired:
+            manifest["metadata"]["ownerReferences"] = [owner]
         for manifest, obj in zip(desired, kube.apply_all(desired), strict=True):
             key = (manifest["kind"], manifest["metadata"]["name"])
             applied[key] = obj
@@ -161,20 +194,82 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
                            if k == "Deployment"} | deployments
         except DynamicApiError:
             pass  # the status then says less about the stages; the condition says why
-    health = components(pp, deployments)
-    result.status = pipeline_status(pp, namespace, generation, health, before, _now(), problem)
+        if rollout_state is not None:  # nothing decided was applied: keep the stored rollout as it was
+            rollout_state = State.from_status(before.get("rollout"))
+            result.events = [e for e in result.events if e.reason not in ROLLOUT_REASONS]
+    active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
+    health = components(pp, deployments, active_color)
+    result.status = pipeline_status(pp, namespace, generation, health, before, _now(), problem, rollout_state)
     try:
         _write_status(kube, namespace, name, before, result.status)
     except DynamicApiError as err:
         failure = failure or _api_failure(err, "writing the status")
-    result.events = events_for(result, before, generation)
+    result.events = events_for(result, before, generation) + result.events
     result.error = failure
     return result
 
 
+def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry | None, pp: PromptPipeline,
+                    body: dict[str, Any], existing: dict[ChildKey, dict[str, Any]]) -> tuple[Decision, str]:
+    """Observe what the rollout's next step depends on (only what it needs now) and decide it.
+    Returns the decision and, if the spec's version cannot be resolved, why."""
+    name, namespace = pp.metadata.name, body["metadata"]["namespace"]
+    state = State.from_status((body.get("status") or {}).get("rollout"))
+    cfg, now = pp.spec.rollout, probes.now()
+    desired, unresolved = probes.resolve_version(registry, pp.spec)
+    request = (body["metadata"].get("annotations") or {}).get(ROLLBACK_ANNOTATION, "")
+    target_ready, target_failed = False, ""
+    target = state.target
+    if state.phase == PROGRESSING and target is not None:
+        dep = existing.get(("Deployment", render.backend_name(name, target.color)))
+        # Only the Deployment already carrying the target version counts (not the color's previous occupant).
+        if dep is not None and (dep["metadata"].get("annotations") or {}).get(
+                render.VERSION_ANNOTATION) == target.version:
+            health = deployment_health(render.BACKEND, dep)
+            target_ready = health.health is Health.READY
+            target_failed = health.detail if health.health is Health.FAILED else ""
+    smoke = None
+    if target is not None and wants_smoke(state, target_ready) and desired in (None, target.version) \
+            and request == state.rollback_handled:
+        smoke = probes.smoke(settings.backend_url_template.format(
+            service=render.backend_name(name, target.color), namespace=namespace, port=render.TGI_PORT), pp.spec)
+    verdict = None
+    gateways = f"app.kubernetes.io/instance={name},app.kubernetes.io/component={StageName.STREAM.value}"
+    if wants_analysis(state, cfg, now):
+        analysis = cfg.analysis
+        if analysis.prometheus is not None:
+            seconds = int((now - (parse_ts(state.switched_at) or now)).total_seconds())
+            verdict = probes.analyse_prometheus(analysis.prometheus.url, namespace, name, seconds, pp.spec)
+        else:
+            current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
+            if state.baseline is None:  # no counters from the switch: start counting now
+                state = replace(state, baseline={p: c.as_json() for p, c in current.items()})
+                verdict = (None, "counting calls from now")
+            else:
+                verdict = probes.analyse_scrapes(current, state.baseline, pp.spec)
+    decision = decide(state, Observed(desired, pp_generation(body), now, target_ready, target_failed, smoke,
+                                      verdict, request), cfg)
+    if decision.state.phase == ANALYZING and decision.state.baseline is None and cfg.analysis.prometheus is None:
+        current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
+        decision = replace(decision, state=replace(
+            decision.state, baseline={p: c.as_json() for p, c in current.items()}))
+    return decision, unresolved
+
+
+def pp_generation(body: dict[str, Any]) -> int:
+    return int(body["metadata"].get("generation", 1))
+
+
 def _write_status(kube: Kube, namespace: str, name: str, before: dict[str, Any], status: dict[str, Any]) -> None:
-    # A merge patch: keys no longer in the status are removed with null.
-    patch = {**{k: None for k in before if k not in status}, **status}
     # Unchanged status is not written: no write, no watch event, no loop.
-    if any(before.get(k) != v for k, v in patch.items()):
-        kube.patch_pipeline_status(namespace, name, patch)
+    if before != status:
+        kube.patch_pipeline_status(namespace, name, merge_patch(before, status))
+
+
+def merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) turning `before` into `after`: keys gone become null, at every depth."""
+    patch: dict[str, Any] = {k: None for k in before if k not in after}
+    for key, value in after.items():
+        old = before.get(key)
+        patch[key] = merge_patch(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return patch

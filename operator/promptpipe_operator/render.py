@@ -4,7 +4,8 @@ Per stage: a Deployment and a Service, and a KEDA ScaledObject scaling the Deplo
 on the stage's queue depth; one ConfigMap holds the runtime config every stage reads
 (the same file `promptpipe up` writes locally, with Service DNS names as endpoints).
 Replicas are left out of the stage Deployments: KEDA owns them. With backend `tgi`
-and no endpoints, the operator also runs TGI: a GPU Deployment behind one Service.
+and no endpoints, the operator also runs TGI: a GPU Deployment per color (blue-green,
+see `rollout.py`), behind one inference Service that selects the active color.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from promptpipe.config.spec import (
     CorpusSpec,
     PromptPipeline,
     ResourcesSpec,
+    RolloutSpec,
     ScalingSpec,
     StageName,
     TgiSpec,
 )
+from promptpipe.registry.settings import RegistrySettings
+from promptpipe_operator.rollout import BLUE, State
 from promptpipe_operator.settings import OperatorSettings
 
 GRPC_PORT = 50051
@@ -33,6 +37,9 @@ CONFIG_FILE = "runtime.yaml"
 CORPUS_DIR = "/var/lib/promptpipe/corpus"
 BACKEND = "backend"
 TGI_PORT = 8080
+MODELS_DIR = "/models"
+COLOR_LABEL = "promptpipe.io/color"
+VERSION_ANNOTATION = "promptpipe.io/model-version"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 MANAGER = "promptpipe-operator"
 # Pods get a little longer than the stage's drain grace before they are killed.
@@ -85,8 +92,9 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     model = spec.model
     tgi = managed_tgi(pp)
     if tgi is not None:
-        url = f"http://{child_name(name, BACKEND)}.{namespace}.svc:{TGI_PORT}"
-        model = model.model_copy(update={"tgi": TgiSpec(
+        # The stages call the inference Service whatever version is behind it: a rollout rolls no stage.
+        url = f"http://{backend_name(name)}.{namespace}.svc:{TGI_PORT}"
+        model = model.model_copy(update={"version": "", "alias": "", "tgi": TgiSpec(
             endpoints=[url], read_timeout_seconds=tgi.read_timeout_seconds,
             connect_timeout_seconds=tgi.connect_timeout_seconds)})
     if model.openai is not None and model.openai.api_key_secret is not None:
@@ -99,7 +107,7 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     stages = spec.stages.model_copy(update={
         s.value: spec.stages.get(s).model_copy(update={"scaling": ScalingSpec(), "resources": None})
         for s in STAGE_ORDER})
-    spec = spec.model_copy(update={"model": model, "rag": rag, "stages": stages})
+    spec = spec.model_copy(update={"model": model, "rag": rag, "stages": stages, "rollout": RolloutSpec()})
     bare = pp.model_copy(update={"status": None, "spec": spec, "metadata": type(pp.metadata)(
         name=name, namespace=namespace)})
     return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR)
@@ -270,13 +278,53 @@ def _tgi_args(tgi: TgiSpec, model_id: str) -> list[str]:
     return args
 
 
-def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec) -> Manifest:
-    """TGI serving the pipeline's model on GPUs (the image runs as root; it is not ours to change)."""
+def backend_name(pipeline: str, color: str | None = None) -> str:
+    """`<pipeline>-backend` (the inference Service, on the active color) or `<pipeline>-backend-<color>`."""
+    return child_name(pipeline, f"{BACKEND}-{color}" if color else BACKEND)
+
+
+def _fetch_model(pp: PromptPipeline, version: str, settings: OperatorSettings,
+                 registry: RegistrySettings) -> dict[str, Any]:
+    """The init container that puts the registry version on local disk, verified, before TGI starts.
+
+    A missing or corrupted artifact makes it fail: the pod never becomes Ready and never serves."""
+    env = [{"name": f"PROMPTPIPE_REGISTRY_{k.upper()}", "value": str(v)}
+           for k, v in registry.model_dump(include={"bucket", "table", "region", "endpoint_url", "s3_endpoint_url",
+                                                    "prefix"}).items() if v]
+    container: dict[str, Any] = {
+        "name": "fetch-model",
+        "image": settings.stage_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["promptpipe", "model", "pull", f"{pp.spec.model.name}:{version}", f"{MODELS_DIR}/model"],
+        "env": env,
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "runAsNonRoot": True, "readOnlyRootFilesystem": True},
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
+    }
+    if settings.registry_secret:  # AWS keys; without it, the pod's identity (IRSA, instance role)
+        container["envFrom"] = [{"secretRef": {"name": settings.registry_secret}}]
+    return container
+
+
+def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str, version: str,
+                   settings: OperatorSettings, registry: RegistrySettings | None) -> Manifest:
+    """TGI serving one model version on GPUs (the image runs as root; it is not ours to change)."""
     name = pp.metadata.name
     resources = _resources(tgi.resources or ResourcesSpec(requests={"cpu": "2", "memory": "16Gi"}))
     if tgi.gpus:
         resources.setdefault("limits", {})["nvidia.com/gpu"] = str(tgi.gpus)
     health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
+    from_registry = pp.spec.model.from_registry and registry is not None
+    mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "data", "emptyDir": {}},
+        # NCCL and the model shards share memory through /dev/shm.
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+    ]
+    if from_registry:
+        mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+        volumes += [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     pod: dict[str, Any] = {
         # In-flight generations finish before the pod goes.
         "terminationGracePeriodSeconds": int(pp.spec.stages.inference.timeout_seconds) + TERMINATION_MARGIN_SECONDS,
@@ -284,7 +332,7 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec) -> Manifest
         "containers": [{
             "name": "tgi",
             "image": tgi.image,
-            "args": _tgi_args(tgi, tgi.model_id or pp.spec.model.name),
+            "args": _tgi_args(tgi, f"{MODELS_DIR}/model" if from_registry else version),
             "env": [{"name": "HF_HOME", "value": "/data"}],
             "ports": [{"name": "http", "containerPort": TGI_PORT, "protocol": "TCP"}],
             # Downloading and loading weights can take long; after that, /health answers in milliseconds.
@@ -293,46 +341,64 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec) -> Manifest
             "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
             "resources": resources,
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}],
+            "volumeMounts": mounts,
         }],
-        # NCCL and the model shards share memory through /dev/shm.
-        "volumes": [{"name": "data", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory",
-                                                                               "sizeLimit": "1Gi"}}],
+        "volumes": volumes,
     }
+    if from_registry and registry is not None:
+        pod["initContainers"] = [_fetch_model(pp, version, settings, registry)]
     if tgi.gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if tgi.node_selector:
         pod["nodeSelector"] = dict(tgi.node_selector)
+    pod_labels = {**labels(name, BACKEND), COLOR_LABEL: color}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": child_name(name, BACKEND), "namespace": namespace, "labels": labels(name, BACKEND)},
+        "metadata": {"name": backend_name(name, color), "namespace": namespace, "labels": pod_labels,
+                     "annotations": {VERSION_ANNOTATION: version}},
         "spec": {
             "replicas": tgi.replicas,
-            "selector": {"matchLabels": selector(name, BACKEND)},
+            "selector": {"matchLabels": {**selector(name, BACKEND), COLOR_LABEL: color}},
             # GPUs are scarce: replace a pod at a time rather than needing a spare GPU.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
-            "template": {"metadata": {"labels": labels(name, BACKEND)}, "spec": pod},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {VERSION_ANNOTATION: version}},
+                         "spec": pod},
         },
     }
 
 
-def tgi_service(pp: PromptPipeline, namespace: str) -> Manifest:
+def tgi_service(pp: PromptPipeline, namespace: str, color: str, main: bool) -> Manifest:
+    """`main`: the inference Service, selecting the active color (the switch); else one color's own."""
     name = pp.metadata.name
+    svc_labels = labels(name, BACKEND) if main else {**labels(name, BACKEND), COLOR_LABEL: color}
     return {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": child_name(name, BACKEND), "namespace": namespace, "labels": labels(name, BACKEND)},
-        "spec": {"selector": selector(name, BACKEND),
+        "metadata": {"name": backend_name(name, None if main else color), "namespace": namespace,
+                     "labels": svc_labels},
+        "spec": {"selector": {**selector(name, BACKEND), COLOR_LABEL: color},
                  "ports": [{"name": "http", "port": TGI_PORT, "targetPort": "http"}]},
     }
 
 
-def children(pp: PromptPipeline, namespace: str, settings: OperatorSettings) -> list[Manifest]:
-    """Everything the pipeline owns, in the order it should be applied."""
-    cm, config_hash = config_map(pp, namespace)
-    out = [cm]
+def backend_children(pp: PromptPipeline, namespace: str, state: State, settings: OperatorSettings,
+                     registry: RegistrySettings | None) -> list[Manifest]:
+    """The inference Service first (the switch is one apply), then each running color."""
     tgi = managed_tgi(pp)
-    if tgi is not None:
-        out += [tgi_deployment(pp, namespace, tgi), tgi_service(pp, namespace)]
+    if tgi is None:
+        return []
+    active = state.active.color if state.active else BLUE
+    out = [tgi_service(pp, namespace, active, main=True)]
+    for slot in state.deployed():
+        out += [tgi_deployment(pp, namespace, tgi, slot.color, slot.version, settings, registry),
+                tgi_service(pp, namespace, slot.color, main=False)]
+    return out
+
+
+def children(pp: PromptPipeline, namespace: str, settings: OperatorSettings, state: State | None = None,
+             registry: RegistrySettings | None = None) -> list[Manifest]:
+    """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's."""
+    cm, config_hash = config_map(pp, namespace)
+    out = backend_children(pp, namespace, state or State(), settings, registry) + [cm]
     for stage in STAGE_ORDER:
         out += [deployment(pp, namespace, stage, settings, config_hash), service(pp, namespace, stage),
                 scaled_object(pp, namespace, stage, settings)]

@@ -16,6 +16,12 @@ class OperatorSettings(BaseSettings):
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
     """Where KEDA's prometheus scaler reads the stages' queue depth."""
     image_pull_policy: str = "IfNotPresent"
+    registry_secret: str = ""
+    """A Secret (in the pipeline's namespace) with AWS keys for the model download; empty: the pod's identity."""
+    alias_poll_seconds: float = 10.0
+    """How often a pipeline following a registry alias checks where it points."""
+    backend_url_template: str = "http://{service}.{namespace}.svc:{port}"
+    """How the operator reaches a backend color for its smoke test."""
 
     namespaces: Annotated[list[str], NoDecode] = []
     """Namespaces to watch (comma-separated); empty: all of them."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from promptpipe.config.spec import STAGE_ORDER, PromptPipeline
-from promptpipe_operator.render import BACKEND, GRPC_PORT, child_name, managed_tgi, runtime_config
+from promptpipe_operator.render import BACKEND, GRPC_PORT, backend_name, child_name, managed_tgi, runtime_config
+from promptpipe_operator.rollout import ANALYZING, BLUE, PROGRESSING, ROLLED_BACK, State
 
 Manifest = dict[str, Any]
 
@@ -61,11 +62,15 @@ def deployment_health(name: str, deployment: Manifest | None) -> ComponentHealth
     return ComponentHealth(name, Health.READY, want, available)
 
 
-def components(pp: PromptPipeline, deployments: dict[str, Manifest]) -> list[ComponentHealth]:
-    """Health of every Deployment the pipeline needs, keyed by Deployment name in `deployments`."""
+def components(pp: PromptPipeline, deployments: dict[str, Manifest],
+               active_color: str | None = None) -> list[ComponentHealth]:
+    """Health of every Deployment serving the pipeline (the backend: its active color), keyed by
+    Deployment name in `deployments`."""
     name = pp.metadata.name
-    names = [s.value for s in STAGE_ORDER] + ([BACKEND] if managed_tgi(pp) is not None else [])
-    return [deployment_health(c, deployments.get(child_name(name, c))) for c in names]
+    out = [deployment_health(s.value, deployments.get(child_name(name, s.value))) for s in STAGE_ORDER]
+    if managed_tgi(pp) is not None:
+        out.append(deployment_health(BACKEND, deployments.get(backend_name(name, active_color or BLUE))))
+    return out
 
 
 def endpoints(pp: PromptPipeline, namespace: str) -> dict[str, str]:
@@ -89,7 +94,8 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
 
 
 def pipeline_status(pp: PromptPipeline, namespace: str, generation: int, health: list[ComponentHealth],
-                    previous: dict[str, Any], now: str, problem: Problem | None = None) -> dict[str, Any]:
+                    previous: dict[str, Any], now: str, problem: Problem | None = None,
+                    rollout: State | None = None) -> dict[str, Any]:
     """The whole `status` to write. `previous` is the status now stored; `now` an RFC 3339 time."""
     conditions_before: list[dict[str, Any]] = previous.get("conditions") or []
     was_ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions_before)
@@ -118,11 +124,23 @@ def pipeline_status(pp: PromptPipeline, namespace: str, generation: int, health:
         phase, ready_c = "Ready", (True, "AllStagesReady", f"{len(ready)} of {len(health)} ready")
         progressing, degraded = (False, "Complete", ""), (False, "AsExpected", "")
 
+    rolled_back: tuple[bool, str, str] = (False, "AsExpected", "")
+    if rollout is not None and problem is None:
+        target = rollout.target or rollout.active
+        if rollout.phase in (PROGRESSING, ANALYZING) and target is not None:
+            step = "bringing up" if rollout.phase == PROGRESSING else "analysing"
+            progressing = (True, f"Model{rollout.phase}", f"{step} {target.version} ({target.color})")
+        if rollout.phase == ROLLED_BACK:
+            rolled_back = (True, rollout.reason, rollout.message)
+            if phase == "Ready":
+                phase = "RolledBack"
     conditions = [
         _condition("Ready", *ready_c, generation, conditions_before, now),
         _condition("Progressing", *progressing, generation, conditions_before, now),
         _condition("Degraded", *degraded, generation, conditions_before, now),
     ]
+    if rollout is not None:
+        conditions.append(_condition("RolledBack", *rolled_back, generation, conditions_before, now))
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,
@@ -132,7 +150,13 @@ def pipeline_status(pp: PromptPipeline, namespace: str, generation: int, health:
         "conditions": conditions,
         "endpoints": endpoints(pp, namespace),
     }
-    if pp.spec.model.version:
+    if rollout is not None:
+        if rollout.active is not None:
+            status["activeVersion"], status["activeColor"] = rollout.active.version, rollout.active.color
+        if rollout.previous is not None:
+            status["previousVersion"], status["previousColor"] = rollout.previous.version, rollout.previous.color
+        status["rollout"] = rollout.to_status()
+    elif pp.spec.model.version:
         status["activeVersion"] = pp.spec.model.version
     return status
 

@@ -1,6 +1,7 @@
 """A server speaking TGI's wire protocol, for the `tgi` backend's tests (TGI needs GPUs).
 
-It implements what the `text-generation` client uses: POST / (TGI's compat route,
+It implements what the `text-generation` client uses (and POST /generate, which the
+operator's smoke test calls): POST / (TGI's compat route,
 `"stream": true`) and POST /generate_stream, both with
 SSE `data:` events (token events, then one with `generated_text` and `details`),
 errors as HTTP 4xx/5xx JSON `{"error", "error_type"}` before the stream and as an
@@ -38,6 +39,7 @@ class FakeTgi:
         self.stats: dict[str, object] = {"started": 0, "finished": 0, "aborted": 0, "aborted_after_tokens": [],
                                          "overloaded": 0, "prompts": []}
         self._overloads: Counter[str] = Counter()
+        self.failing: set[str] = set()
 
     def _option(self, prompt: str, key: str) -> int | None:
         m = re.search(rf"{key}:(\d+)", prompt)
@@ -107,6 +109,23 @@ class FakeTgi:
     async def _event(response: web.StreamResponse, data: dict[str, object]) -> None:
         await response.write(f"data:{json.dumps(data)}\n\n".encode())
 
+    async def generate(self, request: web.Request) -> web.Response:
+        """POST /generate (non-streaming), also under any path prefix: `/<namespace>/<service>/generate`
+        stands for that Service's backend, so one server plays every backend color in operator tests."""
+        body = await request.json()
+        if not isinstance(body.get("inputs"), str):
+            return web.json_response({"error": "missing inputs", "error_type": "validation"}, status=422)
+        if request.match_info.get("prefix", "") in self.failing:
+            return web.json_response({"error": "CUDA out of memory", "error_type": "generation"}, status=500)
+        n = int((body.get("parameters") or {}).get("max_new_tokens") or 4)
+        return web.json_response({"generated_text": " ".join(WORDS[i % len(WORDS)] for i in range(n))})
+
+    async def fail(self, request: web.Request) -> web.Response:
+        """POST /control/fail {"prefix": "ns/service", "failing": true}: that backend's /generate answers 500."""
+        body = await request.json()
+        (self.failing.add if body.get("failing", True) else self.failing.discard)(body["prefix"])
+        return web.json_response(sorted(self.failing))
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -124,6 +143,9 @@ def make_app(name: str, max_concurrent: int) -> web.Application:
     # TGI's compat route: POST / with "stream": true is what the text-generation client calls.
     app.router.add_post("/", fake.compat_generate)
     app.router.add_post("/generate_stream", fake.generate_stream)
+    app.router.add_post("/generate", fake.generate)
+    app.router.add_post("/control/fail", fake.fail)
+    app.router.add_post("/{prefix:.+}/generate", fake.generate)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/info", fake.info)
     app.router.add_get("/stats", fake.get_stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from rich.table import Table
 from promptpipe.cli import localrun
 from promptpipe.cli.models import model_app, registry_app
 from promptpipe.client import GenerationError, PipelineClient
+from promptpipe.config.crd import GROUP, PLURAL, ROLLBACK_ANNOTATION, VERSION
 from promptpipe.config.loader import PipelineFileError, load_pipeline
 from promptpipe.localproc import alive
 from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
@@ -173,6 +175,43 @@ def generate(
     """Stream an answer from the gateway, then a summary line."""
     address = target or _run(name).gateway
     raise typer.Exit(asyncio.run(_generate(address, prompt, session, max_new_tokens, temperature, timeout)))
+
+
+@app.command()
+def rollback(
+    pipeline: Annotated[str, typer.Argument(help="The PromptPipeline.")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Default: the kubeconfig's.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the operator to act; 0: do not wait.")] = 30.0,
+) -> None:
+    """Put a cluster pipeline's traffic back on its previous model version (blue-green)."""
+    from kubernetes import client, config  # only this command needs a cluster
+
+    try:
+        config.load_kube_config()
+        ns = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace", "default")
+    except config.ConfigException as e:
+        raise _fail(f"no cluster: {e}") from None
+    api = client.CustomObjectsApi()
+    token = f"{time.time():.3f}"
+    try:
+        api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pipeline,
+                                           {"metadata": {"annotations": {ROLLBACK_ANNOTATION: token}}})
+    except client.ApiException as e:
+        raise _fail(f"PromptPipeline {ns}/{pipeline}: HTTP {e.status} {e.reason}") from None
+    out.print(f"rollback of [bold]{ns}/{pipeline}[/] requested")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        rollout = ((api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pipeline).get("status") or {})
+                   .get("rollout") or {})
+        if rollout.get("rollbackHandled") == token:
+            active = rollout.get("active") or {}
+            if rollout.get("reason") == "ManualRollback":
+                out.print(f"traffic on {active.get('version')} ({active.get('color')})")
+                return
+            raise _fail("the operator found no previous version running to go back to")
+        time.sleep(0.2)
+    if wait:
+        raise _fail(f"the operator did not act within {wait:g}s (is it running?)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from promptpipe.config.spec import API_VERSION, KIND, PipelineSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "promptpipelines"
+# A manual rollback is asked for by setting this annotation to a new value (`promptpipe rollback`,
+# or `kubectl annotate pp NAME promptpipe.io/rollback="$(date +%s)" --overwrite`).
+ROLLBACK_ANNOTATION = f"{GROUP}/rollback"
 
 # JSON Schema keywords a Kubernetes structural schema does not take, or that we do
 # not want the API server to act on (defaults are applied by the operator, from the

@@ -7,6 +7,7 @@ forbidden, so a typo is refused with the field's path rather than ignored.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
@@ -204,14 +205,20 @@ class BackendKind(str, enum.Enum):
 
 
 class ModelSpec(_Model):
-    # The API server's copy of `_backend_configured` below.
+    # The API server's copy of the validators below.
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "!has(self.backend) || self.backend != 'openai' || has(self.openai)",
          "message": "backend 'openai' needs spec.model.openai.endpoints"},
+        {"rule": "!(has(self.version) && self.version != '' && has(self.alias) && self.alias != '')",
+         "message": "set spec.model.version or spec.model.alias, not both"},
     ]})
 
     name: Annotated[str, Field(min_length=1, max_length=253)]
-    version: str = ""
+    # A registry version (`promptpipe model push`); with operator-managed TGI the pods load it
+    # from the registry. Changing it starts a blue-green rollout.
+    version: Annotated[str, Field(max_length=64, pattern=r"^([A-Za-z0-9]([A-Za-z0-9._+-]{0,62}[A-Za-z0-9])?)?$")] = ""
+    # Follow a registry alias (`prod`, `canary`): promoting it starts a rollout.
+    alias: Annotated[str, Field(max_length=64, pattern=r"^([a-z]([a-z0-9-]{0,62}[a-z0-9])?)?$")] = ""
     backend: BackendKind = BackendKind.LLAMACPP
     llamacpp: LlamaCppSpec = LlamaCppSpec()
     # Unset with backend tgi: TGI pods the operator runs, with TgiSpec's defaults.
@@ -224,7 +231,13 @@ class ModelSpec(_Model):
     def _backend_configured(self) -> ModelSpec:
         if self.backend is BackendKind.OPENAI and self.openai is None:
             raise ValueError("backend 'openai' needs spec.model.openai.endpoints")
+        if self.version and self.alias:
+            raise ValueError("set spec.model.version or spec.model.alias, not both")
         return self
+
+    @property
+    def from_registry(self) -> bool:
+        return bool(self.version or self.alias)
 
 
 class GenerationDefaults(_Model):
@@ -291,8 +304,69 @@ class PostSpec(_Model):
     blocklist: BlocklistSpec = BlocklistSpec()
 
 
+def _seconds(value: object) -> object:
+    """`90`, `"90s"`, `"5m"`, `"1h30m"` → seconds."""
+    if isinstance(value, str):
+        match = re.fullmatch(DURATION_PATTERN, value)
+        if not match or not value:
+            raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h30m")
+        h, m, s = (int(g) if g else 0 for g in match.groups())
+        return h * 3600 + m * 60 + s
+    return value
+
+
+DURATION_PATTERN = r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$"
+Duration = Annotated[
+    float,
+    BeforeValidator(_seconds),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": DURATION_PATTERN.replace("?:", ""),
+                    "x-kubernetes-int-or-string": True}),
+]
+
+
+class SmokeSpec(_Model):
+    """The generation green must answer before it gets traffic."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=4096)] = "Say hello."
+    max_new_tokens: Annotated[int, Field(ge=1, le=256)] = 8
+    timeout: Annotated[Duration, Field(gt=0, le=600)] = 60.0
+
+
+class PrometheusSource(_Model):
+    # The Prometheus HTTP API base, e.g. http://prometheus-operated.monitoring.svc:9090
+    url: Annotated[str, Field(min_length=1, pattern=r"^https?://")]
+
+
+class AnalysisSpec(_Model):
+    """After the switch: roll back if, over `window`, errors or TTFT p95 pass their thresholds."""
+
+    window: Annotated[Duration, Field(ge=0, le=86_400)] = 300.0
+    interval: Annotated[Duration, Field(ge=1, le=3600)] = 10.0
+    # Share of gateway calls ending in a server-side error (INTERNAL, UNAVAILABLE, ...).
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    # Unset: TTFT is not checked.
+    max_ttft_p95_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
+    # Fewer calls than this in the window give no verdict (and no rollback).
+    min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    # Unset: the operator scrapes the gateway pods' /metrics itself.
+    prometheus: PrometheusSource | None = None
+
+
+class RolloutSpec(_Model):
+    """Blue-green rollouts of the backend (operator-managed TGI) when the model changes."""
+
+    # How long the previous version keeps running after a successful switch, for instant rollback.
+    keep_previous: Annotated[Duration, Field(ge=0, le=604_800)] = 600.0
+    # Green must be Ready and pass its smoke test within this, or the rollout is rolled back.
+    progress_deadline: Annotated[Duration, Field(ge=10, le=86_400)] = 900.0
+    smoke: SmokeSpec = SmokeSpec()
+    analysis: AnalysisSpec = AnalysisSpec()
+
+
 class PipelineSpec(_Model):
     model: ModelSpec
+    # Operator only.
+    rollout: RolloutSpec = RolloutSpec()
     generation: GenerationDefaults = GenerationDefaults()
     stages: StagesSpec = StagesSpec()
     rag: RagSpec = RagSpec()

@@ -1,0 +1,97 @@
+"""What a rollout looks at outside the API server: the smoke generation, the gateways' metrics,
+Prometheus, and the registry. Thin I/O; every failure comes back as a value, never raised."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from promptpipe.config.spec import PipelineSpec
+from promptpipe.registry import errors as registry_errors
+from promptpipe.registry.refs import ModelRef
+from promptpipe.registry.store import Registry
+from promptpipe_operator.analysis import Counts, parse_gateway, prometheus_queries, quantile, since, verdict
+
+log = logging.getLogger("promptpipe.operator")
+
+
+def smoke(base_url: str, spec: PipelineSpec) -> tuple[bool, str]:
+    """One generation through TGI's /generate; it passes if TGI answers 200 with generated text."""
+    cfg = spec.rollout.smoke
+    body = json.dumps({"inputs": cfg.prompt, "parameters": {"max_new_tokens": cfg.max_new_tokens}}).encode()
+    request = urllib.request.Request(f"{base_url}/generate", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=cfg.timeout) as response:  # noqa: S310 - the backend's URL
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:300].decode(errors="replace")
+        return False, f"POST {base_url}/generate answered HTTP {e.code}: {detail}"
+    except (OSError, ValueError) as e:
+        return False, f"POST {base_url}/generate failed: {e}"
+    if not isinstance(answer, dict) or not isinstance(answer.get("generated_text"), str):
+        return False, f"POST {base_url}/generate answered without generated_text: {str(answer)[:200]}"
+    return True, f"generated {answer['generated_text'][:60]!r}"
+
+
+def scrape(urls: dict[str, str], pipeline: str, timeout: float = 3.0) -> dict[str, Counts]:
+    """Each gateway pod's counters, keyed by pod; pods that do not answer are left out."""
+    out: dict[str, Counts] = {}
+    for pod, url in urls.items():
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a pod's metrics
+                out[pod] = parse_gateway(response.read().decode(), pipeline)
+        except (OSError, ValueError) as e:
+            log.warning("could not scrape a gateway", extra={"pod": pod, "url": url, "error": str(e)})
+    return out
+
+
+def analyse_scrapes(current: dict[str, Counts], baseline: dict[str, Any] | None,
+                    spec: PipelineSpec) -> tuple[bool | None, str]:
+    base = {pod: Counts.from_json(c) for pod, c in (baseline or {}).items()}
+    delta = since(current, base)
+    return verdict(delta.requests, delta.errors, quantile(0.95, delta.ttft_buckets), spec.rollout.analysis)
+
+
+def analyse_prometheus(url: str, namespace: str, pipeline: str, seconds: int,
+                       spec: PipelineSpec) -> tuple[bool | None, str]:
+    values: dict[str, float | None] = {}
+    for key, query in prometheus_queries(namespace, pipeline, seconds).items():
+        try:
+            target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+            with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - the spec's Prometheus
+                data = json.loads(response.read())
+        except (OSError, ValueError) as e:
+            return None, f"Prometheus at {url} could not be queried: {e}"
+        result = data.get("data", {}).get("result", []) if data.get("status") == "success" else None
+        if result is None:
+            return None, f"Prometheus refused the query {query!r}: {data.get('error', data)}"
+        raw = float(result[0]["value"][1]) if result else None
+        values[key] = None if raw is None or raw != raw else raw  # NaN: no data
+    return verdict(values["requests"] or 0.0, values["errors"] or 0.0, values["ttft_p95"], spec.rollout.analysis)
+
+
+def resolve_version(registry: Registry | None, spec: PipelineSpec) -> tuple[str | None, str]:
+    """The version the spec names now, and why not if it cannot be told."""
+    model = spec.model
+    if not model.from_registry:
+        tgi = model.tgi
+        return (tgi.model_id if tgi and tgi.model_id else model.name), ""
+    if model.version and registry is None:
+        return model.version, ""
+    if registry is None:
+        return None, "spec.model.alias needs the registry; the operator has no PROMPTPIPE_REGISTRY_* settings"
+    try:
+        ref = ModelRef(model.name, version=model.version or None, alias=model.alias or None)
+        return registry.resolve(ref).version, ""
+    except registry_errors.RegistryError as e:
+        return None, str(e)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

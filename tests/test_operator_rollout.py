@@ -1,0 +1,230 @@
+"""Blue-green rollouts against the real kube-apiserver, with the registry on moto's server.
+
+No kubelet: readiness is simulated by writing Deployment status; the smoke generation goes
+to a TGI-protocol server standing in for each color's Service; gateway metrics come from a
+real Prometheus exposition, at the address of a gateway Pod whose status the test writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import pytest
+from kubernetes import client
+
+from promptpipe.devcluster.build import Tools
+from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe.localproc import free_port
+from promptpipe.registry.store import Registry
+from tests.support.moto import registry_env
+from tests.support.operator import OperatorProcess, wait_for
+from tests.support.pipelines import tgi_server
+from tests.test_operator import QUICKSTART, Cluster, apply
+from tests.test_registry import make_model
+
+pytestmark = pytest.mark.controlplane
+NAME = "quickstart"
+
+
+def bg_doc(model: dict[str, Any], **rollout: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(QUICKSTART)
+    doc["spec"]["model"] = {"name": "smollm2", "backend": "tgi", "tgi": {"gpus": 1}, **model}
+    doc["spec"]["rollout"] = {"progressDeadline": 10, "keepPrevious": 2, "analysis": {"window": 1, "interval": 1},
+                              **rollout}
+    return doc
+
+
+class Rollouts:
+    def __init__(self, cluster: Cluster, plane: ControlPlane, tools: Tools, registry: Registry, tgi: str,
+                 operator: OperatorProcess) -> None:
+        self.cluster, self.plane, self.tools, self.registry, self.tgi = cluster, plane, tools, registry, tgi
+        self.operator = operator
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        apply(self.plane, self.tools, self.cluster.ns, doc)
+
+    def rollout(self) -> dict[str, Any]:
+        return self.cluster.status(NAME).get("rollout") or {}
+
+    def traffic(self) -> str:
+        """The color the inference Service sends traffic to."""
+        svc = self.cluster.core.read_namespaced_service(f"{NAME}-backend", self.cluster.ns)
+        return str(svc.spec.selector["promptpipe.io/color"])
+
+    def backends(self) -> dict[str, str]:
+        """Backend Deployments: color → model version."""
+        return {d["metadata"]["labels"]["promptpipe.io/color"]: d["metadata"]["annotations"]["promptpipe.io/model-version"]
+                for (k, n), d in self.cluster.children(NAME).items() if k == "Deployment" and "-backend-" in n}
+
+    def start_on(self, version: str, **rollout: Any) -> None:
+        """Serving `version` on blue, every stage Ready."""
+        self.apply(bg_doc({"version": version}, **rollout))
+        wait_for(lambda: self.backends() == {"blue": version}, "blue")
+        for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue"):
+            self.cluster.set_ready(f"{NAME}-{stage}")
+        wait_for(lambda: self.cluster.status(NAME).get("phase") == "Ready", "Ready")
+
+    def fail_smoke(self, color: str) -> None:
+        body = json.dumps({"prefix": f"{self.cluster.ns}/{NAME}-backend-{color}"}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"{self.tgi}/control/fail", data=body, method="POST",  # noqa: S310
+                                                      headers={"Content-Type": "application/json"})).close()
+
+
+@pytest.fixture
+def rollouts(registry: Registry, operator_identity: Path, namespace: str, kube: client.ApiClient,
+             control_plane: ControlPlane, kube_tools: Tools, tmp_path: Path) -> Iterator[Rollouts]:
+    for i, version in enumerate(("v1", "v2", "v3")):
+        registry.push("smollm2", make_model(tmp_path / version, f"seed-{i}"), version)
+    with tgi_server() as tgi:
+        op = OperatorProcess(operator_identity, namespace, tmp_path / "operator.log", env={
+            **registry_env(registry.settings),
+            "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
+            "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5"})
+        op.start()
+        try:
+            yield Rollouts(Cluster(kube, namespace), control_plane, kube_tools, registry, tgi, op)
+        finally:
+            op.stop()
+
+
+def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_retires_blue(rollouts: Rollouts) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.registry.promote("smollm2", "v1", "prod")
+    r.apply(bg_doc({"alias": "prod"}))
+    wait_for(lambda: r.backends() == {"blue": "v1"}, "v1 on blue")
+    for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue"):
+        cluster.set_ready(f"{NAME}-{stage}")
+    r.registry.promote("smollm2", "v2", "prod")
+    wait_for(lambda: r.backends() == {"blue": "v1", "green": "v2"}, "green brought up next to blue")
+    green = cluster.apps.read_namespaced_deployment(f"{NAME}-backend-green", cluster.ns)
+    assert green.spec.template.spec.init_containers[0].command[3] == "smollm2:v2"
+    wait_for(lambda: r.rollout()["phase"] == "Progressing", "status Progressing")
+    assert r.traffic() == "blue"
+    cluster.set_ready(f"{NAME}-backend-green")
+    wait_for(lambda: r.traffic() == "green", "the switch to green")
+    status = wait_for(lambda: cluster.status(NAME).get("activeColor") == "green" and cluster.status(NAME), "status")
+    assert (status["activeVersion"], status["activeColor"]) == ("v2", "green")
+    assert (status["previousVersion"], status["previousColor"]) == ("v1", "blue")
+    # The analysis window passes without enough calls to judge, then blue is kept for keepPrevious and removed.
+    wait_for(lambda: r.rollout()["phase"] == "Stable", "the analysis to end", timeout=15)
+    wait_for(lambda: r.backends() == {"green": "v2"}, "blue retired after keepPrevious", timeout=15)
+    assert [h["result"] for h in r.rollout()["history"]] == ["Deployed", "Succeeded"]
+    for reason in ("RolloutStarted", "Switched", "RolloutSucceeded"):
+        assert wait_for(lambda rs=reason: cluster.events(rs), f"a {reason} event")
+
+
+def test_green_never_ready_is_rolled_back_at_the_progress_deadline_and_not_retried(rollouts: Rollouts) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.start_on("v1")
+    r.apply(bg_doc({"version": "v2"}))
+    versions = cluster.versions(NAME)
+    wait_for(lambda: "green" in r.backends(), "green")
+    stages = {k: v for k, v in versions.items() if k[0] == "Deployment" and "backend" not in k[1]}
+    assert {k: v for k, v in cluster.versions(NAME).items() if k in stages} == stages, "a rollout rolls no stage"
+    wait_for(lambda: r.rollout().get("phase") == "RolledBack", "the rollback", timeout=25)
+    rollout = r.rollout()
+    assert rollout["reason"] == "ProgressDeadlineExceeded" and rollout["failedVersion"] == "v2"
+    assert r.backends() == {"blue": "v1"} and r.traffic() == "blue"
+    status = cluster.status(NAME)
+    assert status["phase"] == "RolledBack" and status["activeVersion"] == "v1"
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["RolledBack"] == "ProgressDeadlineExceeded"
+    assert "rolled back v2 (green) to v1 (blue)" in wait_for(lambda: cluster.events("RolledBack"), "an Event")[0]
+    r.operator.stop()  # a restart re-reads everything: still not retried for the same spec
+    r.operator.start()
+    wait_for(lambda: r.operator.metric("promptpipe_operator_reconciles_total") >= 1, "a reconcile")
+    assert r.backends() == {"blue": "v1"}
+
+
+def test_a_failed_smoke_generation_rolls_back_before_any_traffic_moves(rollouts: Rollouts) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.start_on("v1")
+    r.fail_smoke("green")
+    r.apply(bg_doc({"version": "v2"}))
+    wait_for(lambda: "green" in r.backends(), "green")
+    cluster.set_ready(f"{NAME}-backend-green")
+    wait_for(lambda: r.rollout().get("phase") == "RolledBack", "the rollback")
+    assert r.rollout()["reason"] == "SmokeTestFailed" and "HTTP 500" in r.rollout()["message"]
+    assert r.traffic() == "blue" and r.backends() == {"blue": "v1"}
+
+
+def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts: Rollouts) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    metrics = prometheus_client.CollectorRegistry()
+    calls = prometheus_client.Histogram("promptpipe_stage_duration_seconds", "", ["pipeline", "stage", "code"],
+                                        registry=metrics)
+    port = free_port()
+    server, thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=metrics)
+    try:
+        gateway_pod(cluster, port)
+        r.start_on("v1", analysis={"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1})
+        for _ in range(50):
+            calls.labels(NAME, "stream", "OK").observe(0.2)  # before the switch: not counted
+        r.apply(bg_doc({"version": "v2"}, analysis={"window": 60, "interval": 1, "minRequests": 10,
+                                                    "maxErrorRate": 0.1}))
+        wait_for(lambda: "green" in r.backends(), "green")
+        cluster.set_ready(f"{NAME}-backend-green")
+        wait_for(lambda: r.traffic() == "green" and r.rollout().get("baseline"), "the switch and a baseline")
+        for code in ["OK"] * 14 + ["UNAVAILABLE"] * 6:
+            calls.labels(NAME, "stream", code).observe(0.3)
+        wait_for(lambda: r.traffic() == "blue", "traffic back on blue")
+        rollout = wait_for(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
+        assert rollout["reason"] == "AnalysisFailed" and "error rate 30.0% over 20 calls" in rollout["message"]
+        assert r.backends() == {"blue": "v1"}
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def test_manual_rollback_with_the_command_while_green_is_analysed(
+        rollouts: Rollouts, control_plane: ControlPlane) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.start_on("v1", analysis={"window": 120})
+    r.apply(bg_doc({"version": "v2"}, analysis={"window": 120}))
+    wait_for(lambda: "green" in r.backends(), "green")
+    cluster.set_ready(f"{NAME}-backend-green")
+    wait_for(lambda: r.traffic() == "green", "the switch")
+    done = subprocess.run([sys.executable, "-m", "promptpipe.cli.main", "rollback", NAME, "-n", cluster.ns],
+                          env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "traffic on v1 (blue)" in done.stdout
+    assert r.traffic() == "blue" and r.rollout()["reason"] == "ManualRollback"
+    wait_for(lambda: r.backends() == {"blue": "v1"}, "green removed")
+
+
+def test_an_operator_restarted_mid_rollout_finishes_it_and_leaves_no_orphans(rollouts: Rollouts) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.start_on("v1")
+    r.apply(bg_doc({"version": "v2"}))
+    wait_for(lambda: "green" in r.backends(), "green")
+    r.operator.stop()
+    cluster.set_ready(f"{NAME}-backend-green")  # green became Ready while no operator ran
+    r.operator.start()
+    wait_for(lambda: r.traffic() == "green", "the switch after the restart")
+    wait_for(lambda: r.backends() == {"green": "v2"}, "blue retired", timeout=15)
+    deployments = {n for (k, n) in cluster.children(NAME) if k == "Deployment"}
+    assert deployments == {f"{NAME}-{s}" for s in ("stream", "rag", "assemble", "inference", "post", "backend-green")}
+    services = {n for (k, n) in cluster.children(NAME) if k == "Service" and "backend" in n}
+    assert services == {f"{NAME}-backend", f"{NAME}-backend-green"}
+
+
+def gateway_pod(cluster: Cluster, metrics_port: int) -> None:
+    """A gateway Pod the operator finds by its labels, Ready at 127.0.0.1 (status as a kubelet writes it)."""
+    labels = {"app.kubernetes.io/name": "promptpipe", "app.kubernetes.io/instance": NAME,
+              "app.kubernetes.io/component": "stream"}
+    cluster.core.create_namespaced_pod(cluster.ns, {
+        "metadata": {"name": f"{NAME}-stream-test", "labels": labels},
+        "spec": {"containers": [{"name": "stage", "image": "stage",
+                                 "ports": [{"name": "metrics", "containerPort": metrics_port}]}]}})
+    cluster.core.patch_namespaced_pod_status(f"{NAME}-stream-test", cluster.ns, {"status": {
+        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": "Ready", "status": "True"}]}})

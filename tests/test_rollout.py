@@ -1,0 +1,139 @@
+"""The rollout decision and the analysis, as pure functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from promptpipe.config.spec import AnalysisSpec, RolloutSpec
+from promptpipe_operator.analysis import Counts, parse_gateway, quantile, since, verdict
+from promptpipe_operator.rollout import (
+    ANALYZING, BLUE, GREEN, PROGRESSING, ROLLED_BACK, STABLE, Observed, Slot, State, decide, ts, wake_in,
+)
+
+T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
+CFG = RolloutSpec.model_validate({"keepPrevious": "10m", "progressDeadline": "5m", "analysis": {"window": "2m"}})
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def obs(desired: str | None, seconds: float = 0, generation: int = 1, **kw: object) -> Observed:
+    return Observed(desired, generation, at(seconds), **kw)  # type: ignore[arg-type]
+
+
+STABLE_V1 = State(active=Slot("v1", BLUE))
+
+
+def test_the_first_version_is_deployed_on_blue_without_a_rollout() -> None:
+    d = decide(State(), obs("v1"), CFG)
+    assert d.state.active == Slot("v1", BLUE) and d.state.phase == STABLE and d.switched
+
+
+def test_happy_path_green_ready_smoke_switch_analysis_then_blue_expires() -> None:
+    d = decide(STABLE_V1, obs("v2"), CFG)
+    assert d.state.phase == PROGRESSING and d.state.target == Slot("v2", GREEN) and not d.switched
+    assert decide(d.state, obs("v2", 5), CFG).state == d.state, "waits for green"
+    d = decide(d.state, obs("v2", 30, target_ready=True, smoke=(True, "ok")), CFG)
+    assert d.switched and d.state.phase == ANALYZING
+    assert (d.state.active, d.state.previous) == (Slot("v2", GREEN), Slot("v1", BLUE))
+    d = decide(d.state, obs("v2", 60, verdict=(True, "fine")), CFG)
+    assert d.state.phase == ANALYZING
+    d = decide(d.state, obs("v2", 151, verdict=(True, "fine")), CFG)
+    assert d.state.phase == STABLE and d.state.previous == Slot("v1", BLUE), "kept for keepPrevious"
+    assert d.state.previous_until == ts(at(151 + 600))
+    assert decide(d.state, obs("v2", 751), CFG).state.previous is None
+    assert [h["result"] for h in d.state.history] == ["Succeeded"]
+
+
+@pytest.mark.parametrize(("observed", "reason"), [
+    ({"seconds": 301}, "ProgressDeadlineExceeded"),
+    ({"seconds": 10, "target_failed": "ProgressDeadlineExceeded: pods crash"}, "ProgressDeadlineExceeded"),
+    ({"seconds": 10, "target_ready": True, "smoke": (False, "HTTP 500")}, "SmokeTestFailed"),
+])
+def test_green_that_cannot_serve_is_rolled_back_before_any_traffic(observed: dict[str, object], reason: str) -> None:
+    progressing = decide(STABLE_V1, obs("v2"), CFG).state
+    d = decide(progressing, obs("v2", **observed), CFG)  # type: ignore[arg-type]
+    assert d.state.phase == ROLLED_BACK and d.state.reason == reason
+    assert d.state.active == Slot("v1", BLUE) and d.state.deployed() == [Slot("v1", BLUE)]
+    assert not d.switched, "traffic never left blue"
+    assert decide(d.state, obs("v2", 400), CFG).state.phase == ROLLED_BACK, "not retried for the same spec"
+    retried = decide(d.state, obs("v2", 400, generation=2), CFG).state
+    assert retried.phase == PROGRESSING and retried.target == Slot("v2", GREEN), "retried once the spec changes"
+
+
+def test_bad_analysis_puts_traffic_back_on_blue() -> None:
+    s = decide(decide(STABLE_V1, obs("v2"), CFG).state, obs("v2", 5, target_ready=True, smoke=(True, "")), CFG).state
+    assert decide(s, obs("v2", 20, verdict=(None, "too few calls")), CFG).state.phase == ANALYZING
+    d = decide(s, obs("v2", 30, verdict=(False, "error rate 40%")), CFG)
+    assert d.switched and d.state.active == Slot("v1", BLUE) and d.state.reason == "AnalysisFailed"
+    assert d.notes[-1].reason == "RolledBack" and "error rate 40%" in d.notes[-1].message
+
+
+def test_manual_rollback_while_analysing_after_and_when_nothing_is_left() -> None:
+    s = decide(decide(STABLE_V1, obs("v2"), CFG).state, obs("v2", 5, target_ready=True, smoke=(True, "")), CFG).state
+    d = decide(s, obs("v2", 10, rollback_request="r1"), CFG)
+    assert d.switched and d.state.active == Slot("v1", BLUE) and d.state.reason == "ManualRollback"
+    assert decide(d.state, obs("v2", 11, rollback_request="r1"), CFG).state == d.state, "handled once"
+    d2 = decide(d.state, obs("v2", 12, rollback_request="r2"), CFG)
+    assert d2.notes[0].reason == "RollbackUnavailable" and d2.state.active == Slot("v1", BLUE)
+
+
+def test_undoing_the_change_cancels_green_and_a_new_one_retargets_it() -> None:
+    s = decide(STABLE_V1, obs("v2"), CFG).state
+    assert decide(s, obs("v3", 5), CFG).state.target == Slot("v3", GREEN)
+    cancelled = decide(s, obs("v1", 5), CFG).state
+    assert cancelled.phase == STABLE and cancelled.target is None
+
+
+def test_wake_ups_follow_deadline_analysis_and_expiry() -> None:
+    s = decide(STABLE_V1, obs("v2"), CFG).state
+    assert wake_in(s, CFG, at(0)) == 300
+    s = decide(s, obs("v2", 5, target_ready=True, smoke=(True, "")), CFG).state
+    assert wake_in(s, CFG, at(5)) == CFG.analysis.interval
+    assert wake_in(STABLE_V1, CFG, at(0)) is None
+
+
+def test_state_survives_the_status_round_trip() -> None:
+    s = decide(decide(STABLE_V1, obs("v2"), CFG).state, obs("v2", 5, target_ready=True, smoke=(True, "")), CFG).state
+    assert State.from_status(s.to_status()) == s
+
+
+GATEWAY = """
+# TYPE promptpipe_stage_duration_seconds histogram
+promptpipe_stage_duration_seconds_count{pipeline="p",stage="stream",code="OK"} 90
+promptpipe_stage_duration_seconds_count{pipeline="p",stage="stream",code="UNAVAILABLE"} 6
+promptpipe_stage_duration_seconds_count{pipeline="p",stage="stream",code="RESOURCE_EXHAUSTED"} 4
+promptpipe_stage_duration_seconds_count{pipeline="other",stage="stream",code="INTERNAL"} 50
+# TYPE promptpipe_gateway_time_to_first_token_seconds histogram
+promptpipe_gateway_time_to_first_token_seconds_bucket{pipeline="p",le="0.1"} 50
+promptpipe_gateway_time_to_first_token_seconds_bucket{pipeline="p",le="0.5"} 90
+promptpipe_gateway_time_to_first_token_seconds_bucket{pipeline="p",le="+Inf"} 100
+"""
+
+
+def test_gateway_counters_count_server_errors_only_and_per_pipeline() -> None:
+    c = parse_gateway(GATEWAY, "p")
+    assert (c.requests, c.errors) == (100, 6), "shedding is not the model's fault; other pipelines are not counted"
+    assert quantile(0.5, c.ttft_buckets) == pytest.approx(0.1)
+    assert quantile(0.95, c.ttft_buckets) == pytest.approx(0.5), "in +Inf: the highest finite bound"
+    assert quantile(0.7, c.ttft_buckets) == pytest.approx(0.1 + 0.4 * (70 - 50) / 40)
+
+
+def test_deltas_across_pods_handle_restarts_and_new_pods() -> None:
+    base = {"a": Counts(100, 1), "b": Counts(50, 0)}
+    now = {"a": Counts(130, 4), "b": Counts(5, 5), "c": Counts(10, 0)}  # b restarted, c is new
+    d = since(now, base)
+    assert (d.requests, d.errors) == (30 + 5 + 10, 3 + 5)
+
+
+def test_the_verdict_needs_enough_calls_and_names_the_threshold() -> None:
+    cfg = AnalysisSpec(min_requests=20, max_error_rate=0.05, max_ttft_p95_seconds=1.0)
+    assert verdict(10, 10, None, cfg)[0] is None
+    assert verdict(100, 4, 0.5, cfg)[0] is True
+    ok, why = verdict(100, 6, 0.5, cfg)
+    assert ok is False and "maxErrorRate" in why
+    ok, why = verdict(100, 0, 1.5, cfg)
+    assert ok is False and "maxTtftP95Seconds" in why
