@@ -83,6 +83,7 @@ cluster-down:
 bench: setup
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.operator
+	$(BIN)/python -m bench.rollout
 
 lint: setup
 	$(BIN)/mypy
