@@ -25,10 +25,9 @@ from promptpipe.devcluster.cli import install_keda_crds
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
-from tests.support.moto import CREDENTIALS, moto_server, registry_env
+from tests.support.moto import CREDENTIALS, make_model, moto_server, registry_env
 from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
 from tests.support.pipelines import tgi_server
-from tests.test_registry import make_model
 
 NS, NAME = "bench-rollout", "bg"
 

@@ -20,16 +20,14 @@ from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe_operator import rbac
 from promptpipe.registry.store import Registry
+from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.kube import kubectl
-from tests.support.moto import registry_env
-from tests.test_registry import make_model
+from tests.support.moto import make_model, registry_env
 from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig, wait_for
 
 pytestmark = pytest.mark.controlplane
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
-GROUP, VERSION, PLURAL = "promptpipe.io", "v1alpha1", "promptpipelines"
 STAGES = [s.value for s in STAGE_ORDER]
 # ConfigMap, and per stage a Deployment, a Service and a ScaledObject.
 QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
@@ -42,61 +40,9 @@ def pipeline_doc(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
     return doc
 
 
-class Cluster:
-    """What a test looks at, through the admin identity."""
-
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        self.ns = namespace
-        self.core, self.apps = client.CoreV1Api(api), client.AppsV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-
-    def pipeline(self, name: str = "quickstart") -> dict[str, Any]:
-        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
-        return obj
-
-    def status(self, name: str = "quickstart") -> dict[str, Any]:
-        return self.pipeline(name).get("status") or {}
-
-    def children(self, name: str = "quickstart") -> dict[tuple[str, str], dict[str, Any]]:
-        """Every object labelled as this pipeline's, by (kind, name)."""
-        selector = f"app.kubernetes.io/instance={name}"
-        out: dict[tuple[str, str], dict[str, Any]] = {}
-        for kind, items in (
-            ("ConfigMap", self.core.list_namespaced_config_map(self.ns, label_selector=selector).items),
-            ("Service", self.core.list_namespaced_service(self.ns, label_selector=selector).items),
-            ("Deployment", self.apps.list_namespaced_deployment(self.ns, label_selector=selector).items),
-        ):
-            for item in items:
-                out[(kind, item.metadata.name)] = client.ApiClient().sanitize_for_serialization(item)
-        for item in self.custom.list_namespaced_custom_object("keda.sh", "v1alpha1", self.ns, "scaledobjects",
-                                                              label_selector=selector)["items"]:
-            out[("ScaledObject", item["metadata"]["name"])] = item
-        return out
-
-    def versions(self, name: str = "quickstart") -> dict[tuple[str, str], str]:
-        return {k: v["metadata"]["resourceVersion"] for k, v in self.children(name).items()}
-
-    def set_ready(self, deployment: str, available: int | None = None) -> None:
-        """Write the status the Deployment controller writes once the pods are (or are not) available."""
-        d = self.apps.read_namespaced_deployment(deployment, self.ns)
-        want = d.spec.replicas if d.spec.replicas is not None else 1
-        up = want if available is None else available
-        self.apps.patch_namespaced_deployment_status(deployment, self.ns, {"status": {
-            "observedGeneration": d.metadata.generation, "replicas": want, "updatedReplicas": want,
-            "readyReplicas": up, "availableReplicas": up, "unavailableReplicas": want - up}})
-
-    def events(self, reason: str) -> list[str]:
-        items = self.core.list_namespaced_event(self.ns).items
-        return [e.message for e in items if e.reason == reason and e.involved_object.kind == "PromptPipeline"]
-
-
 @pytest.fixture
 def cluster(kube: client.ApiClient, namespace: str) -> Cluster:
     return Cluster(kube, namespace)
-
-
-def apply(plane: ControlPlane, tools: Tools, namespace: str, doc: dict[str, Any]) -> None:
-    kubectl(plane, tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
 
 
 def all_created(cluster: Cluster, count: int = QUICKSTART_CHILDREN, name: str = "quickstart") -> bool:

@@ -25,11 +25,10 @@ from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe.localproc import free_port
 from promptpipe.registry.store import Registry
-from tests.support.moto import registry_env
+from tests.support.moto import make_model, registry_env
+from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.operator import OperatorProcess, wait_for
 from tests.support.pipelines import tgi_server
-from tests.test_operator import QUICKSTART, Cluster, apply
-from tests.test_registry import make_model
 
 pytestmark = pytest.mark.controlplane
 NAME = "quickstart"

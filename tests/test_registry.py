@@ -18,20 +18,9 @@ from promptpipe.registry.manifest import MARKER, FileEntry, scan
 from promptpipe.registry.refs import ModelRef, RefError, next_version, parse_ref
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
-from tests.support.moto import moto_server, registry_env
+from tests.support.moto import make_model, moto_server, registry_env
 
 MiB = 1 << 20
-
-
-def make_model(folder: Path, seed: str = "a", big_mib: int = 0) -> Path:
-    """A model-shaped folder: config, tokenizer, weights (optionally big enough for multipart)."""
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"seed": seed, "hidden": 64}))
-    (folder / "tokenizer" / "tokenizer.json").write_text(f'{{"vocab": "{seed}"}}')
-    (folder / "tokenizer" / "special_tokens.json").write_text('{"eos": "</s>"}')  # same in every version
-    weights = hashlib.sha256(seed.encode()).digest() * (1024 * 32)  # 1 MiB, content depends on seed
-    (folder / "model.safetensors").write_bytes(weights * max(big_mib, 1))
-    return folder
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -43,8 +43,6 @@ from promptpipe_operator.status import (
     pipeline_status,
 )
 
-ROLLOUT_REASONS = {"Deployed", "RolloutStarted", "RolloutCancelled", "Switched", "RolloutSucceeded", "RolledBack",
-                   "RollbackUnavailable"}
 
 
 class InvalidSpec(Exception):
@@ -154,12 +152,12 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
     problem: Problem | None = None
     failure: Transient | None = None
     rollout_state: State | None = None
+    decision: Decision | None = None
     try:
         existing = kube.owned(namespace, meta["uid"], selector)
         if render.managed_tgi(pp) is not None:
-            decision, unresolved = advance_rollout(kube, settings, registry, pp, body, existing)
+            decision, unresolved = advance_rollout(kube, settings, registry, pp, body, existing, generation)
             rollout_state = decision.state
-            result.events += [Event(n.type, n.reason, n.message) for n in decision.notes]
             result.requeue_after = wake_in(rollout_state, pp.spec.rollout, probes.now())
             if pp.spec.model.alias:  # a promotion is seen at the next poll
                 result.requeue_after = min(result.requeue_after or settings.alias_poll_seconds,
@@ -180,6 +178,8 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
         for kind, child in sorted(set(existing) - set(applied)):
             kube.delete(versions[kind], kind, namespace, child)
             result.deleted.append(f"{kind} {child}")
+        if decision is not None:  # told only once what it decided is applied
+            result.events += [Event(n.type, n.reason, n.message) for n in decision.notes]
     except KindNotServed as err:
         problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
         failure = Transient(str(err), 30.0)
@@ -196,7 +196,6 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
             pass  # the status then says less about the stages; the condition says why
         if rollout_state is not None:  # nothing decided was applied: keep the stored rollout as it was
             rollout_state = State.from_status(before.get("rollout"))
-            result.events = [e for e in result.events if e.reason not in ROLLOUT_REASONS]
     active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
     health = components(pp, deployments, active_color)
     result.status = pipeline_status(pp, namespace, generation, health, before, _now(), problem, rollout_state)
@@ -210,7 +209,8 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
 
 
 def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry | None, pp: PromptPipeline,
-                    body: dict[str, Any], existing: dict[ChildKey, dict[str, Any]]) -> tuple[Decision, str]:
+                    body: dict[str, Any], existing: dict[ChildKey, dict[str, Any]],
+                    generation: int) -> tuple[Decision, str]:
     """Observe what the rollout's next step depends on (only what it needs now) and decide it.
     Returns the decision and, if the spec's version cannot be resolved, why."""
     name, namespace = pp.metadata.name, body["metadata"]["namespace"]
@@ -247,17 +247,13 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
                 verdict = (None, "counting calls from now")
             else:
                 verdict = probes.analyse_scrapes(current, state.baseline, pp.spec)
-    decision = decide(state, Observed(desired, pp_generation(body), now, target_ready, target_failed, smoke,
+    decision = decide(state, Observed(desired, generation, now, target_ready, target_failed, smoke,
                                       verdict, request), cfg)
     if decision.state.phase == ANALYZING and decision.state.baseline is None and cfg.analysis.prometheus is None:
         current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
         decision = replace(decision, state=replace(
             decision.state, baseline={p: c.as_json() for p, c in current.items()}))
     return decision, unresolved
-
-
-def pp_generation(body: dict[str, Any]) -> int:
-    return int(body["metadata"].get("generation", 1))
 
 
 def _write_status(kube: Kube, namespace: str, name: str, before: dict[str, Any], status: dict[str, Any]) -> None:

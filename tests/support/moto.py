@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +65,14 @@ def registry_env(settings: RegistrySettings) -> dict[str, str]:
     """The environment that points the `promptpipe` command (or a pod) at `settings`' registry."""
     return {**CREDENTIALS, "PROMPTPIPE_REGISTRY_BUCKET": settings.bucket, "PROMPTPIPE_REGISTRY_TABLE": settings.table,
             "PROMPTPIPE_REGISTRY_ENDPOINT_URL": str(settings.endpoint_url), "PROMPTPIPE_REGISTRY_REGION": "us-east-1"}
+
+
+def make_model(folder: Path, seed: str = "a", big_mib: int = 0) -> Path:
+    """A model-shaped folder: config, tokenizer, weights (optionally big enough for multipart)."""
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "hidden": 64}))
+    (folder / "tokenizer" / "tokenizer.json").write_text(f'{{"vocab": "{seed}"}}')
+    (folder / "tokenizer" / "special_tokens.json").write_text('{"eos": "</s>"}')  # same in every version
+    weights = hashlib.sha256(seed.encode()).digest() * (1024 * 32)  # 1 MiB, content depends on seed
+    (folder / "model.safetensors").write_bytes(weights * max(big_mib, 1))
+    return folder

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.filesize import decimal
 from rich.progress import (
     BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
 )
@@ -118,8 +119,8 @@ def push(
         return
     verb = "published" if result.created else "already published (same content)"
     out.print(f"{verb} [bold]{r.name}:{r.version}[/] {r.digest}  "
-              f"{len(r.manifest.files)} files, {_size(r.manifest.size)}; uploaded {_size(result.uploaded_bytes)}, "
-              f"{_size(result.skipped_bytes)} already in the bucket")
+              f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}; uploaded {decimal(result.uploaded_bytes)}, "
+              f"{decimal(result.skipped_bytes)} already in the bucket")
 
 
 @model_app.command("list")
@@ -146,7 +147,7 @@ def list_(
         return _json([r.as_json(files=False) for r in records])
     table = _table("version", "digest", "size", "files", "aliases", "created", "by")
     for r in records:
-        table.add_row(r.version, r.digest[:19], _size(r.manifest.size), str(len(r.manifest.files)),
+        table.add_row(r.version, r.digest[:19], decimal(r.manifest.size), str(len(r.manifest.files)),
                       ", ".join(r.aliases), r.created_at[:19], r.created_by)
     out.print(table)
 
@@ -163,10 +164,10 @@ def show(
         return _json(r.as_json())
     out.print(f"[bold]{r.name}:{r.version}[/]  {r.digest}\n"
               f"created {r.created_at} by {r.created_by}; aliases: {', '.join(r.aliases) or '-'}; "
-              f"{len(r.manifest.files)} files, {_size(r.manifest.size)}")
+              f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}")
     table = _table("file", "size", "sha256")
     for f in r.manifest.files:
-        table.add_row(f.path, _size(f.size), f.sha256)
+        table.add_row(f.path, decimal(f.size), f.sha256)
     out.print(table)
 
 
@@ -239,14 +240,3 @@ def _table(*columns: str) -> Table:
     for col in columns:
         table.add_column(col, no_wrap=True)
     return table
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"

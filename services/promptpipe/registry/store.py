@@ -257,21 +257,25 @@ class Registry:
             manifest=manifest, created_at=str(item["createdAt"]), created_by=str(item["createdBy"]),
             aliases=tuple(sorted(a for a, v in aliases.items() if v == item["version"])))
 
-    def versions(self, name: str) -> list[VersionRecord]:
-        """Oldest first."""
+    def _model(self, name: str) -> tuple[list[VersionRecord], dict[str, str]]:
+        """A model's versions (oldest first) and aliases, from one query."""
         with self._errors(f"versions of {name}"):
             items = self._query(f"model#{name}", "")
         aliases = {i["alias"]: i["version"] for i in items if str(i["sk"]).startswith("alias#")}
         records = [self._record(i, aliases) for i in items if str(i["sk"]).startswith("version#")]
-        return sorted(records, key=lambda r: r.created_at)
+        return sorted(records, key=lambda r: r.created_at), aliases
+
+    def versions(self, name: str) -> list[VersionRecord]:
+        """Oldest first."""
+        return self._model(name)[0]
 
     def models(self) -> list[ModelSummary]:
         with self._errors("list models"):
             names = [str(i["name"]) for i in self._query("models", "model#")]
         out = []
         for name in names:
-            records = self.versions(name)
-            out.append(ModelSummary(name, tuple(r.version for r in records), self.aliases(name)))
+            records, aliases = self._model(name)
+            out.append(ModelSummary(name, tuple(r.version for r in records), aliases))
         return out
 
     def resolve(self, ref: ModelRef) -> VersionRecord:
@@ -291,8 +295,7 @@ class Registry:
             item = self._get(f"model#{ref.name}", f"version#{version}")
             if item is None:
                 raise errors.NotFound(f"model {ref.name} has no version {version!r}")
-            aliases = {i["alias"]: i["version"] for i in self._query(f"model#{ref.name}", "alias#")}
-            return self._record(item, aliases)
+            return self._record(item, self.aliases(ref.name))
 
     def history(self, name: str) -> list[Event]:
         with self._errors(f"history of {name}"):
