@@ -136,6 +136,8 @@ def test_a_retried_push_uploads_nothing_and_a_changed_one_is_refused(registry: R
     first = registry.push("m", make_model(tmp_path / "a", "a"), "v1")
     again = registry.push("m", make_model(tmp_path / "a2", "a"), "v1")
     assert not again.created and again.uploaded_bytes == 0 and again.skipped_bytes == first.uploaded_bytes
+    unversioned = registry.push("m", tmp_path / "a2")
+    assert not unversioned.created and unversioned.record.version == "v1", "same content: no new version"
     with pytest.raises(errors.VersionExists, match="m:v1 is already published with other content"):
         registry.push("m", make_model(tmp_path / "b", "b"), "v1")
     assert registry.resolve(ModelRef("m", version="v1")).digest == first.record.digest

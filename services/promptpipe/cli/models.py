@@ -99,7 +99,7 @@ def init(output: OutputOption = Output.TEXT) -> None:
 
 @model_app.command()
 def push(
-    ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]", help="Without a version: the next vN.")],
+    ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]", help="Without a version: the next vN (or the version this exact content already is).")],
     folder: Annotated[Path, typer.Argument(help="The model folder: weights, tokenizer, config.")],
     output: OutputOption = Output.TEXT,
 ) -> None:
@@ -117,7 +117,7 @@ def push(
         _json({**r.as_json(files=False), "created": result.created, "uploadedBytes": result.uploaded_bytes,
                "skippedBytes": result.skipped_bytes})
         return
-    verb = "published" if result.created else "already published (same content)"
+    verb = "published" if result.created else "already published, same content:"
     out.print(f"{verb} [bold]{r.name}:{r.version}[/] {r.digest}  "
               f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}; uploaded {decimal(result.uploaded_bytes)}, "
               f"{decimal(result.skipped_bytes)} already in the bucket")
@@ -238,5 +238,5 @@ def history(name: Annotated[str, typer.Argument()], output: OutputOption = Outpu
 def _table(*columns: str) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in columns:
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, overflow="fold")  # hashes and paths wrap on a narrow terminal, never cut
     return table

@@ -340,7 +340,8 @@ class Registry:
 
     def push(self, name: str, folder: Path, version: str | None = None,
              progress: Progress | None = None) -> PushResult:
-        """Publish `folder` as NAME:VERSION (or the next `vN`). Safe to retry; never overwrites."""
+        """Publish `folder` as NAME:VERSION, or without a version as the next `vN` (the existing version if
+        this exact content is one already). Safe to retry; never overwrites."""
         progress = progress or _Silent()
         self._check_bucket(f"push {name}")
         files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
@@ -348,7 +349,12 @@ class Registry:
         manifest = scan(folder, progress.advance)
         uploaded, skipped = self._upload(folder, manifest, progress)
         while True:
-            candidate = version or next_version([r.version for r in self.versions(name)])
+            existing_versions = self.versions(name)
+            if version is None:  # the same content again is the version it already is, not a new one
+                same = [r for r in existing_versions if r.digest == manifest.digest]
+                if same:
+                    return PushResult(same[-1], created=False, uploaded_bytes=uploaded, skipped_bytes=skipped)
+            candidate = version or next_version([r.version for r in existing_versions])
             created_at = _now()
             record = _item(pk=f"model#{name}", sk=f"version#{candidate}", name=name, version=candidate,
                            digest=manifest.digest, size=manifest.size, manifest=manifest.model_dump_json(),
