@@ -15,8 +15,11 @@ from kubernetes import client
 from promptpipe.config.crd import render as render_crd
 from promptpipe.devcluster.build import Tools
 from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe.registry.store import Registry
 from promptpipe_operator import rbac
 from tests.support.kube import kubectl
+from tests.support.kubelet import container_env
+from tests.support.moto import CREDENTIALS, make_model
 from tests.support.operator import OperatorProcess, service_account_kubeconfig, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +78,34 @@ def test_monitoring_scenario_adds_service_monitors_and_the_dashboard(kube_tools:
     assert not [d for d in rendered(kube_tools) if d["kind"] in ("ServiceMonitor", "ConfigMap")], "off by default"
 
 
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_registry_values_reach_the_operator_environment(kube_tools: Tools) -> None:
+    default = operator_container(rendered(kube_tools))
+    names = {e["name"]: e.get("value") for e in default["env"]}
+    assert names["PROMPTPIPE_REGISTRY_BUCKET"] == names["PROMPTPIPE_REGISTRY_TABLE"] == "promptpipe-models"
+    assert "PROMPTPIPE_REGISTRY_ENDPOINT_URL" not in names and "PROMPTPIPE_REGISTRY_REGION" not in names, \
+        "unset values leave boto3's own chain (IRSA's AWS_REGION) in charge"
+    assert "envFrom" not in default and "PROMPTPIPE_OPERATOR_REGISTRY_SECRET" not in names
+
+    container = operator_container(rendered(kube_tools, "-f", str(CHART / "ci" / "registry-values.yaml")))
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["PROMPTPIPE_REGISTRY_BUCKET"] == "acme-models" and env["PROMPTPIPE_REGISTRY_TABLE"] == "acme-models"
+    assert env["PROMPTPIPE_REGISTRY_REGION"] == "eu-west-1"
+    assert env["PROMPTPIPE_REGISTRY_ENDPOINT_URL"] == "http://minio.storage.svc:9000"
+    assert env["PROMPTPIPE_REGISTRY_PREFIX"] == "prod/"
+    assert env["PROMPTPIPE_OPERATOR_REGISTRY_SECRET"] == "registry-keys"
+    assert env["PROMPTPIPE_OPERATOR_BACKEND_SERVICE_ACCOUNT"] == "tgi"
+    assert container["envFrom"] == [{"secretRef": {"name": "operator-registry-keys"}}]
+
+
 @pytest.mark.parametrize(("setting", "field"), [
     ("operator.resyncSeconds=soon", "operator.resyncSeconds"),
+    ("registry.endpointUrl=minio:9000", "registry.endpointUrl"),
+    ("registry.bucket=Models_1", "registry.bucket"),
+    ("registry.backendCredentialsSecret=Keys", "registry.backendCredentialsSecret"),
     ("operator.logFormat=xml", "operator.logFormat"),
     ("operator.leaderElection=false,operator.replicas=2", "operator.replicas"),
     ("operator.image.pullPolicy=Sometimes", "operator.image.pullPolicy"),
@@ -93,7 +122,7 @@ def test_values_schema_refuses_wrong_values_naming_the_field(kube_tools: Tools, 
 @pytest.mark.controlplane
 def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_uninstall(
         control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str,
-        tmp_path: Path) -> None:
+        registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     ext, core = client.ApiextensionsV1Api(kube), client.CoreV1Api(kube)
     authz, apps = client.RbacAuthorizationV1Api(kube), client.AppsV1Api(kube)
     # Helm installs crds/ only when the CRD is absent: start from a cluster without it.
@@ -102,8 +131,22 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
         wait_for(lambda: all(c.metadata.name != CRD_NAME for c in ext.list_custom_resource_definition().items),
                  "the old CRD to be gone", timeout=60)
     release_ns = f"{namespace}-sys"
-    helm(kube_tools, "install", "promptpipe", str(CHART), "-n", release_ns, "--create-namespace", "--wait=false",
-         "--set", f"operator.watchNamespaces={{{namespace}}}", plane=control_plane)
+    # The blue-green example follows a registry alias; the operator gets the registry and its keys only
+    # from the chart (a Secret in the release namespace), not from this test's environment.
+    registry.push("qwen2-5-7b", make_model(tmp_path / "model"), "v1")
+    registry.promote("qwen2-5-7b", "v1", "prod")
+    for key in CREDENTIALS:
+        monkeypatch.delenv(key)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=release_ns)))
+    core.create_namespaced_secret(release_ns, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="operator-registry-keys"), string_data=CREDENTIALS))
+    settings = registry.settings
+    helm(kube_tools, "install", "promptpipe", str(CHART), "-n", release_ns, "--wait=false",
+         "--set", f"operator.watchNamespaces={{{namespace}}}",
+         "--set", f"registry.bucket={settings.bucket},registry.table={settings.table},registry.region=us-east-1",
+         "--set", f"registry.endpointUrl={settings.endpoint_url},registry.backendCredentialsSecret=registry-keys",
+         "--set", "registry.operatorCredentialsSecret=operator-registry-keys,pipelines.backendServiceAccount=tgi",
+         plane=control_plane)
     try:
         crd = wait_for(lambda: next((c for c in ext.list_custom_resource_definition().items
                                      if c.metadata.name == CRD_NAME and any(
@@ -116,20 +159,37 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
         account = deployment.spec.template.spec.service_account_name
         assert env["PROMPTPIPE_OPERATOR_LEADER_ELECTION"] == "true"
 
-        # No kubelet runs the operator's pod here: run the operator as that pod would, with its identity,
-        # electing a leader on the chart's Lease in the release namespace.
+        # No kubelet runs the operator's pod here: run the operator as that pod would, with its identity and
+        # the environment the kubelet would give it (the chart's env and envFrom, resolved from the API
+        # server), electing a leader on the chart's Lease in the release namespace.
+        pod = client.ApiClient().sanitize_for_serialization(deployment.spec.template.spec)
+        pod_env = container_env(core, release_ns, pod["containers"][0], pod_name="promptpipe-0")
+        harness = {"PROMPTPIPE_OPERATOR_METRICS_PORT", "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT"}
         op = OperatorProcess(service_account_kubeconfig(control_plane, tmp_path, release_ns, account), namespace,
                              tmp_path / "operator.log", lease=env["PROMPTPIPE_OPERATOR_LEASE_NAME"],
-                             lease_namespace=release_ns)
+                             lease_namespace=release_ns, env={k: v for k, v in pod_env.items() if k not in harness})
         op.start()
         try:
-            example = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
-            client.CustomObjectsApi(kube).create_namespaced_custom_object(
-                "promptpipe.io", "v1alpha1", namespace, "promptpipelines", example)
+            objects = client.CustomObjectsApi(kube)
+            for example in ("quickstart.yaml", "blue-green.yaml"):
+                doc = yaml.safe_load((ROOT / "deploy" / "examples" / example).read_text())
+                objects.create_namespaced_custom_object("promptpipe.io", "v1alpha1", namespace, "promptpipelines",
+                                                        doc)
             wait_for(lambda: op.metric("promptpipe_operator_leader") == 1, "the operator to lead")
             wait_for(lambda: len(apps.list_namespaced_deployment(
                 namespace, label_selector="app.kubernetes.io/instance=quickstart").items) == 5,
                 "the example reconciled by the chart's identity")
+            status = wait_for(lambda: (objects.get_namespaced_custom_object(
+                "promptpipe.io", "v1alpha1", namespace, "promptpipelines", "assistant-bg").get("status") or {}
+                ).get("activeVersion"), "the alias resolved in the chart's registry", timeout=30)
+            assert status == "v1"
+            tgi = apps.read_namespaced_deployment("assistant-bg-backend-blue", namespace).spec.template.spec
+            assert tgi.service_account_name == "tgi"
+            fetch = tgi.init_containers[0]
+            assert [s.secret_ref.name for s in fetch.env_from] == ["registry-keys"]
+            fetch_env = {e.name: e.value for e in fetch.env}
+            assert fetch_env["PROMPTPIPE_REGISTRY_BUCKET"] == settings.bucket
+            assert fetch_env["PROMPTPIPE_REGISTRY_ENDPOINT_URL"] == settings.endpoint_url
         finally:
             op.stop()
         who = f"--as=system:serviceaccount:{release_ns}:{account}"

@@ -140,7 +140,7 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
 def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tgi_starts() -> None:
     pp = pipeline(with_model={"name": "smollm2", "version": "v2", "backend": "tgi"})
     registry = RegistrySettings(bucket="models", table="models-table", region="eu-west-1")
-    settings = OperatorSettings(registry_secret="registry-keys")
+    settings = OperatorSettings(registry_secret="registry-keys", backend_service_account="tgi")
     state = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN), phase="Progressing")
     out = children(pp, "ns1", settings, state, registry)
     deployments = by_kind(out, "Deployment")
@@ -151,6 +151,9 @@ def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tg
         assert {"name": "PROMPTPIPE_REGISTRY_BUCKET", "value": "models"} in fetch["env"]
         assert {"name": "PROMPTPIPE_REGISTRY_REGION", "value": "eu-west-1"} in fetch["env"]
         assert fetch["envFrom"] == [{"secretRef": {"name": "registry-keys"}}]
+        # Why the download failed shows in the pod's status, not only in its logs.
+        assert fetch["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert pod["serviceAccountName"] == "tgi", "the pods' identity reads the registry (IRSA)"
         tgi = pod["containers"][0]
         assert tgi["args"][tgi["args"].index("--model-id") + 1] == "/models/model"
         assert {"name": "models", "mountPath": "/models", "readOnly": True} in tgi["volumeMounts"]
@@ -159,6 +162,8 @@ def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tg
     assert services["quickstart-backend"]["spec"]["selector"]["promptpipe.io/color"] == "blue"
     assert services["quickstart-backend-green"]["spec"]["selector"]["promptpipe.io/color"] == "green"
     assert out[0]["metadata"]["name"] == "quickstart-backend", "the switch is applied first"
+    default = by_kind(children(pp, "ns1", SETTINGS, state, registry), "Deployment")["quickstart-backend-blue"]
+    assert "serviceAccountName" not in default["spec"]["template"]["spec"]
 
 
 def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> None:

@@ -297,6 +297,8 @@ def _fetch_model(pp: PromptPipeline, version: str, settings: OperatorSettings,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["promptpipe", "model", "pull", f"{pp.spec.model.name}:{version}", f"{MODELS_DIR}/model"],
         "env": env,
+        # The error (which file failed its hash, which version is missing) lands in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                             "runAsNonRoot": True, "readOnlyRootFilesystem": True},
@@ -347,6 +349,8 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str,
     }
     if from_registry and registry is not None:
         pod["initContainers"] = [_fetch_model(pp, version, settings, registry)]
+    if settings.backend_service_account:
+        pod["serviceAccountName"] = settings.backend_service_account
     if tgi.gpus:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if tgi.node_selector:

@@ -18,6 +18,8 @@ class OperatorSettings(BaseSettings):
     image_pull_policy: str = "IfNotPresent"
     registry_secret: str = ""
     """A Secret (in the pipeline's namespace) with AWS keys for the model download; empty: the pod's identity."""
+    backend_service_account: str = ""
+    """ServiceAccount of the operator-run TGI pods (e.g. bound to an IAM role); empty: the namespace's default."""
     alias_poll_seconds: float = 10.0
     """How often a pipeline following a registry alias checks where it points."""
     backend_url_template: str = "http://{service}.{namespace}.svc:{port}"
