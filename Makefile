@@ -40,8 +40,8 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
 	touch $@
 
 # etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold and dockerfile-lint from
-# the Go module proxy, plus KEDA's CRDs: built once into $(CACHE)/controlplane (about 20 minutes
-# the first time on 2 cores); a no-op when they are there.
+# the Go module proxy, Prometheus from Debian's package, plus KEDA's CRDs: built once into
+# $(CACHE)/controlplane (about 20 minutes the first time on 2 cores); a no-op when they are there.
 controlplane: $(STAMP)
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster build
 

@@ -2,7 +2,8 @@
 
 No kubelet: readiness is simulated by writing Deployment status; the smoke generation goes
 to a TGI-protocol server standing in for each color's Service; gateway metrics come from a
-real Prometheus exposition, at the address of a gateway Pod whose status the test writes.
+real Prometheus exposition, at the address of a gateway Pod whose status the test writes, or from a
+real Prometheus scraping it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tests.support.moto import make_model, registry_env
 from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.operator import OperatorProcess, wait_for
 from tests.support.pipelines import tgi_server
+from tests.support.prometheus import SCRAPE_SECONDS, gateway_exposition, prometheus, scraped
 
 pytestmark = pytest.mark.controlplane
 NAME = "quickstart"
@@ -68,9 +70,16 @@ class Rollouts:
         """Serving `version` on blue, every stage Ready."""
         self.apply(bg_doc({"version": version}, **rollout))
         wait_for(lambda: self.backends() == {"blue": version}, "blue")
-        for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue"):
-            self.cluster.set_ready(f"{NAME}-{stage}")
+        self.all_ready()
         wait_for(lambda: self.cluster.status(NAME).get("phase") == "Ready", "Ready")
+
+    def all_ready(self) -> None:
+        """Every stage and blue Ready (children are applied concurrently: wait until all exist)."""
+        deployments = {f"{NAME}-{stage}" for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue")}
+        wait_for(lambda: deployments <= {n for (k, n) in self.cluster.children(NAME) if k == "Deployment"},
+                 "every Deployment")
+        for deployment in sorted(deployments):
+            self.cluster.set_ready(deployment)
 
     def fail_smoke(self, color: str) -> None:
         body = json.dumps({"prefix": f"{self.cluster.ns}/{NAME}-backend-{color}"}).encode()
@@ -100,8 +109,7 @@ def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_reti
     r.registry.promote("smollm2", "v1", "prod")
     r.apply(bg_doc({"alias": "prod"}))
     wait_for(lambda: r.backends() == {"blue": "v1"}, "v1 on blue")
-    for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue"):
-        cluster.set_ready(f"{NAME}-{stage}")
+    r.all_ready()
     r.registry.promote("smollm2", "v2", "prod")
     wait_for(lambda: r.backends() == {"blue": "v1", "green": "v2"}, "green brought up next to blue")
     green = cluster.apps.read_namespaced_deployment(f"{NAME}-backend-green", cluster.ns)
@@ -181,6 +189,27 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
+        rollouts: Rollouts, kube_tools: Tools, tmp_path: Path) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    with gateway_exposition(NAME) as gateway, \
+            prometheus(kube_tools, tmp_path / "prometheus", {gateway.target: {"namespace": cluster.ns}}) as url:
+        analysis = {"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1,
+                    "prometheus": {"url": url, "scrapeInterval": SCRAPE_SECONDS}}
+        r.start_on("v1", analysis=analysis)
+        gateway.calls({"OK": 50}, ttft_seconds=0.2)  # blue's calls, long before the switch
+        scraped(url, gateway.target)  # Prometheus knows the counters before the switch, as a running one would
+        r.apply(bg_doc({"version": "v2"}, analysis=analysis))
+        wait_for(lambda: "green" in r.backends(), "green")
+        cluster.set_ready(f"{NAME}-backend-green")
+        wait_for(lambda: r.traffic() == "green", "the switch")
+        gateway.calls({"OK": 14, "UNAVAILABLE": 6}, ttft_seconds=0.3)
+        wait_for(lambda: r.traffic() == "blue", "traffic back on blue")
+        rollout = wait_for(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
+        assert rollout["reason"] == "AnalysisFailed" and "above maxErrorRate 10.0%" in rollout["message"]
+        assert r.backends() == {"blue": "v1"}
 
 
 def test_manual_rollback_with_the_command_while_green_is_analysed(

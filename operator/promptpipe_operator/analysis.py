@@ -14,10 +14,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from promptpipe.config.spec import AnalysisSpec
+from promptpipe.runtime.metrics import SERVER_ERROR_CODES
 
 CALLS = "promptpipe_stage_duration_seconds"
 TTFT = "promptpipe_gateway_time_to_first_token_seconds"
-SERVER_ERRORS = ("INTERNAL", "UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS", "UNIMPLEMENTED")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def parse_gateway(text: str, pipeline: str) -> Counts:
                 continue
             if sample.name == f"{CALLS}_count" and labels.get("stage") == "stream":
                 requests += sample.value
-                if labels.get("code") in SERVER_ERRORS:
+                if labels.get("code") in SERVER_ERROR_CODES:
                     errors += sample.value
             elif sample.name == f"{TTFT}_bucket":
                 le = labels["le"]
@@ -103,11 +103,11 @@ def verdict(requests: float, errors: float, ttft_p95: float | None, cfg: Analysi
     return True, summary
 
 
-def prometheus_queries(namespace: str, pipeline: str, seconds: int) -> dict[str, str]:
+def prometheus_queries(namespace: str, pipeline: str, seconds: float) -> dict[str, str]:
     """The PromQL the Prometheus source runs (the `namespace` label comes from the ServiceMonitor)."""
     sel = f'namespace="{namespace}",pipeline="{pipeline}"'
-    codes = "|".join(SERVER_ERRORS)
-    window = f"[{max(seconds, 1)}s]"
+    codes = "|".join(SERVER_ERROR_CODES)
+    window = f"[{max(round(seconds * 1000), 1000)}ms]"  # to the millisecond: a second more reaches an older scrape
     return {
         "requests": f'sum(increase({CALLS}_count{{{sel},stage="stream"}}{window}))',
         "errors": f'sum(increase({CALLS}_count{{{sel},stage="stream",code=~"{codes}"}}{window}))',

@@ -58,14 +58,22 @@ def analyse_scrapes(current: dict[str, Counts], baseline: dict[str, Any] | None,
     return verdict(delta.requests, delta.errors, quantile(0.95, delta.ttft_buckets), spec.rollout.analysis)
 
 
-def analyse_prometheus(url: str, namespace: str, pipeline: str, seconds: int,
+def analyse_prometheus(namespace: str, pipeline: str, since_switch: float,
                        spec: PipelineSpec) -> tuple[bool | None, str]:
+    """The calls since the switch, from the Prometheus the spec names (spec.rollout.analysis.prometheus)."""
+    source = spec.rollout.analysis.prometheus
+    if source is None:
+        return None, "spec.rollout.analysis.prometheus is not set"
+    url = source.url
+    seconds = max(since_switch, 0.0) + source.scrape_interval
     values: dict[str, float | None] = {}
     for key, query in prometheus_queries(namespace, pipeline, seconds).items():
+        target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
         try:
-            target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
             with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - the spec's Prometheus
                 data = json.loads(response.read())
+        except urllib.error.HTTPError as e:  # Prometheus answers a bad query with 400 and a JSON error
+            data = _json_or_none(e.read()) or {"error": f"HTTP {e.code}"}
         except (OSError, ValueError) as e:
             return None, f"Prometheus at {url} could not be queried: {e}"
         result = data.get("data", {}).get("result", []) if data.get("status") == "success" else None
@@ -74,6 +82,14 @@ def analyse_prometheus(url: str, namespace: str, pipeline: str, seconds: int,
         raw = float(result[0]["value"][1]) if result else None
         values[key] = None if raw is None or raw != raw else raw  # NaN: no data
     return verdict(values["requests"] or 0.0, values["errors"] or 0.0, values["ttft_p95"], spec.rollout.analysis)
+
+
+def _json_or_none(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def resolve_version(registry: Registry | None, spec: PipelineSpec) -> tuple[str | None, str]:

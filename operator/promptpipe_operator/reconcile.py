@@ -238,8 +238,8 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
     if wants_analysis(state, cfg, now):
         analysis = cfg.analysis
         if analysis.prometheus is not None:
-            seconds = int((now - (parse_ts(state.switched_at) or now)).total_seconds())
-            verdict = probes.analyse_prometheus(analysis.prometheus.url, namespace, name, seconds, pp.spec)
+            since_switch = (now - (parse_ts(state.switched_at) or now)).total_seconds()
+            verdict = probes.analyse_prometheus(namespace, name, since_switch, pp.spec)
         else:
             current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
             if state.baseline is None:  # no counters from the switch: start counting now

@@ -335,6 +335,9 @@ class SmokeSpec(_Model):
 class PrometheusSource(_Model):
     # The Prometheus HTTP API base, e.g. http://prometheus-operated.monitoring.svc:9090
     url: Annotated[str, Field(min_length=1, pattern=r"^https?://")]
+    # How often Prometheus scrapes the gateways. The analysis's range starts this long before the switch,
+    # so the first scrape after it counts from the last one before it (and may include a few calls of blue's).
+    scrape_interval: Annotated[Duration, Field(ge=1, le=600)] = 15.0
 
 
 class AnalysisSpec(_Model):

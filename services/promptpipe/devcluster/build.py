@@ -45,6 +45,7 @@ class Tools:
     keda_crds: Path  # a folder of keda.sh CRD manifests
     dockerfile_lint: Path
     skaffold: Path
+    prometheus: Path
 
 
 def tools_dir() -> Path:
@@ -57,7 +58,7 @@ def expected_tools(root: Path | None = None) -> Tools:
     b = root / "bin"
     return Tools(b / "etcd", b / "kube-apiserver", b / "kube-controller-manager", b / "kubectl", b / "helm",
                  root / "keda-crds", b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}",
-                 b / f"skaffold-{versions.SKAFFOLD}")
+                 b / f"skaffold-{versions.SKAFFOLD}", b / f"prometheus-{versions.PROMETHEUS}")
 
 
 def staging_modules(kubernetes_gomod: str) -> list[str]:
@@ -168,6 +169,20 @@ def fetch_keda_crds(dest: Path, work: Path) -> None:
         shutil.copyfile(crd, dest / crd.name)
 
 
+def fetch_prometheus(dest: Path, work: Path) -> None:
+    """The binary out of Debian's package: `apt-get download` needs no root, and nothing is installed."""
+    work.mkdir(parents=True, exist_ok=True)
+    package = f"prometheus={versions.PROMETHEUS_DEB}"
+    download = subprocess.run(["apt-get", "download", package], cwd=work, capture_output=True, text=True)
+    if download.returncode != 0:  # a machine whose package lists were never fetched
+        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+        subprocess.run(["apt-get", "download", package], cwd=work, check=True, capture_output=True)
+    (deb,) = work.glob("prometheus_*.deb")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "root")], check=True)
+    shutil.copyfile(work / "root" / "usr" / "bin" / "prometheus", dest)
+    dest.chmod(0o755)
+
+
 def ensure_tools() -> Tools:
     """Build whatever is missing; a second call costs nothing."""
     root = tools_dir()
@@ -183,6 +198,7 @@ def ensure_tools() -> Tools:
         ((tools.keda_crds / "keda.sh_scaledobjects.yaml",), lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
         ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
         ((tools.skaffold,), lambda: build_skaffold(tools.skaffold, work / f"skaffold-{versions.SKAFFOLD}")),
+        ((tools.prometheus,), lambda: fetch_prometheus(tools.prometheus, work / f"prometheus-{versions.PROMETHEUS}")),
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):

@@ -11,3 +11,8 @@ KEDA = "2.21.0"
 BUILDKIT = "0.25.2"
 # skaffold, to check skaffold.yaml with the real CLI (render, diagnose); the binary's name carries the version.
 SKAFFOLD = "2.16.1"
+# Prometheus, to run the rollout analysis's PromQL against the real thing: Debian bookworm's package
+# (a Go build of prometheus pulls every service-discovery SDK). Debian replaces a security update's
+# predecessor on its mirrors: a refused download means a newer `+deb12uN`, bump it here.
+PROMETHEUS_DEB = "2.42.0+ds-5+deb12u1"
+PROMETHEUS = PROMETHEUS_DEB.split("+", 1)[0]

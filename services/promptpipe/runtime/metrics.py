@@ -12,6 +12,8 @@ _LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+# gRPC codes that say the server failed, not its caller (what a rollout's error rate counts).
+SERVER_ERROR_CODES = ("INTERNAL", "UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS", "UNIMPLEMENTED")
 
 
 class StageMetrics:
@@ -34,6 +36,10 @@ class StageMetrics:
         self._shed = Counter("promptpipe_stage_shed_total", "Requests shed by the queue, by reason.",
                              [*names, "reason"], registry=registry)
         self._labels = labels
+        # These series exist from the start, at zero: PromQL's increase() cannot see the first errors of a
+        # series that appears already at 6, so an error-rate query would read 0 exactly when it matters.
+        for code in ("OK", *SERVER_ERROR_CODES):
+            self._duration.labels(**labels, code=code)
         self.rejected = self._shed.labels(**labels, reason="rejected")
         self.dropped = self._shed.labels(**labels, reason="dropped")
 
