@@ -72,6 +72,11 @@ MALFORMED = [
     (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
     (["spec", "model", "name"], "", "spec.model.name"),
     (["spec", "stages", "rag", "resources"], {"requests": {"cpu": "lots"}}, "spec.stages.rag.resources.requests.cpu"),
+    # Durations are int-or-string: their bounds are CEL rules, for integers and strings alike.
+    (["spec", "rollout"], {"progressDeadline": 6}, "spec.rollout.progressDeadline"),
+    (["spec", "rollout"], {"progressDeadline": "5s"}, "spec.rollout.progressDeadline"),
+    (["spec", "rollout"], {"analysis": {"interval": "2h"}}, "spec.rollout.analysis.interval"),
+    (["spec", "rollout"], {"keepPrevious": "soon"}, "spec.rollout.keepPrevious"),
 ]
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from promptpipe.config.spec import AnalysisSpec, RolloutSpec
 from promptpipe_operator.analysis import Counts, parse_gateway, quantile, since, verdict
+from promptpipe_operator.pods import pod_problem
 from promptpipe_operator.rollout import (
     ANALYZING, BLUE, GREEN, PROGRESSING, ROLLED_BACK, STABLE, Observed, Slot, State, decide, ts, wake_in,
 )
@@ -62,6 +63,39 @@ def test_green_that_cannot_serve_is_rolled_back_before_any_traffic(observed: dic
     assert decide(d.state, obs("v2", 400), CFG).state.phase == ROLLED_BACK, "not retried for the same spec"
     retried = decide(d.state, obs("v2", 400, generation=2), CFG).state
     assert retried.phase == PROGRESSING and retried.target == Slot("v2", GREEN), "retried once the spec changes"
+
+
+def test_why_green_does_not_serve_is_shown_while_waiting_and_in_the_rollback() -> None:
+    progressing = decide(STABLE_V1, obs("v2"), CFG).state
+    why = "pod p-1: init container fetch-model failed (exit 1): error: model.safetensors: …"
+    waiting = decide(progressing, obs("v2", 10, target_pods=why), CFG).state
+    assert waiting.phase == PROGRESSING and waiting.message == why
+    d = decide(waiting, obs("v2", 301, target_pods=why), CFG)
+    assert d.state.phase == ROLLED_BACK and d.state.message == f"v2 not Ready and smoke-tested within 300s: {why}"
+
+
+def pod(init: list[dict[str, object]], containers: list[dict[str, object]]) -> dict[str, object]:
+    return {"metadata": {"name": "p-1"}, "status": {"initContainerStatuses": init, "containerStatuses": containers}}
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (pod([{"name": "fetch-model", "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                          "message": "pulling\nerror: config.json: missing\n"}}}],
+         [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}]),
+     "pod p-1: init container fetch-model failed (exit 1): error: config.json: missing"),
+    # Restarted by the kubelet: the failure is in lastState while it waits to run again.
+    (pod([{"name": "fetch-model", "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+           "lastState": {"terminated": {"exitCode": 2, "reason": "Error"}}}], []),
+     "pod p-1: init container fetch-model failed (exit 2, 3 restarts): Error"),
+    (pod([], [{"name": "tgi", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]),
+     "pod p-1: container tgi ImagePullBackOff: not found"),
+    (pod([{"name": "fetch-model", "state": {"running": {}}}],
+         [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}]), ""),
+    (pod([{"name": "fetch-model", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
+         [{"name": "tgi", "state": {"running": {}}}]), ""),
+])
+def test_a_pods_status_says_why_it_does_not_serve(status: dict[str, object], expected: str) -> None:
+    assert pod_problem(status) == expected
 
 
 def test_bad_analysis_puts_traffic_back_on_blue() -> None:

@@ -13,6 +13,7 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.dynamic.resource import Resource
 
 from promptpipe.config.spec import API_VERSION, KIND
+from promptpipe_operator import pods
 from promptpipe_operator.render import MANAGER, Manifest
 
 # What a pipeline owns, as (apiVersion, kind): listed to find children and strays.
@@ -111,6 +112,13 @@ class Kube:
             if ready and status.get("podIP") and ports:
                 out[pod["metadata"]["name"]] = f"http://{status['podIP']}:{ports[0]}/metrics"
         return out
+
+    def pod_problem(self, namespace: str, selector: str) -> str:
+        """Why the first failing pod matching `selector` does not serve (its status says), or ''."""
+        for item in self._resource("v1", "Pod").get(namespace=namespace, label_selector=selector).items:
+            if problem := pods.pod_problem(item.to_dict()):
+                return problem
+        return ""
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

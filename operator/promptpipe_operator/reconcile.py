@@ -218,7 +218,7 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
     cfg, now = pp.spec.rollout, probes.now()
     desired, unresolved = probes.resolve_version(registry, pp.spec)
     request = (body["metadata"].get("annotations") or {}).get(ROLLBACK_ANNOTATION, "")
-    target_ready, target_failed = False, ""
+    target_ready, target_failed, target_pods = False, "", ""
     target = state.target
     if state.phase == PROGRESSING and target is not None:
         dep = existing.get(("Deployment", render.backend_name(name, target.color)))
@@ -228,6 +228,9 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
             health = deployment_health(render.BACKEND, dep)
             target_ready = health.health is Health.READY
             target_failed = health.detail if health.health is Health.FAILED else ""
+        if not target_ready:  # the pods' status says why (a model that failed its hashes, an image pull)
+            color = {**render.selector(name, render.BACKEND), render.COLOR_LABEL: target.color}
+            target_pods = kube.pod_problem(namespace, ",".join(f"{k}={v}" for k, v in color.items()))
     smoke = None
     if target is not None and wants_smoke(state, target_ready) and desired in (None, target.version) \
             and request == state.rollback_handled:
@@ -248,7 +251,7 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
             else:
                 verdict = probes.analyse_scrapes(current, state.baseline, pp.spec)
     decision = decide(state, Observed(desired, generation, now, target_ready, target_failed, smoke,
-                                      verdict, request), cfg)
+                                      verdict, request, target_pods=target_pods), cfg)
     if decision.state.phase == ANALYZING and decision.state.baseline is None and cfg.analysis.prometheus is None:
         current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
         decision = replace(decision, state=replace(

@@ -111,6 +111,7 @@ class Observed:
     smoke: tuple[bool, str] | None = None  # run only when asked (wants_smoke)
     verdict: tuple[bool | None, str] | None = None  # (ok, why); ok None: not enough data yet
     rollback_request: str = ""  # the `promptpipe.io/rollback` annotation
+    target_pods: str = ""  # why the target's pods do not serve, from their status (e.g. the model fetch failed)
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,10 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
                 f"traffic on {target.version} ({target.color}); {active.version} ({active.color}) "
                 f"kept for rollback"))], switched=True)
         if (now - started).total_seconds() > cfg.progress_deadline:
+            why = f": {obs.target_pods}" if obs.target_pods else ""
             return _roll_back(state, obs, target, active, "ProgressDeadlineExceeded",
-                              f"{target.version} not Ready and smoke-tested within {cfg.progress_deadline:g}s")
-        return Decision(state, notes)
+                              f"{target.version} not Ready and smoke-tested within {cfg.progress_deadline:g}s{why}")
+        return Decision(replace(state, message=obs.target_pods), notes)
 
     if state.phase == ANALYZING and state.previous is not None:
         if obs.verdict is not None:

@@ -1,12 +1,25 @@
 """The parts of a kubelet the tests need, since none runs here: a container's environment as the kubelet
-would build it from the API server (env, envFrom, Secrets, ConfigMaps, the downward API)."""
+would build it from the API server (env, envFrom, Secrets, ConfigMaps, the downward API), and a pod's
+containers run as local processes with their status written back."""
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client
+
+from promptpipe.localproc import die_with_parent, free_port
 
 Container = dict[str, Any]  # as in a Pod spec, camelCase keys
 
@@ -50,3 +63,138 @@ def container_env(core: client.CoreV1Api, namespace: str, container: Container, 
             key = ref["configMapKeyRef"]
             env[var["name"]] = _config_map(core, namespace, key["name"])[key["key"]]
     return env
+
+
+TERMINATION_MESSAGE_BYTES = 2048  # what a kubelet keeps of a log's tail with FallbackToLogsOnError
+# A stand-in for an image the machine cannot run: (container, its volumes on the host, a free port) → argv.
+Runtime = Callable[[Container, Callable[[str], str], int], list[str]]
+
+
+@dataclass
+class RunningPod:
+    name: str
+    volumes: dict[str, Path]  # volume name → its folder on this machine
+    init_logs: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    url: str = ""  # the main container's first port, on loopback
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@dataclass
+class Kubelet:
+    """Runs the pods of a Deployment as a kubelet would, with what this machine has: the Pod is created in
+    the API server from the Deployment's template (the ReplicaSet controller's job), init containers run
+    in order as local processes with the environment the API server gives them, each must exit 0, then
+    the main container starts and is Ready once its readiness probe answers; every step is written to
+    the Pod's status. Volumes are host folders: a path under a volumeMount in a command is rewritten to
+    the volume's folder. Images are not pulled: a `promptpipe …` command runs this checkout's entry
+    point; other images need a `runtimes` stand-in."""
+
+    core: client.CoreV1Api
+    apps: client.AppsV1Api
+    namespace: str
+    root: Path
+    runtimes: dict[str, Runtime] = field(default_factory=dict)  # image without its tag → stand-in
+    pods: list[RunningPod] = field(default_factory=list)
+
+    def run(self, deployment: str, timeout: float = 60.0) -> RunningPod:
+        template = client.ApiClient().sanitize_for_serialization(
+            self.apps.read_namespaced_deployment(deployment, self.namespace).spec.template)
+        name = f"{deployment}-{uuid.uuid4().hex[:5]}"
+        self.core.create_namespaced_pod(self.namespace, {"metadata": {**template["metadata"], "name": name},
+                                                         "spec": template["spec"]})
+        spec = template["spec"]
+        pod = RunningPod(name, {v["name"]: self.root / name / v["name"] for v in spec.get("volumes") or []})
+        for folder in pod.volumes.values():
+            folder.mkdir(parents=True)
+        self.pods.append(pod)
+        statuses: list[dict[str, Any]] = []
+        waiting = [self._status(c, {"waiting": {"reason": "PodInitializing"}}) for c in spec["containers"]]
+        for container in spec.get("initContainers") or []:
+            done = self._run_to_end(pod, container, timeout)
+            statuses.append(self._status(container, {"terminated": done}))
+            if done["exitCode"] != 0:  # the pod stays Pending: its containers never start
+                self._write(name, "Pending", statuses, waiting, initialized=False, ready=False)
+                return pod
+        main = spec["containers"][0]
+        port = free_port()
+        mapped = self._mapper(pod, main)
+        runtime = self.runtimes[main["image"].rsplit(":", 1)[0]]
+        pod.process = subprocess.Popen(runtime(main, mapped, port), cwd=Path(__file__).resolve().parents[2],  # noqa: S603
+                                       stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)  # noqa: PLW1509
+        pod.url = f"http://127.0.0.1:{port}"
+        probe = main.get("readinessProbe", {}).get("httpGet", {}).get("path", "/")
+        deadline = time.monotonic() + timeout
+        while not self._answers(pod.url + probe):
+            if pod.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{main['name']} of {name} never became ready")
+            time.sleep(0.05)
+        running = [self._status(main, {"running": {"startedAt": _now()}}, ready=True)]
+        self._write(name, "Running", statuses, running, initialized=True, ready=True)
+        return pod
+
+    def stop(self) -> None:
+        for pod in self.pods:
+            pod.stop()
+
+    def _mapper(self, pod: RunningPod, container: Container) -> Callable[[str], str]:
+        mounts = sorted(container.get("volumeMounts") or [], key=lambda m: -len(m["mountPath"]))
+
+        def mapped(arg: str) -> str:
+            for mount in mounts:
+                path = mount["mountPath"].rstrip("/")
+                if arg == path or arg.startswith(path + "/"):
+                    return str(pod.volumes[mount["name"]]) + arg[len(path):]
+            return arg
+        return mapped
+
+    def _run_to_end(self, pod: RunningPod, container: Container, timeout: float) -> dict[str, Any]:
+        command = [*(container.get("command") or []), *(container.get("args") or [])]
+        if command[0] != "promptpipe":
+            raise NotImplementedError(f"init container {container['name']}: only promptpipe commands run here")
+        argv = [str(Path(sys.executable).parent / "promptpipe"), *map(self._mapper(pod, container), command[1:])]
+        # Only what the pod would have: its env from the API server, no AWS keys of this test process.
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.root), "COLUMNS": "200",
+               **container_env(self.core, self.namespace, container, pod.name)}
+        started = _now()
+        done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, check=False)  # noqa: S603
+        log = (done.stdout + done.stderr).decode(errors="replace")
+        pod.init_logs[container["name"]] = log
+        message = log.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace") \
+            if done.returncode and container.get("terminationMessagePolicy") == "FallbackToLogsOnError" else ""
+        return {"exitCode": done.returncode, "reason": "Completed" if done.returncode == 0 else "Error",
+                "message": message, "startedAt": started, "finishedAt": _now()}
+
+    @staticmethod
+    def _status(container: Container, state: dict[str, Any], ready: bool = False) -> dict[str, Any]:
+        return {"name": container["name"], "image": container["image"], "imageID": "", "ready": ready,
+                "restartCount": 0, "state": state}
+
+    def _write(self, name: str, phase: str, init: list[dict[str, Any]], containers: list[dict[str, Any]],
+               initialized: bool, ready: bool) -> None:
+        def condition(kind: str, ok: bool, reason: str) -> dict[str, Any]:
+            return {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": _now(),
+                    **({} if ok else {"reason": reason})}
+        self.core.patch_namespaced_pod_status(name, self.namespace, {"status": {
+            "phase": phase, "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": _now(),
+            "conditions": [condition("Initialized", initialized, "ContainersNotInitialized"),
+                           condition("ContainersReady", ready, "ContainersNotReady"),
+                           condition("Ready", ready, "ContainersNotReady")],
+            "initContainerStatuses": init, "containerStatuses": containers}})
+
+    @staticmethod
+    def _answers(url: str) -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()  # noqa: S310 - loopback
+            return True
+        except OSError:
+            return False
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

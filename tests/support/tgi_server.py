@@ -24,7 +24,9 @@ import argparse
 import asyncio
 import json
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 from aiohttp import web
 
@@ -32,9 +34,10 @@ WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 
 
 class FakeTgi:
-    def __init__(self, name: str, max_concurrent: int) -> None:
+    def __init__(self, name: str, max_concurrent: int, model_id: str = "fake/tgi") -> None:
         self.name = name
         self.max_concurrent = max_concurrent
+        self.model_id = model_id
         self.active = 0
         self.stats: dict[str, object] = {"started": 0, "finished": 0, "aborted": 0, "aborted_after_tokens": [],
                                          "overloaded": 0, "prompts": []}
@@ -130,15 +133,15 @@ class FakeTgi:
         return web.Response(status=200)
 
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response({"model_id": "fake/tgi", "max_concurrent_requests": self.max_concurrent,
+        return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.max_concurrent,
                                   "version": "fake", "router": self.name})
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, "active": self.active, "name": self.name})
 
 
-def make_app(name: str, max_concurrent: int) -> web.Application:
-    fake = FakeTgi(name, max_concurrent)
+def make_app(name: str, max_concurrent: int, model_id: str = "fake/tgi") -> web.Application:
+    fake = FakeTgi(name, max_concurrent, model_id)
     app = web.Application()
     # TGI's compat route: POST / with "stream": true is what the text-generation client calls.
     app.router.add_post("/", fake.compat_generate)
@@ -157,9 +160,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="tgi")
     parser.add_argument("--max-concurrent", type=int, default=128)
+    # As TGI's launcher: a local folder is loaded from disk (here: its config.json must be there), or it fails.
+    parser.add_argument("--model-id", default="fake/tgi")
     args = parser.parse_args()
-    web.run_app(make_app(args.name, args.max_concurrent), host="127.0.0.1", port=args.port, print=None,
-                shutdown_timeout=1.0)
+    if args.model_id.startswith("/") and not (Path(args.model_id) / "config.json").is_file():
+        sys.exit(f"cannot load {args.model_id}: no config.json")
+    web.run_app(make_app(args.name, args.max_concurrent, args.model_id), host="127.0.0.1", port=args.port,
+                print=None, shutdown_timeout=1.0)
 
 
 if __name__ == "__main__":

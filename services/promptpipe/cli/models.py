@@ -26,7 +26,8 @@ from promptpipe.registry.store import Registry
 model_app = typer.Typer(help="Publish, inspect, promote and fetch models in the registry (S3 + DynamoDB).",
                         no_args_is_help=True)
 registry_app = typer.Typer(help="Set up the registry's bucket and table.", no_args_is_help=True)
-err = Console(stderr=True)
+# soft_wrap: an error stays one line in a pod's log and termination message, not cut at 80 columns.
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 

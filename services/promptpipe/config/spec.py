@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler,
+                      WithJsonSchema, model_validator)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "promptpipe.io/v1alpha1"
@@ -320,8 +324,31 @@ Duration = Annotated[
     float,
     BeforeValidator(_seconds),
     WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": DURATION_PATTERN.replace("?:", ""),
-                    "x-kubernetes-int-or-string": True}),
+                    "maxLength": 24, "x-kubernetes-int-or-string": True}),
 ]
+
+
+@dataclass(frozen=True)
+class Within:
+    """A Duration's bounds, checked here and, as a CEL rule in the CRD, by the API server (an int-or-string
+    schema cannot carry a minimum), so a value out of range is refused at apply naming the field."""
+
+    low: int
+    high: int
+
+    def _check(self, seconds: float) -> float:
+        if not self.low <= seconds <= self.high:
+            raise ValueError(f"must be from {self.low}s to {self.high}s")
+        return seconds
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        rule = (f"type(self) == int ? (self >= {self.low} && self <= {self.high}) : (self != '' && "
+                f"duration(self) >= duration('{self.low}s') && duration(self) <= duration('{self.high}s'))")
+        return {**handler(schema), "x-kubernetes-validations": [
+            {"rule": rule, "message": f"must be from {self.low}s to {self.high}s"}]}
 
 
 class SmokeSpec(_Model):
@@ -329,7 +356,7 @@ class SmokeSpec(_Model):
 
     prompt: Annotated[str, Field(min_length=1, max_length=4096)] = "Say hello."
     max_new_tokens: Annotated[int, Field(ge=1, le=256)] = 8
-    timeout: Annotated[Duration, Field(gt=0, le=600)] = 60.0
+    timeout: Annotated[Duration, Within(1, 600)] = 60.0
 
 
 class PrometheusSource(_Model):
@@ -337,14 +364,14 @@ class PrometheusSource(_Model):
     url: Annotated[str, Field(min_length=1, pattern=r"^https?://")]
     # How often Prometheus scrapes the gateways. The analysis's range starts this long before the switch,
     # so the first scrape after it counts from the last one before it (and may include a few calls of blue's).
-    scrape_interval: Annotated[Duration, Field(ge=1, le=600)] = 15.0
+    scrape_interval: Annotated[Duration, Within(1, 600)] = 15.0
 
 
 class AnalysisSpec(_Model):
     """After the switch: roll back if, over `window`, errors or TTFT p95 pass their thresholds."""
 
-    window: Annotated[Duration, Field(ge=0, le=86_400)] = 300.0
-    interval: Annotated[Duration, Field(ge=1, le=3600)] = 10.0
+    window: Annotated[Duration, Within(0, 86_400)] = 300.0
+    interval: Annotated[Duration, Within(1, 3600)] = 10.0
     # Share of gateway calls ending in a server-side error (INTERNAL, UNAVAILABLE, ...).
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
     # Unset: TTFT is not checked.
@@ -359,9 +386,9 @@ class RolloutSpec(_Model):
     """Blue-green rollouts of the backend (operator-managed TGI) when the model changes."""
 
     # How long the previous version keeps running after a successful switch, for instant rollback.
-    keep_previous: Annotated[Duration, Field(ge=0, le=604_800)] = 600.0
+    keep_previous: Annotated[Duration, Within(0, 604_800)] = 600.0
     # Green must be Ready and pass its smoke test within this, or the rollout is rolled back.
-    progress_deadline: Annotated[Duration, Field(ge=10, le=86_400)] = 900.0
+    progress_deadline: Annotated[Duration, Within(10, 86_400)] = 900.0
     smoke: SmokeSpec = SmokeSpec()
     analysis: AnalysisSpec = AnalysisSpec()
 

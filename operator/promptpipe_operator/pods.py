@@ -1,0 +1,43 @@
+"""Why a pod is not serving, read from its status as the kubelet writes it: pure functions, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Waiting reasons that will not clear by themselves (image, config, or a container that keeps failing).
+STUCK = frozenset({"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+MESSAGE_LIMIT = 400
+
+
+def _last_words(message: str) -> str:
+    """The last non-empty line of a termination message (with FallbackToLogsOnError: the log's tail)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= MESSAGE_LIMIT else "…" + text[-MESSAGE_LIMIT:]
+
+
+def _container_problem(kind: str, status: dict[str, Any]) -> str:
+    state = status.get("state") or {}
+    terminated = state.get("terminated") or ((status.get("lastState") or {}).get("terminated")
+                                             if "waiting" in state else None)
+    name = status.get("name", "?")
+    if terminated and terminated.get("exitCode", 0) != 0:
+        why = _last_words(terminated.get("message") or "") or terminated.get("reason") or "no message"
+        restarts = status.get("restartCount", 0)
+        again = f", {restarts} restarts" if restarts else ""
+        return f"{kind} {name} failed (exit {terminated['exitCode']}{again}): {why}"
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in STUCK:
+        return f"{kind} {name} {waiting['reason']}: {_last_words(waiting.get('message') or '')}".rstrip(": ")
+    return ""
+
+
+def pod_problem(pod: dict[str, Any]) -> str:
+    """'pod NAME: init container fetch-model failed (exit 1): …', or '' if nothing is wrong yet."""
+    status = pod.get("status") or {}
+    for kind, key in (("init container", "initContainerStatuses"), ("container", "containerStatuses")):
+        for container in status.get(key) or []:
+            if problem := _container_problem(kind, container):
+                return f"pod {pod['metadata']['name']}: {problem}"
+    return ""
