@@ -74,7 +74,6 @@ Runtime = Callable[[Container, Callable[[str], str], int], list[str]]
 class RunningPod:
     name: str
     volumes: dict[str, Path]  # volume name → its folder on this machine
-    init_logs: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     url: str = ""  # the main container's first port, on loopback
 
@@ -159,12 +158,11 @@ class Kubelet:
             raise NotImplementedError(f"init container {container['name']}: only promptpipe commands run here")
         argv = [str(Path(sys.executable).parent / "promptpipe"), *map(self._mapper(pod, container), command[1:])]
         # Only what the pod would have: its env from the API server, no AWS keys of this test process.
-        env = {"PATH": os.environ["PATH"], "HOME": str(self.root), "COLUMNS": "200",
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.root),
                **container_env(self.core, self.namespace, container, pod.name)}
         started = _now()
         done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, check=False)  # noqa: S603
         log = (done.stdout + done.stderr).decode(errors="replace")
-        pod.init_logs[container["name"]] = log
         message = log.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace") \
             if done.returncode and container.get("terminationMessagePolicy") == "FallbackToLogsOnError" else ""
         return {"exitCode": done.returncode, "reason": "Completed" if done.returncode == 0 else "Error",
