@@ -2,8 +2,8 @@
 run (by tests/support/kubelet.py, as a kubelet would: the env and Secret from the API server, volumes as
 folders) against moto's server, and its result is written to the Pod's status for the operator to read.
 
-A verified version is served from local disk; a corrupted one fails its pod visibly (exit code and
-message in the Pod's status, main container never started) and the rollout is rolled back naming why.
+A verified version is served from local disk; a corrupted or missing one fails its pod visibly (exit code
+and message in the Pod's status, main container never started) and the rollout is rolled back naming why.
 """
 
 from __future__ import annotations
@@ -60,9 +60,14 @@ def kubelet(kube: client.ApiClient, namespace: str, tmp_path: Path) -> Iterator[
         k.stop()
 
 
-def test_a_verified_version_is_served_from_disk_and_a_corrupted_one_never_serves(
+@pytest.mark.parametrize(("damage", "said"), [
+    ("corrupted", "downloaded content does not match the registry"),
+    ("missing", "is missing"),
+])
+def test_a_verified_version_is_served_from_disk_and_a_damaged_one_never_serves(
         registry: Registry, operator_identity: Path, namespace: str, kube: client.ApiClient,
-        control_plane: ControlPlane, kube_tools: Tools, kubelet: Kubelet, tmp_path: Path) -> None:
+        control_plane: ControlPlane, kube_tools: Tools, kubelet: Kubelet, tmp_path: Path,
+        damage: str, said: str) -> None:
     cluster = Cluster(kube, namespace)
     v1 = registry.push("smollm2", make_model(tmp_path / "v1", "one"), "v1").record
     v2_folder = make_model(tmp_path / "v2", "two")
@@ -88,10 +93,14 @@ def test_a_verified_version_is_served_from_disk_and_a_corrupted_one_never_serves
         assert pod.init_container_statuses[0].state.terminated.exit_code == 0
         assert [c.status for c in pod.conditions if c.type == "Ready"] == ["True"]
 
-        # v2's weights are tampered with in S3 after it was published.
+        # v2's weights are tampered with, or lost, in S3 after it was published.
         weights = hashlib.sha256((v2_folder / "model.safetensors").read_bytes()).hexdigest()
-        boto3.client("s3", endpoint_url=registry.settings.endpoint_url, region_name="us-east-1").put_object(
-            Bucket=registry.settings.bucket, Key=f"blobs/sha256/{weights}", Body=b"not the weights")
+        s3 = boto3.client("s3", endpoint_url=registry.settings.endpoint_url, region_name="us-east-1")
+        blob = {"Bucket": registry.settings.bucket, "Key": f"blobs/sha256/{weights}"}
+        if damage == "corrupted":
+            s3.put_object(**blob, Body=b"not the weights")
+        else:
+            s3.delete_object(**blob)
         cluster.set_ready(f"{NAME}-backend-blue")  # the Deployment controller counts blue's Ready pod
         apply(control_plane, kube_tools, namespace, pipeline("v2"))
         wait_for(lambda: ("Deployment", f"{NAME}-backend-green") in cluster.children(NAME), "green")
@@ -102,6 +111,7 @@ def test_a_verified_version_is_served_from_disk_and_a_corrupted_one_never_serves
         status = cluster.core.read_namespaced_pod(green.name, namespace).status
         fetch = status.init_container_statuses[0].state.terminated
         assert fetch.exit_code != 0 and "model.safetensors" in fetch.message and weights in fetch.message
+        assert said in fetch.message, fetch.message
         assert status.phase == "Pending" and status.container_statuses[0].state.waiting.reason == "PodInitializing"
 
         rollout = wait_for(lambda: (cluster.status(NAME).get("rollout") or {}).get("phase") == "RolledBack"
