@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler,
                       WithJsonSchema, model_validator)
+from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
-from pydantic.alias_generators import to_camel
 
 API_VERSION = "promptpipe.io/v1alpha1"
 KIND = "PromptPipeline"
