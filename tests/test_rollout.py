@@ -8,7 +8,7 @@ import pytest
 
 from promptpipe.config.spec import AnalysisSpec, RolloutSpec
 from promptpipe_operator.analysis import Counts, parse_gateway, quantile, since, verdict
-from promptpipe_operator.pods import pod_problem
+from promptpipe_operator.pods import metrics_urls, pod_problem
 from promptpipe_operator.rollout import (
     ANALYZING, BLUE, GREEN, PROGRESSING, ROLLED_BACK, STABLE, Observed, Slot, State, decide, ts, wake_in,
 )
@@ -96,6 +96,17 @@ def pod(init: list[dict[str, object]], containers: list[dict[str, object]]) -> d
 ])
 def test_a_pods_status_says_why_it_does_not_serve(status: dict[str, object], expected: str) -> None:
     assert pod_problem(status) == expected
+
+
+def test_only_ready_pods_with_an_address_and_a_metrics_port_are_scraped() -> None:
+    def gateway(name: str, ready: str, ip: str | None, port: str = "metrics") -> dict[str, object]:
+        return {"metadata": {"name": name},
+                "spec": {"containers": [{"ports": [{"name": "grpc", "containerPort": 50051},
+                                                   {"name": port, "containerPort": 9090}]}]},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
+    found = metrics_urls([gateway("a", "True", "10.0.0.1"), gateway("b", "False", "10.0.0.2"),
+                          gateway("c", "True", None), gateway("d", "True", "10.0.0.4", port="http")])
+    assert found == {"a": "http://10.0.0.1:9090/metrics"}
 
 
 def test_bad_analysis_puts_traffic_back_on_blue() -> None:

@@ -13,7 +13,6 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.dynamic.resource import Resource
 
 from promptpipe.config.spec import API_VERSION, KIND
-from promptpipe_operator import pods
 from promptpipe_operator.render import MANAGER, Manifest
 
 # What a pipeline owns, as (apiVersion, kind): listed to find children and strays.
@@ -100,25 +99,11 @@ class Kube:
                     out[(kind, obj["metadata"]["name"])] = obj
         return out
 
-    def ready_pod_metrics_urls(self, namespace: str, selector: str) -> dict[str, str]:
-        """`/metrics` of every Ready pod matching `selector`, by pod name (its container port named metrics)."""
-        out: dict[str, str] = {}
-        for item in self._resource("v1", "Pod").get(namespace=namespace, label_selector=selector).items:
-            pod = item.to_dict()
-            status = pod.get("status") or {}
-            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-            ports = [p["containerPort"] for c in pod["spec"].get("containers", []) for p in c.get("ports") or []
-                     if p.get("name") == "metrics"]
-            if ready and status.get("podIP") and ports:
-                out[pod["metadata"]["name"]] = f"http://{status['podIP']}:{ports[0]}/metrics"
-        return out
-
-    def pod_problem(self, namespace: str, selector: str) -> str:
-        """Why the first failing pod matching `selector` does not serve (its status says), or ''."""
-        for item in self._resource("v1", "Pod").get(namespace=namespace, label_selector=selector).items:
-            if problem := pods.pod_problem(item.to_dict()):
-                return problem
-        return ""
+    def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """The pods carrying all of `labels`."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        return [item.to_dict() for item in self._resource("v1", "Pod").get(namespace=namespace,
+                                                                           label_selector=selector).items]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

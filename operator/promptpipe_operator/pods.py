@@ -1,4 +1,5 @@
-"""Why a pod is not serving, read from its status as the kubelet writes it: pure functions, no I/O."""
+"""What pods say about themselves, read from their spec and status as the kubelet writes it: where a
+Ready pod serves its metrics, and why a pod is not serving. Pure functions, no I/O."""
 
 from __future__ import annotations
 
@@ -41,3 +42,20 @@ def pod_problem(pod: dict[str, Any]) -> str:
             if problem := _container_problem(kind, container):
                 return f"pod {pod['metadata']['name']}: {problem}"
     return ""
+
+
+def first_problem(pods: list[dict[str, Any]]) -> str:
+    return next((problem for pod in pods if (problem := pod_problem(pod))), "")
+
+
+def metrics_urls(pods: list[dict[str, Any]]) -> dict[str, str]:
+    """`/metrics` of every Ready pod, by pod name (its container port named `metrics`)."""
+    out: dict[str, str] = {}
+    for pod in pods:
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        ports = [p["containerPort"] for c in pod["spec"].get("containers", []) for p in c.get("ports") or []
+                 if p.get("name") == "metrics"]
+        if ready and status.get("podIP") and ports:
+            out[pod["metadata"]["name"]] = f"http://{status['podIP']}:{ports[0]}/metrics"
+    return out

@@ -18,7 +18,8 @@ from promptpipe.config.crd import ROLLBACK_ANNOTATION
 from promptpipe.config.loader import PipelineFileError, parse_pipeline
 from promptpipe.config.spec import PromptPipeline, StageName
 from promptpipe.registry.store import Registry
-from promptpipe_operator import probes, render
+from promptpipe_operator import pods, probes, render
+from promptpipe_operator.analysis import Counts
 from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
 from promptpipe_operator.rollout import (
     ANALYZING,
@@ -42,7 +43,6 @@ from promptpipe_operator.status import (
     invalid_spec_status,
     pipeline_status,
 )
-
 
 
 class InvalidSpec(Exception):
@@ -230,33 +230,39 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
             target_failed = health.detail if health.health is Health.FAILED else ""
         if not target_ready:  # the pods' status says why (a model that failed its hashes, an image pull)
             color = {**render.selector(name, render.BACKEND), render.COLOR_LABEL: target.color}
-            target_pods = kube.pod_problem(namespace, ",".join(f"{k}={v}" for k, v in color.items()))
+            target_pods = pods.first_problem(kube.pods(namespace, color))
     smoke = None
     if target is not None and wants_smoke(state, target_ready) and desired in (None, target.version) \
             and request == state.rollback_handled:
         smoke = probes.smoke(settings.backend_url_template.format(
             service=render.backend_name(name, target.color), namespace=namespace, port=render.TGI_PORT), pp.spec)
     verdict = None
-    gateways = f"app.kubernetes.io/instance={name},app.kubernetes.io/component={StageName.STREAM.value}"
+
+    def gateway_counts() -> dict[str, Counts]:
+        return probes.scrape(pods.metrics_urls(kube.pods(namespace, render.selector(name, StageName.STREAM.value))),
+                             name)
     if wants_analysis(state, cfg, now):
         analysis = cfg.analysis
         if analysis.prometheus is not None:
             since_switch = (now - (parse_ts(state.switched_at) or now)).total_seconds()
             verdict = probes.analyse_prometheus(namespace, name, since_switch, pp.spec)
         else:
-            current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
+            current = gateway_counts()
             if state.baseline is None:  # no counters from the switch: start counting now
-                state = replace(state, baseline={p: c.as_json() for p, c in current.items()})
+                state = replace(state, baseline=baseline(current))
                 verdict = (None, "counting calls from now")
             else:
                 verdict = probes.analyse_scrapes(current, state.baseline, pp.spec)
     decision = decide(state, Observed(desired, generation, now, target_ready, target_failed, smoke,
                                       verdict, request, target_pods=target_pods), cfg)
     if decision.state.phase == ANALYZING and decision.state.baseline is None and cfg.analysis.prometheus is None:
-        current = probes.scrape(kube.ready_pod_metrics_urls(namespace, gateways), name)
-        decision = replace(decision, state=replace(
-            decision.state, baseline={p: c.as_json() for p, c in current.items()}))
+        decision = replace(decision, state=replace(decision.state, baseline=baseline(gateway_counts())))
     return decision, unresolved
+
+
+def baseline(counts: dict[str, Counts]) -> dict[str, Any]:
+    """Each gateway pod's counters at the switch, as stored in the status."""
+    return {pod: c.as_json() for pod, c in counts.items()}
 
 
 def _write_status(kube: Kube, namespace: str, name: str, before: dict[str, Any], status: dict[str, Any]) -> None:
