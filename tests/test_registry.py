@@ -236,6 +236,11 @@ def test_promotion_moves_an_alias_and_history_records_everything(registry: Regis
     registry.promote("m", "v1", "canary")
     assert registry.resolve(parse_ref("m@prod")).version == "v2"
     assert registry.resolve(parse_ref("m")).version == "v2"  # bare: the newest
+    # What the operator polls: the same answers, without reading manifests.
+    assert [registry.version_of(parse_ref(r)) for r in ("m@prod", "m", "m:v1")] == ["v2", "v2", "v1"]
+    for missing in ("m@beta", "m:v9", "nope"):
+        with pytest.raises(errors.NotFound):
+            registry.version_of(parse_ref(missing))
     assert {r.version: r.aliases for r in registry.versions("m")} == {"v1": ("canary",), "v2": ("prod",)}
     events = [(e.action, e.version, e.alias, e.previous) for e in registry.history("m")]
     assert events == [("push", "v1", "", ""), ("push", "v2", "", ""), ("promote", "v1", "prod", ""),

@@ -104,7 +104,7 @@ def resolve_version(registry: Registry | None, spec: PipelineSpec) -> tuple[str 
         return None, "spec.model.alias needs the registry; the operator has no PROMPTPIPE_REGISTRY_* settings"
     try:
         ref = ModelRef(model.name, version=model.version or None, alias=model.alias or None)
-        return registry.resolve(ref).version, ""
+        return registry.version_of(ref), ""
     except registry_errors.RegistryError as e:
         return None, str(e)
 

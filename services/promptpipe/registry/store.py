@@ -242,8 +242,11 @@ class Registry:
                 return items
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def _get(self, pk: str, sk: str) -> dict[str, Any] | None:
-        found = self._db.get_item(TableName=self.settings.table, Key=_item(pk=pk, sk=sk), ConsistentRead=True)
+    def _get(self, pk: str, sk: str, only: str = "") -> dict[str, Any] | None:
+        """The item, or only the attribute `only` of it (an existence check reads no manifest)."""
+        extra: dict[str, Any] = {"ProjectionExpression": only} if only else {}
+        found = self._db.get_item(TableName=self.settings.table, Key=_item(pk=pk, sk=sk), ConsistentRead=True,
+                                  **extra)
         return _plain(found["Item"]) if "Item" in found else None
 
     def aliases(self, name: str) -> dict[str, str]:
@@ -278,20 +281,33 @@ class Registry:
             out.append(ModelSummary(name, tuple(r.version for r in records), aliases))
         return out
 
-    def resolve(self, ref: ModelRef) -> VersionRecord:
-        """The version a reference names: `:VERSION`, `@ALIAS`, or bare: the newest."""
+    def _newest(self, name: str) -> VersionRecord:
+        records = self.versions(name)
+        if not records:
+            raise errors.NotFound(f"model {name!r} has no versions")
+        return records[-1]
+
+    def version_of(self, ref: ModelRef) -> str:
+        """Only the version a reference names, in one read for `:VERSION` or `@ALIAS` (no manifest, no
+        aliases): what the operator asks every few seconds of a pipeline following an alias."""
         with self._errors(f"resolve {ref}"):
-            version = ref.version
             if ref.alias:
                 alias = self._get(f"model#{ref.name}", f"alias#{ref.alias}")
                 if alias is None:
                     raise errors.NotFound(f"model {ref.name} has no alias {ref.alias!r}")
-                version = str(alias["version"])
-            if version is None:
-                records = self.versions(ref.name)
-                if not records:
-                    raise errors.NotFound(f"model {ref.name!r} has no versions")
-                return records[-1]
+                return str(alias["version"])
+            if ref.version:
+                if self._get(f"model#{ref.name}", f"version#{ref.version}", only="sk") is None:
+                    raise errors.NotFound(f"model {ref.name} has no version {ref.version!r}")
+                return ref.version
+        return self._newest(ref.name).version
+
+    def resolve(self, ref: ModelRef) -> VersionRecord:
+        """The version a reference names: `:VERSION`, `@ALIAS`, or bare: the newest."""
+        if not ref.alias and not ref.version:
+            return self._newest(ref.name)
+        version = self.version_of(ref) if ref.alias else ref.version
+        with self._errors(f"resolve {ref}"):
             item = self._get(f"model#{ref.name}", f"version#{version}")
             if item is None:
                 raise errors.NotFound(f"model {ref.name} has no version {version!r}")
