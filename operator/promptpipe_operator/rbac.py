@@ -27,7 +27,7 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": _CHILD_VERBS},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _CHILD_VERBS},
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": _CHILD_VERBS},
-    # A rollout's analysis scrapes the Ready gateway pods' /metrics: it finds them here.
+    # A rollout finds the Ready gateway pods' /metrics here, and reads why green's pods do not serve.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Events on the pipelines, for `kubectl describe`.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
