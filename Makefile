@@ -1,6 +1,7 @@
 # promptpipe: one entry point for setting up, running and testing.
 #   make demo   set everything up, start the quickstart pipeline, stream an answer, stop it
 #   make test   set everything up and run every test
+#   make test-fast  only the pure tests, right after the Python install (no Go build)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -16,10 +17,13 @@ LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_VER).built
 # Only the library is needed: no llama.cpp examples, tools or server binaries.
 LLAMA_CMAKE := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 STAMP       := $(VENV)/.installed
+# Every pinned dependency as a wheel, for installs without an index: the per-image venv test and image builds.
+WHEELHOUSE  := $(WHEELS)/.complete-$(shell cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+DEV         := $(BIN)/python -m tests.devcluster
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup controlplane cluster-up cluster-down demo test test-fast proto manifests crd bench lint clean
+.PHONY: help setup wheelhouse controlplane cluster-up cluster-down demo test test-fast proto manifests crd bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -39,13 +43,20 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
 	$(BIN)/pip install --quiet --find-links $(WHEELS) --constraint constraints.txt --editable '.[dev]'
 	touch $@
 
+# pip's own cache makes this mostly copying; the build backend comes along, so a wheel of ours builds offline too.
+$(WHEELHOUSE): $(STAMP)
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELS) --find-links $(WHEELS) --requirement constraints.txt setuptools==80.9.0
+	touch $@
+
+wheelhouse: $(WHEELHOUSE)
+
 # etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold and dockerfile-lint from
 # the Go module proxy, Prometheus from Debian's package, plus KEDA's CRDs: built once into
 # $(CACHE)/controlplane (about 20 minutes the first time on 2 cores); a no-op when they are there.
 controlplane: $(STAMP)
-	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster build
+	PROMPTPIPE_CACHE=$(CACHE) $(DEV) cluster build
 
-setup: $(STAMP) controlplane
+setup: $(STAMP) $(WHEELHOUSE) controlplane
 
 # The demo needs no Kubernetes tools: only the Python install.
 demo: $(STAMP)
@@ -53,12 +64,15 @@ demo: $(STAMP)
 	$(BIN)/promptpipe generate --session demo "$(QUESTION)" || { $(BIN)/promptpipe down; exit 1; }
 	$(BIN)/promptpipe down
 
-test: setup
-	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -ra
+# The pure tier: every test that starts nothing (no process, server or Go-built tool). It needs only
+# the Python install, and fails a test that starts a process without saying so in its markers.
+PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or moto or venv)
 
-test-fast: setup
-	$(BIN)/python -m pytest -q -m "not processes and not model"
+test: setup lint
+	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	PROMPTPIPE_PURE_TESTS=1 $(BIN)/python -m pytest -q -m "$(PURE)"
 
 proto: setup
 	$(BIN)/python protos/generate.py
@@ -66,26 +80,30 @@ proto: setup
 # Generated manifests: the CRD from the spec models, the operator's RBAC rules from
 # rbac.py, and deploy/install.yaml (for users without Helm) from the chart.
 manifests: setup
-	$(BIN)/python -m promptpipe.config.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
-	$(BIN)/python -m promptpipe.config.crd > charts/promptpipe/crds/promptpipelines.promptpipe.io.yaml
+	$(BIN)/python -m promptpipe.contract.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
+	$(BIN)/python -m promptpipe.contract.crd > charts/promptpipe/crds/promptpipelines.promptpipe.io.yaml
 	$(BIN)/python -m promptpipe_operator.rbac > charts/promptpipe/files/operator-rules.yaml
 	$(BIN)/python -m promptpipe_operator.rbac --leader-election > charts/promptpipe/files/leader-election-rules.yaml
-	$(BIN)/python charts/generate.py > deploy/install.yaml
+	$(BIN)/python -m charts.generate > deploy/install.yaml
 
 crd: manifests
 
 cluster-up: setup
-	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/promptpipe-dev cluster up
+	PROMPTPIPE_CACHE=$(CACHE) $(DEV) cluster up
 
 cluster-down:
-	$(BIN)/promptpipe-dev cluster down
+	$(DEV) cluster down
 
 bench: setup
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.operator
 	$(BIN)/python -m bench.rollout
 
-lint: setup
+# Boundaries between the deployables (import-linter), style (ruff) and types (mypy --strict).
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/mypy
 
 clean:

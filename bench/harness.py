@@ -18,7 +18,7 @@ import psutil
 import yaml
 
 from promptpipe.cli import localrun
-from promptpipe.runtime.calls import CHANNEL_OPTIONS
+from promptpipe.rpc import CHANNEL_OPTIONS
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 
@@ -31,7 +31,7 @@ def pipeline_doc(name: str, *, tokens_per_second: float = 0.0, max_new_tokens: i
             "model": {"name": "synthetic", "backend": "synthetic", "synthetic": {"tokensPerSecond": tokens_per_second}},
             "generation": {"maxNewTokens": max_new_tokens, "maxNewTokensLimit": 32768},
             "rag": {"enabled": False},
-            "stages": stages or {s: wide for s in ("stream", "rag", "assemble", "inference", "post")},
+            "stages": stages or dict.fromkeys(("stream", "rag", "assemble", "inference", "post"), wide),
         },
     }
 

@@ -21,10 +21,11 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 
-from promptpipe.config.spec import STAGE_ORDER
-from promptpipe.devcluster.build import expected_tools
-from promptpipe.devcluster.cli import install_keda_crds
-from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe.contract.spec import STAGE_ORDER
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import expected_tools
+from tests.devcluster.cli import install_keda_crds
+from tests.devcluster.cluster import ControlPlane
 from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,7 @@ CHILDREN = 1 + 3 * len(STAGE_ORDER)
 def poll(check: Any, timeout: float = 30.0) -> float:
     """Seconds until check() is true."""
     start = time.perf_counter()
-    while not check():
-        if time.perf_counter() - start > timeout:
-            raise TimeoutError("no convergence within 30 s")
-        time.sleep(0.005)
+    wait_until(check, "convergence", timeout, every=0.005)
     return time.perf_counter() - start
 
 

@@ -21,11 +21,20 @@ from pathlib import Path
 import grpc
 
 from bench.harness import (
-    channel, closed_loop, gateway_stream, median, ms, pct, pipeline_doc, rss_mib, running, stage_stream,
+    channel,
+    closed_loop,
+    gateway_stream,
+    median,
+    ms,
+    pct,
+    pipeline_doc,
+    rss_mib,
+    running,
+    stage_stream,
 )
 from promptpipe.backends.base import GenerationRequest, Piece
 from promptpipe.backends.synthetic import SyntheticBackend
-from promptpipe.config.spec import StageName, SyntheticSpec
+from promptpipe.contract.spec import StageName, SyntheticSpec
 from promptpipe.v1 import gateway_pb2_grpc, stage_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +175,7 @@ async def model_section(samples: int) -> None:
                 pipe_rate.append((n - 1) / (time.perf_counter() - first))
                 prompts.append(summary.usage.prompt_tokens)
         # Same prompt for llama.cpp directly, taken from the assemble stage.
-        from promptpipe.config.loader import load_pipeline
+        from promptpipe.contract.pipeline_file import load_pipeline
         from promptpipe.runtime.calls import StageClient
         from promptpipe.stages.requests import work_item
         from promptpipe.v1 import common_pb2, gateway_pb2

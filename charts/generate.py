@@ -1,7 +1,7 @@
 """deploy/install.yaml: the chart rendered with its defaults, for users without Helm.
 
-`python charts/generate.py` prints it (make manifests); a test fails if the
-committed file differs from what the chart renders.
+`python -m charts.generate` (from the repository root) prints it (make manifests); a test
+fails if the committed file differs from what the chart renders.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from promptpipe.devcluster.build import Tools, expected_tools
+from tests.devcluster.build import Tools, expected_tools
 
 CHART = Path(__file__).resolve().parent / "promptpipe"
 NAMESPACE = "promptpipe-system"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from promptpipe.config.spec import ShedPolicy
+from promptpipe.contract.spec import ShedPolicy
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.errors import DeadlineExceeded, Shed
 

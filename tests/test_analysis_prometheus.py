@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from promptpipe.config.spec import PipelineSpec
-from promptpipe.devcluster.build import Tools
+from promptpipe.contract.spec import PipelineSpec
 from promptpipe_operator import analysis, probes
+from tests.devcluster.build import Tools
 from tests.support.prometheus import SCRAPE_SECONDS, gateway_exposition, prometheus, query, scraped
 
 PIPELINE, NAMESPACE = "assistant", "team-a"
@@ -27,7 +27,7 @@ def spec(url: str, **analysis_: object) -> PipelineSpec:
 
 
 def exposition_text(target: str) -> str:
-    with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as response:
         return str(response.read().decode())
 
 
@@ -39,6 +39,7 @@ def test_server_error_series_exist_at_zero_before_any_call() -> None:
         assert re.search(rf'promptpipe_stage_duration_seconds_count\{{[^}}]*code="{code}"[^}}]*\}} 0\.0', text), code
 
 
+@pytest.mark.prometheus
 def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: Tools, tmp_path: Path) -> None:
     with gateway_exposition(PIPELINE) as gateway, \
             prometheus(kube_tools, tmp_path / "prometheus", {gateway.target: {"namespace": NAMESPACE}}) as url:
@@ -77,6 +78,7 @@ def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: To
         assert query(url, 'count(promptpipe_stage_duration_seconds_count{namespace="team-a"})')
 
 
+@pytest.mark.prometheus
 def test_an_unreachable_or_refusing_prometheus_gives_no_verdict_and_says_why(kube_tools: Tools,
                                                                               tmp_path: Path) -> None:
     healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec("http://127.0.0.1:9"))

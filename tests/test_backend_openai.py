@@ -7,9 +7,10 @@ import asyncio
 import grpc
 import pytest
 
-from promptpipe.v1 import common_pb2
-from tests.support.calls import Outcome, collect, wait_until
 from promptpipe.localproc import free_port
+from promptpipe.v1 import common_pb2
+from promptpipe.waiting import wait_until_async
+from tests.support.calls import Outcome, collect
 from tests.support.pipelines import openai_server, synthetic_pipeline
 
 pytestmark = [pytest.mark.processes, pytest.mark.model]
@@ -37,11 +38,11 @@ async def test_cancel_closes_the_stream_to_the_server(start_pipeline) -> None:
         p = start_pipeline(doc)
         out = Outcome()
         call = asyncio.create_task(collect(p.gateway, "Tell a long story.", out, temperature=0.8))
-        await wait_until(lambda: out.chunks >= 2, timeout=30, what="two chunks")
+        await wait_until_async(lambda: out.chunks >= 2, timeout=30, what="two chunks")
         call.cancel()
-        from promptpipe.config.spec import StageName
+        from promptpipe.contract.spec import StageName
 
-        await wait_until(lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
+        await wait_until_async(lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
                          what="the generation to end")
         assert p.metric(StageName.INFERENCE, "promptpipe_backend_generations_cancelled_total") == 1
         # The server is free again at once: a new call is answered.

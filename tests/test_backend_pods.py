@@ -21,15 +21,16 @@ import boto3
 import pytest
 from kubernetes import client
 
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe.registry.manifest import MARKER, scan
 from promptpipe.registry.refs import ModelRef
 from promptpipe.registry.store import Registry
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.kubelet import Container, Kubelet
 from tests.support.moto import CREDENTIALS, make_model, registry_env
-from tests.support.operator import OperatorProcess, wait_for
+from tests.support.operator import OperatorProcess
 
 pytestmark = pytest.mark.controlplane
 NAME = "quickstart"
@@ -80,14 +81,14 @@ def test_a_verified_version_is_served_from_disk_and_a_damaged_one_never_serves(
     op.start()
     try:
         apply(control_plane, kube_tools, namespace, pipeline("v1"))
-        wait_for(lambda: ("Deployment", f"{NAME}-backend-blue") in cluster.children(NAME), "blue")
+        wait_until(lambda: ("Deployment", f"{NAME}-backend-blue") in cluster.children(NAME), "blue")
         blue = kubelet.run(f"{NAME}-backend-blue")
 
         # The init container pulled v1 into the volume TGI reads, every hash checked; TGI loaded it from there.
         models = blue.volumes["models"] / "model"
         assert scan(models).digest == v1.digest
         assert json.loads((models / MARKER).read_text())["version"] == "v1"
-        with urllib.request.urlopen(f"{blue.url}/info", timeout=5) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"{blue.url}/info", timeout=5) as response:
             assert json.loads(response.read())["model_id"] == str(models)
         pod = cluster.core.read_namespaced_pod(blue.name, namespace).status
         assert pod.init_container_statuses[0].state.terminated.exit_code == 0
@@ -103,7 +104,7 @@ def test_a_verified_version_is_served_from_disk_and_a_damaged_one_never_serves(
             s3.delete_object(**blob)
         cluster.set_ready(f"{NAME}-backend-blue")  # the Deployment controller counts blue's Ready pod
         apply(control_plane, kube_tools, namespace, pipeline("v2"))
-        wait_for(lambda: ("Deployment", f"{NAME}-backend-green") in cluster.children(NAME), "green")
+        wait_until(lambda: ("Deployment", f"{NAME}-backend-green") in cluster.children(NAME), "green")
         green = kubelet.run(f"{NAME}-backend-green")
 
         assert green.process is None, "TGI never started on a model that failed its hashes"
@@ -114,12 +115,12 @@ def test_a_verified_version_is_served_from_disk_and_a_damaged_one_never_serves(
         assert said in fetch.message, fetch.message
         assert status.phase == "Pending" and status.container_statuses[0].state.waiting.reason == "PodInitializing"
 
-        rollout = wait_for(lambda: (cluster.status(NAME).get("rollout") or {}).get("phase") == "RolledBack"
+        rollout = wait_until(lambda: (cluster.status(NAME).get("rollout") or {}).get("phase") == "RolledBack"
                            and cluster.status(NAME)["rollout"], "the rollback at the deadline", timeout=30)
         assert rollout["reason"] == "ProgressDeadlineExceeded"
         assert f"pod {green.name}: init container fetch-model failed (exit {fetch.exit_code})" in rollout["message"]
         assert "model.safetensors" in rollout["message"]
-        wait_for(lambda: any("init container fetch-model failed" in m for m in cluster.events("RolledBack")),
+        wait_until(lambda: any("init container fetch-model failed" in m for m in cluster.events("RolledBack")),
                  "the reason in the RolledBack Event too")
         service = cluster.core.read_namespaced_service(f"{NAME}-backend", namespace)
         assert service.spec.selector["promptpipe.io/color"] == "blue" and cluster.status(NAME)["activeVersion"] == "v1"

@@ -8,7 +8,7 @@ from collections import Counter
 import grpc
 import pytest
 
-from promptpipe.config.spec import StageName
+from promptpipe.contract.spec import StageName
 from tests.support.calls import collect
 from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.processes
 
 def promptpipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "promptpipe.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
 
 
 def test_up_generate_status_down(tmp_path: Path) -> None:

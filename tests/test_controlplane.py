@@ -16,22 +16,18 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 
 pytestmark = pytest.mark.controlplane
 
 
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """RBAC and CRD changes take effect after the API server's caches catch up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (ApiException, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> None:
+    """RBAC and CRD changes take effect after the API server's caches catch up: `check` raising
+    ApiException or AssertionError means "not yet"."""
+    wait_until(lambda: check() or True, "the API server's caches", timeout, every=0.1,
+               retry_on=(ApiException, AssertionError))
 
 
 def test_namespaced_object_round_trips(kube: client.ApiClient, namespace: str) -> None:
@@ -136,6 +132,7 @@ def test_keda_crd_schema_checks_scaled_objects(kube: client.ApiClient, namespace
     assert "spec.triggers[0].metadata.threshold" in info.value.body
 
 
+@pytest.mark.helm
 def test_helm_installs_upgrades_and_uninstalls_a_chart(control_plane: ControlPlane, kube_tools: Tools,
                                                        kube: client.ApiClient, namespace: str,
                                                        tmp_path: Path) -> None:
@@ -199,9 +196,10 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.controlplane
 def test_cli_up_and_down_leave_no_process_behind(kube_tools: Tools, tmp_path: Path) -> None:
     env = {**os.environ, "PROMPTPIPE_HOME": str(tmp_path)}
-    cli = [sys.executable, "-m", "promptpipe.devcluster.cli", "cluster"]
+    cli = [sys.executable, "-m", "tests.devcluster", "cluster"]
     up = subprocess.run([*cli, "up"], env=env, check=True, capture_output=True, text=True)
     plane = ControlPlane.load(tmp_path / "cluster")
     try:

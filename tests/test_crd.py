@@ -10,9 +10,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from promptpipe.config.crd import promptpipeline_crd, render
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
+from promptpipe.contract.crd import promptpipeline_crd, render
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 from tests.support.kube import kubectl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ QUICKSTART = ROOT / "deploy" / "examples" / "quickstart.yaml"
 
 
 def test_committed_crd_is_what_the_spec_generates() -> None:
-    assert CRD_FILE.read_text() == render(), "run `make manifests`: deploy/crds drifted from config/spec.py"
+    assert CRD_FILE.read_text() == render(), "run `make manifests`: deploy/crds drifted from contract/spec.py"
 
 
 def test_schema_is_structural() -> None:

@@ -1,4 +1,5 @@
-"""The control-plane build recipe and PKI: pure functions, no Go, no processes."""
+"""The control-plane build recipe and PKI: pure functions, no Go, no processes. (That the API server
+enforces RBAC and the controllers collect garbage is tested against the real thing, in test_controlplane.py.)"""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from promptpipe.devcluster.build import expected_tools, staging_modules, tools_go, wrapper_gomod
-from promptpipe.devcluster.cluster import apiserver_args, controller_manager_args
-from promptpipe.devcluster.pki import make_pki
+from tests.devcluster.build import staging_modules, tools_go, wrapper_gomod
+from tests.devcluster.pki import make_pki
 
 KUBERNETES_GOMOD = """module k8s.io/kubernetes
 
@@ -53,15 +53,3 @@ def test_pki_chains_to_its_ca_with_the_right_identities() -> None:
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
     assert admin.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "system:masters"
-
-
-def test_controller_manager_runs_only_the_controllers_tests_need(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    args = controller_manager_args(expected_tools(tmp_path), tmp_path, tmp_path / "kubeconfig", 10257)
-    assert "--controllers=garbagecollector,namespace,serviceaccount" in args
-    assert "--bind-address=127.0.0.1" in args
-
-
-def test_apiserver_runs_with_rbac_on_loopback_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    args = apiserver_args(expected_tools(tmp_path), tmp_path, "http://127.0.0.1:2379", 6443)
-    assert "--authorization-mode=RBAC" in args
-    assert "--bind-address=127.0.0.1" in args and "--etcd-servers=http://127.0.0.1:2379" in args

@@ -8,7 +8,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from promptpipe.config.spec import StageName
+from promptpipe.contract.spec import StageName
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.support.calls import collect
 from tests.support.pipelines import synthetic_pipeline

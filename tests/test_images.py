@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from promptpipe.devcluster.build import Tools
+from tests.devcluster.build import Tools
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
@@ -27,7 +27,7 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 def lint(tools: Tools, *paths: Path) -> subprocess.CompletedProcess[str]:
     assert tools.dockerfile_lint.exists(), "run `make setup` (builds dockerfile-lint)"
     return subprocess.run([str(tools.dockerfile_lint), *map(str, paths)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def final_stage(path: Path) -> list[str]:
@@ -36,12 +36,14 @@ def final_stage(path: Path) -> list[str]:
     return lines[start:]
 
 
+@pytest.mark.dockerfile_lint
 def test_every_dockerfile_passes_buildkits_checks(kube_tools: Tools) -> None:
     result = lint(kube_tools, *DOCKERFILES.values())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
 
 
+@pytest.mark.dockerfile_lint
 def test_the_linter_reports_what_it_finds(kube_tools: Tools, tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM scratch as build\nENV MODE fast\nCMD run --fast\n")
@@ -94,9 +96,10 @@ def skaffold(tools: Tools, *args: str, cwd: Path = ROOT) -> subprocess.Completed
     assert tools.skaffold.exists(), "run `make setup` (builds skaffold)"
     env = {**os.environ, "PATH": f"{tools.helm.parent}:{os.environ['PATH']}", "SKAFFOLD_UPDATE_CHECK": "false"}
     return subprocess.run([str(tools.skaffold), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
+@pytest.mark.skaffold
 def test_the_real_skaffold_reads_the_config_and_refuses_a_broken_one(kube_tools: Tools, tmp_path: Path) -> None:
     result = skaffold(kube_tools, "diagnose", "--yaml-only")
     assert result.returncode == 0, result.stderr
@@ -107,6 +110,8 @@ def test_the_real_skaffold_reads_the_config_and_refuses_a_broken_one(kube_tools:
     assert result.returncode != 0 and "chartDir" in result.stdout + result.stderr
 
 
+@pytest.mark.skaffold
+@pytest.mark.helm
 def test_skaffold_renders_the_chart_with_the_images_it_builds(kube_tools: Tools) -> None:
     result = skaffold(kube_tools, "render", "--offline=true", "--digest-source=tag", "--tag=dev1")
     assert result.returncode == 0, result.stderr

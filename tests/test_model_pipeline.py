@@ -11,14 +11,15 @@ from llama_cpp import Llama
 
 from promptpipe.backends.llamacpp import default_model_path
 from promptpipe.cli import localrun
-from promptpipe.config.loader import load_pipeline
-from promptpipe.config.spec import StageName
+from promptpipe.contract.pipeline_file import load_pipeline
+from promptpipe.contract.spec import StageName
 from promptpipe.runtime.calls import StageClient
 from promptpipe.stages.requests import work_item
 from promptpipe.textfilters.rules import build_rules
 from promptpipe.textfilters.stream import StreamingFilter
 from promptpipe.v1 import common_pb2, gateway_pb2
-from tests.support.calls import Outcome, collect, wait_until
+from promptpipe.waiting import wait_until_async
+from tests.support.calls import Outcome, collect
 from tests.support.pipelines import RunningPipeline
 
 pytestmark = [pytest.mark.processes, pytest.mark.model]
@@ -87,11 +88,11 @@ async def test_cancelled_call_stops_llama_cpp_decoding(quickstart: RunningPipeli
     out = Outcome()
     call = asyncio.create_task(collect(quickstart.gateway, "Write a very long story about a dragon.", out,
                                        max_new_tokens=max_new, temperature=0.8, timeout=120.0))
-    await wait_until(lambda: out.chunks >= 3, timeout=60, what="three chunks")
+    await wait_until_async(lambda: out.chunks >= 3, timeout=60, what="three chunks")
     assert active() == 1, "the generation is still running when the client cancels"
     at_cancel = decoded()
     call.cancel()
-    await wait_until(lambda: active() == 0, what="the generation to end")
+    await wait_until_async(lambda: active() == 0, what="the generation to end")
     stopped_at = decoded()
     await asyncio.sleep(0.5)
     assert decoded() == stopped_at, "llama.cpp is no longer decoding"

@@ -7,8 +7,7 @@ Deployment controller would once pods are Ready.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,17 @@ import pytest
 import yaml
 from kubernetes import client
 
-from promptpipe.config.spec import STAGE_ORDER
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
-from promptpipe_operator import rbac
+from promptpipe.contract.labels import ROLLBACK
+from promptpipe.contract.spec import GROUP, STAGE_ORDER
 from promptpipe.registry.store import Registry
+from promptpipe.waiting import wait_until
+from promptpipe_operator import rbac
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.kube import kubectl
 from tests.support.moto import make_model, registry_env
-from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig, wait_for
+from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig
 
 pytestmark = pytest.mark.controlplane
 
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s.value for s in STAGE_ORDER]
 # ConfigMap, and per stage a Deployment, a Service and a ScaledObject.
 QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
+# Where kopf records the spec it last handled (handlers.py configures the prefix).
+LAST_HANDLED = f"{GROUP}/last-handled-configuration"
 
 
 def pipeline_doc(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
@@ -57,31 +60,30 @@ def settled(cluster: Cluster, name: str = "quickstart") -> bool:
     return (p.get("status") or {}).get("observedGeneration") == p["metadata"]["generation"]
 
 
-def quiet(read: Callable[[], str], for_seconds: float = 1.5) -> str:
-    """The value once it has stayed the same for `for_seconds`."""
-    value, since = read(), time.monotonic()
-
-    def unchanged() -> bool:
-        nonlocal value, since
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-        return time.monotonic() - since >= for_seconds
-    wait_for(unchanged, "the object to stop changing")
-    return value
+def handled_by_kopf(cluster: Cluster, name: str = "quickstart") -> str:
+    """The pipeline's resourceVersion once kopf has finished with its spec: the status is observed, kopf
+    recorded the spec it handled (its last write, after the status) and holds no handler progress."""
+    def done() -> str | None:
+        p = cluster.pipeline(name)
+        notes = p["metadata"].get("annotations") or {}
+        handled = json.loads(notes.get(LAST_HANDLED, "{}")).get("spec")
+        progress = [k for k in notes if k.startswith(f"{GROUP}/") and k not in (LAST_HANDLED, ROLLBACK)]
+        fresh = (p.get("status") or {}).get("observedGeneration") == p["metadata"]["generation"]
+        return str(p["metadata"]["resourceVersion"]) if fresh and handled == p["spec"] and not progress else None
+    return wait_until(done, "kopf to record the spec it handled")
 
 
 def deploy(plane: ControlPlane, tools: Tools, cluster: Cluster, doc: dict[str, Any]) -> None:
     """Apply a quickstart-shaped pipeline and wait until the operator made all of it and saw this generation."""
     apply(plane, tools, cluster.ns, doc)
-    wait_for(lambda: all_created(cluster, name=doc["metadata"]["name"]) and settled(cluster, doc["metadata"]["name"]),
+    wait_until(lambda: all_created(cluster, name=doc["metadata"]["name"]) and settled(cluster, doc["metadata"]["name"]),
              "all children")
 
 
 def test_apply_creates_every_child_owned_by_the_pipeline(
         operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
-    wait_for(lambda: all_created(cluster), "all children")
+    wait_until(lambda: all_created(cluster), "all children")
     uid = cluster.pipeline()["metadata"]["uid"]
     children = cluster.children()
     expected = {("ConfigMap", "quickstart-config")} | {(k, f"quickstart-{s}") for s in STAGES
@@ -94,12 +96,12 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
     # Every ScaledObject was admitted by KEDA's real CRD schema (its CEL rules included).
     so = children[("ScaledObject", "quickstart-inference")]["spec"]
     assert so["scaleTargetRef"]["name"] == "quickstart-inference" and so["triggers"][0]["type"] == "prometheus"
-    status = wait_for(lambda: settled(cluster) and cluster.status(), "a first status")
+    status = wait_until(lambda: settled(cluster) and cluster.status(), "a first status")
     assert status["phase"] == "Progressing" and status["readyStages"] == "0/5"
     assert status["endpoints"]["gateway"] == f"quickstart-stream.{cluster.ns}.svc:50051"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "False", "Progressing": "True", "Degraded": "False"}
-    created = wait_for(lambda: cluster.events("Created"), "a Created event")
+    created = wait_until(lambda: cluster.events("Created"), "a Created event")
     assert "Deployment quickstart-stream" in created[0]
     # The operator stored nothing of kopf's in the status, and put no finalizer on the pipeline.
     assert "kopf" not in status and not cluster.pipeline()["metadata"].get("finalizers")
@@ -119,24 +121,24 @@ def test_cluster_wide_as_the_chart_runs_it_by_default(
 def test_ready_when_every_stage_is_available_then_degraded_when_one_is_not(
         operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
-    wait_for(lambda: all_created(cluster), "all children")
+    wait_until(lambda: all_created(cluster), "all children")
     for stage in STAGES:
         cluster.set_ready(f"quickstart-{stage}")
-    status = wait_for(lambda: cluster.status().get("phase") == "Ready" and cluster.status(), "phase Ready")
+    status = wait_until(lambda: cluster.status().get("phase") == "Ready" and cluster.status(), "phase Ready")
     assert status["readyStages"] == "5/5"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "AllStagesReady")
     listed = kubectl(control_plane, kube_tools, "get", "pp", "-n", cluster.ns).stdout.splitlines()
     assert listed[1].split()[:4] == ["quickstart", "Ready", "smollm2-135m-instruct", "5/5"]
-    wait_for(lambda: cluster.events("Ready"), "a Ready event")
+    wait_until(lambda: cluster.events("Ready"), "a Ready event")
 
     cluster.set_ready("quickstart-post", available=0)
-    status = wait_for(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
+    status = wait_until(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "StagesUnavailable"
     assert "post: 0 of 1 replicas available" in degraded["message"]
     assert status["stages"]["post"]["health"] == "Unavailable"
-    wait_for(lambda: cluster.events("StagesUnavailable"), "a Warning event naming the reason")
+    wait_until(lambda: cluster.events("StagesUnavailable"), "a Warning event naming the reason")
     described = kubectl(control_plane, kube_tools, "describe", "pp", "-n", cluster.ns, "quickstart").stdout
     assert "StagesUnavailable" in described and "Observed Generation" in described
 
@@ -150,7 +152,7 @@ def test_a_spec_edit_changes_exactly_the_children_it_must(
     # Scaling is the operator's business only: one ScaledObject changes, no pod rolls.
     doc["spec"]["stages"]["rag"]["scaling"] = {"maxReplicas": 9}
     apply(control_plane, kube_tools, cluster.ns, doc)
-    wait_for(lambda: settled(cluster), "the edit observed")
+    wait_until(lambda: settled(cluster), "the edit observed")
     after = cluster.versions()
     assert {k for k in before if before[k] != after[k]} == {("ScaledObject", "quickstart-rag")}
     assert cluster.children()[("ScaledObject", "quickstart-rag")]["spec"]["maxReplicaCount"] == 9
@@ -158,11 +160,11 @@ def test_a_spec_edit_changes_exactly_the_children_it_must(
     # A runtime setting: the ConfigMap changes and every stage Deployment rolls (new config hash).
     doc["spec"]["stages"]["post"]["timeoutSeconds"] = 30
     apply(control_plane, kube_tools, cluster.ns, doc)
-    wait_for(lambda: settled(cluster), "the second edit observed")
+    wait_until(lambda: settled(cluster), "the second edit observed")
     final = cluster.versions()
     assert {k for k in after if after[k] != final[k]} == {("ConfigMap", "quickstart-config")} | {
         ("Deployment", f"quickstart-{s}") for s in STAGES}
-    wait_for(lambda: cluster.events("Updated"), "an Updated event")
+    wait_until(lambda: cluster.events("Updated"), "an Updated event")
 
 
 def test_a_deleted_or_hand_edited_child_is_repaired(
@@ -184,9 +186,9 @@ def test_a_deleted_or_hand_edited_child_is_repaired(
         image = c[("Deployment", "quickstart-post")]["spec"]["template"]["spec"]["containers"][0]["image"]
         return (svc is not None and svc["metadata"]["uid"] != old_uid and image != "evil/image:latest"
                 and c[("ScaledObject", "quickstart-stream")]["spec"]["maxReplicaCount"] == 4)
-    wait_for(repaired, "the Service back and both edits reverted")
+    wait_until(repaired, "the Service back and both edits reverted")
     assert cluster.apps.read_namespaced_deployment("quickstart-rag", cluster.ns).spec.replicas == 3
-    wait_for(lambda: any("Service quickstart-rag" in m for m in cluster.events("DriftRepaired")),
+    wait_until(lambda: any("Service quickstart-rag" in m for m in cluster.events("DriftRepaired")),
              "a DriftRepaired event naming the Service")
 
 
@@ -195,16 +197,15 @@ def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_don
     doc = pipeline_doc()
     deploy(control_plane, kube_tools, cluster, doc)
     # kopf still records the handled spec on the object after the status is written: let it finish.
-    pipeline_rv = quiet(lambda: cluster.pipeline()["metadata"]["resourceVersion"])
+    pipeline_rv = handled_by_kopf(cluster)
     before = cluster.versions()
 
     operator.stop()
     operator.start()
-    wait_for(lambda: operator.metric("promptpipe_operator_reconciles_total", 'outcome="ok"') >= 1,
+    wait_until(lambda: operator.metric("promptpipe_operator_reconciles_total", 'outcome="ok"') >= 1,
              "a reconcile after the restart")
     assert cluster.versions() == before, "a restart rewrote children that were right"
     assert cluster.pipeline()["metadata"]["resourceVersion"] == pipeline_rv, "nor the pipeline or its status"
-    assert operator.metric("promptpipe_operator_reconcile_duration_seconds_count") >= 1
 
     # Half done: while the operator is down, a child goes and the spec changes.
     operator.stop()
@@ -212,17 +213,17 @@ def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_don
     doc["spec"]["stages"]["inference"]["scaling"] = {"minReplicas": 0, "maxReplicas": 2}
     apply(control_plane, kube_tools, cluster.ns, doc)
     operator.start()
-    wait_for(lambda: all_created(cluster) and settled(cluster), "the missing child and the edit")
+    wait_until(lambda: all_created(cluster) and settled(cluster), "the missing child and the edit")
     assert cluster.children()[("ScaledObject", "quickstart-inference")]["spec"]["minReplicaCount"] == 0
 
 
 def test_deleting_the_pipeline_removes_all_children(
         operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
-    wait_for(lambda: all_created(cluster), "all children")
+    wait_until(lambda: all_created(cluster), "all children")
     kubectl(control_plane, kube_tools, "delete", "pp", "quickstart", "-n", cluster.ns, "--wait=true", "--timeout=20s")
     # The garbage collector follows the owner references (it may need a while to sync after start).
-    wait_for(lambda: not cluster.children(), "the garbage collector to remove every child", timeout=90, every=0.5)
+    wait_until(lambda: not cluster.children(), "the garbage collector to remove every child", timeout=90, every=0.5)
 
 
 def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_changes(
@@ -232,19 +233,19 @@ def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_c
                             "tgi": {"gpus": 1, "maxConcurrentRequests": 32}}
     apply(control_plane, kube_tools, cluster.ns, doc)
     # The inference Service, and the first (blue) color's Deployment and Service.
-    wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN + 3, "gpu"), "the pipeline and TGI children")
+    wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN + 3, "gpu"), "the pipeline and TGI children")
     tgi = cluster.children("gpu")[("Deployment", "gpu-backend-blue")]["spec"]["template"]["spec"]["containers"][0]
     assert tgi["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--max-concurrent-requests" in tgi["args"]
-    status = wait_for(lambda: settled(cluster, "gpu") and cluster.status("gpu"), "a status")
+    status = wait_until(lambda: settled(cluster, "gpu") and cluster.status("gpu"), "a status")
     assert status["endpoints"]["backend"] == f"http://gpu-backend.{cluster.ns}.svc:8080"
     assert status["readyStages"] == "0/6", "the TGI Deployment counts towards readiness"
     assert (status["activeVersion"], status["activeColor"]) == ("Qwen/Qwen2.5-0.5B-Instruct", "blue")
 
     doc["spec"]["model"] = {"name": "smollm2-135m-instruct", "backend": "llamacpp"}
     apply(control_plane, kube_tools, cluster.ns, doc)
-    wait_for(lambda: all_created(cluster, QUICKSTART_CHILDREN, "gpu"), "the TGI children pruned")
-    assert wait_for(lambda: cluster.events("Pruned"), "a Pruned event")
+    wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN, "gpu"), "the TGI children pruned")
+    assert wait_until(lambda: cluster.events("Pruned"), "a Pruned event")
 
 
 def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted_without_any_event(
@@ -257,15 +258,15 @@ def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted
     op.start()
     try:
         apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
-        status = wait_for(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
+        status = wait_until(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
         degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
         assert degraded["reason"] == "ApplyFailed" and "403" in degraded["message"]
-        wait_for(lambda: cluster.events("ApplyFailed"), "a Warning event")
+        wait_until(lambda: cluster.events("ApplyFailed"), "a Warning event")
         assert op.metric("promptpipe_operator_reconciles_total", 'outcome="error"') >= 1
 
         # Granting the permission changes nothing the operator watches: the resync converges it.
         client.RbacAuthorizationV1Api(kube).patch_cluster_role(account, {"rules": rbac.RULES})
-        wait_for(lambda: all_created(cluster) and cluster.status().get("phase") == "Progressing",
+        wait_until(lambda: all_created(cluster) and cluster.status().get("phase") == "Progressing",
                  "every child, and the Degraded condition cleared")
     finally:
         op.stop()
@@ -278,12 +279,12 @@ def test_a_spec_the_api_server_took_but_the_pipeline_refuses_fails_visibly_and_c
         operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
     # Kubernetes allows dots in object names; Service names (and so pipeline names) cannot have them.
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc("my.pipeline"))
-    status = wait_for(lambda: cluster.status("my.pipeline").get("phase") == "Failed" and cluster.status("my.pipeline"),
+    status = wait_until(lambda: cluster.status("my.pipeline").get("phase") == "Failed" and cluster.status("my.pipeline"),
                       "phase Failed")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "metadata.name" in ready["message"]
     assert not cluster.children("my.pipeline")
-    wait_for(lambda: cluster.events("InvalidSpec"), "a Warning event")
+    wait_until(lambda: cluster.events("InvalidSpec"), "a Warning event")
 
 
 def test_the_operators_service_account_is_refused_what_it_does_not_need(
@@ -320,7 +321,7 @@ def test_every_example_is_reconciled(
             tgi_run_here = model.get("backend") == "tgi" and not (model.get("tgi") or {}).get("endpoints")
             apply(control_plane, kube_tools, cluster.ns, doc)
             name = doc["metadata"]["name"]
-            wait_for(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 3 * t, n)
+            wait_until(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 3 * t, n)
                      and settled(cluster, n), f"{path.name} reconciled")
         assert cluster.status("assistant-bg")["activeVersion"] == "v1"
     finally:
@@ -340,7 +341,7 @@ def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(
         def leaders() -> list[OperatorProcess]:
             return [op for op in replicas if op.proc and op.proc.poll() is None
                     and op.metric("promptpipe_operator_leader") == 1]
-        (leader,) = wait_for(lambda: len(leaders()) == 1 and leaders(), "one leader")
+        (leader,) = wait_until(lambda: len(leaders()) == 1 and leaders(), "one leader")
         (follower,) = [op for op in replicas if op is not leader]
         doc = pipeline_doc()
         deploy(control_plane, kube_tools, cluster, doc)
@@ -348,10 +349,10 @@ def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(
         assert follower.metric("promptpipe_operator_leader") == 0
 
         leader.kill()  # a crash: the Lease is not released and must expire (4 s here)
-        wait_for(lambda: follower.metric("promptpipe_operator_leader") == 1, "the follower to lead", timeout=30)
+        wait_until(lambda: follower.metric("promptpipe_operator_leader") == 1, "the follower to lead", timeout=30)
         doc["spec"]["stages"]["rag"]["scaling"] = {"maxReplicas": 7}
         apply(control_plane, kube_tools, cluster.ns, doc)
-        wait_for(lambda: settled(cluster) and cluster.children()[("ScaledObject", "quickstart-rag")][
+        wait_until(lambda: settled(cluster) and cluster.children()[("ScaledObject", "quickstart-rag")][
             "spec"]["maxReplicaCount"] == 7, "the new leader to reconcile the edit")
 
         follower.stop()  # a normal stop hands the Lease over at once
@@ -368,7 +369,7 @@ def test_a_leader_that_loses_its_lease_stops_and_exits_non_zero(
     op = OperatorProcess(operator_identity, cluster.ns, tmp_path / "operator.log", lease=lease)
     op.start()
     try:
-        wait_for(lambda: op.metric("promptpipe_operator_leader") == 1, "it to lead")
+        wait_until(lambda: op.metric("promptpipe_operator_leader") == 1, "it to lead")
         coordination = client.CoordinationV1Api(cluster.core.api_client)
         held = coordination.read_namespaced_lease(lease, SYSTEM_NAMESPACE)
         # Another holder, renewing: as after a network partition in which another replica took over.
@@ -376,7 +377,7 @@ def test_a_leader_that_loses_its_lease_stops_and_exits_non_zero(
         held.spec.renew_time = datetime.now(UTC)
         coordination.replace_namespaced_lease(lease, SYSTEM_NAMESPACE, held)
         assert op.proc is not None
-        wait_for(lambda: op.proc is not None and op.proc.poll() is not None, "the operator to stop", timeout=30)
+        wait_until(lambda: op.proc is not None and op.proc.poll() is not None, "the operator to stop", timeout=30)
         assert op.proc.returncode == 1
         assert coordination.read_namespaced_lease(lease, SYSTEM_NAMESPACE).spec.holder_identity == "someone-else", \
             "a leader that lost the Lease does not release someone else's"

@@ -22,13 +22,14 @@ import prometheus_client
 import pytest
 from kubernetes import client
 
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe.localproc import free_port
 from promptpipe.registry.store import Registry
-from tests.support.moto import make_model, registry_env
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
-from tests.support.operator import OperatorProcess, wait_for
+from tests.support.moto import make_model, registry_env
+from tests.support.operator import OperatorProcess
 from tests.support.pipelines import tgi_server
 from tests.support.prometheus import SCRAPE_SECONDS, gateway_exposition, prometheus, scraped
 
@@ -69,21 +70,21 @@ class Rollouts:
     def start_on(self, version: str, **rollout: Any) -> None:
         """Serving `version` on blue, every stage Ready."""
         self.apply(bg_doc({"version": version}, **rollout))
-        wait_for(lambda: self.backends() == {"blue": version}, "blue")
+        wait_until(lambda: self.backends() == {"blue": version}, "blue")
         self.all_ready()
-        wait_for(lambda: self.cluster.status(NAME).get("phase") == "Ready", "Ready")
+        wait_until(lambda: self.cluster.status(NAME).get("phase") == "Ready", "Ready")
 
     def all_ready(self) -> None:
         """Every stage and blue Ready (children are applied concurrently: wait until all exist)."""
         deployments = {f"{NAME}-{stage}" for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue")}
-        wait_for(lambda: deployments <= {n for (k, n) in self.cluster.children(NAME) if k == "Deployment"},
+        wait_until(lambda: deployments <= {n for (k, n) in self.cluster.children(NAME) if k == "Deployment"},
                  "every Deployment")
         for deployment in sorted(deployments):
             self.cluster.set_ready(deployment)
 
     def fail_smoke(self, color: str) -> None:
         body = json.dumps({"prefix": f"{self.cluster.ns}/{NAME}-backend-{color}"}).encode()
-        urllib.request.urlopen(urllib.request.Request(f"{self.tgi}/control/fail", data=body, method="POST",  # noqa: S310
+        urllib.request.urlopen(urllib.request.Request(f"{self.tgi}/control/fail", data=body, method="POST",
                                                       headers={"Content-Type": "application/json"})).close()
 
 
@@ -108,25 +109,25 @@ def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_reti
     r, cluster = rollouts, rollouts.cluster
     r.registry.promote("smollm2", "v1", "prod")
     r.apply(bg_doc({"alias": "prod"}))
-    wait_for(lambda: r.backends() == {"blue": "v1"}, "v1 on blue")
+    wait_until(lambda: r.backends() == {"blue": "v1"}, "v1 on blue")
     r.all_ready()
     r.registry.promote("smollm2", "v2", "prod")
-    wait_for(lambda: r.backends() == {"blue": "v1", "green": "v2"}, "green brought up next to blue")
+    wait_until(lambda: r.backends() == {"blue": "v1", "green": "v2"}, "green brought up next to blue")
     green = cluster.apps.read_namespaced_deployment(f"{NAME}-backend-green", cluster.ns)
     assert green.spec.template.spec.init_containers[0].command[3] == "smollm2:v2"
-    wait_for(lambda: r.rollout()["phase"] == "Progressing", "status Progressing")
+    wait_until(lambda: r.rollout()["phase"] == "Progressing", "status Progressing")
     assert r.traffic() == "blue"
     cluster.set_ready(f"{NAME}-backend-green")
-    wait_for(lambda: r.traffic() == "green", "the switch to green")
-    status = wait_for(lambda: cluster.status(NAME).get("activeColor") == "green" and cluster.status(NAME), "status")
+    wait_until(lambda: r.traffic() == "green", "the switch to green")
+    status = wait_until(lambda: cluster.status(NAME).get("activeColor") == "green" and cluster.status(NAME), "status")
     assert (status["activeVersion"], status["activeColor"]) == ("v2", "green")
     assert (status["previousVersion"], status["previousColor"]) == ("v1", "blue")
     # The analysis window passes without enough calls to judge, then blue is kept for keepPrevious and removed.
-    wait_for(lambda: r.rollout()["phase"] == "Stable", "the analysis to end", timeout=15)
-    wait_for(lambda: r.backends() == {"green": "v2"}, "blue retired after keepPrevious", timeout=15)
+    wait_until(lambda: r.rollout()["phase"] == "Stable", "the analysis to end", timeout=15)
+    wait_until(lambda: r.backends() == {"green": "v2"}, "blue retired after keepPrevious", timeout=15)
     assert [h["result"] for h in r.rollout()["history"]] == ["Deployed", "Succeeded"]
     for reason in ("RolloutStarted", "Switched", "RolloutSucceeded"):
-        assert wait_for(lambda rs=reason: cluster.events(rs), f"a {reason} event")
+        assert wait_until(lambda rs=reason: cluster.events(rs), f"a {reason} event")
 
 
 def test_green_never_ready_is_rolled_back_at_the_progress_deadline_and_not_retried(rollouts: Rollouts) -> None:
@@ -134,20 +135,20 @@ def test_green_never_ready_is_rolled_back_at_the_progress_deadline_and_not_retri
     r.start_on("v1")
     r.apply(bg_doc({"version": "v2"}))
     versions = cluster.versions(NAME)
-    wait_for(lambda: "green" in r.backends(), "green")
+    wait_until(lambda: "green" in r.backends(), "green")
     stages = {k: v for k, v in versions.items() if k[0] == "Deployment" and "backend" not in k[1]}
     assert {k: v for k, v in cluster.versions(NAME).items() if k in stages} == stages, "a rollout rolls no stage"
-    wait_for(lambda: r.rollout().get("phase") == "RolledBack", "the rollback", timeout=25)
+    wait_until(lambda: r.rollout().get("phase") == "RolledBack", "the rollback", timeout=25)
     rollout = r.rollout()
     assert rollout["reason"] == "ProgressDeadlineExceeded" and rollout["failedVersion"] == "v2"
     assert r.backends() == {"blue": "v1"} and r.traffic() == "blue"
     status = cluster.status(NAME)
     assert status["phase"] == "RolledBack" and status["activeVersion"] == "v1"
     assert {c["type"]: c["reason"] for c in status["conditions"]}["RolledBack"] == "ProgressDeadlineExceeded"
-    assert "rolled back v2 (green) to v1 (blue)" in wait_for(lambda: cluster.events("RolledBack"), "an Event")[0]
+    assert "rolled back v2 (green) to v1 (blue)" in wait_until(lambda: cluster.events("RolledBack"), "an Event")[0]
     r.operator.stop()  # a restart re-reads everything: still not retried for the same spec
     r.operator.start()
-    wait_for(lambda: r.operator.metric("promptpipe_operator_reconciles_total") >= 1, "a reconcile")
+    wait_until(lambda: r.operator.metric("promptpipe_operator_reconciles_total") >= 1, "a reconcile")
     assert r.backends() == {"blue": "v1"}
 
 
@@ -156,9 +157,9 @@ def test_a_failed_smoke_generation_rolls_back_before_any_traffic_moves(rollouts:
     r.start_on("v1")
     r.fail_smoke("green")
     r.apply(bg_doc({"version": "v2"}))
-    wait_for(lambda: "green" in r.backends(), "green")
+    wait_until(lambda: "green" in r.backends(), "green")
     cluster.set_ready(f"{NAME}-backend-green")
-    wait_for(lambda: r.rollout().get("phase") == "RolledBack", "the rollback")
+    wait_until(lambda: r.rollout().get("phase") == "RolledBack", "the rollback")
     assert r.rollout()["reason"] == "SmokeTestFailed" and "HTTP 500" in r.rollout()["message"]
     assert r.traffic() == "blue" and r.backends() == {"blue": "v1"}
 
@@ -177,13 +178,13 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
             calls.labels(NAME, "stream", "OK").observe(0.2)  # before the switch: not counted
         r.apply(bg_doc({"version": "v2"}, analysis={"window": 60, "interval": 1, "minRequests": 10,
                                                     "maxErrorRate": 0.1}))
-        wait_for(lambda: "green" in r.backends(), "green")
+        wait_until(lambda: "green" in r.backends(), "green")
         cluster.set_ready(f"{NAME}-backend-green")
-        wait_for(lambda: r.traffic() == "green" and r.rollout().get("baseline"), "the switch and a baseline")
+        wait_until(lambda: r.traffic() == "green" and r.rollout().get("baseline"), "the switch and a baseline")
         for code in ["OK"] * 14 + ["UNAVAILABLE"] * 6:
             calls.labels(NAME, "stream", code).observe(0.3)
-        wait_for(lambda: r.traffic() == "blue", "traffic back on blue")
-        rollout = wait_for(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
+        wait_until(lambda: r.traffic() == "blue", "traffic back on blue")
+        rollout = wait_until(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
         assert rollout["reason"] == "AnalysisFailed" and "error rate 30.0% over 20 calls" in rollout["message"]
         assert r.backends() == {"blue": "v1"}
     finally:
@@ -191,6 +192,7 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
         thread.join()
 
 
+@pytest.mark.prometheus
 def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
         rollouts: Rollouts, kube_tools: Tools, tmp_path: Path) -> None:
     r, cluster = rollouts, rollouts.cluster
@@ -202,12 +204,12 @@ def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
         gateway.calls({"OK": 50}, ttft_seconds=0.2)  # blue's calls, long before the switch
         scraped(url, gateway.target)  # Prometheus knows the counters before the switch, as a running one would
         r.apply(bg_doc({"version": "v2"}, analysis=analysis))
-        wait_for(lambda: "green" in r.backends(), "green")
+        wait_until(lambda: "green" in r.backends(), "green")
         cluster.set_ready(f"{NAME}-backend-green")
-        wait_for(lambda: r.traffic() == "green", "the switch")
+        wait_until(lambda: r.traffic() == "green", "the switch")
         gateway.calls({"OK": 14, "UNAVAILABLE": 6}, ttft_seconds=0.3)
-        wait_for(lambda: r.traffic() == "blue", "traffic back on blue")
-        rollout = wait_for(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
+        wait_until(lambda: r.traffic() == "blue", "traffic back on blue")
+        rollout = wait_until(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
         assert rollout["reason"] == "AnalysisFailed" and "above maxErrorRate 10.0%" in rollout["message"]
         assert r.backends() == {"blue": "v1"}
 
@@ -217,28 +219,28 @@ def test_manual_rollback_with_the_command_while_green_is_analysed(
     r, cluster = rollouts, rollouts.cluster
     r.start_on("v1", analysis={"window": 120})
     r.apply(bg_doc({"version": "v2"}, analysis={"window": 120}))
-    wait_for(lambda: "green" in r.backends(), "green")
+    wait_until(lambda: "green" in r.backends(), "green")
     cluster.set_ready(f"{NAME}-backend-green")
-    wait_for(lambda: r.traffic() == "green", "the switch")
+    wait_until(lambda: r.traffic() == "green", "the switch")
     done = subprocess.run([sys.executable, "-m", "promptpipe.cli.main", "rollback", NAME, "-n", cluster.ns],
                           env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "traffic on v1 (blue)" in done.stdout
     assert r.traffic() == "blue" and r.rollout()["reason"] == "ManualRollback"
-    wait_for(lambda: r.backends() == {"blue": "v1"}, "green removed")
+    wait_until(lambda: r.backends() == {"blue": "v1"}, "green removed")
 
 
 def test_an_operator_restarted_mid_rollout_finishes_it_and_leaves_no_orphans(rollouts: Rollouts) -> None:
     r, cluster = rollouts, rollouts.cluster
     r.start_on("v1")
     r.apply(bg_doc({"version": "v2"}))
-    wait_for(lambda: "green" in r.backends(), "green")
+    wait_until(lambda: "green" in r.backends(), "green")
     r.operator.stop()
     cluster.set_ready(f"{NAME}-backend-green")  # green became Ready while no operator ran
     r.operator.start()
-    wait_for(lambda: r.traffic() == "green", "the switch after the restart")
-    wait_for(lambda: r.backends() == {"green": "v2"}, "blue retired", timeout=15)
+    wait_until(lambda: r.traffic() == "green", "the switch after the restart")
+    wait_until(lambda: r.backends() == {"green": "v2"}, "blue retired", timeout=15)
     deployments = {n for (k, n) in cluster.children(NAME) if k == "Deployment"}
     assert deployments == {f"{NAME}-{s}" for s in ("stream", "rag", "assemble", "inference", "post", "backend-green")}
     services = {n for (k, n) in cluster.children(NAME) if k == "Service" and "backend" in n}

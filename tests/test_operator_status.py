@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from promptpipe.config.loader import parse_pipeline
+from promptpipe.contract.pipeline_file import parse_pipeline
 from promptpipe_operator.reconcile import Result, events_for
 from promptpipe_operator.status import Health, components, condition, deployment_health, pipeline_status
 from promptpipe_operator.workqueue import KeyedRunner

@@ -10,9 +10,11 @@ import time
 import grpc
 import pytest
 
+from promptpipe.cli.localrun import health_status
+from promptpipe.contract.spec import StageName
 from promptpipe.localproc import alive
-from promptpipe.config.spec import StageName
-from tests.support.calls import Outcome, collect, wait_until
+from promptpipe.waiting import wait_until_async
+from tests.support.calls import Outcome, collect
 from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 
 pytestmark = pytest.mark.processes
@@ -27,7 +29,7 @@ async def test_deadline_ends_the_call_and_stops_the_backend(start_pipeline) -> N
     assert out.error is not None and out.error.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert out.chunks > 0, "tokens streamed before the deadline reach the client"
     assert time.monotonic() - started < 0.8 + 2.0, "the call ends at its deadline, not after the generation"
-    await wait_until(lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
+    await wait_until_async(lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
                      what="the generation to stop")
     assert p.metric(StageName.INFERENCE, "promptpipe_backend_generations_cancelled_total") == 1
     generated = p.metric(StageName.INFERENCE, "promptpipe_backend_generated_tokens_total")
@@ -41,11 +43,11 @@ async def test_client_cancel_stops_generation_at_the_backend(start_pipeline) -> 
                                               generation={"maxNewTokens": 500}))
         out = Outcome()
         call = asyncio.create_task(collect(p.gateway, "slow:20 please", out))
-        await wait_until(lambda: out.chunks >= 3, what="three chunks")
+        await wait_until_async(lambda: out.chunks >= 3, what="three chunks")
         call.cancel()
 
         # The TGI-protocol server itself sees its stream cut off, long before 500 tokens.
-        await wait_until(lambda: tgi_stats(url)["aborted"] == 1, what="the backend to see the disconnect")
+        await wait_until_async(lambda: tgi_stats(url)["aborted"] == 1, what="the backend to see the disconnect")
         stats = tgi_stats(url)
         assert stats["finished"] == 0 and stats["active"] == 0
         assert 3 <= stats["aborted_after_tokens"][0] < 100
@@ -62,11 +64,12 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(start_pipelin
 
     gateway_pid = p.pid(StageName.STREAM)
     os.kill(gateway_pid, signal.SIGTERM)
-    await asyncio.sleep(0.2)
+    # Draining: health says NOT_SERVING, then the server takes no new calls at all.
+    await wait_until_async(lambda: health_status(p.gateway, 1.0) != "SERVING", "the gateway to stop serving")
     late = await collect(p.gateway, "late", timeout=5.0)
 
     assert late.error is not None and late.error.code is grpc.StatusCode.UNAVAILABLE
     for done in await asyncio.gather(*calls):
         assert done.error is None, done.error
         assert done.summary is not None and done.summary.usage.completion_tokens == 30
-    await wait_until(lambda: not alive(gateway_pid), timeout=10, what="the gateway to exit")
+    await wait_until_async(lambda: not alive(gateway_pid), timeout=10, what="the gateway to exit")

@@ -7,8 +7,9 @@ import asyncio
 import grpc
 import pytest
 
-from promptpipe.config.spec import StageName
-from tests.support.calls import Outcome, collect, queue_depth, stats, wait_until
+from promptpipe.contract.spec import StageName
+from promptpipe.waiting import wait_until_async
+from tests.support.calls import Outcome, collect, queue_depth, stats
 from tests.support.pipelines import synthetic_pipeline
 
 pytestmark = pytest.mark.processes
@@ -32,7 +33,7 @@ async def test_full_queue_rejects_new_call_at_once_with_retry_hint(start_pipelin
     a = asyncio.create_task(collect(p.gateway, "a", running))
     await asyncio.wait_for(running.first_chunk.wait(), 10)
     b = asyncio.create_task(collect(p.gateway, "b"))
-    await wait_until(lambda: queue_depth(inference), what="b to be queued")
+    await wait_until_async(lambda: queue_depth(inference), what="b to be queued")
 
     rejected = await collect(p.gateway, "c")
 
@@ -57,7 +58,7 @@ async def test_drop_oldest_ends_the_dropped_call_explicitly(start_pipeline) -> N
     a = asyncio.create_task(collect(p.gateway, "a", running))
     await asyncio.wait_for(running.first_chunk.wait(), 10)
     oldest = asyncio.create_task(collect(p.gateway, "b"))
-    await wait_until(lambda: queue_depth(inference), what="b to be queued")
+    await wait_until_async(lambda: queue_depth(inference), what="b to be queued")
 
     newest = asyncio.create_task(collect(p.gateway, "c"))
     dropped = await asyncio.wait_for(oldest, 5)

@@ -88,6 +88,7 @@ def test_missing_models_versions_and_aliases_are_named(registry: Registry, tmp_p
     assert registry.aliases("m") == {}
 
 
+@pytest.mark.moto
 def test_refused_credentials_are_an_auth_error(aws_env: dict[str, str], tmp_path: Path) -> None:
     with moto_server(require_auth=True) as url:
         reg = Registry(RegistrySettings(bucket="b", table="t", endpoint_url=url, region="us-east-1"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from promptpipe.config.spec import GenerationDefaults, TemplateSpec
+from promptpipe.contract.spec import GenerationDefaults, TemplateSpec
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.stages.prompting import CHATML, ChatTemplate, assemble
 from promptpipe.stages.requests import own_timings, work_item

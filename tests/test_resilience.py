@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from promptpipe.backends.affinity import HashRing
-from promptpipe.config.spec import CircuitBreakerSpec, RetrySpec
+from promptpipe.contract.spec import CircuitBreakerSpec, RetrySpec
 from promptpipe.runtime.resilience import CircuitBreaker, backoff_delay
 
 

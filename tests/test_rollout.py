@@ -6,11 +6,22 @@ import datetime as dt
 
 import pytest
 
-from promptpipe.config.spec import AnalysisSpec, RolloutSpec
+from promptpipe.contract.spec import AnalysisSpec, RolloutSpec
 from promptpipe_operator.analysis import Counts, parse_gateway, quantile, since, verdict
 from promptpipe_operator.pods import metrics_urls, pod_problem
 from promptpipe_operator.rollout import (
-    ANALYZING, BLUE, GREEN, PROGRESSING, ROLLED_BACK, STABLE, Observed, Slot, State, decide, ts, wake_in,
+    ANALYZING,
+    BLUE,
+    GREEN,
+    PROGRESSING,
+    ROLLED_BACK,
+    STABLE,
+    Observed,
+    Slot,
+    State,
+    decide,
+    ts,
+    wake_in,
 )
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
@@ -114,7 +125,7 @@ def test_bad_analysis_puts_traffic_back_on_blue() -> None:
     assert decide(s, obs("v2", 20, verdict=(None, "too few calls")), CFG).state.phase == ANALYZING
     d = decide(s, obs("v2", 30, verdict=(False, "error rate 40%")), CFG)
     assert d.switched and d.state.active == Slot("v1", BLUE) and d.state.reason == "AnalysisFailed"
-    assert d.notes[-1].reason == "RolledBack" and "error rate 40%" in d.notes[-1].message
+    assert d.events[-1].reason == "RolledBack" and "error rate 40%" in d.events[-1].message
 
 
 def test_manual_rollback_while_analysing_after_and_when_nothing_is_left() -> None:
@@ -123,7 +134,7 @@ def test_manual_rollback_while_analysing_after_and_when_nothing_is_left() -> Non
     assert d.switched and d.state.active == Slot("v1", BLUE) and d.state.reason == "ManualRollback"
     assert decide(d.state, obs("v2", 11, rollback_request="r1"), CFG).state == d.state, "handled once"
     d2 = decide(d.state, obs("v2", 12, rollback_request="r2"), CFG)
-    assert d2.notes[0].reason == "RollbackUnavailable" and d2.state.active == Slot("v1", BLUE)
+    assert d2.events[0].reason == "RollbackUnavailable" and d2.state.active == Slot("v1", BLUE)
 
 
 def test_undoing_the_change_cancels_green_and_a_new_one_retargets_it() -> None:

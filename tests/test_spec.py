@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from promptpipe.cli.main import app
-from promptpipe.config.loader import PipelineFileError, load_pipeline, parse_pipeline
+from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline, parse_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "deploy" / "examples" / "quickstart.yaml"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from promptpipe.config.spec import PostSpec
+from promptpipe.contract.spec import PostSpec
 from promptpipe.textfilters.rules import Action, build_rules, iban_valid, luhn_valid, stop_rules
 from promptpipe.textfilters.stream import StreamingFilter
 

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.calls import collect, wait_until
+from promptpipe.waiting import wait_until_async
+from tests.support.calls import collect
 from tests.support.pipelines import running_pipeline, synthetic_pipeline
 
 pytestmark = pytest.mark.processes
 
-STAGE_SPANS = {"stream", "rag", "assemble", "post", "infer"}
+STAGE_SPANS = {"stream", "rag", "assemble", "post", "inference"}
 
 
 def spans_in(log: str) -> list[dict[str, Any]]:
@@ -33,11 +34,11 @@ async def test_one_trace_holds_a_span_for_every_stage(tmp_path: Path) -> None:
         def stage_spans() -> dict[str, dict[str, Any]]:
             return {s["name"]: s for log in logs for s in spans_in(log) if s["name"] in STAGE_SPANS}
 
-        await wait_until(lambda: set(stage_spans()) == STAGE_SPANS, what="a span from every stage")
+        await wait_until_async(lambda: set(stage_spans()) == STAGE_SPANS, what="a span from every stage")
         spans = stage_spans()
         all_spans = {s["context"]["span_id"]: s for log in logs for s in spans_in(log)}
     assert len({s["context"]["trace_id"] for s in spans.values()}) == 1, "one trace across all processes"
     # Each stage span hangs below the gRPC server span of the call that reached it.
-    for name in ("rag", "assemble", "post", "infer"):
+    for name in ("rag", "assemble", "post", "inference"):
         parent = all_spans[spans[name]["parent_id"]]
         assert parent["kind"] == "SpanKind.SERVER" and parent["name"].startswith("/promptpipe.v1.Stage/")

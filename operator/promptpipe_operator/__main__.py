@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import sys
 
 import kopf
 from kubernetes import config
 from prometheus_client import start_http_server
 
+from promptpipe.registry.settings import RegistrySettings
 from promptpipe_operator.metrics import LEADER
 from promptpipe_operator.settings import OperatorSettings
 
 
 def run_kopf(settings: OperatorSettings) -> None:
-    import promptpipe_operator.handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
+    importlib.import_module("promptpipe_operator.handlers")  # registers the handlers with kopf
 
     # Standalone: kopf's peering is not used; with several replicas, leader election decides.
     kopf.run(clusterwide=not settings.namespaces, namespaces=settings.namespaces, standalone=True,
              liveness_endpoint=settings.liveness_endpoint or None)
 
 
+def _arguments() -> argparse.Namespace:
+    fields = "\n".join(f"  PROMPTPIPE_OPERATOR_{name.upper()}: {info.description or ''}".rstrip()
+                       for name, info in OperatorSettings.model_fields.items())
+    parser = argparse.ArgumentParser(
+        prog="promptpipe-operator", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reconciles PromptPipelines into stage Deployments, Services, ScaledObjects and TGI backends.",
+        epilog=f"Settings come from the environment:\n{fields}\n  PROMPTPIPE_REGISTRY_*: the model registry")
+    parser.add_argument("--check", action="store_true",
+                        help="import the handlers, read the settings, print them as JSON and exit")
+    return parser.parse_args()
+
+
 def main() -> None:
+    args = _arguments()
     settings = OperatorSettings()
+    if args.check:
+        importlib.import_module("promptpipe_operator.handlers")
+        print(json.dumps({"operator": settings.model_dump(mode="json"),
+                          "registry": RegistrySettings().model_dump(mode="json")}))
+        return
     kopf.configure(log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL)
     # Served by followers too: they are alive, and say they do not lead.
     if settings.metrics_port:
@@ -30,7 +52,7 @@ def main() -> None:
         LEADER.set(1)
         run_kopf(settings)
         return
-    from promptpipe_operator.leader import lead  # noqa: PLC0415
+    from promptpipe_operator.leader import lead  # noqa: PLC0415 - kubernetes' leader election only when used
 
     config.load_config()
     sys.exit(lead(settings, lambda: run_kopf(settings)))

@@ -13,11 +13,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from promptpipe.config.spec import AnalysisSpec
-from promptpipe.runtime.metrics import SERVER_ERROR_CODES
+from promptpipe.contract import metrics
+from promptpipe.contract.codes import SERVER_ERROR_CODES
+from promptpipe.contract.spec import AnalysisSpec, StageName
 
-CALLS = "promptpipe_stage_duration_seconds"
-TTFT = "promptpipe_gateway_time_to_first_token_seconds"
+CALLS = metrics.series(metrics.STAGE_DURATION, "_count")
+TTFT_BUCKETS = metrics.series(metrics.GATEWAY_TTFT, "_bucket")
+GATEWAY_STAGE = StageName.STREAM.value  # the stage that serves the public API
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,11 @@ def parse_gateway(text: str, pipeline: str) -> Counts:
             labels = sample.labels
             if labels.get("pipeline") != pipeline:
                 continue
-            if sample.name == f"{CALLS}_count" and labels.get("stage") == "stream":
+            if sample.name == CALLS and labels.get("stage") == GATEWAY_STAGE:
                 requests += sample.value
                 if labels.get("code") in SERVER_ERROR_CODES:
                     errors += sample.value
-            elif sample.name == f"{TTFT}_bucket":
+            elif sample.name == TTFT_BUCKETS:
                 le = labels["le"]
                 buckets[le] = buckets.get(le, 0.0) + sample.value
     return Counts(requests, errors, buckets)
@@ -109,7 +111,7 @@ def prometheus_queries(namespace: str, pipeline: str, seconds: float) -> dict[st
     codes = "|".join(SERVER_ERROR_CODES)
     window = f"[{max(round(seconds * 1000), 1000)}ms]"  # to the millisecond: a second more reaches an older scrape
     return {
-        "requests": f'sum(increase({CALLS}_count{{{sel},stage="stream"}}{window}))',
-        "errors": f'sum(increase({CALLS}_count{{{sel},stage="stream",code=~"{codes}"}}{window}))',
-        "ttft_p95": f"histogram_quantile(0.95, sum by (le) (increase({TTFT}_bucket{{{sel}}}{window})))",
+        "requests": f'sum(increase({CALLS}{{{sel},stage="{GATEWAY_STAGE}"}}{window}))',
+        "errors": f'sum(increase({CALLS}{{{sel},stage="{GATEWAY_STAGE}",code=~"{codes}"}}{window}))',
+        "ttft_p95": f"histogram_quantile(0.95, sum by (le) (increase({TTFT_BUCKETS}{{{sel}}}{window})))",
     }

@@ -13,6 +13,7 @@ and children need none (owner references let the garbage collector remove them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -21,19 +22,20 @@ from typing import Any, cast
 import kopf
 from kubernetes import client, config
 
-from promptpipe.config.crd import GROUP, PLURAL, ROLLBACK_ANNOTATION, VERSION
-from promptpipe_operator.kube import Kube
-from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
+from promptpipe.contract.labels import MANAGED_BY, MANAGER
+from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
+from promptpipe.contract.spec import GROUP, PLURAL, VERSION
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
+from promptpipe_operator.kube import Kube
+from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
 from promptpipe_operator.reconcile import InvalidSpec, Result, Transient, reconcile_once
-from promptpipe_operator.render import MANAGER
 from promptpipe_operator.settings import OperatorSettings
 from promptpipe_operator.workqueue import KeyedRunner
 
 log = logging.getLogger("promptpipe.operator")
 Key = tuple[str, str]  # (namespace, name)
-MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
+MANAGED = {MANAGED_BY: MANAGER}
 
 
 def _registry() -> Registry | None:
@@ -55,6 +57,7 @@ class Operator:
         self.known: set[Key] = set()
         self._resync: asyncio.Task[None] | None = None
         self._wakeups: dict[Key, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.registry = _registry()
 
     async def start(self) -> None:
@@ -109,15 +112,15 @@ class Operator:
 
         def fire() -> None:
             self._wakeups.pop(key, None)
-            loop.create_task(self.request_quietly(key))
+            task = loop.create_task(self.request_quietly(key))
+            self._tasks.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
 
         self._wakeups[key] = loop.call_later(delay, fire)
 
     async def request_quietly(self, key: Key) -> None:
-        try:
+        with contextlib.suppress(Exception):  # logged by _reconcile; the resync tries again
             await self.request(key)
-        except Exception:  # noqa: BLE001 - logged by _reconcile; the resync tries again
-            pass
 
     async def request(self, key: Key) -> Result | None:
         self.known.add(key)
@@ -128,10 +131,7 @@ class Operator:
 
         async def one(key: Key) -> None:
             async with limit:
-                try:
-                    await self.request(key)
-                except Exception:  # noqa: BLE001 - logged by _reconcile; the next resync tries again
-                    pass
+                await self.request_quietly(key)
 
         while True:
             await asyncio.sleep(self.settings.resync_seconds)
@@ -154,6 +154,12 @@ class _QuietWatchers(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.endswith("succeeded.") and ("'child_changed'" in message or "'track'" in message))
+
+
+def _namespaced(namespace: str | None) -> str:
+    if namespace is None:  # PromptPipelines are namespaced: the API server never sends one without
+        raise kopf.PermanentError("a PromptPipeline without a namespace")
+    return namespace
 
 
 @kopf.on.startup()
@@ -180,15 +186,14 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def converge(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    assert namespace is not None  # a namespaced resource
-    _raise_for(await memo["operator"].request((namespace, name)))
+    _raise_for(await memo["operator"].request((_namespaced(namespace), name)))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def track(type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any,  # noqa: A002 - kopf's
                 **_: Any) -> None:
     operator: Operator = memo["operator"]
-    assert namespace is not None
+    namespace = _namespaced(namespace)
     if type == "DELETED":
         operator.known.discard((namespace, name))
         return
@@ -210,7 +215,4 @@ async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: 
                   if r.get("kind") == "PromptPipeline" and r.get("controller")), None)
     if owner is None or namespace is None:
         return
-    try:
-        await memo["operator"].request((namespace, owner))
-    except Exception:  # noqa: BLE001 - logged by the reconcile; the resync tries again
-        pass
+    await memo["operator"].request_quietly((namespace, owner))

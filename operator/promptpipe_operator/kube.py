@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -12,8 +13,9 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 from kubernetes.dynamic.resource import Resource
 
-from promptpipe.config.spec import API_VERSION, KIND
-from promptpipe_operator.render import MANAGER, Manifest
+from promptpipe.contract.labels import MANAGER
+from promptpipe.contract.spec import API_VERSION, KIND
+from promptpipe_operator.render import KubeObject
 
 # What a pipeline owns, as (apiVersion, kind): listed to find children and strays.
 CHILD_KINDS: tuple[tuple[str, str], ...] = (
@@ -69,20 +71,20 @@ class Kube:
         self._resource(API_VERSION, KIND).status.patch(
             body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json")
 
-    def apply(self, manifest: Manifest) -> dict[str, Any]:
+    def apply(self, obj: KubeObject) -> dict[str, Any]:
         """Server-side apply, taking back fields someone else changed (drift is repaired, not merged)."""
-        meta = manifest["metadata"]
-        res = self._resource(manifest["apiVersion"], manifest["kind"])
+        meta = obj["metadata"]
+        res = self._resource(obj["apiVersion"], obj["kind"])
         out: dict[str, Any] = self._dyn.server_side_apply(
-            res, body=manifest, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER,
+            res, body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER,
             force_conflicts=True).to_dict()
         return out
 
-    def apply_all(self, manifests: list[Manifest]) -> list[dict[str, Any]]:
+    def apply_all(self, objects: list[KubeObject]) -> list[dict[str, Any]]:
         """`apply` each, concurrently, results in order; the first failure is raised."""
-        for manifest in manifests:  # discovery once, before the threads share its cache
-            self._resource(manifest["apiVersion"], manifest["kind"])
-        return list(self._pool.map(self.apply, manifests))
+        for obj in objects:  # discovery once, before the threads share its cache
+            self._resource(obj["apiVersion"], obj["kind"])
+        return list(self._pool.map(self.apply, objects))
 
     def owned(self, namespace: str, owner_uid: str, selector: str) -> dict[ChildKey, dict[str, Any]]:
         """The children, by kind and name, of the owner with this uid (among objects matching `selector`)."""
@@ -106,7 +108,5 @@ class Kube:
                                                                            label_selector=selector).items]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFoundError):  # gone already: what we wanted
             self._resource(api_version, kind).delete(name=name, namespace=namespace)
-        except NotFoundError:
-            pass

@@ -13,10 +13,12 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.leaderelection.leaderelectionrecord import LeaderElectionRecord
 
+from promptpipe.contract.timestamps import parse_time
+
 
 def _time(text: str | None) -> dt.datetime | None:
     # The elector writes str(datetime.fromtimestamp(...)): local, naive.
-    return dt.datetime.fromisoformat(text).astimezone(dt.UTC) if text else None
+    return parse_time(text)
 
 
 def _text(value: dt.datetime | None) -> str | None:

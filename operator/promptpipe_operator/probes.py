@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from promptpipe.config.spec import PipelineSpec
+from promptpipe.contract.spec import PipelineSpec
 from promptpipe.registry import errors as registry_errors
 from promptpipe.registry.refs import ModelRef
 from promptpipe.registry.store import Registry
@@ -24,7 +24,7 @@ def smoke(base_url: str, spec: PipelineSpec) -> tuple[bool, str]:
     """One generation through TGI's /generate; it passes if TGI answers 200 with generated text."""
     cfg = spec.rollout.smoke
     body = json.dumps({"inputs": cfg.prompt, "parameters": {"max_new_tokens": cfg.max_new_tokens}}).encode()
-    request = urllib.request.Request(f"{base_url}/generate", data=body, method="POST",
+    request = urllib.request.Request(f"{base_url}/generate", data=body, method="POST",  # noqa: S310 - http(s): ours
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=cfg.timeout) as response:  # noqa: S310 - the backend's URL

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from promptpipe.config.crd import GROUP, PLURAL
+from promptpipe.contract.spec import GROUP, PLURAL
 
 NAME = "promptpipe-operator"
 # Children are applied server-side (patch; create when absent), listed to find

@@ -8,18 +8,20 @@ the kopf handlers in `handlers.py` decide when it runs and what its failures mea
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.dynamic.exceptions import DynamicApiError
 
-from promptpipe.config.crd import ROLLBACK_ANNOTATION
-from promptpipe.config.loader import PipelineFileError, parse_pipeline
-from promptpipe.config.spec import PromptPipeline, StageName
+from promptpipe.contract import labels as keys
+from promptpipe.contract.pipeline_file import PipelineFileError, parse_pipeline
+from promptpipe.contract.spec import PromptPipeline, StageName
+from promptpipe.contract.timestamps import format_time, parse_time
 from promptpipe.registry.store import Registry
 from promptpipe_operator import pods, probes, render
 from promptpipe_operator.analysis import Counts
+from promptpipe_operator.events import Event
 from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
 from promptpipe_operator.rollout import (
     ANALYZING,
@@ -28,7 +30,6 @@ from promptpipe_operator.rollout import (
     Observed,
     State,
     decide,
-    parse_ts,
     wake_in,
     wants_analysis,
     wants_smoke,
@@ -57,13 +58,6 @@ class Transient(Exception):
         self.delay = delay
 
 
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
-
-
 @dataclass
 class Result:
     body: dict[str, Any]  # the pipeline as read, for posting Events on it
@@ -76,10 +70,6 @@ class Result:
     error: InvalidSpec | Transient | None = None
     # Run again in this many seconds (a rollout's deadline, analysis, expiry, alias poll).
     requeue_after: float | None = None
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _label(manifest: dict[str, Any]) -> str:
@@ -137,7 +127,7 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
     try:
         pp = parse_pipeline(body)
     except PipelineFileError as err:
-        result = Result(body, invalid_spec_status(generation, str(err), before, _now()), error=InvalidSpec(str(err)))
+        result = Result(body, invalid_spec_status(generation, str(err), before, format_time()), error=InvalidSpec(str(err)))
         try:
             _write_status(kube, namespace, name, before, result.status)
         except DynamicApiError as api_err:
@@ -146,7 +136,7 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
         return result
 
     owner = render.owner_reference(name, meta["uid"])
-    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by={render.MANAGER}"
+    selector = f"{keys.INSTANCE}={name},{keys.MANAGED_BY}={keys.MANAGER}"
     result = Result(body, {})
     applied: dict[ChildKey, dict[str, Any]] = {}
     problem: Problem | None = None
@@ -174,12 +164,12 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
                 result.created.append(_label(manifest))
             elif existing[key]["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
                 result.updated.append(_label(manifest))
-        versions = dict((kind, v) for v, kind in CHILD_KINDS)
+        versions = {kind: v for v, kind in CHILD_KINDS}
         for kind, child in sorted(set(existing) - set(applied)):
             kube.delete(versions[kind], kind, namespace, child)
             result.deleted.append(f"{kind} {child}")
         if decision is not None:  # told only once what it decided is applied
-            result.events += [Event(n.type, n.reason, n.message) for n in decision.notes]
+            result.events += decision.events
     except KindNotServed as err:
         problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
         failure = Transient(str(err), 30.0)
@@ -189,16 +179,14 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
 
     deployments = {n: obj for (k, n), obj in applied.items() if k == "Deployment"}
     if failure is not None:  # what was not applied this time may still be there from before
-        try:
+        with contextlib.suppress(DynamicApiError):  # the status then says less of the stages; the condition says why
             deployments = {n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items()
                            if k == "Deployment"} | deployments
-        except DynamicApiError:
-            pass  # the status then says less about the stages; the condition says why
         if rollout_state is not None:  # nothing decided was applied: keep the stored rollout as it was
             rollout_state = State.from_status(before.get("rollout"))
     active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
     health = components(pp, deployments, active_color)
-    result.status = pipeline_status(pp, namespace, generation, health, before, _now(), problem, rollout_state)
+    result.status = pipeline_status(pp, namespace, generation, health, before, format_time(), problem, rollout_state)
     try:
         _write_status(kube, namespace, name, before, result.status)
     except DynamicApiError as err:
@@ -217,19 +205,19 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
     state = State.from_status((body.get("status") or {}).get("rollout"))
     cfg, now = pp.spec.rollout, probes.now()
     desired, unresolved = probes.resolve_version(registry, pp.spec)
-    request = (body["metadata"].get("annotations") or {}).get(ROLLBACK_ANNOTATION, "")
+    request = (body["metadata"].get("annotations") or {}).get(keys.ROLLBACK, "")
     target_ready, target_failed, target_pods = False, "", ""
     target = state.target
     if state.phase == PROGRESSING and target is not None:
         dep = existing.get(("Deployment", render.backend_name(name, target.color)))
         # Only the Deployment already carrying the target version counts (not the color's previous occupant).
         if dep is not None and (dep["metadata"].get("annotations") or {}).get(
-                render.VERSION_ANNOTATION) == target.version:
+                keys.MODEL_VERSION) == target.version:
             health = deployment_health(render.BACKEND, dep)
             target_ready = health.health is Health.READY
             target_failed = health.detail if health.health is Health.FAILED else ""
         if not target_ready:  # the pods' status says why (a model that failed its hashes, an image pull)
-            color = {**render.selector(name, render.BACKEND), render.COLOR_LABEL: target.color}
+            color = {**render.selector(name, render.BACKEND), keys.COLOR: target.color}
             target_pods = pods.first_problem(kube.pods(namespace, color))
     smoke = None
     if target is not None and wants_smoke(state, target_ready) and desired in (None, target.version) \
@@ -244,7 +232,7 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
     if wants_analysis(state, cfg, now):
         analysis = cfg.analysis
         if analysis.prometheus is not None:
-            since_switch = (now - (parse_ts(state.switched_at) or now)).total_seconds()
+            since_switch = (now - (parse_time(state.switched_at) or now)).total_seconds()
             verdict = probes.analyse_prometheus(namespace, name, since_switch, pp.spec)
         else:
             current = gateway_counts()

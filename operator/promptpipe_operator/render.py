@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from promptpipe.config.loader import RuntimeConfig
-from promptpipe.config.spec import API_VERSION, KIND
-from promptpipe.config.spec import (
+from promptpipe.contract import labels as keys
+from promptpipe.contract import metrics
+from promptpipe.contract.runtime_config import RuntimeConfig
+from promptpipe.contract.spec import (
+    API_VERSION,
+    KIND,
     STAGE_ORDER,
     BackendKind,
     CorpusSpec,
@@ -38,14 +41,12 @@ CORPUS_DIR = "/var/lib/promptpipe/corpus"
 BACKEND = "backend"
 TGI_PORT = 8080
 MODELS_DIR = "/models"
-COLOR_LABEL = "promptpipe.io/color"
-VERSION_ANNOTATION = "promptpipe.io/model-version"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
-MANAGER = "promptpipe-operator"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
 
-Manifest = dict[str, Any]
+# A Kubernetes object as the API takes it (apiVersion, kind, metadata, ...). `Manifest` is the registry's file list.
+KubeObject = dict[str, Any]
 
 
 def child_name(pipeline: str, suffix: str) -> str:
@@ -56,15 +57,15 @@ def child_name(pipeline: str, suffix: str) -> str:
 
 def labels(pipeline: str, component: str) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "promptpipe",
-        "app.kubernetes.io/instance": pipeline,
-        "app.kubernetes.io/component": component,
-        "app.kubernetes.io/managed-by": MANAGER,
+        keys.NAME: "promptpipe",
+        keys.INSTANCE: pipeline,
+        keys.COMPONENT: component,
+        keys.MANAGED_BY: keys.MANAGER,
     }
 
 
 def selector(pipeline: str, component: str) -> dict[str, str]:
-    return {k: v for k, v in labels(pipeline, component).items() if k != "app.kubernetes.io/managed-by"}
+    return {k: v for k, v in labels(pipeline, component).items() if k != keys.MANAGED_BY}
 
 
 def owner_reference(pipeline: str, uid: str) -> dict[str, Any]:
@@ -113,7 +114,7 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR)
 
 
-def config_map(pp: PromptPipeline, namespace: str) -> tuple[Manifest, str]:
+def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
     """The runtime-config ConfigMap, and a hash of it that rolls the pods when it changes."""
     text = runtime_config(pp, namespace).dump_yaml()
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -156,7 +157,7 @@ def _resources(spec: ResourcesSpec) -> dict[str, Any]:
 
 
 def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings,
-               config_hash: str) -> Manifest:
+               config_hash: str) -> KubeObject:
     name = pp.metadata.name
     spec = pp.spec.stages.get(stage)
     env: list[dict[str, Any]] = [
@@ -205,7 +206,7 @@ def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: O
             "template": {
                 "metadata": {
                     "labels": labels(name, stage.value),
-                    "annotations": {"promptpipe.io/config-hash": config_hash,
+                    "annotations": {keys.CONFIG_HASH: config_hash,
                                     "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)},
                 },
                 "spec": {
@@ -220,7 +221,7 @@ def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: O
     }
 
 
-def service(pp: PromptPipeline, namespace: str, stage: StageName) -> Manifest:
+def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
     name = pp.metadata.name
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -235,11 +236,10 @@ def service(pp: PromptPipeline, namespace: str, stage: StageName) -> Manifest:
 
 
 def queue_depth_query(pipeline: str, namespace: str, stage: StageName) -> str:
-    return (f'sum(promptpipe_stage_queue_depth{{namespace="{namespace}",pipeline="{pipeline}",'
-            f'stage="{stage.value}"}})')
+    return f"sum({metrics.STAGE_QUEUE_DEPTH.name}{metrics.selector(namespace=namespace, pipeline=pipeline, stage=stage.value)})"
 
 
-def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings) -> Manifest:
+def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings) -> KubeObject:
     name = pp.metadata.name
     scaling = pp.spec.stages.get(stage).scaling
     trigger_metadata = {
@@ -310,7 +310,7 @@ def _fetch_model(pp: PromptPipeline, version: str, settings: OperatorSettings,
 
 
 def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str, version: str,
-                   settings: OperatorSettings, registry: RegistrySettings | None) -> Manifest:
+                   settings: OperatorSettings, registry: RegistrySettings | None) -> KubeObject:
     """TGI serving one model version on GPUs (the image runs as root; it is not ours to change)."""
     name = pp.metadata.name
     resources = _resources(tgi.resources or ResourcesSpec(requests={"cpu": "2", "memory": "16Gi"}))
@@ -318,7 +318,7 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str,
         resources.setdefault("limits", {})["nvidia.com/gpu"] = str(tgi.gpus)
     health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
     from_registry = pp.spec.model.from_registry and registry is not None
-    mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}]
+    mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}]  # noqa: S108 - a mount in the pod
     volumes: list[dict[str, Any]] = [
         {"name": "data", "emptyDir": {}},
         # NCCL and the model shards share memory through /dev/shm.
@@ -355,37 +355,37 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str,
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if tgi.node_selector:
         pod["nodeSelector"] = dict(tgi.node_selector)
-    pod_labels = {**labels(name, BACKEND), COLOR_LABEL: color}
+    pod_labels = {**labels(name, BACKEND), keys.COLOR: color}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": backend_name(name, color), "namespace": namespace, "labels": pod_labels,
-                     "annotations": {VERSION_ANNOTATION: version}},
+                     "annotations": {keys.MODEL_VERSION: version}},
         "spec": {
             "replicas": tgi.replicas,
-            "selector": {"matchLabels": {**selector(name, BACKEND), COLOR_LABEL: color}},
+            "selector": {"matchLabels": {**selector(name, BACKEND), keys.COLOR: color}},
             # GPUs are scarce: replace a pod at a time rather than needing a spare GPU.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
-            "template": {"metadata": {"labels": pod_labels, "annotations": {VERSION_ANNOTATION: version}},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {keys.MODEL_VERSION: version}},
                          "spec": pod},
         },
     }
 
 
-def tgi_service(pp: PromptPipeline, namespace: str, color: str, main: bool) -> Manifest:
+def tgi_service(pp: PromptPipeline, namespace: str, color: str, main: bool) -> KubeObject:
     """`main`: the inference Service, selecting the active color (the switch); else one color's own."""
     name = pp.metadata.name
-    svc_labels = labels(name, BACKEND) if main else {**labels(name, BACKEND), COLOR_LABEL: color}
+    svc_labels = labels(name, BACKEND) if main else {**labels(name, BACKEND), keys.COLOR: color}
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": backend_name(name, None if main else color), "namespace": namespace,
                      "labels": svc_labels},
-        "spec": {"selector": {**selector(name, BACKEND), COLOR_LABEL: color},
+        "spec": {"selector": {**selector(name, BACKEND), keys.COLOR: color},
                  "ports": [{"name": "http", "port": TGI_PORT, "targetPort": "http"}]},
     }
 
 
 def backend_children(pp: PromptPipeline, namespace: str, state: State, settings: OperatorSettings,
-                     registry: RegistrySettings | None) -> list[Manifest]:
+                     registry: RegistrySettings | None) -> list[KubeObject]:
     """The inference Service first (the switch is one apply), then each running color."""
     tgi = managed_tgi(pp)
     if tgi is None:
@@ -399,10 +399,10 @@ def backend_children(pp: PromptPipeline, namespace: str, state: State, settings:
 
 
 def children(pp: PromptPipeline, namespace: str, settings: OperatorSettings, state: State | None = None,
-             registry: RegistrySettings | None = None) -> list[Manifest]:
+             registry: RegistrySettings | None = None) -> list[KubeObject]:
     """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's."""
     cm, config_hash = config_map(pp, namespace)
-    out = backend_children(pp, namespace, state or State(), settings, registry) + [cm]
+    out = [*backend_children(pp, namespace, state or State(), settings, registry), cm]
     for stage in STAGE_ORDER:
         out += [deployment(pp, namespace, stage, settings, config_hash), service(pp, namespace, stage),
                 scaled_object(pp, namespace, stage, settings)]

@@ -18,7 +18,9 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from promptpipe.config.spec import RolloutSpec
+from promptpipe.contract.spec import RolloutSpec
+from promptpipe.contract.timestamps import format_time, parse_time
+from promptpipe_operator.events import Event
 
 BLUE, GREEN = "blue", "green"
 STABLE, PROGRESSING, ANALYZING, ROLLED_BACK = "Stable", "Progressing", "Analyzing", "RolledBack"
@@ -30,11 +32,8 @@ def other(color: str) -> str:
 
 
 def ts(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_ts(text: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    """Rollout times to the millisecond: an analysis interval can be a second."""
+    return format_time(when, "milliseconds")
 
 
 @dataclass(frozen=True)
@@ -115,18 +114,9 @@ class Observed:
 
 
 @dataclass(frozen=True)
-class Note:
-    """An Event to post."""
-
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
 class Decision:
     state: State
-    notes: list[Note] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     switched: bool = False  # the inference Service now selects another color
 
 
@@ -137,7 +127,7 @@ def wants_smoke(state: State, target_ready: bool) -> bool:
 def wants_analysis(state: State, cfg: RolloutSpec, now: dt.datetime) -> bool:
     if state.phase != ANALYZING:
         return False
-    last = parse_ts(state.last_analysis_at) or parse_ts(state.switched_at)
+    last = parse_time(state.last_analysis_at) or parse_time(state.switched_at)
     return last is None or (now - last).total_seconds() >= cfg.analysis.interval - 0.05
 
 
@@ -153,14 +143,14 @@ def _roll_back(state: State, obs: Observed, bad: Slot, restore: Slot, reason: st
                   started_at="", switched_at="", last_analysis_at="", baseline=None, failed_version=bad.version,
                   failed_generation=obs.generation, reason=reason, message=message,
                   history=_history(state, bad.version, ROLLED_BACK, reason, obs.now))
-    return Decision(new, [Note("Warning", "RolledBack",
+    return Decision(new, [Event("Warning", "RolledBack",
                                f"rolled back {bad.version} ({bad.color}) to {restore.version} ({restore.color}): "
                                f"{reason}: {message}")], switched)
 
 
 def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
     now = obs.now
-    notes: list[Note] = []
+    events: list[Event] = []
     # A manual rollback request is handled once.
     if obs.rollback_request and obs.rollback_request != state.rollback_handled:
         state = replace(state, rollback_handled=obs.rollback_request)
@@ -168,16 +158,16 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             return _roll_back(state, obs, state.target, state.active, "ManualRollback", "rollback requested")
         if state.previous is not None and state.active is not None:
             return _roll_back(state, obs, state.active, state.previous, "ManualRollback", "rollback requested")
-        notes.append(Note("Warning", "RollbackUnavailable",
+        events.append(Event("Warning", "RollbackUnavailable",
                           "rollback requested, but no previous version is running to go back to"))
 
     desired = obs.desired
     if state.active is None:
         if desired is None:
-            return Decision(state, notes)
+            return Decision(state, events)
         first = replace(state, active=Slot(desired, BLUE), phase=STABLE,
                         history=_history(state, desired, "Deployed", "Initial", now))
-        return Decision(first, [*notes, Note("Normal", "Deployed", f"serving {desired} (blue)")], switched=True)
+        return Decision(first, [*events, Event("Normal", "Deployed", f"serving {desired} (blue)")], switched=True)
     active = state.active
 
     if state.phase == PROGRESSING and state.target is not None:
@@ -186,13 +176,13 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             if desired == active.version:  # the change was undone: stop bringing up green
                 cancelled = replace(state, target=None, phase=STABLE, started_at="", reason="", message="",
                                     history=_history(state, target.version, "Cancelled", "SpecChanged", now))
-                return Decision(cancelled, [*notes, Note("Normal", "RolloutCancelled",
+                return Decision(cancelled, [*events, Event("Normal", "RolloutCancelled",
                                                          f"{target.version} is no longer wanted")])
             state = replace(state, target=Slot(desired, target.color), started_at=ts(now),
                             reason="", message="")  # retarget the same color
-            return Decision(state, [*notes, Note("Normal", "RolloutStarted",
+            return Decision(state, [*events, Event("Normal", "RolloutStarted",
                                                  f"rolling out {desired} ({target.color}), replacing {target.version}")])
-        started = parse_ts(state.started_at) or now
+        started = parse_time(state.started_at) or now
         if obs.target_failed:
             return _roll_back(state, obs, target, active, "ProgressDeadlineExceeded", obs.target_failed)
         if obs.smoke is not None:
@@ -205,14 +195,14 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             if cfg.analysis.window <= 0:
                 switched = replace(switched, previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
                                    history=_history(state, target.version, "Succeeded", "NoAnalysis", now))
-            return Decision(switched, [*notes, Note("Normal", "Switched", (
+            return Decision(switched, [*events, Event("Normal", "Switched", (
                 f"traffic on {target.version} ({target.color}); {active.version} ({active.color}) "
                 f"kept for rollback"))], switched=True)
         if (now - started).total_seconds() > cfg.progress_deadline:
             why = f": {obs.target_pods}" if obs.target_pods else ""
             return _roll_back(state, obs, target, active, "ProgressDeadlineExceeded",
                               f"{target.version} not Ready and smoke-tested within {cfg.progress_deadline:g}s{why}")
-        return Decision(replace(state, message=obs.target_pods), notes)
+        return Decision(replace(state, message=obs.target_pods), events)
 
     if state.phase == ANALYZING and state.previous is not None:
         if obs.verdict is not None:
@@ -220,29 +210,29 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             if healthy is False:
                 return _roll_back(state, obs, active, state.previous, "AnalysisFailed", why)
             state = replace(state, last_analysis_at=ts(now), message=why)
-        switched_at = parse_ts(state.switched_at) or now
+        switched_at = parse_time(state.switched_at) or now
         window_over = (now - switched_at).total_seconds() >= cfg.analysis.window
         if window_over or (desired is not None and desired != active.version):
             state = replace(state, phase=STABLE, previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
                             last_analysis_at="", baseline=None, reason="",
                             history=_history(state, active.version, "Succeeded", "AnalysisPassed", now))
             kept = f"{state.previous.version} kept until {state.previous_until}" if state.previous else ""
-            notes.append(Note("Normal", "RolloutSucceeded", f"{active.version} passed analysis; {kept}"))
+            events.append(Event("Normal", "RolloutSucceeded", f"{active.version} passed analysis; {kept}"))
         else:
-            return Decision(state, notes)
+            return Decision(state, events)
 
     # Stable or RolledBack: expire the previous version, start a rollout if the spec asks for another.
-    until = parse_ts(state.previous_until)
+    until = parse_time(state.previous_until)
     if state.previous is not None and until is not None and now >= until:
         state = replace(state, previous=None, previous_until="")
     if desired is None or desired == active.version:
-        return Decision(state, notes)
+        return Decision(state, events)
     if desired == state.failed_version and obs.generation == state.failed_generation:
-        return Decision(state, notes)  # rolled back; waits for the spec to change
+        return Decision(state, events)  # rolled back; waits for the spec to change
     color = other(active.color)
     starting = replace(state, target=Slot(desired, color), previous=None, previous_until="", phase=PROGRESSING,
                        started_at=ts(now), reason="", message="")
-    return Decision(starting, [*notes, Note("Normal", "RolloutStarted",
+    return Decision(starting, [*events, Event("Normal", "RolloutStarted",
                                            f"rolling out {desired} ({color}) next to {active.version} "
                                            f"({active.color})")])
 
@@ -250,12 +240,12 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
 def wake_in(state: State, cfg: RolloutSpec, now: dt.datetime) -> float | None:
     """Seconds until a time-driven step is due (deadline, analysis, expiry); None if nothing is."""
     due: list[dt.datetime] = []
-    if state.phase == PROGRESSING and (started := parse_ts(state.started_at)):
+    if state.phase == PROGRESSING and (started := parse_time(state.started_at)):
         due.append(started + dt.timedelta(seconds=cfg.progress_deadline))
-    if state.phase == ANALYZING and (switched := parse_ts(state.switched_at)):
-        last = parse_ts(state.last_analysis_at) or switched
+    if state.phase == ANALYZING and (switched := parse_time(state.switched_at)):
+        last = parse_time(state.last_analysis_at) or switched
         due += [last + dt.timedelta(seconds=cfg.analysis.interval), switched + dt.timedelta(seconds=cfg.analysis.window)]
-    if state.previous is not None and (until := parse_ts(state.previous_until)):
+    if state.previous is not None and (until := parse_time(state.previous_until)):
         due.append(until)
     if not due:
         return None

@@ -11,11 +11,17 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from promptpipe.config.spec import STAGE_ORDER, PromptPipeline
-from promptpipe_operator.render import BACKEND, GRPC_PORT, backend_name, child_name, managed_tgi, runtime_config
+from promptpipe.contract.spec import STAGE_ORDER, PromptPipeline
+from promptpipe_operator.render import (
+    BACKEND,
+    GRPC_PORT,
+    KubeObject,
+    backend_name,
+    child_name,
+    managed_tgi,
+    runtime_config,
+)
 from promptpipe_operator.rollout import ANALYZING, BLUE, PROGRESSING, ROLLED_BACK, State
-
-Manifest = dict[str, Any]
 
 
 class Health(str, enum.Enum):
@@ -43,7 +49,7 @@ class Problem:
     message: str
 
 
-def deployment_health(name: str, deployment: Manifest | None) -> ComponentHealth:
+def deployment_health(name: str, deployment: KubeObject | None) -> ComponentHealth:
     if deployment is None:
         return ComponentHealth(name, Health.MISSING, 0, 0, "Deployment not found")
     spec, status = deployment.get("spec", {}), deployment.get("status") or {}
@@ -62,7 +68,7 @@ def deployment_health(name: str, deployment: Manifest | None) -> ComponentHealth
     return ComponentHealth(name, Health.READY, want, available)
 
 
-def components(pp: PromptPipeline, deployments: dict[str, Manifest],
+def components(pp: PromptPipeline, deployments: dict[str, KubeObject],
                active_color: str | None = None) -> list[ComponentHealth]:
     """Health of every Deployment serving the pipeline (the backend: its active color), keyed by
     Deployment name in `deployments`."""

@@ -49,6 +49,3 @@ class KeyedRunner(Generic[K, T]):
             slot.running = False
             if self._slots.get(key) is slot and slot.next is None:
                 del self._slots[key]
-
-    def busy(self) -> int:
-        return sum(1 for s in self._slots.values() if s.running)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from promptpipe.runtime.calls import CHANNEL_OPTIONS
-from promptpipe.runtime.errors import retry_after_of
+from promptpipe.rpc import CHANNEL_OPTIONS, retry_after_of
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 

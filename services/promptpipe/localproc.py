@@ -1,6 +1,6 @@
 """Helpers for the processes promptpipe starts on this machine (local runs, the test
-control plane): free loopback ports, whether a process is still alive, and tying a
-child's life to its parent's."""
+cluster): where their state lives, free loopback ports, whether a process is still
+alive, and tying a child's life to its parent's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ import random
 import signal
 import socket
 from pathlib import Path
+
+from promptpipe.waiting import wait_until
+
+
+def state_home() -> Path:
+    """Where local runs (and the test cluster) keep their state: $PROMPTPIPE_HOME, else ~/.promptpipe."""
+    return Path(os.environ.get("PROMPTPIPE_HOME", Path.home() / ".promptpipe"))
+
 
 # Ports handed out by this process, so two callers never get the same one.
 _handed_out: set[int] = set()
@@ -59,6 +67,15 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def exits(pid: int, timeout: float) -> bool:
+    """Whether the process is gone within `timeout` seconds."""
+    try:
+        wait_until(lambda: not alive(pid), f"pid {pid} to exit", timeout)
+    except TimeoutError:
+        return False
     return True
 
 

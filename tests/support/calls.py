@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -45,19 +44,6 @@ async def stats(target: str) -> stage_pb2.StageStats:
         result: stage_pb2.StageStats = await stage_pb2_grpc.StageStub(channel).Stats(stage_pb2.StatsRequest(),
                                                                                     timeout=5)
         return result
-
-
-async def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def queue_depth(target: str) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 from tests.support.kube import kubectl
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,11 +5,9 @@ containers run as local processes with their status written back."""
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -19,7 +17,9 @@ from typing import Any
 
 from kubernetes import client
 
+from promptpipe.contract.timestamps import format_time
 from promptpipe.localproc import die_with_parent, free_port
+from promptpipe.waiting import wait_until
 
 Container = dict[str, Any]  # as in a Pod spec, camelCase keys
 
@@ -123,17 +123,20 @@ class Kubelet:
         port = free_port()
         mapped = self._mapper(pod, main)
         runtime = self.runtimes[main["image"].rsplit(":", 1)[0]]
-        pod.process = subprocess.Popen(runtime(main, mapped, port), cwd=Path(__file__).resolve().parents[2],  # noqa: S603
+        pod.process = subprocess.Popen(runtime(main, mapped, port), cwd=Path(__file__).resolve().parents[2],
                                        stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)  # noqa: PLW1509
+                                       stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         pod.url = f"http://127.0.0.1:{port}"
         probe = main.get("readinessProbe", {}).get("httpGet", {}).get("path", "/")
-        deadline = time.monotonic() + timeout
-        while not self._answers(pod.url + probe):
-            if pod.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{main['name']} of {name} never became ready")
-            time.sleep(0.05)
-        running = [self._status(main, {"running": {"startedAt": _now()}}, ready=True)]
+        process = pod.process
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{main['name']} of {name} exited ({process.returncode}) before it was ready")
+            return self._answers(f"{pod.url}{probe}")
+
+        wait_until(ready, f"{main['name']} of {name} to be ready", timeout)
+        running = [self._status(main, {"running": {"startedAt": format_time()}}, ready=True)]
         self._write(name, "Running", statuses, running, initialized=True, ready=True)
         return pod
 
@@ -160,13 +163,13 @@ class Kubelet:
         # Only what the pod would have: its env from the API server, no AWS keys of this test process.
         env = {"PATH": os.environ["PATH"], "HOME": str(self.root),
                **container_env(self.core, self.namespace, container, pod.name)}
-        started = _now()
-        done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, check=False)  # noqa: S603
+        started = format_time()
+        done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, check=False)
         log = (done.stdout + done.stderr).decode(errors="replace")
         message = log.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace") \
             if done.returncode and container.get("terminationMessagePolicy") == "FallbackToLogsOnError" else ""
         return {"exitCode": done.returncode, "reason": "Completed" if done.returncode == 0 else "Error",
-                "message": message, "startedAt": started, "finishedAt": _now()}
+                "message": message, "startedAt": started, "finishedAt": format_time()}
 
     @staticmethod
     def _status(container: Container, state: dict[str, Any], ready: bool = False) -> dict[str, Any]:
@@ -176,10 +179,10 @@ class Kubelet:
     def _write(self, name: str, phase: str, init: list[dict[str, Any]], containers: list[dict[str, Any]],
                initialized: bool, ready: bool) -> None:
         def condition(kind: str, ok: bool, reason: str) -> dict[str, Any]:
-            return {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": _now(),
+            return {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": format_time(),
                     **({} if ok else {"reason": reason})}
         self.core.patch_namespaced_pod_status(name, self.namespace, {"status": {
-            "phase": phase, "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": _now(),
+            "phase": phase, "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": format_time(),
             "conditions": [condition("Initialized", initialized, "ContainersNotInitialized"),
                            condition("ContainersReady", ready, "ContainersNotReady"),
                            condition("Ready", ready, "ContainersNotReady")],
@@ -188,11 +191,9 @@ class Kubelet:
     @staticmethod
     def _answers(url: str) -> bool:
         try:
-            urllib.request.urlopen(url, timeout=1).close()  # noqa: S310 - loopback
+            urllib.request.urlopen(url, timeout=1).close()
             return True
         except OSError:
             return False
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

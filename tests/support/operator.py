@@ -8,9 +8,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,27 +18,16 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.cluster import ControlPlane
 from promptpipe.localproc import die_with_parent, free_port
+from promptpipe.waiting import wait_until
 from promptpipe_operator import rbac
+from tests.devcluster.build import Tools
+from tests.devcluster.cluster import ControlPlane
 from tests.support.kube import kubectl, service_account_token
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "deploy" / "crds" / "promptpipelines.promptpipe.io.yaml"
 SYSTEM_NAMESPACE = "promptpipe-system"
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0, every: float = 0.05) -> Any:
-    """Poll until `check()` is truthy and return it; fail naming `what` (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})", pytrace=False)
 
 
 def apply_crd(plane: ControlPlane, tools: Tools) -> None:
@@ -132,8 +120,8 @@ class OperatorProcess:
                     "PROMPTPIPE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "3",
                     "PROMPTPIPE_OPERATOR_LEASE_RETRY_SECONDS": "1"}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "promptpipe_operator"], env=env,  # noqa: S603
-                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)  # noqa: PLW1509
+            self.proc = subprocess.Popen([sys.executable, "-m", "promptpipe_operator"], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
 
         def alive() -> bool:
             assert self.proc is not None
@@ -143,11 +131,11 @@ class OperatorProcess:
             url = (f"http://127.0.0.1:{self.metrics_port}/metrics" if self.lease
                    else f"http://127.0.0.1:{health}/healthz")
             try:
-                urllib.request.urlopen(url, timeout=1).close()  # noqa: S310
+                urllib.request.urlopen(url, timeout=1).close()
                 return True
             except OSError:
                 return False
-        wait_for(alive, "the operator to serve", timeout=30)
+        wait_until(alive, "the operator to serve", timeout=30)
 
     def kill(self) -> None:
         """A crash: no chance to release anything."""
@@ -167,7 +155,7 @@ class OperatorProcess:
 
     def metric(self, name: str, labels: str = "") -> float:
         """A sample from the operator's /metrics (0 when absent)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
         pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
         return sum(float(m.group(2)) for m in pattern.finditer(text) if labels in (m.group(1) or ""))
 

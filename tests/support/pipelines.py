@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +16,9 @@ from typing import Any
 import yaml
 
 from promptpipe.cli import localrun
-from promptpipe.config.spec import StageName
+from promptpipe.contract.spec import StageName
 from promptpipe.localproc import alive, free_port
+from promptpipe.waiting import wait_until
 
 
 def synthetic_pipeline(name: str = "t", **spec: Any) -> dict[str, Any]:
@@ -62,7 +62,7 @@ class RunningPipeline:
 
     def metrics(self, stage: StageName) -> str:
         url = f"http://127.0.0.1:{self.run.stages[stage.value].metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 
     def metric(self, stage: StageName, name: str, **labels: str) -> float:
@@ -94,19 +94,17 @@ def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "no
 def serving_process(args: list[str], probe_url: str, what: str, timeout: float = 60.0,
                     env: dict[str, str] | None = None) -> Iterator[None]:
     """Run a server process until the block ends; wait until `probe_url` answers."""
-    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2],  # noqa: S603
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **env} if env else None)
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}) before it answered")
+        urllib.request.urlopen(probe_url, timeout=1).close()
+        return True
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(probe_url, timeout=1).close()  # noqa: S310 - loopback
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"{what} did not start") from None
-                time.sleep(0.05)
+        wait_until(answers, f"{what} to answer", timeout, retry_on=(OSError,))
         yield
     finally:
         proc.terminate()
@@ -131,7 +129,7 @@ def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
 def tgi_stats(url: str) -> dict[str, Any]:
     import json
 
-    with urllib.request.urlopen(url + "/stats", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(url + "/stats", timeout=5) as resp:
         data: dict[str, Any] = json.loads(resp.read())
         return data
 

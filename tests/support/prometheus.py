@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -15,11 +14,12 @@ from typing import Any
 import prometheus_client
 import yaml
 
-from promptpipe.config.spec import ShedPolicy
-from promptpipe.devcluster.build import Tools
+from promptpipe.contract.spec import ShedPolicy
 from promptpipe.localproc import free_port
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.metrics import GatewayMetrics, StageMetrics
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
 from tests.support.pipelines import serving_process
 
 SCRAPE_SECONDS = 1
@@ -48,7 +48,7 @@ def prometheus(tools: Tools, folder: Path, targets: dict[str, dict[str, str]]) -
 
 def query(url: str, promql: str) -> list[dict[str, Any]]:
     target = f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(target, timeout=5) as response:
         data = json.loads(response.read())
     assert data["status"] == "success", data
     return list(data["data"]["result"])
@@ -57,18 +57,12 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
 def scraped(url: str, target: str) -> None:
     """Wait for one more successful scrape of `target` than there had been."""
     def last() -> str:
-        with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as response:
             active = json.loads(response.read())["data"]["activeTargets"]
         found = [t for t in active if t["labels"].get("instance") == target and t["health"] == "up"]
         return str(found[0]["lastScrape"]) if found else ""
     before = last()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        now = last()
-        if now and now != before:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"Prometheus did not scrape {target}")
+    wait_until(lambda: (now := last()) and now != before, f"Prometheus to scrape {target}", 20, every=0.1)
 
 
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from promptpipe.backends.base import Backend
-from promptpipe.config.spec import BackendKind, ModelSpec, RetrySpec, TgiSpec
+from promptpipe.contract.spec import TGI_WITHOUT_ENDPOINTS, BackendKind, ModelSpec, RetrySpec, TgiSpec
 from promptpipe.runtime.metrics import BackendMetrics
-
-
-TGI_WITHOUT_ENDPOINTS = ("spec.model.tgi.endpoints is empty: in a cluster the operator runs TGI and fills it in; "
-                         "outside one, give the URL of a running TGI server")
 
 
 def build_backend(model: ModelSpec, retry: RetrySpec, metrics: BackendMetrics) -> Backend:
@@ -30,5 +26,6 @@ def build_backend(model: ModelSpec, retry: RetrySpec, metrics: BackendMetrics) -
         return TgiBackend(tgi, breaker=model.circuit_breaker, retry=retry, metrics=metrics)
     from promptpipe.backends.openai import OpenAIBackend
 
-    assert model.openai is not None
+    if model.openai is None:  # the spec's validator refuses this; said again for the type checker
+        raise ValueError("backend 'openai' needs spec.model.openai.endpoints")
     return OpenAIBackend(model.openai, breaker=model.circuit_breaker, retry=retry, metrics=metrics)

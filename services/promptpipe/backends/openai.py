@@ -13,7 +13,7 @@ import openai
 
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
 from promptpipe.backends.remote import BackendCallError, RemoteBackend
-from promptpipe.config.spec import OpenAISpec
+from promptpipe.contract.spec import OpenAISpec
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.v1.common_pb2 import FINISH_REASON_EOS, FINISH_REASON_LENGTH, FINISH_REASON_STOP
 

@@ -3,17 +3,15 @@ retries with backoff and jitter, only while nothing has been streamed."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator
 
 from promptpipe.backends.affinity import HashRing
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
-from promptpipe.config.spec import CircuitBreakerSpec, RemoteBackendSpec, RetrySpec
-from promptpipe.runtime.errors import DeadlineExceeded, Shed, Unavailable
+from promptpipe.contract.spec import CircuitBreakerSpec, RemoteBackendSpec, RetrySpec
+from promptpipe.runtime.errors import Shed, Unavailable
 from promptpipe.runtime.metrics import BackendMetrics
-from promptpipe.runtime.resilience import CircuitBreaker, backoff_delay
+from promptpipe.runtime.resilience import CircuitBreaker, Retries
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +54,13 @@ class RemoteBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         last: BackendCallError | None = None
-        for attempt in range(1, self._retry.max_attempts + 1):
+        async for attempt in Retries(self._retry, request.deadline, "the backend"):
             candidates = self._candidates(request.session_id)
             if not candidates:
                 retry_in = min(b.retry_after() for b in self._breakers.values())
                 raise Unavailable(f"backend circuit open; retry in {retry_in:.1f}s")
-            endpoint = candidates[(attempt - 1) % len(candidates)] if last and not last.overloaded else candidates[0]
+            endpoint = candidates[(attempt.number - 1) % len(candidates)] if last and not last.overloaded \
+                else candidates[0]
             produced = False
             try:
                 async for out in self.stream_from(endpoint, request):
@@ -70,7 +69,8 @@ class RemoteBackend:
                 self._breakers[endpoint].record_success()
                 return
             except BackendCallError as err:
-                log.warning("backend %s failed (attempt %d of %d): %s", endpoint, attempt, self._retry.max_attempts, err)
+                log.warning("backend %s failed (attempt %d of %d): %s", endpoint, attempt.number, self._retry.max_attempts,
+                            err)
                 if not err.overloaded:  # a busy backend is healthy; do not trip its breaker
                     self._breakers[endpoint].record_failure()
                 if produced or not err.retryable:
@@ -78,11 +78,6 @@ class RemoteBackend:
                 last = err
             finally:
                 self._update_circuit_gauge()
-            delay = backoff_delay(self._retry, attempt)
-            if time.monotonic() + delay >= request.deadline:
-                raise DeadlineExceeded("deadline passed while retrying the backend")
-            await asyncio.sleep(delay)
-        assert last is not None
-        if last.overloaded:
+        if last is not None and last.overloaded:
             raise Shed(str(last), OVERLOAD_RETRY_AFTER)
         raise Unavailable(str(last))

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
-from promptpipe.config.spec import SyntheticSpec
+from promptpipe.contract.spec import SyntheticSpec
 from promptpipe.v1.common_pb2 import FINISH_REASON_LENGTH
 
 

@@ -12,24 +12,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from promptpipe.backends import TGI_WITHOUT_ENDPOINTS
-from promptpipe.config.loader import RuntimeConfig, load_pipeline, load_runtime_config
-from promptpipe.config.spec import STAGE_ORDER, BackendKind, StageName
-from promptpipe.localproc import alive, free_port
+from promptpipe.contract.pipeline_file import load_pipeline
+from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
+from promptpipe.contract.spec import STAGE_ORDER, TGI_WITHOUT_ENDPOINTS, BackendKind, StageName
+from promptpipe.localproc import alive, exits, free_port, state_home
+from promptpipe.waiting import wait_until
 
 # The gateway drains first (it stops taking requests), the model server last.
 SHUTDOWN_ORDER = (StageName.STREAM, StageName.RAG, StageName.ASSEMBLE, StageName.POST, StageName.INFERENCE)
-
-
-def state_home() -> Path:
-    return Path(os.environ.get("PROMPTPIPE_HOME", Path.home() / ".promptpipe"))
 
 
 @dataclass
@@ -107,7 +103,7 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
         }
         (folder / f"{stage.value}.ports").unlink(missing_ok=True)
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - our own entry point
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "promptpipe.runtime.server"], env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
@@ -118,9 +114,9 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
 
 def wait_serving(run: LocalRun, timeout: float) -> None:
     """Wait until every stage's health check says SERVING; fail fast if one died."""
-    deadline = time.monotonic() + timeout
     pending = dict(run.stages)
-    while pending:
+
+    def all_serving() -> bool:
         for stage, proc in list(pending.items()):
             if not alive(proc.pid):
                 tail = Path(proc.log).read_text(errors="replace")[-2000:]
@@ -129,10 +125,12 @@ def wait_serving(run: LocalRun, timeout: float) -> None:
             if port_file.exists() and health_status(f"127.0.0.1:{proc.port}", 1.0) == "SERVING":
                 proc.metrics_port = int(port_file.read_text().split()[1])
                 del pending[stage]
-        if pending and time.monotonic() > deadline:
-            raise LocalRunError(f"stages not serving after {timeout:.0f}s: {', '.join(pending)}")
-        if pending:
-            time.sleep(0.1)
+        return not pending
+
+    try:
+        wait_until(all_serving, "every stage to serve", timeout=timeout, every=0.1)
+    except TimeoutError:
+        raise LocalRunError(f"stages not serving after {timeout:.0f}s: {', '.join(pending)}") from None
     run.save()
 
 
@@ -155,10 +153,7 @@ def stop(run: LocalRun) -> list[str]:
             continue
         os.kill(proc.pid, signal.SIGTERM)
         grace = config.pipeline.spec.stages.get(stage).drain_grace_seconds
-        deadline = time.monotonic() + grace + 5.0
-        while alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if alive(proc.pid):
+        if not exits(proc.pid, grace + 5.0):
             os.kill(proc.pid, signal.SIGKILL)
             killed.append(stage.value)
     Path(run.folder, "state.json").unlink(missing_ok=True)

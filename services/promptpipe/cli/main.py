@@ -6,26 +6,26 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from promptpipe.cli import localrun
+from promptpipe.cli.console import err, fail, out
 from promptpipe.cli.models import model_app, registry_app
 from promptpipe.client import GenerationError, PipelineClient
-from promptpipe.config.crd import GROUP, PLURAL, ROLLBACK_ANNOTATION, VERSION
-from promptpipe.config.loader import PipelineFileError, load_pipeline
+from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
+from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
+from promptpipe.contract.spec import GROUP, PLURAL, VERSION
 from promptpipe.localproc import alive
-from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
+from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2, stage_pb2_grpc
+from promptpipe.waiting import wait_until
 
 app = typer.Typer(help="Multi-stage LLM prompt pipelines as streaming gRPC microservices.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-err = Console(stderr=True)
-out = Console()
 
 app.add_typer(model_app, name="model")
 app.add_typer(registry_app, name="registry")
@@ -33,16 +33,12 @@ app.add_typer(registry_app, name="registry")
 NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Which running pipeline (default: the only one).")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
 
 def _run(name: str | None) -> localrun.LocalRun:
     try:
         return localrun.find_run(name)
     except localrun.LocalRunError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 @app.command()
@@ -51,7 +47,7 @@ def validate(file: Annotated[Path, typer.Option("--file", "-f", help="PromptPipe
     try:
         pipeline = load_pipeline(file)
     except PipelineFileError as e:
-        raise _fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
+        raise fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
     out.print(f"{file}: PromptPipeline [bold]{pipeline.metadata.name}[/] is valid")
 
 
@@ -65,15 +61,15 @@ def up(
     try:
         run = localrun.start(file, otel_exporter=otel_exporter)
     except PipelineFileError as e:
-        raise _fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
+        raise fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
     except localrun.LocalRunError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     with err.status(f"starting pipeline {run.name}…"):
         try:
             localrun.wait_serving(run, wait)
         except localrun.LocalRunError as e:
             localrun.stop(run)
-            raise _fail(str(e)) from None
+            raise fail(str(e)) from None
     out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/]")
     _print_status(run)
 
@@ -146,10 +142,7 @@ async def _generate(target: str, prompt: str, session: str, max_new_tokens: int,
     return 0
 
 
-def _print_summary(s: object) -> None:
-    from promptpipe.v1 import gateway_pb2
-
-    assert isinstance(s, gateway_pb2.GenerateSummary)
+def _print_summary(s: gateway_pb2.GenerateSummary) -> None:
     reason = common_pb2.FinishReason.Name(s.finish_reason).removeprefix("FINISH_REASON_").lower()
     generated = s.usage.completion_tokens
     streaming = s.total_seconds - s.time_to_first_token_seconds
@@ -184,34 +177,38 @@ def rollback(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the operator to act; 0: do not wait.")] = 30.0,
 ) -> None:
     """Put a cluster pipeline's traffic back on its previous model version (blue-green)."""
-    from kubernetes import client, config  # only this command needs a cluster
+    # Only this command talks to a cluster: the client's import is not paid by every other one.
+    from kubernetes import client, config  # noqa: PLC0415
 
     try:
         config.load_kube_config()
         ns = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace", "default")
     except config.ConfigException as e:
-        raise _fail(f"no cluster: {e}") from None
+        raise fail(f"no cluster: {e}") from None
     api = client.CustomObjectsApi()
     token = f"{time.time():.3f}"
     try:
         api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pipeline,
                                            {"metadata": {"annotations": {ROLLBACK_ANNOTATION: token}}})
     except client.ApiException as e:
-        raise _fail(f"PromptPipeline {ns}/{pipeline}: HTTP {e.status} {e.reason}") from None
+        raise fail(f"PromptPipeline {ns}/{pipeline}: HTTP {e.status} {e.reason}") from None
     out.print(f"rollback of [bold]{ns}/{pipeline}[/] requested")
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        rollout = ((api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pipeline).get("status") or {})
-                   .get("rollout") or {})
-        if rollout.get("rollbackHandled") == token:
-            active = rollout.get("active") or {}
-            if rollout.get("reason") == "ManualRollback":
-                out.print(f"traffic on {active.get('version')} ({active.get('color')})")
-                return
-            raise _fail("the operator found no previous version running to go back to")
-        time.sleep(0.2)
-    if wait:
-        raise _fail(f"the operator did not act within {wait:g}s (is it running?)")
+    if not wait:
+        return
+
+    def handled() -> dict[str, Any] | None:
+        status = api.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pipeline).get("status") or {}
+        rollout: dict[str, Any] = status.get("rollout") or {}
+        return rollout if rollout.get("rollbackHandled") == token else None
+
+    try:
+        rollout = wait_until(handled, "the operator", timeout=wait, every=0.2)
+    except TimeoutError:
+        raise fail(f"the operator did not act within {wait:g}s (is it running?)") from None
+    if rollout.get("reason") != "ManualRollback":
+        raise fail("the operator found no previous version running to go back to")
+    active = rollout.get("active") or {}
+    out.print(f"traffic on {active.get('version')} ({active.get('color')})")
 
 
 if __name__ == "__main__":

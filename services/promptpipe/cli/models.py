@@ -11,13 +11,19 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.filesize import decimal
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 
+from promptpipe.cli.console import err, fail, out
 from promptpipe.registry import errors
 from promptpipe.registry.refs import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN, RefError, check, parse_ref
 from promptpipe.registry.settings import RegistrySettings
@@ -26,9 +32,6 @@ from promptpipe.registry.store import Registry
 model_app = typer.Typer(help="Publish, inspect, promote and fetch models in the registry (S3 + DynamoDB).",
                         no_args_is_help=True)
 registry_app = typer.Typer(help="Set up the registry's bucket and table.", no_args_is_help=True)
-# soft_wrap: an error stays one line in a pod's log and termination message, not cut at 80 columns.
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
 
 
 class Output(str, enum.Enum):
@@ -39,21 +42,17 @@ class Output(str, enum.Enum):
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="text for people, json for scripts.")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    return typer.Exit(code)
-
 
 @contextmanager
 def _registry() -> Iterator[Registry]:
     try:
         yield Registry(RegistrySettings())
     except RefError as e:
-        raise _fail(str(e), 2) from None
+        raise fail(str(e), 2) from None
     except errors.NotFound as e:
-        raise _fail(str(e), 3) from None
+        raise fail(str(e), 3) from None
     except errors.RegistryError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 def _json(value: Any) -> None:
@@ -108,9 +107,9 @@ def push(
     with _registry() as reg:
         parsed = parse_ref(ref)
         if parsed.alias:
-            raise _fail("push takes NAME or NAME:VERSION; set aliases with `promptpipe model promote`", 2)
+            raise fail("push takes NAME or NAME:VERSION; set aliases with `promptpipe model promote`", 2)
         if not folder.is_dir():
-            raise _fail(f"{folder} is not a folder", 2)
+            raise fail(f"{folder} is not a folder", 2)
         with _bar() as bar:
             result = reg.push(parsed.name, folder, parsed.version, bar)
     r = result.record
@@ -179,9 +178,8 @@ def pull(
     output: OutputOption = Output.TEXT,
 ) -> None:
     """Download a version and verify every file's SHA-256; a mismatch is an error and leaves nothing behind."""
-    with _registry() as reg:
-        with _bar() as bar:
-            r, downloaded = reg.pull(parse_ref(ref), dest, bar)
+    with _registry() as reg, _bar() as bar:
+        r, downloaded = reg.pull(parse_ref(ref), dest, bar)
     if output is Output.JSON:
         return _json({**r.as_json(files=False), "path": str(dest), "downloaded": downloaded})
     what = "pulled" if downloaded else "already present and verified:"
@@ -227,11 +225,11 @@ def history(name: Annotated[str, typer.Argument()], output: OutputOption = Outpu
     """Every push and promotion of a model, oldest first."""
     with _registry() as reg:
         check("model name", name, NAME_PATTERN)
-        events = reg.history(name)
+        entries = reg.history(name)
     if output is Output.JSON:
-        return _json([e.as_json() for e in events])
+        return _json([e.as_json() for e in entries])
     table = _table("when", "what", "version", "alias", "previous", "by")
-    for e in events:
+    for e in entries:
         table.add_row(e.at[:19], e.action, e.version, e.alias, e.previous, e.actor)
     out.print(table)
 

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class RegistrySettings(BaseSettings):
     """Credentials are not here: boto3 reads them from its usual chain (env, profile, IRSA, IMDS)."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_REGISTRY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_REGISTRY_", extra="ignore", use_attribute_docstrings=True)
 
     bucket: str = "promptpipe-models"
     """S3 bucket holding the artifacts (content-addressed blobs)."""

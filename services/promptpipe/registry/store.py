@@ -14,7 +14,6 @@ leaves at most unreferenced blobs; a retried push uploads only what is missing.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import getpass
 import json
 import os
@@ -34,6 +33,7 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from promptpipe.contract.timestamps import format_time
 from promptpipe.registry import errors
 from promptpipe.registry.manifest import MARKER, FileEntry, Manifest, scan, sha256_file
 from promptpipe.registry.refs import ModelRef, next_version
@@ -97,7 +97,7 @@ class PushResult:
 
 
 @dataclass(frozen=True)
-class Event:
+class HistoryEntry:
     at: str
     action: str
     version: str
@@ -121,7 +121,8 @@ class ModelSummary:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    # History rows sort by this text: microseconds keep two quick pushes in order.
+    return format_time(precision="microseconds")
 
 
 def _actor() -> str:
@@ -313,12 +314,12 @@ class Registry:
                 raise errors.NotFound(f"model {ref.name} has no version {version!r}")
             return self._record(item, self.aliases(ref.name))
 
-    def history(self, name: str) -> list[Event]:
+    def history(self, name: str) -> list[HistoryEntry]:
         with self._errors(f"history of {name}"):
             items = self._query(f"model#{name}", "event#")
         if not items and not self.versions(name):
             raise errors.NotFound(f"no model {name!r} in the registry")
-        return [Event(at=str(i["at"]), action=str(i["action"]), version=str(i["version"]),
+        return [HistoryEntry(at=str(i["at"]), action=str(i["action"]), version=str(i["version"]),
                       alias=str(i.get("alias", "")), previous=str(i.get("previous", "")),
                       actor=str(i.get("actor", ""))) for i in items]
 

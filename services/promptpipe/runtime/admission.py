@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from promptpipe.config.spec import ShedPolicy
+from promptpipe.contract.spec import ShedPolicy
 from promptpipe.runtime.errors import DeadlineExceeded, Shed
 
 

@@ -3,29 +3,22 @@ first event arrived, downstream statuses passed back unchanged."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
 
-from promptpipe.config.spec import RetrySpec
+from promptpipe.contract.spec import RetrySpec
+from promptpipe.rpc import CHANNEL_OPTIONS
 from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
-from promptpipe.runtime.resilience import backoff_delay
+from promptpipe.runtime.resilience import Attempt, Retries
 from promptpipe.v1 import stage_pb2, stage_pb2_grpc
 
 # Only failures that mean "this call never reached a working server" are retried:
 # UNAVAILABLE from the transport, not one a stage's handler chose (see ORIGIN_TRAILER).
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
-
-CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-)
+_NEXT = "the next stage"
 
 
 class StageClient:
@@ -44,21 +37,17 @@ class StageClient:
 
     async def process(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
         """rag and assemble: one call, the enriched work item back."""
-        attempt = 0
-        while True:
-            attempt += 1
+        async for attempt in Retries(self._retry, deadline, _NEXT):
             try:
                 result: stage_pb2.WorkItem = await self._stub.Process(item, timeout=self._remaining(deadline))
                 return result
             except grpc.aio.AioRpcError as err:
                 self._raise_unless_retryable(err, attempt, streamed=False)
-            await self._backoff(attempt, deadline)
+        raise AssertionError("the last attempt raises")
 
     async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
         """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
-        attempt = 0
-        while True:
-            attempt += 1
+        async for attempt in Retries(self._retry, deadline, _NEXT):
             call = self._stub.Run(item, timeout=self._remaining(deadline))
             streamed = False
             try:
@@ -70,7 +59,6 @@ class StageClient:
                 self._raise_unless_retryable(err, attempt, streamed)
             finally:
                 call.cancel()  # no-op when finished; stops the next stage when we leave early
-            await self._backoff(attempt, deadline)
 
     @staticmethod
     def _remaining(deadline: float) -> float:
@@ -79,14 +67,9 @@ class StageClient:
             raise DeadlineExceeded("deadline passed before the next stage was reached")
         return remaining
 
-    def _raise_unless_retryable(self, err: grpc.aio.AioRpcError, attempt: int, streamed: bool) -> None:
+    @staticmethod
+    def _raise_unless_retryable(err: grpc.aio.AioRpcError, attempt: Attempt, streamed: bool) -> None:
         code = err.code()
         trailers = tuple(err.trailing_metadata() or ())
-        if streamed or code not in _RETRYABLE or from_a_stage(trailers) or attempt >= self._retry.max_attempts:
+        if streamed or code not in _RETRYABLE or from_a_stage(trailers) or attempt.last:
             raise UpstreamError(code, err.details() or code.name, trailers) from None
-
-    async def _backoff(self, attempt: int, deadline: float) -> None:
-        delay = backoff_delay(self._retry, attempt)
-        if time.monotonic() + delay >= deadline:
-            raise DeadlineExceeded("deadline passed while retrying the next stage")
-        await asyncio.sleep(delay)

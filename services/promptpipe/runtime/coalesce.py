@@ -41,7 +41,7 @@ async def coalesce(
                     buffered_tokens += max(1, event.chunk.token_count)
                 buffer.append(event)
                 ready.set()
-        except Exception as exc:  # handed to the reader, raised there
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, raised there
             failure = exc
         finally:
             done = True

@@ -50,10 +50,6 @@ class Unavailable(StageError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class FailedPrecondition(StageError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
 class UpstreamError(StageError):
     """A downstream stage ended the call with a status; pass it on unchanged."""
 
@@ -94,16 +90,3 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, stag
 
 def from_a_stage(trailers: tuple[tuple[str, str | bytes], ...]) -> bool:
     return any(k == ORIGIN_TRAILER for k, _ in trailers)
-
-
-def retry_after_of(error: grpc.aio.AioRpcError) -> float | None:
-    """The RetryInfo hint of a RESOURCE_EXHAUSTED error, if it carries one."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None

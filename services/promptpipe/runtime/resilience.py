@@ -1,18 +1,61 @@
-"""Retry backoff and the circuit breaker: pure policy, no I/O."""
+"""Retries with backoff and the circuit breaker."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from promptpipe.config.spec import CircuitBreakerSpec, RetrySpec
+from promptpipe.contract.spec import CircuitBreakerSpec, RetrySpec
+from promptpipe.runtime.errors import DeadlineExceeded
 
 
 def backoff_delay(spec: RetrySpec, attempt: int, rng: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff before retry number `attempt` (1-based)."""
     ceiling = min(spec.max_backoff_seconds, spec.initial_backoff_seconds * (2 ** (attempt - 1)))
     return float(ceiling * rng())
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int  # 1-based
+    last: bool  # no retry follows a failure of this one
+
+
+class Retries:
+    """The attempts of one call, the one retry loop of the data path:
+
+        async for attempt in Retries(spec, deadline, "the backend"):
+            try: ...; return
+            except SomeError: if not retryable or attempt.last: raise
+
+    Before each retry it waits a full-jitter backoff, and raises DeadlineExceeded when that
+    wait would pass `deadline` (on the time.monotonic clock). Which failures are retried is
+    the caller's rule (ours: only before anything was streamed)."""
+
+    def __init__(self, spec: RetrySpec, deadline: float, what: str,
+                 rng: Callable[[], float] = random.random) -> None:
+        self._spec = spec
+        self._deadline = deadline
+        self._what = what
+        self._rng = rng
+        self._done = 0
+
+    def __aiter__(self) -> Retries:
+        return self
+
+    async def __anext__(self) -> Attempt:
+        if self._done >= self._spec.max_attempts:
+            raise StopAsyncIteration
+        if self._done:
+            delay = backoff_delay(self._spec, self._done, self._rng)
+            if time.monotonic() + delay >= self._deadline:
+                raise DeadlineExceeded(f"deadline passed while retrying {self._what}")
+            await asyncio.sleep(delay)
+        self._done += 1
+        return Attempt(self._done, self._done == self._spec.max_attempts)
 
 
 class CircuitBreaker:

@@ -7,6 +7,7 @@ This is the entry point the container images run (`promptpipe-stage`) and the on
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from collections.abc import Sequence
@@ -17,9 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from promptpipe.config.loader import RuntimeConfig, load_runtime_config
-from promptpipe.config.settings import StageSettings
-from promptpipe.config.spec import StageName
+from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
+from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import StageRuntime, StageServicer
 from promptpipe.runtime.tracing import setup_tracing
 from promptpipe.stages import build_stage
@@ -99,10 +99,24 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     log.info("stage %s stopped", stage.value)
 
 
+async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any]:
+    """What `--check` proves: the config parses and the stage builds, with every library it runs imported."""
+    pipeline = config.pipeline
+    runtime = StageRuntime.create(settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(),
+                                  pipeline.metadata.name)
+    built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [])
+    await built.close()
+    return {"settings": settings.model_dump(mode="json"), "pipeline": pipeline.metadata.name,
+            "backend": pipeline.spec.model.backend.value}
+
+
 def main() -> None:
     settings = StageSettings(_cli_parse_args=True)  # type: ignore[call-arg]
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_runtime_config(settings.config)
+    if settings.check:
+        print(json.dumps(asyncio.run(check(settings, config))))
+        return
     asyncio.run(serve(settings, config))
 
 

@@ -16,12 +16,13 @@ from typing import Protocol, runtime_checkable
 import grpc
 from prometheus_client import CollectorRegistry
 
-from promptpipe.config.spec import StageSpec
+from promptpipe.contract.spec import StageSpec
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.errors import Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
-from promptpipe.runtime.tracing import SPAN_NAMES, tracer
+from promptpipe.runtime.tracing import tracer
 from promptpipe.v1 import common_pb2, stage_pb2
+
 
 @dataclass(frozen=True)
 class Call:
@@ -61,7 +62,7 @@ class StageRuntime:
         self.spec = spec
         self.queue = queue
         self.metrics = metrics
-        self._span_name = SPAN_NAMES[stage]
+        self._span_name = stage
 
     @classmethod
     def create(cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str) -> StageRuntime:
@@ -91,7 +92,7 @@ class StageRuntime:
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, in abort_with
             code = exc.code.name if isinstance(exc, StageError) else "INTERNAL"
             if isinstance(exc, Shed):
                 (self.metrics.dropped if exc.reason == "dropped" else self.metrics.rejected).inc()
@@ -123,7 +124,7 @@ class StageServicer:
         self._streamer = handler if isinstance(handler, StreamingHandler) else None
         self.serving = False
 
-    async def Process(  # noqa: N802 - gRPC method name
+    async def Process(
         self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext
     ) -> stage_pb2.WorkItem:
         handler = self._enricher
@@ -137,7 +138,7 @@ class StageServicer:
             return item
         raise AssertionError("unreachable: admitted() either yields or aborts")
 
-    async def Run(  # noqa: N802 - gRPC method name
+    async def Run(
         self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[stage_pb2.StageEvent]:
         handler = self._streamer
@@ -151,7 +152,7 @@ class StageServicer:
                     event.final.timings.append(self.runtime.timing(call, work_started))
                 yield event
 
-    async def Stats(  # noqa: N802 - gRPC method name
+    async def Stats(
         self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> stage_pb2.StageStats:
         return self.runtime.stats(self.serving)

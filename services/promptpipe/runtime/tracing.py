@@ -1,12 +1,10 @@
-"""OpenTelemetry tracing: off by default; one span per stage, linked across gRPC."""
+"""OpenTelemetry tracing: off by default; one span per stage, named as the stage, linked across gRPC."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from opentelemetry import trace
-
-SPAN_NAMES = {"rag": "rag", "assemble": "assemble", "inference": "infer", "post": "post", "stream": "stream"}
 
 
 def setup_tracing(exporter: str, service_name: str) -> tuple[list[Any], list[Any]]:

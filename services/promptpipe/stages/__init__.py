@@ -8,8 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from promptpipe.config.loader import RuntimeConfig
-from promptpipe.config.spec import StageName
+from promptpipe.contract.runtime_config import RuntimeConfig
+from promptpipe.contract.spec import StageName
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
@@ -38,7 +38,7 @@ def build_stage(stage: StageName, config: RuntimeConfig, runtime: StageRuntime, 
 
     handler: EnrichingHandler | StreamingHandler
     if stage is StageName.STREAM:
-        from promptpipe.stages.gateway import GatewayServicer
+        from promptpipe.stages.stream import GatewayServicer
 
         gateway = GatewayServicer(runtime, spec.generation, client(StageName.RAG), client(StageName.ASSEMBLE),
                                   client(StageName.POST), GatewayMetrics(registry, name))

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from promptpipe.config.spec import BackendKind, ModelSpec, TemplateSpec
+from promptpipe.contract.spec import BackendKind, ModelSpec, TemplateSpec
 from promptpipe.runtime.stage import Call
 from promptpipe.stages.prompting import CHATML, ChatTemplate, Tokenize, assemble
 from promptpipe.v1 import stage_pb2
@@ -31,10 +31,11 @@ class AssembleHandler:
     async def start(self) -> None:
         if self._model.backend is not BackendKind.LLAMACPP:
             return
-        # The GGUF carries the model's vocabulary and chat template; load only those.
-        from llama_cpp import Llama
+        # The GGUF carries the model's vocabulary and chat template; load only those. Imported here:
+        # with another backend, the assemble stage never loads llama.cpp.
+        from llama_cpp import Llama  # noqa: PLC0415
 
-        from promptpipe.backends.llamacpp import model_path
+        from promptpipe.backends.llamacpp import model_path  # noqa: PLC0415
 
         vocab: Any = await asyncio.to_thread(Llama, str(model_path(self._model.llamacpp)),
                                              vocab_only=True, verbose=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 from promptpipe.backends.base import Backend, GenerationRequest, Piece
 from promptpipe.runtime.coalesce import coalesce

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
-from promptpipe.config.spec import PostSpec
+from promptpipe.contract.spec import PostSpec
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import StageError

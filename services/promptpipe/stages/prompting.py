@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from promptpipe.config.spec import TemplateSpec
+from promptpipe.contract.spec import TemplateSpec
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.v1 import common_pb2, stage_pb2
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import bm25s
 
-from promptpipe.config.spec import RagSpec
+from promptpipe.contract.spec import RagSpec
 from promptpipe.runtime.stage import Call
 from promptpipe.v1 import stage_pb2
 
@@ -21,7 +21,8 @@ def split_passages(text: str, max_chars: int) -> list[str]:
     """Paragraphs, merged up to `max_chars`; an overlong paragraph is cut on words."""
     out: list[str] = []
     current = ""
-    for para in (p.strip() for p in text.split("\n\n")):
+    for paragraph in text.split("\n\n"):
+        para = paragraph.strip()
         if not para:
             continue
         while len(para) > max_chars:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from promptpipe.config.spec import GenerationDefaults
+from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import regex
 
-from promptpipe.config.spec import BlocklistAction, PostSpec
+from promptpipe.contract.spec import BlocklistAction, PostSpec
 
 
 class Action(enum.Enum):

@@ -57,14 +57,12 @@ class StageFinal(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ...) -> None: ...
 
 class StageEvent(_message.Message):
-    __slots__ = ("item", "chunk", "final")
-    ITEM_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("chunk", "final")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
-    item: WorkItem
     chunk: _common_pb2.TokenChunk
     final: StageFinal
-    def __init__(self, item: _Optional[_Union[WorkItem, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., final: _Optional[_Union[StageFinal, _Mapping]] = ...) -> None: ...
+    def __init__(self, chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., final: _Optional[_Union[StageFinal, _Mapping]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

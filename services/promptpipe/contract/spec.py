@@ -11,14 +11,24 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler,
-                      WithJsonSchema, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 API_VERSION = "promptpipe.io/v1alpha1"
+GROUP, VERSION = API_VERSION.split("/")
 KIND = "PromptPipeline"
+PLURAL = "promptpipelines"
 
 
 class StageName(str, enum.Enum):
@@ -194,11 +204,16 @@ class TgiSpec(RemoteBackendSpec):
     node_selector: dict[str, str] = {}
 
 
+# Why a pipeline whose TGI the operator runs cannot run outside a cluster (`promptpipe up`, the stage).
+TGI_WITHOUT_ENDPOINTS = ("spec.model.tgi.endpoints is empty: in a cluster the operator runs TGI and fills it in; "
+                         "outside one, give the URL of a running TGI server")
+
+
 class SyntheticSpec(_Model):
     """A backend that streams filler tokens as fast as asked; for benchmarks."""
 
     tokens_per_second: Annotated[float, Field(ge=0)] = 0.0  # 0: as fast as possible
-    token_text: str = " tok"
+    token_text: str = " tok"  # noqa: S105 - filler text, not a secret
 
 
 class BackendKind(str, enum.Enum):

@@ -1,20 +1,20 @@
-"""`promptpipe-dev cluster build|up|env|down`: the test control plane from a shell."""
+"""`python -m tests.devcluster cluster build|up|env|down`: the test control plane from a shell."""
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from kubernetes import client, config
 
-from promptpipe.devcluster.build import Tools, ensure_tools
-from promptpipe.devcluster.cluster import ControlPlane, ControlPlaneError
+from promptpipe.localproc import state_home
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools, ensure_tools
+from tests.devcluster.cluster import ControlPlane, ControlPlaneError
 
 app = typer.Typer(help="Developer tools for promptpipe.", no_args_is_help=True, pretty_exceptions_enable=False)
 cluster = typer.Typer(help="A local kube-apiserver + etcd (no kubelet), with helm, kubectl and KEDA's CRDs.",
@@ -23,24 +23,21 @@ app.add_typer(cluster, name="cluster")
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("PROMPTPIPE_HOME", Path.home() / ".promptpipe")) / "cluster"
+    return state_home() / "cluster"
 
 
 def install_keda_crds(plane: ControlPlane, tools: Tools, timeout: float = 30.0) -> None:
     """KEDA's own CRDs, so every ScaledObject is checked against KEDA's real schema."""
-    subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side",  # noqa: S603
+    subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side",
                     "-f", str(tools.keda_crds)], check=True, stdout=subprocess.DEVNULL)
     # Polled here: `kubectl wait` fails outright while a new CRD has no conditions yet.
     api = config.new_client_from_config(config_file=plane.kubeconfig)
     try:
         crds = client.ApiextensionsV1Api(api)
         names = [f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.keda.sh" for p in tools.keda_crds.glob("*.yaml")]
-        deadline = time.monotonic() + timeout
         for name in names:
-            while not _established(crds.read_custom_resource_definition(name)):
-                if time.monotonic() > deadline:
-                    raise ControlPlaneError(f"CRD {name} not Established after {timeout:.0f}s")
-                time.sleep(0.1)
+            wait_until(lambda: _established(crds.read_custom_resource_definition(name)),
+                       f"CRD {name} to be Established", timeout, every=0.1)
     finally:
         api.close()
 
@@ -104,7 +101,3 @@ def down() -> None:
     ControlPlane.load(folder).stop()
     shutil.rmtree(folder, ignore_errors=True)
     typer.echo("control plane stopped")
-
-
-if __name__ == "__main__":
-    app()

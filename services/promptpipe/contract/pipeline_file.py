@@ -1,4 +1,4 @@
-"""Reading pipeline files and the runtime config the stage processes share."""
+"""Reading a PromptPipeline document (a file for `promptpipe up`, a body from the API server)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from promptpipe.config.spec import PromptPipeline, StageName
+from promptpipe.contract.spec import PromptPipeline
 
 
 class PipelineFileError(ValueError):
@@ -45,33 +45,3 @@ def load_pipeline(path: Path) -> PromptPipeline:
     if len(docs) != 1:
         raise PipelineFileError(f"{path}: expected one PromptPipeline document, found {len(docs)}")
     return parse_pipeline(docs[0])
-
-
-class RuntimeConfig(BaseModel):
-    """What every stage process reads: the pipeline and where the other stages are.
-
-    Locally `promptpipe up` writes it; in a cluster the operator renders it into
-    a ConfigMap with Service DNS names as endpoints.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    pipeline: PromptPipeline
-    endpoints: dict[StageName, str]
-    # Relative paths in the spec (the rag corpus) resolve against this folder.
-    base_dir: str = "."
-
-    def resolve(self, relative: str) -> Path:
-        p = Path(relative)
-        return p if p.is_absolute() else Path(self.base_dir) / p
-
-    def dump_yaml(self) -> str:
-        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return yaml.safe_dump(data, sort_keys=False)
-
-
-def load_runtime_config(path: Path) -> RuntimeConfig:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return RuntimeConfig.model_validate(data)
-    except ValidationError as err:
-        raise PipelineFileError(format_validation_error(err)) from None

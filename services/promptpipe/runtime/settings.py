@@ -7,13 +7,14 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from promptpipe.config.spec import StageName
+from promptpipe.contract.spec import StageName
 
 
 class StageSettings(BaseSettings):
     """Settings the container (or `promptpipe up`) gives a stage process."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_", extra="ignore", use_attribute_docstrings=True,
+                                      cli_implicit_flags=True)
 
     stage: StageName
     """Which stage this process serves."""
@@ -30,3 +31,5 @@ class StageSettings(BaseSettings):
     otel_exporter: str = "none"
     """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`."""
     log_level: str = "INFO"
+    check: bool = False
+    """Load the config and build the stage (every library it runs imported), print the settings, exit."""

@@ -6,6 +6,7 @@ scheduler, so Deployments never get pods."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,14 +15,17 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from promptpipe.devcluster.build import Tools
-from promptpipe.devcluster.pki import make_pki
-from promptpipe.localproc import alive, die_with_parent, free_port
+from promptpipe.localproc import die_with_parent, exits, free_port
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
+from tests.devcluster.pki import make_pki
+
 
 class ControlPlaneError(RuntimeError):
     pass
@@ -116,11 +120,9 @@ class ControlPlane:
             (pki_dir / name).chmod(0o600)
         client_port, peer_port, api_port = free_port(), free_port(), free_port()
         preexec = die_with_parent if tied_to_parent else os.setsid
-        etcd = subprocess.Popen(etcd_args(tools, folder, client_port, peer_port), preexec_fn=preexec,  # noqa: S603, PLW1509
-                                stdout=open(folder / "etcd.log", "ab"), stderr=subprocess.STDOUT)
-        api = subprocess.Popen(  # noqa: S603
-            apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port), preexec_fn=preexec,  # noqa: PLW1509
-            stdout=open(folder / "kube-apiserver.log", "ab"), stderr=subprocess.STDOUT)
+        etcd = _start(etcd_args(tools, folder, client_port, peer_port), folder / "etcd.log", preexec)
+        api = _start(apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port),
+                     folder / "kube-apiserver.log", preexec)
         server = f"https://127.0.0.1:{api_port}"
         config = folder / "kubeconfig"
         config.write_text(yaml.safe_dump(kubeconfig(server, pki_dir / "ca.crt", pki_dir / "admin.crt",
@@ -129,9 +131,8 @@ class ControlPlane:
         plane.save()
         try:
             plane.wait_ready(timeout, (etcd, api))
-            kcm = subprocess.Popen(  # noqa: S603
-                controller_manager_args(tools, folder, config, free_port()), preexec_fn=preexec,  # noqa: PLW1509
-                stdout=open(folder / "kube-controller-manager.log", "ab"), stderr=subprocess.STDOUT)
+            kcm = _start(controller_manager_args(tools, folder, config, free_port()),
+                         folder / "kube-controller-manager.log", preexec)
             plane.controller_manager_pid = kcm.pid
             plane.save()
         except BaseException:
@@ -146,39 +147,37 @@ class ControlPlane:
         return ctx
 
     def wait_ready(self, timeout: float, procs: tuple[subprocess.Popen[bytes], ...] = ()) -> None:
-        deadline = time.monotonic() + timeout
         ctx = self._ssl()
-        last = ""
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             for proc in procs:
                 if proc.poll() is not None:
                     log = Path(self.folder, "kube-apiserver.log" if proc.pid == self.apiserver_pid else "etcd.log")
                     raise ControlPlaneError(f"{log.stem} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.server + "/readyz", context=ctx, timeout=2) as r:  # noqa: S310
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as err:
-                last = str(err)
-            time.sleep(0.2)
-        raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
+            with urllib.request.urlopen(self.server + "/readyz", context=ctx, timeout=2) as r:
+                return bool(r.status == 200)
+
+        try:
+            wait_until(ready, "kube-apiserver's /readyz", timeout, every=0.2, retry_on=(OSError,))
+        except TimeoutError as err:
+            raise ControlPlaneError(str(err)) from None
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop both processes (and anything they started); never leaves one behind."""
+        """Stop every process (and anything they started); never leaves one behind."""
         for pid in self.pids:
             _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
+        stop_by = time.monotonic() + grace
         for pid in self.pids:
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if alive(pid):
+            if not exits(pid, max(0.0, stop_by - time.monotonic())):
                 _signal_group(pid, signal.SIGKILL)
-                while alive(pid):
-                    time.sleep(0.05)
+                exits(pid, 30.0)
+
+
+def _start(args: list[str], log: Path, preexec: Callable[[], None]) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, preexec_fn=preexec, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

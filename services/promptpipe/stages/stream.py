@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from promptpipe.config.spec import GenerationDefaults
+from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.stage import StageRuntime
 from promptpipe.stages.requests import own_timings, work_item
-from promptpipe.v1 import gateway_pb2, stage_pb2
+from promptpipe.v1 import gateway_pb2
 
 
 class GatewayServicer:
@@ -31,7 +31,7 @@ class GatewayServicer:
         for client in (self._rag, self._assemble, self._post):
             await client.close()
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.perf_counter()
