@@ -22,11 +22,14 @@ from promptpipe.rpc import CHANNEL_OPTIONS
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 
-def pipeline_doc(name: str, *, tokens_per_second: float = 0.0, max_new_tokens: int = 8,
-                 stages: dict[str, Any] | None = None) -> dict[str, Any]:
+def pipeline_doc(
+    name: str, *, tokens_per_second: float = 0.0, max_new_tokens: int = 8, stages: dict[str, Any] | None = None
+) -> dict[str, Any]:
     wide = {"queue": {"capacity": 256, "concurrency": 256}}
     return {
-        "apiVersion": "promptpipe.io/v1alpha1", "kind": "PromptPipeline", "metadata": {"name": name},
+        "apiVersion": "promptpipe.io/v1alpha1",
+        "kind": "PromptPipeline",
+        "metadata": {"name": name},
         "spec": {
             "model": {"name": "synthetic", "backend": "synthetic", "synthetic": {"tokensPerSecond": tokens_per_second}},
             "generation": {"maxNewTokens": max_new_tokens, "maxNewTokensLimit": 32768},
@@ -72,8 +75,9 @@ class StreamResult:
 
 
 async def gateway_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int, timeout: float = 60.0) -> StreamResult:
-    request = gateway_pb2.GenerateRequest(prompt="bench", parameters=common_pb2.GenerationParameters(
-        max_new_tokens=max_new))
+    request = gateway_pb2.GenerateRequest(
+        prompt="bench", parameters=common_pb2.GenerationParameters(max_new_tokens=max_new)
+    )
     start = time.perf_counter()
     ttft = None
     tokens = 0
@@ -91,8 +95,12 @@ async def gateway_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int, timeo
 
 async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamResult:
     """The inference stage alone: a work item straight to its Run."""
-    item = stage_pb2.WorkItem(request_id="b", session_id="b", prompt="bench", parameters=common_pb2.GenerationParameters(
-        max_new_tokens=max_new, temperature=0.0, top_p=1.0))
+    item = stage_pb2.WorkItem(
+        request_id="b",
+        session_id="b",
+        prompt="bench",
+        parameters=common_pb2.GenerationParameters(max_new_tokens=max_new, temperature=0.0, top_p=1.0),
+    )
     start = time.perf_counter()
     ttft = None
     tokens = 0

@@ -50,8 +50,9 @@ def summary(name: str, seconds: list[float], target: float | None = None) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipelines", type=int, default=10)
-    parser.add_argument("--concurrency", default="1,4",
-                        help="apply concurrencies to compare, one operator each, measured in turns")
+    parser.add_argument(
+        "--concurrency", default="1,4", help="apply concurrencies to compare, one operator each, measured in turns"
+    )
     args = parser.parse_args()
     tools = expected_tools()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -68,17 +69,26 @@ def main() -> None:
             for level in levels:
                 ns = f"bench-c{level}"
                 core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-                operators[level] = OperatorProcess(identity, ns, folder / f"operator-{level}.log",
-                                                   env={"PROMPTPIPE_OPERATOR_APPLY_CONCURRENCY": str(level)})
+                operators[level] = OperatorProcess(
+                    identity,
+                    ns,
+                    folder / f"operator-{level}.log",
+                    env={"PROMPTPIPE_OPERATOR_APPLY_CONCURRENCY": str(level)},
+                )
                 operators[level].start()
 
             def children(ns: str, name: str) -> int:
                 selector = f"app.kubernetes.io/instance={name}"
-                return (len(core.list_namespaced_config_map(ns, label_selector=selector).items)
-                        + len(core.list_namespaced_service(ns, label_selector=selector).items)
-                        + len(apps.list_namespaced_deployment(ns, label_selector=selector).items)
-                        + len(custom.list_namespaced_custom_object("keda.sh", "v1alpha1", ns, "scaledobjects",
-                                                                   label_selector=selector)["items"]))
+                return (
+                    len(core.list_namespaced_config_map(ns, label_selector=selector).items)
+                    + len(core.list_namespaced_service(ns, label_selector=selector).items)
+                    + len(apps.list_namespaced_deployment(ns, label_selector=selector).items)
+                    + len(
+                        custom.list_namespaced_custom_object(
+                            "keda.sh", "v1alpha1", ns, "scaledobjects", label_selector=selector
+                        )["items"]
+                    )
+                )
 
             def phase(ns: str, name: str) -> str:
                 obj = custom.get_namespaced_custom_object("promptpipe.io", "v1alpha1", ns, "promptpipelines", name)
@@ -98,16 +108,28 @@ def main() -> None:
                     start = time.perf_counter()
                     for stage in STAGE_ORDER:
                         d = apps.read_namespaced_deployment(f"{name}-{stage.value}", ns)
-                        apps.patch_namespaced_deployment_status(f"{name}-{stage.value}", ns, {"status": {
-                            "observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1,
-                            "readyReplicas": 1, "availableReplicas": 1}})
+                        apps.patch_namespaced_deployment_status(
+                            f"{name}-{stage.value}",
+                            ns,
+                            {
+                                "status": {
+                                    "observedGeneration": d.metadata.generation,
+                                    "replicas": 1,
+                                    "updatedReplicas": 1,
+                                    "readyReplicas": 1,
+                                    "availableReplicas": 1,
+                                }
+                            },
+                        )
                     ready[level].append(time.perf_counter() - start + poll(lambda: phase(ns, name) == "Ready"))
                     start = time.perf_counter()
                     core.delete_namespaced_service(f"{name}-rag", ns)
                     repaired[level].append(time.perf_counter() - start + poll(lambda: children(ns, name) == CHILDREN))
 
-            print(f"operator as its ServiceAccount, {args.pipelines} quickstart pipelines ({CHILDREN} children each) "
-                  f"per setting, applied one after another, settings in turns")
+            print(
+                f"operator as its ServiceAccount, {args.pipelines} quickstart pipelines ({CHILDREN} children each) "
+                f"per setting, applied one after another, settings in turns"
+            )
             for level in levels:
                 op = operators[level]
                 reconciles = op.metric("promptpipe_operator_reconcile_duration_seconds_count")
@@ -119,9 +141,11 @@ def main() -> None:
                 print(f"{'reconciles':<40} {reconciles:.0f} in all, mean {1000 * spent / max(reconciles, 1):.1f} ms")
             if len(levels) == 2:
                 a, b = levels
-                print(f"-- median ratio, concurrency {b} / {a}: apply→created "
-                      f"{statistics.median(created[b]) / statistics.median(created[a]):.2f}, ready→Ready "
-                      f"{statistics.median(ready[b]) / statistics.median(ready[a]):.2f}")
+                print(
+                    f"-- median ratio, concurrency {b} / {a}: apply→created "
+                    f"{statistics.median(created[b]) / statistics.median(created[a]):.2f}, ready→Ready "
+                    f"{statistics.median(ready[b]) / statistics.median(ready[a]):.2f}"
+                )
         finally:
             for op in operators.values():
                 op.stop()

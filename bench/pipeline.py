@@ -70,7 +70,10 @@ async def ttft_section(samples: int) -> None:
                 total = samples if conc == 1 else samples * 4
                 s = await closed_loop(lambda: stage_stream(stage, 8), conc, total)
                 g = await closed_loop(lambda: gateway_stream(gateway, 8), conc, total)
-                for label, res in ((f"inference stage, {conc:>2} streams", s), (f"pipeline,        {conc:>2} streams", g)):
+                for label, res in (
+                    (f"inference stage, {conc:>2} streams", s),
+                    (f"pipeline,        {conc:>2} streams", g),
+                ):
                     t = [r.ttft for r in res if r.ttft is not None]
                     p50, p99 = pct(t, 50), pct(t, 99)
                     print(f"{label:28}{ms(p50)}{ms(p99)}   {ms(p50 - base50)} / {ms(p99 - base99)}")
@@ -89,8 +92,10 @@ async def throughput_section(seconds: float) -> None:
             backend_rate = n / (time.perf_counter() - t0)
             print(f"{'backend alone (in-process)':34}{backend_rate:12,.0f} tokens/s")
             rates = {}
-            for label, fn in (("inference stage alone", lambda: stage_stream(stage, tokens_per_call)),
-                              ("pipeline (5 stages)", lambda: gateway_stream(gateway, tokens_per_call))):
+            for label, fn in (
+                ("inference stage alone", lambda: stage_stream(stage, tokens_per_call)),
+                ("pipeline (5 stages)", lambda: gateway_stream(gateway, tokens_per_call)),
+            ):
                 for conc in (1, 16):
                     start = time.perf_counter()
                     res = await closed_loop(fn, conc, max(conc, int(seconds * conc / 2)))
@@ -116,7 +121,8 @@ async def surge_section(seconds: float) -> None:
             t_unloaded = [r.ttft for r in unloaded if r.ttft is not None]
             start = time.perf_counter()
             capacity_rps = len(await closed_loop(lambda: gateway_stream(gateway, 50), 8, 80)) / (
-                time.perf_counter() - start)
+                time.perf_counter() - start
+            )
             rate = 10 * capacity_rps
             print(f"capacity {capacity_rps:.1f} calls/s (8 running, 2 queued); surge arrivals {rate:.0f} calls/s")
             rss_before = rss_mib(run)
@@ -139,11 +145,15 @@ async def surge_section(seconds: float) -> None:
     other = [r for r in results if r.code not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)]
     rejected_latency = [r.seconds for r in shed]
     accepted_ttft = [r.ttft for r in ok if r.ttft is not None]
-    print(f"calls {len(tasks)}: accepted {len(ok)}, rejected {len(shed)}, other status {len(other)}, "
-          f"never ended {len(pending)}")
+    print(
+        f"calls {len(tasks)}: accepted {len(ok)}, rejected {len(shed)}, other status {len(other)}, "
+        f"never ended {len(pending)}"
+    )
     print(f"rejection answered in: p50 {ms(pct(rejected_latency, 50))}  p99 {ms(pct(rejected_latency, 99))}")
-    print(f"accepted TTFT p99: {ms(pct(accepted_ttft, 99))} vs unloaded p99 {ms(pct(t_unloaded, 99))} "
-          f"(ratio {pct(accepted_ttft, 99) / pct(t_unloaded, 99):.2f})")
+    print(
+        f"accepted TTFT p99: {ms(pct(accepted_ttft, 99))} vs unloaded p99 {ms(pct(t_unloaded, 99))} "
+        f"(ratio {pct(accepted_ttft, 99) / pct(t_unloaded, 99):.2f})"
+    )
     print(f"stage processes RSS: before {rss_before:.0f} MiB, peak {rss_peak:.0f} MiB, after {rss_after:.0f} MiB")
 
 
@@ -181,8 +191,13 @@ async def model_section(samples: int) -> None:
         from promptpipe.v1 import common_pb2, gateway_pb2
 
         spec = load_pipeline(ROOT / "deploy" / "examples" / "quickstart.yaml").spec
-        item = work_item(gateway_pb2.GenerateRequest(prompt=question, parameters=common_pb2.GenerationParameters(
-            temperature=0.0, max_new_tokens=max_new)), spec.generation, "b")
+        item = work_item(
+            gateway_pb2.GenerateRequest(
+                prompt=question, parameters=common_pb2.GenerationParameters(temperature=0.0, max_new_tokens=max_new)
+            ),
+            spec.generation,
+            "b",
+        )
         for stage in (StageName.RAG, StageName.ASSEMBLE):
             c = StageClient(f"127.0.0.1:{run.stages[stage.value].port}", spec.stages.rag.retries)
             item = await c.process(item, time.monotonic() + 30)
@@ -193,8 +208,9 @@ async def model_section(samples: int) -> None:
         start = time.perf_counter()
         first = None
         n = 0
-        for _chunk in llm.create_completion(item.prompt, max_tokens=max_new, temperature=0.0, top_k=40,
-                                            top_p=0.95, stream=True):
+        for _chunk in llm.create_completion(
+            item.prompt, max_tokens=max_new, temperature=0.0, top_k=40, top_p=0.95, stream=True
+        ):
             first = first or time.perf_counter()
             n += 1
         assert first is not None
@@ -205,8 +221,10 @@ async def model_section(samples: int) -> None:
     print(f"{'':24}{'TTFT p50':>12}{'tokens/s p50':>15}")
     print(f"{'llama.cpp directly':24}{ms(median(direct_ttft[1:]))}{median(direct_rate[1:]):15.1f}")
     print(f"{'pipeline (5 stages)':24}{ms(median(pipe_ttft[1:]))}{median(pipe_rate[1:]):15.1f}")
-    print(f"ratio pipeline/direct: TTFT {median(pipe_ttft[1:]) / median(direct_ttft[1:]):.2f}, "
-          f"tokens/s {median(pipe_rate[1:]) / median(direct_rate[1:]):.2f}")
+    print(
+        f"ratio pipeline/direct: TTFT {median(pipe_ttft[1:]) / median(direct_ttft[1:]):.2f}, "
+        f"tokens/s {median(pipe_rate[1:]) / median(direct_rate[1:]):.2f}"
+    )
 
 
 async def main(quick: bool) -> None:

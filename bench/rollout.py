@@ -53,8 +53,15 @@ def main() -> None:
             api = config.new_client_from_config(config_file=plane.kubeconfig)
             core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
-            op = OperatorProcess(operator_kubeconfig(plane, folder), NS, folder / "operator.log", env={
-                **registry_env(settings), "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}"})
+            op = OperatorProcess(
+                operator_kubeconfig(plane, folder),
+                NS,
+                folder / "operator.log",
+                env={
+                    **registry_env(settings),
+                    "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
+                },
+            )
             op.start()
 
             def traffic() -> str:
@@ -62,9 +69,19 @@ def main() -> None:
 
             def ready(deployment: str) -> None:
                 d = apps.read_namespaced_deployment(deployment, NS)
-                apps.patch_namespaced_deployment_status(deployment, NS, {"status": {
-                    "observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1,
-                    "readyReplicas": 1, "availableReplicas": 1}})
+                apps.patch_namespaced_deployment_status(
+                    deployment,
+                    NS,
+                    {
+                        "status": {
+                            "observedGeneration": d.metadata.generation,
+                            "replicas": 1,
+                            "updatedReplicas": 1,
+                            "readyReplicas": 1,
+                            "availableReplicas": 1,
+                        }
+                    },
+                )
 
             def exists(deployment: str, version: str) -> bool:
                 try:
@@ -81,8 +98,9 @@ def main() -> None:
                 try:
                     custom.create_namespaced_custom_object("promptpipe.io", "v1alpha1", NS, "promptpipelines", doc)
                 except client.ApiException:
-                    custom.patch_namespaced_custom_object("promptpipe.io", "v1alpha1", NS, "promptpipelines", NAME,
-                                                          {"spec": doc["spec"]})
+                    custom.patch_namespaced_custom_object(
+                        "promptpipe.io", "v1alpha1", NS, "promptpipelines", NAME, {"spec": doc["spec"]}
+                    )
 
             switch, back = [], []
             apply("v0")
@@ -97,8 +115,14 @@ def main() -> None:
                 ready(f"{NAME}-backend-{green}")
                 switch.append(time.perf_counter() - start + poll(lambda: traffic() == green))
                 start = time.perf_counter()
-                custom.patch_namespaced_custom_object("promptpipe.io", "v1alpha1", NS, "promptpipelines", NAME, {
-                    "metadata": {"annotations": {"promptpipe.io/rollback": f"r{v}"}}})
+                custom.patch_namespaced_custom_object(
+                    "promptpipe.io",
+                    "v1alpha1",
+                    NS,
+                    "promptpipelines",
+                    NAME,
+                    {"metadata": {"annotations": {"promptpipe.io/rollback": f"r{v}"}}},
+                )
                 back.append(time.perf_counter() - start + poll(lambda: traffic() == active))
                 # Next round starts from the rolled-back version on `active`; the next version gets the other color.
             print(f"operator as its ServiceAccount, {args.rounds} rollouts, smoke test through a TGI-protocol server")

@@ -19,11 +19,26 @@ KUBE_VERSION = "1.32.4"
 
 def plain_install(tools: Tools) -> str:
     rendered = subprocess.run(
-        [str(tools.helm), "template", "promptpipe", str(CHART), "--namespace", NAMESPACE, "--include-crds",
-         "--kube-version", KUBE_VERSION], capture_output=True, text=True, check=True).stdout
-    header = ("# Generated from charts/promptpipe with its default values (make manifests); do not edit.\n"
-              f"#   kubectl create namespace {NAMESPACE}\n"
-              "#   kubectl apply --server-side -f deploy/install.yaml\n")
+        [
+            str(tools.helm),
+            "template",
+            "promptpipe",
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--include-crds",
+            "--kube-version",
+            KUBE_VERSION,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    header = (
+        "# Generated from charts/promptpipe with its default values (make manifests); do not edit.\n"
+        f"#   kubectl create namespace {NAMESPACE}\n"
+        "#   kubectl apply --server-side -f deploy/install.yaml\n"
+    )
     return header + rendered
 
 

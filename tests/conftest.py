@@ -45,6 +45,7 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def start_pipeline(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RunningPipeline]]:
     with ExitStack() as stack:
+
         def start(doc: dict[str, Any]) -> RunningPipeline:
             return stack.enter_context(running_pipeline(doc, tmp_path / "pipelines"))
 

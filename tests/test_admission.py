@@ -11,8 +11,9 @@ from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.errors import DeadlineExceeded, Shed
 
 
-async def hold(queue: AdmissionQueue, release: asyncio.Event, log: list[str], name: str,
-               timeout: float | None = 5.0) -> None:
+async def hold(
+    queue: AdmissionQueue, release: asyncio.Event, log: list[str], name: str, timeout: float | None = 5.0
+) -> None:
     async with queue.slot(timeout):
         log.append(name)
         await release.wait()

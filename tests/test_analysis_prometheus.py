@@ -21,9 +21,12 @@ PIPELINE, NAMESPACE = "assistant", "team-a"
 
 
 def spec(url: str, **analysis_: object) -> PipelineSpec:
-    return PipelineSpec.model_validate({"model": {"name": "smollm2", "backend": "tgi", "tgi": {"gpus": 1}},
-                                        "rollout": {"analysis": {
-                                            **analysis_, "prometheus": {"url": url, "scrapeInterval": SCRAPE_SECONDS}}}})
+    return PipelineSpec.model_validate(
+        {
+            "model": {"name": "smollm2", "backend": "tgi", "tgi": {"gpus": 1}},
+            "rollout": {"analysis": {**analysis_, "prometheus": {"url": url, "scrapeInterval": SCRAPE_SECONDS}}},
+        }
+    )
 
 
 def exposition_text(target: str) -> str:
@@ -41,8 +44,10 @@ def test_server_error_series_exist_at_zero_before_any_call() -> None:
 
 @pytest.mark.prometheus
 def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: Tools, tmp_path: Path) -> None:
-    with gateway_exposition(PIPELINE) as gateway, \
-            prometheus(kube_tools, tmp_path / "prometheus", {gateway.target: {"namespace": NAMESPACE}}) as url:
+    with (
+        gateway_exposition(PIPELINE) as gateway,
+        prometheus(kube_tools, tmp_path / "prometheus", {gateway.target: {"namespace": NAMESPACE}}) as url,
+    ):
         cfg = spec(url, minRequests=20, maxErrorRate=0.05, maxTtftP95Seconds=1.0)
         # Before the switch, and over a scrape interval before it: outside the range the analysis reads.
         gateway.calls({"OK": 10}, ttft_seconds=0.2)
@@ -60,8 +65,9 @@ def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: To
         since_switch = time.monotonic() - switched
         healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, since_switch, cfg)
         delta = analysis.since({"pod": current}, {"pod": baseline})
-        from_scrape = analysis.verdict(delta.requests, delta.errors, analysis.quantile(0.95, delta.ttft_buckets),
-                                       cfg.rollout.analysis)
+        from_scrape = analysis.verdict(
+            delta.requests, delta.errors, analysis.quantile(0.95, delta.ttft_buckets), cfg.rollout.analysis
+        )
         assert (healthy, from_scrape[0]) == (False, False), (why, from_scrape)
         assert "error rate 10.0% over 40 calls" in from_scrape[1]
         # increase() extrapolates each series to the range's edges (a series at zero not below zero), so
@@ -79,8 +85,7 @@ def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: To
 
 
 @pytest.mark.prometheus
-def test_an_unreachable_or_refusing_prometheus_gives_no_verdict_and_says_why(kube_tools: Tools,
-                                                                              tmp_path: Path) -> None:
+def test_an_unreachable_or_refusing_prometheus_gives_no_verdict_and_says_why(kube_tools: Tools, tmp_path: Path) -> None:
     healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec("http://127.0.0.1:9"))
     assert healthy is None and "could not be queried" in why
     with prometheus(kube_tools, tmp_path / "prometheus", {}) as url:

@@ -17,8 +17,10 @@ pytestmark = [pytest.mark.processes, pytest.mark.model]
 
 
 def openai_pipeline(*urls: str) -> dict[str, object]:
-    return synthetic_pipeline(model={"backend": "openai", "openai": {"endpoints": list(urls), "model": "smollm2"}},
-                              generation={"maxNewTokens": 12, "temperature": 0.0})
+    return synthetic_pipeline(
+        model={"backend": "openai", "openai": {"endpoints": list(urls), "model": "smollm2"}},
+        generation={"maxNewTokens": 12, "temperature": 0.0},
+    )
 
 
 async def test_streams_the_servers_tokens(start_pipeline) -> None:
@@ -42,8 +44,10 @@ async def test_cancel_closes_the_stream_to_the_server(start_pipeline) -> None:
         call.cancel()
         from promptpipe.contract.spec import StageName
 
-        await wait_until_async(lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
-                         what="the generation to end")
+        await wait_until_async(
+            lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
+            what="the generation to end",
+        )
         assert p.metric(StageName.INFERENCE, "promptpipe_backend_generations_cancelled_total") == 1
         # The server is free again at once: a new call is answered.
         assert (await collect(p.gateway, "Hi", max_new_tokens=4)).summary is not None

@@ -53,31 +53,48 @@ def pipeline(version: str) -> dict[str, Any]:
 
 @pytest.fixture
 def kubelet(kube: client.ApiClient, namespace: str, tmp_path: Path) -> Iterator[Kubelet]:
-    k = Kubelet(client.CoreV1Api(kube), client.AppsV1Api(kube), namespace, tmp_path / "pods",
-                runtimes={TGI_IMAGE: tgi_stand_in})
+    k = Kubelet(
+        client.CoreV1Api(kube), client.AppsV1Api(kube), namespace, tmp_path / "pods", runtimes={TGI_IMAGE: tgi_stand_in}
+    )
     try:
         yield k
     finally:
         k.stop()
 
 
-@pytest.mark.parametrize(("damage", "said"), [
-    ("corrupted", "downloaded content does not match the registry"),
-    ("missing", "is missing"),
-])
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("corrupted", "downloaded content does not match the registry"),
+        ("missing", "is missing"),
+    ],
+)
 def test_a_verified_version_is_served_from_disk_and_a_damaged_one_never_serves(
-        registry: Registry, operator_identity: Path, namespace: str, kube: client.ApiClient,
-        control_plane: ControlPlane, kube_tools: Tools, kubelet: Kubelet, tmp_path: Path,
-        damage: str, said: str) -> None:
+    registry: Registry,
+    operator_identity: Path,
+    namespace: str,
+    kube: client.ApiClient,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    kubelet: Kubelet,
+    tmp_path: Path,
+    damage: str,
+    said: str,
+) -> None:
     cluster = Cluster(kube, namespace)
     v1 = registry.push("smollm2", make_model(tmp_path / "v1", "one"), "v1").record
     v2_folder = make_model(tmp_path / "v2", "two")
     registry.push("smollm2", v2_folder, "v2")
     # The pods' keys come from a Secret in the pipeline's namespace, named by the operator's settings.
-    cluster.core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="registry-keys"), string_data=CREDENTIALS))
-    op = OperatorProcess(operator_identity, namespace, tmp_path / "operator.log", env={
-        **registry_env(registry.settings), "PROMPTPIPE_OPERATOR_REGISTRY_SECRET": "registry-keys"})
+    cluster.core.create_namespaced_secret(
+        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="registry-keys"), string_data=CREDENTIALS)
+    )
+    op = OperatorProcess(
+        operator_identity,
+        namespace,
+        tmp_path / "operator.log",
+        env={**registry_env(registry.settings), "PROMPTPIPE_OPERATOR_REGISTRY_SECRET": "registry-keys"},
+    )
     op.start()
     try:
         apply(control_plane, kube_tools, namespace, pipeline("v1"))
@@ -115,13 +132,21 @@ def test_a_verified_version_is_served_from_disk_and_a_damaged_one_never_serves(
         assert said in fetch.message, fetch.message
         assert status.phase == "Pending" and status.container_statuses[0].state.waiting.reason == "PodInitializing"
 
-        rollout = wait_until(lambda: (cluster.status(NAME).get("rollout") or {}).get("phase") == "RolledBack"
-                           and cluster.status(NAME)["rollout"], "the rollback at the deadline", timeout=30)
+        rollout = wait_until(
+            lambda: (
+                (cluster.status(NAME).get("rollout") or {}).get("phase") == "RolledBack"
+                and cluster.status(NAME)["rollout"]
+            ),
+            "the rollback at the deadline",
+            timeout=30,
+        )
         assert rollout["reason"] == "ProgressDeadlineExceeded"
         assert f"pod {green.name}: init container fetch-model failed (exit {fetch.exit_code})" in rollout["message"]
         assert "model.safetensors" in rollout["message"]
-        wait_until(lambda: any("init container fetch-model failed" in m for m in cluster.events("RolledBack")),
-                 "the reason in the RolledBack Event too")
+        wait_until(
+            lambda: any("init container fetch-model failed" in m for m in cluster.events("RolledBack")),
+            "the reason in the RolledBack Event too",
+        )
         service = cluster.core.read_namespaced_service(f"{NAME}-backend", namespace)
         assert service.spec.selector["promptpipe.io/color"] == "blue" and cluster.status(NAME)["activeVersion"] == "v1"
         assert registry.resolve(ModelRef("smollm2", version="v2")).digest != scan(models).digest

@@ -83,7 +83,8 @@ async def test_session_affinity_keeps_each_session_on_one_replica(start_pipeline
         sessions = [f"user-{i}" for i in range(24)]
         for _round in range(2):
             results = await asyncio.gather(
-                *(collect(p.gateway, f"session marker {s}.", session_id=s) for s in sessions))
+                *(collect(p.gateway, f"session marker {s}.", session_id=s) for s in sessions)
+            )
             assert all(r.error is None for r in results)
         homes: dict[str, Counter[str]] = {s: Counter() for s in sessions}
         for name, url in (("a", a), ("b", b)):

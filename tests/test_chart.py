@@ -32,8 +32,9 @@ KUBE_VERSION = "1.32.4"
 CRD_NAME = "promptpipelines.promptpipe.io"
 
 
-def helm(tools: Tools, *args: str, plane: ControlPlane | None = None,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
+def helm(
+    tools: Tools, *args: str, plane: ControlPlane | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     kube = [f"--kubeconfig={plane.kubeconfig}"] if plane else []
     result = subprocess.run([str(tools.helm), *kube, *args], capture_output=True, text=True, timeout=120, check=False)
     if check:
@@ -50,9 +51,11 @@ def test_the_chart_crd_rules_and_plain_install_are_generated_from_their_one_sour
     assert (CHART / "crds" / f"{CRD_NAME}.yaml").read_text() == render_crd(), "run `make manifests`"
     assert (CHART / "files" / "operator-rules.yaml").read_text() == rbac.rules_yaml(), "run `make manifests`"
     assert (CHART / "files" / "leader-election-rules.yaml").read_text() == rbac.rules_yaml(
-        rbac.LEADER_ELECTION_RULES), "run `make manifests`"
-    generated = subprocess.run([sys.executable, "-m", "charts.generate"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout
+        rbac.LEADER_ELECTION_RULES
+    ), "run `make manifests`"
+    generated = subprocess.run(
+        [sys.executable, "-m", "charts.generate"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert (ROOT / "deploy" / "install.yaml").read_text() == generated, "run `make manifests`"
 
 
@@ -65,8 +68,10 @@ def test_lint_and_template_every_scenario(kube_tools: Tools, values: Path | None
     assert role["rules"] == rbac.RULES, "the chart's ClusterRole is exactly the operator's rules"
     lease_role = next(d for d in docs if d["kind"] == "Role")
     assert lease_role["rules"] == rbac.LEADER_ELECTION_RULES
-    assert lease_role["metadata"]["namespace"] == next(d for d in docs if d["kind"] == "Deployment")[
-        "metadata"]["namespace"], "the Lease permission is only in the operator's namespace"
+    assert (
+        lease_role["metadata"]["namespace"]
+        == next(d for d in docs if d["kind"] == "Deployment")["metadata"]["namespace"]
+    ), "the Lease permission is only in the operator's namespace"
     operator = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert operator["securityContext"]["runAsNonRoot"] is True
     assert operator["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
@@ -89,8 +94,9 @@ def test_registry_values_reach_the_operator_environment(kube_tools: Tools) -> No
     default = operator_container(rendered(kube_tools))
     names = {e["name"]: e.get("value") for e in default["env"]}
     assert names["PROMPTPIPE_REGISTRY_BUCKET"] == names["PROMPTPIPE_REGISTRY_TABLE"] == "promptpipe-models"
-    assert "PROMPTPIPE_REGISTRY_ENDPOINT_URL" not in names and "PROMPTPIPE_REGISTRY_REGION" not in names, \
+    assert "PROMPTPIPE_REGISTRY_ENDPOINT_URL" not in names and "PROMPTPIPE_REGISTRY_REGION" not in names, (
         "unset values leave boto3's own chain (IRSA's AWS_REGION) in charge"
+    )
     assert "envFrom" not in default and "PROMPTPIPE_OPERATOR_REGISTRY_SECRET" not in names
 
     container = operator_container(rendered(kube_tools, "-f", str(CHART / "ci" / "registry-values.yaml")))
@@ -104,35 +110,48 @@ def test_registry_values_reach_the_operator_environment(kube_tools: Tools) -> No
     assert container["envFrom"] == [{"secretRef": {"name": "operator-registry-keys"}}]
 
 
-@pytest.mark.parametrize(("setting", "field"), [
-    ("operator.resyncSeconds=soon", "operator.resyncSeconds"),
-    ("registry.endpointUrl=minio:9000", "registry.endpointUrl"),
-    ("registry.bucket=Models_1", "registry.bucket"),
-    ("registry.backendCredentialsSecret=Keys", "registry.backendCredentialsSecret"),
-    ("operator.logFormat=xml", "operator.logFormat"),
-    ("operator.leaderElection=false,operator.replicas=2", "operator.replicas"),
-    ("operator.image.pullPolicy=Sometimes", "operator.image.pullPolicy"),
-    ("operator.colour=blue", "colour"),
-    ("pipelines.prometheusAddress=prometheus:9090", "pipelines.prometheusAddress"),
-])
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("operator.resyncSeconds=soon", "operator.resyncSeconds"),
+        ("registry.endpointUrl=minio:9000", "registry.endpointUrl"),
+        ("registry.bucket=Models_1", "registry.bucket"),
+        ("registry.backendCredentialsSecret=Keys", "registry.backendCredentialsSecret"),
+        ("operator.logFormat=xml", "operator.logFormat"),
+        ("operator.leaderElection=false,operator.replicas=2", "operator.replicas"),
+        ("operator.image.pullPolicy=Sometimes", "operator.image.pullPolicy"),
+        ("operator.colour=blue", "colour"),
+        ("pipelines.prometheusAddress=prometheus:9090", "pipelines.prometheusAddress"),
+    ],
+)
 def test_values_schema_refuses_wrong_values_naming_the_field(kube_tools: Tools, setting: str, field: str) -> None:
-    result = helm(kube_tools, "template", "pp", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting,
-                  check=False)
+    result = helm(
+        kube_tools, "template", "pp", str(CHART), "--kube-version", KUBE_VERSION, "--set", setting, check=False
+    )
     assert result.returncode != 0
     assert "values don't meet the specifications of the schema" in result.stderr and field in result.stderr
 
 
 @pytest.mark.controlplane
 def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_uninstall(
-        control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str,
-        registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    kube: client.ApiClient,
+    namespace: str,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
     ext, core = client.ApiextensionsV1Api(kube), client.CoreV1Api(kube)
     authz, apps = client.RbacAuthorizationV1Api(kube), client.AppsV1Api(kube)
     # Helm installs crds/ only when the CRD is absent: start from a cluster without it.
     if any(c.metadata.name == CRD_NAME for c in ext.list_custom_resource_definition().items):
         ext.delete_custom_resource_definition(CRD_NAME)
-        wait_until(lambda: all(c.metadata.name != CRD_NAME for c in ext.list_custom_resource_definition().items),
-                 "the old CRD to be gone", timeout=60)
+        wait_until(
+            lambda: all(c.metadata.name != CRD_NAME for c in ext.list_custom_resource_definition().items),
+            "the old CRD to be gone",
+            timeout=60,
+        )
     release_ns = f"{namespace}-sys"
     # The blue-green example follows a registry alias; the operator gets the registry and its keys only
     # from the chart (a Secret in the release namespace), not from this test's environment.
@@ -141,20 +160,42 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
     for key in CREDENTIALS:
         monkeypatch.delenv(key)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=release_ns)))
-    core.create_namespaced_secret(release_ns, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="operator-registry-keys"), string_data=CREDENTIALS))
+    core.create_namespaced_secret(
+        release_ns,
+        client.V1Secret(metadata=client.V1ObjectMeta(name="operator-registry-keys"), string_data=CREDENTIALS),
+    )
     settings = registry.settings
-    helm(kube_tools, "install", "promptpipe", str(CHART), "-n", release_ns, "--wait=false",
-         "--set", f"operator.watchNamespaces={{{namespace}}}",
-         "--set", f"registry.bucket={settings.bucket},registry.table={settings.table},registry.region=us-east-1",
-         "--set", f"registry.endpointUrl={settings.endpoint_url},registry.backendCredentialsSecret=registry-keys",
-         "--set", "registry.operatorCredentialsSecret=operator-registry-keys,pipelines.backendServiceAccount=tgi",
-         plane=control_plane)
+    helm(
+        kube_tools,
+        "install",
+        "promptpipe",
+        str(CHART),
+        "-n",
+        release_ns,
+        "--wait=false",
+        "--set",
+        f"operator.watchNamespaces={{{namespace}}}",
+        "--set",
+        f"registry.bucket={settings.bucket},registry.table={settings.table},registry.region=us-east-1",
+        "--set",
+        f"registry.endpointUrl={settings.endpoint_url},registry.backendCredentialsSecret=registry-keys",
+        "--set",
+        "registry.operatorCredentialsSecret=operator-registry-keys,pipelines.backendServiceAccount=tgi",
+        plane=control_plane,
+    )
     try:
-        crd = wait_until(lambda: next((c for c in ext.list_custom_resource_definition().items
-                                     if c.metadata.name == CRD_NAME and any(
-                                         s.type == "Established" and s.status == "True"
-                                         for s in c.status.conditions or [])), None), "the CRD served")
+        crd = wait_until(
+            lambda: next(
+                (
+                    c
+                    for c in ext.list_custom_resource_definition().items
+                    if c.metadata.name == CRD_NAME
+                    and any(s.type == "Established" and s.status == "True" for s in c.status.conditions or [])
+                ),
+                None,
+            ),
+            "the CRD served",
+        )
         assert crd.spec.names.short_names == ["pp"]
         deployment = apps.read_namespaced_deployment("promptpipe", release_ns)
         env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
@@ -168,23 +209,42 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
         pod = client.ApiClient().sanitize_for_serialization(deployment.spec.template.spec)
         pod_env = container_env(core, release_ns, pod["containers"][0], pod_name="promptpipe-0")
         harness = {"PROMPTPIPE_OPERATOR_METRICS_PORT", "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT"}
-        op = OperatorProcess(service_account_kubeconfig(control_plane, tmp_path, release_ns, account), namespace,
-                             tmp_path / "operator.log", lease=env["PROMPTPIPE_OPERATOR_LEASE_NAME"],
-                             lease_namespace=release_ns, env={k: v for k, v in pod_env.items() if k not in harness})
+        op = OperatorProcess(
+            service_account_kubeconfig(control_plane, tmp_path, release_ns, account),
+            namespace,
+            tmp_path / "operator.log",
+            lease=env["PROMPTPIPE_OPERATOR_LEASE_NAME"],
+            lease_namespace=release_ns,
+            env={k: v for k, v in pod_env.items() if k not in harness},
+        )
         op.start()
         try:
             objects = client.CustomObjectsApi(kube)
             for example in ("quickstart.yaml", "blue-green.yaml"):
                 doc = yaml.safe_load((ROOT / "deploy" / "examples" / example).read_text())
-                objects.create_namespaced_custom_object("promptpipe.io", "v1alpha1", namespace, "promptpipelines",
-                                                        doc)
+                objects.create_namespaced_custom_object("promptpipe.io", "v1alpha1", namespace, "promptpipelines", doc)
             wait_until(lambda: op.metric("promptpipe_operator_leader") == 1, "the operator to lead")
-            wait_until(lambda: len(apps.list_namespaced_deployment(
-                namespace, label_selector="app.kubernetes.io/instance=quickstart").items) == 5,
-                "the example reconciled by the chart's identity")
-            status = wait_until(lambda: (objects.get_namespaced_custom_object(
-                "promptpipe.io", "v1alpha1", namespace, "promptpipelines", "assistant-bg").get("status") or {}
-                ).get("activeVersion"), "the alias resolved in the chart's registry", timeout=30)
+            wait_until(
+                lambda: (
+                    len(
+                        apps.list_namespaced_deployment(
+                            namespace, label_selector="app.kubernetes.io/instance=quickstart"
+                        ).items
+                    )
+                    == 5
+                ),
+                "the example reconciled by the chart's identity",
+            )
+            status = wait_until(
+                lambda: (
+                    objects.get_namespaced_custom_object(
+                        "promptpipe.io", "v1alpha1", namespace, "promptpipelines", "assistant-bg"
+                    ).get("status")
+                    or {}
+                ).get("activeVersion"),
+                "the alias resolved in the chart's registry",
+                timeout=30,
+            )
             assert status == "v1"
             tgi = apps.read_namespaced_deployment("assistant-bg-backend-blue", namespace).spec.template.spec
             assert tgi.service_account_name == "tgi"
@@ -197,14 +257,25 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
             op.stop()
         who = f"--as=system:serviceaccount:{release_ns}:{account}"
         for verb, resource in (("get", "secrets"), ("create", "pods"), ("delete", "namespaces")):
-            can = kubectl(control_plane, kube_tools, "auth", "can-i", verb, resource, "-n", namespace, who,
-                          check=False)
+            can = kubectl(control_plane, kube_tools, "auth", "can-i", verb, resource, "-n", namespace, who, check=False)
             assert can.stdout.strip() == "no", (verb, resource)
 
-        helm(kube_tools, "upgrade", "promptpipe", str(CHART), "-n", release_ns, "--reuse-values",
-             "--set", "operator.resyncSeconds=5", plane=control_plane)
-        env = {e.name: e.value for e in apps.read_namespaced_deployment(
-            "promptpipe", release_ns).spec.template.spec.containers[0].env}
+        helm(
+            kube_tools,
+            "upgrade",
+            "promptpipe",
+            str(CHART),
+            "-n",
+            release_ns,
+            "--reuse-values",
+            "--set",
+            "operator.resyncSeconds=5",
+            plane=control_plane,
+        )
+        env = {
+            e.name: e.value
+            for e in apps.read_namespaced_deployment("promptpipe", release_ns).spec.template.spec.containers[0].env
+        }
         assert env["PROMPTPIPE_OPERATOR_RESYNC_SECONDS"] == "5"
         assert env["PROMPTPIPE_OPERATOR_NAMESPACES"] == namespace, "reused values kept"
     finally:
@@ -212,8 +283,7 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
     labelled = "app.kubernetes.io/instance=promptpipe"
     assert not authz.list_cluster_role(label_selector=labelled).items
     assert not authz.list_cluster_role_binding(label_selector=labelled).items
-    assert not authz.list_namespaced_role(release_ns).items and not authz.list_namespaced_role_binding(
-        release_ns).items
+    assert not authz.list_namespaced_role(release_ns).items and not authz.list_namespaced_role_binding(release_ns).items
     assert not apps.list_namespaced_deployment(release_ns).items
     assert not [s for s in core.list_namespaced_service_account(release_ns).items if s.metadata.name == "promptpipe"]
     # Helm never deletes what crds/ installed (pipelines would go with it): the CRD stays, as documented.
@@ -223,10 +293,19 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
 
 @pytest.mark.controlplane
 def test_the_plain_install_is_accepted_by_the_api_server(
-        control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient) -> None:
+    control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient
+) -> None:
     core = client.CoreV1Api(kube)
     if not any(n.metadata.name == "promptpipe-system" for n in core.list_namespace().items):
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="promptpipe-system")))
-    result = kubectl(control_plane, kube_tools, "apply", "--server-side", "--force-conflicts", "--dry-run=server",
-                     "-f", str(ROOT / "deploy" / "install.yaml"))
+    result = kubectl(
+        control_plane,
+        kube_tools,
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "-f",
+        str(ROOT / "deploy" / "install.yaml"),
+    )
     assert result.stdout.count("(server dry run)") == 8

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.processes
 
 
 def promptpipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "promptpipe.cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "promptpipe.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_up_generate_status_down(tmp_path: Path) -> None:
@@ -46,8 +52,11 @@ def test_up_generate_status_down(tmp_path: Path) -> None:
 
         status = promptpipe("status", env=env)
         assert status.returncode == 0
-        rows = [line.split() for line in status.stdout.splitlines() if line.split()[:1] in (
-            ["stream"], ["rag"], ["assemble"], ["inference"], ["post"])]
+        rows = [
+            line.split()
+            for line in status.stdout.splitlines()
+            if line.split()[:1] in (["stream"], ["rag"], ["assemble"], ["inference"], ["post"])
+        ]
         assert len(rows) == 5 and all(row[1] == "SERVING" for row in rows)
         done = {row[0]: row[-1] for row in rows}
         # The gateway admits before it validates, so the refused request held a gateway slot too.

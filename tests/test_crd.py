@@ -38,6 +38,7 @@ def test_schema_is_structural() -> None:
         elif isinstance(node, list):
             for value in node:
                 walk(value)
+
     walk(promptpipeline_crd())
 
 
@@ -49,7 +50,8 @@ def quickstart(name: str) -> dict[str, Any]:
 
 @pytest.mark.controlplane
 def test_examples_are_accepted_and_listed_by_short_name(
-        promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
+    promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str
+) -> None:
     for example in sorted((ROOT / "deploy" / "examples").glob("*.yaml")):
         dry = kubectl(control_plane, kube_tools, "apply", "-n", namespace, "--dry-run=server", "-f", str(example))
         assert "created (server dry run)" in dry.stdout, dry.stderr
@@ -64,8 +66,7 @@ def test_examples_are_accepted_and_listed_by_short_name(
 MALFORMED = [
     (["spec", "stages", "rag", "queue", "capacity"], -1, "spec.stages.rag.queue.capacity"),
     (["spec", "stages", "post", "queue", "shedPolicy"], "drop-newest", "spec.stages.post.queue.shedPolicy"),
-    (["spec", "stages", "inference", "scaling"], {"minReplicas": 5, "maxReplicas": 2},
-     "spec.stages.inference.scaling"),
+    (["spec", "stages", "inference", "scaling"], {"minReplicas": 5, "maxReplicas": 2}, "spec.stages.inference.scaling"),
     (["spec", "stages", "inference", "scaling"], {"minReplicas": 6}, "spec.stages.inference.scaling"),
     (["spec", "stages", "ranker"], {"queue": {"capacity": 1}}, "spec.stages.ranker"),
     (["spec", "model", "backend"], "openai", "spec.model"),
@@ -83,15 +84,22 @@ MALFORMED = [
 @pytest.mark.controlplane
 @pytest.mark.parametrize(("path", "value", "field"), MALFORMED)
 def test_malformed_resource_is_refused_at_apply_naming_the_field(
-        promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str,
-        path: list[str], value: object, field: str) -> None:
+    promptpipe_crd: None,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    namespace: str,
+    path: list[str],
+    value: object,
+    field: str,
+) -> None:
     doc = quickstart("bad")
     node = doc
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    result = kubectl(control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc),
-                     check=False)
+    result = kubectl(
+        control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
+    )
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
 
@@ -102,5 +110,6 @@ def test_missing_model_is_refused(promptpipe_crd: None, kube: client.ApiClient, 
     del doc["spec"]["model"]
     with pytest.raises(client.exceptions.ApiException) as info:
         client.CustomObjectsApi(kube).create_namespaced_custom_object(
-            "promptpipe.io", "v1alpha1", namespace, "promptpipelines", doc)
+            "promptpipe.io", "v1alpha1", namespace, "promptpipelines", doc
+        )
     assert info.value.status == 422 and "spec.model: Required value" in info.value.body

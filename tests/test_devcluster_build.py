@@ -31,8 +31,11 @@ def test_staging_modules_are_read_from_kubernetes_replace_block() -> None:
 
 
 def test_wrapper_replaces_each_staging_module_with_its_published_version() -> None:
-    gomod = wrapper_gomod("promptpipe.local/controlplane", {"k8s.io/kubernetes": "v1.32.4"},
-                          {"k8s.io/api": "v0.32.4", "k8s.io/client-go": "v0.32.4"})
+    gomod = wrapper_gomod(
+        "promptpipe.local/controlplane",
+        {"k8s.io/kubernetes": "v1.32.4"},
+        {"k8s.io/api": "v0.32.4", "k8s.io/client-go": "v0.32.4"},
+    )
     assert "\tk8s.io/kubernetes v1.32.4\n" in gomod
     assert "\tk8s.io/api => k8s.io/api v0.32.4\n" in gomod
     assert "\tk8s.io/client-go => k8s.io/client-go v0.32.4\n" in gomod

@@ -17,12 +17,18 @@ pytestmark = pytest.mark.processes
 
 BAD_REQUESTS = [
     (gateway_pb2.GenerateRequest(), "prompt: either prompt or messages is required"),
-    (gateway_pb2.GenerateRequest(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=9)),
-     "parameters.temperature: must be between 0 and 2"),
-    (gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="bot", content="x")]),
-     "messages[0].role: must be one of user, assistant, not 'bot'"),
-    (gateway_pb2.GenerateRequest(prompt="hi", parameters=common_pb2.GenerationParameters(max_new_tokens=99999)),
-     "parameters.max_new_tokens: must be at most 4096"),
+    (
+        gateway_pb2.GenerateRequest(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=9)),
+        "parameters.temperature: must be between 0 and 2",
+    ),
+    (
+        gateway_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="bot", content="x")]),
+        "messages[0].role: must be one of user, assistant, not 'bot'",
+    ),
+    (
+        gateway_pb2.GenerateRequest(prompt="hi", parameters=common_pb2.GenerationParameters(max_new_tokens=99999)),
+        "parameters.max_new_tokens: must be at most 4096",
+    ),
 ]
 
 
@@ -71,7 +77,8 @@ def test_health_reports_serving_for_every_stage_and_service(pipeline) -> None:
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(pipeline.gateway) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="promptpipe.v1.Gateway"), timeout=5)
+            health_pb2.HealthCheckRequest(service="promptpipe.v1.Gateway"), timeout=5
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -87,15 +94,23 @@ def test_reflection_describes_the_gateway_api_to_unconfigured_clients(pipeline) 
 async def test_metrics_carry_the_documented_names(pipeline) -> None:
     await collect(pipeline.gateway, "hi")
     gateway = pipeline.metrics(StageName.STREAM)
-    for name in ("promptpipe_gateway_time_to_first_token_seconds_bucket",
-                 "promptpipe_gateway_time_per_output_token_seconds_bucket",
-                 "promptpipe_gateway_output_tokens_total", "promptpipe_stage_queue_depth"):
+    for name in (
+        "promptpipe_gateway_time_to_first_token_seconds_bucket",
+        "promptpipe_gateway_time_per_output_token_seconds_bucket",
+        "promptpipe_gateway_output_tokens_total",
+        "promptpipe_stage_queue_depth",
+    ):
         assert name in gateway, name
     assert pipeline.metric(StageName.STREAM, "promptpipe_gateway_output_tokens_total") == 16
     for stage in StageName:
         text = pipeline.metrics(stage)
-        for name in ("promptpipe_stage_queue_depth", "promptpipe_stage_queue_capacity", "promptpipe_stage_in_flight",
-                     "promptpipe_stage_queue_wait_seconds_bucket", "promptpipe_stage_duration_seconds_bucket",
-                     "promptpipe_stage_shed_total"):
-            assert f'{name}{{' in text and f'stage="{stage.value}"' in text, (stage, name)
+        for name in (
+            "promptpipe_stage_queue_depth",
+            "promptpipe_stage_queue_capacity",
+            "promptpipe_stage_in_flight",
+            "promptpipe_stage_queue_wait_seconds_bucket",
+            "promptpipe_stage_duration_seconds_bucket",
+            "promptpipe_stage_shed_total",
+        ):
+            assert f"{name}{{" in text and f'stage="{stage.value}"' in text, (stage, name)
     assert pipeline.metric(StageName.RAG, "promptpipe_stage_duration_seconds_count", code="OK") == 1

@@ -41,8 +41,14 @@ INSTALLED_EXTRAS = re.compile(r'pip install [^\n]*"\.\[([a-z,]+)\]"')
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, **(env or {})}, check=False)
+    result = subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if check:
         assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
     return result
@@ -52,8 +58,20 @@ def run(*args: str | Path, env: dict[str, str] | None = None, check: bool = True
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert (WHEELS / "setuptools-80.9.0-py3-none-any.whl").exists(), f"no wheel cache in {WHEELS}: run `make setup`"
     out = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index", "--find-links", WHEELS,
-        "--wheel-dir", out, ROOT)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-index",
+        "--find-links",
+        WHEELS,
+        "--wheel-dir",
+        out,
+        ROOT,
+    )
     (built,) = out.glob("promptpipe-*.whl")
     return built
 
@@ -62,11 +80,21 @@ class Venv:
     def __init__(self, folder: Path, wheel: Path, extras: str) -> None:
         self.bin = folder / "bin"
         run(sys.executable, "-m", "venv", folder)
-        run(self.bin / "pip", "install", "--quiet", "--no-index", "--find-links", WHEELS,
-            "--constraint", ROOT / "constraints.txt", f"{wheel}[{extras}]")
+        run(
+            self.bin / "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--find-links",
+            WHEELS,
+            "--constraint",
+            ROOT / "constraints.txt",
+            f"{wheel}[{extras}]",
+        )
 
-    def run(self, command: str, *args: str | Path, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, command: str, *args: str | Path, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         # Outside the repository, so nothing is imported from the work tree by accident.
         return run(self.bin / command, *args, env={"PYTHONSAFEPATH": "1", **(env or {})}, check=check)
 
@@ -98,8 +126,11 @@ def test_the_operator_runs_on_its_own_dependencies(venv: Callable[[str], Venv]) 
     venv = venv("operator")
     help_text = venv.run("promptpipe-operator", "--help").stdout
     assert "PROMPTPIPE_OPERATOR_STAGE_IMAGE" in help_text and "--check" in help_text
-    checked = venv.run("promptpipe-operator", "--check", env={
-        "PROMPTPIPE_OPERATOR_NAMESPACES": "team-a, team-b", "PROMPTPIPE_REGISTRY_BUCKET": "acme-models"})
+    checked = venv.run(
+        "promptpipe-operator",
+        "--check",
+        env={"PROMPTPIPE_OPERATOR_NAMESPACES": "team-a, team-b", "PROMPTPIPE_REGISTRY_BUCKET": "acme-models"},
+    )
     report = json.loads(checked.stdout)
     assert report["operator"]["namespaces"] == ["team-a", "team-b"]
     assert report["registry"]["bucket"] == "acme-models"
@@ -112,19 +143,28 @@ def test_the_operator_runs_on_its_own_dependencies(venv: Callable[[str], Venv]) 
 def test_every_stage_builds_on_the_stage_dependencies(venv: Callable[[str], Venv], tmp_path: Path) -> None:
     venv = venv("stage")
     pipeline = parse_pipeline(yaml.safe_load(QUICKSTART.read_text()))
-    config = RuntimeConfig(pipeline=pipeline, endpoints={s: f"127.0.0.1:{50051 + i}" for i, s in enumerate(STAGE_ORDER)},
-                           base_dir=str(QUICKSTART.parent))
+    config = RuntimeConfig(
+        pipeline=pipeline,
+        endpoints={s: f"127.0.0.1:{50051 + i}" for i, s in enumerate(STAGE_ORDER)},
+        base_dir=str(QUICKSTART.parent),
+    )
     path = tmp_path / "runtime.yaml"
     path.write_text(config.dump_yaml())
     for stage in STAGE_ORDER:
-        checked = venv.run("promptpipe-stage", "--check", env={"PROMPTPIPE_STAGE": stage.value,
-                                                               "PROMPTPIPE_CONFIG": str(path)})
+        checked = venv.run(
+            "promptpipe-stage", "--check", env={"PROMPTPIPE_STAGE": stage.value, "PROMPTPIPE_CONFIG": str(path)}
+        )
         report = json.loads(checked.stdout)
         assert report["settings"]["stage"] == stage.value and report["backend"] == "llamacpp", report
-    assert "--port" in venv.run("promptpipe-stage", "--help", env={"PROMPTPIPE_STAGE": "rag",
-                                                                   "PROMPTPIPE_CONFIG": str(path)}).stdout
-    refused = venv.run("promptpipe-stage", "--check", env={"PROMPTPIPE_STAGE": "ranker", "PROMPTPIPE_CONFIG": str(path)},
-                       check=False)
+    assert (
+        "--port"
+        in venv.run(
+            "promptpipe-stage", "--help", env={"PROMPTPIPE_STAGE": "rag", "PROMPTPIPE_CONFIG": str(path)}
+        ).stdout
+    )
+    refused = venv.run(
+        "promptpipe-stage", "--check", env={"PROMPTPIPE_STAGE": "ranker", "PROMPTPIPE_CONFIG": str(path)}, check=False
+    )
     assert refused.returncode != 0 and "stage" in refused.stderr
     assert not venv.can_import("kopf") and not venv.can_import("boto3") and not venv.can_import("typer")
 

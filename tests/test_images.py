@@ -26,8 +26,9 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 
 def lint(tools: Tools, *paths: Path) -> subprocess.CompletedProcess[str]:
     assert tools.dockerfile_lint.exists(), "run `make setup` (builds dockerfile-lint)"
-    return subprocess.run([str(tools.dockerfile_lint), *map(str, paths)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [str(tools.dockerfile_lint), *map(str, paths)], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def final_stage(path: Path) -> list[str]:
@@ -95,8 +96,9 @@ def test_skaffold_builds_every_image_from_its_dockerfile_and_deploys_the_chart()
 def skaffold(tools: Tools, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     assert tools.skaffold.exists(), "run `make setup` (builds skaffold)"
     env = {**os.environ, "PATH": f"{tools.helm.parent}:{os.environ['PATH']}", "SKAFFOLD_UPDATE_CHECK": "false"}
-    return subprocess.run([str(tools.skaffold), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [str(tools.skaffold), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 @pytest.mark.skaffold

@@ -66,8 +66,11 @@ async def test_quickstart_answers_with_the_models_own_tokens(quickstart: Running
     assert out.summary.usage.prompt_tokens > 50, "the prompt holds the template and retrieved context"
 
     # The same prompt, decoded greedily by llama.cpp directly, then post-processed the same way.
-    request = gateway_pb2.GenerateRequest(session_id="s1", prompt=QUESTION, parameters=common_pb2.GenerationParameters(
-        temperature=0.0, max_new_tokens=max_new))
+    request = gateway_pb2.GenerateRequest(
+        session_id="s1",
+        prompt=QUESTION,
+        parameters=common_pb2.GenerationParameters(temperature=0.0, max_new_tokens=max_new),
+    )
     prompt = await assembled_prompt(quickstart, request)
     llm = Llama(str(default_model_path()), n_ctx=2048, verbose=False)
     direct = llm.create_completion(prompt, max_tokens=max_new, temperature=0.0, top_k=40, top_p=0.95)
@@ -86,8 +89,16 @@ async def test_cancelled_call_stops_llama_cpp_decoding(quickstart: RunningPipeli
 
     max_new = 1800  # about 30 s of decoding: far longer than the test needs, however slow its client
     out = Outcome()
-    call = asyncio.create_task(collect(quickstart.gateway, "Write a very long story about a dragon.", out,
-                                       max_new_tokens=max_new, temperature=0.8, timeout=120.0))
+    call = asyncio.create_task(
+        collect(
+            quickstart.gateway,
+            "Write a very long story about a dragon.",
+            out,
+            max_new_tokens=max_new,
+            temperature=0.8,
+            timeout=120.0,
+        )
+    )
     await wait_until_async(lambda: out.chunks >= 3, timeout=60, what="three chunks")
     assert active() == 1, "the generation is still running when the client cancels"
     at_cancel = decoded()

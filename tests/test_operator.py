@@ -63,6 +63,7 @@ def settled(cluster: Cluster, name: str = "quickstart") -> bool:
 def handled_by_kopf(cluster: Cluster, name: str = "quickstart") -> str:
     """The pipeline's resourceVersion once kopf has finished with its spec: the status is observed, kopf
     recorded the spec it handled (its last write, after the status) and holds no handler progress."""
+
     def done() -> str | None:
         p = cluster.pipeline(name)
         notes = p["metadata"].get("annotations") or {}
@@ -70,29 +71,35 @@ def handled_by_kopf(cluster: Cluster, name: str = "quickstart") -> str:
         progress = [k for k in notes if k.startswith(f"{GROUP}/") and k not in (LAST_HANDLED, ROLLBACK)]
         fresh = (p.get("status") or {}).get("observedGeneration") == p["metadata"]["generation"]
         return str(p["metadata"]["resourceVersion"]) if fresh and handled == p["spec"] and not progress else None
+
     return wait_until(done, "kopf to record the spec it handled")
 
 
 def deploy(plane: ControlPlane, tools: Tools, cluster: Cluster, doc: dict[str, Any]) -> None:
     """Apply a quickstart-shaped pipeline and wait until the operator made all of it and saw this generation."""
     apply(plane, tools, cluster.ns, doc)
-    wait_until(lambda: all_created(cluster, name=doc["metadata"]["name"]) and settled(cluster, doc["metadata"]["name"]),
-             "all children")
+    wait_until(
+        lambda: all_created(cluster, name=doc["metadata"]["name"]) and settled(cluster, doc["metadata"]["name"]),
+        "all children",
+    )
 
 
 def test_apply_creates_every_child_owned_by_the_pipeline(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
     wait_until(lambda: all_created(cluster), "all children")
     uid = cluster.pipeline()["metadata"]["uid"]
     children = cluster.children()
-    expected = {("ConfigMap", "quickstart-config")} | {(k, f"quickstart-{s}") for s in STAGES
-                                                       for k in ("Deployment", "Service", "ScaledObject")}
+    expected = {("ConfigMap", "quickstart-config")} | {
+        (k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject")
+    }
     assert set(children) == expected
     for key, obj in children.items():
         refs = obj["metadata"]["ownerReferences"]
         assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
-            ("PromptPipeline", "quickstart", uid, True)], key
+            ("PromptPipeline", "quickstart", uid, True)
+        ], key
     # Every ScaledObject was admitted by KEDA's real CRD schema (its CEL rules included).
     so = children[("ScaledObject", "quickstart-inference")]["spec"]
     assert so["scaleTargetRef"]["name"] == "quickstart-inference" and so["triggers"][0]["type"] == "prometheus"
@@ -100,7 +107,10 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
     assert status["phase"] == "Progressing" and status["readyStages"] == "0/5"
     assert status["endpoints"]["gateway"] == f"quickstart-stream.{cluster.ns}.svc:50051"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Ready": "False", "Progressing": "True", "Degraded": "False"}
+        "Ready": "False",
+        "Progressing": "True",
+        "Degraded": "False",
+    }
     created = wait_until(lambda: cluster.events("Created"), "a Created event")
     assert "Deployment quickstart-stream" in created[0]
     # The operator stored nothing of kopf's in the status, and put no finalizer on the pipeline.
@@ -108,8 +118,8 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
 
 
 def test_cluster_wide_as_the_chart_runs_it_by_default(
-        operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools,
-        tmp_path: Path) -> None:
+    operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools, tmp_path: Path
+) -> None:
     op = OperatorProcess(operator_identity, "", tmp_path / "operator.log")  # no namespaces: all of them
     op.start()
     try:
@@ -119,7 +129,8 @@ def test_cluster_wide_as_the_chart_runs_it_by_default(
 
 
 def test_ready_when_every_stage_is_available_then_degraded_when_one_is_not(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
     wait_until(lambda: all_created(cluster), "all children")
     for stage in STAGES:
@@ -144,7 +155,8 @@ def test_ready_when_every_stage_is_available_then_degraded_when_one_is_not(
 
 
 def test_a_spec_edit_changes_exactly_the_children_it_must(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     doc = pipeline_doc()
     deploy(control_plane, kube_tools, cluster, doc)
     before = cluster.versions()
@@ -163,20 +175,35 @@ def test_a_spec_edit_changes_exactly_the_children_it_must(
     wait_until(lambda: settled(cluster), "the second edit observed")
     final = cluster.versions()
     assert {k for k in after if after[k] != final[k]} == {("ConfigMap", "quickstart-config")} | {
-        ("Deployment", f"quickstart-{s}") for s in STAGES}
+        ("Deployment", f"quickstart-{s}") for s in STAGES
+    }
     wait_until(lambda: cluster.events("Updated"), "an Updated event")
 
 
 def test_a_deleted_or_hand_edited_child_is_repaired(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     deploy(control_plane, kube_tools, cluster, pipeline_doc())
     old_uid = cluster.children()[("Service", "quickstart-rag")]["metadata"]["uid"]
 
     cluster.core.delete_namespaced_service("quickstart-rag", cluster.ns)
-    cluster.apps.patch_namespaced_deployment("quickstart-post", cluster.ns, {"spec": {"template": {"spec": {
-        "containers": [{"name": "stage", "image": "evil/image:latest"}]}}}})
-    kubectl(control_plane, kube_tools, "patch", "scaledobject", "quickstart-stream", "-n", cluster.ns,
-            "--type=merge", "-p", '{"spec":{"maxReplicaCount":99}}')
+    cluster.apps.patch_namespaced_deployment(
+        "quickstart-post",
+        cluster.ns,
+        {"spec": {"template": {"spec": {"containers": [{"name": "stage", "image": "evil/image:latest"}]}}}},
+    )
+    kubectl(
+        control_plane,
+        kube_tools,
+        "patch",
+        "scaledobject",
+        "quickstart-stream",
+        "-n",
+        cluster.ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"maxReplicaCount":99}}',
+    )
     # Replicas belong to KEDA, not to the operator: a scale is not drift.
     cluster.apps.patch_namespaced_deployment_scale("quickstart-rag", cluster.ns, {"spec": {"replicas": 3}})
 
@@ -184,16 +211,24 @@ def test_a_deleted_or_hand_edited_child_is_repaired(
         c = cluster.children()
         svc = c.get(("Service", "quickstart-rag"))
         image = c[("Deployment", "quickstart-post")]["spec"]["template"]["spec"]["containers"][0]["image"]
-        return (svc is not None and svc["metadata"]["uid"] != old_uid and image != "evil/image:latest"
-                and c[("ScaledObject", "quickstart-stream")]["spec"]["maxReplicaCount"] == 4)
+        return (
+            svc is not None
+            and svc["metadata"]["uid"] != old_uid
+            and image != "evil/image:latest"
+            and c[("ScaledObject", "quickstart-stream")]["spec"]["maxReplicaCount"] == 4
+        )
+
     wait_until(repaired, "the Service back and both edits reverted")
     assert cluster.apps.read_namespaced_deployment("quickstart-rag", cluster.ns).spec.replicas == 3
-    wait_until(lambda: any("Service quickstart-rag" in m for m in cluster.events("DriftRepaired")),
-             "a DriftRepaired event naming the Service")
+    wait_until(
+        lambda: any("Service quickstart-rag" in m for m in cluster.events("DriftRepaired")),
+        "a DriftRepaired event naming the Service",
+    )
 
 
 def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_done(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     doc = pipeline_doc()
     deploy(control_plane, kube_tools, cluster, doc)
     # kopf still records the handled spec on the object after the status is written: let it finish.
@@ -202,8 +237,10 @@ def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_don
 
     operator.stop()
     operator.start()
-    wait_until(lambda: operator.metric("promptpipe_operator_reconciles_total", 'outcome="ok"') >= 1,
-             "a reconcile after the restart")
+    wait_until(
+        lambda: operator.metric("promptpipe_operator_reconciles_total", 'outcome="ok"') >= 1,
+        "a reconcile after the restart",
+    )
     assert cluster.versions() == before, "a restart rewrote children that were right"
     assert cluster.pipeline()["metadata"]["resourceVersion"] == pipeline_rv, "nor the pipeline or its status"
 
@@ -218,7 +255,8 @@ def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_don
 
 
 def test_deleting_the_pipeline_removes_all_children(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
     wait_until(lambda: all_created(cluster), "all children")
     kubectl(control_plane, kube_tools, "delete", "pp", "quickstart", "-n", cluster.ns, "--wait=true", "--timeout=20s")
@@ -227,10 +265,14 @@ def test_deleting_the_pipeline_removes_all_children(
 
 
 def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_changes(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     doc = pipeline_doc("gpu")
-    doc["spec"]["model"] = {"name": "Qwen/Qwen2.5-0.5B-Instruct", "backend": "tgi",
-                            "tgi": {"gpus": 1, "maxConcurrentRequests": 32}}
+    doc["spec"]["model"] = {
+        "name": "Qwen/Qwen2.5-0.5B-Instruct",
+        "backend": "tgi",
+        "tgi": {"gpus": 1, "maxConcurrentRequests": 32},
+    }
     apply(control_plane, kube_tools, cluster.ns, doc)
     # The inference Service, and the first (blue) color's Deployment and Service.
     wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN + 3, "gpu"), "the pipeline and TGI children")
@@ -249,12 +291,21 @@ def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_c
 
 
 def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted_without_any_event(
-        promptpipe_crd: None, kube: client.ApiClient, cluster: Cluster, control_plane: ControlPlane,
-        kube_tools: Tools, tmp_path: Path) -> None:
+    promptpipe_crd: None,
+    kube: client.ApiClient,
+    cluster: Cluster,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    tmp_path: Path,
+) -> None:
     account = f"limited-{cluster.ns}"
     without_keda = [r for r in rbac.RULES if r["apiGroups"] != ["keda.sh"]]
-    op = OperatorProcess(operator_kubeconfig(control_plane, tmp_path, account, without_keda), cluster.ns,
-                         tmp_path / "operator.log", resync_seconds=1.0)
+    op = OperatorProcess(
+        operator_kubeconfig(control_plane, tmp_path, account, without_keda),
+        cluster.ns,
+        tmp_path / "operator.log",
+        resync_seconds=1.0,
+    )
     op.start()
     try:
         apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
@@ -266,8 +317,10 @@ def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted
 
         # Granting the permission changes nothing the operator watches: the resync converges it.
         client.RbacAuthorizationV1Api(kube).patch_cluster_role(account, {"rules": rbac.RULES})
-        wait_until(lambda: all_created(cluster) and cluster.status().get("phase") == "Progressing",
-                 "every child, and the Degraded condition cleared")
+        wait_until(
+            lambda: all_created(cluster) and cluster.status().get("phase") == "Progressing",
+            "every child, and the Degraded condition cleared",
+        )
     finally:
         op.stop()
         rbac_api = client.RbacAuthorizationV1Api(kube)
@@ -276,11 +329,13 @@ def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted
 
 
 def test_a_spec_the_api_server_took_but_the_pipeline_refuses_fails_visibly_and_creates_nothing(
-        operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools) -> None:
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
     # Kubernetes allows dots in object names; Service names (and so pipeline names) cannot have them.
     apply(control_plane, kube_tools, cluster.ns, pipeline_doc("my.pipeline"))
-    status = wait_until(lambda: cluster.status("my.pipeline").get("phase") == "Failed" and cluster.status("my.pipeline"),
-                      "phase Failed")
+    status = wait_until(
+        lambda: cluster.status("my.pipeline").get("phase") == "Failed" and cluster.status("my.pipeline"), "phase Failed"
+    )
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "metadata.name" in ready["message"]
     assert not cluster.children("my.pipeline")
@@ -288,29 +343,55 @@ def test_a_spec_the_api_server_took_but_the_pipeline_refuses_fails_visibly_and_c
 
 
 def test_the_operators_service_account_is_refused_what_it_does_not_need(
-        operator_identity: Path, control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
+    operator_identity: Path, control_plane: ControlPlane, kube_tools: Tools, namespace: str
+) -> None:
     def can_i(*args: str) -> str:
-        result = kubectl(control_plane, kube_tools, "auth", "can-i", *args, "-n", namespace,
-                         f"--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{rbac.NAME}", check=False)
+        result = kubectl(
+            control_plane,
+            kube_tools,
+            "auth",
+            "can-i",
+            *args,
+            "-n",
+            namespace,
+            f"--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{rbac.NAME}",
+            check=False,
+        )
         return result.stdout.strip()
-    for allowed in (("patch", "deployments.apps"), ("patch", "promptpipelines.promptpipe.io/status"),
-                    ("watch", "scaledobjects.keda.sh"), ("create", "events")):
+
+    for allowed in (
+        ("patch", "deployments.apps"),
+        ("patch", "promptpipelines.promptpipe.io/status"),
+        ("watch", "scaledobjects.keda.sh"),
+        ("create", "events"),
+    ):
         assert can_i(*allowed) == "yes", allowed
-    for denied in (("get", "secrets"), ("create", "pods"), ("delete", "promptpipelines.promptpipe.io"),
-                   ("update", "deployments.apps/scale"), ("create", "rolebindings.rbac.authorization.k8s.io"),
-                   ("patch", "customresourcedefinitions.apiextensions.k8s.io"), ("get", "configmaps")):
+    for denied in (
+        ("get", "secrets"),
+        ("create", "pods"),
+        ("delete", "promptpipelines.promptpipe.io"),
+        ("update", "deployments.apps/scale"),
+        ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("get", "configmaps"),
+    ):
         assert can_i(*denied) == "no", denied
 
 
-
 def test_every_example_is_reconciled(
-        operator_identity: Path, registry: Registry, cluster: Cluster, control_plane: ControlPlane,
-        kube_tools: Tools, tmp_path: Path) -> None:
+    operator_identity: Path,
+    registry: Registry,
+    cluster: Cluster,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    tmp_path: Path,
+) -> None:
     # The blue-green example follows a registry alias.
     registry.push("qwen2-5-7b", make_model(tmp_path / "model"), "v1")
     registry.promote("qwen2-5-7b", "v1", "prod")
-    operator = OperatorProcess(operator_identity, cluster.ns, tmp_path / "operator.log",
-                               env=registry_env(registry.settings))
+    operator = OperatorProcess(
+        operator_identity, cluster.ns, tmp_path / "operator.log", env=registry_env(registry.settings)
+    )
     operator.start()
     try:
         examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
@@ -321,26 +402,35 @@ def test_every_example_is_reconciled(
             tgi_run_here = model.get("backend") == "tgi" and not (model.get("tgi") or {}).get("endpoints")
             apply(control_plane, kube_tools, cluster.ns, doc)
             name = doc["metadata"]["name"]
-            wait_until(lambda n=name, t=tgi_run_here: all_created(cluster, QUICKSTART_CHILDREN + 3 * t, n)
-                     and settled(cluster, n), f"{path.name} reconciled")
+            wait_until(
+                lambda n=name, t=tgi_run_here: (
+                    all_created(cluster, QUICKSTART_CHILDREN + 3 * t, n) and settled(cluster, n)
+                ),
+                f"{path.name} reconciled",
+            )
         assert cluster.status("assistant-bg")["activeVersion"] == "v1"
     finally:
         operator.stop()
 
 
 def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(
-        operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools,
-        tmp_path: Path) -> None:
+    operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools, tmp_path: Path
+) -> None:
     lease = f"lease-{cluster.ns}"
-    replicas = [OperatorProcess(operator_identity, cluster.ns, tmp_path / f"operator-{i}.log", lease=lease)
-                for i in range(2)]
+    replicas = [
+        OperatorProcess(operator_identity, cluster.ns, tmp_path / f"operator-{i}.log", lease=lease) for i in range(2)
+    ]
     try:
         for op in replicas:
             op.start()
 
         def leaders() -> list[OperatorProcess]:
-            return [op for op in replicas if op.proc and op.proc.poll() is None
-                    and op.metric("promptpipe_operator_leader") == 1]
+            return [
+                op
+                for op in replicas
+                if op.proc and op.proc.poll() is None and op.metric("promptpipe_operator_leader") == 1
+            ]
+
         (leader,) = wait_until(lambda: len(leaders()) == 1 and leaders(), "one leader")
         (follower,) = [op for op in replicas if op is not leader]
         doc = pipeline_doc()
@@ -352,8 +442,13 @@ def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(
         wait_until(lambda: follower.metric("promptpipe_operator_leader") == 1, "the follower to lead", timeout=30)
         doc["spec"]["stages"]["rag"]["scaling"] = {"maxReplicas": 7}
         apply(control_plane, kube_tools, cluster.ns, doc)
-        wait_until(lambda: settled(cluster) and cluster.children()[("ScaledObject", "quickstart-rag")][
-            "spec"]["maxReplicaCount"] == 7, "the new leader to reconcile the edit")
+        wait_until(
+            lambda: (
+                settled(cluster)
+                and cluster.children()[("ScaledObject", "quickstart-rag")]["spec"]["maxReplicaCount"] == 7
+            ),
+            "the new leader to reconcile the edit",
+        )
 
         follower.stop()  # a normal stop hands the Lease over at once
         held = client.CoordinationV1Api(cluster.core.api_client).read_namespaced_lease(lease, SYSTEM_NAMESPACE)
@@ -364,7 +459,8 @@ def test_two_replicas_one_leads_and_the_other_takes_over_when_it_dies(
 
 
 def test_a_leader_that_loses_its_lease_stops_and_exits_non_zero(
-        operator_identity: Path, cluster: Cluster, tmp_path: Path) -> None:
+    operator_identity: Path, cluster: Cluster, tmp_path: Path
+) -> None:
     lease = f"lease-{cluster.ns}"
     op = OperatorProcess(operator_identity, cluster.ns, tmp_path / "operator.log", lease=lease)
     op.start()
@@ -379,7 +475,8 @@ def test_a_leader_that_loses_its_lease_stops_and_exits_non_zero(
         assert op.proc is not None
         wait_until(lambda: op.proc is not None and op.proc.poll() is not None, "the operator to stop", timeout=30)
         assert op.proc.returncode == 1
-        assert coordination.read_namespaced_lease(lease, SYSTEM_NAMESPACE).spec.holder_identity == "someone-else", \
+        assert coordination.read_namespaced_lease(lease, SYSTEM_NAMESPACE).spec.holder_identity == "someone-else", (
             "a leader that lost the Lease does not release someone else's"
+        )
     finally:
         op.stop()

@@ -37,9 +37,12 @@ SETTINGS = OperatorSettings()
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def pipeline(name: str = "quickstart", with_model: dict[str, Any] | None = None,
-             with_rag: dict[str, Any] | None = None,
-             **stages: Any) -> Any:
+def pipeline(
+    name: str = "quickstart",
+    with_model: dict[str, Any] | None = None,
+    with_rag: dict[str, Any] | None = None,
+    **stages: Any,
+) -> Any:
     doc = copy.deepcopy(QUICKSTART)
     doc["metadata"]["name"] = name
     doc["spec"]["model"].update(with_model or {})
@@ -76,8 +79,9 @@ def test_services_select_exactly_their_stage_pods() -> None:
         assert svc["spec"]["selector"].items() <= pod_labels.items()
         assert deployments[name]["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
         others = [d for n, d in deployments.items() if n != name]
-        assert not any(svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
-                       for d in others)
+        assert not any(
+            svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in others
+        )
 
 
 def test_runtime_config_points_each_stage_at_the_service_dns_names() -> None:
@@ -86,8 +90,9 @@ def test_runtime_config_points_each_stage_at_the_service_dns_names() -> None:
     assert config.endpoints[StageName.RAG] == f"quickstart-rag.ns1.svc:{GRPC_PORT}"
     spec = pipeline().spec
     # The same pipeline, with the corpus where the rag pod mounts its ConfigMap.
-    assert config.pipeline.spec == spec.model_copy(update={"rag": spec.rag.model_copy(
-        update={"corpus": CorpusSpec(path=CORPUS_DIR)})})
+    assert config.pipeline.spec == spec.model_copy(
+        update={"rag": spec.rag.model_copy(update={"corpus": CorpusSpec(path=CORPUS_DIR)})}
+    )
 
 
 def test_deployment_probes_security_drain_and_config_rollout() -> None:
@@ -116,8 +121,13 @@ def test_scaled_object_scales_on_the_stages_queue_depth() -> None:
 
 
 def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_calls() -> None:
-    pp = pipeline(with_model={"name": "Qwen/Qwen2.5-7B-Instruct", "backend": "tgi",
-                         "tgi": {"gpus": 2, "maxConcurrentRequests": 64, "maxInputTokens": 4000, "quantize": "awq"}})
+    pp = pipeline(
+        with_model={
+            "name": "Qwen/Qwen2.5-7B-Instruct",
+            "backend": "tgi",
+            "tgi": {"gpus": 2, "maxConcurrentRequests": 64, "maxInputTokens": 4000, "quantize": "awq"},
+        }
+    )
     out = children(pp, "ns1", SETTINGS, State(active=Slot("Qwen/Qwen2.5-7B-Instruct", BLUE)))
     assert "quickstart-backend-green" not in by_kind(out, "Deployment")
     tgi = by_kind(out, "Deployment")["quickstart-backend-blue"]
@@ -168,18 +178,26 @@ def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tg
 
 
 def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> None:
-    for model in ({"backend": "tgi", "tgi": {"endpoints": ["http://tgi.example:80"]}}, {"backend": "llamacpp"},
-                  {"backend": "openai", "openai": {"endpoints": ["http://vllm:8000/v1"]}}):
+    for model in (
+        {"backend": "tgi", "tgi": {"endpoints": ["http://tgi.example:80"]}},
+        {"backend": "llamacpp"},
+        {"backend": "openai", "openai": {"endpoints": ["http://vllm:8000/v1"]}},
+    ):
         names = {m["metadata"]["name"] for m in children(pipeline(with_model=model), "ns1", SETTINGS)}
         assert "quickstart-backend" not in names, model
 
 
 def test_openai_key_comes_from_the_named_secret() -> None:
-    pp = pipeline(with_model={"backend": "openai", "openai": {"endpoints": ["http://vllm:8000/v1"],
-                                                         "apiKeySecret": {"name": "llm-key", "key": "token"}}})
+    pp = pipeline(
+        with_model={
+            "backend": "openai",
+            "openai": {"endpoints": ["http://vllm:8000/v1"], "apiKeySecret": {"name": "llm-key", "key": "token"}},
+        }
+    )
     container = deployment(pp, "ns1", StageName.INFERENCE, SETTINGS, "h")["spec"]["template"]["spec"]["containers"][0]
-    assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-key", "key": "token"}}} \
-        in container["env"]
+    assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-key", "key": "token"}}} in container[
+        "env"
+    ]
     openai = runtime_config(pp, "ns1").pipeline.spec.model.openai
     assert openai is not None and openai.api_key_env == "OPENAI_API_KEY"
 
@@ -196,8 +214,10 @@ def test_corpus_config_map_is_mounted_for_rag_only_and_the_config_points_at_it()
 
 def test_stage_resources_come_from_the_spec_else_from_what_the_stage_runs() -> None:
     pp = pipeline(post={"resources": {"requests": {"cpu": 2}, "limits": {"memory": "1Gi"}}})
+
     def resources(stage: StageName) -> Any:
         return deployment(pp, "ns1", stage, SETTINGS, "h")["spec"]["template"]["spec"]["containers"][0]["resources"]
+
     assert resources(StageName.POST) == {"requests": {"cpu": "2"}, "limits": {"memory": "1Gi"}}
     assert resources(StageName.INFERENCE)["requests"]["memory"] == "1Gi", "llama.cpp holds the model in memory"
     assert resources(StageName.RAG)["requests"]["cpu"] == "100m"
@@ -213,16 +233,38 @@ def test_config_hash_ignores_kubernetes_metadata_so_status_writes_roll_nothing()
 
 @pytest.mark.controlplane
 def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
-        control_plane: ControlPlane, kube_tools: Tools, namespace: str) -> None:
+    control_plane: ControlPlane, kube_tools: Tools, namespace: str
+) -> None:
     both_colors = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN), phase="Progressing")
     for pp, state, extra in (
-            (pipeline(), None, 0),
-            (pipeline("scale-to-zero", post={"scaling": {"minReplicas": 0, "maxReplicas": 2}}), None, 0),
-            (pipeline("gpu", with_model={"backend": "tgi", "tgi": {"gpus": 1}}, with_rag={"corpus": {"configMap": "d"}},
-                      inference={"resources": {"limits": {"cpu": "500m"}}}), State(active=Slot("m", BLUE)), 3),
-            (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5)):
+        (pipeline(), None, 0),
+        (pipeline("scale-to-zero", post={"scaling": {"minReplicas": 0, "maxReplicas": 2}}), None, 0),
+        (
+            pipeline(
+                "gpu",
+                with_model={"backend": "tgi", "tgi": {"gpus": 1}},
+                with_rag={"corpus": {"configMap": "d"}},
+                inference={"resources": {"limits": {"cpu": "500m"}}},
+            ),
+            State(active=Slot("m", BLUE)),
+            3,
+        ),
+        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5),
+    ):
         manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS, state, RegistrySettings()))
-        result = subprocess.run([str(kube_tools.kubectl), f"--kubeconfig={control_plane.kubeconfig}", "apply",
-                                 "--dry-run=server", "-f", "-"], input=manifests, capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            [
+                str(kube_tools.kubectl),
+                f"--kubeconfig={control_plane.kubeconfig}",
+                "apply",
+                "--dry-run=server",
+                "-f",
+                "-",
+            ],
+            input=manifests,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("(server dry run)") == 1 + 3 * len(STAGE_ORDER) + extra

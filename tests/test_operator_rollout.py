@@ -40,14 +40,25 @@ NAME = "quickstart"
 def bg_doc(model: dict[str, Any], **rollout: Any) -> dict[str, Any]:
     doc = copy.deepcopy(QUICKSTART)
     doc["spec"]["model"] = {"name": "smollm2", "backend": "tgi", "tgi": {"gpus": 1}, **model}
-    doc["spec"]["rollout"] = {"progressDeadline": 10, "keepPrevious": 2, "analysis": {"window": 1, "interval": 1},
-                              **rollout}
+    doc["spec"]["rollout"] = {
+        "progressDeadline": 10,
+        "keepPrevious": 2,
+        "analysis": {"window": 1, "interval": 1},
+        **rollout,
+    }
     return doc
 
 
 class Rollouts:
-    def __init__(self, cluster: Cluster, plane: ControlPlane, tools: Tools, registry: Registry, tgi: str,
-                 operator: OperatorProcess) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        plane: ControlPlane,
+        tools: Tools,
+        registry: Registry,
+        tgi: str,
+        operator: OperatorProcess,
+    ) -> None:
         self.cluster, self.plane, self.tools, self.registry, self.tgi = cluster, plane, tools, registry, tgi
         self.operator = operator
 
@@ -64,8 +75,11 @@ class Rollouts:
 
     def backends(self) -> dict[str, str]:
         """Backend Deployments: color → model version."""
-        return {d["metadata"]["labels"]["promptpipe.io/color"]: d["metadata"]["annotations"]["promptpipe.io/model-version"]
-                for (k, n), d in self.cluster.children(NAME).items() if k == "Deployment" and "-backend-" in n}
+        return {
+            d["metadata"]["labels"]["promptpipe.io/color"]: d["metadata"]["annotations"]["promptpipe.io/model-version"]
+            for (k, n), d in self.cluster.children(NAME).items()
+            if k == "Deployment" and "-backend-" in n
+        }
 
     def start_on(self, version: str, **rollout: Any) -> None:
         """Serving `version` on blue, every stage Ready."""
@@ -76,28 +90,48 @@ class Rollouts:
 
     def all_ready(self) -> None:
         """Every stage and blue Ready (children are applied concurrently: wait until all exist)."""
-        deployments = {f"{NAME}-{stage}" for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue")}
-        wait_until(lambda: deployments <= {n for (k, n) in self.cluster.children(NAME) if k == "Deployment"},
-                 "every Deployment")
+        deployments = {
+            f"{NAME}-{stage}" for stage in ("stream", "rag", "assemble", "inference", "post", "backend-blue")
+        }
+        wait_until(
+            lambda: deployments <= {n for (k, n) in self.cluster.children(NAME) if k == "Deployment"},
+            "every Deployment",
+        )
         for deployment in sorted(deployments):
             self.cluster.set_ready(deployment)
 
     def fail_smoke(self, color: str) -> None:
         body = json.dumps({"prefix": f"{self.cluster.ns}/{NAME}-backend-{color}"}).encode()
-        urllib.request.urlopen(urllib.request.Request(f"{self.tgi}/control/fail", data=body, method="POST",
-                                                      headers={"Content-Type": "application/json"})).close()
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{self.tgi}/control/fail", data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
+        ).close()
 
 
 @pytest.fixture
-def rollouts(registry: Registry, operator_identity: Path, namespace: str, kube: client.ApiClient,
-             control_plane: ControlPlane, kube_tools: Tools, tmp_path: Path) -> Iterator[Rollouts]:
+def rollouts(
+    registry: Registry,
+    operator_identity: Path,
+    namespace: str,
+    kube: client.ApiClient,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    tmp_path: Path,
+) -> Iterator[Rollouts]:
     for i, version in enumerate(("v1", "v2", "v3")):
         registry.push("smollm2", make_model(tmp_path / version, f"seed-{i}"), version)
     with tgi_server() as tgi:
-        op = OperatorProcess(operator_identity, namespace, tmp_path / "operator.log", env={
-            **registry_env(registry.settings),
-            "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
-            "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5"})
+        op = OperatorProcess(
+            operator_identity,
+            namespace,
+            tmp_path / "operator.log",
+            env={
+                **registry_env(registry.settings),
+                "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
+                "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5",
+            },
+        )
         op.start()
         try:
             yield Rollouts(Cluster(kube, namespace), control_plane, kube_tools, registry, tgi, op)
@@ -167,8 +201,9 @@ def test_a_failed_smoke_generation_rolls_back_before_any_traffic_moves(rollouts:
 def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts: Rollouts) -> None:
     r, cluster = rollouts, rollouts.cluster
     metrics = prometheus_client.CollectorRegistry()
-    calls = prometheus_client.Histogram("promptpipe_stage_duration_seconds", "", ["pipeline", "stage", "code"],
-                                        registry=metrics)
+    calls = prometheus_client.Histogram(
+        "promptpipe_stage_duration_seconds", "", ["pipeline", "stage", "code"], registry=metrics
+    )
     port = free_port()
     server, thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=metrics)
     try:
@@ -176,8 +211,9 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
         r.start_on("v1", analysis={"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1})
         for _ in range(50):
             calls.labels(NAME, "stream", "OK").observe(0.2)  # before the switch: not counted
-        r.apply(bg_doc({"version": "v2"}, analysis={"window": 60, "interval": 1, "minRequests": 10,
-                                                    "maxErrorRate": 0.1}))
+        r.apply(
+            bg_doc({"version": "v2"}, analysis={"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1})
+        )
         wait_until(lambda: "green" in r.backends(), "green")
         cluster.set_ready(f"{NAME}-backend-green")
         wait_until(lambda: r.traffic() == "green" and r.rollout().get("baseline"), "the switch and a baseline")
@@ -194,12 +230,20 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
 
 @pytest.mark.prometheus
 def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
-        rollouts: Rollouts, kube_tools: Tools, tmp_path: Path) -> None:
+    rollouts: Rollouts, kube_tools: Tools, tmp_path: Path
+) -> None:
     r, cluster = rollouts, rollouts.cluster
-    with gateway_exposition(NAME) as gateway, \
-            prometheus(kube_tools, tmp_path / "prometheus", {gateway.target: {"namespace": cluster.ns}}) as url:
-        analysis = {"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1,
-                    "prometheus": {"url": url, "scrapeInterval": SCRAPE_SECONDS}}
+    with (
+        gateway_exposition(NAME) as gateway,
+        prometheus(kube_tools, tmp_path / "prometheus", {gateway.target: {"namespace": cluster.ns}}) as url,
+    ):
+        analysis = {
+            "window": 60,
+            "interval": 1,
+            "minRequests": 10,
+            "maxErrorRate": 0.1,
+            "prometheus": {"url": url, "scrapeInterval": SCRAPE_SECONDS},
+        }
         r.start_on("v1", analysis=analysis)
         gateway.calls({"OK": 50}, ttft_seconds=0.2)  # blue's calls, long before the switch
         scraped(url, gateway.target)  # Prometheus knows the counters before the switch, as a running one would
@@ -215,16 +259,22 @@ def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
 
 
 def test_manual_rollback_with_the_command_while_green_is_analysed(
-        rollouts: Rollouts, control_plane: ControlPlane) -> None:
+    rollouts: Rollouts, control_plane: ControlPlane
+) -> None:
     r, cluster = rollouts, rollouts.cluster
     r.start_on("v1", analysis={"window": 120})
     r.apply(bg_doc({"version": "v2"}, analysis={"window": 120}))
     wait_until(lambda: "green" in r.backends(), "green")
     cluster.set_ready(f"{NAME}-backend-green")
     wait_until(lambda: r.traffic() == "green", "the switch")
-    done = subprocess.run([sys.executable, "-m", "promptpipe.cli.main", "rollback", NAME, "-n", cluster.ns],
-                          env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "promptpipe.cli.main", "rollback", NAME, "-n", cluster.ns],
+        env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "traffic on v1 (blue)" in done.stdout
     assert r.traffic() == "blue" and r.rollout()["reason"] == "ManualRollback"
@@ -249,12 +299,31 @@ def test_an_operator_restarted_mid_rollout_finishes_it_and_leaves_no_orphans(rol
 
 def gateway_pod(cluster: Cluster, metrics_port: int) -> None:
     """A gateway Pod the operator finds by its labels, Ready at 127.0.0.1 (status as a kubelet writes it)."""
-    labels = {"app.kubernetes.io/name": "promptpipe", "app.kubernetes.io/instance": NAME,
-              "app.kubernetes.io/component": "stream"}
-    cluster.core.create_namespaced_pod(cluster.ns, {
-        "metadata": {"name": f"{NAME}-stream-test", "labels": labels},
-        "spec": {"containers": [{"name": "stage", "image": "stage",
-                                 "ports": [{"name": "metrics", "containerPort": metrics_port}]}]}})
-    cluster.core.patch_namespaced_pod_status(f"{NAME}-stream-test", cluster.ns, {"status": {
-        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-        "conditions": [{"type": "Ready", "status": "True"}]}})
+    labels = {
+        "app.kubernetes.io/name": "promptpipe",
+        "app.kubernetes.io/instance": NAME,
+        "app.kubernetes.io/component": "stream",
+    }
+    cluster.core.create_namespaced_pod(
+        cluster.ns,
+        {
+            "metadata": {"name": f"{NAME}-stream-test", "labels": labels},
+            "spec": {
+                "containers": [
+                    {"name": "stage", "image": "stage", "ports": [{"name": "metrics", "containerPort": metrics_port}]}
+                ]
+            },
+        },
+    )
+    cluster.core.patch_namespaced_pod_status(
+        f"{NAME}-stream-test",
+        cluster.ns,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }
+        },
+    )

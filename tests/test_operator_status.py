@@ -18,14 +18,31 @@ QUICKSTART: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "examples" / "qui
 PP = parse_pipeline(QUICKSTART)
 
 
-def deployment(generation: int = 1, observed: int = 1, replicas: int | None = 1, updated: int = 1,
-               available: int = 1, total: int | None = None, deadline_exceeded: bool = False) -> dict[str, Any]:
+def deployment(
+    generation: int = 1,
+    observed: int = 1,
+    replicas: int | None = 1,
+    updated: int = 1,
+    available: int = 1,
+    total: int | None = None,
+    deadline_exceeded: bool = False,
+) -> dict[str, Any]:
     spec = {} if replicas is None else {"replicas": replicas}
-    status: dict[str, Any] = {"observedGeneration": observed, "updatedReplicas": updated,
-                              "availableReplicas": available, "replicas": updated if total is None else total}
+    status: dict[str, Any] = {
+        "observedGeneration": observed,
+        "updatedReplicas": updated,
+        "availableReplicas": available,
+        "replicas": updated if total is None else total,
+    }
     if deadline_exceeded:
-        status["conditions"] = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
-                                 "message": "ReplicaSet has timed out progressing."}]
+        status["conditions"] = [
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet has timed out progressing.",
+            }
+        ]
     return {"metadata": {"generation": generation}, "spec": spec, "status": status}
 
 
@@ -35,8 +52,9 @@ def test_deployment_health_follows_rollout_status() -> None:
     assert deployment_health("rag", deployment(replicas=2, updated=1, available=2)).health is Health.ROLLING
     assert deployment_health("rag", deployment(updated=1, total=2)).health is Health.ROLLING, "old pods remain"
     assert deployment_health("rag", deployment(available=0)).health is Health.UNAVAILABLE
-    assert deployment_health("rag", deployment(replicas=0, updated=0, available=0)).health is Health.READY, \
+    assert deployment_health("rag", deployment(replicas=0, updated=0, available=0)).health is Health.READY, (
         "scaled to zero by KEDA is ready: a request wakes it"
+    )
     assert deployment_health("rag", deployment(deadline_exceeded=True)).health is Health.FAILED
     assert deployment_health("rag", None).health is Health.MISSING
 
@@ -47,8 +65,9 @@ def all_deployments(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def status_of(deployments: dict[str, dict[str, Any]], previous: dict[str, Any] | None = None,
-              now: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+def status_of(
+    deployments: dict[str, dict[str, Any]], previous: dict[str, Any] | None = None, now: str = "2026-01-01T00:00:00Z"
+) -> dict[str, Any]:
     return pipeline_status(PP, "ns", 3, components(PP, deployments), previous or {}, now)
 
 
@@ -126,4 +145,3 @@ def test_runner_hands_an_error_to_every_caller_of_that_run() -> None:
         return [str(r) for r in await asyncio.gather(*calls, return_exceptions=True)]
 
     assert asyncio.run(scenario()) == ["boom k"] * 3
-

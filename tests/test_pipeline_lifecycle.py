@@ -21,16 +21,19 @@ pytestmark = pytest.mark.processes
 
 
 async def test_deadline_ends_the_call_and_stops_the_backend(start_pipeline) -> None:
-    p = start_pipeline(synthetic_pipeline(model={"synthetic": {"tokensPerSecond": 20}},
-                                          generation={"maxNewTokens": 200}))
+    p = start_pipeline(
+        synthetic_pipeline(model={"synthetic": {"tokensPerSecond": 20}}, generation={"maxNewTokens": 200})
+    )
     started = time.monotonic()
     out = await collect(p.gateway, "slow", timeout=0.8)
 
     assert out.error is not None and out.error.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert out.chunks > 0, "tokens streamed before the deadline reach the client"
     assert time.monotonic() - started < 0.8 + 2.0, "the call ends at its deadline, not after the generation"
-    await wait_until_async(lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
-                     what="the generation to stop")
+    await wait_until_async(
+        lambda: p.metric(StageName.INFERENCE, "promptpipe_backend_active_generations") == 0,
+        what="the generation to stop",
+    )
     assert p.metric(StageName.INFERENCE, "promptpipe_backend_generations_cancelled_total") == 1
     generated = p.metric(StageName.INFERENCE, "promptpipe_backend_generated_tokens_total")
     await asyncio.sleep(0.3)
@@ -39,8 +42,9 @@ async def test_deadline_ends_the_call_and_stops_the_backend(start_pipeline) -> N
 
 async def test_client_cancel_stops_generation_at_the_backend(start_pipeline) -> None:
     with tgi_server() as url:
-        p = start_pipeline(synthetic_pipeline(model={"backend": "tgi", "tgi": {"endpoints": [url]}},
-                                              generation={"maxNewTokens": 500}))
+        p = start_pipeline(
+            synthetic_pipeline(model={"backend": "tgi", "tgi": {"endpoints": [url]}}, generation={"maxNewTokens": 500})
+        )
         out = Outcome()
         call = asyncio.create_task(collect(p.gateway, "slow:20 please", out))
         await wait_until_async(lambda: out.chunks >= 3, what="three chunks")
@@ -55,9 +59,13 @@ async def test_client_cancel_stops_generation_at_the_backend(start_pipeline) -> 
 
 
 async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(start_pipeline) -> None:
-    p = start_pipeline(synthetic_pipeline(model={"synthetic": {"tokensPerSecond": 20}},
-                                          generation={"maxNewTokens": 30},
-                                          stages={"stream": {"drainGraceSeconds": 10}}))
+    p = start_pipeline(
+        synthetic_pipeline(
+            model={"synthetic": {"tokensPerSecond": 20}},
+            generation={"maxNewTokens": 30},
+            stages={"stream": {"drainGraceSeconds": 10}},
+        )
+    )
     outs = [Outcome() for _ in range(4)]
     calls = [asyncio.create_task(collect(p.gateway, f"q{i}", o)) for i, o in enumerate(outs)]
     await asyncio.wait_for(asyncio.gather(*(o.first_chunk.wait() for o in outs)), 10)

@@ -21,8 +21,9 @@ SLOW = {"model": {"synthetic": {"tokensPerSecond": 40}}, "generation": {"maxNewT
 def one_slot_inference(policy: str) -> dict[str, object]:
     return synthetic_pipeline(
         **SLOW,
-        stages={"inference": {"queue": {"capacity": 1, "concurrency": 1, "shedPolicy": policy,
-                                        "retryAfterSeconds": 0.25}}},
+        stages={
+            "inference": {"queue": {"capacity": 1, "concurrency": 1, "shedPolicy": policy, "retryAfterSeconds": 0.25}}
+        },
     )
 
 
@@ -88,12 +89,16 @@ async def test_gateway_admission_rejects_before_any_stage_is_called(start_pipeli
 
 
 async def test_every_call_of_a_surge_ends_with_tokens_or_a_status(start_pipeline) -> None:
-    p = start_pipeline(synthetic_pipeline(
-        model={"synthetic": {"tokensPerSecond": 200}}, generation={"maxNewTokens": 20},
-        stages={"inference": {"queue": {"capacity": 4, "concurrency": 2}}},
-    ))
+    p = start_pipeline(
+        synthetic_pipeline(
+            model={"synthetic": {"tokensPerSecond": 200}},
+            generation={"maxNewTokens": 20},
+            stages={"inference": {"queue": {"capacity": 4, "concurrency": 2}}},
+        )
+    )
     results = await asyncio.wait_for(
-        asyncio.gather(*(collect(p.gateway, f"q{i}", timeout=20.0) for i in range(40))), 30)
+        asyncio.gather(*(collect(p.gateway, f"q{i}", timeout=20.0) for i in range(40))), 30
+    )
     ok = [r for r in results if r.summary is not None]
     shed = [r for r in results if r.error is not None]
     assert len(ok) + len(shed) == 40

@@ -56,8 +56,12 @@ def test_the_digest_depends_on_content_only(tmp_path: Path) -> None:
     b = scan(make_model(tmp_path / "b", "x"))
     c = scan(make_model(tmp_path / "c", "y"))
     assert a.digest == b.digest != c.digest
-    assert [f.path for f in a.files] == ["config.json", "model.safetensors", "tokenizer/special_tokens.json",
-                                         "tokenizer/tokenizer.json"]
+    assert [f.path for f in a.files] == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer/special_tokens.json",
+        "tokenizer/tokenizer.json",
+    ]
 
 
 # -- setup and errors ---------------------------------------------------------------------------
@@ -94,12 +98,15 @@ def test_refused_credentials_are_an_auth_error(aws_env: dict[str, str], tmp_path
         reg = Registry(RegistrySettings(bucket="b", table="t", endpoint_url=url, region="us-east-1"))
         with pytest.raises(errors.AuthError, match=r"credentials were refused for bucket 'b' \(HTTP 403"):
             reg.push("m", make_model(tmp_path / "m"))
-        with pytest.raises(errors.AuthError, match="credentials were refused .(UnrecognizedClientException|InvalidClientTokenId): "):
+        with pytest.raises(
+            errors.AuthError, match="credentials were refused .(UnrecognizedClientException|InvalidClientTokenId): "
+        ):
             reg.models()
 
 
-def test_missing_credentials_are_an_auth_error(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_missing_credentials_are_an_auth_error(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -244,29 +251,43 @@ def test_promotion_moves_an_alias_and_history_records_everything(registry: Regis
             registry.version_of(parse_ref(missing))
     assert {r.version: r.aliases for r in registry.versions("m")} == {"v1": ("canary",), "v2": ("prod",)}
     events = [(e.action, e.version, e.alias, e.previous) for e in registry.history("m")]
-    assert events == [("push", "v1", "", ""), ("push", "v2", "", ""), ("promote", "v1", "prod", ""),
-                      ("promote", "v2", "prod", "v1"), ("promote", "v1", "canary", "")]
+    assert events == [
+        ("push", "v1", "", ""),
+        ("push", "v2", "", ""),
+        ("promote", "v1", "prod", ""),
+        ("promote", "v2", "prod", "v1"),
+        ("promote", "v1", "canary", ""),
+    ]
     assert registry.rollback_alias("m", "prod") == ("v2", "v1")
     assert registry.resolve(parse_ref("m@prod")).version == "v1"
     with pytest.raises(errors.NotFound, match="no model 'other'"):
         registry.history("other")
     assert [m.as_json() for m in registry.models()] == [
-        {"name": "m", "versions": ["v1", "v2"], "aliases": {"canary": "v1", "prod": "v1"}}]
+        {"name": "m", "versions": ["v1", "v2"], "aliases": {"canary": "v1", "prod": "v1"}}
+    ]
 
 
 # -- the command --------------------------------------------------------------------------------
 
 
 def promptpipe(settings: RegistrySettings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "promptpipe.cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, **registry_env(settings)}, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "promptpipe.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **registry_env(settings)},
+        timeout=120,
+        check=False,
+    )
 
 
 def test_the_command_line_end_to_end(registry_settings: RegistrySettings, tmp_path: Path) -> None:
     init = promptpipe(registry_settings, "registry", "init", "-o", "json")
     assert init.returncode == 0, init.stderr
-    assert json.loads(init.stdout)["created"] == [f"bucket {registry_settings.bucket}",
-                                                  f"table {registry_settings.table}"]
+    assert json.loads(init.stdout)["created"] == [
+        f"bucket {registry_settings.bucket}",
+        f"table {registry_settings.table}",
+    ]
     pushed = promptpipe(registry_settings, "model", "push", "smollm2", str(make_model(tmp_path / "m")), "-o", "json")
     assert pushed.returncode == 0, pushed.stderr
     assert json.loads(pushed.stdout)["version"] == "v1" and json.loads(pushed.stdout)["created"] is True

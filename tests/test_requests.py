@@ -17,23 +17,37 @@ def request(**kw: object) -> gateway_pb2.GenerateRequest:
     return gateway_pb2.GenerateRequest(**kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("req", "field"), [
-    (request(), "prompt"),
-    (request(prompt="a", messages=[common_pb2.ChatMessage(role="user", content="b")]), "prompt"),
-    (request(messages=[common_pb2.ChatMessage(role="robot", content="b")]), "messages[0].role"),
-    (request(messages=[common_pb2.ChatMessage(role="user", content="hi"),
-                       common_pb2.ChatMessage(role="assistant", content="yo")]), "messages[1].role"),
-    (request(messages=[common_pb2.ChatMessage(role="user", content="  ")]), "messages[0].content"),
-    (request(prompt="a", parameters=common_pb2.GenerationParameters(max_new_tokens=10_000)),
-     "parameters.max_new_tokens"),
-    (request(prompt="a", parameters=common_pb2.GenerationParameters(temperature=2.5)), "parameters.temperature"),
-    (request(prompt="a", parameters=common_pb2.GenerationParameters(temperature=float("nan"))),
-     "parameters.temperature"),
-    (request(prompt="a", parameters=common_pb2.GenerationParameters(top_p=0)), "parameters.top_p"),
-    (request(prompt="a", parameters=common_pb2.GenerationParameters(stop=["x"] * 9)), "parameters.stop"),
-    (request(prompt="a", parameters=common_pb2.GenerationParameters(stop=["ok", ""])), "parameters.stop[1]"),
-    (request(prompt="a", session_id="s" * 300), "session_id"),
-])
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        (request(), "prompt"),
+        (request(prompt="a", messages=[common_pb2.ChatMessage(role="user", content="b")]), "prompt"),
+        (request(messages=[common_pb2.ChatMessage(role="robot", content="b")]), "messages[0].role"),
+        (
+            request(
+                messages=[
+                    common_pb2.ChatMessage(role="user", content="hi"),
+                    common_pb2.ChatMessage(role="assistant", content="yo"),
+                ]
+            ),
+            "messages[1].role",
+        ),
+        (request(messages=[common_pb2.ChatMessage(role="user", content="  ")]), "messages[0].content"),
+        (
+            request(prompt="a", parameters=common_pb2.GenerationParameters(max_new_tokens=10_000)),
+            "parameters.max_new_tokens",
+        ),
+        (request(prompt="a", parameters=common_pb2.GenerationParameters(temperature=2.5)), "parameters.temperature"),
+        (
+            request(prompt="a", parameters=common_pb2.GenerationParameters(temperature=float("nan"))),
+            "parameters.temperature",
+        ),
+        (request(prompt="a", parameters=common_pb2.GenerationParameters(top_p=0)), "parameters.top_p"),
+        (request(prompt="a", parameters=common_pb2.GenerationParameters(stop=["x"] * 9)), "parameters.stop"),
+        (request(prompt="a", parameters=common_pb2.GenerationParameters(stop=["ok", ""])), "parameters.stop[1]"),
+        (request(prompt="a", session_id="s" * 300), "session_id"),
+    ],
+)
 def test_bad_requests_name_the_field(req: gateway_pb2.GenerateRequest, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         work_item(req, DEFAULTS, "rid")
@@ -42,8 +56,7 @@ def test_bad_requests_name_the_field(req: gateway_pb2.GenerateRequest, field: st
 
 
 def test_defaults_fill_unset_parameters_and_explicit_zero_temperature_is_kept() -> None:
-    item = work_item(request(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=0.0)),
-                     DEFAULTS, "rid")
+    item = work_item(request(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=0.0)), DEFAULTS, "rid")
     assert item.parameters.max_new_tokens == 64
     assert item.parameters.temperature == 0.0
     assert item.session_id == "rid", "a call without a session is its own session"
@@ -57,11 +70,17 @@ def count_words(text: str) -> int:
 def item_with(history: int, passages: int, question: str = "what is it?") -> stage_pb2.WorkItem:
     msgs = []
     for i in range(history):
-        msgs += [common_pb2.ChatMessage(role="user", content=f"old question {i} " * 5),
-                 common_pb2.ChatMessage(role="assistant", content=f"old answer {i} " * 5)]
+        msgs += [
+            common_pb2.ChatMessage(role="user", content=f"old question {i} " * 5),
+            common_pb2.ChatMessage(role="assistant", content=f"old answer {i} " * 5),
+        ]
     msgs.append(common_pb2.ChatMessage(role="user", content=question))
-    return stage_pb2.WorkItem(messages=msgs, passages=[
-        stage_pb2.Passage(source=f"doc{i}", text=f"passage {i} " * 10, score=10 - i) for i in range(passages)])
+    return stage_pb2.WorkItem(
+        messages=msgs,
+        passages=[
+            stage_pb2.Passage(source=f"doc{i}", text=f"passage {i} " * 10, score=10 - i) for i in range(passages)
+        ],
+    )
 
 
 def test_prompt_uses_template_with_context_history_and_question() -> None:
@@ -92,8 +111,12 @@ def test_question_that_cannot_fit_is_the_callers_error() -> None:
 
 def test_own_timings_subtract_the_stages_each_one_called() -> None:
     t = common_pb2.StageTiming
-    nested = [t(stage="rag", work_seconds=0.01), t(stage="assemble", work_seconds=0.02),
-              t(stage="inference", queue_wait_seconds=0.1, work_seconds=1.0), t(stage="post", work_seconds=1.2)]
+    nested = [
+        t(stage="rag", work_seconds=0.01),
+        t(stage="assemble", work_seconds=0.02),
+        t(stage="inference", queue_wait_seconds=0.1, work_seconds=1.0),
+        t(stage="post", work_seconds=1.2),
+    ]
     out = {x.stage: x for x in own_timings(nested, t(stage="stream", work_seconds=1.5))}
     assert list(out) == ["rag", "assemble", "inference", "post", "stream"]
     assert out["post"].work_seconds == pytest.approx(0.1)

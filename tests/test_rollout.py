@@ -60,11 +60,14 @@ def test_happy_path_green_ready_smoke_switch_analysis_then_blue_expires() -> Non
     assert [h["result"] for h in d.state.history] == ["Succeeded"]
 
 
-@pytest.mark.parametrize(("observed", "reason"), [
-    ({"seconds": 301}, "ProgressDeadlineExceeded"),
-    ({"seconds": 10, "target_failed": "ProgressDeadlineExceeded: pods crash"}, "ProgressDeadlineExceeded"),
-    ({"seconds": 10, "target_ready": True, "smoke": (False, "HTTP 500")}, "SmokeTestFailed"),
-])
+@pytest.mark.parametrize(
+    ("observed", "reason"),
+    [
+        ({"seconds": 301}, "ProgressDeadlineExceeded"),
+        ({"seconds": 10, "target_failed": "ProgressDeadlineExceeded: pods crash"}, "ProgressDeadlineExceeded"),
+        ({"seconds": 10, "target_ready": True, "smoke": (False, "HTTP 500")}, "SmokeTestFailed"),
+    ],
+)
 def test_green_that_cannot_serve_is_rolled_back_before_any_traffic(observed: dict[str, object], reason: str) -> None:
     progressing = decide(STABLE_V1, obs("v2"), CFG).state
     d = decide(progressing, obs("v2", **observed), CFG)  # type: ignore[arg-type]
@@ -89,34 +92,86 @@ def pod(init: list[dict[str, object]], containers: list[dict[str, object]]) -> d
     return {"metadata": {"name": "p-1"}, "status": {"initContainerStatuses": init, "containerStatuses": containers}}
 
 
-@pytest.mark.parametrize(("status", "expected"), [
-    (pod([{"name": "fetch-model", "state": {"terminated": {"exitCode": 1, "reason": "Error",
-                                                          "message": "pulling\nerror: config.json: missing\n"}}}],
-         [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}]),
-     "pod p-1: init container fetch-model failed (exit 1): error: config.json: missing"),
-    # Restarted by the kubelet: the failure is in lastState while it waits to run again.
-    (pod([{"name": "fetch-model", "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-           "lastState": {"terminated": {"exitCode": 2, "reason": "Error"}}}], []),
-     "pod p-1: init container fetch-model failed (exit 2, 3 restarts): Error"),
-    (pod([], [{"name": "tgi", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]),
-     "pod p-1: container tgi ImagePullBackOff: not found"),
-    (pod([{"name": "fetch-model", "state": {"running": {}}}],
-         [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}]), ""),
-    (pod([{"name": "fetch-model", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
-         [{"name": "tgi", "state": {"running": {}}}]), ""),
-])
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (
+            pod(
+                [
+                    {
+                        "name": "fetch-model",
+                        "state": {
+                            "terminated": {
+                                "exitCode": 1,
+                                "reason": "Error",
+                                "message": "pulling\nerror: config.json: missing\n",
+                            }
+                        },
+                    }
+                ],
+                [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}],
+            ),
+            "pod p-1: init container fetch-model failed (exit 1): error: config.json: missing",
+        ),
+        # Restarted by the kubelet: the failure is in lastState while it waits to run again.
+        (
+            pod(
+                [
+                    {
+                        "name": "fetch-model",
+                        "restartCount": 3,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                        "lastState": {"terminated": {"exitCode": 2, "reason": "Error"}},
+                    }
+                ],
+                [],
+            ),
+            "pod p-1: init container fetch-model failed (exit 2, 3 restarts): Error",
+        ),
+        (
+            pod([], [{"name": "tgi", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]),
+            "pod p-1: container tgi ImagePullBackOff: not found",
+        ),
+        (
+            pod(
+                [{"name": "fetch-model", "state": {"running": {}}}],
+                [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}],
+            ),
+            "",
+        ),
+        (
+            pod(
+                [{"name": "fetch-model", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
+                [{"name": "tgi", "state": {"running": {}}}],
+            ),
+            "",
+        ),
+    ],
+)
 def test_a_pods_status_says_why_it_does_not_serve(status: dict[str, object], expected: str) -> None:
     assert pod_problem(status) == expected
 
 
 def test_only_ready_pods_with_an_address_and_a_metrics_port_are_scraped() -> None:
     def gateway(name: str, ready: str, ip: str | None, port: str = "metrics") -> dict[str, object]:
-        return {"metadata": {"name": name},
-                "spec": {"containers": [{"ports": [{"name": "grpc", "containerPort": 50051},
-                                                   {"name": port, "containerPort": 9090}]}]},
-                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
-    found = metrics_urls([gateway("a", "True", "10.0.0.1"), gateway("b", "False", "10.0.0.2"),
-                          gateway("c", "True", None), gateway("d", "True", "10.0.0.4", port="http")])
+        return {
+            "metadata": {"name": name},
+            "spec": {
+                "containers": [
+                    {"ports": [{"name": "grpc", "containerPort": 50051}, {"name": port, "containerPort": 9090}]}
+                ]
+            },
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]},
+        }
+
+    found = metrics_urls(
+        [
+            gateway("a", "True", "10.0.0.1"),
+            gateway("b", "False", "10.0.0.2"),
+            gateway("c", "True", None),
+            gateway("d", "True", "10.0.0.4", port="http"),
+        ]
+    )
     assert found == {"a": "http://10.0.0.1:9090/metrics"}
 
 

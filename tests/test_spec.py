@@ -29,19 +29,25 @@ def test_every_example_pipeline_is_valid() -> None:
         assert load_pipeline(path).kind == "PromptPipeline"
 
 
-@pytest.mark.parametrize(("path", "value", "field"), [
-    (["spec", "stages", "rag", "queue", "capacity"], -1, "spec.stages.rag.queue.capacity"),
-    (["spec", "stages", "post", "queue", "shedPolicy"], "drop-newest", "spec.stages.post.queue.shedPolicy"),
-    (["spec", "stages", "inference", "scaling"], {"minReplicas": 5, "maxReplicas": 2},
-     "spec.stages.inference.scaling"),
-    (["spec", "stages", "ranker"], {}, "spec.stages.ranker"),
-    (["spec", "model", "backend"], "openai", "spec.model"),
-    (["spec", "model", "backend"], "vllm", "spec.model.backend"),
-    (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
-    (["spec", "rag", "topK"], "three", "spec.rag.topK"),
-    (["metadata", "name"], "Not_A_DNS_Name", "metadata.name"),
-    (["apiVersion"], "promptpipe.io/v2", "apiVersion"),
-])
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (["spec", "stages", "rag", "queue", "capacity"], -1, "spec.stages.rag.queue.capacity"),
+        (["spec", "stages", "post", "queue", "shedPolicy"], "drop-newest", "spec.stages.post.queue.shedPolicy"),
+        (
+            ["spec", "stages", "inference", "scaling"],
+            {"minReplicas": 5, "maxReplicas": 2},
+            "spec.stages.inference.scaling",
+        ),
+        (["spec", "stages", "ranker"], {}, "spec.stages.ranker"),
+        (["spec", "model", "backend"], "openai", "spec.model"),
+        (["spec", "model", "backend"], "vllm", "spec.model.backend"),
+        (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
+        (["spec", "rag", "topK"], "three", "spec.rag.topK"),
+        (["metadata", "name"], "Not_A_DNS_Name", "metadata.name"),
+        (["apiVersion"], "promptpipe.io/v2", "apiVersion"),
+    ],
+)
 def test_malformed_pipeline_is_refused_naming_the_field(path: list[str], value: object, field: str) -> None:
     doc = quickstart()
     node = doc

@@ -20,19 +20,28 @@ def run_kopf(settings: OperatorSettings) -> None:
     importlib.import_module("promptpipe_operator.handlers")  # registers the handlers with kopf
 
     # Standalone: kopf's peering is not used; with several replicas, leader election decides.
-    kopf.run(clusterwide=not settings.namespaces, namespaces=settings.namespaces, standalone=True,
-             liveness_endpoint=settings.liveness_endpoint or None)
+    kopf.run(
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=True,
+        liveness_endpoint=settings.liveness_endpoint or None,
+    )
 
 
 def _arguments() -> argparse.Namespace:
-    fields = "\n".join(f"  PROMPTPIPE_OPERATOR_{name.upper()}: {info.description or ''}".rstrip()
-                       for name, info in OperatorSettings.model_fields.items())
+    fields = "\n".join(
+        f"  PROMPTPIPE_OPERATOR_{name.upper()}: {info.description or ''}".rstrip()
+        for name, info in OperatorSettings.model_fields.items()
+    )
     parser = argparse.ArgumentParser(
-        prog="promptpipe-operator", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="promptpipe-operator",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Reconciles PromptPipelines into stage Deployments, Services, ScaledObjects and TGI backends.",
-        epilog=f"Settings come from the environment:\n{fields}\n  PROMPTPIPE_REGISTRY_*: the model registry")
-    parser.add_argument("--check", action="store_true",
-                        help="import the handlers, read the settings, print them as JSON and exit")
+        epilog=f"Settings come from the environment:\n{fields}\n  PROMPTPIPE_REGISTRY_*: the model registry",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="import the handlers, read the settings, print them as JSON and exit"
+    )
     return parser.parse_args()
 
 
@@ -41,8 +50,11 @@ def main() -> None:
     settings = OperatorSettings()
     if args.check:
         importlib.import_module("promptpipe_operator.handlers")
-        print(json.dumps({"operator": settings.model_dump(mode="json"),
-                          "registry": RegistrySettings().model_dump(mode="json")}))
+        print(
+            json.dumps(
+                {"operator": settings.model_dump(mode="json"), "registry": RegistrySettings().model_dump(mode="json")}
+            )
+        )
         return
     kopf.configure(log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL)
     # Served by followers too: they are alive, and say they do not lead.

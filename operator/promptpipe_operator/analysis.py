@@ -33,8 +33,11 @@ class Counts:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Counts:
-        return Counts(float(data.get("requests", 0)), float(data.get("errors", 0)),
-                      {str(k): float(v) for k, v in (data.get("ttftBuckets") or {}).items()})
+        return Counts(
+            float(data.get("requests", 0)),
+            float(data.get("errors", 0)),
+            {str(k): float(v) for k, v in (data.get("ttftBuckets") or {}).items()},
+        )
 
 
 def parse_gateway(text: str, pipeline: str) -> Counts:

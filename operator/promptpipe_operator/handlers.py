@@ -94,14 +94,23 @@ class Operator:
             for item in items:
                 CHILD_CHANGES.labels(action, item.split(" ", 1)[0]).inc()
         for event in result.events:
-            kopf.event(kopf.Body(cast(kopf.RawBody, result.body)), type=event.type, reason=event.reason, message=event.message)
+            kopf.event(
+                kopf.Body(cast(kopf.RawBody, result.body)), type=event.type, reason=event.reason, message=event.message
+            )
         if result.created or result.updated or result.deleted or result.error:
-            log.info("reconciled", extra={
-                "pipeline": name, "namespace": namespace, "phase": result.status.get("phase"),
-                "children_created": len(result.created), "children_updated": len(result.updated),
-                "children_deleted": len(result.deleted),
-                "error": str(result.error) if result.error else None,
-                "seconds": round(time.perf_counter() - started, 4)})
+            log.info(
+                "reconciled",
+                extra={
+                    "pipeline": name,
+                    "namespace": namespace,
+                    "phase": result.status.get("phase"),
+                    "children_created": len(result.created),
+                    "children_updated": len(result.updated),
+                    "children_deleted": len(result.deleted),
+                    "error": str(result.error) if result.error else None,
+                    "seconds": round(time.perf_counter() - started, 4),
+                },
+            )
         return result
 
     def _wake(self, key: Key, delay: float) -> None:
@@ -168,7 +177,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Keep kopf's bookkeeping in our own annotations, and out of the status we write.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.reporting_component = MANAGER
     settings.posting.reporting_instance = socket.gethostname()
@@ -190,8 +200,14 @@ async def converge(namespace: str | None, name: str, memo: Any, **_: Any) -> Non
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def track(type: str, namespace: str | None, name: str, body: kopf.Body, memo: Any,  # noqa: A002 - kopf's
-                **_: Any) -> None:
+async def track(
+    type: str,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: Any,
+    **_: Any,
+) -> None:
     operator: Operator = memo["operator"]
     namespace = _namespaced(namespace)
     if type == "DELETED":
@@ -211,8 +227,14 @@ async def track(type: str, namespace: str | None, name: str, body: kopf.Body, me
 @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels=MANAGED)
 async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     """Any change to a child (gone, edited, readiness) reconciles its pipeline."""
-    owner = next((r["name"] for r in body.metadata.get("ownerReferences") or []
-                  if r.get("kind") == "PromptPipeline" and r.get("controller")), None)
+    owner = next(
+        (
+            r["name"]
+            for r in body.metadata.get("ownerReferences") or []
+            if r.get("kind") == "PromptPipeline" and r.get("controller")
+        ),
+        None,
+    )
     if owner is None or namespace is None:
         return
     await memo["operator"].request_quietly((namespace, owner))

@@ -19,7 +19,10 @@ from promptpipe_operator.render import KubeObject
 
 # What a pipeline owns, as (apiVersion, kind): listed to find children and strays.
 CHILD_KINDS: tuple[tuple[str, str], ...] = (
-    ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"), ("keda.sh/v1alpha1", "ScaledObject"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
 )
 ChildKey = tuple[str, str]  # (kind, name)
 
@@ -69,15 +72,16 @@ class Kube:
 
     def patch_pipeline_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self._resource(API_VERSION, KIND).status.patch(
-            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json")
+            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json"
+        )
 
     def apply(self, obj: KubeObject) -> dict[str, Any]:
         """Server-side apply, taking back fields someone else changed (drift is repaired, not merged)."""
         meta = obj["metadata"]
         res = self._resource(obj["apiVersion"], obj["kind"])
         out: dict[str, Any] = self._dyn.server_side_apply(
-            res, body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER,
-            force_conflicts=True).to_dict()
+            res, body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER, force_conflicts=True
+        ).to_dict()
         return out
 
     def apply_all(self, objects: list[KubeObject]) -> list[dict[str, Any]]:
@@ -104,8 +108,10 @@ class Kube:
     def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         """The pods carrying all of `labels`."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        return [item.to_dict() for item in self._resource("v1", "Pod").get(namespace=namespace,
-                                                                           label_selector=selector).items]
+        return [
+            item.to_dict()
+            for item in self._resource("v1", "Pod").get(namespace=namespace, label_selector=selector).items
+        ]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFoundError):  # gone already: what we wanted

@@ -38,10 +38,16 @@ def lead(settings: OperatorSettings, run: Callable[[], None]) -> int:
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     lock = LeaseLock(settings.lease_name, settings.lease_namespace, identity)
     stop, lost = threading.Event(), threading.Event()
-    election = leaderelection.LeaderElection(electionconfig.Config(
-        lock, lease_duration=settings.lease_seconds, renew_deadline=settings.lease_renew_deadline_seconds,
-        retry_period=settings.lease_retry_seconds, onstarted_leading=lambda: None,
-        onstopped_leading=lambda: None))
+    election = leaderelection.LeaderElection(
+        electionconfig.Config(
+            lock,
+            lease_duration=settings.lease_seconds,
+            renew_deadline=settings.lease_renew_deadline_seconds,
+            retry_period=settings.lease_retry_seconds,
+            onstarted_leading=lambda: None,
+            onstopped_leading=lambda: None,
+        )
+    )
     log.info("waiting to lead", extra={"lease": settings.lease_name, "identity": identity})
     election.acquire()
     LEADER.set(1)
@@ -66,8 +72,7 @@ def lead(settings: OperatorSettings, run: Callable[[], None]) -> int:
     return 1 if lost.is_set() else 0
 
 
-def _renew_until(election: leaderelection.LeaderElection, settings: OperatorSettings,
-                 stop: threading.Event) -> bool:
+def _renew_until(election: leaderelection.LeaderElection, settings: OperatorSettings, stop: threading.Event) -> bool:
     """Renew every retry period until `stop` (True) or until a renewal fails for renew_deadline (False).
 
     The client's own renew_loop (kubernetes 36) cannot be stopped from outside."""

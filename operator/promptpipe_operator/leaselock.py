@@ -41,17 +41,22 @@ class LeaseLock:
             return True, None
         duration = str(spec.lease_duration_seconds) if spec.lease_duration_seconds else None
         return True, LeaderElectionRecord(
-            spec.holder_identity, duration, _text(spec.acquire_time), _text(spec.renew_time))
+            spec.holder_identity, duration, _text(spec.acquire_time), _text(spec.renew_time)
+        )
 
     def _spec(self, record: LeaderElectionRecord, transitions: int) -> client.V1LeaseSpec:
         return client.V1LeaseSpec(
-            holder_identity=record.holder_identity, lease_duration_seconds=int(record.lease_duration),
-            acquire_time=_time(record.acquire_time), renew_time=_time(record.renew_time),
-            lease_transitions=transitions)
+            holder_identity=record.holder_identity,
+            lease_duration_seconds=int(record.lease_duration),
+            acquire_time=_time(record.acquire_time),
+            renew_time=_time(record.renew_time),
+            lease_transitions=transitions,
+        )
 
     def create(self, name: str, namespace: str, election_record: LeaderElectionRecord) -> bool:
-        body = client.V1Lease(metadata=client.V1ObjectMeta(name=name, namespace=namespace),
-                              spec=self._spec(election_record, 0))
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace), spec=self._spec(election_record, 0)
+        )
         try:
             self._lease = self._api.create_namespaced_lease(namespace, body)
         except ApiException:

@@ -6,8 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 # Waiting reasons that will not clear by themselves (image, config, or a container that keeps failing).
-STUCK = frozenset({"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
-                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+STUCK = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
 MESSAGE_LIMIT = 400
 
 
@@ -20,8 +29,9 @@ def _last_words(message: str) -> str:
 
 def _container_problem(kind: str, status: dict[str, Any]) -> str:
     state = status.get("state") or {}
-    terminated = state.get("terminated") or ((status.get("lastState") or {}).get("terminated")
-                                             if "waiting" in state else None)
+    terminated = state.get("terminated") or (
+        (status.get("lastState") or {}).get("terminated") if "waiting" in state else None
+    )
     name = status.get("name", "?")
     if terminated and terminated.get("exitCode", 0) != 0:
         why = _last_words(terminated.get("message") or "") or terminated.get("reason") or "no message"
@@ -54,8 +64,12 @@ def metrics_urls(pods: list[dict[str, Any]]) -> dict[str, str]:
     for pod in pods:
         status = pod.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        ports = [p["containerPort"] for c in pod["spec"].get("containers", []) for p in c.get("ports") or []
-                 if p.get("name") == "metrics"]
+        ports = [
+            p["containerPort"]
+            for c in pod["spec"].get("containers", [])
+            for p in c.get("ports") or []
+            if p.get("name") == "metrics"
+        ]
         if ready and status.get("podIP") and ports:
             out[pod["metadata"]["name"]] = f"http://{status['podIP']}:{ports[0]}/metrics"
     return out

@@ -24,8 +24,12 @@ def smoke(base_url: str, spec: PipelineSpec) -> tuple[bool, str]:
     """One generation through TGI's /generate; it passes if TGI answers 200 with generated text."""
     cfg = spec.rollout.smoke
     body = json.dumps({"inputs": cfg.prompt, "parameters": {"max_new_tokens": cfg.max_new_tokens}}).encode()
-    request = urllib.request.Request(f"{base_url}/generate", data=body, method="POST",  # noqa: S310 - http(s): ours
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base_url}/generate",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=cfg.timeout) as response:  # noqa: S310 - the backend's URL
             answer = json.loads(response.read())
@@ -51,15 +55,17 @@ def scrape(urls: dict[str, str], pipeline: str, timeout: float = 3.0) -> dict[st
     return out
 
 
-def analyse_scrapes(current: dict[str, Counts], baseline: dict[str, Any] | None,
-                    spec: PipelineSpec) -> tuple[bool | None, str]:
+def analyse_scrapes(
+    current: dict[str, Counts], baseline: dict[str, Any] | None, spec: PipelineSpec
+) -> tuple[bool | None, str]:
     base = {pod: Counts.from_json(c) for pod, c in (baseline or {}).items()}
     delta = since(current, base)
     return verdict(delta.requests, delta.errors, quantile(0.95, delta.ttft_buckets), spec.rollout.analysis)
 
 
-def analyse_prometheus(namespace: str, pipeline: str, since_switch: float,
-                       spec: PipelineSpec) -> tuple[bool | None, str]:
+def analyse_prometheus(
+    namespace: str, pipeline: str, since_switch: float, spec: PipelineSpec
+) -> tuple[bool | None, str]:
     """The calls since the switch, from the Prometheus the spec names (spec.rollout.analysis.prometheus)."""
     source = spec.rollout.analysis.prometheus
     if source is None:

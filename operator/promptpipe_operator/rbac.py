@@ -46,9 +46,12 @@ LEADER_ELECTION_RULES: list[dict[str, Any]] = [
 
 
 def cluster_role(name: str = NAME, rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": NAME}},
-            "rules": RULES if rules is None else rules}
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": NAME}},
+        "rules": RULES if rules is None else rules,
+    }
 
 
 def service_account(namespace: str, name: str = NAME) -> dict[str, Any]:
@@ -56,10 +59,13 @@ def service_account(namespace: str, name: str = NAME) -> dict[str, Any]:
 
 
 def cluster_role_binding(namespace: str, name: str = NAME, account: str = NAME) -> dict[str, Any]:
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]}
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+    }
 
 
 def rules_yaml(rules: list[dict[str, Any]] | None = None) -> str:

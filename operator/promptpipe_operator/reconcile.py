@@ -88,7 +88,8 @@ def events_for(result: Result, before: dict[str, Any], generation: int) -> list[
     if seen_generation == generation and (result.created or result.updated):
         # Nothing in the spec changed, so the children had drifted: say what was put back.
         parts = ([f"recreated {_summary(result.created)}"] if result.created else []) + (
-            [f"reverted changes to {_summary(result.updated)}"] if result.updated else [])
+            [f"reverted changes to {_summary(result.updated)}"] if result.updated else []
+        )
         out.append(Event("Warning", "DriftRepaired", "; ".join(parts)))
     else:
         if result.created:
@@ -101,8 +102,11 @@ def events_for(result: Result, before: dict[str, Any], generation: int) -> list[
     if now and now["status"] == "True" and not (was and was["status"] == "True"):
         out.append(Event("Normal", "Ready", now["message"]))
     was_d, now_d = condition(before, "Degraded"), condition(result.status, "Degraded")
-    if now_d and now_d["status"] == "True" and not (
-            was_d and was_d["status"] == "True" and was_d["reason"] == now_d["reason"]):
+    if (
+        now_d
+        and now_d["status"] == "True"
+        and not (was_d and was_d["status"] == "True" and was_d["reason"] == now_d["reason"])
+    ):
         out.append(Event("Warning", now_d["reason"], now_d["message"]))
     return out
 
@@ -115,8 +119,9 @@ def _api_failure(err: DynamicApiError, what: str) -> Transient:
     return Transient(f"{what}: HTTP {status}: {summary}", delay)
 
 
-def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name: str,
-                   registry: Registry | None = None) -> Result | None:
+def reconcile_once(
+    kube: Kube, settings: OperatorSettings, namespace: str, name: str, registry: Registry | None = None
+) -> Result | None:
     """Converge one pipeline's children and status; None if the pipeline is gone."""
     body = kube.get_pipeline(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
@@ -127,7 +132,9 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
     try:
         pp = parse_pipeline(body)
     except PipelineFileError as err:
-        result = Result(body, invalid_spec_status(generation, str(err), before, format_time()), error=InvalidSpec(str(err)))
+        result = Result(
+            body, invalid_spec_status(generation, str(err), before, format_time()), error=InvalidSpec(str(err))
+        )
         try:
             _write_status(kube, namespace, name, before, result.status)
         except DynamicApiError as api_err:
@@ -150,8 +157,9 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
             rollout_state = decision.state
             result.requeue_after = wake_in(rollout_state, pp.spec.rollout, probes.now())
             if pp.spec.model.alias:  # a promotion is seen at the next poll
-                result.requeue_after = min(result.requeue_after or settings.alias_poll_seconds,
-                                           settings.alias_poll_seconds)
+                result.requeue_after = min(
+                    result.requeue_after or settings.alias_poll_seconds, settings.alias_poll_seconds
+                )
             if unresolved:
                 problem = Problem("ModelUnresolved", unresolved)
         desired = render.children(pp, namespace, settings, rollout_state, registry.settings if registry else None)
@@ -180,8 +188,9 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
     deployments = {n: obj for (k, n), obj in applied.items() if k == "Deployment"}
     if failure is not None:  # what was not applied this time may still be there from before
         with contextlib.suppress(DynamicApiError):  # the status then says less of the stages; the condition says why
-            deployments = {n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items()
-                           if k == "Deployment"} | deployments
+            deployments = {
+                n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items() if k == "Deployment"
+            } | deployments
         if rollout_state is not None:  # nothing decided was applied: keep the stored rollout as it was
             rollout_state = State.from_status(before.get("rollout"))
     active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
@@ -196,9 +205,15 @@ def reconcile_once(kube: Kube, settings: OperatorSettings, namespace: str, name:
     return result
 
 
-def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry | None, pp: PromptPipeline,
-                    body: dict[str, Any], existing: dict[ChildKey, dict[str, Any]],
-                    generation: int) -> tuple[Decision, str]:
+def advance_rollout(
+    kube: Kube,
+    settings: OperatorSettings,
+    registry: Registry | None,
+    pp: PromptPipeline,
+    body: dict[str, Any],
+    existing: dict[ChildKey, dict[str, Any]],
+    generation: int,
+) -> tuple[Decision, str]:
     """Observe what the rollout's next step depends on (only what it needs now) and decide it.
     Returns the decision and, if the spec's version cannot be resolved, why."""
     name, namespace = pp.metadata.name, body["metadata"]["namespace"]
@@ -211,8 +226,7 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
     if state.phase == PROGRESSING and target is not None:
         dep = existing.get(("Deployment", render.backend_name(name, target.color)))
         # Only the Deployment already carrying the target version counts (not the color's previous occupant).
-        if dep is not None and (dep["metadata"].get("annotations") or {}).get(
-                keys.MODEL_VERSION) == target.version:
+        if dep is not None and (dep["metadata"].get("annotations") or {}).get(keys.MODEL_VERSION) == target.version:
             health = deployment_health(render.BACKEND, dep)
             target_ready = health.health is Health.READY
             target_failed = health.detail if health.health is Health.FAILED else ""
@@ -220,15 +234,25 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
             color = {**render.selector(name, render.BACKEND), keys.COLOR: target.color}
             target_pods = pods.first_problem(kube.pods(namespace, color))
     smoke = None
-    if target is not None and wants_smoke(state, target_ready) and desired in (None, target.version) \
-            and request == state.rollback_handled:
-        smoke = probes.smoke(settings.backend_url_template.format(
-            service=render.backend_name(name, target.color), namespace=namespace, port=render.TGI_PORT), pp.spec)
+    if (
+        target is not None
+        and wants_smoke(state, target_ready)
+        and desired in (None, target.version)
+        and request == state.rollback_handled
+    ):
+        smoke = probes.smoke(
+            settings.backend_url_template.format(
+                service=render.backend_name(name, target.color), namespace=namespace, port=render.TGI_PORT
+            ),
+            pp.spec,
+        )
     verdict = None
 
     def gateway_counts() -> dict[str, Counts]:
-        return probes.scrape(pods.metrics_urls(kube.pods(namespace, render.selector(name, StageName.STREAM.value))),
-                             name)
+        return probes.scrape(
+            pods.metrics_urls(kube.pods(namespace, render.selector(name, StageName.STREAM.value))), name
+        )
+
     if wants_analysis(state, cfg, now):
         analysis = cfg.analysis
         if analysis.prometheus is not None:
@@ -241,8 +265,13 @@ def advance_rollout(kube: Kube, settings: OperatorSettings, registry: Registry |
                 verdict = (None, "counting calls from now")
             else:
                 verdict = probes.analyse_scrapes(current, state.baseline, pp.spec)
-    decision = decide(state, Observed(desired, generation, now, target_ready, target_failed, smoke,
-                                      verdict, request, target_pods=target_pods), cfg)
+    decision = decide(
+        state,
+        Observed(
+            desired, generation, now, target_ready, target_failed, smoke, verdict, request, target_pods=target_pods
+        ),
+        cfg,
+    )
     if decision.state.phase == ANALYZING and decision.state.baseline is None and cfg.analysis.prometheus is None:
         decision = replace(decision, state=replace(decision.state, baseline=baseline(gateway_counts())))
     return decision, unresolved

@@ -95,22 +95,35 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     if tgi is not None:
         # The stages call the inference Service whatever version is behind it: a rollout rolls no stage.
         url = f"http://{backend_name(name)}.{namespace}.svc:{TGI_PORT}"
-        model = model.model_copy(update={"version": "", "alias": "", "tgi": TgiSpec(
-            endpoints=[url], read_timeout_seconds=tgi.read_timeout_seconds,
-            connect_timeout_seconds=tgi.connect_timeout_seconds)})
+        model = model.model_copy(
+            update={
+                "version": "",
+                "alias": "",
+                "tgi": TgiSpec(
+                    endpoints=[url],
+                    read_timeout_seconds=tgi.read_timeout_seconds,
+                    connect_timeout_seconds=tgi.connect_timeout_seconds,
+                ),
+            }
+        )
     if model.openai is not None and model.openai.api_key_secret is not None:
         key_env = model.openai.api_key_env or OPENAI_KEY_ENV
-        model = model.model_copy(update={"openai": model.openai.model_copy(
-            update={"api_key_env": key_env, "api_key_secret": None})})
+        model = model.model_copy(
+            update={"openai": model.openai.model_copy(update={"api_key_env": key_env, "api_key_secret": None})}
+        )
     rag = spec.rag
     if rag.corpus.config_map:
         rag = rag.model_copy(update={"corpus": CorpusSpec(path=CORPUS_DIR)})
-    stages = spec.stages.model_copy(update={
-        s.value: spec.stages.get(s).model_copy(update={"scaling": ScalingSpec(), "resources": None})
-        for s in STAGE_ORDER})
+    stages = spec.stages.model_copy(
+        update={
+            s.value: spec.stages.get(s).model_copy(update={"scaling": ScalingSpec(), "resources": None})
+            for s in STAGE_ORDER
+        }
+    )
     spec = spec.model_copy(update={"model": model, "rag": rag, "stages": stages, "rollout": RolloutSpec()})
-    bare = pp.model_copy(update={"status": None, "spec": spec, "metadata": type(pp.metadata)(
-        name=name, namespace=namespace)})
+    bare = pp.model_copy(
+        update={"status": None, "spec": spec, "metadata": type(pp.metadata)(name=name, namespace=namespace)}
+    )
     return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR)
 
 
@@ -119,9 +132,13 @@ def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
     text = runtime_config(pp, namespace).dump_yaml()
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     manifest = {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": child_name(pp.metadata.name, "config"), "namespace": namespace,
-                     "labels": labels(pp.metadata.name, "config")},
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": child_name(pp.metadata.name, "config"),
+            "namespace": namespace,
+            "labels": labels(pp.metadata.name, "config"),
+        },
         "data": {CONFIG_FILE: text},
     }
     return manifest, digest
@@ -156,8 +173,9 @@ def _resources(spec: ResourcesSpec) -> dict[str, Any]:
     return {k: dict(v) for k, v in (("requests", spec.requests), ("limits", spec.limits)) if v}
 
 
-def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings,
-               config_hash: str) -> KubeObject:
+def deployment(
+    pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings, config_hash: str
+) -> KubeObject:
     name = pp.metadata.name
     spec = pp.spec.stages.get(stage)
     env: list[dict[str, Any]] = [
@@ -167,52 +185,79 @@ def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: O
         {"name": "PROMPTPIPE_PORT", "value": str(GRPC_PORT)},
         {"name": "PROMPTPIPE_METRICS_PORT", "value": str(METRICS_PORT)},
     ]
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - an emptyDir
-    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": child_name(name, "config")}},
-                                     {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - an emptyDir
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": child_name(name, "config")}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     corpus = pp.spec.rag.corpus.config_map
     if stage is StageName.RAG and corpus:
         mounts.append({"name": "corpus", "mountPath": CORPUS_DIR, "readOnly": True})
         volumes.append({"name": "corpus", "configMap": {"name": corpus}})
     openai = pp.spec.model.openai
-    if stage is StageName.INFERENCE and pp.spec.model.backend is BackendKind.OPENAI and openai is not None \
-            and openai.api_key_secret is not None:
+    if (
+        stage is StageName.INFERENCE
+        and pp.spec.model.backend is BackendKind.OPENAI
+        and openai is not None
+        and openai.api_key_secret is not None
+    ):
         ref = openai.api_key_secret
-        env.append({"name": openai.api_key_env or OPENAI_KEY_ENV,
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append(
+            {
+                "name": openai.api_key_env or OPENAI_KEY_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
     container = {
         "name": "stage",
         "image": settings.stage_image,
         "imagePullPolicy": settings.image_pull_policy,
         "env": env,
-        "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
         "startupProbe": _probe(stage, "startup"),
         "readinessProbe": _probe(stage, "readiness"),
         "livenessProbe": _probe(stage, "liveness"),
         "resources": stage_resources(pp, stage),
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
         "volumeMounts": mounts,
     }
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": child_name(name, stage.value), "namespace": namespace,
-                     "labels": labels(name, stage.value)},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": child_name(name, stage.value),
+            "namespace": namespace,
+            "labels": labels(name, stage.value),
+        },
         "spec": {
             "selector": {"matchLabels": selector(name, stage.value)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {
                     "labels": labels(name, stage.value),
-                    "annotations": {keys.CONFIG_HASH: config_hash,
-                                    "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)},
+                    "annotations": {
+                        keys.CONFIG_HASH: config_hash,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                    },
                 },
                 "spec": {
                     "terminationGracePeriodSeconds": int(spec.drain_grace_seconds) + TERMINATION_MARGIN_SECONDS,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                                        "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [container],
                     "volumes": volumes,
                 },
@@ -224,13 +269,19 @@ def deployment(pp: PromptPipeline, namespace: str, stage: StageName, settings: O
 def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
     name = pp.metadata.name
     return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": child_name(name, stage.value), "namespace": namespace,
-                     "labels": labels(name, stage.value)},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": child_name(name, stage.value),
+            "namespace": namespace,
+            "labels": labels(name, stage.value),
+        },
         "spec": {
             "selector": selector(name, stage.value),
-            "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
-                      {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}],
+            "ports": [
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
+            ],
         },
     }
 
@@ -250,9 +301,13 @@ def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings
         "activationThreshold": "0",
     }
     return {
-        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-        "metadata": {"name": child_name(name, stage.value), "namespace": namespace,
-                     "labels": labels(name, stage.value)},
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {
+            "name": child_name(name, stage.value),
+            "namespace": namespace,
+            "labels": labels(name, stage.value),
+        },
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": child_name(name, stage.value)},
             "minReplicaCount": scaling.min_replicas,
@@ -265,10 +320,21 @@ def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings
 
 
 def _tgi_args(tgi: TgiSpec, model_id: str) -> list[str]:
-    args = ["--model-id", model_id, "--port", str(TGI_PORT), "--hostname", "0.0.0.0",  # noqa: S104 - in the pod
-            "--max-concurrent-requests", str(tgi.max_concurrent_requests)]
-    for flag, value in (("--max-input-tokens", tgi.max_input_tokens), ("--max-total-tokens", tgi.max_total_tokens),
-                        ("--max-batch-prefill-tokens", tgi.max_batch_prefill_tokens)):
+    args = [
+        "--model-id",
+        model_id,
+        "--port",
+        str(TGI_PORT),
+        "--hostname",
+        "0.0.0.0",  # noqa: S104 - in the pod
+        "--max-concurrent-requests",
+        str(tgi.max_concurrent_requests),
+    ]
+    for flag, value in (
+        ("--max-input-tokens", tgi.max_input_tokens),
+        ("--max-total-tokens", tgi.max_total_tokens),
+        ("--max-batch-prefill-tokens", tgi.max_batch_prefill_tokens),
+    ):
         if value is not None:
             args += [flag, str(value)]
     if tgi.quantize is not None:
@@ -283,14 +349,19 @@ def backend_name(pipeline: str, color: str | None = None) -> str:
     return child_name(pipeline, f"{BACKEND}-{color}" if color else BACKEND)
 
 
-def _fetch_model(pp: PromptPipeline, version: str, settings: OperatorSettings,
-                 registry: RegistrySettings) -> dict[str, Any]:
+def _fetch_model(
+    pp: PromptPipeline, version: str, settings: OperatorSettings, registry: RegistrySettings
+) -> dict[str, Any]:
     """The init container that puts the registry version on local disk, verified, before TGI starts.
 
     A missing or corrupted artifact makes it fail: the pod never becomes Ready and never serves."""
-    env = [{"name": f"PROMPTPIPE_REGISTRY_{k.upper()}", "value": str(v)}
-           for k, v in registry.model_dump(include={"bucket", "table", "region", "endpoint_url", "s3_endpoint_url",
-                                                    "prefix"}).items() if v]
+    env = [
+        {"name": f"PROMPTPIPE_REGISTRY_{k.upper()}", "value": str(v)}
+        for k, v in registry.model_dump(
+            include={"bucket", "table", "region", "endpoint_url", "s3_endpoint_url", "prefix"}
+        ).items()
+        if v
+    ]
     container: dict[str, Any] = {
         "name": "fetch-model",
         "image": settings.stage_image,
@@ -300,8 +371,12 @@ def _fetch_model(pp: PromptPipeline, version: str, settings: OperatorSettings,
         # The error (which file failed its hash, which version is missing) lands in the pod's status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "runAsNonRoot": True, "readOnlyRootFilesystem": True},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+        },
         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
     }
     if settings.registry_secret:  # AWS keys; without it, the pod's identity (IRSA, instance role)
@@ -309,8 +384,15 @@ def _fetch_model(pp: PromptPipeline, version: str, settings: OperatorSettings,
     return container
 
 
-def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str, version: str,
-                   settings: OperatorSettings, registry: RegistrySettings | None) -> KubeObject:
+def tgi_deployment(
+    pp: PromptPipeline,
+    namespace: str,
+    tgi: TgiSpec,
+    color: str,
+    version: str,
+    settings: OperatorSettings,
+    registry: RegistrySettings | None,
+) -> KubeObject:
     """TGI serving one model version on GPUs (the image runs as root; it is not ours to change)."""
     name = pp.metadata.name
     resources = _resources(tgi.resources or ResourcesSpec(requests={"cpu": "2", "memory": "16Gi"}))
@@ -331,20 +413,22 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str,
         # In-flight generations finish before the pod goes.
         "terminationGracePeriodSeconds": int(pp.spec.stages.inference.timeout_seconds) + TERMINATION_MARGIN_SECONDS,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-        "containers": [{
-            "name": "tgi",
-            "image": tgi.image,
-            "args": _tgi_args(tgi, f"{MODELS_DIR}/model" if from_registry else version),
-            "env": [{"name": "HF_HOME", "value": "/data"}],
-            "ports": [{"name": "http", "containerPort": TGI_PORT, "protocol": "TCP"}],
-            # Downloading and loading weights can take long; after that, /health answers in milliseconds.
-            "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
-            "readinessProbe": {**health, "periodSeconds": 5},
-            "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
-            "resources": resources,
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": mounts,
-        }],
+        "containers": [
+            {
+                "name": "tgi",
+                "image": tgi.image,
+                "args": _tgi_args(tgi, f"{MODELS_DIR}/model" if from_registry else version),
+                "env": [{"name": "HF_HOME", "value": "/data"}],
+                "ports": [{"name": "http", "containerPort": TGI_PORT, "protocol": "TCP"}],
+                # Downloading and loading weights can take long; after that, /health answers in milliseconds.
+                "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
+                "readinessProbe": {**health, "periodSeconds": 5},
+                "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
+                "resources": resources,
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": mounts,
+            }
+        ],
         "volumes": volumes,
     }
     if from_registry and registry is not None:
@@ -357,16 +441,20 @@ def tgi_deployment(pp: PromptPipeline, namespace: str, tgi: TgiSpec, color: str,
         pod["nodeSelector"] = dict(tgi.node_selector)
     pod_labels = {**labels(name, BACKEND), keys.COLOR: color}
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": backend_name(name, color), "namespace": namespace, "labels": pod_labels,
-                     "annotations": {keys.MODEL_VERSION: version}},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": backend_name(name, color),
+            "namespace": namespace,
+            "labels": pod_labels,
+            "annotations": {keys.MODEL_VERSION: version},
+        },
         "spec": {
             "replicas": tgi.replicas,
             "selector": {"matchLabels": {**selector(name, BACKEND), keys.COLOR: color}},
             # GPUs are scarce: replace a pod at a time rather than needing a spare GPU.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
-            "template": {"metadata": {"labels": pod_labels, "annotations": {keys.MODEL_VERSION: version}},
-                         "spec": pod},
+            "template": {"metadata": {"labels": pod_labels, "annotations": {keys.MODEL_VERSION: version}}, "spec": pod},
         },
     }
 
@@ -376,16 +464,19 @@ def tgi_service(pp: PromptPipeline, namespace: str, color: str, main: bool) -> K
     name = pp.metadata.name
     svc_labels = labels(name, BACKEND) if main else {**labels(name, BACKEND), keys.COLOR: color}
     return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": backend_name(name, None if main else color), "namespace": namespace,
-                     "labels": svc_labels},
-        "spec": {"selector": {**selector(name, BACKEND), keys.COLOR: color},
-                 "ports": [{"name": "http", "port": TGI_PORT, "targetPort": "http"}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": backend_name(name, None if main else color), "namespace": namespace, "labels": svc_labels},
+        "spec": {
+            "selector": {**selector(name, BACKEND), keys.COLOR: color},
+            "ports": [{"name": "http", "port": TGI_PORT, "targetPort": "http"}],
+        },
     }
 
 
-def backend_children(pp: PromptPipeline, namespace: str, state: State, settings: OperatorSettings,
-                     registry: RegistrySettings | None) -> list[KubeObject]:
+def backend_children(
+    pp: PromptPipeline, namespace: str, state: State, settings: OperatorSettings, registry: RegistrySettings | None
+) -> list[KubeObject]:
     """The inference Service first (the switch is one apply), then each running color."""
     tgi = managed_tgi(pp)
     if tgi is None:
@@ -393,17 +484,27 @@ def backend_children(pp: PromptPipeline, namespace: str, state: State, settings:
     active = state.active.color if state.active else BLUE
     out = [tgi_service(pp, namespace, active, main=True)]
     for slot in state.deployed():
-        out += [tgi_deployment(pp, namespace, tgi, slot.color, slot.version, settings, registry),
-                tgi_service(pp, namespace, slot.color, main=False)]
+        out += [
+            tgi_deployment(pp, namespace, tgi, slot.color, slot.version, settings, registry),
+            tgi_service(pp, namespace, slot.color, main=False),
+        ]
     return out
 
 
-def children(pp: PromptPipeline, namespace: str, settings: OperatorSettings, state: State | None = None,
-             registry: RegistrySettings | None = None) -> list[KubeObject]:
+def children(
+    pp: PromptPipeline,
+    namespace: str,
+    settings: OperatorSettings,
+    state: State | None = None,
+    registry: RegistrySettings | None = None,
+) -> list[KubeObject]:
     """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's."""
     cm, config_hash = config_map(pp, namespace)
     out = [*backend_children(pp, namespace, state or State(), settings, registry), cm]
     for stage in STAGE_ORDER:
-        out += [deployment(pp, namespace, stage, settings, config_hash), service(pp, namespace, stage),
-                scaled_object(pp, namespace, stage, settings)]
+        out += [
+            deployment(pp, namespace, stage, settings, config_hash),
+            service(pp, namespace, stage),
+            scaled_object(pp, namespace, stage, settings),
+        ]
     return out

@@ -69,10 +69,16 @@ class State:
         for key, slot in (("active", self.active), ("previous", self.previous), ("target", self.target)):
             if slot is not None:
                 out[key] = {"version": slot.version, "color": slot.color}
-        for key, value in (("previousUntil", self.previous_until), ("startedAt", self.started_at),
-                           ("switchedAt", self.switched_at), ("lastAnalysisAt", self.last_analysis_at),
-                           ("failedVersion", self.failed_version), ("reason", self.reason),
-                           ("message", self.message), ("rollbackHandled", self.rollback_handled)):
+        for key, value in (
+            ("previousUntil", self.previous_until),
+            ("startedAt", self.started_at),
+            ("switchedAt", self.switched_at),
+            ("lastAnalysisAt", self.last_analysis_at),
+            ("failedVersion", self.failed_version),
+            ("reason", self.reason),
+            ("message", self.message),
+            ("rollbackHandled", self.rollback_handled),
+        ):
             if value:
                 out[key] = value
         if self.failed_generation:
@@ -91,13 +97,22 @@ class State:
             return Slot(str(v["version"]), str(v["color"])) if isinstance(v, dict) else None
 
         return State(
-            active=slot("active"), previous=slot("previous"), previous_until=s.get("previousUntil", ""),
-            phase=s.get("phase", STABLE), target=slot("target"), started_at=s.get("startedAt", ""),
-            switched_at=s.get("switchedAt", ""), last_analysis_at=s.get("lastAnalysisAt", ""),
-            baseline=s.get("baseline"), failed_version=s.get("failedVersion", ""),
-            failed_generation=int(s.get("failedGeneration", 0)), reason=s.get("reason", ""),
-            message=s.get("message", ""), rollback_handled=s.get("rollbackHandled", ""),
-            history=tuple(s.get("history") or ()))
+            active=slot("active"),
+            previous=slot("previous"),
+            previous_until=s.get("previousUntil", ""),
+            phase=s.get("phase", STABLE),
+            target=slot("target"),
+            started_at=s.get("startedAt", ""),
+            switched_at=s.get("switchedAt", ""),
+            last_analysis_at=s.get("lastAnalysisAt", ""),
+            baseline=s.get("baseline"),
+            failed_version=s.get("failedVersion", ""),
+            failed_generation=int(s.get("failedGeneration", 0)),
+            reason=s.get("reason", ""),
+            message=s.get("message", ""),
+            rollback_handled=s.get("rollbackHandled", ""),
+            history=tuple(s.get("history") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -139,13 +154,34 @@ def _history(state: State, version: str, result: str, reason: str, now: dt.datet
 def _roll_back(state: State, obs: Observed, bad: Slot, restore: Slot, reason: str, message: str) -> Decision:
     """Traffic to `restore`, `bad` removed and not retried until the spec changes."""
     switched = state.active is not None and state.active != restore
-    new = replace(state, active=restore, previous=None, previous_until="", target=None, phase=ROLLED_BACK,
-                  started_at="", switched_at="", last_analysis_at="", baseline=None, failed_version=bad.version,
-                  failed_generation=obs.generation, reason=reason, message=message,
-                  history=_history(state, bad.version, ROLLED_BACK, reason, obs.now))
-    return Decision(new, [Event("Warning", "RolledBack",
-                               f"rolled back {bad.version} ({bad.color}) to {restore.version} ({restore.color}): "
-                               f"{reason}: {message}")], switched)
+    new = replace(
+        state,
+        active=restore,
+        previous=None,
+        previous_until="",
+        target=None,
+        phase=ROLLED_BACK,
+        started_at="",
+        switched_at="",
+        last_analysis_at="",
+        baseline=None,
+        failed_version=bad.version,
+        failed_generation=obs.generation,
+        reason=reason,
+        message=message,
+        history=_history(state, bad.version, ROLLED_BACK, reason, obs.now),
+    )
+    return Decision(
+        new,
+        [
+            Event(
+                "Warning",
+                "RolledBack",
+                f"rolled back {bad.version} ({bad.color}) to {restore.version} ({restore.color}): {reason}: {message}",
+            )
+        ],
+        switched,
+    )
 
 
 def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
@@ -158,15 +194,22 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             return _roll_back(state, obs, state.target, state.active, "ManualRollback", "rollback requested")
         if state.previous is not None and state.active is not None:
             return _roll_back(state, obs, state.active, state.previous, "ManualRollback", "rollback requested")
-        events.append(Event("Warning", "RollbackUnavailable",
-                          "rollback requested, but no previous version is running to go back to"))
+        events.append(
+            Event(
+                "Warning", "RollbackUnavailable", "rollback requested, but no previous version is running to go back to"
+            )
+        )
 
     desired = obs.desired
     if state.active is None:
         if desired is None:
             return Decision(state, events)
-        first = replace(state, active=Slot(desired, BLUE), phase=STABLE,
-                        history=_history(state, desired, "Deployed", "Initial", now))
+        first = replace(
+            state,
+            active=Slot(desired, BLUE),
+            phase=STABLE,
+            history=_history(state, desired, "Deployed", "Initial", now),
+        )
         return Decision(first, [*events, Event("Normal", "Deployed", f"serving {desired} (blue)")], switched=True)
     active = state.active
 
@@ -174,14 +217,32 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
         target = state.target
         if desired is not None and desired != target.version:
             if desired == active.version:  # the change was undone: stop bringing up green
-                cancelled = replace(state, target=None, phase=STABLE, started_at="", reason="", message="",
-                                    history=_history(state, target.version, "Cancelled", "SpecChanged", now))
-                return Decision(cancelled, [*events, Event("Normal", "RolloutCancelled",
-                                                         f"{target.version} is no longer wanted")])
-            state = replace(state, target=Slot(desired, target.color), started_at=ts(now),
-                            reason="", message="")  # retarget the same color
-            return Decision(state, [*events, Event("Normal", "RolloutStarted",
-                                                 f"rolling out {desired} ({target.color}), replacing {target.version}")])
+                cancelled = replace(
+                    state,
+                    target=None,
+                    phase=STABLE,
+                    started_at="",
+                    reason="",
+                    message="",
+                    history=_history(state, target.version, "Cancelled", "SpecChanged", now),
+                )
+                return Decision(
+                    cancelled, [*events, Event("Normal", "RolloutCancelled", f"{target.version} is no longer wanted")]
+                )
+            state = replace(
+                state, target=Slot(desired, target.color), started_at=ts(now), reason="", message=""
+            )  # retarget the same color
+            return Decision(
+                state,
+                [
+                    *events,
+                    Event(
+                        "Normal",
+                        "RolloutStarted",
+                        f"rolling out {desired} ({target.color}), replacing {target.version}",
+                    ),
+                ],
+            )
         started = parse_time(state.started_at) or now
         if obs.target_failed:
             return _roll_back(state, obs, target, active, "ProgressDeadlineExceeded", obs.target_failed)
@@ -189,19 +250,50 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             passed, detail = obs.smoke
             if not passed:
                 return _roll_back(state, obs, target, active, "SmokeTestFailed", detail)
-            switched = replace(state, active=target, previous=active, previous_until="", target=None,
-                               phase=ANALYZING if cfg.analysis.window > 0 else STABLE, switched_at=ts(now),
-                               last_analysis_at="", baseline=None, reason="", message="")
+            switched = replace(
+                state,
+                active=target,
+                previous=active,
+                previous_until="",
+                target=None,
+                phase=ANALYZING if cfg.analysis.window > 0 else STABLE,
+                switched_at=ts(now),
+                last_analysis_at="",
+                baseline=None,
+                reason="",
+                message="",
+            )
             if cfg.analysis.window <= 0:
-                switched = replace(switched, previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
-                                   history=_history(state, target.version, "Succeeded", "NoAnalysis", now))
-            return Decision(switched, [*events, Event("Normal", "Switched", (
-                f"traffic on {target.version} ({target.color}); {active.version} ({active.color}) "
-                f"kept for rollback"))], switched=True)
+                switched = replace(
+                    switched,
+                    previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
+                    history=_history(state, target.version, "Succeeded", "NoAnalysis", now),
+                )
+            return Decision(
+                switched,
+                [
+                    *events,
+                    Event(
+                        "Normal",
+                        "Switched",
+                        (
+                            f"traffic on {target.version} ({target.color}); {active.version} ({active.color}) "
+                            f"kept for rollback"
+                        ),
+                    ),
+                ],
+                switched=True,
+            )
         if (now - started).total_seconds() > cfg.progress_deadline:
             why = f": {obs.target_pods}" if obs.target_pods else ""
-            return _roll_back(state, obs, target, active, "ProgressDeadlineExceeded",
-                              f"{target.version} not Ready and smoke-tested within {cfg.progress_deadline:g}s{why}")
+            return _roll_back(
+                state,
+                obs,
+                target,
+                active,
+                "ProgressDeadlineExceeded",
+                f"{target.version} not Ready and smoke-tested within {cfg.progress_deadline:g}s{why}",
+            )
         return Decision(replace(state, message=obs.target_pods), events)
 
     if state.phase == ANALYZING and state.previous is not None:
@@ -213,9 +305,15 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
         switched_at = parse_time(state.switched_at) or now
         window_over = (now - switched_at).total_seconds() >= cfg.analysis.window
         if window_over or (desired is not None and desired != active.version):
-            state = replace(state, phase=STABLE, previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
-                            last_analysis_at="", baseline=None, reason="",
-                            history=_history(state, active.version, "Succeeded", "AnalysisPassed", now))
+            state = replace(
+                state,
+                phase=STABLE,
+                previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
+                last_analysis_at="",
+                baseline=None,
+                reason="",
+                history=_history(state, active.version, "Succeeded", "AnalysisPassed", now),
+            )
             kept = f"{state.previous.version} kept until {state.previous_until}" if state.previous else ""
             events.append(Event("Normal", "RolloutSucceeded", f"{active.version} passed analysis; {kept}"))
         else:
@@ -230,11 +328,25 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
     if desired == state.failed_version and obs.generation == state.failed_generation:
         return Decision(state, events)  # rolled back; waits for the spec to change
     color = other(active.color)
-    starting = replace(state, target=Slot(desired, color), previous=None, previous_until="", phase=PROGRESSING,
-                       started_at=ts(now), reason="", message="")
-    return Decision(starting, [*events, Event("Normal", "RolloutStarted",
-                                           f"rolling out {desired} ({color}) next to {active.version} "
-                                           f"({active.color})")])
+    starting = replace(
+        state,
+        target=Slot(desired, color),
+        previous=None,
+        previous_until="",
+        phase=PROGRESSING,
+        started_at=ts(now),
+        reason="",
+        message="",
+    )
+    return Decision(
+        starting,
+        [
+            *events,
+            Event(
+                "Normal", "RolloutStarted", f"rolling out {desired} ({color}) next to {active.version} ({active.color})"
+            ),
+        ],
+    )
 
 
 def wake_in(state: State, cfg: RolloutSpec, now: dt.datetime) -> float | None:
@@ -244,7 +356,10 @@ def wake_in(state: State, cfg: RolloutSpec, now: dt.datetime) -> float | None:
         due.append(started + dt.timedelta(seconds=cfg.progress_deadline))
     if state.phase == ANALYZING and (switched := parse_time(state.switched_at)):
         last = parse_time(state.last_analysis_at) or switched
-        due += [last + dt.timedelta(seconds=cfg.analysis.interval), switched + dt.timedelta(seconds=cfg.analysis.window)]
+        due += [
+            last + dt.timedelta(seconds=cfg.analysis.interval),
+            switched + dt.timedelta(seconds=cfg.analysis.window),
+        ]
     if state.previous is not None and (until := parse_time(state.previous_until)):
         due.append(until)
     if not due:

@@ -9,8 +9,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_OPERATOR_", extra="ignore", frozen=True,
-                                      use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTPIPE_OPERATOR_", extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
 
     stage_image: str = "ghcr.io/promptpipe/stage:0.1.0"
     """Image every stage Deployment runs (`promptpipe-stage`)."""

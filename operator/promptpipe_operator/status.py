@@ -68,8 +68,9 @@ def deployment_health(name: str, deployment: KubeObject | None) -> ComponentHeal
     return ComponentHealth(name, Health.READY, want, available)
 
 
-def components(pp: PromptPipeline, deployments: dict[str, KubeObject],
-               active_color: str | None = None) -> list[ComponentHealth]:
+def components(
+    pp: PromptPipeline, deployments: dict[str, KubeObject], active_color: str | None = None
+) -> list[ComponentHealth]:
     """Health of every Deployment serving the pipeline (the backend: its active color), keyed by
     Deployment name in `deployments`."""
     name = pp.metadata.name
@@ -89,19 +90,33 @@ def endpoints(pp: PromptPipeline, namespace: str) -> dict[str, str]:
     return out
 
 
-def _condition(type_: str, ok: bool, reason: str, message: str, generation: int,
-               previous: list[dict[str, Any]], now: str) -> dict[str, Any]:
+def _condition(
+    type_: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict[str, Any]], now: str
+) -> dict[str, Any]:
     status = "True" if ok else "False"
     before = next((c for c in previous if c.get("type") == type_), None)
     # The transition time moves only when the status does.
     since = before["lastTransitionTime"] if before and before.get("status") == status else now
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "observedGeneration": generation, "lastTransitionTime": since}
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    }
 
 
-def pipeline_status(pp: PromptPipeline, namespace: str, generation: int, health: list[ComponentHealth],
-                    previous: dict[str, Any], now: str, problem: Problem | None = None,
-                    rollout: State | None = None) -> dict[str, Any]:
+def pipeline_status(
+    pp: PromptPipeline,
+    namespace: str,
+    generation: int,
+    health: list[ComponentHealth],
+    previous: dict[str, Any],
+    now: str,
+    problem: Problem | None = None,
+    rollout: State | None = None,
+) -> dict[str, Any]:
     """The whole `status` to write. `previous` is the status now stored; `now` an RFC 3339 time."""
     conditions_before: list[dict[str, Any]] = previous.get("conditions") or []
     was_ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions_before)
@@ -151,8 +166,9 @@ def pipeline_status(pp: PromptPipeline, namespace: str, generation: int, health:
         "phase": phase,
         "observedGeneration": generation,
         "readyStages": f"{len(ready)}/{len(health)}",
-        "stages": {c.name: {"health": c.health.value, "replicas": c.replicas, "available": c.available}
-                   for c in health},
+        "stages": {
+            c.name: {"health": c.health.value, "replicas": c.replicas, "available": c.available} for c in health
+        },
         "conditions": conditions,
         "endpoints": endpoints(pp, namespace),
     }

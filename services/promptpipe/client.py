@@ -58,7 +58,9 @@ class PipelineClient:
         if seed is not None:
             params.seed = seed
         request = gateway_pb2.GenerateRequest(
-            session_id=session_id, prompt=prompt, parameters=params,
+            session_id=session_id,
+            prompt=prompt,
+            parameters=params,
             messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
         )
         call = self._stub.Generate(request, timeout=timeout)

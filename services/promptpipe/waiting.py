@@ -28,8 +28,14 @@ class _Poll:
         raise TimeoutError(f"timed out after {self.timeout:g}s waiting for {self.what} (last: {self.last!r})")
 
 
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = 20.0, every: float = 0.05, *,
-               retry_on: tuple[type[BaseException], ...] = ()) -> T:
+def wait_until(
+    check: Callable[[], T | None],
+    what: str,
+    timeout: float = 20.0,
+    every: float = 0.05,
+    *,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> T:
     """Call `check` every `every` seconds until it returns something truthy, and return that.
 
     An exception in `retry_on` counts as "not yet"; any other ends the wait at once (e.g. a
@@ -48,8 +54,14 @@ def wait_until(check: Callable[[], T | None], what: str, timeout: float = 20.0, 
         time.sleep(every)
 
 
-async def wait_until_async(check: Callable[[], T | None | Awaitable[T | None]], what: str, timeout: float = 20.0,
-                           every: float = 0.02, *, retry_on: tuple[type[BaseException], ...] = ()) -> T:
+async def wait_until_async(
+    check: Callable[[], T | Awaitable[T | None] | None],
+    what: str,
+    timeout: float = 20.0,
+    every: float = 0.02,
+    *,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> T:
     """`wait_until` for a running event loop: `check` may be a coroutine function."""
     poll = _Poll(what, timeout, retry_on)
     while True:

@@ -49,16 +49,27 @@ class Tools:
 
 
 def tools_dir() -> Path:
-    return cache_root() / "controlplane" / (
-        f"kubernetes-{versions.KUBERNETES}_etcd-{versions.ETCD}_helm-{versions.HELM}_keda-{versions.KEDA}")
+    return (
+        cache_root()
+        / "controlplane"
+        / (f"kubernetes-{versions.KUBERNETES}_etcd-{versions.ETCD}_helm-{versions.HELM}_keda-{versions.KEDA}")
+    )
 
 
 def expected_tools(root: Path | None = None) -> Tools:
     root = root or tools_dir()
     b = root / "bin"
-    return Tools(b / "etcd", b / "kube-apiserver", b / "kube-controller-manager", b / "kubectl", b / "helm",
-                 root / "keda-crds", b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}",
-                 b / f"skaffold-{versions.SKAFFOLD}", b / f"prometheus-{versions.PROMETHEUS}")
+    return Tools(
+        b / "etcd",
+        b / "kube-apiserver",
+        b / "kube-controller-manager",
+        b / "kubectl",
+        b / "helm",
+        root / "keda-crds",
+        b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}",
+        b / f"skaffold-{versions.SKAFFOLD}",
+        b / f"prometheus-{versions.PROMETHEUS}",
+    )
 
 
 def staging_modules(kubernetes_gomod: str) -> list[str]:
@@ -93,8 +104,7 @@ def _go_env() -> dict[str, str]:
 
 def _go(args: list[str], cwd: Path) -> str:
     log.info("go %s", " ".join(args))
-    done = subprocess.run(["go", *args], cwd=cwd, env=_go_env(), check=True, text=True,
-                          stdout=subprocess.PIPE)
+    done = subprocess.run(["go", *args], cwd=cwd, env=_go_env(), check=True, text=True, stdout=subprocess.PIPE)
     return done.stdout
 
 
@@ -115,12 +125,17 @@ def build_kubernetes(bin_dir: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     gomod = Path(_module_file("k8s.io/kubernetes", f"v{v}", work)["GoMod"]).read_text()
     staging = {m: "v0." + v.split(".", 1)[1] for m in staging_modules(gomod)}
-    commands = ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager",
-                "k8s.io/kubernetes/cmd/kubectl"]
+    commands = [
+        "k8s.io/kubernetes/cmd/kube-apiserver",
+        "k8s.io/kubernetes/cmd/kube-controller-manager",
+        "k8s.io/kubernetes/cmd/kubectl",
+    ]
     _wrapper(work, {"k8s.io/kubernetes": f"v{v}"}, staging, commands)
     major, minor, _ = v.split(".")
-    stamp = " ".join(f"-X k8s.io/component-base/version.{k}={val}" for k, val in (
-        ("gitVersion", f"v{v}"), ("gitMajor", major), ("gitMinor", minor), ("gitTreeState", "clean")))
+    stamp = " ".join(
+        f"-X k8s.io/component-base/version.{k}={val}"
+        for k, val in (("gitVersion", f"v{v}"), ("gitMajor", major), ("gitMinor", minor), ("gitTreeState", "clean"))
+    )
     for cmd in commands:
         _go(["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(bin_dir / cmd.rsplit("/", 1)[1]), cmd], work)
 
@@ -135,15 +150,20 @@ def build_helm(bin_dir: Path, work: Path) -> None:
     env_bin = work / "gobin"
     env = _go_env() | {"GOBIN": str(env_bin)}
     stamp = f"-X helm.sh/helm/v3/internal/version.version=v{versions.HELM}"
-    subprocess.run(["go", "install", "-trimpath", f"-ldflags=-s -w {stamp}",
-                    f"helm.sh/helm/v3/cmd/helm@v{versions.HELM}"], cwd=work, env=env, check=True)
+    subprocess.run(
+        ["go", "install", "-trimpath", f"-ldflags=-s -w {stamp}", f"helm.sh/helm/v3/cmd/helm@v{versions.HELM}"],
+        cwd=work,
+        env=env,
+        check=True,
+    )
     shutil.move(env_bin / "helm", bin_dir / "helm")
 
 
 def build_dockerfile_lint(dest: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "go.mod").write_text(wrapper_gomod("promptpipe.local/dockerfile-lint",
-                                               {"github.com/moby/buildkit": f"v{versions.BUILDKIT}"}, {}))
+    (work / "go.mod").write_text(
+        wrapper_gomod("promptpipe.local/dockerfile-lint", {"github.com/moby/buildkit": f"v{versions.BUILDKIT}"}, {})
+    )
     (work / "main.go").write_text(dockerfile_lint.MAIN_GO)
     _go(["mod", "tidy"], work)
     _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), "."], work)
@@ -157,8 +177,17 @@ def build_skaffold(dest: Path, work: Path) -> None:
     gomod = Path(_module_file(module, f"v{v}", work)["GoMod"]).read_text()
     command = f"{module}/cmd/skaffold"
     _wrapper(work, {module: f"v{v}"}, dict(_VERSION_REPLACE.findall(gomod)), [command])
-    _go(["build", "-trimpath", f"-ldflags=-s -w -X {module}/pkg/skaffold/version.version=v{v}", "-o", str(dest),
-         command], work)
+    _go(
+        [
+            "build",
+            "-trimpath",
+            f"-ldflags=-s -w -X {module}/pkg/skaffold/version.version=v{v}",
+            "-o",
+            str(dest),
+            command,
+        ],
+        work,
+    )
 
 
 def fetch_keda_crds(dest: Path, work: Path) -> None:

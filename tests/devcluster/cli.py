@@ -17,8 +17,9 @@ from tests.devcluster.build import Tools, ensure_tools
 from tests.devcluster.cluster import ControlPlane, ControlPlaneError
 
 app = typer.Typer(help="Developer tools for promptpipe.", no_args_is_help=True, pretty_exceptions_enable=False)
-cluster = typer.Typer(help="A local kube-apiserver + etcd (no kubelet), with helm, kubectl and KEDA's CRDs.",
-                      no_args_is_help=True)
+cluster = typer.Typer(
+    help="A local kube-apiserver + etcd (no kubelet), with helm, kubectl and KEDA's CRDs.", no_args_is_help=True
+)
 app.add_typer(cluster, name="cluster")
 
 
@@ -28,16 +29,23 @@ def state_dir() -> Path:
 
 def install_keda_crds(plane: ControlPlane, tools: Tools, timeout: float = 30.0) -> None:
     """KEDA's own CRDs, so every ScaledObject is checked against KEDA's real schema."""
-    subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side",
-                    "-f", str(tools.keda_crds)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side", "-f", str(tools.keda_crds)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     # Polled here: `kubectl wait` fails outright while a new CRD has no conditions yet.
     api = config.new_client_from_config(config_file=plane.kubeconfig)
     try:
         crds = client.ApiextensionsV1Api(api)
         names = [f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.keda.sh" for p in tools.keda_crds.glob("*.yaml")]
         for name in names:
-            wait_until(lambda: _established(crds.read_custom_resource_definition(name)),
-                       f"CRD {name} to be Established", timeout, every=0.1)
+            wait_until(
+                lambda: _established(crds.read_custom_resource_definition(name)),
+                f"CRD {name} to be Established",
+                timeout,
+                every=0.1,
+            )
     finally:
         api.close()
 
@@ -48,8 +56,10 @@ def _established(crd: client.V1CustomResourceDefinition) -> bool:
 
 
 def _env_lines(plane: ControlPlane, tools: Tools) -> str:
-    return (f"export KUBECONFIG={plane.kubeconfig}\n"
-            f"export PATH={tools.kubectl.parent}:$PATH  # kubectl and helm of the pinned versions\n")
+    return (
+        f"export KUBECONFIG={plane.kubeconfig}\n"
+        f"export PATH={tools.kubectl.parent}:$PATH  # kubectl and helm of the pinned versions\n"
+    )
 
 
 @cluster.command()

@@ -33,7 +33,9 @@ class ControlPlaneError(RuntimeError):
 
 def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, object]:
     return {
-        "apiVersion": "v1", "kind": "Config", "current-context": "promptpipe-test",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "promptpipe-test",
         "clusters": [{"name": "promptpipe-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
         "users": [{"name": "admin", "user": {"client-certificate": str(cert), "client-key": str(key)}}],
         "contexts": [{"name": "promptpipe-test", "context": {"cluster": "promptpipe-test", "user": "admin"}}],
@@ -45,16 +47,24 @@ def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int) -> list
     return [
         str(tools.kube_apiserver),
         f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
-        f"--cert-dir={pki}", f"--tls-cert-file={pki / 'server.crt'}", f"--tls-private-key-file={pki / 'server.key'}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--cert-dir={pki}",
+        f"--tls-cert-file={pki / 'server.crt'}",
+        f"--tls-private-key-file={pki / 'server.key'}",
         f"--client-ca-file={pki / 'ca.crt'}",
         "--authorization-mode=RBAC",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
         # ClusterIPs are only allocated (stored in etcd); nothing listens on or sends to them.
         "--service-cluster-ip-range=10.0.0.0/24",
-        "--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false",
-        "--enable-priority-and-fairness=false", "--v=0",
+        "--endpoint-reconciler-type=none",
+        "--allow-privileged=true",
+        "--profiling=false",
+        "--enable-priority-and-fairness=false",
+        "--v=0",
     ]
 
 
@@ -62,10 +72,15 @@ def controller_manager_args(tools: Tools, folder: Path, kubeconfig: Path, port: 
     """Only the controllers that make the API behave as in a cluster: owner-reference
     garbage collection, namespace deletion, default ServiceAccounts. No pods run."""
     return [
-        str(tools.kube_controller_manager), f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
-        "--controllers=garbagecollector,namespace,serviceaccount", "--leader-elect=false",
-        "--bind-address=127.0.0.1", f"--secure-port={port}", f"--root-ca-file={folder / 'pki' / 'ca.crt'}",
+        str(tools.kube_controller_manager),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--controllers=garbagecollector,namespace,serviceaccount",
+        "--leader-elect=false",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--root-ca-file={folder / 'pki' / 'ca.crt'}",
         "--v=0",
     ]
 
@@ -74,10 +89,16 @@ def etcd_args(tools: Tools, folder: Path, client_port: int, peer_port: int) -> l
     peer = f"http://127.0.0.1:{peer_port}"
     client = f"http://127.0.0.1:{client_port}"
     return [
-        str(tools.etcd), "--name=default", f"--data-dir={folder / 'etcd'}",
-        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}", f"--initial-cluster=default={peer}",
-        "--unsafe-no-fsync", "--log-level=warn",
+        str(tools.etcd),
+        "--name=default",
+        f"--data-dir={folder / 'etcd'}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=default={peer}",
+        "--unsafe-no-fsync",
+        "--log-level=warn",
     ]
 
 
@@ -112,27 +133,40 @@ class ControlPlane:
         pki_dir = folder / "pki"
         pki_dir.mkdir(exist_ok=True)
         pki = make_pki()
-        for name, data in (("ca.crt", pki.ca.cert), ("ca.key", pki.ca.key), ("server.crt", pki.server.cert),
-                           ("server.key", pki.server.key), ("admin.crt", pki.admin.cert),
-                           ("admin.key", pki.admin.key), ("sa.key", pki.service_account_key),
-                           ("sa.pub", pki.service_account_pub)):
+        for name, data in (
+            ("ca.crt", pki.ca.cert),
+            ("ca.key", pki.ca.key),
+            ("server.crt", pki.server.cert),
+            ("server.key", pki.server.key),
+            ("admin.crt", pki.admin.cert),
+            ("admin.key", pki.admin.key),
+            ("sa.key", pki.service_account_key),
+            ("sa.pub", pki.service_account_pub),
+        ):
             (pki_dir / name).write_bytes(data)
             (pki_dir / name).chmod(0o600)
         client_port, peer_port, api_port = free_port(), free_port(), free_port()
         preexec = die_with_parent if tied_to_parent else os.setsid
         etcd = _start(etcd_args(tools, folder, client_port, peer_port), folder / "etcd.log", preexec)
-        api = _start(apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port),
-                     folder / "kube-apiserver.log", preexec)
+        api = _start(
+            apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port),
+            folder / "kube-apiserver.log",
+            preexec,
+        )
         server = f"https://127.0.0.1:{api_port}"
         config = folder / "kubeconfig"
-        config.write_text(yaml.safe_dump(kubeconfig(server, pki_dir / "ca.crt", pki_dir / "admin.crt",
-                                                    pki_dir / "admin.key")))
+        config.write_text(
+            yaml.safe_dump(kubeconfig(server, pki_dir / "ca.crt", pki_dir / "admin.crt", pki_dir / "admin.key"))
+        )
         plane = cls(str(folder), server, str(config), etcd.pid, api.pid)
         plane.save()
         try:
             plane.wait_ready(timeout, (etcd, api))
-            kcm = _start(controller_manager_args(tools, folder, config, free_port()),
-                         folder / "kube-controller-manager.log", preexec)
+            kcm = _start(
+                controller_manager_args(tools, folder, config, free_port()),
+                folder / "kube-controller-manager.log",
+                preexec,
+            )
             plane.controller_manager_pid = kcm.pid
             plane.save()
         except BaseException:

@@ -39,16 +39,28 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _issue(subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
-           signer: ec.EllipticCurvePrivateKey, extensions: list[tuple[x509.ExtensionType, bool]]) -> bytes:
+def _issue(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> bytes:
     now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public)
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + _VALID))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALID)
+    )
     for ext, critical in extensions:
         builder = builder.add_extension(ext, critical)
     return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
@@ -57,23 +69,45 @@ def _issue(subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublic
 def make_pki() -> ClusterPki:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("promptpipe-test-ca")
-    ca_cert = _issue(ca_name, ca_name, ca_key.public_key(), ca_key,
-                     [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    ca_cert = _issue(
+        ca_name, ca_name, ca_key.public_key(), ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)]
+    )
 
     server_key = ec.generate_private_key(ec.SECP256R1())
-    sans = x509.SubjectAlternativeName([
-        x509.DNSName("localhost"), x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default"),
-        x509.DNSName("kubernetes.default.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ])
-    server_cert = _issue(_name("kube-apiserver"), ca_name, server_key.public_key(), ca_key, [
-        (sans, False), (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)])
+    sans = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("localhost"),
+            x509.DNSName("kubernetes"),
+            x509.DNSName("kubernetes.default"),
+            x509.DNSName("kubernetes.default.svc"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
+    )
+    server_cert = _issue(
+        _name("kube-apiserver"),
+        ca_name,
+        server_key.public_key(),
+        ca_key,
+        [(sans, False), (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)],
+    )
 
     admin_key = ec.generate_private_key(ec.SECP256R1())
-    admin_cert = _issue(_name("promptpipe-admin", "system:masters"), ca_name, admin_key.public_key(), ca_key,
-                        [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
+    admin_cert = _issue(
+        _name("promptpipe-admin", "system:masters"),
+        ca_name,
+        admin_key.public_key(),
+        ca_key,
+        [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
+    )
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    sa_pub = sa_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-    return ClusterPki(Pem(ca_cert, _key_pem(ca_key)), Pem(server_cert, _key_pem(server_key)),
-                      Pem(admin_cert, _key_pem(admin_key)), _key_pem(sa_key), sa_pub)
+    sa_pub = sa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return ClusterPki(
+        Pem(ca_cert, _key_pem(ca_key)),
+        Pem(server_cert, _key_pem(server_key)),
+        Pem(admin_cert, _key_pem(admin_key)),
+        _key_pem(sa_key),
+        sa_pub,
+    )

@@ -41,11 +41,11 @@ async def collect(target: str, prompt: str, outcome: Outcome | None = None, **kw
 
 async def stats(target: str) -> stage_pb2.StageStats:
     async with grpc.aio.insecure_channel(target) as channel:
-        result: stage_pb2.StageStats = await stage_pb2_grpc.StageStub(channel).Stats(stage_pb2.StatsRequest(),
-                                                                                    timeout=5)
+        result: stage_pb2.StageStats = await stage_pb2_grpc.StageStub(channel).Stats(
+            stage_pb2.StatsRequest(), timeout=5
+        )
         return result
 
 
 async def queue_depth(target: str) -> int:
     return (await stats(target)).queue_depth
-

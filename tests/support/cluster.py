@@ -43,8 +43,9 @@ class Cluster:
         ):
             for item in items:
                 out[(kind, item.metadata.name)] = client.ApiClient().sanitize_for_serialization(item)
-        for item in self.custom.list_namespaced_custom_object("keda.sh", "v1alpha1", self.ns, "scaledobjects",
-                                                              label_selector=selector)["items"]:
+        for item in self.custom.list_namespaced_custom_object(
+            "keda.sh", "v1alpha1", self.ns, "scaledobjects", label_selector=selector
+        )["items"]:
             out[("ScaledObject", item["metadata"]["name"])] = item
         return out
 
@@ -56,9 +57,20 @@ class Cluster:
         d = self.apps.read_namespaced_deployment(deployment, self.ns)
         want = d.spec.replicas if d.spec.replicas is not None else 1
         up = want if available is None else available
-        self.apps.patch_namespaced_deployment_status(deployment, self.ns, {"status": {
-            "observedGeneration": d.metadata.generation, "replicas": want, "updatedReplicas": want,
-            "readyReplicas": up, "availableReplicas": up, "unavailableReplicas": want - up}})
+        self.apps.patch_namespaced_deployment_status(
+            deployment,
+            self.ns,
+            {
+                "status": {
+                    "observedGeneration": d.metadata.generation,
+                    "replicas": want,
+                    "updatedReplicas": want,
+                    "readyReplicas": up,
+                    "availableReplicas": up,
+                    "unavailableReplicas": want - up,
+                }
+            },
+        )
 
     def events(self, reason: str) -> list[str]:
         items = self.core.list_namespaced_event(self.ns).items

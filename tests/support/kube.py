@@ -14,11 +14,18 @@ from tests.devcluster.cli import install_keda_crds
 from tests.devcluster.cluster import ControlPlane
 
 
-def kubectl(plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """The pinned kubectl as the admin; with `check`, a failure fails the test with kubectl's message."""
-    result = subprocess.run([str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", *args], input=stdin,
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -26,17 +33,28 @@ def kubectl(plane: ControlPlane, tools: Tools, *args: str, stdin: str | None = N
 
 def service_account_token(api: client.ApiClient, namespace: str, name: str, seconds: int = 3600) -> str:
     """A token the API server issues for an existing ServiceAccount (TokenRequest)."""
-    token: str = client.CoreV1Api(api).create_namespaced_service_account_token(
-        name, namespace, client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds))).status.token
+    token: str = (
+        client.CoreV1Api(api)
+        .create_namespaced_service_account_token(
+            name,
+            namespace,
+            client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=seconds)
+            ),
+        )
+        .status.token
+    )
     return token
 
 
 @pytest.fixture(scope="session")
 def kube_tools() -> Tools:
     tools = expected_tools()
-    missing = [str(p) for p in (tools.etcd, tools.kube_apiserver, tools.kube_controller_manager, tools.kubectl,
-                                tools.helm) if not p.exists()]
+    missing = [
+        str(p)
+        for p in (tools.etcd, tools.kube_apiserver, tools.kube_controller_manager, tools.kubectl, tools.helm)
+        if not p.exists()
+    ]
     if missing:  # a failure, not a skip: these tests are part of the suite
         pytest.fail(f"control-plane binaries not built ({', '.join(missing)}); run `make setup`", pytrace=False)
     return tools
@@ -73,15 +91,17 @@ def namespace(kube: client.ApiClient) -> Iterator[str]:
 
 
 @pytest.fixture
-def as_service_account(kube: client.ApiClient, control_plane: ControlPlane) -> Iterator[
-        Callable[[str, str], client.ApiClient]]:
+def as_service_account(
+    kube: client.ApiClient, control_plane: ControlPlane
+) -> Iterator[Callable[[str, str], client.ApiClient]]:
     """A client that authenticates as a ServiceAccount, with a token the API server issued."""
     made: list[client.ApiClient] = []
 
     def make(namespace: str, name: str) -> client.ApiClient:
         core = client.CoreV1Api(kube)
-        core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
-            metadata=client.V1ObjectMeta(name=name)))
+        core.create_namespaced_service_account(
+            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=name))
+        )
         token = service_account_token(kube, namespace, name)
         cfg = client.Configuration()
         cfg.host = control_plane.server

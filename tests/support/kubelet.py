@@ -102,10 +102,12 @@ class Kubelet:
 
     def run(self, deployment: str, timeout: float = 60.0) -> RunningPod:
         template = client.ApiClient().sanitize_for_serialization(
-            self.apps.read_namespaced_deployment(deployment, self.namespace).spec.template)
+            self.apps.read_namespaced_deployment(deployment, self.namespace).spec.template
+        )
         name = f"{deployment}-{uuid.uuid4().hex[:5]}"
-        self.core.create_namespaced_pod(self.namespace, {"metadata": {**template["metadata"], "name": name},
-                                                         "spec": template["spec"]})
+        self.core.create_namespaced_pod(
+            self.namespace, {"metadata": {**template["metadata"], "name": name}, "spec": template["spec"]}
+        )
         spec = template["spec"]
         pod = RunningPod(name, {v["name"]: self.root / name / v["name"] for v in spec.get("volumes") or []})
         for folder in pod.volumes.values():
@@ -123,9 +125,13 @@ class Kubelet:
         port = free_port()
         mapped = self._mapper(pod, main)
         runtime = self.runtimes[main["image"].rsplit(":", 1)[0]]
-        pod.process = subprocess.Popen(runtime(main, mapped, port), cwd=Path(__file__).resolve().parents[2],
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        pod.process = subprocess.Popen(
+            runtime(main, mapped, port),
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
         pod.url = f"http://127.0.0.1:{port}"
         probe = main.get("readinessProbe", {}).get("httpGet", {}).get("path", "/")
         process = pod.process
@@ -151,8 +157,9 @@ class Kubelet:
             for mount in mounts:
                 path = mount["mountPath"].rstrip("/")
                 if arg == path or arg.startswith(path + "/"):
-                    return str(pod.volumes[mount["name"]]) + arg[len(path):]
+                    return str(pod.volumes[mount["name"]]) + arg[len(path) :]
             return arg
+
         return mapped
 
     def _run_to_end(self, pod: RunningPod, container: Container, timeout: float) -> dict[str, Any]:
@@ -161,32 +168,74 @@ class Kubelet:
             raise NotImplementedError(f"init container {container['name']}: only promptpipe commands run here")
         argv = [str(Path(sys.executable).parent / "promptpipe"), *map(self._mapper(pod, container), command[1:])]
         # Only what the pod would have: its env from the API server, no AWS keys of this test process.
-        env = {"PATH": os.environ["PATH"], "HOME": str(self.root),
-               **container_env(self.core, self.namespace, container, pod.name)}
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.root),
+            **container_env(self.core, self.namespace, container, pod.name),
+        }
         started = format_time()
         done = subprocess.run(argv, env=env, capture_output=True, timeout=timeout, check=False)
         log = (done.stdout + done.stderr).decode(errors="replace")
-        message = log.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace") \
-            if done.returncode and container.get("terminationMessagePolicy") == "FallbackToLogsOnError" else ""
-        return {"exitCode": done.returncode, "reason": "Completed" if done.returncode == 0 else "Error",
-                "message": message, "startedAt": started, "finishedAt": format_time()}
+        message = (
+            log.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace")
+            if done.returncode and container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+            else ""
+        )
+        return {
+            "exitCode": done.returncode,
+            "reason": "Completed" if done.returncode == 0 else "Error",
+            "message": message,
+            "startedAt": started,
+            "finishedAt": format_time(),
+        }
 
     @staticmethod
     def _status(container: Container, state: dict[str, Any], ready: bool = False) -> dict[str, Any]:
-        return {"name": container["name"], "image": container["image"], "imageID": "", "ready": ready,
-                "restartCount": 0, "state": state}
+        return {
+            "name": container["name"],
+            "image": container["image"],
+            "imageID": "",
+            "ready": ready,
+            "restartCount": 0,
+            "state": state,
+        }
 
-    def _write(self, name: str, phase: str, init: list[dict[str, Any]], containers: list[dict[str, Any]],
-               initialized: bool, ready: bool) -> None:
+    def _write(
+        self,
+        name: str,
+        phase: str,
+        init: list[dict[str, Any]],
+        containers: list[dict[str, Any]],
+        initialized: bool,
+        ready: bool,
+    ) -> None:
         def condition(kind: str, ok: bool, reason: str) -> dict[str, Any]:
-            return {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": format_time(),
-                    **({} if ok else {"reason": reason})}
-        self.core.patch_namespaced_pod_status(name, self.namespace, {"status": {
-            "phase": phase, "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "startTime": format_time(),
-            "conditions": [condition("Initialized", initialized, "ContainersNotInitialized"),
-                           condition("ContainersReady", ready, "ContainersNotReady"),
-                           condition("Ready", ready, "ContainersNotReady")],
-            "initContainerStatuses": init, "containerStatuses": containers}})
+            return {
+                "type": kind,
+                "status": "True" if ok else "False",
+                "lastTransitionTime": format_time(),
+                **({} if ok else {"reason": reason}),
+            }
+
+        self.core.patch_namespaced_pod_status(
+            name,
+            self.namespace,
+            {
+                "status": {
+                    "phase": phase,
+                    "podIP": "127.0.0.1",
+                    "podIPs": [{"ip": "127.0.0.1"}],
+                    "startTime": format_time(),
+                    "conditions": [
+                        condition("Initialized", initialized, "ContainersNotInitialized"),
+                        condition("ContainersReady", ready, "ContainersNotReady"),
+                        condition("Ready", ready, "ContainersNotReady"),
+                    ],
+                    "initContainerStatuses": init,
+                    "containerStatuses": containers,
+                }
+            },
+        )
 
     @staticmethod
     def _answers(url: str) -> bool:
@@ -195,5 +244,3 @@ class Kubelet:
             return True
         except OSError:
             return False
-
-

@@ -18,8 +18,12 @@ from promptpipe.registry.store import Registry
 from tests.support.pipelines import serving_process
 
 # moto accepts any key unless authentication is switched on; these are its documented test values.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @contextmanager
@@ -50,8 +54,14 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 def registry_settings(moto_endpoint: str, aws_env: dict[str, str]) -> RegistrySettings:
     """A bucket and table of this test's own (not created yet)."""
     name = f"t-{uuid.uuid4().hex[:12]}"
-    return RegistrySettings(bucket=name, table=name, endpoint_url=moto_endpoint, region="us-east-1",
-                            multipart_threshold_mb=5, part_size_mb=5)
+    return RegistrySettings(
+        bucket=name,
+        table=name,
+        endpoint_url=moto_endpoint,
+        region="us-east-1",
+        multipart_threshold_mb=5,
+        part_size_mb=5,
+    )
 
 
 @pytest.fixture
@@ -63,8 +73,13 @@ def registry(registry_settings: RegistrySettings) -> Registry:
 
 def registry_env(settings: RegistrySettings) -> dict[str, str]:
     """The environment that points the `promptpipe` command (or a pod) at `settings`' registry."""
-    return {**CREDENTIALS, "PROMPTPIPE_REGISTRY_BUCKET": settings.bucket, "PROMPTPIPE_REGISTRY_TABLE": settings.table,
-            "PROMPTPIPE_REGISTRY_ENDPOINT_URL": str(settings.endpoint_url), "PROMPTPIPE_REGISTRY_REGION": "us-east-1"}
+    return {
+        **CREDENTIALS,
+        "PROMPTPIPE_REGISTRY_BUCKET": settings.bucket,
+        "PROMPTPIPE_REGISTRY_TABLE": settings.table,
+        "PROMPTPIPE_REGISTRY_ENDPOINT_URL": str(settings.endpoint_url),
+        "PROMPTPIPE_REGISTRY_REGION": "us-east-1",
+    }
 
 
 def make_model(folder: Path, seed: str = "a", big_mib: int = 0) -> Path:

@@ -33,12 +33,12 @@ SYSTEM_NAMESPACE = "promptpipe-system"
 def apply_crd(plane: ControlPlane, tools: Tools) -> None:
     """Install the CRD the way the docs say: `kubectl apply --server-side -f deploy/crds/`."""
     kubectl(plane, tools, "apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kubectl(plane, tools, "wait", "--for=condition=Established", "--timeout=30s",
-            "crd/promptpipelines.promptpipe.io")
+    kubectl(plane, tools, "wait", "--for=condition=Established", "--timeout=30s", "crd/promptpipelines.promptpipe.io")
 
 
-def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.NAME,
-                        rules: list[dict[str, Any]] | None = None) -> Path:
+def operator_kubeconfig(
+    plane: ControlPlane, folder: Path, account: str = rbac.NAME, rules: list[dict[str, Any]] | None = None
+) -> Path:
     """Install the operator's ServiceAccount, ClusterRole and binding; a kubeconfig with a token for it.
 
     `account` and `rules` make another identity (for tests of what happens without a permission)."""
@@ -47,18 +47,22 @@ def operator_kubeconfig(plane: ControlPlane, folder: Path, account: str = rbac.N
         core, authz = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
         if not any(n.metadata.name == SYSTEM_NAMESPACE for n in core.list_namespace().items):
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NAMESPACE)))
-        lease_role = {"metadata": {"name": account, "namespace": SYSTEM_NAMESPACE},
-                      "rules": rbac.LEADER_ELECTION_RULES}
-        lease_binding = {"metadata": {"name": account, "namespace": SYSTEM_NAMESPACE},
-                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-                         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": SYSTEM_NAMESPACE}]}
-        for create, body in ((lambda b: core.create_namespaced_service_account(SYSTEM_NAMESPACE, b),
-                              rbac.service_account(SYSTEM_NAMESPACE, account)),
-                             (authz.create_cluster_role, rbac.cluster_role(account, rules)),
-                             (authz.create_cluster_role_binding,
-                              rbac.cluster_role_binding(SYSTEM_NAMESPACE, account, account)),
-                             (lambda b: authz.create_namespaced_role(SYSTEM_NAMESPACE, b), lease_role),
-                             (lambda b: authz.create_namespaced_role_binding(SYSTEM_NAMESPACE, b), lease_binding)):
+        lease_role = {"metadata": {"name": account, "namespace": SYSTEM_NAMESPACE}, "rules": rbac.LEADER_ELECTION_RULES}
+        lease_binding = {
+            "metadata": {"name": account, "namespace": SYSTEM_NAMESPACE},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": SYSTEM_NAMESPACE}],
+        }
+        for create, body in (
+            (
+                lambda b: core.create_namespaced_service_account(SYSTEM_NAMESPACE, b),
+                rbac.service_account(SYSTEM_NAMESPACE, account),
+            ),
+            (authz.create_cluster_role, rbac.cluster_role(account, rules)),
+            (authz.create_cluster_role_binding, rbac.cluster_role_binding(SYSTEM_NAMESPACE, account, account)),
+            (lambda b: authz.create_namespaced_role(SYSTEM_NAMESPACE, b), lease_role),
+            (lambda b: authz.create_namespaced_role_binding(SYSTEM_NAMESPACE, b), lease_binding),
+        ):
             try:
                 create(body)
             except client.ApiException as err:
@@ -79,7 +83,8 @@ def service_account_kubeconfig(plane: ControlPlane, folder: Path, namespace: str
     admin = yaml.safe_load(Path(plane.kubeconfig).read_text())
     cluster = admin["clusters"][0]
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config",
+        "apiVersion": "v1",
+        "kind": "Config",
         "clusters": [cluster],
         "users": [{"name": account, "user": {"token": token}}],
         "contexts": [{"name": account, "context": {"cluster": cluster["name"], "user": account}}],
@@ -108,33 +113,48 @@ class OperatorProcess:
     def start(self) -> None:
         self.metrics_port = free_port()
         health = free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "PROMPTPIPE_OPERATOR_NAMESPACES": self.namespace,
-               "PROMPTPIPE_OPERATOR_METRICS_PORT": str(self.metrics_port),
-               "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{health}/healthz",
-               "PROMPTPIPE_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
-               "PROMPTPIPE_OPERATOR_LOG_FORMAT": "json", **self.env}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PROMPTPIPE_OPERATOR_NAMESPACES": self.namespace,
+            "PROMPTPIPE_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{health}/healthz",
+            "PROMPTPIPE_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
+            "PROMPTPIPE_OPERATOR_LOG_FORMAT": "json",
+            **self.env,
+        }
         if self.lease:
-            env |= {"PROMPTPIPE_OPERATOR_LEADER_ELECTION": "true", "PROMPTPIPE_OPERATOR_LEASE_NAME": self.lease,
-                    "PROMPTPIPE_OPERATOR_LEASE_NAMESPACE": self.lease_namespace, "PROMPTPIPE_OPERATOR_LEASE_SECONDS": "4",
-                    "PROMPTPIPE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "3",
-                    "PROMPTPIPE_OPERATOR_LEASE_RETRY_SECONDS": "1"}
+            env |= {
+                "PROMPTPIPE_OPERATOR_LEADER_ELECTION": "true",
+                "PROMPTPIPE_OPERATOR_LEASE_NAME": self.lease,
+                "PROMPTPIPE_OPERATOR_LEASE_NAMESPACE": self.lease_namespace,
+                "PROMPTPIPE_OPERATOR_LEASE_SECONDS": "4",
+                "PROMPTPIPE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "3",
+                "PROMPTPIPE_OPERATOR_LEASE_RETRY_SECONDS": "1",
+            }
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "promptpipe_operator"], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "promptpipe_operator"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
 
         def alive() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 pytest.fail(f"the operator exited:\n{self.log.read_text()[-3000:]}", pytrace=False)
             # A follower runs no kopf, so no kopf liveness endpoint: it serves its metrics.
-            url = (f"http://127.0.0.1:{self.metrics_port}/metrics" if self.lease
-                   else f"http://127.0.0.1:{health}/healthz")
+            url = (
+                f"http://127.0.0.1:{self.metrics_port}/metrics" if self.lease else f"http://127.0.0.1:{health}/healthz"
+            )
             try:
                 urllib.request.urlopen(url, timeout=1).close()
                 return True
             except OSError:
                 return False
+
         wait_until(alive, "the operator to serve", timeout=30)
 
     def kill(self) -> None:
@@ -166,8 +186,9 @@ def promptpipe_crd(control_plane: ControlPlane, kube_tools: Tools) -> None:
 
 
 @pytest.fixture(scope="session")
-def operator_identity(control_plane: ControlPlane, promptpipe_crd: None,
-                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+def operator_identity(
+    control_plane: ControlPlane, promptpipe_crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     return operator_kubeconfig(control_plane, tmp_path_factory.mktemp("operator"))
 
 

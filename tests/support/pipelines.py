@@ -91,12 +91,18 @@ def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "no
 
 
 @contextmanager
-def serving_process(args: list[str], probe_url: str, what: str, timeout: float = 60.0,
-                    env: dict[str, str] | None = None) -> Iterator[None]:
+def serving_process(
+    args: list[str], probe_url: str, what: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> Iterator[None]:
     """Run a server process until the block ends; wait until `probe_url` answers."""
-    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **env} if env else None)
+    proc = subprocess.Popen(
+        args,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **env} if env else None,
+    )
+
     def answers() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited ({proc.returncode}) before it answered")
@@ -120,8 +126,17 @@ def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
     """A TGI-protocol server in its own process; yields its base URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "tests.support.tgi_server", "--port", str(port), "--name", name,
-            "--max-concurrent", str(max_concurrent)]
+    args = [
+        sys.executable,
+        "-m",
+        "tests.support.tgi_server",
+        "--port",
+        str(port),
+        "--name",
+        name,
+        "--max-concurrent",
+        str(max_concurrent),
+    ]
     with serving_process(args, url + "/health", "the TGI test server"):
         yield url
 
@@ -141,7 +156,20 @@ def openai_server() -> Iterator[str]:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-            "--port", str(port), "--n_ctx", "2048", "--verbose", "false"]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(default_model_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--verbose",
+        "false",
+    ]
     with serving_process(args, url + "/v1/models", "llama.cpp's OpenAI-compatible server"):
         yield url

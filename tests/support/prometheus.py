@@ -34,14 +34,22 @@ def prometheus(tools: Tools, folder: Path, targets: dict[str, dict[str, str]]) -
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"},
-        "scrape_configs": [{"job_name": "gateway", "static_configs": [
-            {"targets": [target], "labels": labels} for target, labels in targets.items()]}],
+        "scrape_configs": [
+            {
+                "job_name": "gateway",
+                "static_configs": [{"targets": [target], "labels": labels} for target, labels in targets.items()],
+            }
+        ],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    args = [str(tools.prometheus), f"--config.file={folder / 'prometheus.yml'}",
-            f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn"]
+    args = [
+        str(tools.prometheus),
+        f"--config.file={folder / 'prometheus.yml'}",
+        f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
     with serving_process(args, f"http://127.0.0.1:{port}/-/ready", "prometheus"):
         yield f"http://127.0.0.1:{port}"
 
@@ -56,14 +64,15 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
 
 def scraped(url: str, target: str) -> None:
     """Wait for one more successful scrape of `target` than there had been."""
+
     def last() -> str:
         with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as response:
             active = json.loads(response.read())["data"]["activeTargets"]
         found = [t for t in active if t["labels"].get("instance") == target and t["health"] == "up"]
         return str(found[0]["lastScrape"]) if found else ""
+
     before = last()
     wait_until(lambda: (now := last()) and now != before, f"Prometheus to scrape {target}", 20, every=0.1)
-
 
 
 @dataclass
@@ -85,10 +94,14 @@ class GatewayExposition:
 def gateway_exposition(pipeline: str) -> Iterator[GatewayExposition]:
     registry = prometheus_client.CollectorRegistry()
     queue = AdmissionQueue(capacity=8, concurrency=4, policy=ShedPolicy.REJECT_NEW, retry_after=1.0)
-    exposition = GatewayExposition(StageMetrics(registry, pipeline, "stream", queue),
-                                   GatewayMetrics(registry, pipeline), f"127.0.0.1:{free_port()}")
-    server, thread = prometheus_client.start_http_server(int(exposition.target.rsplit(":", 1)[1]),
-                                                         addr="127.0.0.1", registry=registry)
+    exposition = GatewayExposition(
+        StageMetrics(registry, pipeline, "stream", queue),
+        GatewayMetrics(registry, pipeline),
+        f"127.0.0.1:{free_port()}",
+    )
+    server, thread = prometheus_client.start_http_server(
+        int(exposition.target.rsplit(":", 1)[1]), addr="127.0.0.1", registry=registry
+    )
     try:
         yield exposition
     finally:

@@ -39,8 +39,14 @@ class FakeTgi:
         self.max_concurrent = max_concurrent
         self.model_id = model_id
         self.active = 0
-        self.stats: dict[str, object] = {"started": 0, "finished": 0, "aborted": 0, "aborted_after_tokens": [],
-                                         "overloaded": 0, "prompts": []}
+        self.stats: dict[str, object] = {
+            "started": 0,
+            "finished": 0,
+            "aborted": 0,
+            "aborted_after_tokens": [],
+            "overloaded": 0,
+            "prompts": [],
+        }
         self._overloads: Counter[str] = Counter()
         self.failing: set[str] = set()
 
@@ -51,8 +57,7 @@ class FakeTgi:
     async def compat_generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if not body.get("stream"):
-            return web.json_response({"error": "this test server only streams", "error_type": "validation"},
-                                     status=422)
+            return web.json_response({"error": "this test server only streams", "error_type": "validation"}, status=422)
         return await self._stream(request, body)
 
     async def generate_stream(self, request: web.Request) -> web.StreamResponse:
@@ -69,8 +74,9 @@ class FakeTgi:
             self.stats["overloaded"] += 1  # type: ignore[operator]
             return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"}, status=429)
         if max_new > 4096:
-            return web.json_response({"error": "max_new_tokens must be <= 4096", "error_type": "validation"},
-                                     status=422)
+            return web.json_response(
+                {"error": "max_new_tokens must be <= 4096", "error_type": "validation"}, status=422
+            )
         fail_after = self._option(prompt, "fail-after")
         delay = (self._option(prompt, "slow") or 0) / 1000
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -81,8 +87,9 @@ class FakeTgi:
         try:
             for i in range(max_new):
                 if fail_after is not None and i == fail_after:
-                    await self._event(response, {"error": "Request failed during generation: CUDA error",
-                                                 "error_type": "generation"})
+                    await self._event(
+                        response, {"error": "Request failed during generation: CUDA error", "error_type": "generation"}
+                    )
                     return response
                 if delay:
                     await asyncio.sleep(delay)
@@ -91,7 +98,9 @@ class FakeTgi:
                 event = {
                     "index": i + 1,
                     "token": {"id": 1000 + i, "text": text, "logprob": -0.5, "special": False},
-                    "generated_text": None, "details": None, "top_tokens": None,
+                    "generated_text": None,
+                    "details": None,
+                    "top_tokens": None,
                 }
                 if last:
                     event["generated_text"] = "".join(f" {WORDS[j % len(WORDS)]}" for j in range(max_new))
@@ -133,8 +142,14 @@ class FakeTgi:
         return web.Response(status=200)
 
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response({"model_id": self.model_id, "max_concurrent_requests": self.max_concurrent,
-                                  "version": "fake", "router": self.name})
+        return web.json_response(
+            {
+                "model_id": self.model_id,
+                "max_concurrent_requests": self.max_concurrent,
+                "version": "fake",
+                "router": self.name,
+            }
+        )
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, "active": self.active, "name": self.name})
@@ -165,8 +180,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.model_id.startswith("/") and not (Path(args.model_id) / "config.json").is_file():
         sys.exit(f"cannot load {args.model_id}: no config.json")
-    web.run_app(make_app(args.name, args.max_concurrent, args.model_id), host="127.0.0.1", port=args.port,
-                print=None, shutdown_timeout=1.0)
+    web.run_app(
+        make_app(args.name, args.max_concurrent, args.model_id),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        shutdown_timeout=1.0,
+    )
 
 
 if __name__ == "__main__":

@@ -94,9 +94,15 @@ class LlamaCppBackend:
                 await asyncio.shield(worker)
             self._lock.release()
 
-    def _decode(self, request: GenerationRequest, queue: asyncio.Queue[Any],
-                loop: asyncio.AbstractEventLoop, stop: threading.Event) -> Outcome:
+    def _decode(
+        self,
+        request: GenerationRequest,
+        queue: asyncio.Queue[Any],
+        loop: asyncio.AbstractEventLoop,
+        stop: threading.Event,
+    ) -> Outcome:
         """Runs in a worker thread."""
+
         def put(item: object) -> None:
             fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
             while not stop.is_set():
@@ -111,8 +117,13 @@ class LlamaCppBackend:
         reason = FINISH_REASON_LENGTH
         try:
             stream = self._llm.create_completion(
-                request.prompt, max_tokens=request.max_new_tokens, temperature=request.temperature,
-                top_p=request.top_p, top_k=request.top_k, seed=request.seed, stream=True,
+                request.prompt,
+                max_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                seed=request.seed,
+                stream=True,
             )
             for out in stream:
                 if stop.is_set():

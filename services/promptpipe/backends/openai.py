@@ -27,19 +27,28 @@ class OpenAIBackend(RemoteBackend):
 
     def _client(self, endpoint: str, request: GenerationRequest) -> openai.AsyncOpenAI:
         key = os.environ.get(self.spec.api_key_env, "") if self.spec.api_key_env else ""
-        timeout = openai.Timeout(max(0.001, request.remaining()), connect=self.spec.connect_timeout_seconds,
-                                 read=self.spec.read_timeout_seconds)
+        timeout = openai.Timeout(
+            max(0.001, request.remaining()),
+            connect=self.spec.connect_timeout_seconds,
+            read=self.spec.read_timeout_seconds,
+        )
         # Retries are ours (only before the first token), not the SDK's.
-        return openai.AsyncOpenAI(base_url=endpoint.rstrip("/") + "/v1", api_key=key or "unused",
-                                  timeout=timeout, max_retries=0)
+        return openai.AsyncOpenAI(
+            base_url=endpoint.rstrip("/") + "/v1", api_key=key or "unused", timeout=timeout, max_retries=0
+        )
 
     async def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         produced = 0
         client = self._client(endpoint, request)
         try:
             stream = await client.completions.create(
-                model=self.spec.model or "default", prompt=request.prompt, max_tokens=request.max_new_tokens,
-                temperature=request.temperature, top_p=request.top_p, seed=request.seed, stream=True,
+                model=self.spec.model or "default",
+                prompt=request.prompt,
+                max_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stream=True,
             )
             async with stream:
                 async for event in stream:

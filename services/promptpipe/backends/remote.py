@@ -28,8 +28,9 @@ class BackendCallError(Exception):
 class RemoteBackend:
     name = "remote"
 
-    def __init__(self, spec: RemoteBackendSpec, *, breaker: CircuitBreakerSpec, retry: RetrySpec,
-                 metrics: BackendMetrics) -> None:
+    def __init__(
+        self, spec: RemoteBackendSpec, *, breaker: CircuitBreakerSpec, retry: RetrySpec, metrics: BackendMetrics
+    ) -> None:
         self.spec = spec
         self._retry = retry
         self._metrics = metrics
@@ -59,8 +60,9 @@ class RemoteBackend:
             if not candidates:
                 retry_in = min(b.retry_after() for b in self._breakers.values())
                 raise Unavailable(f"backend circuit open; retry in {retry_in:.1f}s")
-            endpoint = candidates[(attempt.number - 1) % len(candidates)] if last and not last.overloaded \
-                else candidates[0]
+            endpoint = (
+                candidates[(attempt.number - 1) % len(candidates)] if last and not last.overloaded else candidates[0]
+            )
             produced = False
             try:
                 async for out in self.stream_from(endpoint, request):
@@ -69,8 +71,9 @@ class RemoteBackend:
                 self._breakers[endpoint].record_success()
                 return
             except BackendCallError as err:
-                log.warning("backend %s failed (attempt %d of %d): %s", endpoint, attempt.number, self._retry.max_attempts,
-                            err)
+                log.warning(
+                    "backend %s failed (attempt %d of %d): %s", endpoint, attempt.number, self._retry.max_attempts, err
+                )
                 if not err.overloaded:  # a busy backend is healthy; do not trip its breaker
                     self._breakers[endpoint].record_failure()
                 if produced or not err.retryable:

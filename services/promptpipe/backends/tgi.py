@@ -55,9 +55,15 @@ class TgiBackend(RemoteBackend):
             raise InvalidArgument("parameters", f"rejected by the backend: {err}") from None
         except (tgi_errors.OverloadedError, tgi_errors.RateLimitExceededError) as err:
             raise BackendCallError(f"backend overloaded: {err}", retryable=produced == 0, overloaded=True) from None
-        except (tgi_errors.GenerationError, tgi_errors.IncompleteGenerationError, tgi_errors.UnknownError,
-                tgi_errors.ShardNotReadyError, tgi_errors.ShardTimeoutError, tgi_errors.BadRequestError,
-                tgi_errors.NotFoundError) as err:
+        except (
+            tgi_errors.GenerationError,
+            tgi_errors.IncompleteGenerationError,
+            tgi_errors.UnknownError,
+            tgi_errors.ShardNotReadyError,
+            tgi_errors.ShardTimeoutError,
+            tgi_errors.BadRequestError,
+            tgi_errors.NotFoundError,
+        ) as err:
             raise BackendCallError(f"backend error: {type(err).__name__}", retryable=produced == 0) from None
         except (aiohttp.ClientError, TimeoutError) as err:
             raise BackendCallError(f"backend unreachable: {type(err).__name__}", retryable=produced == 0) from None

@@ -88,7 +88,8 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
     folder.mkdir(parents=True, exist_ok=True)
     ports = {stage: free_port() for stage in STAGE_ORDER}
     config = RuntimeConfig(
-        pipeline=pipeline, endpoints={s: f"127.0.0.1:{p}" for s, p in ports.items()},
+        pipeline=pipeline,
+        endpoints={s: f"127.0.0.1:{p}" for s, p in ports.items()},
         base_dir=str(pipeline_file.resolve().parent),
     )
     config_path = folder / "runtime.yaml"
@@ -97,15 +98,23 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
     for stage in STAGE_ORDER:
         log_path = folder / f"{stage.value}.log"
         env = {
-            **os.environ, "PROMPTPIPE_STAGE": stage.value, "PROMPTPIPE_CONFIG": str(config_path),
-            "PROMPTPIPE_PORT": str(ports[stage]), "PROMPTPIPE_METRICS_PORT": str(free_port()),
-            "PROMPTPIPE_PORT_FILE": str(folder / f"{stage.value}.ports"), "PROMPTPIPE_OTEL_EXPORTER": otel_exporter,
+            **os.environ,
+            "PROMPTPIPE_STAGE": stage.value,
+            "PROMPTPIPE_CONFIG": str(config_path),
+            "PROMPTPIPE_PORT": str(ports[stage]),
+            "PROMPTPIPE_METRICS_PORT": str(free_port()),
+            "PROMPTPIPE_PORT_FILE": str(folder / f"{stage.value}.ports"),
+            "PROMPTPIPE_OTEL_EXPORTER": otel_exporter,
         }
         (folder / f"{stage.value}.ports").unlink(missing_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "promptpipe.runtime.server"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [sys.executable, "-m", "promptpipe.runtime.server"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         run.stages[stage.value] = StageProcess(stage.value, proc.pid, ports[stage], 0, str(log_path))
     run.save()

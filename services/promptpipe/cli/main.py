@@ -24,14 +24,16 @@ from promptpipe.localproc import alive
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2, stage_pb2_grpc
 from promptpipe.waiting import wait_until
 
-app = typer.Typer(help="Multi-stage LLM prompt pipelines as streaming gRPC microservices.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Multi-stage LLM prompt pipelines as streaming gRPC microservices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 app.add_typer(model_app, name="model")
 app.add_typer(registry_app, name="registry")
 
 NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Which running pipeline (default: the only one).")]
-
 
 
 def _run(name: str | None) -> localrun.LocalRun:
@@ -88,16 +90,20 @@ async def _stats(target: str) -> stage_pb2.StageStats | None:
     async with grpc.aio.insecure_channel(target) as channel:
         try:
             stub = stage_pb2_grpc.StageStub(channel)  # type: ignore[no-untyped-call]
-            result: stage_pb2.StageStats = await stub.Stats(
-                stage_pb2.StatsRequest(), timeout=2.0)
+            result: stage_pb2.StageStats = await stub.Stats(stage_pb2.StatsRequest(), timeout=2.0)
             return result
         except grpc.aio.AioRpcError:
             return None
 
 
 def _print_status(run: localrun.LocalRun) -> None:
-    table = Table(title=f"pipeline {run.name} (127.0.0.1)", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True)
+    table = Table(
+        title=f"pipeline {run.name} (127.0.0.1)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for col in ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
         table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
     for stage, proc in run.stages.items():
@@ -110,8 +116,12 @@ def _print_status(run: localrun.LocalRun) -> None:
             table.add_row(*row, *["-"] * 5)
             continue
         table.add_row(
-            *row, f"{stats.queue_depth}/{stats.queue_capacity}", f"{stats.in_flight}/{stats.concurrency}",
-            str(stats.rejected_total), str(stats.dropped_total), str(stats.completed_total),
+            *row,
+            f"{stats.queue_depth}/{stats.queue_capacity}",
+            f"{stats.in_flight}/{stats.concurrency}",
+            str(stats.rejected_total),
+            str(stats.dropped_total),
+            str(stats.completed_total),
         )
     out.print(table)
 
@@ -122,12 +132,14 @@ def status(name: NameOption = None) -> None:
     _print_status(_run(name))
 
 
-async def _generate(target: str, prompt: str, session: str, max_new_tokens: int,
-                    temperature: float | None, timeout: float) -> int:
+async def _generate(
+    target: str, prompt: str, session: str, max_new_tokens: int, temperature: float | None, timeout: float
+) -> int:
     async with PipelineClient(target) as client:
         try:
-            async for response in client.generate(prompt, session_id=session, max_new_tokens=max_new_tokens,
-                                                  temperature=temperature, timeout=timeout):
+            async for response in client.generate(
+                prompt, session_id=session, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout
+            ):
                 if response.HasField("chunk"):
                     sys.stdout.write(response.chunk.text)
                     sys.stdout.flush()
@@ -151,7 +163,8 @@ def _print_summary(s: gateway_pb2.GenerateSummary) -> None:
     err.print(
         f"[dim]── finish={reason}  tokens={s.usage.prompt_tokens}+{generated}  "
         f"ttft={s.time_to_first_token_seconds * 1000:.0f}ms  {rate:.1f} tok/s  "
-        f"total={s.total_seconds:.2f}s\n── {stages}[/]", highlight=False,
+        f"total={s.total_seconds:.2f}s\n── {stages}[/]",
+        highlight=False,
     )
 
 
@@ -188,8 +201,9 @@ def rollback(
     api = client.CustomObjectsApi()
     token = f"{time.time():.3f}"
     try:
-        api.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pipeline,
-                                           {"metadata": {"annotations": {ROLLBACK_ANNOTATION: token}}})
+        api.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, pipeline, {"metadata": {"annotations": {ROLLBACK_ANNOTATION: token}}}
+        )
     except client.ApiException as e:
         raise fail(f"PromptPipeline {ns}/{pipeline}: HTTP {e.status} {e.reason}") from None
     out.print(f"rollback of [bold]{ns}/{pipeline}[/] requested")

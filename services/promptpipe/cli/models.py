@@ -29,8 +29,9 @@ from promptpipe.registry.refs import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTER
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
 
-model_app = typer.Typer(help="Publish, inspect, promote and fetch models in the registry (S3 + DynamoDB).",
-                        no_args_is_help=True)
+model_app = typer.Typer(
+    help="Publish, inspect, promote and fetch models in the registry (S3 + DynamoDB).", no_args_is_help=True
+)
 registry_app = typer.Typer(help="Set up the registry's bucket and table.", no_args_is_help=True)
 
 
@@ -40,7 +41,6 @@ class Output(str, enum.Enum):
 
 
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="text for people, json for scripts.")]
-
 
 
 @contextmanager
@@ -78,8 +78,13 @@ class _Bar:
 
 @contextmanager
 def _bar() -> Iterator[_Bar]:
-    columns = (TextColumn("{task.description:>11}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description:>11}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         yield _Bar(progress)
 
@@ -93,13 +98,21 @@ def init(output: OutputOption = Output.TEXT) -> None:
     if output is Output.JSON:
         _json({"bucket": settings.bucket, "table": settings.table, "created": created})
         return
-    out.print(f"registry ready: bucket [bold]{settings.bucket}[/], table [bold]{settings.table}[/]"
-              + (f" (created {', '.join(created)})" if created else " (both already existed)"))
+    out.print(
+        f"registry ready: bucket [bold]{settings.bucket}[/], table [bold]{settings.table}[/]"
+        + (f" (created {', '.join(created)})" if created else " (both already existed)")
+    )
 
 
 @model_app.command()
 def push(
-    ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]", help="Without a version: the next vN (or the version this exact content already is).")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME[:VERSION]",
+            help="Without a version: the next vN (or the version this exact content already is).",
+        ),
+    ],
     folder: Annotated[Path, typer.Argument(help="The model folder: weights, tokenizer, config.")],
     output: OutputOption = Output.TEXT,
 ) -> None:
@@ -114,13 +127,21 @@ def push(
             result = reg.push(parsed.name, folder, parsed.version, bar)
     r = result.record
     if output is Output.JSON:
-        _json({**r.as_json(files=False), "created": result.created, "uploadedBytes": result.uploaded_bytes,
-               "skippedBytes": result.skipped_bytes})
+        _json(
+            {
+                **r.as_json(files=False),
+                "created": result.created,
+                "uploadedBytes": result.uploaded_bytes,
+                "skippedBytes": result.skipped_bytes,
+            }
+        )
         return
     verb = "published" if result.created else "already published, same content:"
-    out.print(f"{verb} [bold]{r.name}:{r.version}[/] {r.digest}  "
-              f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}; uploaded {decimal(result.uploaded_bytes)}, "
-              f"{decimal(result.skipped_bytes)} already in the bucket")
+    out.print(
+        f"{verb} [bold]{r.name}:{r.version}[/] {r.digest}  "
+        f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}; uploaded {decimal(result.uploaded_bytes)}, "
+        f"{decimal(result.skipped_bytes)} already in the bucket"
+    )
 
 
 @model_app.command("list")
@@ -147,8 +168,15 @@ def list_(
         return _json([r.as_json(files=False) for r in records])
     table = _table("version", "digest", "size", "files", "aliases", "created", "by")
     for r in records:
-        table.add_row(r.version, r.digest[:19], decimal(r.manifest.size), str(len(r.manifest.files)),
-                      ", ".join(r.aliases), r.created_at[:19], r.created_by)
+        table.add_row(
+            r.version,
+            r.digest[:19],
+            decimal(r.manifest.size),
+            str(len(r.manifest.files)),
+            ", ".join(r.aliases),
+            r.created_at[:19],
+            r.created_by,
+        )
     out.print(table)
 
 
@@ -162,9 +190,11 @@ def show(
         r = reg.resolve(parse_ref(ref))
     if output is Output.JSON:
         return _json(r.as_json())
-    out.print(f"[bold]{r.name}:{r.version}[/]  {r.digest}\n"
-              f"created {r.created_at} by {r.created_by}; aliases: {', '.join(r.aliases) or '-'}; "
-              f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}")
+    out.print(
+        f"[bold]{r.name}:{r.version}[/]  {r.digest}\n"
+        f"created {r.created_at} by {r.created_by}; aliases: {', '.join(r.aliases) or '-'}; "
+        f"{len(r.manifest.files)} files, {decimal(r.manifest.size)}"
+    )
     table = _table("file", "size", "sha256")
     for f in r.manifest.files:
         table.add_row(f.path, decimal(f.size), f.sha256)

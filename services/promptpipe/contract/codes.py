@@ -7,10 +7,25 @@ cancellation or load shedding says nothing about the model. Names as grpc spells
 from __future__ import annotations
 
 SERVER_ERROR_CODES: tuple[str, ...] = (
-    "INTERNAL", "UNAVAILABLE", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS", "UNIMPLEMENTED")
+    "INTERNAL",
+    "UNAVAILABLE",
+    "UNKNOWN",
+    "DEADLINE_EXCEEDED",
+    "DATA_LOSS",
+    "UNIMPLEMENTED",
+)
 CLIENT_ERROR_CODES: tuple[str, ...] = (
-    "INVALID_ARGUMENT", "CANCELLED", "RESOURCE_EXHAUSTED", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED",
-    "UNAUTHENTICATED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE")
+    "INVALID_ARGUMENT",
+    "CANCELLED",
+    "RESOURCE_EXHAUSTED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+)
 
 
 def is_server_error(code: str) -> bool:

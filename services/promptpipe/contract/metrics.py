@@ -42,44 +42,76 @@ _STAGE = (Label.PIPELINE, Label.STAGE)
 _BACKEND = (Label.PIPELINE, Label.BACKEND)
 
 STAGE_QUEUE_DEPTH = Metric(
-    "promptpipe_stage_queue_depth", Kind.GAUGE, "Requests waiting for a work slot (KEDA scales on this).", _STAGE)
+    "promptpipe_stage_queue_depth", Kind.GAUGE, "Requests waiting for a work slot (KEDA scales on this).", _STAGE
+)
 STAGE_QUEUE_CAPACITY = Metric("promptpipe_stage_queue_capacity", Kind.GAUGE, "Most requests that may wait.", _STAGE)
 STAGE_IN_FLIGHT = Metric("promptpipe_stage_in_flight", Kind.GAUGE, "Requests holding a work slot.", _STAGE)
 STAGE_CONCURRENCY = Metric("promptpipe_stage_concurrency", Kind.GAUGE, "Work slots.", _STAGE)
 STAGE_QUEUE_WAIT = Metric(
-    "promptpipe_stage_queue_wait_seconds", Kind.HISTOGRAM, "Time spent waiting for a work slot.", _STAGE)
+    "promptpipe_stage_queue_wait_seconds", Kind.HISTOGRAM, "Time spent waiting for a work slot.", _STAGE
+)
 STAGE_DURATION = Metric(
-    "promptpipe_stage_duration_seconds", Kind.HISTOGRAM, "Time from slot to end of call, by status.",
-    (*_STAGE, Label.CODE))
+    "promptpipe_stage_duration_seconds",
+    Kind.HISTOGRAM,
+    "Time from slot to end of call, by status.",
+    (*_STAGE, Label.CODE),
+)
 STAGE_SHED = Metric(
-    "promptpipe_stage_shed_total", Kind.COUNTER, "Requests shed by the queue, by reason.", (*_STAGE, Label.REASON))
+    "promptpipe_stage_shed_total", Kind.COUNTER, "Requests shed by the queue, by reason.", (*_STAGE, Label.REASON)
+)
 
 GATEWAY_TTFT = Metric(
-    "promptpipe_gateway_time_to_first_token_seconds", Kind.HISTOGRAM, "Time from request to first chunk sent.",
-    (Label.PIPELINE,))
+    "promptpipe_gateway_time_to_first_token_seconds",
+    Kind.HISTOGRAM,
+    "Time from request to first chunk sent.",
+    (Label.PIPELINE,),
+)
 GATEWAY_TPOT = Metric(
-    "promptpipe_gateway_time_per_output_token_seconds", Kind.HISTOGRAM,
-    "Mean time per output token after the first, per request.", (Label.PIPELINE,))
+    "promptpipe_gateway_time_per_output_token_seconds",
+    Kind.HISTOGRAM,
+    "Mean time per output token after the first, per request.",
+    (Label.PIPELINE,),
+)
 GATEWAY_OUTPUT_TOKENS = Metric(
-    "promptpipe_gateway_output_tokens_total", Kind.COUNTER, "Output tokens streamed to clients.", (Label.PIPELINE,))
+    "promptpipe_gateway_output_tokens_total", Kind.COUNTER, "Output tokens streamed to clients.", (Label.PIPELINE,)
+)
 
 BACKEND_GENERATED_TOKENS = Metric(
-    "promptpipe_backend_generated_tokens_total", Kind.COUNTER, "Tokens received from the backend.", _BACKEND)
+    "promptpipe_backend_generated_tokens_total", Kind.COUNTER, "Tokens received from the backend.", _BACKEND
+)
 BACKEND_CANCELLED = Metric(
-    "promptpipe_backend_generations_cancelled_total", Kind.COUNTER,
-    "Generations stopped early because the caller went away or its deadline passed.", _BACKEND)
-BACKEND_ACTIVE = Metric(
-    "promptpipe_backend_active_generations", Kind.GAUGE, "Generations running now.", _BACKEND)
+    "promptpipe_backend_generations_cancelled_total",
+    Kind.COUNTER,
+    "Generations stopped early because the caller went away or its deadline passed.",
+    _BACKEND,
+)
+BACKEND_ACTIVE = Metric("promptpipe_backend_active_generations", Kind.GAUGE, "Generations running now.", _BACKEND)
 BACKEND_DECODED_TOKENS = Metric(
-    "promptpipe_backend_decoded_tokens_total", Kind.COUNTER,
-    "Tokens the embedded llama.cpp decoded (llamacpp backend only).", _BACKEND)
+    "promptpipe_backend_decoded_tokens_total",
+    Kind.COUNTER,
+    "Tokens the embedded llama.cpp decoded (llamacpp backend only).",
+    _BACKEND,
+)
 BACKEND_CIRCUIT_OPEN = Metric(
-    "promptpipe_backend_circuit_open", Kind.GAUGE, "1 while the circuit breaker is open.", _BACKEND)
+    "promptpipe_backend_circuit_open", Kind.GAUGE, "1 while the circuit breaker is open.", _BACKEND
+)
 
 ALL: tuple[Metric, ...] = (
-    STAGE_QUEUE_DEPTH, STAGE_QUEUE_CAPACITY, STAGE_IN_FLIGHT, STAGE_CONCURRENCY, STAGE_QUEUE_WAIT, STAGE_DURATION,
-    STAGE_SHED, GATEWAY_TTFT, GATEWAY_TPOT, GATEWAY_OUTPUT_TOKENS, BACKEND_GENERATED_TOKENS, BACKEND_CANCELLED,
-    BACKEND_ACTIVE, BACKEND_DECODED_TOKENS, BACKEND_CIRCUIT_OPEN,
+    STAGE_QUEUE_DEPTH,
+    STAGE_QUEUE_CAPACITY,
+    STAGE_IN_FLIGHT,
+    STAGE_CONCURRENCY,
+    STAGE_QUEUE_WAIT,
+    STAGE_DURATION,
+    STAGE_SHED,
+    GATEWAY_TTFT,
+    GATEWAY_TPOT,
+    GATEWAY_OUTPUT_TOKENS,
+    BACKEND_GENERATED_TOKENS,
+    BACKEND_CANCELLED,
+    BACKEND_ACTIVE,
+    BACKEND_DECODED_TOKENS,
+    BACKEND_CIRCUIT_OPEN,
 )
 
 

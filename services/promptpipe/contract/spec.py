@@ -49,9 +49,7 @@ STAGE_ORDER: tuple[StageName, ...] = (
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class ShedPolicy(str, enum.Enum):
@@ -81,10 +79,16 @@ class ScalingSpec(_Model):
     """Used by the operator's KEDA ScaledObject; ignored locally."""
 
     # The API server's copy of `_min_le_max` below (defaults spelled out: CEL sees unset fields).
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
-        "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
-        "message": "minReplicas must not exceed maxReplicas",
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
+                    "message": "minReplicas must not exceed maxReplicas",
+                }
+            ]
+        }
+    )
 
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
@@ -98,14 +102,21 @@ class ScalingSpec(_Model):
 
 
 # A Kubernetes resource quantity ("500m", "1Gi", 2); YAML numbers are taken as written.
-QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-                    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 Quantity = Annotated[
     str,
     BeforeValidator(lambda v: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v),
     Field(pattern=QUANTITY_PATTERN),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
-                    "x-kubernetes-int-or-string": True}),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
 ]
 
 
@@ -205,8 +216,10 @@ class TgiSpec(RemoteBackendSpec):
 
 
 # Why a pipeline whose TGI the operator runs cannot run outside a cluster (`promptpipe up`, the stage).
-TGI_WITHOUT_ENDPOINTS = ("spec.model.tgi.endpoints is empty: in a cluster the operator runs TGI and fills it in; "
-                         "outside one, give the URL of a running TGI server")
+TGI_WITHOUT_ENDPOINTS = (
+    "spec.model.tgi.endpoints is empty: in a cluster the operator runs TGI and fills it in; "
+    "outside one, give the URL of a running TGI server"
+)
 
 
 class SyntheticSpec(_Model):
@@ -225,12 +238,20 @@ class BackendKind(str, enum.Enum):
 
 class ModelSpec(_Model):
     # The API server's copy of the validators below.
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "!has(self.backend) || self.backend != 'openai' || has(self.openai)",
-         "message": "backend 'openai' needs spec.model.openai.endpoints"},
-        {"rule": "!(has(self.version) && self.version != '' && has(self.alias) && self.alias != '')",
-         "message": "set spec.model.version or spec.model.alias, not both"},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.backend) || self.backend != 'openai' || has(self.openai)",
+                    "message": "backend 'openai' needs spec.model.openai.endpoints",
+                },
+                {
+                    "rule": "!(has(self.version) && self.version != '' && has(self.alias) && self.alias != '')",
+                    "message": "set spec.model.version or spec.model.alias, not both",
+                },
+            ]
+        }
+    )
 
     name: Annotated[str, Field(min_length=1, max_length=253)]
     # A registry version (`promptpipe model push`); with operator-managed TGI the pods load it
@@ -338,8 +359,14 @@ DURATION_PATTERN = r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$"
 Duration = Annotated[
     float,
     BeforeValidator(_seconds),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": DURATION_PATTERN.replace("?:", ""),
-                    "maxLength": 24, "x-kubernetes-int-or-string": True}),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": DURATION_PATTERN.replace("?:", ""),
+            "maxLength": 24,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
 ]
 
 
@@ -360,10 +387,14 @@ class Within:
         return core_schema.no_info_after_validator_function(self._check, handler(source))
 
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        rule = (f"type(self) == int ? (self >= {self.low} && self <= {self.high}) : (self != '' && "
-                f"duration(self) >= duration('{self.low}s') && duration(self) <= duration('{self.high}s'))")
-        return {**handler(schema), "x-kubernetes-validations": [
-            {"rule": rule, "message": f"must be from {self.low}s to {self.high}s"}]}
+        rule = (
+            f"type(self) == int ? (self >= {self.low} && self <= {self.high}) : (self != '' && "
+            f"duration(self) >= duration('{self.low}s') && duration(self) <= duration('{self.high}s'))"
+        )
+        return {
+            **handler(schema),
+            "x-kubernetes-validations": [{"rule": rule, "message": f"must be from {self.low}s to {self.high}s"}],
+        }
 
 
 class SmokeSpec(_Model):

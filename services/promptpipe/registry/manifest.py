@@ -40,8 +40,9 @@ class Manifest(BaseModel):
 
     @property
     def digest(self) -> str:
-        canonical = json.dumps([f.model_dump() for f in sorted(self.files, key=lambda f: f.path)],
-                               separators=(",", ":"), sort_keys=True)
+        canonical = json.dumps(
+            [f.model_dump() for f in sorted(self.files, key=lambda f: f.path)], separators=(",", ":"), sort_keys=True
+        )
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
     @property

@@ -41,8 +41,7 @@ def parse_ref(text: str) -> ModelRef:
         return ModelRef(check("model name", name, NAME_PATTERN), alias=check("alias", alias, ALIAS_PATTERN))
     if ":" in text:
         name, version = text.split(":", 1)
-        return ModelRef(check("model name", name, NAME_PATTERN),
-                        version=check("version", version, VERSION_PATTERN))
+        return ModelRef(check("model name", name, NAME_PATTERN), version=check("version", version, VERSION_PATTERN))
     return ModelRef(check("model name", text, NAME_PATTERN))
 
 

@@ -46,9 +46,17 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 _AUTH_CODES = {
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "UnrecognizedClientException", "InvalidSignatureException",
-    "AccessDenied", "AccessDeniedException", "ExpiredToken", "ExpiredTokenException", "InvalidClientTokenId",
-    "403", "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "AccessDenied",
+    "AccessDeniedException",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidClientTokenId",
+    "403",
+    "Forbidden",
 }
 _ser, _de = TypeSerializer(), TypeDeserializer()
 
@@ -80,8 +88,13 @@ class VersionRecord:
 
     def as_json(self, files: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "name": self.name, "version": self.version, "digest": self.digest, "size": self.manifest.size,
-            "createdAt": self.created_at, "createdBy": self.created_by, "aliases": list(self.aliases),
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "size": self.manifest.size,
+            "createdAt": self.created_at,
+            "createdBy": self.created_by,
+            "aliases": list(self.aliases),
         }
         if files:
             out["files"] = [f.model_dump() for f in self.manifest.files]
@@ -106,8 +119,14 @@ class HistoryEntry:
     actor: str = ""
 
     def as_json(self) -> dict[str, str]:
-        return {"at": self.at, "action": self.action, "version": self.version, "alias": self.alias,
-                "previous": self.previous, "actor": self.actor}
+        return {
+            "at": self.at,
+            "action": self.action,
+            "version": self.version,
+            "alias": self.alias,
+            "previous": self.previous,
+            "actor": self.actor,
+        }
 
 
 @dataclass(frozen=True)
@@ -144,14 +163,20 @@ class Registry:
     def __init__(self, settings: RegistrySettings | None = None) -> None:
         self.settings = settings or RegistrySettings()
         s = self.settings
-        config = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=60,
-                        s3={"addressing_style": "path"} if (s.s3_endpoint_url or s.endpoint_url) else None)
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 4},
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"} if (s.s3_endpoint_url or s.endpoint_url) else None,
+        )
         session = boto3.session.Session(region_name=s.region)
         self._s3: S3Client = session.client("s3", endpoint_url=s.s3_endpoint_url or s.endpoint_url, config=config)
         self._db: DynamoDBClient = session.client("dynamodb", endpoint_url=s.endpoint_url, config=config)
-        self._transfer = TransferConfig(multipart_threshold=s.multipart_threshold_mb * MiB,
-                                        multipart_chunksize=s.part_size_mb * MiB,
-                                        max_concurrency=s.max_concurrency)
+        self._transfer = TransferConfig(
+            multipart_threshold=s.multipart_threshold_mb * MiB,
+            multipart_chunksize=s.part_size_mb * MiB,
+            max_concurrency=s.max_concurrency,
+        )
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -161,18 +186,22 @@ class Registry:
         try:
             yield
         except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError) as e:
-            raise errors.AuthError(f"{what}: no AWS credentials found ({e}); set AWS_ACCESS_KEY_ID/"
-                                   "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role") from None
+            raise errors.AuthError(
+                f"{what}: no AWS credentials found ({e}); set AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role"
+            ) from None
         except botocore.exceptions.EndpointConnectionError as e:
             raise errors.Unavailable(f"{what}: cannot reach {e.kwargs.get('endpoint_url', 'the endpoint')}") from None
         except botocore.exceptions.ClientError as e:
             code, message = _error_of(e)
             if code in ("NoSuchBucket",):
                 raise errors.NotInitialized(
-                    f"{what}: bucket {s.bucket!r} does not exist; run `promptpipe registry init`") from None
+                    f"{what}: bucket {s.bucket!r} does not exist; run `promptpipe registry init`"
+                ) from None
             if code == "ResourceNotFoundException":
                 raise errors.NotInitialized(
-                    f"{what}: table {s.table!r} does not exist; run `promptpipe registry init`") from None
+                    f"{what}: table {s.table!r} does not exist; run `promptpipe registry init`"
+                ) from None
             if code in _AUTH_CODES:
                 raise errors.AuthError(f"{what}: the credentials were refused ({code}: {message})") from None
             raise errors.RegistryError(f"{what}: {code}: {message}") from None
@@ -186,11 +215,13 @@ class Registry:
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status == 404:
                     raise botocore.exceptions.ClientError(
-                        {"Error": {"Code": "NoSuchBucket", "Message": ""}}, "HeadBucket") from None
+                        {"Error": {"Code": "NoSuchBucket", "Message": ""}}, "HeadBucket"
+                    ) from None
                 if status == 403:
                     raise errors.AuthError(
                         f"{what}: the credentials were refused for bucket {self.settings.bucket!r} (HTTP 403: "
-                        "unknown key, wrong secret, or no s3:ListBucket permission)") from None
+                        "unknown key, wrong secret, or no s3:ListBucket permission)"
+                    ) from None
                 raise
 
     def _blob_key(self, sha256: str) -> str:
@@ -207,19 +238,21 @@ class Registry:
             with self._errors("registry init"):
                 region = self._s3.meta.region_name
                 if region and region != "us-east-1":
-                    self._s3.create_bucket(Bucket=s.bucket,
-                                           CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
+                    self._s3.create_bucket(Bucket=s.bucket, CreateBucketConfiguration={"LocationConstraint": region})  # type: ignore[typeddict-item]
                 else:
                     self._s3.create_bucket(Bucket=s.bucket)
             created.append(f"bucket {s.bucket}")
         with self._errors("registry init"):
             try:
                 self._db.create_table(
-                    TableName=s.table, BillingMode="PAY_PER_REQUEST",
-                    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                          {"AttributeName": "sk", "AttributeType": "S"}],
-                    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
-                               {"AttributeName": "sk", "KeyType": "RANGE"}])
+                    TableName=s.table,
+                    BillingMode="PAY_PER_REQUEST",
+                    AttributeDefinitions=[
+                        {"AttributeName": "pk", "AttributeType": "S"},
+                        {"AttributeName": "sk", "AttributeType": "S"},
+                    ],
+                    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+                )
                 created.append(f"table {s.table}")
             except botocore.exceptions.ClientError as e:
                 if e.response.get("Error", {}).get("Code") != "ResourceInUseException":
@@ -233,7 +266,9 @@ class Registry:
         items: list[dict[str, Any]] = []
         values = {":pk": pk, ":sk": sk_prefix} if sk_prefix else {":pk": pk}
         kwargs: dict[str, Any] = {
-            "TableName": self.settings.table, "ConsistentRead": True, "ExpressionAttributeValues": _item(**values),
+            "TableName": self.settings.table,
+            "ConsistentRead": True,
+            "ExpressionAttributeValues": _item(**values),
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :sk)" if sk_prefix else "pk = :pk",
         }
         while True:
@@ -246,8 +281,7 @@ class Registry:
     def _get(self, pk: str, sk: str, only: str = "") -> dict[str, Any] | None:
         """The item, or only the attribute `only` of it (an existence check reads no manifest)."""
         extra: dict[str, Any] = {"ProjectionExpression": only} if only else {}
-        found = self._db.get_item(TableName=self.settings.table, Key=_item(pk=pk, sk=sk), ConsistentRead=True,
-                                  **extra)
+        found = self._db.get_item(TableName=self.settings.table, Key=_item(pk=pk, sk=sk), ConsistentRead=True, **extra)
         return _plain(found["Item"]) if "Item" in found else None
 
     def aliases(self, name: str) -> dict[str, str]:
@@ -257,9 +291,14 @@ class Registry:
     def _record(self, item: Mapping[str, Any], aliases: Mapping[str, str]) -> VersionRecord:
         manifest = Manifest.model_validate_json(str(item["manifest"]))
         return VersionRecord(
-            name=str(item["name"]), version=str(item["version"]), digest=str(item["digest"]),
-            manifest=manifest, created_at=str(item["createdAt"]), created_by=str(item["createdBy"]),
-            aliases=tuple(sorted(a for a, v in aliases.items() if v == item["version"])))
+            name=str(item["name"]),
+            version=str(item["version"]),
+            digest=str(item["digest"]),
+            manifest=manifest,
+            created_at=str(item["createdAt"]),
+            created_by=str(item["createdBy"]),
+            aliases=tuple(sorted(a for a, v in aliases.items() if v == item["version"])),
+        )
 
     def _model(self, name: str) -> tuple[list[VersionRecord], dict[str, str]]:
         """A model's versions (oldest first) and aliases, from one query."""
@@ -319,16 +358,30 @@ class Registry:
             items = self._query(f"model#{name}", "event#")
         if not items and not self.versions(name):
             raise errors.NotFound(f"no model {name!r} in the registry")
-        return [HistoryEntry(at=str(i["at"]), action=str(i["action"]), version=str(i["version"]),
-                      alias=str(i.get("alias", "")), previous=str(i.get("previous", "")),
-                      actor=str(i.get("actor", ""))) for i in items]
+        return [
+            HistoryEntry(
+                at=str(i["at"]),
+                action=str(i["action"]),
+                version=str(i["version"]),
+                alias=str(i.get("alias", "")),
+                previous=str(i.get("previous", "")),
+                actor=str(i.get("actor", "")),
+            )
+            for i in items
+        ]
 
     # -- writing --------------------------------------------------------------------------------
 
     def _event(self, name: str, **values: str) -> TransactWriteItemTypeDef:
         at = _now()
-        return {"Put": {"TableName": self.settings.table, "Item": _item(
-            pk=f"model#{name}", sk=f"event#{at}#{uuid.uuid4().hex[:8]}", at=at, actor=_actor(), **values)}}
+        return {
+            "Put": {
+                "TableName": self.settings.table,
+                "Item": _item(
+                    pk=f"model#{name}", sk=f"event#{at}#{uuid.uuid4().hex[:8]}", at=at, actor=_actor(), **values
+                ),
+            }
+        }
 
     def _upload(self, folder: Path, manifest: Manifest, progress: Progress) -> tuple[int, int]:
         """Upload the blobs S3 does not have yet; returns (uploaded, skipped) bytes."""
@@ -348,15 +401,20 @@ class Registry:
                     if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
                         raise
                 try:
-                    self._s3.upload_file(str(folder / f.path), self.settings.bucket, key, Config=self._transfer,
-                                         Callback=progress.advance, ExtraArgs={"Metadata": {"sha256": sha}})
+                    self._s3.upload_file(
+                        str(folder / f.path),
+                        self.settings.bucket,
+                        key,
+                        Config=self._transfer,
+                        Callback=progress.advance,
+                        ExtraArgs={"Metadata": {"sha256": sha}},
+                    )
                 except boto3.exceptions.S3UploadFailedError as e:
                     raise errors.RegistryError(f"upload of {f.path} failed: {e}") from None
                 uploaded += f.size
         return uploaded, skipped
 
-    def push(self, name: str, folder: Path, version: str | None = None,
-             progress: Progress | None = None) -> PushResult:
+    def push(self, name: str, folder: Path, version: str | None = None, progress: Progress | None = None) -> PushResult:
         """Publish `folder` as NAME:VERSION, or without a version as the next `vN` (the existing version if
         this exact content is one already). Safe to retry; never overwrites."""
         progress = progress or _Silent()
@@ -373,22 +431,42 @@ class Registry:
                     return PushResult(same[-1], created=False, uploaded_bytes=uploaded, skipped_bytes=skipped)
             candidate = version or next_version([r.version for r in existing_versions])
             created_at = _now()
-            record = _item(pk=f"model#{name}", sk=f"version#{candidate}", name=name, version=candidate,
-                           digest=manifest.digest, size=manifest.size, manifest=manifest.model_dump_json(),
-                           createdAt=created_at, createdBy=_actor())
+            record = _item(
+                pk=f"model#{name}",
+                sk=f"version#{candidate}",
+                name=name,
+                version=candidate,
+                digest=manifest.digest,
+                size=manifest.size,
+                manifest=manifest.model_dump_json(),
+                createdAt=created_at,
+                createdBy=_actor(),
+            )
             try:
                 with self._errors(f"push {name}:{candidate}"):
                     try:
-                        self._db.transact_write_items(TransactItems=[
-                            {"Put": {"TableName": self.settings.table, "Item": record,
-                                     "ConditionExpression": "attribute_not_exists(pk)"}},
-                            {"Put": {"TableName": self.settings.table,
-                                     "Item": _item(pk="models", sk=f"model#{name}", name=name)}},
-                            self._event(name, action="push", version=candidate),
-                        ])
+                        self._db.transact_write_items(
+                            TransactItems=[
+                                {
+                                    "Put": {
+                                        "TableName": self.settings.table,
+                                        "Item": record,
+                                        "ConditionExpression": "attribute_not_exists(pk)",
+                                    }
+                                },
+                                {
+                                    "Put": {
+                                        "TableName": self.settings.table,
+                                        "Item": _item(pk="models", sk=f"model#{name}", name=name),
+                                    }
+                                },
+                                self._event(name, action="push", version=candidate),
+                            ]
+                        )
                     except botocore.exceptions.ClientError as e:
-                        if e.response.get("Error", {}).get("Code") == "TransactionCanceledException" and \
-                                _condition_failed(e.response, 0):
+                        if e.response.get("Error", {}).get(
+                            "Code"
+                        ) == "TransactionCanceledException" and _condition_failed(e.response, 0):
                             raise _Taken() from None
                         raise
             except _Taken:
@@ -398,7 +476,8 @@ class Registry:
                 if version:
                     raise errors.VersionExists(
                         f"{name}:{candidate} is already published with other content ({existing.digest}); "
-                        "versions are immutable, push under a new version") from None
+                        "versions are immutable, push under a new version"
+                    ) from None
                 continue  # another push took vN first; take the next number
             published = VersionRecord(name, candidate, manifest.digest, manifest, created_at, _actor())
             return PushResult(published, created=True, uploaded_bytes=uploaded, skipped_bytes=skipped)
@@ -409,14 +488,30 @@ class Registry:
             before = self._get(f"model#{name}", f"alias#{alias}")
             previous = str(before["version"]) if before else ""
             try:
-                self._db.transact_write_items(TransactItems=[
-                    {"ConditionCheck": {"TableName": self.settings.table,
-                                        "Key": _item(pk=f"model#{name}", sk=f"version#{version}"),
-                                        "ConditionExpression": "attribute_exists(pk)"}},
-                    {"Put": {"TableName": self.settings.table, "Item": _item(
-                        pk=f"model#{name}", sk=f"alias#{alias}", alias=alias, version=version, updatedAt=_now())}},
-                    self._event(name, action="promote", version=version, alias=alias, previous=previous),
-                ])
+                self._db.transact_write_items(
+                    TransactItems=[
+                        {
+                            "ConditionCheck": {
+                                "TableName": self.settings.table,
+                                "Key": _item(pk=f"model#{name}", sk=f"version#{version}"),
+                                "ConditionExpression": "attribute_exists(pk)",
+                            }
+                        },
+                        {
+                            "Put": {
+                                "TableName": self.settings.table,
+                                "Item": _item(
+                                    pk=f"model#{name}",
+                                    sk=f"alias#{alias}",
+                                    alias=alias,
+                                    version=version,
+                                    updatedAt=_now(),
+                                ),
+                            }
+                        },
+                        self._event(name, action="promote", version=version, alias=alias, previous=previous),
+                    ]
+                )
             except botocore.exceptions.ClientError as e:
                 if _condition_failed(e.response, 0):
                     raise errors.NotFound(f"model {name} has no version {version!r}") from None
@@ -463,20 +558,28 @@ class Registry:
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._errors(f"download {f.path}"):
             try:
-                self._s3.download_file(self.settings.bucket, self._blob_key(f.sha256), str(target),
-                                       Config=self._transfer, Callback=progress.advance)
+                self._s3.download_file(
+                    self.settings.bucket,
+                    self._blob_key(f.sha256),
+                    str(target),
+                    Config=self._transfer,
+                    Callback=progress.advance,
+                )
             except botocore.exceptions.ClientError as e:
-                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 or \
-                        e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404 or e.response.get(
+                    "Error", {}
+                ).get("Code") in ("404", "NoSuchKey"):
                     raise errors.IntegrityError(
-                        f"{f.path}: its artifact sha256:{f.sha256} is missing from the bucket") from None
+                        f"{f.path}: its artifact sha256:{f.sha256} is missing from the bucket"
+                    ) from None
                 raise
         size = target.stat().st_size
         got = sha256_file(target)
         if got != f.sha256 or size != f.size:
             raise errors.IntegrityError(
                 f"{f.path}: downloaded content does not match the registry "
-                f"(expected sha256 {f.sha256}, {f.size} bytes; got {got}, {size} bytes)")
+                f"(expected sha256 {f.sha256}, {f.size} bytes; got {got}, {size} bytes)"
+            )
 
 
 def _error_of(e: botocore.exceptions.ClientError) -> tuple[str, str]:
@@ -504,11 +607,13 @@ def _verify_existing(dest: Path, record: VersionRecord) -> None:
     try:
         held = json.loads(marker.read_text())
     except (OSError, ValueError):
-        raise errors.RegistryError(f"{dest} exists and is not a pulled model; remove it or pick another folder") \
-            from None
+        raise errors.RegistryError(
+            f"{dest} exists and is not a pulled model; remove it or pick another folder"
+        ) from None
     if held.get("digest") != record.digest:
         raise errors.RegistryError(
-            f"{dest} holds {held.get('name')}:{held.get('version')}, not {record.name}:{record.version}")
+            f"{dest} holds {held.get('name')}:{held.get('version')}, not {record.name}:{record.version}"
+        )
     for f in record.manifest.files:
         path = dest / f.path
         if not path.is_file() or sha256_file(path) != f.sha256:

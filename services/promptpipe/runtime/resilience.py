@@ -35,8 +35,7 @@ class Retries:
     wait would pass `deadline` (on the time.monotonic clock). Which failures are retried is
     the caller's rule (ours: only before anything was streamed)."""
 
-    def __init__(self, spec: RetrySpec, deadline: float, what: str,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(self, spec: RetrySpec, deadline: float, what: str, rng: Callable[[], float] = random.random) -> None:
         self._spec = spec
         self._deadline = deadline
         self._what = what

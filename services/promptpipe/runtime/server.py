@@ -76,8 +76,14 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     servicer.serving = True
-    log.info("stage %s of pipeline %s serving on %s:%d (metrics :%d)",
-             stage.value, pipeline.metadata.name, settings.host, port, metrics_port)
+    log.info(
+        "stage %s of pipeline %s serving on %s:%d (metrics :%d)",
+        stage.value,
+        pipeline.metadata.name,
+        settings.host,
+        port,
+        metrics_port,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,8 +92,13 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     await stop.wait()
 
     grace = runtime.spec.drain_grace_seconds
-    log.info("draining stage %s: %d in flight, %d queued, grace %.1fs",
-             stage.value, runtime.queue.in_flight, runtime.queue.depth, grace)
+    log.info(
+        "draining stage %s: %d in flight, %d queued, grace %.1fs",
+        stage.value,
+        runtime.queue.in_flight,
+        runtime.queue.depth,
+        grace,
+    )
     servicer.serving = False
     await health_servicer.enter_graceful_shutdown()
     try:
@@ -102,12 +113,16 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
 async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any]:
     """What `--check` proves: the config parses and the stage builds, with every library it runs imported."""
     pipeline = config.pipeline
-    runtime = StageRuntime.create(settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(),
-                                  pipeline.metadata.name)
+    runtime = StageRuntime.create(
+        settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(), pipeline.metadata.name
+    )
     built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [])
     await built.close()
-    return {"settings": settings.model_dump(mode="json"), "pipeline": pipeline.metadata.name,
-            "backend": pipeline.spec.model.backend.value}
+    return {
+        "settings": settings.model_dump(mode="json"),
+        "pipeline": pipeline.metadata.name,
+        "backend": pipeline.spec.model.backend.value,
+    }
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from promptpipe.contract.spec import StageName
 class StageSettings(BaseSettings):
     """Settings the container (or `promptpipe up`) gives a stage process."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPTPIPE_", extra="ignore", use_attribute_docstrings=True,
-                                      cli_implicit_flags=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTPIPE_", extra="ignore", use_attribute_docstrings=True, cli_implicit_flags=True
+    )
 
     stage: StageName
     """Which stage this process serves."""

@@ -108,9 +108,16 @@ class StageRuntime:
     def stats(self, serving: bool) -> stage_pb2.StageStats:
         q = self.queue
         return stage_pb2.StageStats(
-            stage=self.stage, queue_depth=q.depth, queue_capacity=q.capacity, in_flight=q.in_flight,
-            concurrency=q.concurrency, rejected_total=q.counters.rejected, dropped_total=q.counters.dropped,
-            completed_total=q.counters.completed, serving=serving, shed_policy=q.policy.value,
+            stage=self.stage,
+            queue_depth=q.depth,
+            queue_capacity=q.capacity,
+            in_flight=q.in_flight,
+            concurrency=q.concurrency,
+            rejected_total=q.counters.rejected,
+            dropped_total=q.counters.dropped,
+            completed_total=q.counters.completed,
+            serving=serving,
+            shed_policy=q.policy.value,
         )
 
 
@@ -124,9 +131,7 @@ class StageServicer:
         self._streamer = handler if isinstance(handler, StreamingHandler) else None
         self.serving = False
 
-    async def Process(
-        self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext
-    ) -> stage_pb2.WorkItem:
+    async def Process(self, request: stage_pb2.WorkItem, context: grpc.aio.ServicerContext) -> stage_pb2.WorkItem:
         handler = self._enricher
         if handler is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} streams; call Run")
@@ -152,7 +157,5 @@ class StageServicer:
                     event.final.timings.append(self.runtime.timing(call, work_started))
                 yield event
 
-    async def Stats(
-        self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> stage_pb2.StageStats:
+    async def Stats(self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageStats:
         return self.runtime.stats(self.serving)

@@ -27,8 +27,13 @@ class BuiltStage:
     close: Callable[[], Awaitable[None]] = field(default=_nothing)
 
 
-def build_stage(stage: StageName, config: RuntimeConfig, runtime: StageRuntime, registry: CollectorRegistry,
-                client_interceptors: Sequence[Any]) -> BuiltStage:
+def build_stage(
+    stage: StageName,
+    config: RuntimeConfig,
+    runtime: StageRuntime,
+    registry: CollectorRegistry,
+    client_interceptors: Sequence[Any],
+) -> BuiltStage:
     spec = config.pipeline.spec
     name = config.pipeline.metadata.name
     retry = spec.stages.get(stage).retries
@@ -40,8 +45,14 @@ def build_stage(stage: StageName, config: RuntimeConfig, runtime: StageRuntime, 
     if stage is StageName.STREAM:
         from promptpipe.stages.stream import GatewayServicer
 
-        gateway = GatewayServicer(runtime, spec.generation, client(StageName.RAG), client(StageName.ASSEMBLE),
-                                  client(StageName.POST), GatewayMetrics(registry, name))
+        gateway = GatewayServicer(
+            runtime,
+            spec.generation,
+            client(StageName.RAG),
+            client(StageName.ASSEMBLE),
+            client(StageName.POST),
+            GatewayMetrics(registry, name),
+        )
         return BuiltStage(handler=None, gateway=gateway, close=gateway.close)
     if stage is StageName.RAG:
         from promptpipe.stages.rag import RagHandler

@@ -37,8 +37,9 @@ class AssembleHandler:
 
         from promptpipe.backends.llamacpp import model_path  # noqa: PLC0415
 
-        vocab: Any = await asyncio.to_thread(Llama, str(model_path(self._model.llamacpp)),
-                                             vocab_only=True, verbose=False)
+        vocab: Any = await asyncio.to_thread(
+            Llama, str(model_path(self._model.llamacpp)), vocab_only=True, verbose=False
+        )
         self._tokenize = lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=True))
         self._context_size = self._model.llamacpp.context_size
         if not self._spec.chat_template:
@@ -64,5 +65,5 @@ class AssembleHandler:
         item.prompt = result.prompt
         item.prompt_tokens = result.tokens
         if result.passages_used < len(item.passages):
-            del item.passages[result.passages_used:]
+            del item.passages[result.passages_used :]
         return item

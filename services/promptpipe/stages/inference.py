@@ -14,9 +14,15 @@ from promptpipe.v1 import common_pb2, stage_pb2
 def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationRequest:
     p = item.parameters  # the gateway has filled in every default
     return GenerationRequest(
-        prompt=item.prompt, max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-        top_k=p.top_k, seed=p.seed if p.HasField("seed") else None, session_id=item.session_id,
-        deadline=call.deadline, request_id=item.request_id,
+        prompt=item.prompt,
+        max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        session_id=item.session_id,
+        deadline=call.deadline,
+        request_id=item.request_id,
     )
 
 

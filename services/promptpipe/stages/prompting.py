@@ -44,8 +44,9 @@ class ChatTemplate:
         return env.from_string(self.source)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
-        return self._compiled.render(messages=list(messages), add_generation_prompt=True,
-                               bos_token=self.bos_token, eos_token=self.eos_token)
+        return self._compiled.render(
+            messages=list(messages), add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+        )
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def system_message(spec: TemplateSpec, passages: Sequence[stage_pb2.Passage]) ->
     return f"{spec.system}\n\n{spec.context_header}{context}"
 
 
-def build_messages(spec: TemplateSpec, passages: Sequence[stage_pb2.Passage],
-                   history: Sequence[common_pb2.ChatMessage], question: str) -> list[dict[str, str]]:
+def build_messages(
+    spec: TemplateSpec, passages: Sequence[stage_pb2.Passage], history: Sequence[common_pb2.ChatMessage], question: str
+) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system_message(spec, passages)}]
     for shot in spec.few_shot:
         messages += [{"role": "user", "content": shot.user}, {"role": "assistant", "content": shot.assistant}]
@@ -73,8 +75,9 @@ def build_messages(spec: TemplateSpec, passages: Sequence[stage_pb2.Passage],
     return messages
 
 
-def assemble(spec: TemplateSpec, template: ChatTemplate, tokenize: Tokenize, budget: int,
-             item: stage_pb2.WorkItem) -> Assembled:
+def assemble(
+    spec: TemplateSpec, template: ChatTemplate, tokenize: Tokenize, budget: int, item: stage_pb2.WorkItem
+) -> Assembled:
     if not item.messages or item.messages[-1].role != "user":
         raise InvalidArgument("messages", "the last message must be from the user")
     question = item.messages[-1].content

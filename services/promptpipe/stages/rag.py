@@ -53,8 +53,9 @@ class Bm25Index:
         self.passages = passages
         self._retriever = bm25s.BM25()
         if passages:
-            self._retriever.index(bm25s.tokenize([t for _, t in passages], stopwords="en", show_progress=False),
-                                  show_progress=False)
+            self._retriever.index(
+                bm25s.tokenize([t for _, t in passages], stopwords="en", show_progress=False), show_progress=False
+            )
 
     def search(self, query: str, k: int) -> list[stage_pb2.Passage]:
         k = min(k, len(self.passages))

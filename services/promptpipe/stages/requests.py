@@ -60,15 +60,20 @@ def _resolve_parameters(p: common_pb2.GenerationParameters, d: GenerationDefault
         if not s or len(s) > MAX_STOP_CHARS:
             raise InvalidArgument(f"parameters.stop[{i}]", f"must have 1 to {MAX_STOP_CHARS} characters")
     resolved = common_pb2.GenerationParameters(
-        max_new_tokens=p.max_new_tokens or d.max_new_tokens, temperature=temperature, top_p=top_p,
-        top_k=p.top_k or d.top_k, stop=list(p.stop),
+        max_new_tokens=p.max_new_tokens or d.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=p.top_k or d.top_k,
+        stop=list(p.stop),
     )
     if p.HasField("seed"):
         resolved.seed = p.seed
     return resolved
 
 
-def work_item(request: gateway_pb2.GenerateRequest, defaults: GenerationDefaults, request_id: str) -> stage_pb2.WorkItem:
+def work_item(
+    request: gateway_pb2.GenerateRequest, defaults: GenerationDefaults, request_id: str
+) -> stage_pb2.WorkItem:
     if len(request.session_id) > MAX_SESSION_CHARS:
         raise InvalidArgument("session_id", f"longer than {MAX_SESSION_CHARS} characters")
     if len(request.metadata) > MAX_METADATA:
@@ -77,8 +82,11 @@ def work_item(request: gateway_pb2.GenerateRequest, defaults: GenerationDefaults
         if not key or len(key) > 64 or len(value) > 1024:
             raise InvalidArgument(f"metadata[{key!r}]", "keys need 1 to 64 characters, values at most 1024")
     return stage_pb2.WorkItem(
-        request_id=request_id, session_id=request.session_id or request_id, messages=_check_messages(request),
-        parameters=_resolve_parameters(request.parameters, defaults), metadata=dict(request.metadata),
+        request_id=request_id,
+        session_id=request.session_id or request_id,
+        messages=_check_messages(request),
+        parameters=_resolve_parameters(request.parameters, defaults),
+        metadata=dict(request.metadata),
     )
 
 
@@ -95,8 +103,15 @@ def own_timings(nested: list[common_pb2.StageTiming], stream: common_pb2.StageTi
         if t is None:
             continue
         work = t.work_seconds - (total.get("inference", 0.0) if name == "post" else 0.0)
-        out.append(common_pb2.StageTiming(stage=name, queue_wait_seconds=t.queue_wait_seconds, work_seconds=max(0.0, work)))
+        out.append(
+            common_pb2.StageTiming(stage=name, queue_wait_seconds=t.queue_wait_seconds, work_seconds=max(0.0, work))
+        )
     called = sum(total.get(n, 0.0) for n in ("rag", "assemble", "post"))
-    out.append(common_pb2.StageTiming(stage="stream", queue_wait_seconds=stream.queue_wait_seconds,
-                                      work_seconds=max(0.0, stream.work_seconds - called)))
+    out.append(
+        common_pb2.StageTiming(
+            stage="stream",
+            queue_wait_seconds=stream.queue_wait_seconds,
+            work_seconds=max(0.0, stream.work_seconds - called),
+        )
+    )
     return out

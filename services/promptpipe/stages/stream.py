@@ -18,8 +18,15 @@ from promptpipe.v1 import gateway_pb2
 
 
 class GatewayServicer:
-    def __init__(self, runtime: StageRuntime, defaults: GenerationDefaults, rag: StageClient,
-                 assemble: StageClient, post: StageClient, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        runtime: StageRuntime,
+        defaults: GenerationDefaults,
+        rag: StageClient,
+        assemble: StageClient,
+        post: StageClient,
+        metrics: GatewayMetrics,
+    ) -> None:
         self._runtime = runtime
         self._defaults = defaults
         self._rag = rag
@@ -58,10 +65,11 @@ class GatewayServicer:
                         self._metrics.tpot.observe((end - first) / (tokens - 1))
                     stream_timing = self._runtime.timing(call, started)
                     summary = gateway_pb2.GenerateSummary(
-                        finish_reason=event.final.finish_reason, usage=event.final.usage,
+                        finish_reason=event.final.finish_reason,
+                        usage=event.final.usage,
                         timings=own_timings([*item.timings, *event.final.timings], stream_timing),
                         time_to_first_token_seconds=(first or end) - received,
-                        total_seconds=end - received, request_id=request_id,
+                        total_seconds=end - received,
+                        request_id=request_id,
                     )
                     yield gateway_pb2.GenerateResponse(summary=summary)
-

@@ -109,7 +109,7 @@ class StreamingFilter:
             if m.end > cut:  # overlaps a match still open: wait for it
                 cut = m.start
                 break
-            pieces.append(self._pending[pos:m.start])
+            pieces.append(self._pending[pos : m.start])
             if m.rule.action is not Action.REPLACE:
                 self._ended = True
                 self._pending = ""
