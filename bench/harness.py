@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
@@ -59,10 +60,8 @@ def running(doc: dict[str, Any] | Path) -> Iterator[localrun.LocalRun]:
 def rss_mib(run: localrun.LocalRun) -> float:
     total = 0
     for proc in run.stages.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # exited: it holds nothing
             total += psutil.Process(proc.pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 
@@ -120,7 +119,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def ms(v: float) -> str:

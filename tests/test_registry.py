@@ -99,7 +99,7 @@ def test_refused_credentials_are_an_auth_error(aws_env: dict[str, str], tmp_path
         with pytest.raises(errors.AuthError, match=r"credentials were refused for bucket 'b' \(HTTP 403"):
             reg.push("m", make_model(tmp_path / "m"))
         with pytest.raises(
-            errors.AuthError, match="credentials were refused .(UnrecognizedClientException|InvalidClientTokenId): "
+            errors.AuthError, match=r"credentials were refused .(UnrecognizedClientException|InvalidClientTokenId): "
         ):
             reg.models()
 
@@ -226,7 +226,7 @@ def test_a_tampered_local_copy_is_not_trusted(registry: Registry, tmp_path: Path
     dest = tmp_path / "model"
     registry.pull(ModelRef("m", version="v1"), dest)
     (dest / "config.json").write_text("{}")
-    with pytest.raises(errors.IntegrityError, match="config.json does not match"):
+    with pytest.raises(errors.IntegrityError, match=r"config\.json does not match"):
         registry.pull(ModelRef("m", version="v1"), dest)
     registry.push("m", make_model(tmp_path / "src2", "b"), "v2")
     with pytest.raises(errors.RegistryError, match="holds m:v1, not m:v2"):

@@ -105,7 +105,7 @@ def test_over_budget_drops_oldest_history_first_then_lowest_ranked_passages() ->
 
 
 def test_question_that_cannot_fit_is_the_callers_error() -> None:
-    with pytest.raises(InvalidArgument, match="^messages: the question needs"):
+    with pytest.raises(InvalidArgument, match=r"^messages: the question needs"):
         assemble(TemplateSpec(), ChatTemplate(CHATML), count_words, 5, item_with(0, 0, "word " * 50))
 
 

@@ -201,7 +201,7 @@ async def converge(namespace: str | None, name: str, memo: Any, **_: Any) -> Non
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def track(
-    type: str,
+    type: str,  # noqa: A002 - kopf passes it by this name
     namespace: str | None,
     name: str,
     body: kopf.Body,

@@ -24,7 +24,7 @@ def smoke(base_url: str, spec: PipelineSpec) -> tuple[bool, str]:
     """One generation through TGI's /generate; it passes if TGI answers 200 with generated text."""
     cfg = spec.rollout.smoke
     body = json.dumps({"inputs": cfg.prompt, "parameters": {"max_new_tokens": cfg.max_new_tokens}}).encode()
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 - http(s): the operator's own backend URL
         f"{base_url}/generate",
         data=body,
         method="POST",

@@ -287,7 +287,8 @@ def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
 
 
 def queue_depth_query(pipeline: str, namespace: str, stage: StageName) -> str:
-    return f"sum({metrics.STAGE_QUEUE_DEPTH.name}{metrics.selector(namespace=namespace, pipeline=pipeline, stage=stage.value)})"
+    labels = metrics.selector(namespace=namespace, pipeline=pipeline, stage=stage.value)
+    return f"sum({metrics.STAGE_QUEUE_DEPTH.name}{labels})"
 
 
 def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings) -> KubeObject:

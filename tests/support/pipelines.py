@@ -68,9 +68,9 @@ class RunningPipeline:
     def metric(self, stage: StageName, name: str, **labels: str) -> float:
         """The value of one sample in the stage's /metrics."""
         for line in self.metrics(stage).splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                    return float(line.rsplit(" ", 1)[1])
+            named = line.startswith((name + "{", name + " "))
+            if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
         raise KeyError(f"{name}{labels} not in the metrics of {stage.value}")
 
 

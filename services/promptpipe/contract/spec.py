@@ -83,7 +83,8 @@ class ScalingSpec(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
+                    "rule": "(has(self.minReplicas) ? self.minReplicas : 1)"
+                    " <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
                     "message": "minReplicas must not exceed maxReplicas",
                 }
             ]
