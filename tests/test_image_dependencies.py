@@ -172,7 +172,8 @@ def test_every_stage_builds_on_the_stage_dependencies(venv: Callable[[str], Venv
 def test_the_cli_runs_on_its_own_dependencies(venv: Callable[[str], Venv]) -> None:
     venv = venv("cli")
     assert "model" in venv.run("promptpipe", "--help").stdout
-    assert "DEST" in venv.run("promptpipe", "model", "pull", "--help").stdout  # the init container's command
+    # The fetch-model init container's command.
+    assert "verify every file" in venv.run("promptpipe", "model", "pull", "--help").stdout
     valid = venv.run("promptpipe", "validate", "-f", QUICKSTART)
     assert "quickstart" in valid.stdout
     assert not venv.can_import("llama_cpp") and not venv.can_import("kopf")

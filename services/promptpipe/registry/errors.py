@@ -27,5 +27,5 @@ class IntegrityError(RegistryError):
     """An artifact does not match its recorded hash (or is missing)."""
 
 
-class Unavailable(RegistryError):
+class Unreachable(RegistryError):
     """The endpoint could not be reached."""

@@ -191,7 +191,7 @@ class Registry:
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role"
             ) from None
         except botocore.exceptions.EndpointConnectionError as e:
-            raise errors.Unavailable(f"{what}: cannot reach {e.kwargs.get('endpoint_url', 'the endpoint')}") from None
+            raise errors.Unreachable(f"{what}: cannot reach {e.kwargs.get('endpoint_url', 'the endpoint')}") from None
         except botocore.exceptions.ClientError as e:
             code, message = _error_of(e)
             if code in ("NoSuchBucket",):
