@@ -40,9 +40,14 @@ def split_passages(text: str, max_chars: int) -> list[str]:
 
 
 def load_corpus(folder: Path, max_chars: int) -> list[tuple[str, str]]:
-    """(source, passage) pairs from every text file below `folder`, in a stable order."""
+    """(source, passage) pairs from every text file below `folder`, in a stable order.
+
+    Hidden files and folders are skipped: a ConfigMap mounted in a pod holds each file twice, once
+    under a hidden timestamped folder (`..2026_12_01_...`, reached through `..data`) and once as a
+    link to it, and only the link is the file."""
     passages: list[tuple[str, str]] = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()):
+    found = (p for p in folder.rglob("*") if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for path in sorted(p for p in found if p.suffix in CORPUS_SUFFIXES and p.is_file()):
         source = str(path.relative_to(folder))
         passages.extend((source, chunk) for chunk in split_passages(path.read_text(encoding="utf-8"), max_chars))
     return passages
