@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from promptpipe.contract.pipeline_file import parse_pipeline
-from promptpipe_operator.reconcile import Result, events_for
+from promptpipe_operator.reconcile import Result, changed_by_apply, events_for
 from promptpipe_operator.status import Health, components, condition, deployment_health, pipeline_status
 from promptpipe_operator.workqueue import KeyedRunner
 
@@ -145,3 +145,14 @@ def test_runner_hands_an_error_to_every_caller_of_that_run() -> None:
         return [str(r) for r in await asyncio.gather(*calls, return_exceptions=True)]
 
     assert asyncio.run(scenario()) == ["boom k"] * 3
+
+
+def test_a_controllers_status_write_is_not_a_change_but_a_reverted_edit_is() -> None:
+    before = {"metadata": {"generation": 2, "resourceVersion": "10", "labels": {"a": "b"}}}
+    status_written = {"metadata": {"generation": 2, "resourceVersion": "14", "labels": {"a": "b"}}}
+    assert not changed_by_apply(before, status_written)
+    assert changed_by_apply(before, {"metadata": {"generation": 3, "resourceVersion": "15", "labels": {"a": "b"}}})
+    assert changed_by_apply(before, {"metadata": {"generation": 2, "resourceVersion": "15", "labels": {}}})
+    # No generation (a ConfigMap, a Service): any write was ours.
+    assert changed_by_apply({"metadata": {"resourceVersion": "1"}}, {"metadata": {"resourceVersion": "2"}})
+    assert not changed_by_apply({"metadata": {"resourceVersion": "1"}}, {"metadata": {"resourceVersion": "1"}})

@@ -81,6 +81,17 @@ def _summary(items: list[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def changed_by_apply(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether the apply changed the object. For kinds with a spec generation (Deployments, ScaledObjects)
+    that is the generation, or labels and owners: their controllers write status (and annotations) all
+    the time, and such a write between our read and our apply is not drift. Other kinds (ConfigMaps,
+    Services) have no such writers: any new resourceVersion is ours."""
+    old, new = before["metadata"], after["metadata"]
+    if "generation" in old and "generation" in new:
+        return any(old.get(k) != new.get(k) for k in ("generation", "labels", "ownerReferences"))
+    return bool(old["resourceVersion"] != new["resourceVersion"])
+
+
 def events_for(result: Result, before: dict[str, Any], generation: int) -> list[Event]:
     """What to tell `kubectl describe` about this run (pure)."""
     out: list[Event] = []
@@ -170,7 +181,7 @@ def reconcile_once(
             applied[key] = obj
             if key not in existing:
                 result.created.append(_label(manifest))
-            elif existing[key]["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
+            elif changed_by_apply(existing[key], obj):
                 result.updated.append(_label(manifest))
         versions = {kind: v for v, kind in CHILD_KINDS}
         for kind, child in sorted(set(existing) - set(applied)):
