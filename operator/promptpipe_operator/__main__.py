@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import socket
 import sys
+from typing import Any, cast
 
 import kopf
 from kubernetes import config
@@ -25,6 +27,8 @@ def run_kopf(settings: OperatorSettings) -> None:
         namespaces=settings.namespaces,
         standalone=True,
         liveness_endpoint=settings.liveness_endpoint or None,
+        # Named here: kopf would ask getpass, which fails for a uid without a passwd entry (our images' 10001).
+        identity=cast(Any, socket.gethostname()),  # kopf's Identity is a NewType of str it does not export
     )
 
 
