@@ -23,7 +23,7 @@ DEV         := $(BIN)/python -m tests.devcluster
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup wheelhouse controlplane cluster-up cluster-down demo test test-fast proto manifests crd bench lint clean
+.PHONY: help setup wheelhouse controlplane cluster-up cluster-down node-up node-down demo test test-fast proto manifests crd bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -51,8 +51,10 @@ $(WHEELHOUSE): $(STAMP)
 wheelhouse: $(WHEELHOUSE)
 
 # etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold and dockerfile-lint from
-# the Go module proxy, Prometheus from Debian's package, plus KEDA's CRDs: built once into
-# $(CACHE)/controlplane (about 20 minutes the first time on 2 cores); a no-op when they are there.
+# the Go module proxy, Prometheus from Debian's package, plus KEDA's CRDs; the node's kubelet,
+# kube-scheduler, kube-proxy, CoreDNS and pause, and its Debian packages (containerd, runc, CNI,
+# buildah, debootstrap, iptables: apt-get install, as root). Built once into $(CACHE)/controlplane
+# (about 20 minutes the first time on 2 cores); a no-op when they are there.
 controlplane: $(STAMP)
 	PROMPTPIPE_CACHE=$(CACHE) $(DEV) cluster build
 
@@ -66,7 +68,7 @@ demo: $(STAMP)
 
 # The pure tier: every test that starts nothing (no process, server or Go-built tool). It needs only
 # the Python install, and fails a test that starts a process without saying so in its markers.
-PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or moto or venv)
+PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or moto or venv or node)
 
 test: setup lint
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -ra
@@ -93,6 +95,14 @@ cluster-up: setup
 
 cluster-down:
 	$(DEV) cluster down
+
+# A control plane with a real node (containerd, kubelet, kube-proxy, CoreDNS) running the project's images,
+# in the foreground until Ctrl-C; node-down cleans up after one that did not stop.
+node-up: setup
+	PROMPTPIPE_CACHE=$(CACHE) $(DEV) node up
+
+node-down:
+	$(DEV) node down
 
 bench: setup
 	$(BIN)/python -m bench.pipeline

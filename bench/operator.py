@@ -24,8 +24,8 @@ from kubernetes import client, config
 from promptpipe.contract.spec import STAGE_ORDER
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import expected_tools
-from tests.devcluster.cli import install_keda_crds
 from tests.devcluster.cluster import ControlPlane
+from tests.devcluster.keda import install_keda_crds
 from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[1]

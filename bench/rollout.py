@@ -23,8 +23,8 @@ from bench.operator import QUICKSTART, poll, summary
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
 from tests.devcluster.build import expected_tools
-from tests.devcluster.cli import install_keda_crds
 from tests.devcluster.cluster import ControlPlane
+from tests.devcluster.keda import install_keda_crds
 from tests.support.moto import CREDENTIALS, make_model, moto_server, registry_env
 from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
 from tests.support.pipelines import tgi_server

@@ -13,7 +13,12 @@ from tests.support.pipelines import RunningPipeline, running_pipeline
 
 # A test that uses one of these fixtures starts what the marker names, so it carries the marker
 # (and `make test-fast` leaves it out); tests that start such things directly are marked by hand.
-MARKED_BY_FIXTURE = {"control_plane": "controlplane", "moto_endpoint": "moto", "start_pipeline": "processes"}
+MARKED_BY_FIXTURE = {
+    "control_plane": "controlplane",
+    "moto_endpoint": "moto",
+    "start_pipeline": "processes",
+    "node": "node",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects
@@ -52,4 +57,4 @@ def start_pipeline(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Runnin
         yield start
 
 
-pytest_plugins = ["tests.support.kube", "tests.support.operator", "tests.support.moto"]
+pytest_plugins = ["tests.support.kube", "tests.support.operator", "tests.support.moto", "tests.support.node"]

@@ -65,7 +65,10 @@ def test_images_run_as_non_root_from_a_pinned_base(name: str) -> None:
     entry = [ln for ln in tail if ln.startswith("ENTRYPOINT ")]
     assert entry and entry[-1].startswith('ENTRYPOINT ["'), "exec form: the process gets SIGTERM"
     assert not any("build-essential" in ln or "cmake" in ln for ln in tail), "compilers stay in the build stage"
-    for packages in re.findall(r"--no-install-recommends ([^\\\n&]+)", text):
+    # Debian packages are named in ARGs (empty when a base has them already), each pinned.
+    installs = re.findall(r"--no-install-recommends ([^\\\n&]+)", text)
+    assert all(i.strip().startswith("$") and i.strip().endswith("_PACKAGES") for i in installs), installs
+    for packages in re.findall(r'^ARG \w+_PACKAGES="([^"]*)"$', text, re.MULTILINE):
         for package in packages.split():
             assert re.fullmatch(r"[a-z0-9.+-]+=\S+", package), f"Debian package not pinned: {package}"
 

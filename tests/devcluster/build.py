@@ -46,6 +46,13 @@ class Tools:
     dockerfile_lint: Path
     skaffold: Path
     prometheus: Path
+    # The node: kubelet, kube-scheduler and kube-proxy from the same build as kube-apiserver; CoreDNS with
+    # the plugins a cluster's DNS needs; the pause program every pod's sandbox runs.
+    kubelet: Path
+    kube_scheduler: Path
+    kube_proxy: Path
+    coredns: Path
+    pause: Path
 
 
 def tools_dir() -> Path:
@@ -69,6 +76,11 @@ def expected_tools(root: Path | None = None) -> Tools:
         b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}",
         b / f"skaffold-{versions.SKAFFOLD}",
         b / f"prometheus-{versions.PROMETHEUS}",
+        b / "kubelet",
+        b / "kube-scheduler",
+        b / "kube-proxy",
+        b / f"coredns-{versions.COREDNS}",
+        b / "pause",
     )
 
 
@@ -120,24 +132,103 @@ def _wrapper(work: Path, requires: dict[str, str], replaces: dict[str, str], pac
     _go(["mod", "tidy"], work)
 
 
-def build_kubernetes(bin_dir: Path, work: Path) -> None:
+CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kubectl")
+NODE = ("kubelet", "kube-scheduler", "kube-proxy")
+
+
+def build_kubernetes(bin_dir: Path, work: Path, commands: tuple[str, ...] = CONTROL_PLANE) -> None:
+    """kubelet & co. share the wrapper module, and most packages, with kube-apiserver: a second build is short."""
     v = versions.KUBERNETES
     work.mkdir(parents=True, exist_ok=True)
     gomod = Path(_module_file("k8s.io/kubernetes", f"v{v}", work)["GoMod"]).read_text()
     staging = {m: "v0." + v.split(".", 1)[1] for m in staging_modules(gomod)}
-    commands = [
-        "k8s.io/kubernetes/cmd/kube-apiserver",
-        "k8s.io/kubernetes/cmd/kube-controller-manager",
-        "k8s.io/kubernetes/cmd/kubectl",
-    ]
-    _wrapper(work, {"k8s.io/kubernetes": f"v{v}"}, staging, commands)
+    # Every command the harness builds is listed, so tidying for one set never drops another's modules.
+    _wrapper(
+        work, {"k8s.io/kubernetes": f"v{v}"}, staging, [f"k8s.io/kubernetes/cmd/{c}" for c in CONTROL_PLANE + NODE]
+    )
     major, minor, _ = v.split(".")
     stamp = " ".join(
         f"-X k8s.io/component-base/version.{k}={val}"
         for k, val in (("gitVersion", f"v{v}"), ("gitMajor", major), ("gitMinor", minor), ("gitTreeState", "clean"))
     )
     for cmd in commands:
-        _go(["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(bin_dir / cmd.rsplit("/", 1)[1]), cmd], work)
+        _go(
+            ["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(bin_dir / cmd), f"k8s.io/kubernetes/cmd/{cmd}"],
+            work,
+        )
+
+
+# CoreDNS with the plugins a cluster's DNS uses, and nothing that reaches a cloud (its full build pulls every
+# cloud SDK). Plugin order comes from CoreDNS's own directive list, so a Corefile reads as anywhere.
+COREDNS_MAIN = """// coredns for the test node: CoreDNS's own main, with fewer plugins.
+package main
+
+import (
+\t"github.com/coredns/coredns/coremain"
+
+\t_ "github.com/coredns/coredns/plugin/cache"
+\t_ "github.com/coredns/coredns/plugin/errors"
+\t_ "github.com/coredns/coredns/plugin/health"
+\t_ "github.com/coredns/coredns/plugin/kubernetes"
+\t_ "github.com/coredns/coredns/plugin/log"
+\t_ "github.com/coredns/coredns/plugin/loop"
+\t_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func main() {
+\tcoremain.Run()
+}
+"""
+
+
+def build_coredns(dest: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    module = "github.com/coredns/coredns"
+    gomod = Path(_module_file(module, f"v{versions.COREDNS}", work)["GoMod"]).read_text()
+    (work / "go.mod").write_text(
+        wrapper_gomod(
+            "promptpipe.local/coredns", {module: f"v{versions.COREDNS}"}, dict(_VERSION_REPLACE.findall(gomod))
+        )
+    )
+    (work / "main.go").write_text(COREDNS_MAIN)
+    _go(["mod", "tidy"], work)
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), "."], work)
+
+
+# Every pod's sandbox runs this: it holds the pod's namespaces and reaps orphans until it is told to stop.
+PAUSE_MAIN = """// pause: the sandbox process of every pod on the test node.
+package main
+
+import (
+\t"os"
+\t"os/signal"
+\t"syscall"
+)
+
+func main() {
+\tsignals := make(chan os.Signal, 1)
+\tsignal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+\tfor s := range signals {
+\t\tif s == syscall.SIGCHLD {
+\t\t\tfor {
+\t\t\t\tpid, _ := syscall.Wait4(-1, nil, syscall.WNOHANG, nil)
+\t\t\t\tif pid <= 0 {
+\t\t\t\t\tbreak
+\t\t\t\t}
+\t\t\t}
+\t\t\tcontinue
+\t\t}
+\t\tos.Exit(0)
+\t}
+}
+"""
+
+
+def build_pause(dest: Path, work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text("module promptpipe.local/pause\n\ngo 1.23\n")
+    (work / "main.go").write_text(PAUSE_MAIN)
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), "."], work)
 
 
 def build_etcd(bin_dir: Path, work: Path) -> None:
@@ -220,8 +311,12 @@ def ensure_tools() -> Tools:
     bin_dir.mkdir(parents=True, exist_ok=True)
     work = cache_root() / "controlplane" / "work"
     kubernetes = (tools.kube_apiserver, tools.kube_controller_manager, tools.kubectl)
+    k8s_work = work / f"kubernetes-{versions.KUBERNETES}"
     steps: list[tuple[tuple[Path, ...], Callable[[], None]]] = [
-        (kubernetes, lambda: build_kubernetes(bin_dir, work / f"kubernetes-{versions.KUBERNETES}")),
+        (kubernetes, lambda: build_kubernetes(bin_dir, k8s_work)),
+        ((tools.kubelet, tools.kube_scheduler, tools.kube_proxy), lambda: build_kubernetes(bin_dir, k8s_work, NODE)),
+        ((tools.coredns,), lambda: build_coredns(tools.coredns, work / f"coredns-{versions.COREDNS}")),
+        ((tools.pause,), lambda: build_pause(tools.pause, work / "pause")),
         ((tools.etcd,), lambda: build_etcd(bin_dir, work / f"etcd-{versions.ETCD}")),
         ((tools.helm,), lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
         ((tools.keda_crds / "keda.sh_scaledobjects.yaml",), lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),

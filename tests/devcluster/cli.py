@@ -3,56 +3,35 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from kubernetes import client, config
 
-from promptpipe.localproc import state_home
-from promptpipe.waiting import wait_until
+from promptpipe.localproc import alive, exits, state_home
 from tests.devcluster.build import Tools, ensure_tools
 from tests.devcluster.cluster import ControlPlane, ControlPlaneError
+from tests.devcluster.debian import ensure_packages
+from tests.devcluster.keda import install_keda_crds
+from tests.devcluster.node import NODE_NAME, Node, leftover_records, reap_leftovers
 
 app = typer.Typer(help="Developer tools for promptpipe.", no_args_is_help=True, pretty_exceptions_enable=False)
 cluster = typer.Typer(
     help="A local kube-apiserver + etcd (no kubelet), with helm, kubectl and KEDA's CRDs.", no_args_is_help=True
 )
 app.add_typer(cluster, name="cluster")
+node_app = typer.Typer(
+    help="A control plane with a real node: containerd, kubelet, kube-proxy, CoreDNS.", no_args_is_help=True
+)
+app.add_typer(node_app, name="node")
 
 
 def state_dir() -> Path:
     return state_home() / "cluster"
-
-
-def install_keda_crds(plane: ControlPlane, tools: Tools, timeout: float = 30.0) -> None:
-    """KEDA's own CRDs, so every ScaledObject is checked against KEDA's real schema."""
-    subprocess.run(
-        [str(tools.kubectl), f"--kubeconfig={plane.kubeconfig}", "apply", "--server-side", "-f", str(tools.keda_crds)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    # Polled here: `kubectl wait` fails outright while a new CRD has no conditions yet.
-    api = config.new_client_from_config(config_file=plane.kubeconfig)
-    try:
-        crds = client.ApiextensionsV1Api(api)
-        names = [f"{p.name.split('_', 1)[1].removesuffix('.yaml')}.keda.sh" for p in tools.keda_crds.glob("*.yaml")]
-        for name in names:
-            wait_until(
-                lambda: _established(crds.read_custom_resource_definition(name)),
-                f"CRD {name} to be Established",
-                timeout,
-                every=0.1,
-            )
-    finally:
-        api.close()
-
-
-def _established(crd: client.V1CustomResourceDefinition) -> bool:
-    conditions = (crd.status.conditions if crd.status else None) or []
-    return any(c.type == "Established" and c.status == "True" for c in conditions)
 
 
 def _env_lines(plane: ControlPlane, tools: Tools) -> str:
@@ -66,8 +45,9 @@ def _env_lines(plane: ControlPlane, tools: Tools) -> str:
 def build() -> None:
     """Build (once) and cache etcd, kube-apiserver, kubectl, helm; fetch KEDA's CRDs."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ensure_packages()
     tools = ensure_tools()
-    typer.echo(f"control-plane tools ready in {tools.kubectl.parent.parent}")
+    typer.echo(f"control-plane and node tools ready in {tools.kubectl.parent.parent}")
 
 
 @cluster.command()
@@ -93,7 +73,7 @@ def up(timeout: Annotated[float, typer.Option(help="Seconds to wait for /readyz.
 
 @cluster.command()
 def env() -> None:
-    """Print `export` lines for the running control plane (eval "$(promptpipe-dev cluster env)")."""
+    """Print `export` lines for the running control plane (eval "$(python -m tests.devcluster cluster env)")."""
     folder = state_dir()
     if not (folder / "controlplane.json").exists():
         typer.echo("error: no control plane is up", err=True)
@@ -111,3 +91,32 @@ def down() -> None:
     ControlPlane.load(folder).stop()
     shutil.rmtree(folder, ignore_errors=True)
     typer.echo("control plane stopped")
+
+
+@node_app.command("up")
+def node_up() -> None:
+    """Start a control plane with a real node (images built first if they changed); runs until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ensure_packages()
+    tools = ensure_tools()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])  # stop cleanly on either
+    started = Node.start(tools, state_home() / "node")
+    typer.echo(
+        f"# node {NODE_NAME} Ready in network namespace {started.netns}; images: {', '.join(started.images.values())}\n"
+        + _env_lines(started.plane, tools)
+        + f"# a shell where Services route: nsenter --net=/run/netns/{started.netns} bash\n# Ctrl-C stops it all",
+    )
+    signal.sigwait([signal.SIGINT, signal.SIGTERM])
+    started.stop()
+    typer.echo("node stopped; the machine is as it was")
+
+
+@node_app.command("down")
+def node_down() -> None:
+    """Stop a node left running by `node up` (it is asked to stop), or clean up after one that crashed."""
+    for record in leftover_records():
+        owner = record.pids.get("owner", 0)
+        if owner and alive(owner):
+            os.kill(owner, signal.SIGTERM)
+            exits(owner, 120)
+    typer.echo(f"cleaned up: {', '.join(reap_leftovers()) or 'nothing left over'}")

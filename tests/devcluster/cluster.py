@@ -1,8 +1,11 @@
 """Starting and stopping a local control plane: etcd, kube-apiserver and a
-kube-controller-manager with only the garbage collector, namespace and
-service-account controllers, on free loopback ports in a folder of their own, RBAC
-on, an admin client certificate and a kubeconfig. Like envtest: no kubelet, no
-scheduler, so Deployments never get pods."""
+kube-controller-manager, on free loopback ports in a folder of their own, RBAC on, an
+admin client certificate and a kubeconfig.
+
+Alone (`wiring=None`), it is like envtest: only the garbage collector, namespace and
+service-account controllers, no scheduler, so Deployments never get pods and tests write
+their status. Wired to a node (`node.py`), it runs the controllers a real cluster has,
+authorizes the node's kubelet, and advertises itself at the node's address."""
 
 from __future__ import annotations
 
@@ -31,6 +34,44 @@ class ControlPlaneError(RuntimeError):
     pass
 
 
+SERVICE_CIDR = "10.0.0.0/24"
+KUBERNETES_SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
+# What a cluster with a node runs: Deployments get ReplicaSets and pods, Services get endpoints,
+# HPAs scale, namespaces and owners are cleaned up, every namespace gets its root CA ConfigMap.
+NODE_CONTROLLERS = (
+    "deployment,replicaset,endpoint,endpointslice,endpointslicemirroring,serviceaccount,serviceaccount-token,"
+    "namespace,garbagecollector,horizontalpodautoscaling,root-ca-cert-publisher,nodelifecycle,podgc,ttl,"
+    "statefulset,job,disruption"
+)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """How the control plane meets a node: the node's name and address (inside its network namespace)."""
+
+    node_name: str
+    node_ip: str
+
+    def egress_socket(self, folder: Path) -> Path:
+        """Where the API server meets the node (an HTTP CONNECT proxy inside its namespace)."""
+        return folder / "egress.sock"
+
+
+def egress_selector(socket: Path) -> dict[str, object]:
+    """The API server reaches nodes and pods (logs, exec, port-forward) through a CONNECT proxy on a unix
+    socket, as it does through konnectivity in clusters whose nodes it cannot route to."""
+    return {
+        "apiVersion": "apiserver.k8s.io/v1beta1",
+        "kind": "EgressSelectorConfiguration",
+        "egressSelections": [
+            {
+                "name": "cluster",
+                "connection": {"proxyProtocol": "HTTPConnect", "transport": {"uds": {"udsName": str(socket)}}},
+            }
+        ],
+    }
+
+
 def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, object]:
     return {
         "apiVersion": "v1",
@@ -42,25 +83,39 @@ def kubeconfig(server: str, ca: Path, cert: Path, key: Path) -> dict[str, object
     }
 
 
-def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int) -> list[str]:
+def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int, wiring: Wiring | None = None) -> list[str]:
     pki = folder / "pki"
+    if wiring is None:
+        # ClusterIPs are only allocated (stored in etcd); nothing listens on or sends to them.
+        node = ["--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none", "--authorization-mode=RBAC"]
+    else:
+        # The `kubernetes` Service's endpoint is the node's address, where a forwarder reaches this server.
+        egress = folder / "egress-selector.yaml"
+        egress.write_text(yaml.safe_dump(egress_selector(wiring.egress_socket(folder))))
+        node = [
+            f"--advertise-address={wiring.node_ip}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--egress-selector-config-file={egress}",
+            "--kubelet-preferred-address-types=InternalIP",  # the node's address; its name resolves nowhere
+            # The kubelet trusts this CA's clients: the API server signs in as the admin.
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
+        ]
     return [
         str(tools.kube_apiserver),
         f"--etcd-servers={etcd_url}",
         "--bind-address=127.0.0.1",
-        "--advertise-address=127.0.0.1",
+        *node,
         f"--secure-port={port}",
         f"--cert-dir={pki}",
         f"--tls-cert-file={pki / 'server.crt'}",
         f"--tls-private-key-file={pki / 'server.key'}",
         f"--client-ca-file={pki / 'ca.crt'}",
-        "--authorization-mode=RBAC",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={pki / 'sa.pub'}",
         f"--service-account-signing-key-file={pki / 'sa.key'}",
-        # ClusterIPs are only allocated (stored in etcd); nothing listens on or sends to them.
-        "--service-cluster-ip-range=10.0.0.0/24",
-        "--endpoint-reconciler-type=none",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
         "--profiling=false",
         "--enable-priority-and-fairness=false",
@@ -68,15 +123,21 @@ def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int) -> list
     ]
 
 
-def controller_manager_args(tools: Tools, folder: Path, kubeconfig: Path, port: int) -> list[str]:
-    """Only the controllers that make the API behave as in a cluster: owner-reference
-    garbage collection, namespace deletion, default ServiceAccounts. No pods run."""
+def controller_manager_args(
+    tools: Tools, folder: Path, kubeconfig: Path, port: int, wiring: Wiring | None = None
+) -> list[str]:
+    """Alone: only what makes the API behave as in a cluster (owner-reference garbage collection,
+    namespace deletion, default ServiceAccounts), and no pods run. With a node: a cluster's controllers."""
+    controllers = NODE_CONTROLLERS if wiring else "garbagecollector,namespace,serviceaccount"
     return [
         str(tools.kube_controller_manager),
         f"--kubeconfig={kubeconfig}",
         f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}",
-        "--controllers=garbagecollector,namespace,serviceaccount",
+        f"--controllers={controllers}",
+        f"--service-account-private-key-file={folder / 'pki' / 'sa.key'}",
+        # Quick reactions for tests: an HPA reads its metrics every 5 s.
+        "--horizontal-pod-autoscaler-sync-period=5s",
         "--leader-elect=false",
         "--bind-address=127.0.0.1",
         f"--secure-port={port}",
@@ -127,12 +188,27 @@ class ControlPlane:
         return cls(**json.loads((folder / "controlplane.json").read_text()))
 
     @classmethod
-    def start(cls, tools: Tools, folder: Path, *, tied_to_parent: bool = True, timeout: float = 60.0) -> ControlPlane:
+    def start(
+        cls,
+        tools: Tools,
+        folder: Path,
+        *,
+        tied_to_parent: bool = True,
+        timeout: float = 60.0,
+        wiring: Wiring | None = None,
+    ) -> ControlPlane:
         """Start etcd and kube-apiserver; return once /readyz answers ok."""
         folder.mkdir(parents=True, exist_ok=True)
         pki_dir = folder / "pki"
         pki_dir.mkdir(exist_ok=True)
-        pki = make_pki()
+        if wiring is None:
+            pki = make_pki()
+        else:
+            pki = make_pki((wiring.node_ip, KUBERNETES_SERVICE_IP), node=wiring.node_name)
+            assert pki.node is not None
+            for name, data in (("node.crt", pki.node.cert), ("node.key", pki.node.key)):
+                (pki_dir / name).write_bytes(data)
+                (pki_dir / name).chmod(0o600)
         for name, data in (
             ("ca.crt", pki.ca.cert),
             ("ca.key", pki.ca.key),
@@ -149,12 +225,13 @@ class ControlPlane:
         preexec = die_with_parent if tied_to_parent else os.setsid
         etcd = _start(etcd_args(tools, folder, client_port, peer_port), folder / "etcd.log", preexec)
         api = _start(
-            apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port),
+            apiserver_args(tools, folder, f"http://127.0.0.1:{client_port}", api_port, wiring),
             folder / "kube-apiserver.log",
             preexec,
         )
         server = f"https://127.0.0.1:{api_port}"
         config = folder / "kubeconfig"
+        config.touch(mode=0o600)  # it holds the admin's key path; kubectl warns about a readable one
         config.write_text(
             yaml.safe_dump(kubeconfig(server, pki_dir / "ca.crt", pki_dir / "admin.crt", pki_dir / "admin.key"))
         )
@@ -163,7 +240,7 @@ class ControlPlane:
         try:
             plane.wait_ready(timeout, (etcd, api))
             kcm = _start(
-                controller_manager_args(tools, folder, config, free_port()),
+                controller_manager_args(tools, folder, config, free_port(), wiring),
                 folder / "kube-controller-manager.log",
                 preexec,
             )

@@ -29,6 +29,7 @@ class ClusterPki:
     admin: Pem
     service_account_key: bytes
     service_account_pub: bytes
+    node: Pem | None = None  # the kubelet's client identity (system:node:NAME, group system:nodes)
 
 
 def _name(cn: str, org: str | None = None) -> x509.Name:
@@ -66,7 +67,9 @@ def _issue(
     return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
-def make_pki() -> ClusterPki:
+def make_pki(server_ips: tuple[str, ...] = (), node: str = "") -> ClusterPki:
+    """`server_ips`: more addresses the API server is reached at (a node's, the `kubernetes` Service's);
+    `node`: also issue that node's kubelet a client certificate."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("promptpipe-test-ca")
     ca_cert = _issue(
@@ -80,7 +83,8 @@ def make_pki() -> ClusterPki:
             x509.DNSName("kubernetes"),
             x509.DNSName("kubernetes.default"),
             x509.DNSName("kubernetes.default.svc"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.DNSName("kubernetes.default.svc.cluster.local"),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *server_ips)),
         ]
     )
     server_cert = _issue(
@@ -104,10 +108,22 @@ def make_pki() -> ClusterPki:
     sa_pub = sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    node_pem = None
+    if node:
+        node_key = ec.generate_private_key(ec.SECP256R1())
+        node_cert = _issue(
+            _name(f"system:node:{node}", "system:nodes"),
+            ca_name,
+            node_key.public_key(),
+            ca_key,
+            [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
+        )
+        node_pem = Pem(node_cert, _key_pem(node_key))
     return ClusterPki(
         Pem(ca_cert, _key_pem(ca_key)),
         Pem(server_cert, _key_pem(server_key)),
         Pem(admin_cert, _key_pem(admin_key)),
         _key_pem(sa_key),
         sa_pub,
+        node_pem,
     )

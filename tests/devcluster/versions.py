@@ -16,3 +16,19 @@ SKAFFOLD = "2.16.1"
 # predecessor on its mirrors: a refused download means a newer `+deb12uN`, bump it here.
 PROMETHEUS_DEB = "2.42.0+ds-5+deb12u1"
 PROMETHEUS = PROMETHEUS_DEB.split("+", 1)[0]
+# CoreDNS for the node's cluster DNS: 1.12.1 builds on the same k8s.io/client-go minor (0.32) as the cluster.
+COREDNS = "1.12.1"
+# The node's Debian packages (bookworm), as tested. Installed by name: Debian replaces a package's
+# +deb12uN on its mirrors when a security update lands, and a newer one is what a fresh machine gets.
+NODE_PACKAGES = {
+    "containerd": "1.6.20~ds1-1+deb12u3",
+    "runc": "1.1.5+ds1-1+deb12u1",
+    "containernetworking-plugins": "1.1.1+ds1-3+b5",
+    "buildah": "1.28.2+ds1-3+deb12u1+b3",
+    "debootstrap": "1.0.128+nmu2+deb12u2",
+    "iptables": "1.8.9-2",
+    "conntrack": "1:1.4.7-1+b2",
+}
+# The images' base: Debian bookworm with its own Python 3.11, from debootstrap.
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"

@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client, config
 
 from tests.devcluster.build import Tools, expected_tools
-from tests.devcluster.cli import install_keda_crds
 from tests.devcluster.cluster import ControlPlane
+from tests.devcluster.keda import install_keda_crds
 
 
 def kubectl(

@@ -1,0 +1,218 @@
+"""The node's images, built here from the project's own Dockerfiles, with no registry anywhere.
+
+- A base: Debian bookworm from debootstrap, with Debian's Python 3.11 (what `python:3.11-slim-bookworm`
+  is to a Docker user), made an image with buildah.
+- Each Dockerfile is built FROM that base by buildah, installing from the wheel cache `make setup`
+  fills (no index; llama.cpp's wheel is the one compiled once), without network.
+- Each image is saved as a docker-archive, which the node imports into its containerd.
+
+Everything is cached by content: a tag is the hash of what went in (the Dockerfile, the files it
+copies, the base, the wheels), so a second run builds nothing and any change builds anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.devcluster import versions
+from tests.devcluster.build import Tools, cache_root
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = "localhost/promptpipe"
+# The Dockerfiles, by image name; what each copies from the repository root.
+DOCKERFILES = {
+    "operator": (
+        ROOT / "operator" / "Dockerfile",
+        ("pyproject.toml", "constraints.txt", "README.md", "services", "operator"),
+    ),
+    "stage": (
+        ROOT / "services" / "Dockerfile",
+        ("pyproject.toml", "constraints.txt", "README.md", "services", "operator"),
+    ),
+    "llamacpp-server": (ROOT / "services" / "Dockerfile.llamacpp-server", ("constraints.txt",)),
+}
+# What the Dockerfiles' bases bring: Python with venv, and llama.cpp's OpenMP runtime.
+BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "libgomp1", "ca-certificates")
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str  # repository:tag, as pods name it
+    archive: Path  # a docker-archive of it, for `ctr images import`
+
+
+def images_dir() -> Path:
+    return cache_root() / "images"
+
+
+def wheels_dir() -> Path:
+    return cache_root() / "wheels"
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def context_digest(paths: tuple[str, ...], root: Path = ROOT) -> str:
+    """What a Dockerfile copies, by content (bytecode caches aside, as .dockerignore says)."""
+    parts: list[bytes] = []
+    for rel in paths:
+        target = root / rel
+        files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            parts += [str(f.relative_to(root)).encode(), f.read_bytes()]
+    return _digest(*parts)
+
+
+class Builder:
+    def __init__(self, tools: Tools, folder: Path | None = None) -> None:
+        self.tools = tools
+        self.folder = folder or images_dir()
+        self.store = self.folder / "storage"
+
+    def buildah(self, *args: str, quiet: bool = True) -> str:
+        command = [
+            "buildah",
+            "--root",
+            str(self.store / "root"),
+            "--runroot",
+            str(self.store / "run"),
+            "--storage-driver",
+            "overlay",
+            *args,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed:\n{result.stderr[-4000:]}\n{result.stdout[-4000:]}")
+        return result.stdout.strip()
+
+    def _exists(self, name: str) -> bool:
+        return bool(self.buildah("images", "--quiet", "--filter", f"reference={name}"))
+
+    def _archive(self, name: str) -> Image:
+        archive = self.folder / "archives" / (name.rsplit("/", 1)[1].replace(":", "-") + ".tar")
+        if not archive.exists():
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            partial = archive.with_suffix(".partial")
+            partial.unlink(missing_ok=True)
+            self.buildah("push", name, f"docker-archive:{partial}:{name}")
+            partial.replace(archive)
+        return Image(name, archive)
+
+    def base(self) -> str:
+        """Debian bookworm with Python 3.11 from Debian's own packages."""
+        key = _digest(versions.DEBIAN_SUITE.encode(), versions.DEBIAN_MIRROR.encode(), " ".join(BASE_PACKAGES).encode())
+        name = f"{REPOSITORY}/base:{key}"
+        if self._exists(name):
+            return name
+        work = self.folder / "work" / f"base-{key}"
+        rootfs, tar = work / "rootfs", work / "rootfs.tar"
+        if not tar.exists():
+            log.info("debootstrap %s (about 90 s)", versions.DEBIAN_SUITE)
+            subprocess.run(["rm", "-rf", str(rootfs)], check=True)
+            rootfs.mkdir(parents=True)
+            subprocess.run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(BASE_PACKAGES)}",
+                    versions.DEBIAN_SUITE,
+                    str(rootfs),
+                    versions.DEBIAN_MIRROR,
+                ],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(["rm", "-rf", str(rootfs / "var" / "cache" / "apt" / "archives")], check=True)
+            with tarfile.open(tar.with_suffix(".partial"), "w") as out:
+                for entry in sorted(rootfs.iterdir()):
+                    if entry.name in ("dev", "proc", "sys"):  # the runtime mounts these
+                        out.add(entry, arcname=entry.name, recursive=False)
+                    else:
+                        out.add(entry, arcname=entry.name)
+            tar.with_suffix(".partial").replace(tar)
+            subprocess.run(["rm", "-rf", str(rootfs)], check=True)
+        container = self.buildah("from", "scratch")
+        try:
+            self.buildah("add", container, str(tar), "/")
+            self.buildah(
+                "config",
+                "--env",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--env",
+                "LANG=C.UTF-8",
+                "--cmd",
+                "/bin/bash",
+                container,
+            )
+            self.buildah("commit", "--quiet", container, name)
+        finally:
+            self.buildah("rm", container)
+        return name
+
+    def pause(self) -> Image:
+        """The sandbox image containerd starts every pod with (its `sandbox_image`)."""
+        key = _digest(self.tools.pause.read_bytes())
+        name = f"{REPOSITORY}/pause:{key}"
+        if not self._exists(name):
+            container = self.buildah("from", "scratch")
+            try:
+                self.buildah("copy", "--chmod", "0755", container, str(self.tools.pause), "/pause")
+                self.buildah("config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container)
+                self.buildah("commit", "--quiet", container, name)
+            finally:
+                self.buildah("rm", container)
+        return self._archive(name)
+
+    def build(self, image: str) -> Image:
+        """One of DOCKERFILES, from the base, offline from the wheel cache."""
+        dockerfile, copied = DOCKERFILES[image]
+        base = self.base()
+        wheels = sorted(p.name for p in wheels_dir().glob("*.whl"))
+        key = _digest(
+            dockerfile.read_bytes(), context_digest(copied).encode(), base.encode(), "\n".join(wheels).encode()
+        )
+        name = f"{REPOSITORY}/{image}:{key}"
+        if not self._exists(name):
+            log.info("building %s from %s", name, dockerfile.relative_to(ROOT))
+            self.buildah(
+                "bud",
+                "--isolation",
+                "oci",  # runc, so that RUN steps get no network at all
+                "--network",
+                "none",
+                "--pull=never",  # an optional-value flag: the value must be attached
+                "--volume",
+                f"{wheels_dir()}:/wheels:ro",
+                "--build-arg",
+                f"PYTHON_IMAGE={base}",
+                "--build-arg",
+                "PIP_NO_INDEX=1",
+                "--build-arg",
+                "PIP_FIND_LINKS=/wheels",
+                "--build-arg",
+                "BUILD_PACKAGES=",
+                "--build-arg",
+                "RUNTIME_PACKAGES=",
+                "--file",
+                str(dockerfile),
+                "--tag",
+                name,
+                str(ROOT),
+            )
+        return self._archive(name)
+
+    def all(self) -> dict[str, Image]:
+        return {"pause": self.pause(), **{image: self.build(image) for image in DOCKERFILES}}

@@ -1,0 +1,83 @@
+"""pytest fixtures for the real node: a control plane wired to a node that runs pods from the
+project's own images (tests/devcluster/node.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
+from tests.devcluster.node import Node
+
+
+@pytest.fixture(scope="session")
+def node(kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One node for the session (images built first if they changed); stopped, and the machine put back, at the end."""
+    started = Node.start(kube_tools, tmp_path_factory.mktemp("node"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def image_values(node: Node, folder: Path) -> Path:
+    """Chart values naming the images built here (docs/install.md: `-f my-images.yaml`)."""
+    operator, stage = node.images["operator"].rsplit(":", 1), node.images["stage"].rsplit(":", 1)
+    values = {
+        "operator": {"image": {"repository": operator[0], "tag": operator[1], "pullPolicy": "IfNotPresent"}},
+        "pipelines": {"stageImage": {"repository": stage[0], "tag": stage[1], "pullPolicy": "IfNotPresent"}},
+    }
+    path = folder / "my-images.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def shell_env(node: Node, tools: Tools) -> dict[str, str]:
+    """A user's shell pointed at the node's cluster: KUBECONFIG, and the pinned kubectl and helm first on PATH."""
+    return {**os.environ, "KUBECONFIG": node.plane.kubeconfig, "PATH": f"{tools.kubectl.parent}:{os.environ['PATH']}"}
+
+
+def pods(node: Node, namespace: str, selector: str = "") -> list[dict[str, object]]:
+    args = ["get", "pods", "-n", namespace, "-o", "yaml", *(["-l", selector] if selector else [])]
+    items: list[dict[str, object]] = yaml.safe_load(node.kubectl(*args).stdout)["items"]
+    return items
+
+
+def all_running(node: Node, namespace: str, selector: str, count: int) -> bool:
+    found = pods(node, namespace, selector)
+    ready = [
+        p
+        for p in found
+        if p["status"]["phase"] == "Running"  # type: ignore[index]
+        and all(c["ready"] for c in p["status"].get("containerStatuses", []))  # type: ignore[index,union-attr]
+        and not p["metadata"].get("deletionTimestamp")  # type: ignore[index,union-attr]
+    ]
+    return len(ready) == count == len(found)
+
+
+def wait_gone(node: Node, namespace: str, selector: str, timeout: float = 120) -> None:
+    wait_until(lambda: not pods(node, namespace, selector), f"pods {selector} to be gone", timeout, every=1)
+
+
+def service_ip(node: Node, namespace: str, name: str) -> str:
+    return str(node.kubectl("get", "svc", name, "-n", namespace, "-o", "jsonpath={.spec.clusterIP}").stdout)
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def lease_holder(node: Node, name: str = "promptpipe") -> str:
+    """The pod holding the operator's leader Lease ('' while none does)."""
+    identity = node.kubectl(
+        "get", "lease", name, "-n", "promptpipe-system", "-o", "jsonpath={.spec.holderIdentity}", check=False
+    ).stdout
+    return identity.split("_", 1)[0]  # the elector's identity is `<pod>_<random>`

@@ -1,0 +1,148 @@
+"""The README's Kubernetes section, run line by line as a user would, on the real node.
+
+The node runs containerd, kubelet, kube-proxy and CoreDNS in a network namespace; the images
+are built here from the project's Dockerfiles (tests/devcluster/). The lines are taken from the
+README itself, so a README that stops working fails this test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from promptpipe.cli import localrun
+from promptpipe.client import PipelineClient
+from promptpipe.waiting import wait_until
+from tests.devcluster.build import Tools
+from tests.devcluster.node import Node
+from tests.support.node import all_running, image_values, lease_holder, pods, shell_env, wait_gone
+
+pytestmark = [pytest.mark.node, pytest.mark.helm, pytest.mark.model, pytest.mark.processes]
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "When was the Eiffel Tower built?"
+
+
+def readme_lines() -> list[str]:
+    """The shell lines of the README's Kubernetes section, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## On Kubernetes", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def stage_selector(pipeline: str) -> str:
+    return f"app.kubernetes.io/instance={pipeline},app.kubernetes.io/managed-by=promptpipe-operator"
+
+
+@contextmanager
+def local_quickstart() -> Iterator[str]:
+    """`promptpipe up -f deploy/examples/quickstart.yaml`; yields the gateway's address."""
+    run = localrun.start(ROOT / "deploy" / "examples" / "quickstart.yaml")
+    try:
+        localrun.wait_serving(run, timeout=120)
+        yield run.gateway
+    finally:
+        localrun.stop(run)
+
+
+async def greedy_answer(target: str) -> str:
+    text = []
+    async with PipelineClient(target) as client:
+        async for response in client.generate(QUESTION, temperature=0.0, max_new_tokens=48, timeout=120):
+            if response.HasField("chunk"):
+                text.append(response.chunk.text)
+    return "".join(text)
+
+
+def answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_readme_kubernetes_section_runs_as_written(node: Node, kube_tools: Tools, tmp_path: Path) -> None:
+    lines = readme_lines()
+    assert lines[0].startswith("helm install") and lines[-1].startswith("helm uninstall"), lines
+    # The user's working copy: the repository's folders, and the my-images.yaml the README asks for.
+    for name in ("charts", "deploy"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    image_values(node, tmp_path)
+    env = shell_env(node, kube_tools)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # `promptpipe` itself
+    background: list[subprocess.Popen[str]] = []
+    try:
+        for line in lines:
+            if line.endswith("&"):
+                proc = subprocess.Popen(
+                    line.removesuffix("&"),
+                    shell=True,
+                    env=env,
+                    cwd=tmp_path,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                background.append(proc)
+                port = int(re.findall(r"(\d+):\d+", line)[0])
+                wait_until(lambda: proc.poll() is None and answers(port), f"`{line}` to listen", 30)
+                continue
+            result = subprocess.run(
+                line, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+            )
+            assert result.returncode == 0, f"README line failed: {line}\n{result.stdout}\n{result.stderr}"
+            check_after(line, result.stdout, result.stderr, node)
+    finally:
+        for proc in background:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def check_after(line: str, out: str, err: str, node: Node) -> None:
+    """What a user sees after each README line, checked on the cluster."""
+    if line.startswith("helm install"):
+        wait_until(
+            lambda: all_running(node, "promptpipe-system", "app.kubernetes.io/name=promptpipe-operator", 2),
+            "both operator pods Running and Ready",
+            180,
+            every=1,
+        )
+        names = {
+            p["metadata"]["name"] for p in pods(node, "promptpipe-system", "app.kubernetes.io/name=promptpipe-operator")
+        }  # type: ignore[index]
+        holder = wait_until(lambda: lease_holder(node), "the leader Lease", 60, every=1)
+        assert holder in names, (holder, names)
+    elif line.startswith("kubectl wait"):
+        assert all_running(node, "default", stage_selector("quickstart"), 5), "every stage pod Running and Ready"
+    elif line.startswith("kubectl get pp"):
+        assert re.search(r"quickstart\s+Ready\s+smollm2-135m-instruct\s+.*5/5", out), out
+    elif line.startswith("promptpipe generate"):
+        assert "1889" in out, out  # SmolLM2 answers from the corpus, through all five pods
+        assert re.search(r"── finish=(eos|length|stop) +tokens=\d+\+\d+", err), err  # the summary, on stderr
+        on_node = asyncio.run(greedy_answer("127.0.0.1:50051"))
+        with local_quickstart() as gateway:
+            on_laptop = asyncio.run(greedy_answer(gateway))
+        assert on_node == on_laptop and on_node, (on_node, on_laptop)
+    elif line.startswith("kubectl delete pp"):
+        wait_until(
+            lambda: (
+                not node.kubectl(
+                    "get", "deploy,svc,cm,scaledobject", "-l", stage_selector("quickstart"), "-o", "name"
+                ).stdout.strip()
+            ),
+            "every child gone",
+            120,
+            every=1,
+        )
+        wait_gone(node, "default", stage_selector("quickstart"))
+    elif line.startswith("helm uninstall"):
+        wait_gone(node, "promptpipe-system", "app.kubernetes.io/name=promptpipe-operator")

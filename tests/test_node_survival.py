@@ -1,0 +1,182 @@
+"""What pods must survive on a real node: a stage killed mid-stream, a config change that rolls
+every stage under traffic, the leading operator replica killed."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from promptpipe.client import GenerationError, PipelineClient
+from promptpipe.waiting import wait_until, wait_until_async
+from tests.devcluster.build import Tools
+from tests.devcluster.node import Node
+from tests.support.node import all_running, image_values, lease_holder, pods, run, service_ip, shell_env
+
+pytestmark = [pytest.mark.node, pytest.mark.helm]
+
+ROOT = Path(__file__).resolve().parents[1]
+OPERATOR = "app.kubernetes.io/name=promptpipe-operator"
+TOKENS = 120  # at 20 tokens/s: a six-second stream to do things during
+
+
+def pipeline(name: str, system: str = "You are terse.") -> dict[str, object]:
+    return {
+        "apiVersion": "promptpipe.io/v1alpha1",
+        "kind": "PromptPipeline",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "synthetic", "backend": "synthetic", "synthetic": {"tokensPerSecond": 20}},
+            "generation": {"maxNewTokens": TOKENS},
+            "rag": {"enabled": False},
+            "template": {"system": system},
+            "stages": {s: {"drainGraceSeconds": 20} for s in ("stream", "rag", "assemble", "inference", "post")},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def operator_installed(node: Node, kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    folder = tmp_path_factory.mktemp("chart")
+    env = shell_env(node, kube_tools)
+    values = image_values(node, folder)
+    run(
+        [
+            "helm",
+            "install",
+            "promptpipe",
+            str(ROOT / "charts" / "promptpipe"),
+            "-n",
+            "promptpipe-system",
+            "--create-namespace",
+            "-f",
+            str(values),
+        ],
+        env,
+        ROOT,
+    )
+    try:
+        wait_until(lambda: all_running(node, "promptpipe-system", OPERATOR, 2), "the operator pods", 180, every=1)
+        yield
+    finally:
+        run(["helm", "uninstall", "promptpipe", "-n", "promptpipe-system", "--wait"], env, ROOT)
+
+
+@pytest.fixture
+def deployed(node: Node, operator_installed: None) -> Iterator[tuple[str, str]]:
+    """A synthetic pipeline in a namespace of its own, Ready; yields (namespace, its gateway on loopback)."""
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    node.kubectl("create", "namespace", namespace)
+    apply(node, namespace, pipeline("surv"))
+    wait_until(lambda: all_running(node, namespace, instance("surv"), 5), "five stage pods Ready", 180, every=1)
+    port, *_ = node.forward(service_ip(node, namespace, "surv-stream"), 50051)
+    try:
+        yield namespace, f"127.0.0.1:{port}"
+    finally:
+        node.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+def instance(name: str) -> str:
+    return f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=promptpipe-operator"
+
+
+def apply(node: Node, namespace: str, doc: dict[str, object]) -> None:
+    node.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+
+
+async def stream(target: str, prompt: str = "go", seen: list[int] | None = None) -> tuple[int, grpc.StatusCode | None]:
+    """(tokens received, the status the call ended with: None for OK); `seen` counts them as they come."""
+    seen = seen if seen is not None else [0]
+    async with PipelineClient(target) as client:
+        try:
+            async for response in client.generate(prompt, timeout=60):
+                if response.HasField("chunk"):
+                    seen[0] += response.chunk.token_count
+        except GenerationError as err:
+            return seen[0], err.code
+    return seen[0], None
+
+
+def stage_pod(node: Node, namespace: str, stage: str) -> dict[str, object]:
+    (pod,) = pods(node, namespace, f"app.kubernetes.io/instance=surv,app.kubernetes.io/component={stage}")
+    return pod
+
+
+def test_a_stage_killed_mid_stream_ends_the_call_with_a_status_and_the_next_call_succeeds_once_it_is_back(
+    node: Node, deployed: tuple[str, str]
+) -> None:
+    namespace, gateway = deployed
+    before = stage_pod(node, namespace, "inference")
+    container = before["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]  # type: ignore[index]
+
+    async def scenario() -> tuple[int, grpc.StatusCode | None]:
+        seen = [0]
+        call = asyncio.create_task(stream(gateway, seen=seen))
+        await wait_until_async(lambda: seen[0] >= 20, "20 tokens streamed", 30)  # mid-stream
+        node.kill_container(container)
+        return await call
+
+    tokens, status = asyncio.run(scenario())
+    assert 0 < tokens < TOKENS, tokens
+    assert status is grpc.StatusCode.UNAVAILABLE, status
+
+    # The kubelet restarts the container in the same pod; the next call gets every token.
+    def restarted() -> bool:
+        after = stage_pod(node, namespace, "inference")
+        return (
+            after["metadata"]["uid"] == before["metadata"]["uid"]  # type: ignore[index]
+            and after["status"]["containerStatuses"][0]["restartCount"] == 1  # type: ignore[index]
+            and all_running(node, namespace, instance("surv"), 5)
+        )
+
+    wait_until(restarted, "inference restarted and Ready", 120, every=1)
+    assert asyncio.run(stream(gateway)) == (TOKENS, None)
+
+
+def test_a_config_change_rolls_every_stage_while_streams_in_flight_finish(
+    node: Node, deployed: tuple[str, str]
+) -> None:
+    namespace, gateway = deployed
+    old = {p["metadata"]["name"] for p in pods(node, namespace, instance("surv"))}  # type: ignore[index]
+
+    async def scenario() -> list[tuple[int, grpc.StatusCode | None]]:
+        seen = [[0] for _ in range(3)]
+        calls = [asyncio.create_task(stream(gateway, f"q{i}", seen[i])) for i in range(3)]
+        await wait_until_async(lambda: all(s[0] >= 10 for s in seen), "three streams under way", 30)
+        apply(node, namespace, pipeline("surv", system="You are verbose."))  # the stages' ConfigMap changes
+        return await asyncio.gather(*calls)
+
+    assert asyncio.run(scenario()) == [(TOKENS, None)] * 3, "every stream in flight finished whole"
+    wait_until(
+        lambda: (
+            all_running(node, namespace, instance("surv"), 5)
+            and not old & {p["metadata"]["name"] for p in pods(node, namespace, instance("surv"))}
+        ),  # type: ignore[index]
+        "five new stage pods, the old ones gone",
+        180,
+        every=1,
+    )
+    config = node.kubectl("get", "cm", "surv-config", "-n", namespace, "-o", "jsonpath={.data.runtime\\.yaml}").stdout
+    assert "You are verbose." in config
+
+
+def test_the_other_operator_replica_takes_the_lease_and_carries_on(node: Node, deployed: tuple[str, str]) -> None:
+    namespace, _ = deployed
+
+    leader = wait_until(lambda: lease_holder(node), "a leader")
+    node.kubectl("delete", "pod", leader, "-n", "promptpipe-system", "--grace-period=0", "--force")
+    new_leader = wait_until(lambda: (h := lease_holder(node)) != leader and h, "another replica to lead", 90, every=1)
+    assert new_leader in {p["metadata"]["name"] for p in pods(node, "promptpipe-system", OPERATOR)}  # type: ignore[index]
+    # It acts: a child deleted by hand comes back.
+    node.kubectl("delete", "service", "surv-rag", "-n", namespace)
+    wait_until(
+        lambda: node.kubectl("get", "service", "surv-rag", "-n", namespace, check=False).returncode == 0,
+        "the Service back",
+        60,
+        every=1,
+    )
