@@ -36,6 +36,7 @@ STAGES = [s.value for s in STAGE_ORDER]
 QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
 # Where kopf records the spec it last handled (handlers.py configures the prefix).
 LAST_HANDLED = f"{GROUP}/last-handled-configuration"
+KOPF_MANAGED = f"{GROUP}/kopf-managed"  # kopf's mark on every object it has seen: not a handler's progress
 
 
 def pipeline_doc(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def handled_by_kopf(cluster: Cluster, name: str = "quickstart") -> str:
         p = cluster.pipeline(name)
         notes = p["metadata"].get("annotations") or {}
         handled = json.loads(notes.get(LAST_HANDLED, "{}")).get("spec")
-        progress = [k for k in notes if k.startswith(f"{GROUP}/") and k not in (LAST_HANDLED, ROLLBACK)]
+        progress = [k for k in notes if k.startswith(f"{GROUP}/") and k not in (LAST_HANDLED, KOPF_MANAGED, ROLLBACK)]
         fresh = (p.get("status") or {}).get("observedGeneration") == p["metadata"]["generation"]
         return str(p["metadata"]["resourceVersion"]) if fresh and handled == p["spec"] and not progress else None
 
