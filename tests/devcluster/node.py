@@ -134,6 +134,21 @@ def _shims_of(folder: str) -> list[int]:
     return pids
 
 
+def _live_others(record: Record) -> list[Record]:
+    """Other nodes on this machine whose test run is still going."""
+    return [
+        r
+        for r in leftover_records()
+        if r.netns != record.netns and r.pids.get("owner", 0) != 0 and alive(r.pids["owner"])
+    ]
+
+
+def _original_sysctls() -> dict[str, str]:
+    """The machine's own values: a node already running has changed them, and saved them first."""
+    running = [r for r in leftover_records() if r.pids.get("owner", 0) and alive(r.pids["owner"])]
+    return dict(running[0].sysctls) if running else _read_sysctls()
+
+
 def reap(record: Record) -> None:
     """Undo everything a node did, whatever state it was left in (idempotent)."""
     folder = record.folder
@@ -153,7 +168,8 @@ def reap(record: Record) -> None:
         _run("umount", "--lazy", point, check=False)
     if Path("/run/netns", record.netns).exists():
         _run("ip", "netns", "delete", record.netns, check=False)
-    _restore_sysctls(record.sysctls)
+    if not _live_others(record):  # the last node out puts the kernel's settings back
+        _restore_sysctls(record.sysctls)
     shutil.rmtree(folder, ignore_errors=True)
     record.path.unlink(missing_ok=True)
 
@@ -334,7 +350,7 @@ class Node:
         netns = f"pp-{uuid.uuid4().hex[:8]}"
         folder = folder.resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        record = Record(netns, str(folder), _read_sysctls(), {"owner": os.getpid()})
+        record = Record(netns, str(folder), _original_sysctls(), {"owner": os.getpid()})
         record.save()
         try:
             built = images if images is not None else Builder(tools).all()

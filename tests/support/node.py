@@ -13,17 +13,25 @@ import yaml
 
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
-from tests.devcluster.node import Node
+from tests.devcluster.node import KERNEL_SYSCTLS, Node
 
 
 @pytest.fixture(scope="session")
 def node(kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """One node for the session (images built first if they changed); stopped, and the machine put back, at the end."""
+    before = kernel_settings()
     started = Node.start(kube_tools, tmp_path_factory.mktemp("node"))
     try:
         yield started
     finally:
         started.stop()
+    assert kernel_settings() == before, "the node put the kernel's settings back"
+    assert not Path("/run/netns", started.netns).exists(), "the node's network namespace is gone"
+    assert not [m for m in Path("/proc/self/mounts").read_text().splitlines() if started.folder in m], "mounts left"
+
+
+def kernel_settings() -> dict[str, str]:
+    return {key: (Path("/proc/sys") / key).read_text().strip() for key in KERNEL_SYSCTLS}
 
 
 def image_values(node: Node, folder: Path) -> Path:
