@@ -71,7 +71,7 @@ demo: $(STAMP)
 PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or moto or venv or node)
 
 test: setup lint
-	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -ra
+	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -ra --durations=12
 
 test-fast: $(STAMP)
 	PROMPTPIPE_PURE_TESTS=1 $(BIN)/python -m pytest -q -m "$(PURE)"

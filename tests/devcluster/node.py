@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from promptpipe.localproc import alive, die_with_parent, exits
+from promptpipe.localproc import alive, die_with_parent, exits, free_port
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools, cache_root
 from tests.devcluster.cluster import SERVICE_CIDR, ControlPlane, Wiring, kubeconfig
@@ -103,6 +104,11 @@ def _restore_sysctls(saved: dict[str, str]) -> None:
                 path.write_text(value)
         except OSError as err:
             log.warning("could not restore %s to %s: %s", key, value, err)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -345,7 +351,7 @@ class Node:
     @classmethod
     def start(cls, tools: Tools, folder: Path, images: dict[str, Image] | None = None) -> Node:
         """A control plane wired to a fresh node, with `images` imported (default: every image
-        of the project, built if needed); returns once the node is Ready and DNS answers."""
+        of the project, built if needed); returns once the node is Ready, with cluster DNS and KEDA's CRDs."""
         reap_leftovers()
         netns = f"pp-{uuid.uuid4().hex[:8]}"
         folder = folder.resolve()
@@ -387,48 +393,13 @@ class Node:
 
         # The API server, reached from inside at the node's address (also what the `kubernetes` Service points at).
         api_socket = folder / "api.sock"
-        node._spawn(
-            "api-out",
-            [
-                sys.executable,
-                "-m",
-                "tests.devcluster.forward",
-                "--listen",
-                f"unix:{api_socket}",
-                "--connect",
-                f"tcp:127.0.0.1:{api_port}",
-            ],
-        )
+        node._forwarder("api-out", f"unix:{api_socket}", f"tcp:127.0.0.1:{api_port}")
         wait_until(api_socket.exists, "the API server's socket", 10)
-        node._spawn(
-            "api-in",
-            [
-                sys.executable,
-                "-m",
-                "tests.devcluster.forward",
-                "--listen",
-                f"tcp:{NODE_IP}:{api_port}",
-                "--connect",
-                f"unix:{api_socket}",
-            ],
-            inside=True,
-        )
+        node._forwarder("api-in", f"tcp:{NODE_IP}:{api_port}", f"unix:{api_socket}", inside=True)
 
         # The API server's way to the kubelet and pods (logs, exec, port-forward).
         egress = Wiring(NODE_NAME, NODE_IP).egress_socket(Path(plane.folder))
-        node._spawn(
-            "egress",
-            [
-                sys.executable,
-                "-m",
-                "tests.devcluster.forward",
-                "--listen",
-                f"unix:{egress}",
-                "--connect",
-                "http-connect",
-            ],
-            inside=True,
-        )
+        node._forwarder("egress", f"unix:{egress}", "http-connect", inside=True)
 
         (folder / "resolv.conf").write_text("")  # no upstream DNS: nothing outside the cluster resolves
         cni = folder / "cni" / "net.d"
@@ -500,6 +471,11 @@ class Node:
         self.record.save()
         return proc
 
+    def _forwarder(self, name: str, listen: str, connect: str, inside: bool = False) -> subprocess.Popen[bytes]:
+        """A `tests.devcluster.forward` process: `listen` and `connect` as tcp:HOST:PORT, unix:PATH, http-connect."""
+        forward = [sys.executable, "-m", "tests.devcluster.forward", "--listen", listen, "--connect", connect]
+        return self._spawn(name, forward, inside=inside)
+
     def ctr(self, *args: str) -> list[str]:
         return ["ctr", "--address", f"{self.folder}/containerd/containerd.sock", "--namespace", "k8s.io", *args]
 
@@ -567,43 +543,16 @@ class Node:
 
     # ---- using
 
-    def run_inside(self, args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        """Run a command in the node's network namespace (where Service addresses route)."""
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", "--", *args], check=False, **kwargs)
-
-    def forward(self, target: str, port: int) -> tuple[int, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
-        """A loopback port that reaches `target:port` inside the node (a Service's ClusterIP, a pod's IP)."""
-        from promptpipe.localproc import free_port
-
-        socket = Path(self.folder, f"forward-{uuid.uuid4().hex[:8]}.sock")
+    def forward(self, target: str, port: int) -> int:
+        """A loopback port that reaches `target:port` inside the node (a Service's ClusterIP, a pod's IP),
+        listening when this returns; it lasts as long as the node."""
+        sock = Path(self.folder, f"forward-{uuid.uuid4().hex[:8]}.sock")
         local = free_port()
-        inner = self._spawn(
-            f"forward-in-{socket.stem}",
-            [
-                sys.executable,
-                "-m",
-                "tests.devcluster.forward",
-                "--listen",
-                f"unix:{socket}",
-                "--connect",
-                f"tcp:{target}:{port}",
-            ],
-            inside=True,
-        )
-        wait_until(socket.exists, "the forward's socket", 10)
-        outer = self._spawn(
-            f"forward-out-{socket.stem}",
-            [
-                sys.executable,
-                "-m",
-                "tests.devcluster.forward",
-                "--listen",
-                f"tcp:127.0.0.1:{local}",
-                "--connect",
-                f"unix:{socket}",
-            ],
-        )
-        return local, inner, outer
+        self._forwarder(f"forward-in-{sock.stem}", f"unix:{sock}", f"tcp:{target}:{port}", inside=True)
+        wait_until(sock.exists, "the forward's socket", 10)
+        self._forwarder(f"forward-out-{sock.stem}", f"tcp:127.0.0.1:{local}", f"unix:{sock}")
+        wait_until(lambda: _listening(local), f"127.0.0.1:{local} to listen", 10)
+        return local
 
     # ---- stopping
 
