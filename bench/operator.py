@@ -26,6 +26,7 @@ from promptpipe.waiting import wait_until
 from tests.devcluster.build import expected_tools
 from tests.devcluster.cluster import ControlPlane
 from tests.devcluster.keda import install_keda_crds
+from tests.support.cluster import Cluster
 from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,20 +108,7 @@ def main() -> None:
                     poll(lambda: phase(ns, name) == "Progressing")
                     start = time.perf_counter()
                     for stage in STAGE_ORDER:
-                        d = apps.read_namespaced_deployment(f"{name}-{stage.value}", ns)
-                        apps.patch_namespaced_deployment_status(
-                            f"{name}-{stage.value}",
-                            ns,
-                            {
-                                "status": {
-                                    "observedGeneration": d.metadata.generation,
-                                    "replicas": 1,
-                                    "updatedReplicas": 1,
-                                    "readyReplicas": 1,
-                                    "availableReplicas": 1,
-                                }
-                            },
-                        )
+                        Cluster(api, ns).set_ready(f"{name}-{stage.value}")
                     ready[level].append(time.perf_counter() - start + poll(lambda: phase(ns, name) == "Ready"))
                     start = time.perf_counter()
                     core.delete_namespaced_service(f"{name}-rag", ns)

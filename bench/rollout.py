@@ -25,6 +25,7 @@ from promptpipe.registry.store import Registry
 from tests.devcluster.build import expected_tools
 from tests.devcluster.cluster import ControlPlane
 from tests.devcluster.keda import install_keda_crds
+from tests.support.cluster import Cluster
 from tests.support.moto import CREDENTIALS, make_model, moto_server, registry_env
 from tests.support.operator import OperatorProcess, apply_crd, operator_kubeconfig
 from tests.support.pipelines import tgi_server
@@ -67,21 +68,7 @@ def main() -> None:
             def traffic() -> str:
                 return str(core.read_namespaced_service(f"{NAME}-backend", NS).spec.selector["promptpipe.io/color"])
 
-            def ready(deployment: str) -> None:
-                d = apps.read_namespaced_deployment(deployment, NS)
-                apps.patch_namespaced_deployment_status(
-                    deployment,
-                    NS,
-                    {
-                        "status": {
-                            "observedGeneration": d.metadata.generation,
-                            "replicas": 1,
-                            "updatedReplicas": 1,
-                            "readyReplicas": 1,
-                            "availableReplicas": 1,
-                        }
-                    },
-                )
+            ready = Cluster(api, NS).set_ready
 
             def exists(deployment: str, version: str) -> bool:
                 try:
