@@ -101,8 +101,11 @@ class Builder:
     def _exists(self, name: str) -> bool:
         return bool(self.buildah("images", "--quiet", "--filter", f"reference={name}"))
 
+    def _archive_path(self, name: str) -> Path:
+        return self.folder / "archives" / (name.rsplit("/", 1)[1].replace(":", "-") + ".tar")
+
     def _archive(self, name: str) -> Image:
-        archive = self.folder / "archives" / (name.rsplit("/", 1)[1].replace(":", "-") + ".tar")
+        archive = self._archive_path(name)
         if not archive.exists():
             archive.parent.mkdir(parents=True, exist_ok=True)
             partial = archive.with_suffix(".partial")
@@ -215,4 +218,17 @@ class Builder:
         return self._archive(name)
 
     def all(self) -> dict[str, Image]:
-        return {"pause": self.pause(), **{image: self.build(image) for image in DOCKERFILES}}
+        images = {"pause": self.pause(), **{image: self.build(image) for image in DOCKERFILES}}
+        self.prune({self.base(), *(i.name for i in images.values())})
+        return images
+
+    def prune(self, keep: set[str]) -> None:
+        """Drop the images and archives of earlier builds: every code change makes new ones (about
+        1.5 GB), and a cache that only grows fills the disk."""
+        wanted = {self._archive_path(name) for name in keep}
+        for archive in (self.folder / "archives").glob("*.tar"):
+            if archive not in wanted:
+                archive.unlink()
+        for name in self.buildah("images", "--format", "{{.Name}}:{{.Tag}}").split():
+            if name.startswith(f"{REPOSITORY}/") and name not in keep:
+                self.buildah("rmi", name)

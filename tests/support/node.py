@@ -13,6 +13,7 @@ import yaml
 
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
+from tests.devcluster.images import images_dir
 from tests.devcluster.node import KERNEL_SYSCTLS, Node
 
 
@@ -22,6 +23,9 @@ def node(kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     before = kernel_settings()
     started = Node.start(kube_tools, tmp_path_factory.mktemp("node"))
     try:
+        # The image cache holds this build's images only: earlier builds' were pruned.
+        archives = {p.name for p in (images_dir() / "archives").glob("*.tar")}
+        assert archives == {name.rsplit("/", 1)[1].replace(":", "-") + ".tar" for name in started.images.values()}
         yield started
     finally:
         started.stop()
