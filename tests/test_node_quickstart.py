@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 
 from promptpipe.cli import localrun
 from promptpipe.client import PipelineClient
+from promptpipe.localproc import listening
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.devcluster.node import Node
@@ -64,11 +64,6 @@ async def greedy_answer(target: str) -> str:
     return "".join(text)
 
 
-def answers(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_the_readme_kubernetes_section_runs_as_written(node: Node, kube_tools: Tools, tmp_path: Path) -> None:
     lines = readme_lines()
     assert lines[0].startswith("helm install") and lines[-1].startswith("helm uninstall"), lines
@@ -94,7 +89,7 @@ def test_the_readme_kubernetes_section_runs_as_written(node: Node, kube_tools: T
                 )
                 background.append(proc)
                 port = int(re.findall(r"(\d+):\d+", line)[0])
-                wait_until(lambda: proc.poll() is None and answers(port), f"`{line}` to listen", 30)
+                wait_until(lambda: proc.poll() is None and listening(port), f"`{line}` to listen", 30)
                 continue
             result = subprocess.run(
                 line, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False

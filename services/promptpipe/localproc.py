@@ -53,6 +53,12 @@ def free_port() -> int:
     raise RuntimeError(f"no free loopback port between {_LOWEST} and {high}")
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts connections on this loopback port."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` still runs; a child of ours that exited is reaped and counts as gone."""
     try:

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -33,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from promptpipe.localproc import alive, die_with_parent, exits, free_port
+from promptpipe.localproc import alive, die_with_parent, exits, free_port, listening
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools, cache_root
 from tests.devcluster.cluster import SERVICE_CIDR, ControlPlane, Wiring, kubeconfig
@@ -104,11 +103,6 @@ def _restore_sysctls(saved: dict[str, str]) -> None:
                 path.write_text(value)
         except OSError as err:
             log.warning("could not restore %s to %s: %s", key, value, err)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -551,7 +545,7 @@ class Node:
         self._forwarder(f"forward-in-{sock.stem}", f"unix:{sock}", f"tcp:{target}:{port}", inside=True)
         wait_until(sock.exists, "the forward's socket", 10)
         self._forwarder(f"forward-out-{sock.stem}", f"tcp:127.0.0.1:{local}", f"unix:{sock}")
-        wait_until(lambda: _listening(local), f"127.0.0.1:{local} to listen", 10)
+        wait_until(lambda: listening(local), f"127.0.0.1:{local} to listen", 10)
         return local
 
     # ---- stopping
