@@ -69,6 +69,8 @@ MALFORMED = [
     (["spec", "stages", "inference", "scaling"], {"minReplicas": 5, "maxReplicas": 2}, "spec.stages.inference.scaling"),
     (["spec", "stages", "inference", "scaling"], {"minReplicas": 6}, "spec.stages.inference.scaling"),
     (["spec", "stages", "ranker"], {"queue": {"capacity": 1}}, "spec.stages.ranker"),
+    # The other stages may scale to zero (their callers wake them); nothing calls the gateway.
+    (["spec", "stages", "stream"], {"scaling": {"minReplicas": 0}}, "spec.stages.stream.scaling.minReplicas"),
     (["spec", "model", "backend"], "openai", "spec.model"),
     (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
     (["spec", "model", "name"], "", "spec.model.name"),

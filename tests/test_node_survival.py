@@ -6,22 +6,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
-from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.waiting import wait_until, wait_until_async
-from tests.devcluster.build import Tools
 from tests.devcluster.node import Node
-from tests.support.node import all_running, image_values, lease_holder, pods, run, service_ip, shell_env
+from tests.support.node import OPERATOR, all_running, apply, instance, lease_holder, pods, service_ip, stream
 
 pytestmark = [pytest.mark.node, pytest.mark.helm]
 
-ROOT = Path(__file__).resolve().parents[1]
-OPERATOR = "app.kubernetes.io/name=promptpipe-operator"
 TOKENS = 120  # at 20 tokens/s: a six-second stream to do things during
 
 
@@ -40,33 +34,6 @@ def pipeline(name: str, system: str = "You are terse.") -> dict[str, object]:
     }
 
 
-@pytest.fixture(scope="module")
-def operator_installed(node: Node, kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    folder = tmp_path_factory.mktemp("chart")
-    env = shell_env(node, kube_tools)
-    values = image_values(node, folder)
-    run(
-        [
-            "helm",
-            "install",
-            "promptpipe",
-            str(ROOT / "charts" / "promptpipe"),
-            "-n",
-            "promptpipe-system",
-            "--create-namespace",
-            "-f",
-            str(values),
-        ],
-        env,
-        ROOT,
-    )
-    try:
-        wait_until(lambda: all_running(node, "promptpipe-system", OPERATOR, 2), "the operator pods", 180, every=1)
-        yield
-    finally:
-        run(["helm", "uninstall", "promptpipe", "-n", "promptpipe-system", "--wait"], env, ROOT)
-
-
 @pytest.fixture
 def deployed(node: Node, operator_installed: None) -> Iterator[tuple[str, str]]:
     """A synthetic pipeline in a namespace of its own, Ready; yields (namespace, its gateway on loopback)."""
@@ -81,29 +48,6 @@ def deployed(node: Node, operator_installed: None) -> Iterator[tuple[str, str]]:
         yield namespace, gateway
     finally:
         node.kubectl("delete", "namespace", namespace, "--wait=false")
-
-
-def instance(name: str) -> str:
-    return f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=promptpipe-operator"
-
-
-def apply(node: Node, namespace: str, doc: dict[str, object]) -> None:
-    node.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
-
-
-async def stream(
-    target: str, prompt: str = "go", seen: list[int] | None = None, max_new_tokens: int = 0
-) -> tuple[int, grpc.StatusCode | None]:
-    """(tokens received, the status the call ended with: None for OK); `seen` counts them as they come."""
-    seen = seen if seen is not None else [0]
-    async with PipelineClient(target) as client:
-        try:
-            async for response in client.generate(prompt, max_new_tokens=max_new_tokens, timeout=60):
-                if response.HasField("chunk"):
-                    seen[0] += response.chunk.token_count
-        except GenerationError as err:
-            return seen[0], err.code
-    return seen[0], None
 
 
 def stage_pod(node: Node, namespace: str, stage: str) -> dict[str, object]:

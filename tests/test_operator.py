@@ -227,6 +227,23 @@ def test_a_deleted_or_hand_edited_child_is_repaired(
     )
 
 
+def test_a_stages_cluster_ip_service_from_an_earlier_version_is_replaced_by_a_headless_one(
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
+    # As an earlier promptpipe left it: a ClusterIP Service, whose clusterIP cannot be changed in place.
+    cluster.core.create_namespaced_service(
+        cluster.ns,
+        {
+            "metadata": {"name": "quickstart-rag"},
+            "spec": {"ports": [{"name": "grpc", "port": 50051}], "selector": {"app.kubernetes.io/component": "rag"}},
+        },
+    )
+    assert cluster.core.read_namespaced_service("quickstart-rag", cluster.ns).spec.cluster_ip != "None"
+    deploy(control_plane, kube_tools, cluster, pipeline_doc())
+    assert cluster.children()[("Service", "quickstart-rag")]["spec"]["clusterIP"] == "None"
+    assert cluster.children()[("Service", "quickstart-stream")]["spec"]["clusterIP"] != "None"
+
+
 def test_a_restart_changes_nothing_that_was_right_and_finishes_what_was_half_done(
     operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
 ) -> None:

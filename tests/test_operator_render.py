@@ -25,6 +25,7 @@ from promptpipe_operator.render import (
     deployment,
     runtime_config,
     scaled_object,
+    service,
 )
 from promptpipe_operator.rollout import BLUE, GREEN, Slot, State
 from promptpipe_operator.settings import OperatorSettings
@@ -110,14 +111,42 @@ def test_deployment_probes_security_drain_and_config_rollout() -> None:
     assert config_map(changed, "ns1")[1] != digest, "a spec change rolls the pods"
 
 
-def test_scaled_object_scales_on_the_stages_queue_depth() -> None:
-    pp = pipeline(rag={"scaling": {"minReplicas": 0, "maxReplicas": 7, "targetQueueDepth": 3}})
+def test_scaled_object_scales_a_called_stage_on_the_calls_its_callers_have_open_to_it() -> None:
+    pp = pipeline(
+        rag={
+            "queue": {"concurrency": 5},
+            "scaling": {"minReplicas": 0, "maxReplicas": 7, "targetQueueDepth": 3, "cooldownSeconds": 20},
+        }
+    )
     so = scaled_object(pp, "ns1", StageName.RAG, SETTINGS)
-    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (0, 7)
-    trigger = so["spec"]["triggers"][0]
-    assert trigger["metadata"]["threshold"] == "3"
-    assert 'stage="rag"' in trigger["metadata"]["query"] and 'pipeline="quickstart"' in trigger["metadata"]["query"]
-    assert so["spec"]["scaleTargetRef"]["name"] == "quickstart-rag"
+    spec = so["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 7)
+    assert spec["scaleTargetRef"]["name"] == "quickstart-rag"
+    (trigger,) = spec["triggers"]
+    # Counted at the callers: present (and waking rag) while rag has no pod; working calls count too.
+    assert trigger["metadata"]["query"] == (
+        'sum(rate(promptpipe_stage_next_call_seconds_total{namespace="ns1",pipeline="quickstart",to="rag"}[1m]))'
+    )
+    # A replica per (concurrency + targetQueueDepth) calls: added once every slot is busy and 3 wait on each.
+    assert trigger["metadata"]["threshold"] == "8" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"]["activationThreshold"] == "0"
+    assert spec["cooldownPeriod"] == 20
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 20
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+
+
+def test_the_gateway_scales_on_its_own_calls_working_and_waiting() -> None:
+    query = scaled_object(pipeline(), "ns1", StageName.STREAM, SETTINGS)["spec"]["triggers"][0]["metadata"]["query"]
+    own = '{namespace="ns1",pipeline="quickstart",stage="stream"}'
+    assert query == f"sum(promptpipe_stage_in_flight{own}) + sum(promptpipe_stage_queue_depth{own})"
+
+
+def test_called_stages_have_headless_services_and_the_gateway_a_cluster_ip() -> None:
+    pp = pipeline()
+    for stage in StageName:
+        spec = service(pp, "ns1", stage)["spec"]
+        assert spec.get("clusterIP") == (None if stage is StageName.STREAM else "None"), stage
 
 
 def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_calls() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,7 +18,7 @@ from promptpipe.contract.spec import StageName
 from promptpipe.localproc import alive
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import Outcome, collect
-from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
+from tests.support.pipelines import RunningPipeline, synthetic_pipeline, tgi_server, tgi_stats
 
 pytestmark = pytest.mark.processes
 
@@ -81,3 +84,53 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(start_pipelin
         assert done.error is None, done.error
         assert done.summary is not None and done.summary.usage.completion_tokens == 30
     await wait_until_async(lambda: not alive(gateway_pid), timeout=10, what="the gateway to exit")
+
+
+def relaunch(p: RunningPipeline, stage: StageName) -> subprocess.Popen[bytes]:
+    """The stage again, on its port, as `promptpipe up` started it (as a pod comes back on a cluster)."""
+    env = {
+        **os.environ,
+        "PROMPTPIPE_STAGE": stage.value,
+        "PROMPTPIPE_CONFIG": str(Path(p.run.folder) / "runtime.yaml"),
+        "PROMPTPIPE_PORT": str(p.run.stages[stage.value].port),
+        "PROMPTPIPE_METRICS_PORT": "0",
+    }
+    args = [sys.executable, "-m", "promptpipe.runtime.server"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_a_call_waits_for_a_next_stage_that_is_down_and_goes_through_once_it_is_up(start_pipeline) -> None:
+    p = start_pipeline(synthetic_pipeline(generation={"maxNewTokens": 12}))
+    assemble = p.pid(StageName.ASSEMBLE)
+    os.kill(assemble, signal.SIGKILL)
+    await wait_until_async(lambda: not alive(assemble), what="assemble to be gone")
+    open_before = p.metric(StageName.STREAM, "promptpipe_stage_next_call_seconds_total", to="assemble")
+
+    started = time.monotonic()
+    call = asyncio.create_task(collect(p.gateway, "wake", timeout=30.0))
+    await asyncio.sleep(2.0)
+    assert not call.done(), f"the call ended while assemble was down: {call.result()}"
+    # The gateway counts the waiting call as open to assemble: what assemble scales on, and is woken by.
+    waited = p.metric(StageName.STREAM, "promptpipe_stage_next_call_seconds_total", to="assemble") - open_before
+    assert waited >= 1.5, waited
+    back = relaunch(p, StageName.ASSEMBLE)
+    try:
+        out = await asyncio.wait_for(call, 30)
+        assert out.error is None, out.error
+        assert out.summary is not None and out.summary.usage.completion_tokens == 12
+        assert time.monotonic() - started >= 2.0
+    finally:
+        back.terminate()
+        back.wait(10)
+
+
+async def test_a_call_to_a_next_stage_that_never_comes_up_ends_at_its_deadline(start_pipeline) -> None:
+    p = start_pipeline(synthetic_pipeline())
+    assemble = p.pid(StageName.ASSEMBLE)
+    os.kill(assemble, signal.SIGKILL)
+    await wait_until_async(lambda: not alive(assemble), what="assemble to be gone")
+    started = time.monotonic()
+    out = await collect(p.gateway, "nobody", timeout=3.0)
+    elapsed = time.monotonic() - started
+    assert out.error is not None and out.error.code is grpc.StatusCode.DEADLINE_EXCEEDED, out.error
+    assert 2.5 <= elapsed < 3.0 + 2.0, elapsed

@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError, UnprocessibleEntityError
 from kubernetes.dynamic.resource import Resource
 
 from promptpipe.contract.labels import MANAGER
@@ -79,10 +79,27 @@ class Kube:
         """Server-side apply, taking back fields someone else changed (drift is repaired, not merged)."""
         meta = obj["metadata"]
         res = self._resource(obj["apiVersion"], obj["kind"])
-        out: dict[str, Any] = self._dyn.server_side_apply(
-            res, body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=MANAGER, force_conflicts=True
-        ).to_dict()
-        return out
+
+        def apply() -> dict[str, Any]:
+            done: dict[str, Any] = self._dyn.server_side_apply(
+                res,
+                body=obj,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                field_manager=MANAGER,
+                force_conflicts=True,
+            ).to_dict()
+            return done
+
+        try:
+            return apply()
+        except UnprocessibleEntityError as err:
+            if obj["kind"] != "Service" or "spec.clusterIP" not in str(err.body):
+                raise
+        # A Service's clusterIP cannot change in place (a stage's ClusterIP Service from before the stages
+        # called each other through headless ones): replace it.
+        self.delete(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        return apply()
 
     def apply_all(self, objects: list[KubeObject]) -> list[dict[str, Any]]:
         """`apply` each, concurrently, results in order; the first failure is raised."""

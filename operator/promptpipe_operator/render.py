@@ -267,7 +267,19 @@ def deployment(
 
 
 def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
+    """The stages call each other through headless Services: the name resolves to every ready pod, and
+    the caller spreads its calls over them (a ClusterIP would pin each HTTP/2 connection to one pod).
+    The gateway keeps a ClusterIP: its clients are anyone's."""
     name = pp.metadata.name
+    spec: dict[str, Any] = {
+        "selector": selector(name, stage.value),
+        "ports": [
+            {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
+            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
+        ],
+    }
+    if stage is not StageName.STREAM:
+        spec["clusterIP"] = "None"
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -276,29 +288,37 @@ def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
             "namespace": namespace,
             "labels": labels(name, stage.value),
         },
-        "spec": {
-            "selector": selector(name, stage.value),
-            "ports": [
-                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
-            ],
-        },
+        "spec": spec,
     }
 
 
-def queue_depth_query(pipeline: str, namespace: str, stage: StageName) -> str:
-    labels = metrics.selector(namespace=namespace, pipeline=pipeline, stage=stage.value)
-    return f"sum({metrics.STAGE_QUEUE_DEPTH.name}{labels})"
+def load_query(pipeline: str, namespace: str, stage: StageName, window: str) -> str:
+    """A stage's load: the mean number of calls working or waiting in it over `window`. For the stages others
+    call, measured by the callers (seconds their calls to it were open), so it is there, and wakes the
+    stage, while the stage has no pod at all, and short calls count as much as long ones. The gateway, which
+    nothing calls, counts its own calls."""
+    if stage is StageName.STREAM:
+        own = metrics.selector(namespace=namespace, pipeline=pipeline, stage=stage.value)
+        return f"sum({metrics.STAGE_IN_FLIGHT.name}{own}) + sum({metrics.STAGE_QUEUE_DEPTH.name}{own})"
+    callers = metrics.selector(namespace=namespace, pipeline=pipeline, to=stage.value)
+    return f"sum(rate({metrics.STAGE_NEXT_CALL_SECONDS.name}{callers}[{window}]))"
+
+
+# KEDA reads the load this often: it decides 0 ↔ 1 itself, and feeds the HPA for 1 ↔ N.
+POLLING_SECONDS = 5
 
 
 def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings) -> KubeObject:
+    """Replicas = load / (concurrency + targetQueueDepth), rounded up: a replica is added once every replica's
+    slots are busy and more than `targetQueueDepth` calls wait on each. A busy stage (load > 0) is never
+    scaled to zero; a stage at zero is woken by the first call to it (activation above 0)."""
     name = pp.metadata.name
-    scaling = pp.spec.stages.get(stage).scaling
+    stage_spec = pp.spec.stages.get(stage)
+    scaling = stage_spec.scaling
     trigger_metadata = {
         "serverAddress": settings.prometheus_address,
-        "query": queue_depth_query(name, namespace, stage),
-        "threshold": str(scaling.target_queue_depth),
-        # With minReplicas 0, any queued request wakes the stage.
+        "query": load_query(name, namespace, stage, settings.load_window),
+        "threshold": str(stage_spec.queue.concurrency + scaling.target_queue_depth),
         "activationThreshold": "0",
     }
     return {
@@ -313,9 +333,18 @@ def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": child_name(name, stage.value)},
             "minReplicaCount": scaling.min_replicas,
             "maxReplicaCount": scaling.max_replicas,
-            "pollingInterval": 15,
-            "cooldownPeriod": 300,
-            "triggers": [{"type": "prometheus", "metadata": trigger_metadata}],
+            "pollingInterval": POLLING_SECONDS,
+            "cooldownPeriod": scaling.cooldown_seconds,
+            "triggers": [{"type": "prometheus", "metadata": trigger_metadata, "metricType": "AverageValue"}],
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {
+                        # Up at once; down only after the load has stayed lower for the cooldown.
+                        "scaleUp": {"stabilizationWindowSeconds": 0},
+                        "scaleDown": {"stabilizationWindowSeconds": scaling.cooldown_seconds},
+                    }
+                }
+            },
         },
     }
 

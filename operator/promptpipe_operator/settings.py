@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -16,7 +16,10 @@ class OperatorSettings(BaseSettings):
     stage_image: str = "ghcr.io/promptpipe/stage:0.1.0"
     """Image every stage Deployment runs (`promptpipe-stage`)."""
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
-    """Where KEDA's prometheus scaler reads the stages' queue depth."""
+    """Where KEDA's prometheus scaler reads the stages' load."""
+    load_window: Annotated[str, Field(pattern=r"^[1-9][0-9]*(s|m|h)$")] = "1m"
+    """The window a stage's load is averaged over (a Prometheus duration holding two scrapes or more): a stage
+    with calls in it is never scaled to zero."""
     image_pull_policy: str = "IfNotPresent"
     registry_secret: str = ""
     """A Secret (in the pipeline's namespace) with AWS keys for the model download; empty: the pod's identity."""

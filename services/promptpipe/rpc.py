@@ -18,6 +18,21 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 )
 
+# Between stages, on top: calls spread over every address the next stage's name resolves to (a headless
+# Service: its ready pods), and the name is looked up again at most a second after a connection ends
+# (the servers end each connection after MAX_CONNECTION_AGE_MS), so new replicas get calls within seconds
+# and a drained one none. Reconnecting backs off to at most a second, so a stage woken from zero is
+# found soon after it is up.
+STAGE_CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
+    *CHANNEL_OPTIONS,
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.dns_min_time_between_resolutions_ms", 1_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+)
+# Servers end a connection this long after it opened (gRPC adds ±10% jitter); calls on it finish first.
+MAX_CONNECTION_AGE_MS = 5_000
+
 
 def retry_after_of(error: grpc.aio.AioRpcError) -> float | None:
     """The RetryInfo hint of a RESOURCE_EXHAUSTED error, if it carries one."""

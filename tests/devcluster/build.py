@@ -27,7 +27,7 @@ from tests.devcluster import dockerfile_lint, versions
 log = logging.getLogger(__name__)
 
 # `replace path => path vX` lines of a go.mod (replaces to another version, not to a folder).
-_VERSION_REPLACE = re.compile(r"^replace\s+(\S+)\s+=>\s+\1\s+(v\S+)\s*$", re.MULTILINE)
+_VERSION_REPLACE = re.compile(r"^replace\s+(\S+)(?:\s+v\S+)?\s+=>\s+\1\s+(v\S+)\s*$", re.MULTILINE)
 _LOCAL_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/src/\1\s*$", re.MULTILINE)
 
 
@@ -53,6 +53,9 @@ class Tools:
     kube_proxy: Path
     coredns: Path
     pause: Path
+    # KEDA's operator and its metrics API server, from the module whose CRDs are `keda_crds`.
+    keda: Path
+    keda_adapter: Path
 
 
 def tools_dir() -> Path:
@@ -81,6 +84,8 @@ def expected_tools(root: Path | None = None) -> Tools:
         b / "kube-proxy",
         b / f"coredns-{versions.COREDNS}",
         b / "pause",
+        b / "keda",
+        b / "keda-adapter",
     )
 
 
@@ -281,26 +286,45 @@ def build_skaffold(dest: Path, work: Path) -> None:
     )
 
 
+KEDA_COMMANDS = {"keda": "cmd/operator", "keda-adapter": "cmd/adapter"}
+
+
+def build_keda(bin_dir: Path, work: Path) -> None:
+    """KEDA's operator and its metrics API server (the adapter), from the module whose CRDs are pinned.
+
+    Its go.mod replaces one module by version, which a dependent ignores: the wrapper copies it."""
+    v = versions.KEDA
+    work.mkdir(parents=True, exist_ok=True)
+    module = "github.com/kedacore/keda/v2"
+    gomod = Path(_module_file(module, f"v{v}", work)["GoMod"]).read_text()
+    commands = [f"{module}/{path}" for path in KEDA_COMMANDS.values()]
+    _wrapper(work, {module: f"v{v}"}, dict(_VERSION_REPLACE.findall(gomod)), commands)
+    stamp = f"-X {module}/version.Version=v{v}"
+    for binary, command in zip(KEDA_COMMANDS, commands, strict=True):
+        _go(["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(bin_dir / binary), command], work)
+
+
 def fetch_keda_crds(dest: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     module = Path(_module_file("github.com/kedacore/keda/v2", f"v{versions.KEDA}", work)["Dir"])
     dest.mkdir(parents=True, exist_ok=True)
-    for crd in sorted((module / "config" / "crd" / "bases").glob("keda.sh_*.yaml")):
+    for crd in sorted((module / "config" / "crd" / "bases").glob("*keda.sh_*.yaml")):  # keda.sh, eventing.keda.sh
         shutil.copyfile(crd, dest / crd.name)
 
 
-def fetch_prometheus(dest: Path, work: Path) -> None:
-    """The binary out of Debian's package: `apt-get download` needs no root, and nothing is installed."""
+def build_prometheus(dest: Path, work: Path) -> None:
+    """Prometheus with Kubernetes service discovery and no other (Debian's build has none; the full one
+    pulls every cloud's SDK): its build tags leave the rest out. No UI assets; the API is all tests use."""
     work.mkdir(parents=True, exist_ok=True)
-    package = f"prometheus={versions.PROMETHEUS_DEB}"
-    download = subprocess.run(["apt-get", "download", package], cwd=work, capture_output=True, text=True, check=False)
-    if download.returncode != 0:  # a machine whose package lists were never fetched
-        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
-        subprocess.run(["apt-get", "download", package], cwd=work, check=True, capture_output=True)
-    (deb,) = work.glob("prometheus_*.deb")
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "root")], check=True)
-    shutil.copyfile(work / "root" / "usr" / "bin" / "prometheus", dest)
-    dest.chmod(0o755)
+    module = "github.com/prometheus/prometheus"
+    (work / "go.mod").write_text(wrapper_gomod("promptpipe.local/prometheus", {module: versions.PROMETHEUS_MODULE}, {}))
+    # No `go mod tidy`: it would resolve every service discovery's modules, whatever the tags.
+    stamp = f"-X github.com/prometheus/common/version.Version={versions.PROMETHEUS}"
+    tags = "remove_all_sd,enable_kubernetes_sd"
+    _go(
+        ["build", "-trimpath", f"-tags={tags}", f"-ldflags=-s -w {stamp}", "-o", str(dest), f"{module}/cmd/prometheus"],
+        work,
+    )
 
 
 def ensure_tools() -> Tools:
@@ -319,10 +343,17 @@ def ensure_tools() -> Tools:
         ((tools.pause,), lambda: build_pause(tools.pause, work / "pause")),
         ((tools.etcd,), lambda: build_etcd(bin_dir, work / f"etcd-{versions.ETCD}")),
         ((tools.helm,), lambda: build_helm(bin_dir, work / f"helm-{versions.HELM}")),
-        ((tools.keda_crds / "keda.sh_scaledobjects.yaml",), lambda: fetch_keda_crds(tools.keda_crds, work / "keda")),
+        (
+            (
+                tools.keda_crds / "keda.sh_scaledobjects.yaml",
+                tools.keda_crds / "eventing.keda.sh_cloudeventsources.yaml",
+            ),
+            lambda: fetch_keda_crds(tools.keda_crds, work / "keda"),
+        ),
+        ((tools.keda, tools.keda_adapter), lambda: build_keda(bin_dir, work / f"keda-{versions.KEDA}")),
         ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
         ((tools.skaffold,), lambda: build_skaffold(tools.skaffold, work / f"skaffold-{versions.SKAFFOLD}")),
-        ((tools.prometheus,), lambda: fetch_prometheus(tools.prometheus, work / f"prometheus-{versions.PROMETHEUS}")),
+        ((tools.prometheus,), lambda: build_prometheus(tools.prometheus, work / f"prometheus-{versions.PROMETHEUS}")),
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):

@@ -27,7 +27,7 @@ import yaml
 from promptpipe.localproc import die_with_parent, exits, free_port
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
-from tests.devcluster.pki import make_pki
+from tests.devcluster.pki import issue, make_ca, make_pki
 
 
 class ControlPlaneError(RuntimeError):
@@ -36,6 +36,7 @@ class ControlPlaneError(RuntimeError):
 
 SERVICE_CIDR = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
+FRONT_PROXY_CLIENT = "front-proxy-client"  # who the API server is to the aggregated APIs it proxies to
 # What a cluster with a node runs: Deployments get ReplicaSets and pods, Services get endpoints,
 # HPAs scale, namespaces and owners are cleaned up, every namespace gets its root CA ConfigMap.
 NODE_CONTROLLERS = (
@@ -101,6 +102,15 @@ def apiserver_args(tools: Tools, folder: Path, etcd_url: str, port: int, wiring:
             # The kubelet trusts this CA's clients: the API server signs in as the admin.
             f"--kubelet-client-certificate={pki / 'admin.crt'}",
             f"--kubelet-client-key={pki / 'admin.key'}",
+            # Aggregated APIs (KEDA's external metrics): this server signs in to them as the front proxy, and
+            # they trust the user it names in these headers.
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+            f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         ]
     return [
         str(tools.kube_apiserver),
@@ -206,7 +216,15 @@ class ControlPlane:
         else:
             pki = make_pki((wiring.node_ip, KUBERNETES_SERVICE_IP), node=wiring.node_name)
             assert pki.node is not None
-            for name, data in (("node.crt", pki.node.cert), ("node.key", pki.node.key)):
+            front_ca = make_ca("promptpipe-test-front-proxy-ca")
+            front = issue(front_ca, FRONT_PROXY_CLIENT, client=True)
+            for name, data in (
+                ("node.crt", pki.node.cert),
+                ("node.key", pki.node.key),
+                ("front-proxy-ca.crt", front_ca.cert),
+                ("front-proxy-client.crt", front.cert),
+                ("front-proxy-client.key", front.key),
+            ):
                 (pki_dir / name).write_bytes(data)
                 (pki_dir / name).chmod(0o600)
         for name, data in (

@@ -34,6 +34,7 @@ import yaml
 
 from promptpipe.localproc import alive, die_with_parent, exits, free_port, listening
 from promptpipe.waiting import wait_until
+from tests.devcluster import keda
 from tests.devcluster.build import Tools, cache_root
 from tests.devcluster.cluster import SERVICE_CIDR, ControlPlane, Wiring, kubeconfig
 from tests.devcluster.images import Builder, Image
@@ -443,14 +444,67 @@ class Node:
         node._wait_ready()
         node._publish_dns()
         install_keda_crds(plane, tools)  # pipelines' ScaledObjects need them, as in a cluster with KEDA
+        node._start_autoscaling(tools)
         return node
+
+    def _start_autoscaling(self, tools: Tools, timeout: float = 60) -> None:
+        """What a cluster with KEDA runs: a Prometheus scraping the pods, KEDA's operator (ScaledObjects
+        become HPAs; 0 ↔ 1 itself) and its metrics API server (what those HPAs read, through the aggregator)."""
+        folder = Path(self.folder)
+        inside = folder / "admin-inside.kubeconfig"
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(keda.prometheus_config(inside)))
+        self._spawn(
+            "prometheus",
+            [
+                str(tools.prometheus),
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'prometheus'}",
+                f"--web.listen-address={NODE_IP}:{keda.PROMETHEUS_PORT}",
+                "--log.level=warn",
+            ],
+            inside=True,
+        )
+        certs = folder / "keda-certs"
+        ca_bundle = keda.write_certs(certs, NODE_IP, CLUSTER_DOMAIN)
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(keda.metrics_api_objects(NODE_IP, ca_bundle)))
+        env = keda.process_env(inside)
+        self._spawn("keda-operator", keda.operator_args(tools, certs, NODE_IP), inside=True, env=env)
+        self._spawn(
+            "keda-metrics-apiserver",
+            keda.adapter_args(tools, certs, NODE_IP, inside, CLUSTER_DOMAIN),
+            inside=True,
+            env=env,
+        )
+
+        def available() -> bool:
+            self._check_alive()
+            jsonpath = "jsonpath={.status.conditions[?(@.type=='Available')].status}"
+            return self.kubectl("get", "apiservice", keda.METRICS_API, "-o", jsonpath, check=False).stdout == "True"
+
+        try:
+            wait_until(available, "KEDA's metrics API to be Available", timeout, every=0.5)
+        except TimeoutError as err:
+            status = self.kubectl("get", "apiservice", keda.METRICS_API, "-o", "jsonpath={.status}", check=False).stdout
+            logs = {
+                n: Path(self.folder, f"{n}.log").read_text(errors="replace")[-2000:]
+                for n in ("keda-operator", "keda-metrics-apiserver")
+            }
+            raise NodeError(f"{err}; APIService status: {status}; logs: {logs}") from None
+
+    @property
+    def prometheus_url(self) -> str:
+        """The node's Prometheus, as pods and KEDA reach it (`forward` it to reach it from outside)."""
+        return f"http://{NODE_IP}:{keda.PROMETHEUS_PORT}"
 
     def _write_kubeconfig(self, name: str, server: str, cert: Path, key: Path) -> None:
         ca = Path(self.plane.folder) / "pki" / "ca.crt"
         Path(self.folder, name).write_text(yaml.safe_dump(kubeconfig(server, ca, cert, key)))
 
-    def _spawn(self, name: str, args: list[str], inside: bool = False) -> subprocess.Popen[bytes]:
-        """Start a process of the node (in its network namespace if `inside`), logging to `<name>.log`."""
+    def _spawn(
+        self, name: str, args: list[str], inside: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a process of the node (in its network namespace if `inside`, with `env` added), logging
+        to `<name>.log`."""
         command = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *args] if inside else args
         with Path(self.folder, f"{name}.log").open("ab") as out:
             proc = subprocess.Popen(
@@ -459,7 +513,7 @@ class Node:
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
                 cwd=ROOT,
-                env={**os.environ, "PATH": f"/usr/sbin:/sbin:{os.environ['PATH']}"},
+                env={**os.environ, "PATH": f"/usr/sbin:/sbin:{os.environ['PATH']}", **(env or {})},
             )
         self.record.pids[name] = proc.pid
         self.record.save()
@@ -491,12 +545,15 @@ class Node:
             raise NodeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result
 
+    def _check_alive(self) -> None:
+        for name, pid in self.record.pids.items():
+            if name != "owner" and not alive(pid):
+                tail = Path(self.folder, f"{name}.log").read_text(errors="replace")[-3000:]
+                raise NodeError(f"{name} exited while the node started; its log ends:\n{tail}")
+
     def _wait_ready(self, timeout: float = 90) -> None:
         def ready() -> bool:
-            for name, pid in self.record.pids.items():
-                if name != "owner" and not alive(pid):
-                    tail = Path(self.folder, f"{name}.log").read_text(errors="replace")[-3000:]
-                    raise NodeError(f"{name} exited while the node started; its log ends:\n{tail}")
+            self._check_alive()
             jsonpath = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
             return self.kubectl("get", "node", NODE_NAME, "-o", jsonpath, check=False).stdout.strip() == "True"
 
@@ -537,6 +594,11 @@ class Node:
 
     # ---- using
 
+    def run_inside(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A process of the test's own inside the node's network namespace (a server pods reach at the node's
+        address, as at a host's); it lasts as long as the node, logging to `<name>.log` in its folder."""
+        return self._spawn(name, args, inside=True, env=env)
+
     def forward(self, target: str, port: int) -> int:
         """A loopback port that reaches `target:port` inside the node (a Service's ClusterIP, a pod's IP),
         listening when this returns; it lasts as long as the node."""
@@ -555,7 +617,7 @@ class Node:
         record = self.record
         # The kubelet first, so nothing restarts the containers that go next. Nothing of the node
         # needs a graceful end: it goes whole.
-        for name in ("kubelet", "kube-scheduler", "kube-proxy", "coredns"):
+        for name in ("keda-operator", "keda-metrics-apiserver", "kubelet", "kube-scheduler", "kube-proxy", "coredns"):
             pid = record.pids.get(name)
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)

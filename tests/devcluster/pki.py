@@ -67,6 +67,37 @@ def _issue(
     return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def make_ca(cn: str) -> Pem:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(cn)
+    cert = _issue(name, name, key.public_key(), key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    return Pem(cert, _key_pem(key))
+
+
+def issue(
+    ca: Pem,
+    cn: str,
+    *,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+    server: bool = False,
+    client: bool = False,
+) -> Pem:
+    """A certificate signed by `ca`, for serving (`server`, under the names `dns` and `ips`) and/or as a client."""
+    ca_key = serialization.load_pem_private_key(ca.key, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    issuer = x509.load_pem_x509_certificate(ca.cert).subject
+    key = ec.generate_private_key(ec.SECP256R1())
+    usages = [
+        u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on
+    ]
+    extensions: list[tuple[x509.ExtensionType, bool]] = [(x509.ExtendedKeyUsage(usages), False)]
+    if dns or ips:
+        names = [*(x509.DNSName(d) for d in dns), *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]
+        extensions.append((x509.SubjectAlternativeName(names), False))
+    return Pem(_issue(_name(cn), issuer, key.public_key(), ca_key, extensions), _key_pem(key))
+
+
 def make_pki(server_ips: tuple[str, ...] = (), node: str = "") -> ClusterPki:
     """`server_ips`: more addresses the API server is reached at (a node's, the `kubernetes` Service's);
     `node`: also issue that node's kubelet a client certificate."""

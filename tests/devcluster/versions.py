@@ -11,11 +11,11 @@ KEDA = "2.21.0"
 BUILDKIT = "0.25.2"
 # skaffold, to check skaffold.yaml with the real CLI (render, diagnose); the binary's name carries the version.
 SKAFFOLD = "2.16.1"
-# Prometheus, to run the rollout analysis's PromQL against the real thing: Debian bookworm's package
-# (a Go build of prometheus pulls every service-discovery SDK). Debian replaces a security update's
-# predecessor on its mirrors: a refused download means a newer `+deb12uN`, bump it here.
-PROMETHEUS_DEB = "2.42.0+ds-5+deb12u1"
-PROMETHEUS = PROMETHEUS_DEB.split("+", 1)[0]
+# Prometheus, to run the rollout analysis's PromQL against the real thing, and on the node for KEDA: built
+# from its Go module (v0.3XX.Y is release 3.XX.Y) with Kubernetes service discovery only. Debian's package
+# has no Kubernetes service discovery at all.
+PROMETHEUS = "3.16.0"
+PROMETHEUS_MODULE = "v0.316.0"
 # CoreDNS for the node's cluster DNS: 1.12.1 builds on the same k8s.io/client-go minor (0.32) as the cluster.
 COREDNS = "1.12.1"
 # The node's Debian packages (bookworm), as tested. Installed by name: Debian replaces a package's

@@ -6,15 +6,21 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
+from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.devcluster.images import images_dir
 from tests.devcluster.node import KERNEL_SYSCTLS, Node
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR = "app.kubernetes.io/name=promptpipe-operator"
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +45,16 @@ def kernel_settings() -> dict[str, str]:
 
 
 def image_values(node: Node, folder: Path) -> Path:
-    """Chart values naming the images built here (docs/install.md: `-f my-images.yaml`)."""
+    """Chart values naming the images built here, and the cluster's Prometheus that KEDA reads
+    (docs/install.md: `-f my-images.yaml`)."""
     operator, stage = node.images["operator"].rsplit(":", 1), node.images["stage"].rsplit(":", 1)
     values = {
         "operator": {"image": {"repository": operator[0], "tag": operator[1], "pullPolicy": "IfNotPresent"}},
-        "pipelines": {"stageImage": {"repository": stage[0], "tag": stage[1], "pullPolicy": "IfNotPresent"}},
+        "pipelines": {
+            "stageImage": {"repository": stage[0], "tag": stage[1], "pullPolicy": "IfNotPresent"},
+            "prometheusAddress": node.prometheus_url,
+            "loadWindow": "10s",  # five of its scrapes
+        },
     }
     path = folder / "my-images.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -93,3 +104,57 @@ def lease_holder(node: Node, name: str = "promptpipe") -> str:
         "get", "lease", name, "-n", "promptpipe-system", "-o", "jsonpath={.spec.holderIdentity}", check=False
     ).stdout
     return identity.split("_", 1)[0]  # the elector's identity is `<pod>_<random>`
+
+
+@contextmanager
+def installed_operator(
+    node: Node, tools: Tools, folder: Path, values: dict[str, object] | None = None
+) -> Iterator[None]:
+    """The chart installed as docs/install.md says (`values` merged over my-images.yaml), both operator
+    replicas Ready; uninstalled at the end."""
+    env = shell_env(node, tools)
+    files = [image_values(node, folder)]
+    if values:
+        files.append(folder / "more-values.yaml")
+        files[-1].write_text(yaml.safe_dump(values))
+    chart = str(ROOT / "charts" / "promptpipe")
+    run(
+        ["helm", "install", "promptpipe", chart, "-n", "promptpipe-system", "--create-namespace"]
+        + [arg for f in files for arg in ("-f", str(f))],
+        env,
+        ROOT,
+    )
+    try:
+        wait_until(lambda: all_running(node, "promptpipe-system", OPERATOR, 2), "the operator pods", 180, every=1)
+        yield
+    finally:
+        run(["helm", "uninstall", "promptpipe", "-n", "promptpipe-system", "--wait"], env, ROOT)
+
+
+@pytest.fixture(scope="module")
+def operator_installed(node: Node, kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with installed_operator(node, kube_tools, tmp_path_factory.mktemp("chart")):
+        yield
+
+
+def instance(name: str) -> str:
+    return f"app.kubernetes.io/instance={name},app.kubernetes.io/managed-by=promptpipe-operator"
+
+
+def apply(node: Node, namespace: str, doc: dict[str, object]) -> None:
+    node.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+
+
+async def stream(
+    target: str, prompt: str = "go", seen: list[int] | None = None, max_new_tokens: int = 0
+) -> tuple[int, grpc.StatusCode | None]:
+    """(tokens received, the status the call ended with: None for OK); `seen` counts them as they come."""
+    seen = seen if seen is not None else [0]
+    async with PipelineClient(target) as client:
+        try:
+            async for response in client.generate(prompt, max_new_tokens=max_new_tokens, timeout=60):
+                if response.HasField("chunk"):
+                    seen[0] += response.chunk.token_count
+        except GenerationError as err:
+            return seen[0], err.code
+    return seen[0], None

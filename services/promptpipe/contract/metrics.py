@@ -18,6 +18,7 @@ class Label(str, enum.Enum):
     CODE = "code"  # a gRPC status code name: OK, UNAVAILABLE, ...
     REASON = "reason"
     BACKEND = "backend"
+    TO = "to"  # the stage a call goes to
 
 
 class Kind(str, enum.Enum):
@@ -41,11 +42,16 @@ class Metric:
 _STAGE = (Label.PIPELINE, Label.STAGE)
 _BACKEND = (Label.PIPELINE, Label.BACKEND)
 
-STAGE_QUEUE_DEPTH = Metric(
-    "promptpipe_stage_queue_depth", Kind.GAUGE, "Requests waiting for a work slot (KEDA scales on this).", _STAGE
-)
+STAGE_QUEUE_DEPTH = Metric("promptpipe_stage_queue_depth", Kind.GAUGE, "Requests waiting for a work slot.", _STAGE)
 STAGE_QUEUE_CAPACITY = Metric("promptpipe_stage_queue_capacity", Kind.GAUGE, "Most requests that may wait.", _STAGE)
 STAGE_IN_FLIGHT = Metric("promptpipe_stage_in_flight", Kind.GAUGE, "Requests holding a work slot.", _STAGE)
+STAGE_NEXT_CALL_SECONDS = Metric(
+    "promptpipe_stage_next_call_seconds_total",
+    Kind.COUNTER,
+    "Seconds calls from this stage to the stage `to` have been open (waiting for it to be up, queued or running"
+    " there), open calls included: its rate is the mean number of calls open, what `to` scales on.",
+    (*_STAGE, Label.TO),
+)
 STAGE_CONCURRENCY = Metric("promptpipe_stage_concurrency", Kind.GAUGE, "Work slots.", _STAGE)
 STAGE_QUEUE_WAIT = Metric(
     "promptpipe_stage_queue_wait_seconds", Kind.HISTOGRAM, "Time spent waiting for a work slot.", _STAGE
@@ -100,6 +106,7 @@ ALL: tuple[Metric, ...] = (
     STAGE_QUEUE_DEPTH,
     STAGE_QUEUE_CAPACITY,
     STAGE_IN_FLIGHT,
+    STAGE_NEXT_CALL_SECONDS,
     STAGE_CONCURRENCY,
     STAGE_QUEUE_WAIT,
     STAGE_DURATION,

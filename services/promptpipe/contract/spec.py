@@ -91,9 +91,13 @@ class ScalingSpec(_Model):
         }
     )
 
+    # 0: scaled away when idle, woken by the first call to it (not for `stream`, which nothing calls).
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 4
+    # Waiting calls per replica, with every work slot busy, above which replicas are added.
     target_queue_depth: Annotated[int, Field(ge=1, le=100_000)] = 8
+    # How long the load must stay lower before replicas are removed (or the last one, with minReplicas 0).
+    cooldown_seconds: Annotated[int, Field(ge=0, le=86_400)] = 300
 
     @model_validator(mode="after")
     def _min_le_max(self) -> ScalingSpec:
@@ -128,6 +132,12 @@ class ResourcesSpec(_Model):
     limits: dict[str, Quantity] = {}
 
 
+# The other stages are woken by their callers' calls; nothing would wake the gateway.
+STREAM_MIN_REPLICAS_MESSAGE = (
+    "must be at least 1: the stream stage takes the clients' calls, and nothing wakes it from zero"
+)
+
+
 class StageSpec(_Model):
     queue: QueueSpec = QueueSpec()
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
@@ -139,6 +149,20 @@ class StageSpec(_Model):
 
 
 class StagesSpec(_Model):
+    # The API server's copy of `_stream_not_scaled_to_zero` below.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.stream) || !has(self.stream.scaling)"
+                    " || !has(self.stream.scaling.minReplicas) || self.stream.scaling.minReplicas >= 1",
+                    "message": STREAM_MIN_REPLICAS_MESSAGE,
+                    "fieldPath": ".stream.scaling.minReplicas",
+                }
+            ]
+        }
+    )
+
     stream: StageSpec = StageSpec(queue=QueueSpec(capacity=128, concurrency=64))
     rag: StageSpec = StageSpec()
     assemble: StageSpec = StageSpec()
@@ -148,6 +172,12 @@ class StagesSpec(_Model):
     def get(self, stage: StageName) -> StageSpec:
         spec: StageSpec = getattr(self, stage.value)
         return spec
+
+    @model_validator(mode="after")
+    def _stream_not_scaled_to_zero(self) -> StagesSpec:
+        if self.stream.scaling.min_replicas < 1:
+            raise ValueError(f"stream.scaling.minReplicas: {STREAM_MIN_REPLICAS_MESSAGE}")
+        return self
 
 
 class CircuitBreakerSpec(_Model):

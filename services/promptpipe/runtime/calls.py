@@ -1,5 +1,11 @@
 """Calls from one stage to the next: deadline passed on, retries only before the
-first event arrived, downstream statuses passed back unchanged."""
+first event arrived, downstream statuses passed back unchanged.
+
+A call waits for the next stage to be reachable (`wait_for_ready`), bounded by its deadline:
+on a cluster the next stage may be scaled to zero, and this wait is what wakes it, because the
+calls open to it (`open_calls`) are what it scales on. Calls spread over the next stage's
+replicas (round_robin over its headless Service's addresses, re-resolved as connections age).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,9 @@ from typing import Any
 import grpc
 
 from promptpipe.contract.spec import RetrySpec
-from promptpipe.rpc import CHANNEL_OPTIONS
+from promptpipe.rpc import STAGE_CHANNEL_OPTIONS
 from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
+from promptpipe.runtime.metrics import OpenCallSeconds
 from promptpipe.runtime.resilience import Attempt, Retries
 from promptpipe.v1 import stage_pb2, stage_pb2_grpc
 
@@ -22,10 +29,19 @@ _NEXT = "the next stage"
 
 
 class StageClient:
-    def __init__(self, target: str, retry: RetrySpec, interceptors: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        target: str,
+        retry: RetrySpec,
+        interceptors: Sequence[Any] = (),
+        open_calls: OpenCallSeconds | None = None,
+    ) -> None:
         self.target = target
         self._retry = retry
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors or None)
+        self._open_calls = open_calls or OpenCallSeconds()
+        self._channel = grpc.aio.insecure_channel(
+            target, options=STAGE_CHANNEL_OPTIONS, interceptors=interceptors or None
+        )
         self._stub = stage_pb2_grpc.StageStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
@@ -37,28 +53,32 @@ class StageClient:
 
     async def process(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
         """rag and assemble: one call, the enriched work item back."""
-        async for attempt in Retries(self._retry, deadline, _NEXT):
-            try:
-                result: stage_pb2.WorkItem = await self._stub.Process(item, timeout=self._remaining(deadline))
-                return result
-            except grpc.aio.AioRpcError as err:
-                self._raise_unless_retryable(err, attempt, streamed=False)
-        raise AssertionError("the last attempt raises")
+        with self._open_calls.open():  # retries and waiting included
+            async for attempt in Retries(self._retry, deadline, _NEXT):
+                try:
+                    result: stage_pb2.WorkItem = await self._stub.Process(
+                        item, timeout=self._remaining(deadline), wait_for_ready=True
+                    )
+                    return result
+                except grpc.aio.AioRpcError as err:
+                    self._raise_unless_retryable(err, attempt, streamed=False)
+            raise AssertionError("the last attempt raises")
 
     async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
         """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
-        async for attempt in Retries(self._retry, deadline, _NEXT):
-            call = self._stub.Run(item, timeout=self._remaining(deadline))
-            streamed = False
-            try:
-                async for event in call:
-                    streamed = True
-                    yield event
-                return
-            except grpc.aio.AioRpcError as err:
-                self._raise_unless_retryable(err, attempt, streamed)
-            finally:
-                call.cancel()  # no-op when finished; stops the next stage when we leave early
+        with self._open_calls.open():  # retries and waiting included
+            async for attempt in Retries(self._retry, deadline, _NEXT):
+                call = self._stub.Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
+                streamed = False
+                try:
+                    async for event in call:
+                        streamed = True
+                        yield event
+                    return
+                except grpc.aio.AioRpcError as err:
+                    self._raise_unless_retryable(err, attempt, streamed)
+                finally:
+                    call.cancel()  # no-op when finished; stops the next stage when we leave early
 
     @staticmethod
     def _remaining(deadline: float) -> float:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from promptpipe.contract import metrics as m
 from promptpipe.contract.codes import SERVER_ERROR_CODES
@@ -67,6 +74,60 @@ class StageMetrics:
 
     def observe_call(self, code: str, seconds: float) -> None:
         self._duration.labels(**self._labels, code=code).observe(seconds)
+
+
+class OpenCallSeconds:
+    """Seconds that calls have been open, the ones still open included, so the total grows while a call
+    waits; its rate over a window is the mean number of calls open in it (Little's law), which sees short
+    calls a gauge read now and then would miss. O(1) per call; read from the scrape thread under a lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = 0.0  # seconds of the calls that ended
+        self._open = 0
+        self._starts = 0.0  # the sum of the open calls' start times
+        self._last = 0.0
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        start = time.monotonic()
+        with self._lock:
+            self._open += 1
+            self._starts += start
+        try:
+            yield
+        finally:
+            end = time.monotonic()
+            with self._lock:
+                self._open -= 1
+                self._starts = self._starts - start if self._open else 0.0  # no rounding left to drift
+                self._closed += end - start
+
+    def total(self) -> float:
+        with self._lock:
+            now = self._closed + self._open * time.monotonic() - self._starts
+            self._last = max(self._last, now)  # a counter never goes back, whatever the float rounding
+            return self._last
+
+
+class NextStageCalls(Collector):
+    """The open-call seconds of each next stage a stage calls: what that stage scales on (see the operator's
+    ScaledObject). Every series exists from the start."""
+
+    def __init__(self, registry: CollectorRegistry, pipeline: str, stage: str) -> None:
+        self._labels = [pipeline, stage]
+        self._by_stage: dict[str, OpenCallSeconds] = {}
+        registry.register(self)
+
+    def to(self, stage: str) -> OpenCallSeconds:
+        return self._by_stage.setdefault(stage, OpenCallSeconds())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        metric = m.STAGE_NEXT_CALL_SECONDS
+        family = CounterMetricFamily(metric.name.removesuffix("_total"), metric.help, labels=metric.label_names)
+        for to, seconds in self._by_stage.items():
+            family.add_metric([*self._labels, to], seconds.total())
+        yield family
 
 
 class GatewayMetrics:

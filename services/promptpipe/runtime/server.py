@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
+from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import StageRuntime, StageServicer
 from promptpipe.runtime.tracing import setup_tracing
@@ -35,6 +36,8 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
+    # Clients move to new replicas when their connection ends; the calls on it finish (no grace limit).
+    ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
 )
 
 

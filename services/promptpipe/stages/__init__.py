@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
 from promptpipe.runtime.calls import StageClient
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
 
 
@@ -37,9 +37,10 @@ def build_stage(
     spec = config.pipeline.spec
     name = config.pipeline.metadata.name
     retry = spec.stages.get(stage).retries
+    next_calls = NextStageCalls(registry, name, stage.value)
 
     def client(to: StageName) -> StageClient:
-        return StageClient(config.endpoints[to], retry, client_interceptors)
+        return StageClient(config.endpoints[to], retry, client_interceptors, next_calls.to(to.value))
 
     handler: EnrichingHandler | StreamingHandler
     if stage is StageName.STREAM:
