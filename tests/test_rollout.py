@@ -8,7 +8,7 @@ import pytest
 
 from promptpipe.contract.spec import AnalysisSpec, RolloutSpec
 from promptpipe_operator.analysis import Counts, parse_gateway, quantile, since, verdict
-from promptpipe_operator.pods import metrics_urls, pod_problem
+from promptpipe_operator.pods import gave_up, metrics_urls, pod_problem
 from promptpipe_operator.rollout import (
     ANALYZING,
     BLUE,
@@ -16,6 +16,7 @@ from promptpipe_operator.rollout import (
     PROGRESSING,
     ROLLED_BACK,
     STABLE,
+    TARGET_PODS_POLL_SECONDS,
     Observed,
     Slot,
     State,
@@ -66,6 +67,10 @@ def test_happy_path_green_ready_smoke_switch_analysis_then_blue_expires() -> Non
         ({"seconds": 301}, "ProgressDeadlineExceeded"),
         ({"seconds": 10, "target_failed": "ProgressDeadlineExceeded: pods crash"}, "ProgressDeadlineExceeded"),
         ({"seconds": 10, "target_ready": True, "smoke": (False, "HTTP 500")}, "SmokeTestFailed"),
+        (
+            {"seconds": 40, "target_gave_up": "pod p-1: init container fetch-model failed (exit 1, 2 restarts)"},
+            "TargetFailing",
+        ),
     ],
 )
 def test_green_that_cannot_serve_is_rolled_back_before_any_traffic(observed: dict[str, object], reason: str) -> None:
@@ -152,6 +157,24 @@ def test_a_pods_status_says_why_it_does_not_serve(status: dict[str, object], exp
     assert pod_problem(status) == expected
 
 
+def test_a_container_is_given_up_on_after_its_third_failure_not_before() -> None:
+    def failing(restarts: int) -> dict[str, object]:
+        fetch = {
+            "name": "fetch-model",
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "error: config.json: does not match"}},
+        }
+        return pod([fetch], [{"name": "tgi", "state": {"waiting": {"reason": "PodInitializing"}}}])
+
+    assert gave_up([failing(1)]) == "", "a second failure may still be a passing one (a network error)"
+    assert gave_up([failing(2)]) == (
+        "pod p-1: init container fetch-model failed (exit 1, 2 restarts): error: config.json: does not match"
+    )
+    running = pod([{"name": "fetch-model", "restartCount": 5, "state": {"running": {}}}], [])
+    assert gave_up([running]) == "", "running again after failures: not failing now"
+
+
 def test_only_ready_pods_with_an_address_and_a_metrics_port_are_scraped() -> None:
     def gateway(name: str, ready: str, ip: str | None, port: str = "metrics") -> dict[str, object]:
         return {
@@ -201,7 +224,8 @@ def test_undoing_the_change_cancels_green_and_a_new_one_retargets_it() -> None:
 
 def test_wake_ups_follow_deadline_analysis_and_expiry() -> None:
     s = decide(STABLE_V1, obs("v2"), CFG).state
-    assert wake_in(s, CFG, at(0)) == 300
+    assert wake_in(s, CFG, at(0)) == TARGET_PODS_POLL_SECONDS, "green's pods are looked at while it comes up"
+    assert wake_in(s, CFG, at(298)) == 2, "and the deadline is kept"
     s = decide(s, obs("v2", 5, target_ready=True, smoke=(True, "")), CFG).state
     assert wake_in(s, CFG, at(5)) == CFG.analysis.interval
     assert wake_in(STABLE_V1, CFG, at(0)) is None

@@ -18,6 +18,9 @@ STUCK = frozenset(
     }
 )
 MESSAGE_LIMIT = 400
+# A container that failed again this many times after its first failure (a model that fails its hashes, a
+# server that cannot load it) will not start by itself: a rollout rolls back at once, not at its deadline.
+GIVE_UP_AFTER_RESTARTS = 2
 
 
 def _last_words(message: str) -> str:
@@ -56,6 +59,19 @@ def pod_problem(pod: dict[str, Any]) -> str:
 
 def first_problem(pods: list[dict[str, Any]]) -> str:
     return next((problem for pod in pods if (problem := pod_problem(pod))), "")
+
+
+def gave_up(pods: list[dict[str, Any]]) -> str:
+    """The problem of the first pod with a container that keeps failing (GIVE_UP_AFTER_RESTARTS), or ''."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for kind, key in (("init container", "initContainerStatuses"), ("container", "containerStatuses")):
+            for container in status.get(key) or []:
+                if container.get("restartCount", 0) >= GIVE_UP_AFTER_RESTARTS and (
+                    problem := _container_problem(kind, container)
+                ):
+                    return f"pod {pod['metadata']['name']}: {problem}"
+    return ""
 
 
 def metrics_urls(pods: list[dict[str, Any]]) -> dict[str, str]:

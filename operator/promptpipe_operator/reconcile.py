@@ -232,7 +232,7 @@ def advance_rollout(
     cfg, now = pp.spec.rollout, probes.now()
     desired, unresolved = probes.resolve_version(registry, pp.spec)
     request = (body["metadata"].get("annotations") or {}).get(keys.ROLLBACK, "")
-    target_ready, target_failed, target_pods = False, "", ""
+    target_ready, target_failed, target_pods, target_gave_up = False, "", "", ""
     target = state.target
     if state.phase == PROGRESSING and target is not None:
         dep = existing.get(("Deployment", render.backend_name(name, target.color)))
@@ -243,7 +243,8 @@ def advance_rollout(
             target_failed = health.detail if health.health is Health.FAILED else ""
         if not target_ready:  # the pods' status says why (a model that failed its hashes, an image pull)
             color = {**render.selector(name, render.BACKEND), keys.COLOR: target.color}
-            target_pods = pods.first_problem(kube.pods(namespace, color))
+            listed = kube.pods(namespace, color)
+            target_pods, target_gave_up = pods.first_problem(listed), pods.gave_up(listed)
     smoke = None
     if (
         target is not None
@@ -279,7 +280,16 @@ def advance_rollout(
     decision = decide(
         state,
         Observed(
-            desired, generation, now, target_ready, target_failed, smoke, verdict, request, target_pods=target_pods
+            desired,
+            generation,
+            now,
+            target_ready,
+            target_failed,
+            smoke,
+            verdict,
+            request,
+            target_pods=target_pods,
+            target_gave_up=target_gave_up,
         ),
         cfg,
     )

@@ -126,6 +126,7 @@ class Observed:
     verdict: tuple[bool | None, str] | None = None  # (ok, why); ok None: not enough data yet
     rollback_request: str = ""  # the `promptpipe.io/rollback` annotation
     target_pods: str = ""  # why the target's pods do not serve, from their status (e.g. the model fetch failed)
+    target_gave_up: str = ""  # a target pod's container that keeps failing: it will not serve
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,9 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
         started = parse_time(state.started_at) or now
         if obs.target_failed:
             return _roll_back(state, obs, target, active, "ProgressDeadlineExceeded", obs.target_failed)
+        if obs.target_gave_up:
+            why = f"{target.version} keeps failing: {obs.target_gave_up}"
+            return _roll_back(state, obs, target, active, "TargetFailing", why)
         if obs.smoke is not None:
             passed, detail = obs.smoke
             if not passed:
@@ -349,11 +353,17 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
     )
 
 
+# While the target comes up, its pods are looked at this often: their restarts reach no watch of ours.
+TARGET_PODS_POLL_SECONDS = 5.0
+
+
 def wake_in(state: State, cfg: RolloutSpec, now: dt.datetime) -> float | None:
-    """Seconds until a time-driven step is due (deadline, analysis, expiry); None if nothing is."""
+    """Seconds until a time-driven step is due (deadline, analysis, expiry, a look at the target's pods);
+    None if nothing is."""
     due: list[dt.datetime] = []
     if state.phase == PROGRESSING and (started := parse_time(state.started_at)):
         due.append(started + dt.timedelta(seconds=cfg.progress_deadline))
+        due.append(now + dt.timedelta(seconds=TARGET_PODS_POLL_SECONDS))
     if state.phase == ANALYZING and (switched := parse_time(state.switched_at)):
         last = parse_time(state.last_analysis_at) or switched
         due += [

@@ -37,6 +37,8 @@ DOCKERFILES = {
         ("pyproject.toml", "constraints.txt", "README.md", "services", "operator"),
     ),
     "llamacpp-server": (ROOT / "services" / "Dockerfile.llamacpp-server", ("constraints.txt",)),
+    # Not a product image: TGI's stand-in on the node (TGI needs GPUs), for the blue-green journeys.
+    "tgi": (ROOT / "tests" / "support" / "Dockerfile.tgi", ("constraints.txt", "tests/support/tgi_server.py")),
 }
 # What the Dockerfiles' bases bring: Python with venv, and llama.cpp's OpenMP runtime.
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "libgomp1", "ca-certificates")

@@ -16,6 +16,11 @@ prompt, so one server serves every test case:
 GET /stats tells what the server saw: streams started, finished, and cut off by the
 client (with how many tokens had been sent), so tests can prove cancellation from
 the backend's side.
+
+Given a model folder holding a GGUF (`--model-id /models/model`, as the operator runs TGI), it
+generates with llama.cpp instead, one generation at a time: the `tgi` image the test node runs
+in place of TGI (tests/support/Dockerfile.tgi). It takes TGI launcher's flags, so it runs with
+the arguments the operator renders.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import asyncio
 import json
 import re
 import sys
+import threading
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -33,11 +40,68 @@ from aiohttp import web
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 
 
+class LlamaModel:
+    """A GGUF through llama.cpp; the streamed pieces come from a worker thread, one generation at a time."""
+
+    def __init__(self, path: Path) -> None:
+        from llama_cpp import Llama
+
+        self.path = path
+        self._llm = Llama(model_path=str(path), n_ctx=2048, n_threads=1, verbose=False)
+        self._lock = asyncio.Lock()
+
+    async def pieces(self, prompt: str, max_new: int, seed: int | None) -> AsyncIterator[tuple[str, str | None]]:
+        """(text, finish reason on the last piece: "length" or "eos_token")."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, str | None] | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                stream = self._llm.create_completion(
+                    prompt, max_tokens=max_new, temperature=0.0, seed=seed or 0, stream=True
+                )
+                for chunk in stream:
+                    choice = chunk["choices"][0]
+                    reason = {"length": "length", "stop": "eos_token"}.get(choice.get("finish_reason") or "")
+                    loop.call_soon_threadsafe(queue.put_nowait, (choice["text"], reason))
+                    if stop.is_set():
+                        break
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        async with self._lock:
+            worker = loop.run_in_executor(None, work)
+            try:
+                # One piece behind: llama.cpp sends the finish reason on a piece of its own, TGI on the last token.
+                held: tuple[str, str | None] | None = None
+                while (item := await queue.get()) is not None:
+                    if held is not None and item[1] is not None and not item[0]:
+                        held = (held[0], item[1])
+                        continue
+                    if held is not None:
+                        yield held
+                    held = item
+                if held is not None:
+                    yield held[0], held[1] or "length"
+            finally:
+                stop.set()
+                await worker
+
+
+def find_gguf(model_id: str) -> Path | None:
+    folder = Path(model_id)
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    return found[0] if found else None
+
+
 class FakeTgi:
     def __init__(self, name: str, max_concurrent: int, model_id: str = "fake/tgi") -> None:
         self.name = name
         self.max_concurrent = max_concurrent
         self.model_id = model_id
+        gguf = find_gguf(model_id)
+        self.model = LlamaModel(gguf) if gguf else None
         self.active = 0
         self.stats: dict[str, object] = {
             "started": 0,
@@ -85,6 +149,11 @@ class FakeTgi:
         self.stats["started"] += 1  # type: ignore[operator]
         sent = 0
         try:
+            if self.model is not None:
+                seed = params.get("seed")
+                await self._stream_model(response, prompt, max_new, int(seed) if seed is not None else None)  # type: ignore[call-overload]
+                self.stats["finished"] += 1  # type: ignore[operator]
+                return response
             for i in range(max_new):
                 if fail_after is not None and i == fail_after:
                     await self._event(
@@ -117,6 +186,24 @@ class FakeTgi:
             self.active -= 1
         return response
 
+    async def _stream_model(self, response: web.StreamResponse, prompt: str, max_new: int, seed: int | None) -> None:
+        assert self.model is not None
+        text: list[str] = []
+        pieces = self.model.pieces(prompt, max_new, seed)
+        async for piece, reason in pieces:
+            text.append(piece)
+            event: dict[str, object] = {
+                "index": len(text),
+                "token": {"id": len(text), "text": piece, "logprob": 0.0, "special": False},
+                "generated_text": None,
+                "details": None,
+                "top_tokens": None,
+            }
+            if reason is not None:
+                event["generated_text"] = "".join(text)
+                event["details"] = {"finish_reason": reason, "generated_tokens": len(text), "seed": seed}
+            await self._event(response, event)
+
     @staticmethod
     async def _event(response: web.StreamResponse, data: dict[str, object]) -> None:
         await response.write(f"data:{json.dumps(data)}\n\n".encode())
@@ -130,6 +217,11 @@ class FakeTgi:
         if request.match_info.get("prefix", "") in self.failing:
             return web.json_response({"error": "CUDA out of memory", "error_type": "generation"}, status=500)
         n = int((body.get("parameters") or {}).get("max_new_tokens") or 4)
+        if self.model is not None:
+            self.stats["started"] += 1  # type: ignore[operator]
+            text = "".join([piece async for piece, _ in self.model.pieces(body["inputs"], n, None)])
+            self.stats["finished"] += 1  # type: ignore[operator]
+            return web.json_response({"generated_text": text})
         return web.json_response({"generated_text": " ".join(WORDS[i % len(WORDS)] for i in range(n))})
 
     async def fail(self, request: web.Request) -> web.Response:
@@ -174,15 +266,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="tgi")
-    parser.add_argument("--max-concurrent", type=int, default=128)
+    # TGI launcher's names for these, as the operator passes them.
+    parser.add_argument("--max-concurrent", "--max-concurrent-requests", dest="max_concurrent", type=int, default=128)
+    parser.add_argument("--hostname", default="127.0.0.1")
     # As TGI's launcher: a local folder is loaded from disk (here: its config.json must be there), or it fails.
     parser.add_argument("--model-id", default="fake/tgi")
+    # Taken, and of no use without GPUs.
+    for flag in ("--max-input-tokens", "--max-total-tokens", "--max-batch-prefill-tokens", "--quantize", "--num-shard"):
+        parser.add_argument(flag)
     args = parser.parse_args()
     if args.model_id.startswith("/") and not (Path(args.model_id) / "config.json").is_file():
         sys.exit(f"cannot load {args.model_id}: no config.json")
     web.run_app(
         make_app(args.name, args.max_concurrent, args.model_id),
-        host="127.0.0.1",
+        host=args.hostname,
         port=args.port,
         print=None,
         shutdown_timeout=1.0,
