@@ -121,6 +121,31 @@ class StageRuntime:
         )
 
 
+def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncIterator[object]) -> None:
+    """Close a handler's event stream when its call ends, however it ends. grpc cancels a handler whose
+    client left wherever it is awaiting: inside the stream, the stream's `finally` cancels the call
+    upstream; but in grpc's own write of an event, the handler is dropped with the stream suspended at a
+    `yield`, and the stream is closed only when the garbage collector finds it, which in an idle process
+    can take long, while the call upstream (and the model generating for it) runs on."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+
+    async def close() -> None:
+        with contextlib.suppress(RuntimeError):  # still running: it is ending by itself
+            await aclose()
+
+    def done(_: object) -> None:
+        task = asyncio.ensure_future(close())
+        _closing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_closing.discard)
+
+    context.add_done_callback(done)
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
 class StageServicer:
     """The internal `promptpipe.v1.Stage` service of one stage process."""
 
@@ -152,7 +177,9 @@ class StageServicer:
             raise AssertionError("abort raises")
         async with self.runtime.admitted(context) as call:
             work_started = time.perf_counter()
-            async for event in handler.run(request, call):
+            events = handler.run(request, call)
+            close_when_done(context, events)
+            async for event in events:
                 if event.HasField("final"):  # every stage records its own time on the final event
                     event.final.timings.append(self.runtime.timing(call, work_started))
                 yield event

@@ -12,7 +12,7 @@ from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.metrics import GatewayMetrics
-from promptpipe.runtime.stage import StageRuntime
+from promptpipe.runtime.stage import StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import gateway_pb2
 
@@ -51,7 +51,9 @@ class GatewayServicer:
             item = await self._assemble.process(item, call.deadline)
             first: float | None = None
             tokens = 0
-            async for event in coalesce(self._post.run(item, call.deadline)):
+            events = coalesce(self._post.run(item, call.deadline))
+            close_when_done(context, events)
+            async for event in events:
                 if event.HasField("chunk"):
                     if first is None:
                         first = time.perf_counter()
