@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import grpc
 import pytest
 
+from promptpipe.cli.localrun import health_status
 from promptpipe.contract.spec import StageName
+from promptpipe.localproc import free_port
+from promptpipe.waiting import wait_until_async
 from tests.support.calls import collect
 from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 
@@ -94,3 +98,47 @@ async def test_session_affinity_keeps_each_session_on_one_replica(start_pipeline
                         homes[s][name] += 1
         assert all(sum(c.values()) == 2 and len(c) == 1 for c in homes.values()), homes
         assert {name for c in homes.values() for name in c} == {"a", "b"}, "sessions spread over both replicas"
+
+
+async def test_the_inference_stage_is_not_serving_while_every_circuit_is_open_and_serves_once_a_trial_is_due(
+    start_pipeline,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every call fails to connect
+    doc = tgi_pipeline(dead)
+    doc["spec"]["model"]["circuitBreaker"] = {"failureThreshold": 1, "resetSeconds": 4}
+    p = start_pipeline(doc)
+    inference = p.target(StageName.INFERENCE)
+    assert health_status(inference, 2.0) == "SERVING"
+    out = await collect(p.gateway, "hello")
+    assert out.error is not None and out.error.code is grpc.StatusCode.UNAVAILABLE
+    opened = time.monotonic()
+    await wait_until_async(lambda: health_status(inference, 2.0) == "NOT_SERVING", "NOT_SERVING", timeout=5)
+    # After resetSeconds a trial call may go through: the stage says SERVING again, and is called again.
+    await wait_until_async(lambda: health_status(inference, 2.0) == "SERVING", "SERVING again", timeout=10)
+    assert time.monotonic() - opened >= 3.0
+    assert p.metric(StageName.INFERENCE, "promptpipe_backend_circuit_open") == 1
+
+
+async def test_a_half_open_trial_the_client_walks_away_from_does_not_leave_the_circuit_open(start_pipeline) -> None:
+    with tgi_server() as url:
+        doc = tgi_pipeline(url)
+        doc["spec"]["model"]["circuitBreaker"] = {"failureThreshold": 1, "resetSeconds": 2}
+        doc["spec"]["stages"]["inference"]["retries"] = {"maxAttempts": 1}
+        p = start_pipeline(doc)
+        failed = await collect(p.gateway, "fail-after:0")  # the one endpoint's circuit opens
+        assert failed.error is not None
+        refused = await collect(p.gateway, "hello")
+        assert refused.error is not None and "circuit open" in refused.error.message
+        await asyncio.sleep(2.2)
+
+        # The trial call: its client leaves after the first token, so it ends with no verdict.
+        trial = asyncio.create_task(collect(p.gateway, "slow:300"))
+        await wait_until_async(lambda: tgi_stats(url)["started"] >= 2, "the trial to reach the backend", timeout=10)
+        await asyncio.sleep(0.5)
+        trial.cancel()
+        await wait_until_async(lambda: tgi_stats(url)["aborted"] >= 1, "the trial to be cut off", timeout=10)
+
+        # Before: the trial stayed taken, and every call answered "circuit open" until the pod restarted.
+        after = await collect(p.gateway, "hello")
+        assert after.error is None and after.summary is not None, after.error
+        assert p.metric(StageName.INFERENCE, "promptpipe_backend_circuit_open") == 0

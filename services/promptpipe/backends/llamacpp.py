@@ -61,6 +61,9 @@ class LlamaCppBackend:
     async def close(self) -> None:
         self._llm = None
 
+    def available(self) -> bool:
+        return True
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         if self._llm is None:
             raise Unavailable("model not loaded")

@@ -46,6 +46,10 @@ class RemoteBackend:
     def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         raise NotImplementedError
 
+    def available(self) -> bool:
+        """False while every endpoint's circuit is open and no trial is due: the stage says NOT_SERVING."""
+        return any(b.allow() for b in self._breakers.values())
+
     def _candidates(self, session: str) -> list[str]:
         """The session's home endpoint first, then the ring order; open circuits skipped."""
         return [ep for ep in self._ring.preference(session or "") if self._breakers[ep].allow()]
@@ -64,18 +68,20 @@ class RemoteBackend:
                 candidates[(attempt.number - 1) % len(candidates)] if last and not last.overloaded else candidates[0]
             )
             produced = False
+            breaker = self._breakers[endpoint]
             try:
-                async for out in self.stream_from(endpoint, request):
-                    produced = produced or isinstance(out, Piece)
-                    yield out
-                self._breakers[endpoint].record_success()
+                with breaker.attempt():  # the half-open trial, if any, is this endpoint's only
+                    async for out in self.stream_from(endpoint, request):
+                        produced = produced or isinstance(out, Piece)
+                        yield out
+                    breaker.record_success()
                 return
             except BackendCallError as err:
                 log.warning(
                     "backend %s failed (attempt %d of %d): %s", endpoint, attempt.number, self._retry.max_attempts, err
                 )
                 if not err.overloaded:  # a busy backend is healthy; do not trip its breaker
-                    self._breakers[endpoint].record_failure()
+                    breaker.record_failure()
                 if produced or not err.retryable:
                     raise Unavailable(str(err)) from None
                 last = err

@@ -24,6 +24,9 @@ class SyntheticBackend:
     async def close(self) -> None:
         return None
 
+    def available(self) -> bool:
+        return True
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         piece = Piece(self._text)
         start = time.monotonic()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from promptpipe.contract.spec import CircuitBreakerSpec, RetrySpec
@@ -58,27 +59,46 @@ class Retries:
 
 
 class CircuitBreaker:
-    """Closed -> open after `failure_threshold` failures in a row; after `reset_seconds`
-    one trial call is let through (half-open): success closes, failure reopens."""
+    """Closed -> open after `failure_threshold` failures in a row. After `reset_seconds`, one trial call
+    may go through (half-open): its success closes the circuit, its failure opens it again.
+
+    `allow()` only asks; a call takes the trial with `attempt()`, for the endpoint it chose. A trial
+    that ends recording neither (the client left, the call was closed on a stop sequence, the backend
+    refused the input or was busy, any other error) is handed back, and one held longer than
+    `reset_seconds` is presumed lost: the circuit is never left open for want of a verdict."""
 
     def __init__(self, spec: CircuitBreakerSpec, clock: Callable[[], float] = time.monotonic) -> None:
         self._spec = spec
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
-        self._trial_running = False
+        self._trial: object | None = None  # the trial in progress, and when it started
+        self._trial_started = 0.0
 
     @property
     def is_open(self) -> bool:
         return self._opened_at is not None
 
+    def _trial_held(self) -> bool:
+        return self._trial is not None and self._clock() - self._trial_started < self._spec.reset_seconds
+
     def allow(self) -> bool:
+        """Whether a call may go through now (no side effect)."""
         if self._opened_at is None:
             return True
-        if self._clock() - self._opened_at >= self._spec.reset_seconds and not self._trial_running:
-            self._trial_running = True
-            return True
-        return False
+        return self._clock() - self._opened_at >= self._spec.reset_seconds and not self._trial_held()
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[None]:
+        """One call through this breaker; on an open circuit (after `allow()`), it holds the trial."""
+        trial = object() if self._opened_at is not None else None
+        if trial is not None:
+            self._trial, self._trial_started = trial, self._clock()
+        try:
+            yield
+        finally:
+            if trial is not None and self._trial is trial:  # no verdict recorded: hand the trial back
+                self._trial = None
 
     def retry_after(self) -> float:
         if self._opened_at is None:
@@ -88,10 +108,10 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self._failures = 0
         self._opened_at = None
-        self._trial_running = False
+        self._trial = None
 
     def record_failure(self) -> None:
-        self._trial_running = False
+        self._trial = None
         self._failures += 1
         if self._opened_at is not None or self._failures >= self._spec.failure_threshold:
             self._opened_at = self._clock()

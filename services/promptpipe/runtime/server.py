@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -88,11 +88,13 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         metrics_port,
     )
 
+    watch = asyncio.create_task(_follow_health(built.healthy, health_servicer, ("", *services)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    watch.cancel()
 
     grace = runtime.spec.drain_grace_seconds
     log.info(
@@ -111,6 +113,26 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         await built.close()
         metrics_httpd.shutdown()
     log.info("stage %s stopped", stage.value)
+
+
+HEALTH_EVERY_SECONDS = 1.0
+
+
+async def _follow_health(
+    healthy: Callable[[], bool], servicer: health.aio.HealthServicer, services: Sequence[str]
+) -> None:
+    """NOT_SERVING while the stage cannot serve (every backend circuit open), SERVING again once it can:
+    the kubelet's readiness probe and the callers' view follow."""
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_EVERY_SECONDS)
+        now = healthy()
+        if now != serving:
+            serving = now
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            log.warning("stage health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            for name in services:
+                await servicer.set(name, status)
 
 
 async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any]:

@@ -25,6 +25,8 @@ class BuiltStage:
     gateway: Any = None
     start: Callable[[], Awaitable[None]] = _nothing
     close: Callable[[], Awaitable[None]] = field(default=_nothing)
+    # Whether the stage can serve now (health says NOT_SERVING while it cannot).
+    healthy: Callable[[], bool] = lambda: True
 
 
 def build_stage(
@@ -69,7 +71,8 @@ def build_stage(
         from promptpipe.stages.inference import InferenceHandler
 
         metrics = BackendMetrics(registry, name, spec.model.backend.value)
-        handler = InferenceHandler(build_backend(spec.model, retry, metrics), metrics)
+        inference = InferenceHandler(build_backend(spec.model, retry, metrics), metrics)
+        return BuiltStage(handler=inference, start=inference.start, close=inference.close, healthy=inference.healthy)
     else:
         from promptpipe.stages.post import PostHandler
 

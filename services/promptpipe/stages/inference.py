@@ -37,6 +37,9 @@ class InferenceHandler:
     async def close(self) -> None:
         await self.backend.close()
 
+    def healthy(self) -> bool:
+        return self.backend.available()
+
     def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
         return coalesce(self._events(item, call))
 
