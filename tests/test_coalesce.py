@@ -86,3 +86,20 @@ async def test_closing_the_reader_stops_the_source() -> None:
     await anext(stream)
     await stream.aclose()
     assert closed.is_set()
+
+
+async def test_closing_the_reader_closes_a_source_held_up_by_the_full_buffer() -> None:
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[stage_pb2.StageEvent]:
+        try:
+            while True:  # never awaits: the pump stops it only when the buffer is full
+                yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text="x", token_count=1))
+        finally:
+            closed.set()  # where the inference stage closes the generation and counts it ended
+
+    stream = coalesce(endless(), max_buffered_tokens=4)
+    await anext(stream)
+    await turns(50)  # the buffer fills: the pump waits for room, the source waits at its yield
+    await stream.aclose()
+    assert closed.is_set(), "the source is closed with the reader, not whenever the garbage collector gets to it"

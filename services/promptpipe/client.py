@@ -67,6 +67,10 @@ class PipelineClient:
         try:
             async for response in call:
                 yield response
+                if response.HasField("summary"):
+                    return
+            # Every call ends with a summary or a status: a stream with neither may be cut short.
+            raise GenerationError(grpc.StatusCode.DATA_LOSS, "the gateway ended the stream without a summary")
         except grpc.aio.AioRpcError as err:
             raise GenerationError(err.code(), err.details() or "", retry_after_of(err)) from None
         finally:

@@ -80,3 +80,8 @@ async def coalesce(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # The pump may have stopped while the source sat at a `yield` (the buffer was full): close it now,
+        # so what it holds (a call upstream, a generation) ends with the reader, not at a GC pass.
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -50,6 +50,12 @@ class Unavailable(StageError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DataLoss(StageError):
+    """A stream ended with neither its final event nor a status: what was sent may be cut short."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class UpstreamError(StageError):
     """A downstream stage ended the call with a status; pass it on unchanged."""
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from promptpipe.backends.base import Backend, GenerationRequest, Piece
 from promptpipe.runtime.coalesce import coalesce
+from promptpipe.runtime.errors import DataLoss
 from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.runtime.stage import Call
 from promptpipe.v1 import common_pb2, stage_pb2
@@ -56,6 +57,8 @@ class InferenceHandler:
                     finished = True
                     usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=out.completion_tokens)
                     yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(finish_reason=out.finish_reason, usage=usage))
+            if not finished:
+                raise DataLoss("the backend ended the generation without its final result")
         except Exception:
             failed = True
             raise

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from promptpipe.contract.spec import PostSpec
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
-from promptpipe.runtime.errors import StageError
+from promptpipe.runtime.errors import DataLoss, StageError
 from promptpipe.runtime.stage import Call
 from promptpipe.textfilters.rules import Action, build_rules, stop_rules
 from promptpipe.textfilters.stream import StreamingFilter
@@ -64,6 +64,7 @@ class PostHandler:
                 if event.HasField("final"):
                     yield event
                     return
+            raise DataLoss("the inference stage ended its stream without a final event")
         except StageError:
             # The stream broke: what was held back is final now; send it before the status.
             out = text_filter.finish()

@@ -11,6 +11,7 @@ import grpc
 from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
+from promptpipe.runtime.errors import DataLoss
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.stage import StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
@@ -75,3 +76,5 @@ class GatewayServicer:
                         request_id=request_id,
                     )
                     yield gateway_pb2.GenerateResponse(summary=summary)
+                    return
+            raise DataLoss("the post stage ended its stream without a final event")
