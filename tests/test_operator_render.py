@@ -106,6 +106,7 @@ def test_deployment_probes_security_drain_and_config_rollout() -> None:
     assert container["readinessProbe"]["grpc"] == {"port": GRPC_PORT}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
     assert pod["terminationGracePeriodSeconds"] == 45
+    assert pod["automountServiceAccountToken"] is False, "no API token where nothing calls the API"
     assert {"name": "PROMPTPIPE_STAGE", "value": "inference"} in container["env"]
     changed = pipeline(inference={"timeoutSeconds": 10})
     assert config_map(changed, "ns1")[1] != digest, "a spec change rolls the pods"
@@ -170,6 +171,7 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["automountServiceAccountToken"] is False
     svc = by_kind(out, "Service")["quickstart-backend"]
     assert svc["spec"]["selector"].items() <= tgi["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["selector"]["promptpipe.io/color"] == "blue"

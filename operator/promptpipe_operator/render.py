@@ -251,6 +251,8 @@ def deployment(
                 },
                 "spec": {
                     "terminationGracePeriodSeconds": int(spec.drain_grace_seconds) + TERMINATION_MARGIN_SECONDS,
+                    # The stages never call the Kubernetes API: no token in the pod to steal.
+                    "automountServiceAccountToken": False,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 10001,
@@ -442,6 +444,8 @@ def tgi_deployment(
     pod: dict[str, Any] = {
         # In-flight generations finish before the pod goes.
         "terminationGracePeriodSeconds": int(pp.spec.stages.inference.timeout_seconds) + TERMINATION_MARGIN_SECONDS,
+        # Neither TGI nor the model download calls the Kubernetes API (an IRSA role comes in a token of its own).
+        "automountServiceAccountToken": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [
             {
