@@ -19,9 +19,13 @@ from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 pytestmark = pytest.mark.processes
 
 
-def tgi_pipeline(*urls: str, **extra: object) -> dict[str, object]:
+def tgi_pipeline(*urls: str, breaker: dict[str, object] | None = None, **extra: object) -> dict[str, object]:
     return synthetic_pipeline(
-        model={"backend": "tgi", "tgi": {"endpoints": list(urls)}, "circuitBreaker": {"failureThreshold": 100}},
+        model={
+            "backend": "tgi",
+            "tgi": {"endpoints": list(urls)},
+            "circuitBreaker": breaker or {"failureThreshold": 100},
+        },
         generation={"maxNewTokens": 6},
         stages={"post": {"retries": {"maxAttempts": 1}}, "inference": {"retries": {"maxAttempts": 3}}},
         **extra,
@@ -104,9 +108,7 @@ async def test_the_inference_stage_is_not_serving_while_every_circuit_is_open_an
     start_pipeline,
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every call fails to connect
-    doc = tgi_pipeline(dead)
-    doc["spec"]["model"]["circuitBreaker"] = {"failureThreshold": 1, "resetSeconds": 4}
-    p = start_pipeline(doc)
+    p = start_pipeline(tgi_pipeline(dead, breaker={"failureThreshold": 1, "resetSeconds": 4}))
     inference = p.target(StageName.INFERENCE)
     assert health_status(inference, 2.0) == "SERVING"
     out = await collect(p.gateway, "hello")
@@ -121,8 +123,7 @@ async def test_the_inference_stage_is_not_serving_while_every_circuit_is_open_an
 
 async def test_a_half_open_trial_the_client_walks_away_from_does_not_leave_the_circuit_open(start_pipeline) -> None:
     with tgi_server() as url:
-        doc = tgi_pipeline(url)
-        doc["spec"]["model"]["circuitBreaker"] = {"failureThreshold": 1, "resetSeconds": 2}
+        doc = tgi_pipeline(url, breaker={"failureThreshold": 1, "resetSeconds": 2})
         doc["spec"]["stages"]["inference"]["retries"] = {"maxAttempts": 1}
         p = start_pipeline(doc)
         failed = await collect(p.gateway, "fail-after:0")  # the one endpoint's circuit opens

@@ -146,9 +146,8 @@ def _deployed(node: Node, kube_tools: Tools, folder: Path, settings: RegistrySet
     namespace = f"t-{uuid.uuid4().hex[:8]}"
     node.kubectl("create", "namespace", namespace)
     keys = [f"--from-literal={k}={CREDENTIALS[k]}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    node.kubectl("create", "namespace", "promptpipe-system", check=False)  # the chart's, made early for its Secret
     for ns in (namespace, "promptpipe-system"):
-        if ns == "promptpipe-system":
-            node.kubectl("create", "namespace", ns, check=False)
         node.kubectl("create", "secret", "generic", "registry-keys", "-n", ns, *keys)
     values = {
         "registry": {
