@@ -108,6 +108,7 @@ bench: setup
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.operator
 	$(BIN)/python -m bench.rollout
+	$(BIN)/python -m bench.postfilter
 
 # Boundaries between the deployables (import-linter), style (ruff) and types (mypy --strict).
 lint: $(STAMP)

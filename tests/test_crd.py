@@ -80,6 +80,15 @@ MALFORMED = [
     (["spec", "rollout"], {"progressDeadline": "5s"}, "spec.rollout.progressDeadline"),
     (["spec", "rollout"], {"analysis": {"interval": "2h"}}, "spec.rollout.analysis.interval"),
     (["spec", "rollout"], {"keepPrevious": "soon"}, "spec.rollout.keepPrevious"),
+    # What the post stage holds back waiting for a match is bounded by the longest one.
+    (["spec", "post"], {"stopSequences": ["#" * 65]}, "spec.post.stopSequences[0]"),
+    (["spec", "post"], {"blocklist": {"words": ["w" * 129]}}, "spec.post.blocklist.words[0]"),
+    # The pipeline names the variable sent to the endpoint as its key: never another credential.
+    (
+        ["spec", "model", "openai"],
+        {"endpoints": ["http://llm:8000"], "apiKeyEnv": "AWS_SECRET_ACCESS_KEY"},
+        "spec.model.openai.apiKeyEnv",
+    ),
 ]
 
 

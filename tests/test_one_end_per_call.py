@@ -16,7 +16,7 @@ from promptpipe.backends.synthetic import SyntheticBackend
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.contract.spec import GenerationDefaults, PostSpec, StageSpec, SyntheticSpec
 from promptpipe.localproc import free_port
-from promptpipe.runtime.errors import DataLoss
+from promptpipe.runtime.errors import DataLoss, UpstreamError
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
 from promptpipe.runtime.stage import Call, StageRuntime
 from promptpipe.stages.inference import InferenceHandler
@@ -72,6 +72,24 @@ async def test_post_turns_an_inference_stream_without_its_final_event_into_data_
     handler = PostHandler(PostSpec(), CutShortStage())  # type: ignore[arg-type]
     with pytest.raises(DataLoss, match="inference stage ended its stream without a final event"):
         await drain(handler.run(stage_pb2.WorkItem(), call()))
+
+
+class BreaksMidAddress(CutShortStage):
+    """Most of an e-mail address, then the call upstream fails."""
+
+    async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
+        yield chunk("Write to jane.doe@")
+        yield chunk("examp")
+        raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "inference went away")
+
+
+async def test_post_never_sends_what_it_held_back_mid_match_when_the_stream_breaks() -> None:
+    handler = PostHandler(PostSpec(), BreaksMidAddress())  # type: ignore[arg-type]
+    sent: list[str] = []
+    with pytest.raises(UpstreamError, match="inference went away"):
+        async for event in handler.run(stage_pb2.WorkItem(), call()):
+            sent.append(event.chunk.text)
+    assert "".join(sent) == "Write to [REDACTED]"
 
 
 class Aborted(Exception):

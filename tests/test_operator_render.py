@@ -208,6 +208,20 @@ def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tg
     assert "serviceAccountName" not in default["spec"]["template"]["spec"]
 
 
+def test_every_scratch_and_model_volume_has_a_size_limit() -> None:
+    pp = pipeline(with_model={"name": "smollm2", "version": "v2", "backend": "tgi", "tgi": {"modelStorage": "30Gi"}})
+    registry = RegistrySettings(bucket="models", table="models-table", region="eu-west-1")
+    out = children(pp, "ns1", SETTINGS, State(active=Slot("v2", BLUE)), registry)
+    limits = {}
+    for name, d in by_kind(out, "Deployment").items():
+        for volume in d["spec"]["template"]["spec"]["volumes"]:
+            if "emptyDir" in volume:
+                limits[f"{name}/{volume['name']}"] = volume["emptyDir"].get("sizeLimit")
+    assert None not in limits.values(), limits
+    assert limits["quickstart-backend-blue/models"] == limits["quickstart-backend-blue/data"] == "30Gi"
+    assert limits["quickstart-rag/tmp"] == "256Mi"
+
+
 def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> None:
     for model in (
         {"backend": "tgi", "tgi": {"endpoints": ["http://tgi.example:80"]}},

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Sequence
+
 import pytest
 
-from promptpipe.contract.spec import GenerationDefaults, TemplateSpec
+from promptpipe.contract.spec import GenerationDefaults, ModelSpec, TemplateSpec
 from promptpipe.runtime.errors import InvalidArgument
-from promptpipe.stages.prompting import CHATML, ChatTemplate, assemble
+from promptpipe.runtime.stage import Call
+from promptpipe.stages import assemble as assemble_stage
+from promptpipe.stages.prompting import CHATML, ChatTemplate, assemble, build_messages
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
 
@@ -104,6 +110,54 @@ def test_over_budget_drops_oldest_history_first_then_lowest_ranked_passages() ->
     assert tight.history_used == 0 and tight.passages_used < 3 and tight.tokens <= 20
 
 
+CHAT = ChatTemplate(CHATML)
+
+
+def one_at_a_time(spec: TemplateSpec, budget: int, item: stage_pb2.WorkItem) -> tuple[int, int, int]:
+    """The trimming rule read literally: drop one exchange (then one passage) and render again."""
+    history, passages = list(item.messages[:-1]), list(item.passages)
+    while True:
+        prompt = CHAT.render(build_messages(spec, passages, history, item.messages[-1].content))
+        if count_words(prompt) <= budget or not (history or passages):
+            return count_words(prompt), len(history), len(passages)
+        if history:
+            del history[: 2 if len(history) > 1 else 1]
+        else:
+            passages.pop()
+
+
+@pytest.mark.parametrize("history", [0, 1, 7])
+def test_trimming_keeps_exactly_what_dropping_one_at_a_time_would(history: int) -> None:
+    spec = TemplateSpec(system="Be brief.")
+    item = item_with(history=history, passages=4)
+    full = assemble(spec, ChatTemplate(CHATML), count_words, 10_000, item).tokens
+    for budget in range(full, 0, -1):
+        expected = one_at_a_time(spec, budget, item)
+        if expected[0] > budget:
+            break
+        cut = assemble(spec, CHAT, count_words, budget, item)
+        assert (cut.tokens, cut.history_used, cut.passages_used) == expected, budget
+
+
+class CountingTemplate(ChatTemplate):
+    renders = 0
+
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        CountingTemplate.renders += 1
+        return super().render(messages)
+
+
+def test_a_long_chat_is_trimmed_with_a_few_renders_not_one_per_dropped_turn() -> None:
+    spec = TemplateSpec(system="Be brief.")
+    item = item_with(history=600, passages=3)
+    full = assemble(spec, ChatTemplate(CHATML), count_words, 10**9, item).tokens
+    CountingTemplate.renders = 0
+    cut = assemble(spec, CountingTemplate(CHATML), count_words, full // 2, item)
+    assert cut.tokens <= full // 2 and cut.history_used > 0
+    assert one_at_a_time(spec, full // 2, item) == (cut.tokens, cut.history_used, cut.passages_used)
+    assert CountingTemplate.renders <= 6, "dropping one exchange per render would take about 300"
+
+
 def test_question_that_cannot_fit_is_the_callers_error() -> None:
     with pytest.raises(InvalidArgument, match=r"^messages: the question needs"):
         assemble(TemplateSpec(), ChatTemplate(CHATML), count_words, 5, item_with(0, 0, "word " * 50))
@@ -121,3 +175,23 @@ def test_own_timings_subtract_the_stages_each_one_called() -> None:
     assert list(out) == ["rag", "assemble", "inference", "post", "stream"]
     assert out["post"].work_seconds == pytest.approx(0.1)
     assert out["stream"].work_seconds == pytest.approx(1.5 - 0.01 - 0.02 - 1.2)
+
+
+async def test_a_long_chat_is_assembled_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[int] = []
+
+    def tokenize(text: str) -> int:
+        threads.append(threading.get_ident())
+        return count_words(text)
+
+    monkeypatch.setattr(assemble_stage, "approximate_tokens", tokenize)
+    handler = assemble_stage.AssembleHandler(TemplateSpec(max_prompt_tokens=100_000), ModelSpec(name="m"), 64)
+    short = stage_pb2.WorkItem(messages=[common_pb2.ChatMessage(role="user", content="hello")])
+    long = stage_pb2.WorkItem(messages=[common_pb2.ChatMessage(role="user", content="word " * 2_000)])
+    call = Call(time.monotonic() + 10, 0.0)
+
+    await handler.process(short, call)
+    assert set(threads) == {threading.get_ident()}, "a short chat is not worth a thread hop"
+    threads.clear()
+    await handler.process(long, call)
+    assert threads and threading.get_ident() not in threads

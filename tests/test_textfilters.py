@@ -116,3 +116,57 @@ def test_luhn_and_iban_validators() -> None:
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
     assert luhn_valid("5500 0000 0000 0004")
     assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid("GB82 WEST 1234 5698 7654 33")
+
+
+@pytest.mark.parametrize(
+    ("unbroken", "held_most"),
+    [
+        ("a", 64),  # could be the start of an e-mail address only up to 64 characters
+        ("7", 64),  # digits are word characters too
+        ("ab.", 64),
+        ("x@y", 64 + 1 + 63),  # then no dot: the domain's first label ends at 63
+    ],
+)
+def test_what_is_held_back_stays_bounded_however_long_the_word(unbroken: str, held_most: int) -> None:
+    f = StreamingFilter(build_rules(SPEC))
+    out = []
+    most = 0
+    for _ in range(4000):
+        out.append(f.feed(unbroken).text)
+        most = max(most, f.held_back)
+    out.append(f.finish().text)
+    assert most <= held_most + 2  # the look-ahead's two characters
+    assert "".join(out) == unbroken * 4000
+
+
+def test_an_email_longer_than_the_rfc_allows_is_not_one() -> None:
+    too_long = "a" * 65 + "@example.com"
+    assert stream([f"see {too_long} now"]) == (f"see {too_long} now", None)
+    assert stream([f"see {'a' * 64}@example.com now"]) == ("see [REDACTED] now", None)
+
+
+@pytest.mark.parametrize(
+    "cut_short",
+    [
+        "Card 4111 1111 1111 1",  # fails Luhn as it stands; most of a valid card number
+        "IBAN GB82 WEST 1234 5698 76",
+        "mail jane.doe@exam",
+        "call +1 415-555-26",
+    ],
+)
+def test_a_broken_stream_never_sends_text_held_back_mid_match(cut_short: str) -> None:
+    f = StreamingFilter(build_rules(SPEC))
+    sent = f.feed(cut_short).text
+    sent += f.abandon().text
+    head = cut_short.split(" ", 1)[0]
+    assert sent == f"{head} [REDACTED]"
+    assert f.feed("more").text == "" and f.finish().text == ""
+
+
+def test_a_broken_stream_drops_a_stop_sequence_in_progress_and_sends_the_rest() -> None:
+    f = StreamingFilter(stop_rules(["<END>"]))
+    assert f.feed("done <EN").text == "done "
+    assert f.abandon().text == ""
+    g = StreamingFilter(build_rules(SPEC))
+    assert g.feed("The answer is Paris").text == "The answer is "
+    assert g.abandon().text == "[REDACTED]"  # a word in progress might be an address: safe over sorry

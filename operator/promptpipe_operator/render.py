@@ -44,6 +44,8 @@ MODELS_DIR = "/models"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
+# What a stage (or the model download's) /tmp may hold: nothing we run writes much there.
+SCRATCH_SIZE_LIMIT = "256Mi"
 
 # A Kubernetes object as the API takes it (apiVersion, kind, metadata, ...). `Manifest` is the registry's file list.
 KubeObject = dict[str, Any]
@@ -188,7 +190,7 @@ def deployment(
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - an emptyDir
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": child_name(name, "config")}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}},
     ]
     corpus = pp.spec.rag.corpus.config_map
     if stage is StageName.RAG and corpus:
@@ -434,13 +436,16 @@ def tgi_deployment(
     from_registry = pp.spec.model.from_registry and registry is not None
     mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}]  # noqa: S108 - a mount in the pod
     volumes: list[dict[str, Any]] = [
-        {"name": "data", "emptyDir": {}},
+        {"name": "data", "emptyDir": {"sizeLimit": tgi.model_storage}},
         # NCCL and the model shards share memory through /dev/shm.
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
     if from_registry:
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
-        volumes += [{"name": "models", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+        volumes += [
+            {"name": "models", "emptyDir": {"sizeLimit": tgi.model_storage}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}},
+        ]
     pod: dict[str, Any] = {
         # In-flight generations finish before the pod goes.
         "terminationGracePeriodSeconds": int(pp.spec.stages.inference.timeout_seconds) + TERMINATION_MARGIN_SECONDS,

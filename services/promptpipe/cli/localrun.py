@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from promptpipe.contract.pipeline_file import load_pipeline
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
-from promptpipe.contract.spec import STAGE_ORDER, TGI_WITHOUT_ENDPOINTS, BackendKind, StageName
+from promptpipe.contract.spec import STAGE_ORDER, TGI_WITHOUT_ENDPOINTS, BackendKind, PromptPipeline, StageName
 from promptpipe.localproc import alive, exits, free_port, state_home
 from promptpipe.waiting import wait_until
 
@@ -98,7 +99,7 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
     for stage in STAGE_ORDER:
         log_path = folder / f"{stage.value}.log"
         env = {
-            **os.environ,
+            **stage_environment(stage, pipeline, os.environ),
             "PROMPTPIPE_STAGE": stage.value,
             "PROMPTPIPE_CONFIG": str(config_path),
             "PROMPTPIPE_PORT": str(ports[stage]),
@@ -119,6 +120,36 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
         run.stages[stage.value] = StageProcess(stage.value, proc.pid, ports[stage], 0, str(log_path))
     run.save()
     return run
+
+
+# What every stage process gets of the environment `promptpipe up` runs in: what Python, the locale
+# and the tools the stages use (OpenTelemetry, gRPC, OpenMP) read. Nothing else: no credential of the
+# shell reaches a stage unless the pipeline asks for it by name.
+PASSED_TO_EVERY_STAGE = ("PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+PASSED_BY_PREFIX = ("PROMPTPIPE_", "LC_", "OTEL_", "GRPC_", "OMP_")
+# The inference stage calls its backend over HTTP: proxies and CA bundles, as the HTTP clients read them.
+PASSED_TO_INFERENCE = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+)
+
+
+def stage_environment(stage: StageName, pipeline: PromptPipeline, parent: Mapping[str, str]) -> dict[str, str]:
+    """The part of `parent` a stage process needs (the PROMPTPIPE_* settings are added by the caller)."""
+    names = set(PASSED_TO_EVERY_STAGE)
+    if stage is StageName.INFERENCE:
+        names.update(PASSED_TO_INFERENCE)
+        openai = pipeline.spec.model.openai
+        if pipeline.spec.model.backend is BackendKind.OPENAI and openai is not None and openai.api_key_env:
+            names.add(openai.api_key_env)
+    return {k: v for k, v in parent.items() if k in names or k.startswith(PASSED_BY_PREFIX)}
 
 
 def wait_serving(run: LocalRun, timeout: float) -> None:

@@ -211,8 +211,9 @@ class OpenAISpec(RemoteBackendSpec):
 
     # The served model name.
     model: str = ""
-    # The environment variable holding the API key.
-    api_key_env: str = ""
+    # The environment variable holding the API key. It must end in `_API_KEY`: the pipeline file decides
+    # which variable is sent to the endpoint, so it may not name another credential (AWS_SECRET_ACCESS_KEY).
+    api_key_env: Annotated[str, Field(max_length=128, pattern=r"^([A-Z][A-Z0-9_]*_API_KEY)?$")] = ""
     # Operator only: the Secret the key comes from (put into `apiKeyEnv`, default OPENAI_API_KEY).
     api_key_secret: SecretKeyRef | None = None
 
@@ -244,6 +245,9 @@ class TgiSpec(RemoteBackendSpec):
     quantize: TgiQuantize | None = None
     resources: ResourcesSpec | None = None
     node_selector: dict[str, str] = {}
+    # The most disk the model's files may take in a TGI pod (its download cache, or the registry's copy):
+    # the size limit of those volumes, so a model larger than planned evicts its pod, not the node's others.
+    model_storage: Quantity = "100Gi"
 
 
 # Why a pipeline whose TGI the operator runs cannot run outside a cluster (`promptpipe up`, the stage).
@@ -364,13 +368,18 @@ class RedactionSpec(_Model):
     replacement: str = "[REDACTED]"
 
 
+# What the post stage may hold back waiting for a match is bounded by the longest one.
+MAX_STOP_CHARS = 64
+MAX_BLOCKLIST_WORD_CHARS = 128
+
+
 class BlocklistSpec(_Model):
-    words: list[Annotated[str, Field(min_length=1)]] = []
+    words: list[Annotated[str, Field(min_length=1, max_length=MAX_BLOCKLIST_WORD_CHARS)]] = []
     action: BlocklistAction = BlocklistAction.MASK
 
 
 class PostSpec(_Model):
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] = []
+    stop_sequences: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = []
     redact: RedactionSpec = RedactionSpec()
     blocklist: BlocklistSpec = BlocklistSpec()
 

@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
+from promptpipe.contract.spec import StageSpec
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.settings import StageSettings
-from promptpipe.runtime.stage import StageRuntime, StageServicer
+from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
 from promptpipe.runtime.tracing import setup_tracing
 from promptpipe.stages import build_stage
 from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
@@ -36,9 +37,32 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
-    # Clients move to new replicas when their connection ends; the calls on it finish (no grace limit).
+    # Clients move to new replicas when their connection ends; the calls on it finish first.
     ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
 )
+# The fewest concurrent streams a connection may open: the HTTP/2 spec's recommended minimum.
+MIN_CONCURRENT_STREAMS = 100
+
+
+def server_options(spec: StageSpec) -> list[tuple[str, Any]]:
+    """SERVER_OPTIONS, plus the bounds that follow from the stage's limits.
+
+    An aged connection is closed for good once no call on it can still be within its timeout (a call
+    past it is one whose client stopped reading; the watchdog already freed its slot). One connection
+    may not open more streams than the stage can admit, and never fewer than MIN_CONCURRENT_STREAMS:
+    more would only be refused, but a lower limit would hold them queued in the client, unseen.
+    """
+    grace_seconds = spec.timeout_seconds + WATCHDOG_SLACK_SECONDS + CONNECTION_GRACE_MARGIN_SECONDS
+    streams = max(MIN_CONCURRENT_STREAMS, spec.queue.capacity + spec.queue.concurrency)
+    return [
+        *SERVER_OPTIONS,
+        ("grpc.max_connection_age_grace_ms", int(grace_seconds * 1000)),
+        ("grpc.max_concurrent_streams", streams),
+    ]
+
+
+# Time for a call's status to leave after its watchdog fired, before its connection is closed.
+CONNECTION_GRACE_MARGIN_SECONDS = 5.0
 
 
 async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
@@ -52,7 +76,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     built = build_stage(stage, config, runtime, registry, client_interceptors)
     servicer = StageServicer(runtime, built.handler)
 
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors or None)
+    server = grpc.aio.server(options=server_options(runtime.spec), interceptors=server_interceptors or None)
     stage_pb2_grpc.add_StageServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     services = [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name]
     if built.gateway is not None:

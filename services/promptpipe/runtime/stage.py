@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import StageSpec
 from promptpipe.runtime.admission import AdmissionQueue
-from promptpipe.runtime.errors import Shed, StageError, abort_with
+from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import tracer
 from promptpipe.v1 import common_pb2, stage_pb2
@@ -83,6 +83,7 @@ class StageRuntime:
         deadline = self.deadline_for(context)
         started = time.perf_counter()
         code = "OK"
+        watchdog = _Watchdog(context, deadline + WATCHDOG_SLACK_SECONDS, self.stage)
         try:
             async with self.queue.slot(deadline - time.monotonic()) as waited:
                 self.metrics.queue_wait.observe(waited)
@@ -98,6 +99,9 @@ class StageRuntime:
                 (self.metrics.dropped if exc.reason == "dropped" else self.metrics.rejected).inc()
             await abort_with(context, exc, self.stage)
         finally:
+            watchdog.cancel()
+            if watchdog.fired:
+                code = DeadlineExceeded.code.name
             self.metrics.observe_call(code, time.perf_counter() - started)
 
     def timing(self, call: Call, work_started: float) -> common_pb2.StageTiming:
@@ -121,6 +125,45 @@ class StageRuntime:
         )
 
 
+# How long past its deadline a call's handler may still run before the watchdog ends it: the handler's
+# own deadline handling (downstream calls carry the deadline) normally ends it first, with its status.
+WATCHDOG_SLACK_SECONDS = 1.0
+
+
+class _Watchdog:
+    """Ends a call whose handler outlives its deadline, wherever the handler is stuck.
+
+    Mostly that is grpc's write of a response to a client that stopped reading: the write waits for
+    HTTP/2 flow control for ever, and the handler's admission slot with it. The call's status is handed
+    to grpc first (it goes out after the data already buffered, if the client ever reads), then the
+    handler task is cancelled, which frees the slot. A client with a deadline of its own is ended by
+    grpc at that deadline anyway; this bounds the calls that set none by the stage's `timeoutSeconds`.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext, deadline: float, stage: str) -> None:
+        self.fired = False
+        self._context = context
+        self._stage = stage
+        self._task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + (deadline - time.monotonic()), self._fire)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        _in_background(self._send_status())
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _send_status(self) -> None:
+        exc = DeadlineExceeded(f"stage {self._stage}: the call outlived its deadline (is the client reading?)")
+        # abort_with raises once the status is out; the handler may also have begun ending the call.
+        with contextlib.suppress(Exception):
+            await abort_with(self._context, exc, self._stage)
+
+
 def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncIterator[object]) -> None:
     """Close a handler's event stream when its call ends, however it ends. grpc cancels a handler whose
     client left wherever it is awaiting: inside the stream, the stream's `finally` cancels the call
@@ -135,15 +178,16 @@ def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncIterator[obj
         with contextlib.suppress(RuntimeError):  # still running: it is ending by itself
             await aclose()
 
-    def done(_: object) -> None:
-        task = asyncio.ensure_future(close())
-        _closing.add(task)  # the loop keeps only a weak reference to a task
-        task.add_done_callback(_closing.discard)
-
-    context.add_done_callback(done)
+    context.add_done_callback(lambda _: _in_background(close()))
 
 
-_closing: set[asyncio.Future[None]] = set()
+_background: set[asyncio.Future[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(work)
+    _background.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_background.discard)
 
 
 class StageServicer:

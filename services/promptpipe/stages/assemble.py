@@ -8,7 +8,7 @@ from typing import Any
 
 from promptpipe.contract.spec import BackendKind, ModelSpec, TemplateSpec
 from promptpipe.runtime.stage import Call
-from promptpipe.stages.prompting import CHATML, ChatTemplate, Tokenize, assemble
+from promptpipe.stages.prompting import CHATML, COMMON, ChatTemplate, SpecialTokens, Tokenize, assemble
 from promptpipe.v1 import stage_pb2
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,26 @@ def approximate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
+# Chats longer than this are assembled in a worker thread. Rendering and tokenizing take about half a
+# millisecond per 1,000 characters (the embedded model's tokenizer; 100 ms for 200,000), which on the
+# event loop would hold up every other call's tokens.
+LONG_CHAT_CHARS = 8_000
+
+
+def _chars(item: stage_pb2.WorkItem) -> int:
+    return sum(len(m.content) for m in item.messages) + sum(len(p.text) for p in item.passages)
+
+
+def special_tokens_of(vocab: Any) -> list[str]:
+    """The model's special tokens: those whose text shows only when special tokens are rendered."""
+    tokens = []
+    for token in range(vocab.n_vocab()):
+        text = vocab.detokenize([token], special=True)
+        if text != vocab.detokenize([token], special=False):
+            tokens.append(text.decode(errors="ignore"))
+    return tokens
+
+
 class AssembleHandler:
     def __init__(self, spec: TemplateSpec, model: ModelSpec, default_max_new_tokens: int) -> None:
         self._spec = spec
@@ -26,6 +46,7 @@ class AssembleHandler:
         self._default_max_new = default_max_new_tokens
         self._template = ChatTemplate(spec.chat_template or CHATML)
         self._tokenize: Tokenize = approximate_tokens
+        self._special: SpecialTokens = COMMON
         self._context_size: int | None = None
 
     async def start(self) -> None:
@@ -41,6 +62,7 @@ class AssembleHandler:
             Llama, str(model_path(self._model.llamacpp)), vocab_only=True, verbose=False
         )
         self._tokenize = lambda text: len(vocab.tokenize(text.encode(), add_bos=False, special=True))
+        self._special = SpecialTokens.of(await asyncio.to_thread(special_tokens_of, vocab))
         self._context_size = self._model.llamacpp.context_size
         if not self._spec.chat_template:
             source = vocab.metadata.get("tokenizer.chat_template")
@@ -61,7 +83,11 @@ class AssembleHandler:
         return max(0, budget)
 
     async def process(self, item: stage_pb2.WorkItem, call: Call) -> stage_pb2.WorkItem:
-        result = assemble(self._spec, self._template, self._tokenize, self.budget(item), item)
+        args = (self._spec, self._template, self._tokenize, self.budget(item), item, self._special)
+        if _chars(item) > LONG_CHAT_CHARS:  # rendering and tokenizing it would stall the other calls
+            result = await asyncio.to_thread(assemble, *args)
+        else:
+            result = assemble(*args)
         item.prompt = result.prompt
         item.prompt_tokens = result.tokens
         if result.passages_used < len(item.passages):

@@ -66,8 +66,8 @@ class PostHandler:
                     return
             raise DataLoss("the inference stage ended its stream without a final event")
         except StageError:
-            # The stream broke: what was held back is final now; send it before the status.
-            out = text_filter.finish()
+            # The stream broke: send what is safe of what was held back, then the status.
+            out = text_filter.abandon()
             if out.text:
                 yield chunk(out.text)
             raise

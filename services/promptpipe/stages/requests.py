@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import math
 
-from promptpipe.contract.spec import GenerationDefaults
+from promptpipe.contract.spec import MAX_STOP_CHARS, GenerationDefaults
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
 
 MAX_TEXT_CHARS = 200_000
 MAX_MESSAGES = 256
 MAX_STOPS = 8
-MAX_STOP_CHARS = 64
 MAX_SESSION_CHARS = 256
 MAX_METADATA = 32
 CHAT_ROLES = ("user", "assistant")

@@ -61,8 +61,11 @@ def phone_valid(text: str) -> bool:
     return 7 <= len(_digits(text)) <= 15
 
 
-# Boundaries are lookarounds so a match never eats its neighbours' characters.
-EMAIL = r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+(?![\w-])"
+# Boundaries are lookarounds so a match never eats its neighbours' characters. Every pattern is bounded
+# in length (an e-mail address by RFC 5321's limits: 64 characters before the @, labels of 63), so the
+# streaming filter never holds back more than the longest possible match: a run of word characters
+# with no break cannot grow into an address after its 64th character.
+EMAIL = r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}(?![\w-])"
 CARD = r"(?<![\w-]|\d[ -])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)"
 IBAN = r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?!\w)"
 PHONE = r"(?<![\w+]|\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){5,13}(?![\w-]|[ .-]\d)"

@@ -5,6 +5,9 @@ it can no longer change, i.e. it does not touch the end of what has arrived
 (patterns are greedy, so a match at the end might still grow). Text is held back
 only from the start of the earliest match still in progress, found with the
 `regex` module's partial matching, so ordinary text flows out at once.
+
+The rules' patterns are bounded in length, so what is held back (and rescanned as
+each token arrives) is too, and the cost per token does not grow with the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from promptpipe.textfilters.rules import Action, Rule
 _CONTEXT_CHARS = 8
 # The most characters a rule's look-ahead examines past the end of its match.
 _LOOKAHEAD_CHARS = 2
+# A safety bound on what is held back, above the longest match any built-in rule can make (an e-mail
+# address, about 640 characters): text older than this goes out even if a match still holds it.
+MAX_HELD_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class StreamingFilter:
         self._pending = ""
         self._context = ""
         self._ended = False
+        self._holding: Rule | None = None  # the rule whose match in progress holds text back
 
     @property
     def held_back(self) -> int:
@@ -53,29 +60,45 @@ class StreamingFilter:
         return self._release(final=False)
 
     def finish(self) -> Emitted:
+        """The answer is complete: what is held back is judged as it stands."""
         if self._ended:
             return Emitted("")
         out = self._release(final=True)
         self._ended = True
         return out
 
+    def abandon(self) -> Emitted:
+        """The answer broke off: release only what is safe. Text held back mid-match is never sent as it
+        is (a card number cut short may still be most of one): held for a redaction, it becomes the
+        replacement as a whole; held for a stop sequence or the blocklist, it is dropped."""
+        if self._ended:
+            return Emitted("")
+        out = self._release(final=False)
+        self._ended = True
+        held, self._pending = self._pending, ""
+        if out.ended_by is not None or not held:
+            return out
+        rule = self._holding
+        return Emitted(out.text + (rule.replacement if rule is not None and rule.action is Action.REPLACE else ""))
+
     def _scan(self, final: bool) -> tuple[list[Match], int]:
-        """Complete matches, and where the earliest still-open match starts."""
+        """Complete matches, and where the earliest still-open match starts (its rule in `_holding`)."""
         subject = self._context + self._pending
         offset = len(self._context)
         end = len(subject)
         hold = end
+        self._holding = None
         matches: list[Match] = []
         for rule in self._rules:
             for m in rule.pattern.finditer(subject, pos=offset, partial=not final):
                 start, stop = m.span()
                 if m.partial or (not final and self._may_grow(rule, subject, start, stop)):
-                    if stop > start:
-                        hold = min(hold, start)
+                    if stop > start and start < hold:
+                        hold, self._holding = start, rule
                     continue
                 if rule.validate is None or rule.validate(m.group()):
                     matches.append(Match(start - offset, stop - offset, rule))
-        return matches, hold - offset
+        return matches, max(hold - offset, len(self._pending) - MAX_HELD_CHARS)
 
     @staticmethod
     def _may_grow(rule: Rule, subject: str, start: int, stop: int) -> bool:
@@ -108,6 +131,8 @@ class StreamingFilter:
                 break
             if m.end > cut:  # overlaps a match still open: wait for it
                 cut = m.start
+                if self._holding is None or self._holding.action is Action.REPLACE:
+                    self._holding = m.rule
                 break
             pieces.append(self._pending[pos : m.start])
             if m.rule.action is not Action.REPLACE:
