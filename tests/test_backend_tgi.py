@@ -12,6 +12,7 @@ import pytest
 from promptpipe.cli.localrun import health_status
 from promptpipe.contract.spec import StageName
 from promptpipe.localproc import free_port
+from promptpipe.stages.token_counts import TgiTokenCounter, approximate_tokens
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import collect
 from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
@@ -143,3 +144,23 @@ async def test_a_half_open_trial_the_client_walks_away_from_does_not_leave_the_c
         after = await collect(p.gateway, "hello")
         assert after.error is None and after.summary is not None, after.error
         assert p.metric(StageName.INFERENCE, "promptpipe_backend_circuit_open") == 0
+
+
+async def test_the_prompt_budget_counts_with_tgis_tokenizer(start_pipeline) -> None:
+    # 300 CJK characters: 75 tokens at four characters a token, 300 as TGI counts them.
+    question = "你好" * 150
+    with tgi_server() as url:
+        p = start_pipeline(tgi_pipeline(url, template={"maxPromptTokens": 200}))
+        out = await collect(p.gateway, question)
+        assert out.error is not None and out.error.code is grpc.StatusCode.INVALID_ARGUMENT
+        needs = int(out.error.message.split("needs ")[1].split()[0])
+        assert out.error.message.startswith("messages: the question needs") and needs > 300
+        assert tgi_stats(url)["tokenized"] >= 1
+        fits = await collect(p.gateway, "你好" * 40)
+        assert fits.error is None, fits.error
+
+
+def test_token_counts_fall_back_to_a_bound_that_never_undercounts_when_tgi_cannot_answer() -> None:
+    dead = TgiTokenCounter([f"http://127.0.0.1:{free_port()}"], timeout_seconds=1)
+    assert dead("你好" * 150) == approximate_tokens("你好" * 150) == 900  # three bytes, three tokens each
+    assert approximate_tokens("The quick brown fox") == 5

@@ -134,3 +134,20 @@ async def test_a_call_to_a_next_stage_that_never_comes_up_ends_at_its_deadline(s
     elapsed = time.monotonic() - started
     assert out.error is not None and out.error.code is grpc.StatusCode.DEADLINE_EXCEEDED, out.error
     assert 2.5 <= elapsed < 3.0 + 2.0, elapsed
+
+
+async def test_a_stage_lost_mid_stream_is_named_to_the_client_without_the_transports_details(start_pipeline) -> None:
+    p = start_pipeline(
+        synthetic_pipeline(model={"synthetic": {"tokensPerSecond": 20}}, generation={"maxNewTokens": 100})
+    )
+    streaming = Outcome()
+    call = asyncio.create_task(collect(p.gateway, "cut", streaming, timeout=20))
+    await asyncio.wait_for(streaming.first_chunk.wait(), 10)
+    os.kill(p.pid(StageName.INFERENCE), signal.SIGKILL)
+
+    out = await asyncio.wait_for(call, 20)
+
+    assert out.error is not None and out.error.code is grpc.StatusCode.UNAVAILABLE
+    # grpc's own words would be "Stream removed (Socket closed)", or name an address.
+    assert out.error.message == "the inference stage went away mid-stream"
+    assert 0 < out.chunks < 100

@@ -12,6 +12,7 @@ from promptpipe.contract.spec import GenerationDefaults, ModelSpec, TemplateSpec
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.runtime.stage import Call
 from promptpipe.stages import assemble as assemble_stage
+from promptpipe.stages import token_counts
 from promptpipe.stages.prompting import CHATML, ChatTemplate, assemble, build_messages
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
@@ -184,7 +185,7 @@ async def test_a_long_chat_is_assembled_off_the_event_loop(monkeypatch: pytest.M
         threads.append(threading.get_ident())
         return count_words(text)
 
-    monkeypatch.setattr(assemble_stage, "approximate_tokens", tokenize)
+    monkeypatch.setattr(token_counts, "approximate_tokens", tokenize)
     handler = assemble_stage.AssembleHandler(TemplateSpec(max_prompt_tokens=100_000), ModelSpec(name="m"), 64)
     short = stage_pb2.WorkItem(messages=[common_pb2.ChatMessage(role="user", content="hello")])
     long = stage_pb2.WorkItem(messages=[common_pb2.ChatMessage(role="user", content="word " * 2_000)])

@@ -6,7 +6,7 @@ operator's smoke test calls): POST / (TGI's compat route,
 SSE `data:` events (token events, then one with `generated_text` and `details`),
 errors as HTTP 4xx/5xx JSON `{"error", "error_type"}` before the stream and as an
 SSE error event under HTTP 200 once streaming, 429 `overloaded` when its
-concurrency limit is reached, GET /health and /info. Its behaviour comes from the
+concurrency limit is reached, POST /tokenize, GET /health and /info. Its behaviour comes from the
 prompt, so one server serves every test case:
 
     "fail-after:N"   send N tokens, then an SSE error event (error_type generation)
@@ -49,6 +49,9 @@ class LlamaModel:
         self.path = path
         self._llm = Llama(model_path=str(path), n_ctx=2048, n_threads=1, verbose=False)
         self._lock = asyncio.Lock()
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode(), add_bos=False, special=True))
 
     async def pieces(self, prompt: str, max_new: int, seed: int | None) -> AsyncIterator[tuple[str, str | None]]:
         """(text, finish reason on the last piece: "length" or "eos_token")."""
@@ -230,6 +233,20 @@ class FakeTgi:
         (self.failing.add if body.get("failing", True) else self.failing.discard)(body["prefix"])
         return web.json_response(sorted(self.failing))
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """TGI's POST /tokenize: the input's tokens as {id, text, start, stop}. With a model, its own
+        vocabulary's; else a word or a single other character a token (each CJK character one)."""
+        text = str((await request.json())["inputs"])
+        self.stats["tokenized"] = int(self.stats.get("tokenized", 0)) + 1  # type: ignore[call-overload]
+        if self.model is not None:
+            ids = self.model.tokenize(text)
+            return web.json_response([{"id": i, "text": "", "start": 0, "stop": 0} for i in ids])
+        tokens = [
+            {"id": n, "text": m.group(), "start": m.start(), "stop": m.end()}
+            for n, m in enumerate(re.finditer(r"[A-Za-z0-9_]+|\S", text))
+        ]
+        return web.json_response(tokens)
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -256,6 +273,7 @@ def make_app(name: str, max_concurrent: int, model_id: str = "fake/tgi") -> web.
     app.router.add_post("/generate", fake.generate)
     app.router.add_post("/control/fail", fake.fail)
     app.router.add_post("/{prefix:.+}/generate", fake.generate)
+    app.router.add_post("/tokenize", fake.tokenize)
     app.router.add_get("/health", fake.health)
     app.router.add_get("/info", fake.info)
     app.router.add_get("/stats", fake.get_stats)

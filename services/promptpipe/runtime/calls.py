@@ -9,6 +9,7 @@ replicas (round_robin over its headless Service's addresses, re-resolved as conn
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -22,10 +23,11 @@ from promptpipe.runtime.metrics import OpenCallSeconds
 from promptpipe.runtime.resilience import Attempt, Retries
 from promptpipe.v1 import stage_pb2, stage_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 # Only failures that mean "this call never reached a working server" are retried:
 # UNAVAILABLE from the transport, not one a stage's handler chose (see ORIGIN_TRAILER).
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
-_NEXT = "the next stage"
 
 
 class StageClient:
@@ -35,8 +37,10 @@ class StageClient:
         retry: RetrySpec,
         interceptors: Sequence[Any] = (),
         open_calls: OpenCallSeconds | None = None,
+        name: str = "the next stage",
     ) -> None:
         self.target = target
+        self.name = name  # what callers' messages call it: never its address
         self._retry = retry
         self._open_calls = open_calls or OpenCallSeconds()
         self._channel = grpc.aio.insecure_channel(
@@ -54,7 +58,7 @@ class StageClient:
     async def process(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
         """rag and assemble: one call, the enriched work item back."""
         with self._open_calls.open():  # retries and waiting included
-            async for attempt in Retries(self._retry, deadline, _NEXT):
+            async for attempt in Retries(self._retry, deadline, self.name):
                 try:
                     result: stage_pb2.WorkItem = await self._stub.Process(
                         item, timeout=self._remaining(deadline), wait_for_ready=True
@@ -67,7 +71,7 @@ class StageClient:
     async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
         """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
         with self._open_calls.open():  # retries and waiting included
-            async for attempt in Retries(self._retry, deadline, _NEXT):
+            async for attempt in Retries(self._retry, deadline, self.name):
                 call = self._stub.Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
                 streamed = False
                 try:
@@ -87,9 +91,20 @@ class StageClient:
             raise DeadlineExceeded("deadline passed before the next stage was reached")
         return remaining
 
-    @staticmethod
-    def _raise_unless_retryable(err: grpc.aio.AioRpcError, attempt: Attempt, streamed: bool) -> None:
+    def _raise_unless_retryable(self, err: grpc.aio.AioRpcError, attempt: Attempt, streamed: bool) -> None:
         code = err.code()
         trailers = tuple(err.trailing_metadata() or ())
-        if streamed or code not in _RETRYABLE or from_a_stage(trailers) or attempt.last:
+        if from_a_stage(trailers):  # a stage's handler chose it: pass it on as it is
             raise UpstreamError(code, err.details() or code.name, trailers) from None
+        if streamed or code not in _RETRYABLE or attempt.last:
+            # The transport's words name addresses and sockets: they go to the log, not to the client.
+            log.warning("call to %s (%s) failed: %s: %s", self.name, self.target, code.name, err.details())
+            raise UpstreamError(code, _transport_failure(self.name, code, streamed)) from None
+
+
+def _transport_failure(name: str, code: grpc.StatusCode, streamed: bool) -> str:
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return f"{name} went away mid-stream" if streamed else f"{name} is unreachable"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"deadline exceeded waiting for {name}"
+    return f"call to {name} failed: {code.name}"

@@ -42,7 +42,9 @@ def build_stage(
     next_calls = NextStageCalls(registry, name, stage.value)
 
     def client(to: StageName) -> StageClient:
-        return StageClient(config.endpoints[to], retry, client_interceptors, next_calls.to(to.value))
+        return StageClient(
+            config.endpoints[to], retry, client_interceptors, next_calls.to(to.value), f"the {to.value} stage"
+        )
 
     handler: EnrichingHandler | StreamingHandler
     if stage is StageName.STREAM:

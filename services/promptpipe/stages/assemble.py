@@ -8,15 +8,11 @@ from typing import Any
 
 from promptpipe.contract.spec import BackendKind, ModelSpec, TemplateSpec
 from promptpipe.runtime.stage import Call
+from promptpipe.stages import token_counts
 from promptpipe.stages.prompting import CHATML, COMMON, ChatTemplate, SpecialTokens, Tokenize, assemble
 from promptpipe.v1 import stage_pb2
 
 log = logging.getLogger(__name__)
-
-
-def approximate_tokens(text: str) -> int:
-    """About four characters a token: used when the model's vocabulary is not at hand."""
-    return max(1, (len(text) + 3) // 4)
 
 
 # Chats longer than this are assembled in a worker thread. Rendering and tokenizing take about half a
@@ -45,11 +41,18 @@ class AssembleHandler:
         self._model = model
         self._default_max_new = default_max_new_tokens
         self._template = ChatTemplate(spec.chat_template or CHATML)
-        self._tokenize: Tokenize = approximate_tokens
+        self._tokenize: Tokenize = token_counts.approximate_tokens
+        # Counting a part of the chat, to estimate what to cut: the same, unless counting asks a server.
+        self._estimate: Tokenize | None = None
         self._special: SpecialTokens = COMMON
         self._context_size: int | None = None
 
     async def start(self) -> None:
+        tgi = self._model.tgi
+        if self._model.backend is BackendKind.TGI and tgi is not None and tgi.endpoints:
+            self._tokenize = token_counts.TgiTokenCounter(tgi.endpoints, tgi.connect_timeout_seconds)
+            self._estimate = token_counts.approximate_tokens
+            return
         if self._model.backend is not BackendKind.LLAMACPP:
             return
         # The GGUF carries the model's vocabulary and chat template; load only those. Imported here:
@@ -83,8 +86,10 @@ class AssembleHandler:
         return max(0, budget)
 
     async def process(self, item: stage_pb2.WorkItem, call: Call) -> stage_pb2.WorkItem:
-        args = (self._spec, self._template, self._tokenize, self.budget(item), item, self._special)
-        if _chars(item) > LONG_CHAT_CHARS:  # rendering and tokenizing it would stall the other calls
+        args = (self._spec, self._template, self._tokenize, self.budget(item), item, self._special, self._estimate)
+        # A long chat would stall the other calls while it is rendered and tokenized; a count asked of a
+        # server would stall them while it waits.
+        if _chars(item) > LONG_CHAT_CHARS or self._estimate is not None:
             result = await asyncio.to_thread(assemble, *args)
         else:
             result = assemble(*args)

@@ -123,10 +123,13 @@ def assemble(
     budget: int,
     item: stage_pb2.WorkItem,
     special: SpecialTokens = COMMON,
+    estimate: Tokenize | None = None,
 ) -> Assembled:
+    """The prompt for `item` within `budget` tokens as `tokenize` counts them; `estimate` counts the
+    chat's parts to guess what to cut (default: `tokenize`; a cheaper one where counting is a call)."""
     if not item.messages or item.messages[-1].role != "user":
         raise InvalidArgument("messages", "the last message must be from the user")
-    return _Trimming(spec, template, tokenize, item, special).fit(budget)
+    return _Trimming(spec, template, tokenize, item, special, estimate or tokenize).fit(budget)
 
 
 class _Trimming:
@@ -143,8 +146,10 @@ class _Trimming:
         tokenize: Tokenize,
         item: stage_pb2.WorkItem,
         special: SpecialTokens,
+        estimate: Tokenize,
     ) -> None:
         self._spec, self._template, self._tokenize, self._special = spec, template, tokenize, special
+        self._count_part = estimate
         self._question = item.messages[-1].content
         self._history = list(item.messages[:-1])
         self._passages = list(item.passages)  # rag returns them best first
@@ -169,11 +174,11 @@ class _Trimming:
         framing = self._framing_per_message()
         saved = 0
         for step, (start, stop) in enumerate(self._exchanges, 1):
-            saved += sum(self._tokenize(m.content) + framing for m in self._history[start:stop])
+            saved += sum(self._count_part(m.content) + framing for m in self._history[start:stop])
             if saved >= excess:
                 return step
         for step, passage in enumerate(reversed(self._passages), len(self._exchanges) + 1):
-            saved += self._tokenize(passage.text) + 1
+            saved += self._count_part(passage.text) + 1
             if saved >= excess:
                 return step
         return len(self._exchanges) + len(self._passages)
@@ -181,7 +186,7 @@ class _Trimming:
     def _framing_per_message(self) -> int:
         """Tokens the template adds around each message (role markers, separators), on average."""
         messages = build_messages(self._spec, self._passages, self._history, self._question, self._special)
-        content = sum(self._tokenize(m["content"]) for m in messages)
+        content = sum(self._count_part(m["content"]) for m in messages)
         return max(0, (self._render(0).tokens - content) // len(messages))
 
     def _fewest_steps(self, budget: int, guess: int, most: int) -> int:
