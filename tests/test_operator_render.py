@@ -112,6 +112,20 @@ def test_deployment_probes_security_drain_and_config_rollout() -> None:
     assert config_map(changed, "ns1")[1] != digest, "a spec change rolls the pods"
 
 
+def test_a_pod_is_given_the_time_its_calls_may_take_before_it_is_killed() -> None:
+    for stage in StageName:
+        # Unset, the drain lasts the stage's timeout: a call admitted just before SIGTERM can finish.
+        pod = deployment(pipeline(), "ns1", stage, SETTINGS, "h")["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 120 + 5, stage
+    short = pipeline(post={"timeoutSeconds": 7.5})
+    assert (
+        deployment(short, "ns1", StageName.POST, SETTINGS, "h")["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+        == 8 + 5
+    )
+
+
 def test_scaled_object_scales_a_called_stage_on_the_calls_its_callers_have_open_to_it() -> None:
     pp = pipeline(
         rag={

@@ -151,3 +151,30 @@ async def test_a_stage_lost_mid_stream_is_named_to_the_client_without_the_transp
     # grpc's own words would be "Stream removed (Socket closed)", or name an address.
     assert out.error.message == "the inference stage went away mid-stream"
     assert 0 < out.chunks < 100
+
+
+@pytest.mark.parametrize(("drain", "cut"), [(None, False), (1.0, True)])
+async def test_a_stage_stopped_mid_stream_drains_for_its_timeout_unless_told_shorter(
+    start_pipeline, drain: float | None, cut: bool
+) -> None:
+    post = {"timeoutSeconds": 15} if drain is None else {"timeoutSeconds": 15, "drainGraceSeconds": drain}
+    p = start_pipeline(
+        synthetic_pipeline(
+            model={"synthetic": {"tokensPerSecond": 10}}, generation={"maxNewTokens": 40}, stages={"post": post}
+        )
+    )
+    streaming = Outcome()
+    call = asyncio.create_task(collect(p.gateway, "long", streaming, timeout=30))
+    await asyncio.wait_for(streaming.first_chunk.wait(), 10)
+    post_pid = p.pid(StageName.POST)
+    os.kill(post_pid, signal.SIGTERM)  # as a rolling restart does to the old pod
+
+    out = await asyncio.wait_for(call, 30)
+
+    if cut:  # told to drain for a second only: the 4-second stream is cut, explicitly
+        assert out.error is not None and out.error.code is grpc.StatusCode.UNAVAILABLE, out.error
+        assert out.chunks > 0 and out.summary is None
+    else:
+        assert out.error is None, out.error
+        assert out.summary is not None and out.summary.usage.completion_tokens == 40
+    await wait_until_async(lambda: not alive(post_pid), timeout=10, what="post to exit once drained")

@@ -11,6 +11,7 @@ see `rollout.py`), behind one inference Service that selects the active color.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 from promptpipe.contract import labels as keys
@@ -252,7 +253,7 @@ def deployment(
                     },
                 },
                 "spec": {
-                    "terminationGracePeriodSeconds": int(spec.drain_grace_seconds) + TERMINATION_MARGIN_SECONDS,
+                    "terminationGracePeriodSeconds": math.ceil(spec.drain_grace()) + TERMINATION_MARGIN_SECONDS,
                     # The stages never call the Kubernetes API: no token in the pod to steal.
                     "automountServiceAccountToken": False,
                     "securityContext": {

@@ -192,7 +192,7 @@ def stop(run: LocalRun) -> list[str]:
         if proc is None or not alive(proc.pid):
             continue
         os.kill(proc.pid, signal.SIGTERM)
-        grace = config.pipeline.spec.stages.get(stage).drain_grace_seconds
+        grace = config.pipeline.spec.stages.get(stage).drain_grace()
         if not exits(proc.pid, grace + 5.0):
             os.kill(proc.pid, signal.SIGKILL)
             killed.append(stage.value)

@@ -142,10 +142,16 @@ class StageSpec(_Model):
     queue: QueueSpec = QueueSpec()
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     retries: RetrySpec = RetrySpec()
-    drain_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # On SIGTERM, how long calls in progress may take to finish. Unset: the stage's timeout, so a call
+    # admitted just before the signal still finishes; set shorter, calls older than it are cut (UNAVAILABLE).
+    drain_grace_seconds: Annotated[float, Field(ge=0, le=3600)] | None = None
     scaling: ScalingSpec = ScalingSpec()
     # Operator only: the stage container's resources; unset, the operator's defaults for the stage.
     resources: ResourcesSpec | None = None
+
+    def drain_grace(self) -> float:
+        """How long a draining stage lets its calls run: `drainGraceSeconds`, else `timeoutSeconds`."""
+        return self.timeout_seconds if self.drain_grace_seconds is None else self.drain_grace_seconds
 
 
 class StagesSpec(_Model):

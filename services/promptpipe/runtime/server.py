@@ -120,7 +120,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     await stop.wait()
     watch.cancel()
 
-    grace = runtime.spec.drain_grace_seconds
+    grace = runtime.spec.drain_grace()
     log.info(
         "draining stage %s: %d in flight, %d queued, grace %.1fs",
         stage.value,
