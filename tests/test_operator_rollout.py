@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
+from tests.support.faults import FaultyProxy, Mode
 from tests.support.moto import make_model, registry_env
 from tests.support.operator import OperatorProcess
 from tests.support.pipelines import tgi_server
@@ -110,8 +112,17 @@ class Rollouts:
 
 
 @pytest.fixture
+def registry_proxy(registry: Registry) -> Iterator[FaultyProxy]:
+    """What the operator reaches the registry through: a TCP proxy in front of moto, for faults."""
+    url = urllib.parse.urlsplit(str(registry.settings.endpoint_url))
+    with FaultyProxy(str(url.hostname), int(url.port or 80)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
 def rollouts(
     registry: Registry,
+    registry_proxy: FaultyProxy,
     operator_identity: Path,
     namespace: str,
     kube: client.ApiClient,
@@ -128,6 +139,10 @@ def rollouts(
             tmp_path / "operator.log",
             env={
                 **registry_env(registry.settings),
+                "PROMPTPIPE_REGISTRY_ENDPOINT_URL": f"http://{registry_proxy.address}",
+                # As the chart runs it, but shorter: a stalled registry is given up on within seconds.
+                "PROMPTPIPE_REGISTRY_READ_TIMEOUT_SECONDS": "1",
+                "PROMPTPIPE_REGISTRY_MAX_ATTEMPTS": "2",
                 "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
                 "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5",
             },
@@ -137,6 +152,46 @@ def rollouts(
             yield Rollouts(Cluster(kube, namespace), control_plane, kube_tools, registry, tgi, op)
         finally:
             op.stop()
+
+
+def test_a_stalled_registry_leaves_the_version_unresolved_with_the_reason_and_the_reconcile_goes_on(
+    rollouts: Rollouts, registry_proxy: FaultyProxy
+) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.registry.promote("smollm2", "v1", "prod")
+    r.apply(bg_doc({"alias": "prod"}))
+    wait_until(lambda: r.backends() == {"blue": "v1"}, "v1 on blue")
+    r.all_ready()
+
+    registry_proxy.mode = Mode.STALL  # connections open, no answer: a read timeout, not a refusal
+    r.registry.promote("smollm2", "v2", "prod")  # directly, not through the proxy
+    doc = bg_doc({"alias": "prod"})
+    doc["spec"]["stages"]["post"] = {"timeoutSeconds": 33}
+    r.apply(doc)
+
+    def unresolved() -> dict[str, Any] | None:
+        conditions = {c["type"]: c for c in cluster.status(NAME).get("conditions", [])}
+        degraded = conditions.get("Degraded", {})
+        return degraded if degraded.get("reason") == "ModelUnresolved" else None
+
+    why = wait_until(unresolved, "the status to say the version is unresolved", timeout=30)
+    assert "no answer in time from" in why["message"], why
+    # The rest of the spec is still applied, and traffic stays on what is serving.
+    post = cluster.apps.read_namespaced_deployment(f"{NAME}-post", cluster.ns)
+    wait_until(
+        lambda: (
+            cluster.apps.read_namespaced_deployment(
+                f"{NAME}-post", cluster.ns
+            ).spec.template.spec.termination_grace_period_seconds
+            == 38
+        ),
+        "the post stage's new timeout applied while the registry is stalled",
+    )
+    assert post is not None and r.backends() == {"blue": "v1"} and r.traffic() == "blue"
+
+    registry_proxy.mode = Mode.PASS
+    wait_until(lambda: r.backends() == {"blue": "v1", "green": "v2"}, "the rollout once the registry answers")
+    wait_until(lambda: unresolved() is None, "the condition cleared")
 
 
 def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_retires_blue(rollouts: Rollouts) -> None:

@@ -29,3 +29,9 @@ class RegistrySettings(BaseSettings):
     """Size of each part (S3's minimum is 5 MiB)."""
     max_concurrency: int = Field(default=8, ge=1, le=64)
     """Parts transferred at once."""
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    """Seconds to open a connection to S3 or DynamoDB."""
+    read_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """Seconds without a byte from S3 or DynamoDB before a call fails (the operator runs with 10)."""
+    max_attempts: int = Field(default=4, ge=1, le=10)
+    """Attempts of each call, retries included (botocore's standard mode: throttling and transient faults)."""

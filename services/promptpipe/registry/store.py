@@ -164,9 +164,9 @@ class Registry:
         self.settings = settings or RegistrySettings()
         s = self.settings
         config = Config(
-            retries={"mode": "standard", "max_attempts": 4},
-            connect_timeout=5,
-            read_timeout=60,
+            retries={"mode": "standard", "max_attempts": s.max_attempts},
+            connect_timeout=s.connect_timeout_seconds,
+            read_timeout=s.read_timeout_seconds,
             s3={"addressing_style": "path"} if (s.s3_endpoint_url or s.endpoint_url) else None,
         )
         session = boto3.session.Session(region_name=s.region)
@@ -190,8 +190,11 @@ class Registry:
                 f"{what}: no AWS credentials found ({e}); set AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role"
             ) from None
-        except botocore.exceptions.EndpointConnectionError as e:
-            raise errors.Unreachable(f"{what}: cannot reach {e.kwargs.get('endpoint_url', 'the endpoint')}") from None
+        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
+            # Refused, timed out connecting or reading, or closed mid-answer: the network's faults, retried
+            # by botocore already.
+            where = e.kwargs.get("endpoint_url", "the registry")
+            raise errors.Unreachable(f"{what}: {_network_fault(e)} {where}") from None
         except botocore.exceptions.ClientError as e:
             code, message = _error_of(e)
             if code in ("NoSuchBucket",):
@@ -205,6 +208,8 @@ class Registry:
             if code in _AUTH_CODES:
                 raise errors.AuthError(f"{what}: the credentials were refused ({code}: {message})") from None
             raise errors.RegistryError(f"{what}: {code}: {message}") from None
+        except botocore.exceptions.BotoCoreError as e:  # anything else botocore can raise (a bad answer, ...)
+            raise errors.RegistryError(f"{what}: {type(e).__name__}: {e}") from None
 
     def _check_bucket(self, what: str) -> None:
         with self._errors(what):
@@ -580,6 +585,16 @@ class Registry:
                 f"{f.path}: downloaded content does not match the registry "
                 f"(expected sha256 {f.sha256}, {f.size} bytes; got {got}, {size} bytes)"
             )
+
+
+def _network_fault(e: botocore.exceptions.BotoCoreError) -> str:
+    if isinstance(e, botocore.exceptions.ReadTimeoutError):
+        return "no answer in time from"
+    if isinstance(e, botocore.exceptions.ConnectTimeoutError):
+        return "timed out connecting to"
+    if isinstance(e, botocore.exceptions.ConnectionClosedError):
+        return "connection closed by"
+    return "cannot reach"
 
 
 def _error_of(e: botocore.exceptions.ClientError) -> tuple[str, str]:

@@ -5,6 +5,7 @@ Anything else becomes INTERNAL with a fixed message: internals never reach clien
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import grpc
@@ -65,6 +66,10 @@ class UpstreamError(StageError):
         self.trailers = trailers
 
 
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]
+    """A status to abort with, trailers included."""
+
+
 def _retry_info_status(err: Shed) -> grpc.Status:
     seconds = int(err.retry_after)
     nanos = int((err.retry_after - seconds) * 1e9)
@@ -86,8 +91,9 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, stag
         await context.abort(exc.code, exc.message, trailing_metadata=passed_on or ((ORIGIN_TRAILER, stage),))
     origin = ((ORIGIN_TRAILER, stage),)
     if isinstance(exc, Shed):
-        context.set_trailing_metadata(origin)
-        await context.abort_with_status(_retry_info_status(exc))
+        # abort_with_status sends the status's own trailers only (the context's are dropped): add ours there.
+        status = _retry_info_status(exc)
+        await context.abort_with_status(_Status(status.code, status.details, (*status.trailing_metadata, *origin)))
     if isinstance(exc, StageError):
         await context.abort(exc.code, exc.message, trailing_metadata=origin)
     log.exception("unexpected error in stage %s", stage, exc_info=exc)

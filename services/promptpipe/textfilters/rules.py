@@ -29,6 +29,9 @@ class Rule:
     action: Action
     replacement: str = ""
     validate: Callable[[str], bool] | None = None
+    # For a redaction: whether the start of a match, cut short by a broken stream, already gives away
+    # what the rule protects (and so is redacted whole rather than sent).
+    revealing: Callable[[str], bool] | None = None
 
 
 def _digits(text: str) -> str:
@@ -71,6 +74,20 @@ IBAN = r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?!\w)"
 PHONE = r"(?<![\w+]|\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){5,13}(?![\w-]|[ .-]\d)"
 
 
+# What the start of a match must hold to give something away: a word is not half an address until its @;
+# a country code and check digits are not yet an account (an IBAN's bank code follows them).
+def _has_at(text: str) -> bool:
+    return "@" in text
+
+
+def _digits_at_least(n: int) -> Callable[[str], bool]:
+    return lambda text: len(_digits(text)) >= n
+
+
+def _iban_start(text: str) -> bool:
+    return len("".join(text.split())) >= 8
+
+
 def stop_rules(stops: Sequence[str]) -> list[Rule]:
     return [Rule(f"stop:{s}", regex.compile(regex.escape(s)), Action.STOP) for s in dict.fromkeys(stops)]
 
@@ -79,13 +96,16 @@ def build_rules(spec: PostSpec) -> list[Rule]:
     rules = stop_rules(spec.stop_sequences)
     red = spec.redact
     if red.email:
-        rules.append(Rule("email", regex.compile(EMAIL), Action.REPLACE, red.replacement))
+        rules.append(Rule("email", regex.compile(EMAIL), Action.REPLACE, red.replacement, revealing=_has_at))
     if red.card:
-        rules.append(Rule("card", regex.compile(CARD), Action.REPLACE, red.replacement, luhn_valid))
+        card = regex.compile(CARD)
+        rules.append(Rule("card", card, Action.REPLACE, red.replacement, luhn_valid, _digits_at_least(6)))
     if red.iban:
-        rules.append(Rule("iban", regex.compile(IBAN), Action.REPLACE, red.replacement, iban_valid))
+        rules.append(Rule("iban", regex.compile(IBAN), Action.REPLACE, red.replacement, iban_valid, _iban_start))
     if red.phone:
-        rules.append(Rule("phone", regex.compile(PHONE), Action.REPLACE, red.replacement, phone_valid))
+        rules.append(
+            Rule("phone", regex.compile(PHONE), Action.REPLACE, red.replacement, phone_valid, _digits_at_least(6))
+        )
     block = spec.blocklist
     if block.words:
         words = "|".join(regex.escape(w) for w in block.words)

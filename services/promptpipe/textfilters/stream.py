@@ -46,7 +46,6 @@ class StreamingFilter:
         self._pending = ""
         self._context = ""
         self._ended = False
-        self._holding: Rule | None = None  # the rule whose match in progress holds text back
 
     @property
     def held_back(self) -> int:
@@ -68,33 +67,55 @@ class StreamingFilter:
         return out
 
     def abandon(self) -> Emitted:
-        """The answer broke off: release only what is safe. Text held back mid-match is never sent as it
-        is (a card number cut short may still be most of one): held for a redaction, it becomes the
-        replacement as a whole; held for a stop sequence or the blocklist, it is dropped."""
+        """The answer broke off: release what is safe. Text held back is judged as it stands (as at
+        `finish`), except the start of a redaction's match that already gives something away (the @ of
+        an address, the first digits of a card number): that goes out as the replacement, whole, never
+        as it is. A plain word held back in case it grows into an address goes out as it is."""
         if self._ended:
             return Emitted("")
         out = self._release(final=False)
-        self._ended = True
-        held, self._pending = self._pending, ""
-        if out.ended_by is not None or not held:
+        if out.ended_by is not None:
             return out
-        rule = self._holding
-        return Emitted(out.text + (rule.replacement if rule is not None and rule.action is Action.REPLACE else ""))
+        revealing = self._revealing_start()
+        if revealing is None:
+            rest = self._release(final=True)
+            self._ended = True
+            return Emitted(out.text + rest.text, rest.ended_by)
+        start, replacement = revealing
+        self._pending = self._pending[:start]
+        before = self._release(final=True)
+        self._ended = True
+        if before.ended_by is not None:
+            return Emitted(out.text + before.text, before.ended_by)
+        return Emitted(out.text + before.text + replacement)
+
+    def _revealing_start(self) -> tuple[int, str] | None:
+        """Where in the held-back text the earliest revealing partial match starts, and its replacement."""
+        subject = self._context + self._pending
+        offset = len(self._context)
+        earliest: tuple[int, str] | None = None
+        for rule in self._rules:
+            if rule.revealing is None:
+                continue
+            for m in rule.pattern.finditer(subject, pos=offset, partial=True):
+                cut_short = m.partial or m.end() == len(subject)  # what may have gone on, had the stream
+                if cut_short and rule.revealing(m.group()) and (earliest is None or m.start() - offset < earliest[0]):
+                    earliest = (m.start() - offset, rule.replacement)
+        return earliest
 
     def _scan(self, final: bool) -> tuple[list[Match], int]:
-        """Complete matches, and where the earliest still-open match starts (its rule in `_holding`)."""
+        """Complete matches, and where the earliest still-open match starts."""
         subject = self._context + self._pending
         offset = len(self._context)
         end = len(subject)
         hold = end
-        self._holding = None
         matches: list[Match] = []
         for rule in self._rules:
             for m in rule.pattern.finditer(subject, pos=offset, partial=not final):
                 start, stop = m.span()
                 if m.partial or (not final and self._may_grow(rule, subject, start, stop)):
-                    if stop > start and start < hold:
-                        hold, self._holding = start, rule
+                    if stop > start:
+                        hold = min(hold, start)
                     continue
                 if rule.validate is None or rule.validate(m.group()):
                     matches.append(Match(start - offset, stop - offset, rule))
@@ -131,8 +152,6 @@ class StreamingFilter:
                 break
             if m.end > cut:  # overlaps a match still open: wait for it
                 cut = m.start
-                if self._holding is None or self._holding.action is Action.REPLACE:
-                    self._holding = m.rule
                 break
             pieces.append(self._pending[pos : m.start])
             if m.rule.action is not Action.REPLACE:
