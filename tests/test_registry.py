@@ -8,16 +8,19 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 import boto3
 import pytest
 
+from promptpipe.localproc import free_port
 from promptpipe.registry import errors
 from promptpipe.registry.manifest import MARKER, FileEntry, scan
 from promptpipe.registry.refs import ModelRef, RefError, next_version, parse_ref
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
+from tests.support.faults import FaultyProxy, Mode
 from tests.support.moto import make_model, moto_server, registry_env
 
 MiB = 1 << 20
@@ -115,6 +118,23 @@ def test_missing_credentials_are_an_auth_error(
     reg = Registry(RegistrySettings(bucket="b", table="t", endpoint_url=moto_endpoint, region="us-east-1"))
     with pytest.raises(errors.AuthError, match="no AWS credentials found"):
         reg.models()
+
+
+def test_network_faults_are_registry_errors_that_name_the_fault(registry: Registry) -> None:
+    url = urllib.parse.urlsplit(str(registry.settings.endpoint_url))
+    with FaultyProxy(str(url.hostname), int(url.port or 80)) as proxy:
+        through = registry.settings.model_copy(
+            update={"endpoint_url": f"http://{proxy.address}", "read_timeout_seconds": 1, "max_attempts": 1}
+        )
+        reg = Registry(through)
+        assert reg.models() == []  # through the proxy, as it is
+        proxy.mode = Mode.STALL
+        with pytest.raises(errors.Unreachable, match=rf"no answer in time from http://{proxy.address}"):
+            reg.models()
+        proxy.mode = Mode.PASS
+        closed = Registry(through.model_copy(update={"endpoint_url": f"http://127.0.0.1:{free_port()}"}))
+        with pytest.raises(errors.Unreachable, match="cannot reach"):
+            closed.models()
 
 
 # -- push and pull ------------------------------------------------------------------------------
