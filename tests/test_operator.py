@@ -181,6 +181,24 @@ def test_a_spec_edit_changes_exactly_the_children_it_must(
     wait_until(lambda: cluster.events("Updated"), "an Updated event")
 
 
+def test_an_object_of_a_childs_name_that_is_not_the_pipelines_is_never_taken_over(
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
+    theirs = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="quickstart-config"), data={"owner": "someone"})
+    cluster.core.create_namespaced_config_map(cluster.ns, theirs)
+
+    apply(control_plane, kube_tools, cluster.ns, pipeline_doc())
+
+    status = wait_until(lambda: cluster.status().get("phase") == "Degraded" and cluster.status(), "phase Degraded")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "NameTaken", degraded
+    assert degraded["message"].startswith("ConfigMap quickstart-config: ")
+    wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN - 1), "every other child")
+    left = cluster.core.read_namespaced_config_map("quickstart-config", cluster.ns)
+    assert left.data == {"owner": "someone"} and not left.metadata.owner_references
+    assert wait_until(lambda: cluster.events("NameTaken"), "a Warning event naming it")
+
+
 def test_a_deleted_or_hand_edited_child_is_repaired(
     operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
 ) -> None:

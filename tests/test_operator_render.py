@@ -72,6 +72,16 @@ def test_names_stay_dns_labels_for_the_longest_pipeline_name() -> None:
     assert child_name(long, "inference").endswith("-inference")
 
 
+def test_long_names_that_share_a_beginning_never_share_a_child() -> None:
+    a, b = "p" * 55 + "-east", "p" * 55 + "-west"
+    names_a = {m["metadata"]["name"] for m in children(pipeline(a), "ns1", SETTINGS)}
+    names_b = {m["metadata"]["name"] for m in children(pipeline(b), "ns1", SETTINGS)}
+    assert not names_a & names_b
+    assert all(DNS_LABEL.match(n) for n in names_a | names_b)
+    # A name that fits is kept as it is, as before: upgrading renames nothing.
+    assert child_name("quickstart", "inference") == "quickstart-inference"
+
+
 def test_services_select_exactly_their_stage_pods() -> None:
     out = children(pipeline(), "ns1", SETTINGS)
     deployments, services = by_kind(out, "Deployment"), by_kind(out, "Service")

@@ -122,6 +122,27 @@ class Kube:
                     out[(kind, obj["metadata"]["name"])] = obj
         return out
 
+    def strangers(self, namespace: str, owner_uid: str, objects: list[KubeObject]) -> list[ChildKey]:
+        """Of `objects`, the ones that exist already without the owner's controller reference: another's
+        objects of the same name, which an apply would take over."""
+
+        def taken(obj: KubeObject) -> bool:
+            # Listed by name rather than read: the operator may list its kinds, not get them one by one.
+            res = self._resource(obj["apiVersion"], obj["kind"])
+            found = res.get(namespace=namespace, field_selector=f"metadata.name={obj['metadata']['name']}").items
+            if not found:
+                return False
+            refs = found[0].to_dict()["metadata"].get("ownerReferences") or []
+            return not any(r.get("uid") == owner_uid and r.get("controller") for r in refs)
+
+        for obj in objects:  # discovery once, before the threads share its cache
+            self._resource(obj["apiVersion"], obj["kind"])
+        return [
+            (o["kind"], o["metadata"]["name"])
+            for o, t in zip(objects, self._pool.map(taken, objects), strict=True)
+            if t
+        ]
+
     def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         """The pods carrying all of `labels`."""
         selector = ",".join(f"{k}={v}" for k, v in labels.items())

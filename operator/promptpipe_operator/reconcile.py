@@ -174,6 +174,12 @@ def reconcile_once(
             if unresolved:
                 problem = Problem("ModelUnresolved", unresolved)
         desired = render.children(pp, namespace, settings, rollout_state, registry.settings if registry else None)
+        # An object of a child's name that is not ours is left alone: a forced apply would take it over.
+        new = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
+        taken = kube.strangers(namespace, meta["uid"], new) if new else []
+        if taken:
+            problem = Problem("NameTaken", name_taken_message(taken))
+            desired = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in taken]
         for manifest in desired:
             manifest["metadata"]["ownerReferences"] = [owner]
         for manifest, obj in zip(desired, kube.apply_all(desired), strict=True):
@@ -214,6 +220,14 @@ def reconcile_once(
     result.events = events_for(result, before, generation) + result.events
     result.error = failure
     return result
+
+
+def name_taken_message(taken: list[ChildKey]) -> str:
+    names = ", ".join(f"{kind} {name}" for kind, name in taken)
+    return (
+        f"{names}: already there and not this pipeline's (no controller reference to it), so left as it is; "
+        "delete or rename it, or rename the pipeline"
+    )
 
 
 def advance_rollout(

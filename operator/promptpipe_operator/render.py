@@ -45,6 +45,8 @@ MODELS_DIR = "/models"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
+DNS_LABEL_CHARS = 63
+NAME_HASH_CHARS = 8
 # What a stage (or the model download's) /tmp may hold: nothing we run writes much there.
 SCRATCH_SIZE_LIMIT = "256Mi"
 
@@ -53,9 +55,14 @@ KubeObject = dict[str, Any]
 
 
 def child_name(pipeline: str, suffix: str) -> str:
-    """`<pipeline>-<suffix>`, cut to a 63-character DNS label."""
-    head = pipeline[: 63 - len(suffix) - 1].rstrip("-")
-    return f"{head}-{suffix}"
+    """`<pipeline>-<suffix>`, within a 63-character DNS label. A name too long for it is cut, and a hash of
+    the whole pipeline name goes in, so two long names that share a beginning never share a child."""
+    name = f"{pipeline}-{suffix}"
+    if len(name) <= DNS_LABEL_CHARS:
+        return name
+    digest = hashlib.sha256(pipeline.encode()).hexdigest()[:NAME_HASH_CHARS]
+    head = pipeline[: DNS_LABEL_CHARS - len(suffix) - NAME_HASH_CHARS - 2].rstrip("-")
+    return f"{head}-{digest}-{suffix}"
 
 
 def labels(pipeline: str, component: str) -> dict[str, str]:
