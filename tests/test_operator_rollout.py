@@ -211,11 +211,14 @@ def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_reti
     status = wait_until(lambda: cluster.status(NAME).get("activeColor") == "green" and cluster.status(NAME), "status")
     assert (status["activeVersion"], status["activeColor"]) == ("v2", "green")
     assert (status["previousVersion"], status["previousColor"]) == ("v1", "blue")
-    # The analysis window passes without enough calls to judge, then blue is kept for keepPrevious and removed.
+    # The analysis window passes without enough calls to judge: promoted, saying so; then blue is kept for
+    # keepPrevious and removed.
     wait_until(lambda: r.rollout()["phase"] == "Stable", "the analysis to end", timeout=15)
+    assert r.rollout()["reason"] == "AnalysisInconclusive"
+    assert r.rollout()["message"].startswith("promoted without a verdict: ")
     wait_until(lambda: r.backends() == {"green": "v2"}, "blue retired after keepPrevious", timeout=15)
     assert [h["result"] for h in r.rollout()["history"]] == ["Deployed", "Succeeded"]
-    for reason in ("RolloutStarted", "Switched", "RolloutSucceeded"):
+    for reason in ("RolloutStarted", "Switched", "RolloutInconclusive"):
         assert wait_until(lambda rs=reason: cluster.events(rs), f"a {reason} event")
 
 

@@ -178,3 +178,28 @@ async def test_a_stage_stopped_mid_stream_drains_for_its_timeout_unless_told_sho
         assert out.error is None, out.error
         assert out.summary is not None and out.summary.usage.completion_tokens == 40
     await wait_until_async(lambda: not alive(post_pid), timeout=10, what="post to exit once drained")
+
+
+async def test_the_gateway_tells_deadlines_its_callers_chose_from_its_own_timeout(start_pipeline) -> None:
+    p = start_pipeline(
+        synthetic_pipeline(
+            model={"synthetic": {"tokensPerSecond": 10}},
+            generation={"maxNewTokens": 40},
+            stages={"stream": {"timeoutSeconds": 2}},
+        )
+    )
+    for _ in range(3):  # the callers' own 1-second deadlines
+        await collect(p.gateway, "hurry", timeout=1.0)
+    late = await collect(p.gateway, "slow", timeout=30.0)  # outlives the gateway's 2-second timeout
+    assert late.error is not None and late.error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+    deadlines = p.metric(StageName.STREAM, "promptpipe_stage_duration_seconds_count", code="DEADLINE_EXCEEDED")
+    callers = p.metric(StageName.STREAM, "promptpipe_stage_caller_deadline_exceeded_total")
+    try:
+        cancelled = p.metric(StageName.STREAM, "promptpipe_stage_duration_seconds_count", code="CANCELLED")
+    except KeyError:  # no call was: the series is made at its first
+        cancelled = 0.0
+    # A caller's deadline ends its call at the gateway as DEADLINE_EXCEEDED (the calls downstream carry
+    # it) or CANCELLED (grpc ended it first): either way it is the caller's, never the gateway's failure.
+    assert deadlines - callers == 1, (deadlines, callers)
+    assert callers + cancelled == 3

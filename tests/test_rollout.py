@@ -272,3 +272,39 @@ def test_the_verdict_needs_enough_calls_and_names_the_threshold() -> None:
     assert ok is False and "maxErrorRate" in why
     ok, why = verdict(100, 0, 1.5, cfg)
     assert ok is False and "maxTtftP95Seconds" in why
+
+
+def test_a_window_too_quiet_to_judge_is_promoted_only_with_the_reason_said() -> None:
+    d = decide(STABLE_V1, obs("v2"), CFG)
+    d = decide(d.state, obs("v2", 30, target_ready=True, smoke=(True, "ok")), CFG)
+    quiet = "3 calls since the switch, fewer than minRequests 20"
+    d = decide(d.state, obs("v2", 60, verdict=(None, quiet)), CFG)
+    assert d.state.phase == ANALYZING and not d.state.judged
+    d = decide(d.state, obs("v2", 151, verdict=(None, quiet)), CFG)
+    assert d.state.phase == STABLE and d.state.previous == Slot("v1", BLUE)
+    assert d.state.history[-1]["reason"] == "AnalysisInconclusive"
+    assert (d.state.reason, d.state.message) == ("AnalysisInconclusive", f"promoted without a verdict: {quiet}")
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "RolloutInconclusive")]
+    assert quiet in d.events[0].message
+
+
+def test_one_conclusive_verdict_in_the_window_makes_it_a_pass() -> None:
+    d = decide(STABLE_V1, obs("v2"), CFG)
+    d = decide(d.state, obs("v2", 30, target_ready=True, smoke=(True, "ok")), CFG)
+    d = decide(d.state, obs("v2", 60, verdict=(True, "error rate 0.0% over 40 calls")), CFG)
+    assert d.state.judged and State.from_status(d.state.to_status()).judged
+    d = decide(d.state, obs("v2", 151), CFG)
+    assert d.state.history[-1]["reason"] == "AnalysisPassed" and d.state.reason == ""
+    assert [(e.type, e.reason) for e in d.events] == [("Normal", "RolloutSucceeded")]
+
+
+def test_deadlines_the_callers_chose_are_not_the_models_errors() -> None:
+    text = GATEWAY + (
+        "# TYPE promptpipe_stage_duration_seconds histogram\n"
+        'promptpipe_stage_duration_seconds_count{pipeline="q",stage="stream",code="OK"} 80\n'
+        'promptpipe_stage_duration_seconds_count{pipeline="q",stage="stream",code="DEADLINE_EXCEEDED"} 20\n'
+        "# TYPE promptpipe_stage_caller_deadline_exceeded counter\n"
+        'promptpipe_stage_caller_deadline_exceeded_total{pipeline="q",stage="stream"} 18\n'
+    )
+    c = parse_gateway(text, "q")
+    assert (c.requests, c.errors) == (100, 2), "18 of the 20 deadlines were the callers' own, shorter than the timeout"

@@ -2,7 +2,8 @@
 
 Counters come from every gateway pod's /metrics (a snapshot per pod; the baseline is
 the snapshot at the switch) or from Prometheus. Only server-side failures count as
-errors: a client's bad request, cancellation or load shedding says nothing about the model.
+errors: a client's bad request, cancellation or load shedding says nothing about the model,
+and neither does a deadline the client chose shorter than the gateway's timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from promptpipe.contract.codes import SERVER_ERROR_CODES
 from promptpipe.contract.spec import AnalysisSpec, StageName
 
 CALLS = metrics.series(metrics.STAGE_DURATION, "_count")
+CALLER_DEADLINES = metrics.series(metrics.STAGE_CALLER_DEADLINES)
 TTFT_BUCKETS = metrics.series(metrics.GATEWAY_TTFT, "_bucket")
 GATEWAY_STAGE = StageName.STREAM.value  # the stage that serves the public API
 
@@ -53,6 +55,8 @@ def parse_gateway(text: str, pipeline: str) -> Counts:
                 requests += sample.value
                 if labels.get("code") in SERVER_ERROR_CODES:
                     errors += sample.value
+            elif sample.name == CALLER_DEADLINES and labels.get("stage") == GATEWAY_STAGE:
+                errors -= sample.value  # counted among the DEADLINE_EXCEEDED ones: the caller's
             elif sample.name == TTFT_BUCKETS:
                 le = labels["le"]
                 buckets[le] = buckets.get(le, 0.0) + sample.value
@@ -115,6 +119,8 @@ def prometheus_queries(namespace: str, pipeline: str, seconds: float) -> dict[st
     window = f"[{max(round(seconds * 1000), 1000)}ms]"  # to the millisecond: a second more reaches an older scrape
     return {
         "requests": f'sum(increase({CALLS}{{{sel},stage="{GATEWAY_STAGE}"}}{window}))',
-        "errors": f'sum(increase({CALLS}{{{sel},stage="{GATEWAY_STAGE}",code=~"{codes}"}}{window}))',
+        # Server errors, less the deadlines callers chose (`or vector(0)`: a missing series is none).
+        "errors": f'(sum(increase({CALLS}{{{sel},stage="{GATEWAY_STAGE}",code=~"{codes}"}}{window})) or vector(0))'
+        f' - (sum(increase({CALLER_DEADLINES}{{{sel},stage="{GATEWAY_STAGE}"}}{window})) or vector(0))',
         "ttft_p95": f"histogram_quantile(0.95, sum by (le) (increase({TTFT_BUCKETS}{{{sel}}}{window})))",
     }

@@ -59,6 +59,7 @@ class State:
     message: str = ""
     rollback_handled: str = ""
     history: tuple[dict[str, str], ...] = ()
+    judged: bool = False  # an analysis of this rollout had calls enough to judge (and found it healthy)
 
     def deployed(self) -> list[Slot]:
         """Backend colors that should run now."""
@@ -83,6 +84,8 @@ class State:
                 out[key] = value
         if self.failed_generation:
             out["failedGeneration"] = self.failed_generation
+        if self.judged:
+            out["judged"] = True
         if self.baseline is not None:
             out["baseline"] = self.baseline
         out["history"] = list(self.history)
@@ -112,6 +115,7 @@ class State:
             message=s.get("message", ""),
             rollback_handled=s.get("rollbackHandled", ""),
             history=tuple(s.get("history") or ()),
+            judged=bool(s.get("judged", False)),
         )
 
 
@@ -305,21 +309,36 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             healthy, why = obs.verdict
             if healthy is False:
                 return _roll_back(state, obs, active, state.previous, "AnalysisFailed", why)
-            state = replace(state, last_analysis_at=ts(now), message=why)
+            state = replace(state, last_analysis_at=ts(now), message=why, judged=state.judged or healthy is True)
         switched_at = parse_time(state.switched_at) or now
         window_over = (now - switched_at).total_seconds() >= cfg.analysis.window
         if window_over or (desired is not None and desired != active.version):
+            # Promoted either way, but never silently on a window too quiet to judge: the status, the
+            # history and a Warning event say that no verdict was reached, and why.
+            reason = "AnalysisPassed" if state.judged else "AnalysisInconclusive"
+            unjudged = state.message
             state = replace(
                 state,
                 phase=STABLE,
                 previous_until=ts(now + dt.timedelta(seconds=cfg.keep_previous)),
                 last_analysis_at="",
                 baseline=None,
-                reason="",
-                history=_history(state, active.version, "Succeeded", "AnalysisPassed", now),
+                reason="" if state.judged else reason,
+                message=state.message if state.judged else f"promoted without a verdict: {unjudged}",
+                judged=False,
+                history=_history(state, active.version, "Succeeded", reason, now),
             )
             kept = f"{state.previous.version} kept until {state.previous_until}" if state.previous else ""
-            events.append(Event("Normal", "RolloutSucceeded", f"{active.version} passed analysis; {kept}"))
+            if reason == "AnalysisPassed":
+                events.append(Event("Normal", "RolloutSucceeded", f"{active.version} passed analysis; {kept}"))
+            else:
+                events.append(
+                    Event(
+                        "Warning",
+                        "RolloutInconclusive",
+                        f"{active.version} promoted without a verdict ({unjudged}); {kept}",
+                    )
+                )
         else:
             return Decision(state, events)
 

@@ -62,6 +62,13 @@ STAGE_DURATION = Metric(
     "Time from slot to end of call, by status.",
     (*_STAGE, Label.CODE),
 )
+STAGE_CALLER_DEADLINES = Metric(
+    "promptpipe_stage_caller_deadline_exceeded_total",
+    Kind.COUNTER,
+    "Calls among the DEADLINE_EXCEEDED ones whose deadline the caller chose, shorter than the stage's"
+    " timeoutSeconds: the caller's choice, not the stage's failure (rollout analysis does not count them).",
+    _STAGE,
+)
 STAGE_SHED = Metric(
     "promptpipe_stage_shed_total", Kind.COUNTER, "Requests shed by the queue, by reason.", (*_STAGE, Label.REASON)
 )
@@ -110,6 +117,7 @@ ALL: tuple[Metric, ...] = (
     STAGE_CONCURRENCY,
     STAGE_QUEUE_WAIT,
     STAGE_DURATION,
+    STAGE_CALLER_DEADLINES,
     STAGE_SHED,
     GATEWAY_TTFT,
     GATEWAY_TPOT,

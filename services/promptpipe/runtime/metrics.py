@@ -71,6 +71,7 @@ class StageMetrics:
             self._duration.labels(**labels, code=code)
         self.rejected = shed.labels(**labels, reason="rejected")
         self.dropped = shed.labels(**labels, reason="dropped")
+        self.caller_deadlines = _counter(m.STAGE_CALLER_DEADLINES, registry).labels(**labels)
 
     def observe_call(self, code: str, seconds: float) -> None:
         self._duration.labels(**self._labels, code=code).observe(seconds)

@@ -70,17 +70,18 @@ class StageRuntime:
         queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
         return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
 
-    def deadline_for(self, context: grpc.aio.ServicerContext) -> float:
-        """The caller's deadline, capped by this stage's timeout."""
+    def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
+        """The caller's deadline, capped by this stage's timeout; and whether it is the caller's."""
         remaining = context.time_remaining()
-        timeout = self.spec.timeout_seconds if remaining is None else min(remaining, self.spec.timeout_seconds)
-        return time.monotonic() + timeout
+        if remaining is not None and remaining < self.spec.timeout_seconds:
+            return time.monotonic() + remaining, True
+        return time.monotonic() + self.spec.timeout_seconds, False
 
     @contextlib.asynccontextmanager
     async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
         """Admit the call and hold its work slot for the body, in a span; map any
         failure of the body to a status (the one place errors become statuses)."""
-        deadline = self.deadline_for(context)
+        deadline, callers = self.deadline_for(context)
         started = time.perf_counter()
         code = "OK"
         watchdog = _Watchdog(context, deadline + WATCHDOG_SLACK_SECONDS, self.stage)
@@ -103,6 +104,8 @@ class StageRuntime:
             if watchdog.fired:
                 code = DeadlineExceeded.code.name
             self.metrics.observe_call(code, time.perf_counter() - started)
+            if callers and code == DeadlineExceeded.code.name:
+                self.metrics.caller_deadlines.inc()
 
     def timing(self, call: Call, work_started: float) -> common_pb2.StageTiming:
         return common_pb2.StageTiming(
