@@ -5,7 +5,10 @@ own exposition (the operator's scrape source): both must reach the same verdict.
 
 from __future__ import annotations
 
+import http.server
+import json
 import re
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -91,3 +94,38 @@ def test_an_unreachable_or_refusing_prometheus_gives_no_verdict_and_says_why(kub
     with prometheus(kube_tools, tmp_path / "prometheus", {}) as url:
         healthy, why = probes.analyse_prometheus('a"b', PIPELINE, 30, spec(url))  # a broken selector
     assert healthy is None and "Prometheus refused the query" in why, why
+
+
+@pytest.mark.processes
+def test_what_a_server_other_than_prometheus_answers_is_never_copied_into_the_status() -> None:
+    secret = "root:x:0:0:/etc/shadow-like-content"
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = (
+                (400, json.dumps({"status": "error", "leak": secret}))
+                if "leak" in self.path
+                else (
+                    200,
+                    json.dumps({"anything": secret}),
+                )
+            )
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for base in (url, f"{url}/leak"):
+            healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec(base))
+            assert healthy is None and "not a Prometheus API answer" in why
+            assert secret not in why
+    finally:
+        server.shutdown()
+        thread.join()

@@ -308,4 +308,4 @@ def test_the_plain_install_is_accepted_by_the_api_server(
         "-f",
         str(ROOT / "deploy" / "install.yaml"),
     )
-    assert result.stdout.count("(server dry run)") == 8
+    assert result.stdout.count("(server dry run)") == 10

@@ -248,17 +248,30 @@ def test_a_deleted_or_hand_edited_child_is_repaired(
 def test_a_stages_cluster_ip_service_from_an_earlier_version_is_replaced_by_a_headless_one(
     operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
 ) -> None:
-    # As an earlier promptpipe left it: a ClusterIP Service, whose clusterIP cannot be changed in place.
-    cluster.core.create_namespaced_service(
-        cluster.ns,
-        {
-            "metadata": {"name": "quickstart-rag"},
-            "spec": {"ports": [{"name": "grpc", "port": 50051}], "selector": {"app.kubernetes.io/component": "rag"}},
-        },
-    )
-    assert cluster.core.read_namespaced_service("quickstart-rag", cluster.ns).spec.cluster_ip != "None"
     deploy(control_plane, kube_tools, cluster, pipeline_doc())
-    assert cluster.children()[("Service", "quickstart-rag")]["spec"]["clusterIP"] == "None"
+    # As an earlier operator left it before this one started: a ClusterIP Service of the pipeline's,
+    # whose clusterIP cannot be changed in place.
+    operator.stop()
+    headless = cluster.core.read_namespaced_service("quickstart-rag", cluster.ns)
+    cluster.core.delete_namespaced_service("quickstart-rag", cluster.ns)
+    wait_until(lambda: ("Service", "quickstart-rag") not in cluster.children(), "the Service gone")
+    earlier = client.V1Service(
+        metadata=client.V1ObjectMeta(
+            name="quickstart-rag",
+            labels=headless.metadata.labels,
+            owner_references=headless.metadata.owner_references,
+        ),
+        spec=client.V1ServiceSpec(ports=headless.spec.ports, selector=headless.spec.selector),
+    )
+    cluster.core.create_namespaced_service(cluster.ns, earlier)
+    assert cluster.core.read_namespaced_service("quickstart-rag", cluster.ns).spec.cluster_ip != "None"
+
+    operator.start()
+
+    wait_until(
+        lambda: cluster.children().get(("Service", "quickstart-rag"), {}).get("spec", {}).get("clusterIP") == "None",
+        "the rag Service replaced by a headless one",
+    )
     assert cluster.children()[("Service", "quickstart-stream")]["spec"]["clusterIP"] != "None"
 
 

@@ -15,6 +15,7 @@ from promptpipe.contract.pipeline_file import parse_pipeline
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import STAGE_ORDER, CorpusSpec, StageName
 from promptpipe.registry.settings import RegistrySettings
+from promptpipe_operator import policy
 from promptpipe_operator.render import (
     CORPUS_DIR,
     GRPC_PORT,
@@ -337,3 +338,45 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.count("(server dry run)") == 1 + 3 * len(STAGE_ORDER) + extra
+
+
+@pytest.mark.parametrize(
+    ("image", "allowed", "ok"),
+    [
+        (
+            "ghcr.io/huggingface/text-generation-inference:3.3.5",
+            ["ghcr.io/huggingface/text-generation-inference"],
+            True,
+        ),
+        (
+            "ghcr.io/huggingface/text-generation-inference@sha256:ab",
+            ["ghcr.io/huggingface/text-generation-inference"],
+            True,
+        ),
+        (
+            "ghcr.io/huggingface/text-generation-inference-evil:1",
+            ["ghcr.io/huggingface/text-generation-inference"],
+            False,
+        ),
+        ("registry:5000/team/tgi:2", ["registry:5000/team/"], True),
+        ("registry:5000/other/tgi:2", ["registry:5000/team/"], False),
+        ("evil.example/miner:latest", ["ghcr.io/huggingface/text-generation-inference"], False),
+    ],
+)
+def test_tgi_images_come_only_from_allowed_repositories(image: str, allowed: list[str], ok: bool) -> None:
+    assert policy.image_allowed(image, allowed) is ok
+
+
+def test_the_operator_refuses_what_its_installer_did_not_allow_naming_the_field() -> None:
+    tgi = pipeline(with_model={"name": "m", "backend": "tgi", "tgi": {"image": "evil.example/miner:latest"}})
+    assert (policy.refusal(tgi, SETTINGS) or "").startswith("spec.model.tgi.image: evil.example/miner is not")
+    at_endpoints = pipeline(with_model={"name": "m", "backend": "tgi", "tgi": {"endpoints": ["http://tgi"]}})
+    assert policy.refusal(at_endpoints, SETTINGS) is None, "TGI the user runs is not the operator's to judge"
+    doc = copy.deepcopy(QUICKSTART)
+    doc["spec"]["rollout"] = {"analysis": {"prometheus": {"url": "http://169.254.169.254/"}}}
+    elsewhere = parse_pipeline(doc)
+    assert (policy.refusal(elsewhere, SETTINGS) or "").startswith("spec.rollout.analysis.prometheus.url: ")
+    named = OperatorSettings(analysis_prometheus_urls=["http://169.254.169.254"])
+    assert policy.refusal(elsewhere, named) is None
+    doc["spec"]["rollout"]["analysis"]["prometheus"]["url"] = SETTINGS.prometheus_address + "/"
+    assert policy.refusal(parse_pipeline(doc), SETTINGS) is None, "the operator's own Prometheus always may"

@@ -302,6 +302,10 @@ def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
             "maxErrorRate": 0.1,
             "prometheus": {"url": url, "scrapeInterval": SCRAPE_SECONDS},
         }
+        # The operator queries only a Prometheus its installer named: this one, now that it is up.
+        r.operator.stop()
+        r.operator.env["PROMPTPIPE_OPERATOR_ANALYSIS_PROMETHEUS_URLS"] = url
+        r.operator.start()
         r.start_on("v1", analysis=analysis)
         gateway.calls({"OK": 50}, ttft_seconds=0.2)  # blue's calls, long before the switch
         scraped(url, gateway.target)  # Prometheus knows the counters before the switch, as a running one would
@@ -314,6 +318,30 @@ def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
         rollout = wait_until(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
         assert rollout["reason"] == "AnalysisFailed" and "above maxErrorRate 10.0%" in rollout["message"]
         assert r.backends() == {"blue": "v1"}
+
+
+def test_a_prometheus_or_a_tgi_image_the_installer_did_not_allow_is_refused_naming_the_field(
+    rollouts: Rollouts,
+) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.start_on("v1")
+    elsewhere = bg_doc({"version": "v2"}, analysis={"prometheus": {"url": "http://10.0.0.99:9090"}})
+    miner = bg_doc({"version": "v2"})
+    miner["spec"]["model"]["tgi"]["image"] = "evil.example/miner:latest"
+    for doc, field in ((elsewhere, "spec.rollout.analysis.prometheus.url"), (miner, "spec.model.tgi.image")):
+        r.apply(doc)
+
+        def refused() -> dict[str, Any] | None:
+            degraded = next((c for c in cluster.status(NAME).get("conditions", []) if c["type"] == "Degraded"), {})
+            return degraded if degraded.get("reason") == "NotAllowed" else None
+
+        why = wait_until(refused, f"{field} refused")
+        assert why["message"].startswith(f"{field}: "), why
+        assert cluster.status(NAME)["phase"] == "Failed"
+        # Nothing was changed: blue still serves v1, no green was started.
+        assert r.backends() == {"blue": "v1"} and r.traffic() == "blue"
+        r.apply(bg_doc({"version": "v1"}))
+        wait_until(lambda: cluster.status(NAME).get("phase") == "Ready", "Ready again once undone")
 
 
 def test_manual_rollback_with_the_command_while_green_is_analysed(

@@ -77,17 +77,25 @@ def analyse_prometheus(
         target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
         try:
             with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - the spec's Prometheus
-                data = json.loads(response.read())
+                data = json.loads(response.read(MAX_ANSWER_BYTES))
         except urllib.error.HTTPError as e:  # Prometheus answers a bad query with 400 and a JSON error
-            data = _json_or_none(e.read()) or {"error": f"HTTP {e.code}"}
+            data = _json_or_none(e.read(MAX_ANSWER_BYTES)) or {"error": f"HTTP {e.code}, not a Prometheus API answer"}
         except (OSError, ValueError) as e:
-            return None, f"Prometheus at {url} could not be queried: {e}"
+            return None, f"Prometheus at {url} could not be queried: {type(e).__name__}"
+        data = data if isinstance(data, dict) else {}
         result = data.get("data", {}).get("result", []) if data.get("status") == "success" else None
         if result is None:
-            return None, f"Prometheus refused the query {query!r}: {data.get('error', data)}"
+            # Only Prometheus' own short error string is told; anything else the server said is not copied.
+            error = data.get("error")
+            told = error[:200] if isinstance(error, str) else "not a Prometheus API answer"
+            return None, f"Prometheus refused the query {query!r}: {told}"
         raw = float(result[0]["value"][1]) if result else None
         values[key] = None if raw is None or raw != raw else raw  # NaN: no data
     return verdict(values["requests"] or 0.0, values["errors"] or 0.0, values["ttft_p95"], spec.rollout.analysis)
+
+
+# The most of an answer the analysis reads: a vector of one sample is a few hundred bytes.
+MAX_ANSWER_BYTES = 1 << 20
 
 
 def _json_or_none(body: bytes) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from promptpipe.contract.pipeline_file import PipelineFileError, parse_pipeline
 from promptpipe.contract.spec import PromptPipeline, StageName
 from promptpipe.contract.timestamps import format_time, parse_time
 from promptpipe.registry.store import Registry
-from promptpipe_operator import pods, probes, render
+from promptpipe_operator import pods, policy, probes, render
 from promptpipe_operator.analysis import Counts
 from promptpipe_operator.events import Event
 from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
@@ -143,15 +143,10 @@ def reconcile_once(
     try:
         pp = parse_pipeline(body)
     except PipelineFileError as err:
-        result = Result(
-            body, invalid_spec_status(generation, str(err), before, format_time()), error=InvalidSpec(str(err))
-        )
-        try:
-            _write_status(kube, namespace, name, before, result.status)
-        except DynamicApiError as api_err:
-            result.error = _api_failure(api_err, "writing the status")
-        result.events = events_for(result, before, generation)
-        return result
+        return _refuse(kube, body, str(err), "InvalidSpec")
+    refused = policy.refusal(pp, settings)
+    if refused is not None:  # as a spec the model refuses: nothing is changed until it is fixed
+        return _refuse(kube, body, refused, "NotAllowed")
 
     owner = render.owner_reference(name, meta["uid"])
     selector = f"{keys.INSTANCE}={name},{keys.MANAGED_BY}={keys.MANAGER}"
@@ -219,6 +214,21 @@ def reconcile_once(
         failure = failure or _api_failure(err, "writing the status")
     result.events = events_for(result, before, generation) + result.events
     result.error = failure
+    return result
+
+
+def _refuse(kube: Kube, body: dict[str, Any], message: str, reason: str) -> Result:
+    """A pipeline the operator will not run as specified: status Failed saying why, nothing else changed."""
+    meta = body["metadata"]
+    generation = int(meta.get("generation", 1))
+    before: dict[str, Any] = body.get("status") or {}
+    status = invalid_spec_status(generation, message, before, format_time(), reason=reason)
+    result = Result(body, status, error=InvalidSpec(message))
+    try:
+        _write_status(kube, meta["namespace"], meta["name"], before, result.status)
+    except DynamicApiError as api_err:
+        result.error = _api_failure(api_err, "writing the status")
+    result.events = events_for(result, before, generation)
     return result
 
 

@@ -29,6 +29,12 @@ class OperatorSettings(BaseSettings):
     """How often a pipeline following a registry alias checks where it points."""
     backend_url_template: str = "http://{service}.{namespace}.svc:{port}"
     """How the operator reaches a backend color for its smoke test."""
+    allowed_tgi_images: Annotated[list[str], NoDecode] = ["ghcr.io/huggingface/text-generation-inference"]
+    """Image repositories operator-run TGI may come from (comma-separated); an entry ending in `/` allows
+    every repository under it."""
+    analysis_prometheus_urls: Annotated[list[str], NoDecode] = []
+    """Prometheus servers a pipeline's rollout analysis may query (comma-separated), besides
+    `prometheus_address`."""
 
     namespaces: Annotated[list[str], NoDecode] = []
     """Namespaces to watch (comma-separated); empty: all of them."""
@@ -51,7 +57,11 @@ class OperatorSettings(BaseSettings):
     lease_renew_deadline_seconds: int = 10
     lease_retry_seconds: int = 2
 
-    @field_validator("namespaces", mode="before")
+    def analysis_prometheus(self) -> list[str]:
+        """Every Prometheus a rollout analysis may name, without trailing slashes."""
+        return [u.rstrip("/") for u in (self.prometheus_address, *self.analysis_prometheus_urls)]
+
+    @field_validator("namespaces", "allowed_tgi_images", "analysis_prometheus_urls", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value

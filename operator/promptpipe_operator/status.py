@@ -183,16 +183,19 @@ def pipeline_status(
     return status
 
 
-def invalid_spec_status(generation: int, message: str, previous: dict[str, Any], now: str) -> dict[str, Any]:
-    """A spec the API server took but the pipeline model refuses: nothing is changed until it is fixed."""
+def invalid_spec_status(
+    generation: int, message: str, previous: dict[str, Any], now: str, reason: str = "InvalidSpec"
+) -> dict[str, Any]:
+    """A spec the API server took but the pipeline model (InvalidSpec) or the operator's policy (NotAllowed)
+    refuses: nothing is changed until it is fixed."""
     before: list[dict[str, Any]] = previous.get("conditions") or []
     return {
         "phase": "Failed",
         "observedGeneration": generation,
         "conditions": [
-            _condition("Ready", False, "InvalidSpec", message, generation, before, now),
-            _condition("Progressing", False, "InvalidSpec", "waiting for a corrected spec", generation, before, now),
-            _condition("Degraded", True, "InvalidSpec", message, generation, before, now),
+            _condition("Ready", False, reason, message, generation, before, now),
+            _condition("Progressing", False, reason, "waiting for a corrected spec", generation, before, now),
+            _condition("Degraded", True, reason, message, generation, before, now),
         ],
     }
 

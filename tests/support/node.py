@@ -54,6 +54,8 @@ def image_values(node: Node, folder: Path) -> Path:
             "stageImage": {"repository": stage[0], "tag": stage[1], "pullPolicy": "IfNotPresent"},
             "prometheusAddress": node.prometheus_url,
             "loadWindow": "10s",  # five of its scrapes
+            # The TGI-protocol image built here stands in for TGI's own.
+            "allowedTgiImages": [node.images["tgi"].rsplit(":", 1)[0]],
         },
     }
     path = folder / "my-images.yaml"

@@ -1,0 +1,47 @@
+"""What the operator refuses to do for a pipeline, whatever the API server accepted: what a pipeline's
+author could otherwise reach through the operator's own privileges. Pure functions.
+
+- `spec.model.tgi.image`: operator-run TGI runs as root with the backend's cloud identity, so its image
+  must come from a repository the operator's installer allowed (chart value `pipelines.allowedTgiImages`).
+- `spec.rollout.analysis.prometheus.url`: the operator queries it from inside the cluster, so it must be
+  a Prometheus the installer named (`pipelines.prometheusAddress`, `pipelines.analysisPrometheusUrls`).
+"""
+
+from __future__ import annotations
+
+from promptpipe.contract.spec import PromptPipeline
+from promptpipe_operator.render import managed_tgi
+from promptpipe_operator.settings import OperatorSettings
+
+
+def repository_of(image: str) -> str:
+    """`registry/path/name` of an image reference, without its tag or digest."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def image_allowed(image: str, allowed: list[str]) -> bool:
+    """An entry ending in `/` allows every repository under it; any other, that repository alone."""
+    repository = repository_of(image)
+    return any(repository.startswith(a) if a.endswith("/") else repository == a for a in allowed)
+
+
+def refusal(pp: PromptPipeline, settings: OperatorSettings) -> str | None:
+    """Why the operator will not run this pipeline as specified (naming the field), or None."""
+    tgi = managed_tgi(pp)
+    if tgi is not None and not image_allowed(tgi.image, settings.allowed_tgi_images):
+        allowed = ", ".join(settings.allowed_tgi_images) or "none"
+        return (
+            f"spec.model.tgi.image: {repository_of(tgi.image)} is not a repository this operator runs TGI from"
+            f" (allowed: {allowed}; chart value pipelines.allowedTgiImages)"
+        )
+    source = pp.spec.rollout.analysis.prometheus
+    if source is not None and source.url.rstrip("/") not in settings.analysis_prometheus():
+        return (
+            f"spec.rollout.analysis.prometheus.url: {source.url} is not a Prometheus this operator queries"
+            f" (allowed: {', '.join(settings.analysis_prometheus())}; chart values pipelines.prometheusAddress"
+            " and pipelines.analysisPrometheusUrls)"
+        )
+    return None
