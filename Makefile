@@ -85,6 +85,8 @@ manifests: setup
 	$(BIN)/python -m promptpipe.contract.crd > deploy/crds/promptpipelines.promptpipe.io.yaml
 	$(BIN)/python -m promptpipe.contract.crd > charts/promptpipe/crds/promptpipelines.promptpipe.io.yaml
 	$(BIN)/python -m promptpipe_operator.rbac > charts/promptpipe/files/operator-rules.yaml
+	$(BIN)/python -m promptpipe_operator.rbac --namespaced > charts/promptpipe/files/operator-namespaced-rules.yaml
+	$(BIN)/python -m promptpipe_operator.rbac --cluster > charts/promptpipe/files/operator-cluster-rules.yaml
 	$(BIN)/python -m promptpipe_operator.rbac --leader-election > charts/promptpipe/files/leader-election-rules.yaml
 	$(BIN)/python -m charts.generate > deploy/install.yaml
 

@@ -50,6 +50,11 @@ def rendered(tools: Tools, *args: str) -> list[dict[str, Any]]:
 def test_the_chart_crd_rules_and_plain_install_are_generated_from_their_one_source(kube_tools: Tools) -> None:
     assert (CHART / "crds" / f"{CRD_NAME}.yaml").read_text() == render_crd(), "run `make manifests`"
     assert (CHART / "files" / "operator-rules.yaml").read_text() == rbac.rules_yaml(), "run `make manifests`"
+    for file, rules in (
+        ("operator-namespaced-rules.yaml", rbac.NAMESPACED_RULES),
+        ("operator-cluster-rules.yaml", rbac.CLUSTER_RULES),
+    ):
+        assert (CHART / "files" / file).read_text() == rbac.rules_yaml(rules), "run `make manifests`"
     assert (CHART / "files" / "leader-election-rules.yaml").read_text() == rbac.rules_yaml(
         rbac.LEADER_ELECTION_RULES
     ), "run `make manifests`"
@@ -65,8 +70,19 @@ def test_lint_and_template_every_scenario(kube_tools: Tools, values: Path | None
     helm(kube_tools, "lint", "--strict", str(CHART), *extra)
     docs = rendered(kube_tools, *extra)
     role = next(d for d in docs if d["kind"] == "ClusterRole")
-    assert role["rules"] == rbac.RULES, "the chart's ClusterRole is exactly the operator's rules"
-    lease_role = next(d for d in docs if d["kind"] == "Role")
+    watched = (yaml.safe_load(values.read_text()) if values else {}).get("operator", {}).get("watchNamespaces")
+    roles = {
+        d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role" and d["rules"] != rbac.LEADER_ELECTION_RULES
+    }
+    if watched:  # a Role in each watched namespace; cluster-wide only what no Role can grant
+        assert role["rules"] == rbac.CLUSTER_RULES
+        assert set(roles) == set(watched) and all(r["rules"] == rbac.NAMESPACED_RULES for r in roles.values())
+        bindings = {d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"}
+        assert set(watched) <= bindings
+    else:
+        assert role["rules"] == rbac.RULES, "the chart's ClusterRole is exactly the operator's rules"
+        assert not roles
+    lease_role = next(d for d in docs if d["kind"] == "Role" and d["rules"] == rbac.LEADER_ELECTION_RULES)
     assert lease_role["rules"] == rbac.LEADER_ELECTION_RULES
     assert (
         lease_role["metadata"]["namespace"]
@@ -209,8 +225,9 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
         pod = client.ApiClient().sanitize_for_serialization(deployment.spec.template.spec)
         pod_env = container_env(core, release_ns, pod["containers"][0], pod_name="promptpipe-0")
         harness = {"PROMPTPIPE_OPERATOR_METRICS_PORT", "PROMPTPIPE_OPERATOR_LIVENESS_ENDPOINT"}
+        identity = service_account_kubeconfig(control_plane, tmp_path, release_ns, account)
         op = OperatorProcess(
-            service_account_kubeconfig(control_plane, tmp_path, release_ns, account),
+            identity,
             namespace,
             tmp_path / "operator.log",
             lease=env["PROMPTPIPE_OPERATOR_LEASE_NAME"],
@@ -259,6 +276,21 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
         for verb, resource in (("get", "secrets"), ("create", "pods"), ("delete", "namespaces")):
             can = kubectl(control_plane, kube_tools, "auth", "can-i", verb, resource, "-n", namespace, who, check=False)
             assert can.stdout.strip() == "no", (verb, resource)
+        # Watching one namespace, the operator's rights end at it: a Role there, not a ClusterRole.
+        for verb, resource in (("patch", "deployments.apps"), ("list", "promptpipelines.promptpipe.io")):
+            for where, expected in ((namespace, "yes"), ("default", "no"), (release_ns, "no")):
+                can = kubectl(control_plane, kube_tools, "auth", "can-i", verb, resource, "-n", where, who, check=False)
+                assert can.stdout.strip() == expected, (verb, resource, where)
+        # And as the operator itself, with its own token: the API server refuses it outside.
+        for where, refused in ((namespace, False), ("default", True)):
+            got = subprocess.run(
+                [str(kube_tools.kubectl), f"--kubeconfig={identity}", "get", "deployments", "-n", where],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert (got.returncode != 0 and "Forbidden" in got.stderr) is refused, (where, got.stderr)
 
         helm(
             kube_tools,

@@ -2,8 +2,9 @@
 
 Every rule is here because a call in the operator needs it; the integration tests
 run the operator with exactly this role, and check that it is refused the rest.
-`python -m promptpipe_operator.rbac` prints the rules the Helm chart's ClusterRole
-includes (charts/promptpipe/files/), and so deploy/install.yaml, rendered from the chart.
+`python -m promptpipe_operator.rbac [--namespaced | --cluster | --leader-election]` prints the
+rules the Helm chart's roles include (charts/promptpipe/files/), and so deploy/install.yaml,
+rendered from the chart.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ NAME = "promptpipe-operator"
 # strays, deleted when the spec no longer has them, and watched to repair drift.
 _CHILD_VERBS = ["list", "watch", "create", "patch", "delete"]
 
-RULES: list[dict[str, Any]] = [
+# What the operator does inside the namespaces it watches: a ClusterRole's rules when it watches all of
+# them, a Role's in each one when the chart's watchNamespaces names them (outside, it gets 403).
+NAMESPACED_RULES: list[dict[str, Any]] = [
     # The pipelines: read them, and kopf keeps its handled-state in their annotations.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
@@ -31,11 +34,14 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Events on the pipelines, for `kubectl describe`.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # kopf notices CRDs and namespaces appearing (KEDA installed after the operator,
-    # a namespace matching --namespace created later).
+]
+# What only a ClusterRole can grant, needed either way: kopf notices CRDs and namespaces appearing
+# (KEDA installed after the operator, a namespace matching --namespace created later).
+CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]
+RULES: list[dict[str, Any]] = [*NAMESPACED_RULES, *CLUSTER_RULES]
 
 
 # A namespaced Role in the operator's own namespace: the leader-election Lease
@@ -74,5 +80,12 @@ def rules_yaml(rules: list[dict[str, Any]] | None = None) -> str:
     return header + yaml.safe_dump(RULES if rules is None else rules, sort_keys=False)
 
 
+_WHICH = {
+    "": RULES,
+    "--leader-election": LEADER_ELECTION_RULES,
+    "--namespaced": NAMESPACED_RULES,
+    "--cluster": CLUSTER_RULES,
+}
+
 if __name__ == "__main__":
-    sys.stdout.write(rules_yaml(LEADER_ELECTION_RULES if sys.argv[1:] == ["--leader-election"] else None))
+    sys.stdout.write(rules_yaml(_WHICH[" ".join(sys.argv[1:])]))
