@@ -23,7 +23,7 @@ DEV         := $(BIN)/python -m tests.devcluster
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup wheelhouse controlplane cluster-up cluster-down node-up node-down demo test test-fast proto manifests crd bench lint clean
+.PHONY: help setup wheelhouse controlplane cluster-up cluster-down node-up node-down demo test test-fast faults proto manifests crd bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -75,6 +75,10 @@ test: setup lint
 
 test-fast: $(STAMP)
 	PROMPTPIPE_PURE_TESTS=1 $(BIN)/python -m pytest -q -m "$(PURE)"
+
+# The fault run alone, with its report (it is part of `make test` too).
+faults: setup
+	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -s -m faults
 
 proto: setup
 	$(BIN)/python protos/generate.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from promptpipe_operator import rbac
 from tests.devcluster.build import Tools
 from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
+from tests.support.faults import Mode
 from tests.support.kube import kubectl
 from tests.support.moto import make_model, registry_env
-from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, operator_kubeconfig
+from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, api_through_proxy, operator_kubeconfig
 
 pytestmark = pytest.mark.controlplane
 
@@ -529,3 +531,71 @@ def test_a_leader_that_loses_its_lease_stops_and_exits_non_zero(
         )
     finally:
         op.stop()
+
+
+@pytest.mark.parametrize("fault", [Mode.STALL, Mode.RESET], ids=["stalled", "reset"])
+def test_a_leader_cut_off_from_the_api_server_exits_in_bounded_time_while_the_other_replica_takes_over(
+    operator_identity: Path, cluster: Cluster, tmp_path: Path, fault: Mode
+) -> None:
+    lease = f"lease-{cluster.ns}"
+    with api_through_proxy(operator_identity, tmp_path) as (through, proxy):
+        cut_off = OperatorProcess(through, cluster.ns, tmp_path / "cut-off.log", lease=lease)
+        cut_off.start()
+        other = OperatorProcess(operator_identity, cluster.ns, tmp_path / "other.log", lease=lease)
+        try:
+            wait_until(lambda: cut_off.metric("promptpipe_operator_leader") == 1, "the first replica to lead")
+            other.start()
+            proxy.mode = fault  # stalled: every call hangs (a half-open connection); reset: every call fails
+            proxy.cut() if fault is Mode.RESET else None
+            cut_at = time.monotonic()
+
+            wait_until(lambda: cut_off.proc is not None and cut_off.proc.poll() is not None, "the leader to exit", 30)
+            took = time.monotonic() - cut_at
+            assert cut_off.proc is not None and cut_off.proc.returncode == 1
+            # Renewals fail from the cut; 3 s later (the renew deadline) it stops writing and exits; the 4 s
+            # of the Lease bound how long kopf may take to stop.
+            assert took < 3 + 1 + 4 + 3, took
+            assert "lost the lease" in (tmp_path / "cut-off.log").read_text()
+            wait_until(lambda: other.metric("promptpipe_operator_leader") == 1, "the other replica to lead", 30)
+        finally:
+            cut_off.stop()
+            other.stop()
+
+
+def test_a_stalled_api_server_connection_fails_calls_in_time_and_the_pipeline_converges_after_it(
+    operator_identity: Path, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools, tmp_path: Path
+) -> None:
+    with api_through_proxy(operator_identity, tmp_path) as (through, proxy):
+        op = OperatorProcess(
+            through,
+            cluster.ns,
+            tmp_path / "operator.log",
+            resync_seconds=1.0,
+            env={"PROMPTPIPE_OPERATOR_API_TIMEOUT_SECONDS": "2"},
+        )
+        op.start()
+        try:
+            doc = pipeline_doc()
+            deploy(control_plane, kube_tools, cluster, doc)
+            # Every connection the operator has open, and every one it opens now, goes dead for good: a peer
+            # that vanished without a reset. The pipeline is edited meanwhile (by its user, not cut off).
+            proxy.mode = Mode.STALL
+            doc["spec"]["stages"]["rag"]["scaling"] = {"maxReplicas": 7}
+            apply(control_plane, kube_tools, cluster.ns, doc)
+            wait_until(
+                lambda: (
+                    op.metric("promptpipe_operator_reconciles_total", 'outcome="crashed"')
+                    + op.metric("promptpipe_operator_reconciles_total", 'outcome="error"')
+                    >= 1
+                ),
+                "a reconcile to fail on its timeout while everything is stalled",
+                timeout=20,
+            )
+            proxy.mode = Mode.PASS  # new connections work; the dead ones stay dead until their calls time out
+            wait_until(
+                lambda: cluster.children()[("ScaledObject", "quickstart-rag")]["spec"]["maxReplicaCount"] == 7,
+                "the edit applied once the API server answers again",
+                timeout=30,
+            )
+        finally:
+            op.stop()

@@ -30,7 +30,7 @@ from tests.devcluster.build import Tools
 from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.faults import FaultyProxy, Mode
-from tests.support.moto import make_model, registry_env
+from tests.support.moto import make_model, registry_env_through
 from tests.support.operator import OperatorProcess
 from tests.support.pipelines import tgi_server
 from tests.support.prometheus import SCRAPE_SECONDS, gateway_exposition, prometheus, scraped
@@ -132,26 +132,20 @@ def rollouts(
 ) -> Iterator[Rollouts]:
     for i, version in enumerate(("v1", "v2", "v3")):
         registry.push("smollm2", make_model(tmp_path / version, f"seed-{i}"), version)
-    with tgi_server() as tgi:
-        op = OperatorProcess(
+    with (
+        tgi_server() as tgi,
+        OperatorProcess(
             operator_identity,
             namespace,
             tmp_path / "operator.log",
             env={
-                **registry_env(registry.settings),
-                "PROMPTPIPE_REGISTRY_ENDPOINT_URL": f"http://{registry_proxy.address}",
-                # As the chart runs it, but shorter: a stalled registry is given up on within seconds.
-                "PROMPTPIPE_REGISTRY_READ_TIMEOUT_SECONDS": "1",
-                "PROMPTPIPE_REGISTRY_MAX_ATTEMPTS": "2",
+                **registry_env_through(registry.settings, registry_proxy.address),
                 "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
                 "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5",
             },
-        )
-        op.start()
-        try:
-            yield Rollouts(Cluster(kube, namespace), control_plane, kube_tools, registry, tgi, op)
-        finally:
-            op.stop()
+        ) as op,
+    ):
+        yield Rollouts(Cluster(kube, namespace), control_plane, kube_tools, registry, tgi, op)
 
 
 def test_a_stalled_registry_leaves_the_version_unresolved_with_the_reason_and_the_reconcile_goes_on(

@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +15,7 @@ from promptpipe.contract.spec import StageName
 from promptpipe.localproc import alive
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import Outcome, collect
-from tests.support.pipelines import RunningPipeline, synthetic_pipeline, tgi_server, tgi_stats
+from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 
 pytestmark = pytest.mark.processes
 
@@ -86,19 +83,6 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(start_pipelin
     await wait_until_async(lambda: not alive(gateway_pid), timeout=10, what="the gateway to exit")
 
 
-def relaunch(p: RunningPipeline, stage: StageName) -> subprocess.Popen[bytes]:
-    """The stage again, on its port, as `promptpipe up` started it (as a pod comes back on a cluster)."""
-    env = {
-        **os.environ,
-        "PROMPTPIPE_STAGE": stage.value,
-        "PROMPTPIPE_CONFIG": str(Path(p.run.folder) / "runtime.yaml"),
-        "PROMPTPIPE_PORT": str(p.run.stages[stage.value].port),
-        "PROMPTPIPE_METRICS_PORT": "0",
-    }
-    args = [sys.executable, "-m", "promptpipe.runtime.server"]
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 async def test_a_call_waits_for_a_next_stage_that_is_down_and_goes_through_once_it_is_up(start_pipeline) -> None:
     p = start_pipeline(synthetic_pipeline(generation={"maxNewTokens": 12}))
     assemble = p.pid(StageName.ASSEMBLE)
@@ -113,7 +97,7 @@ async def test_a_call_waits_for_a_next_stage_that_is_down_and_goes_through_once_
     # The gateway counts the waiting call as open to assemble: what assemble scales on, and is woken by.
     waited = p.metric(StageName.STREAM, "promptpipe_stage_next_call_seconds_total", to="assemble") - open_before
     assert waited >= 1.5, waited
-    back = relaunch(p, StageName.ASSEMBLE)
+    back = p.relaunch(StageName.ASSEMBLE)
     try:
         out = await asyncio.wait_for(call, 30)
         assert out.error is None, out.error

@@ -28,12 +28,16 @@ from promptpipe.contract.spec import GROUP, PLURAL, VERSION
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
 from promptpipe_operator.kube import Kube
+from promptpipe_operator.leadership import LEADERSHIP
 from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
 from promptpipe_operator.reconcile import InvalidSpec, Result, Transient, reconcile_once
 from promptpipe_operator.settings import OperatorSettings
 from promptpipe_operator.workqueue import KeyedRunner
 
 log = logging.getLogger("promptpipe.operator")
+# How long the API server keeps a watch open before kopf opens it again (so a watch on a connection
+# that died silently is replaced within about this long).
+WATCH_SECONDS = 60  # whole seconds: the API server refuses "60.0"
 Key = tuple[str, str]  # (namespace, name)
 MANAGED = {MANAGED_BY: MANAGER}
 
@@ -52,40 +56,48 @@ class Operator:
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
         config.load_config()  # in a pod: its ServiceAccount; else KUBECONFIG
-        self.kube = Kube(client.ApiClient(), workers=settings.apply_concurrency)
+        self.kube = Kube(
+            client.ApiClient(),
+            workers=settings.apply_concurrency,
+            timeout_seconds=settings.api_timeout_seconds,
+            may_write=LEADERSHIP.check,
+        )
         self.runner: KeyedRunner[Key, Result | None] = KeyedRunner(self._reconcile)
         self.known: set[Key] = set()
-        self._resync: asyncio.Task[None] | None = None
+        self.running: dict[Key, float] = {}  # reconciles in progress, since (time.monotonic())
         self._wakeups: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.registry = _registry()
 
     async def start(self) -> None:
-        self._resync = asyncio.get_running_loop().create_task(self._resync_forever())
+        return None
 
     async def stop(self) -> None:
-        if self._resync is not None:
-            self._resync.cancel()
         for handle in self._wakeups.values():
             handle.cancel()
         self.kube.close()
 
     async def _reconcile(self, key: Key) -> Result | None:
+        """Reconcile one pipeline, and set its next resync: every pipeline has its own, so one whose
+        reconcile is slow (a stalled call waits out its timeout) holds up no other."""
         namespace, name = key
         started = time.perf_counter()
+        self.running[key] = time.monotonic()
         try:
             result = await asyncio.to_thread(reconcile_once, self.kube, self.settings, namespace, name, self.registry)
         except Exception:
             RECONCILES.labels("crashed").inc()
             log.exception("reconcile failed", extra={"pipeline": name, "namespace": namespace})
+            self._wake(key, self.settings.resync_seconds)
             raise
         finally:
+            self.running.pop(key, None)
             RECONCILE_SECONDS.observe(time.perf_counter() - started)
         if result is None:
             self.known.discard(key)
             return None
-        if result.requeue_after is not None:
-            self._wake(key, result.requeue_after)
+        resync = self.settings.resync_seconds
+        self._wake(key, resync if result.requeue_after is None else min(result.requeue_after, resync))
         outcome = "ok" if result.error is None else "invalid" if isinstance(result.error, InvalidSpec) else "error"
         RECONCILES.labels(outcome).inc()
         if result.error is not None:
@@ -135,16 +147,11 @@ class Operator:
         self.known.add(key)
         return await self.runner.request(key)
 
-    async def _resync_forever(self) -> None:
-        limit = asyncio.Semaphore(4)
-
-        async def one(key: Key) -> None:
-            async with limit:
-                await self.request_quietly(key)
-
-        while True:
-            await asyncio.sleep(self.settings.resync_seconds)
-            await asyncio.gather(*(one(k) for k in sorted(self.known)))
+    def overdue(self) -> list[Key]:
+        """Pipelines whose reconcile has run past its bound (a thread that cannot be stopped)."""
+        bound = self.settings.reconcile_timeout_seconds
+        now = time.monotonic()
+        return sorted(key for key, since in self.running.items() if now - since > bound)
 
 
 def _raise_for(result: Result | None) -> None:
@@ -183,8 +190,27 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.reporting_component = MANAGER
     settings.posting.reporting_instance = socket.gethostname()
     operator = Operator(OperatorSettings())
+    # kopf's own calls (patches, events, watches) are bounded too: a stalled connection fails, and a
+    # watch that stays silent past the server's timeout is reopened.
+    timeout = operator.settings.api_timeout_seconds
+    settings.networking.request_timeout = timeout
+    settings.networking.connect_timeout = timeout
+    settings.watching.connect_timeout = timeout
+    settings.watching.server_timeout = WATCH_SECONDS
+    settings.watching.client_timeout = WATCH_SECONDS + timeout
     memo["operator"] = operator
     await operator.start()
+
+
+@kopf.on.probe(id="reconciles")
+async def reconciles(memo: kopf.Memo, **_: Any) -> int:
+    """kopf's liveness endpoint fails while a reconcile has run past its bound: only a restart ends it."""
+    operator: Operator = memo["operator"]
+    overdue = operator.overdue()
+    if overdue:
+        names = ", ".join(f"{ns}/{name}" for ns, name in overdue)
+        raise kopf.PermanentError(f"reconciles running past {operator.settings.reconcile_timeout_seconds:g}s: {names}")
+    return len(operator.running)
 
 
 @kopf.on.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,7 +37,13 @@ class KindNotServed(Exception):
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient, workers: int = 4) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        workers: int = 4,
+        timeout_seconds: float = 10.0,
+        may_write: Callable[[], None] = lambda: None,
+    ) -> None:
         # A discovery cache of our own: the shared default in /tmp may describe another cluster.
         fd, self._cache = tempfile.mkstemp(prefix="promptpipe-discovery-", suffix=".json")
         os.close(fd)
@@ -44,6 +51,9 @@ class Kube:
         self._dyn = DynamicClient(api, cache_file=self._cache)
         # Children are applied a few at a time: each apply is a round trip the API server can overlap.
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="apply")
+        # (connect, read): a stalled connection fails its call instead of holding a thread for ever.
+        self._timeout = (timeout_seconds, timeout_seconds)
+        self._may_write = may_write  # raises when this replica must not write (leadership.py)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -65,14 +75,30 @@ class Kube:
 
     def get_pipeline(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self._resource(API_VERSION, KIND).get(name=name, namespace=namespace).to_dict()
+            obj: dict[str, Any] = (
+                self._resource(API_VERSION, KIND)
+                .get(name=name, namespace=namespace, _request_timeout=self._timeout)
+                .to_dict()
+            )
         except NotFoundError:
             return None
         return obj
 
-    def patch_pipeline_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_pipeline_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> None:
+        """Merge-patch the status; with `resource_version`, only if the pipeline is still that version (409
+        otherwise: someone wrote since it was read, and the status would describe what is no longer so)."""
+        self._may_write()
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         self._resource(API_VERSION, KIND).status.patch(
-            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json"
+            body=body,
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+            _request_timeout=self._timeout,
         )
 
     def apply(self, obj: KubeObject) -> dict[str, Any]:
@@ -81,6 +107,7 @@ class Kube:
         res = self._resource(obj["apiVersion"], obj["kind"])
 
         def apply() -> dict[str, Any]:
+            self._may_write()
             done: dict[str, Any] = self._dyn.server_side_apply(
                 res,
                 body=obj,
@@ -88,6 +115,7 @@ class Kube:
                 namespace=meta["namespace"],
                 field_manager=MANAGER,
                 force_conflicts=True,
+                _request_timeout=self._timeout,
             ).to_dict()
             return done
 
@@ -112,7 +140,11 @@ class Kube:
         out: dict[ChildKey, dict[str, Any]] = {}
         for api_version, kind in CHILD_KINDS:
             try:
-                items = self._resource(api_version, kind).get(namespace=namespace, label_selector=selector).items
+                items = (
+                    self._resource(api_version, kind)
+                    .get(namespace=namespace, label_selector=selector, _request_timeout=self._timeout)
+                    .items
+                )
             except KindNotServed:
                 continue
             for item in items:
@@ -129,7 +161,8 @@ class Kube:
         def taken(obj: KubeObject) -> bool:
             # Listed by name rather than read: the operator may list its kinds, not get them one by one.
             res = self._resource(obj["apiVersion"], obj["kind"])
-            found = res.get(namespace=namespace, field_selector=f"metadata.name={obj['metadata']['name']}").items
+            named = f"metadata.name={obj['metadata']['name']}"
+            found = res.get(namespace=namespace, field_selector=named, _request_timeout=self._timeout).items
             if not found:
                 return False
             refs = found[0].to_dict()["metadata"].get("ownerReferences") or []
@@ -148,9 +181,12 @@ class Kube:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         return [
             item.to_dict()
-            for item in self._resource("v1", "Pod").get(namespace=namespace, label_selector=selector).items
+            for item in self._resource("v1", "Pod")
+            .get(namespace=namespace, label_selector=selector, _request_timeout=self._timeout)
+            .items
         ]
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self._may_write()
         with contextlib.suppress(NotFoundError):  # gone already: what we wanted
-            self._resource(api_version, kind).delete(name=name, namespace=namespace)
+            self._resource(api_version, kind).delete(name=name, namespace=namespace, _request_timeout=self._timeout)

@@ -8,6 +8,7 @@ and uses the Lease's resourceVersion, so two candidates can never both win an up
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -25,17 +26,31 @@ def _text(value: dt.datetime | None) -> str | None:
     return str(value.astimezone().replace(tzinfo=None)) if value else None
 
 
+def _failure(status: int, reason: str) -> ApiException:
+    """A failed read as the elector reads it: it parses the body as JSON for its `code` (404: create the
+    Lease), which a proxy's HTML page or a reset connection would not give it."""
+    err = ApiException(status=status, reason=reason)
+    err.body = json.dumps({"code": status, "message": reason})
+    return err
+
+
 class LeaseLock:
-    def __init__(self, name: str, namespace: str, identity: str) -> None:
+    """Every call is bounded by `timeout_seconds`, and any failure (a refusal, a reset or stalled
+    connection, an answer that is not JSON) is a failed attempt, never an exception out of the elector."""
+
+    def __init__(self, name: str, namespace: str, identity: str, timeout_seconds: float) -> None:
         self.name, self.namespace, self.identity = name, namespace, identity
         self._api = client.CoordinationV1Api()
         self._lease: client.V1Lease | None = None
+        self._timeout = (timeout_seconds, timeout_seconds)
 
     def get(self, name: str, namespace: str) -> tuple[bool, LeaderElectionRecord | ApiException | None]:
         try:
-            self._lease = self._api.read_namespaced_lease(name, namespace)
+            self._lease = self._api.read_namespaced_lease(name, namespace, _request_timeout=self._timeout)
         except ApiException as e:
-            return False, e
+            return False, _failure(e.status or 0, str(e.reason))
+        except Exception as e:  # noqa: BLE001 - the elector takes (False, error) as "try again"
+            return False, _failure(0, f"{type(e).__name__}: {e}")
         spec = self._lease.spec
         if spec is None:
             return True, None
@@ -58,8 +73,8 @@ class LeaseLock:
             metadata=client.V1ObjectMeta(name=name, namespace=namespace), spec=self._spec(election_record, 0)
         )
         try:
-            self._lease = self._api.create_namespaced_lease(namespace, body)
-        except ApiException:
+            self._lease = self._api.create_namespaced_lease(namespace, body, _request_timeout=self._timeout)
+        except Exception:  # noqa: BLE001 - not created, whatever the reason: the elector tries again
             return False
         return True
 
@@ -72,7 +87,9 @@ class LeaseLock:
             transitions += 1
         self._lease.spec = self._spec(updated_record, transitions)
         try:  # carries the resourceVersion read by get(): a concurrent writer makes this a 409
-            self._lease = self._api.replace_namespaced_lease(name, namespace, self._lease)
-        except ApiException:
+            self._lease = self._api.replace_namespaced_lease(
+                name, namespace, self._lease, _request_timeout=self._timeout
+            )
+        except Exception:  # noqa: BLE001 - not renewed, whatever the reason: the elector tries again
             return False
         return True

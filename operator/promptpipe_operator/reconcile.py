@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import urllib3
 from kubernetes.dynamic.exceptions import DynamicApiError
 
 from promptpipe.contract import labels as keys
@@ -125,9 +126,18 @@ def events_for(result: Result, before: dict[str, Any], generation: int) -> list[
 def _api_failure(err: DynamicApiError, what: str) -> Transient:
     status = getattr(err, "status", None)
     summary = getattr(err, "summary", lambda: str(err))()
-    # Forbidden or invalid will not fix themselves quickly; back off longer than for a busy server.
-    delay = 30.0 if status in (403, 422) else 5.0
+    # Forbidden or invalid will not fix themselves quickly; back off longer than for a busy server. A
+    # conflict is a pipeline changed since it was read: reconcile it again at once.
+    delay = 30.0 if status in (403, 422) else 0.5 if status == 409 else 5.0
     return Transient(f"{what}: HTTP {status}: {summary}", delay)
+
+
+# A call the API server did not answer: refused or reset connections, and the timeouts every call has.
+UNANSWERED: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, OSError)
+
+
+def _unanswered(err: Exception, what: str) -> Transient:
+    return Transient(f"{what}: the API server did not answer ({type(err).__name__})", 5.0)
 
 
 def reconcile_once(
@@ -196,10 +206,14 @@ def reconcile_once(
     except DynamicApiError as err:
         failure = _api_failure(err, "applying the children")
         problem = Problem("ApplyFailed", str(failure))
+    except UNANSWERED as err:
+        failure = _unanswered(err, "applying the children")
+        problem = Problem("ApiUnreachable", str(failure))
 
     deployments = {n: obj for (k, n), obj in applied.items() if k == "Deployment"}
     if failure is not None:  # what was not applied this time may still be there from before
-        with contextlib.suppress(DynamicApiError):  # the status then says less of the stages; the condition says why
+        # The status then says less of the stages; the condition says why.
+        with contextlib.suppress(DynamicApiError, *UNANSWERED):
             deployments = {
                 n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items() if k == "Deployment"
             } | deployments
@@ -209,9 +223,11 @@ def reconcile_once(
     health = components(pp, deployments, active_color)
     result.status = pipeline_status(pp, namespace, generation, health, before, format_time(), problem, rollout_state)
     try:
-        _write_status(kube, namespace, name, before, result.status)
+        _write_status(kube, body, result.status)
     except DynamicApiError as err:
         failure = failure or _api_failure(err, "writing the status")
+    except UNANSWERED as err:
+        failure = failure or _unanswered(err, "writing the status")
     result.events = events_for(result, before, generation) + result.events
     result.error = failure
     return result
@@ -225,7 +241,7 @@ def _refuse(kube: Kube, body: dict[str, Any], message: str, reason: str) -> Resu
     status = invalid_spec_status(generation, message, before, format_time(), reason=reason)
     result = Result(body, status, error=InvalidSpec(message))
     try:
-        _write_status(kube, meta["namespace"], meta["name"], before, result.status)
+        _write_status(kube, body, result.status)
     except DynamicApiError as api_err:
         result.error = _api_failure(api_err, "writing the status")
     result.events = events_for(result, before, generation)
@@ -327,10 +343,28 @@ def baseline(counts: dict[str, Counts]) -> dict[str, Any]:
     return {pod: c.as_json() for pod, c in counts.items()}
 
 
-def _write_status(kube: Kube, namespace: str, name: str, before: dict[str, Any], status: dict[str, Any]) -> None:
-    # Unchanged status is not written: no write, no watch event, no loop.
-    if before != status:
-        kube.patch_pipeline_status(namespace, name, merge_patch(before, status))
+def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
+    """Write the status the reconcile of `body` computed, only onto that very version of the pipeline (a
+    pipeline changed since is reconciled again). Unchanged status is not written: no watch event, no loop."""
+    meta, before = body["metadata"], body.get("status") or {}
+    if before == status:
+        return
+    try:
+        kube.patch_pipeline_status(
+            meta["namespace"], meta["name"], merge_patch(before, status), meta.get("resourceVersion")
+        )
+    except DynamicApiError as err:
+        # Written meanwhile: by kopf's own bookkeeping (annotations), the status still holds; by a spec
+        # change (a new generation), it does not, and the pipeline is reconciled again.
+        fresh = kube.get_pipeline(meta["namespace"], meta["name"]) if getattr(err, "status", None) == 409 else None
+        if fresh is None or fresh["metadata"].get("generation") != meta.get("generation"):
+            raise
+        kube.patch_pipeline_status(
+            meta["namespace"],
+            meta["name"],
+            merge_patch(fresh.get("status") or {}, status),
+            fresh["metadata"]["resourceVersion"],
+        )
 
 
 def merge_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

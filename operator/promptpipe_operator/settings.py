@@ -42,6 +42,12 @@ class OperatorSettings(BaseSettings):
     """Every pipeline is reconciled at least this often, whatever the events say."""
     apply_concurrency: int = 4
     """Children applied at once in a reconcile (1: one after another)."""
+    api_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """Each call to the API server: the most seconds to connect, and to wait for its answer. A connection
+    that stalls fails the call, not the reconcile thread for ever."""
+    reconcile_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    """The most one pipeline's reconcile may take; past it, it counts as failed and the liveness probe
+    fails while it still runs (a thread cannot be killed: the pod restarts)."""
     metrics_port: int = 8080
     """Prometheus metrics of the operator itself; 0: off."""
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"

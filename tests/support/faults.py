@@ -1,9 +1,12 @@
 """A TCP proxy a test can break: real network faults between a client and a real server.
 
     with FaultyProxy("127.0.0.1", 8080) as proxy:   # clients connect to proxy.address
-        proxy.mode = Mode.STALL                     # new and open connections: bytes go nowhere
-        proxy.mode = Mode.SLOW                      # every chunk waits proxy.delay seconds
-        proxy.cut()                                 # reset every open connection now
+        proxy.mode = Mode.STALL      # bytes go nowhere: a connection that carries any while stalled is
+                                     # dead for good (a half-open one: the peer vanished), new ones hang
+        proxy.mode = Mode.HOLD       # bytes wait, and flow again once the mode is PASS
+        proxy.mode = Mode.SLOW       # every chunk waits proxy.delay seconds
+        proxy.mode = Mode.RESET      # new connections are reset at once (open ones: `cut()`)
+        proxy.cut()                  # reset every open connection now
 
 It runs its own event loop in a thread, so synchronous clients (boto3, the kubernetes client) and
 servers in other processes go through it alike.
@@ -24,8 +27,10 @@ from promptpipe.localproc import free_port
 
 class Mode(enum.Enum):
     PASS = "pass"
-    STALL = "stall"  # connections are accepted and read, nothing is forwarded either way
+    STALL = "stall"  # accepted and read; what arrives is dropped, and that connection never recovers
+    HOLD = "hold"  # accepted and read; what arrives waits until the mode changes
     SLOW = "slow"  # each chunk is forwarded after `delay` seconds
+    RESET = "reset"  # accepted and reset at once
 
 
 class FaultyProxy:
@@ -72,6 +77,9 @@ class FaultyProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.mode is Mode.RESET:
+            _reset(writer)
+            return
         self._writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
@@ -85,8 +93,12 @@ class FaultyProxy:
             w.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dead = False
         while data := await reader.read(1 << 16):
-            while self.mode is Mode.STALL:
+            dead = dead or self.mode is Mode.STALL
+            if dead:
+                continue  # dropped: the other end never hears of it
+            while self.mode is Mode.HOLD:
                 await asyncio.sleep(0.05)
             if self.mode is Mode.SLOW:
                 await asyncio.sleep(self.delay)

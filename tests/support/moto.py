@@ -82,6 +82,17 @@ def registry_env(settings: RegistrySettings) -> dict[str, str]:
     }
 
 
+def registry_env_through(settings: RegistrySettings, proxy_address: str) -> dict[str, str]:
+    """`registry_env`, reaching the registry through a fault proxy, with the timeouts the chart gives the
+    operator made short: a stalled registry is given up on within seconds."""
+    return {
+        **registry_env(settings),
+        "PROMPTPIPE_REGISTRY_ENDPOINT_URL": f"http://{proxy_address}",
+        "PROMPTPIPE_REGISTRY_READ_TIMEOUT_SECONDS": "1",
+        "PROMPTPIPE_REGISTRY_MAX_ATTEMPTS": "2",
+    }
+
+
 def make_model(folder: Path, seed: str = "a", big_mib: int = 0) -> Path:
     """A model-shaped folder: config, tokenizer, weights (optionally big enough for multipart)."""
     (folder / "tokenizer").mkdir(parents=True)

@@ -8,8 +8,10 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from promptpipe.waiting import wait_until
 from promptpipe_operator import rbac
 from tests.devcluster.build import Tools
 from tests.devcluster.cluster import ControlPlane
+from tests.support.faults import FaultyProxy
 from tests.support.kube import kubectl, service_account_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +99,20 @@ def service_account_kubeconfig(plane: ControlPlane, folder: Path, namespace: str
     return path
 
 
+@contextmanager
+def api_through_proxy(kubeconfig: Path, folder: Path) -> Iterator[tuple[Path, FaultyProxy]]:
+    """`kubeconfig`, but reaching the API server through a TCP proxy the test can break (TLS passes
+    through it untouched; the server's certificate names 127.0.0.1 whatever the port)."""
+    doc = yaml.safe_load(kubeconfig.read_text())
+    server = urllib.parse.urlsplit(doc["clusters"][0]["cluster"]["server"])
+    with FaultyProxy(str(server.hostname), int(server.port or 443)) as proxy:
+        doc["clusters"][0]["cluster"]["server"] = f"https://{proxy.address}"
+        path = folder / f"through-proxy-{proxy.port}.kubeconfig"
+        path.write_text(yaml.safe_dump(doc))
+        path.chmod(0o600)
+        yield path, proxy
+
+
 @dataclass
 class OperatorProcess:
     """`promptpipe-operator` watching one namespace; stop and start it like a pod restart."""
@@ -156,6 +173,13 @@ class OperatorProcess:
                 return False
 
         wait_until(alive, "the operator to serve", timeout=30)
+
+    def __enter__(self) -> OperatorProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def kill(self) -> None:
         """A crash: no chance to release anything."""

@@ -65,6 +65,18 @@ class RunningPipeline:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 
+    def relaunch(self, stage: StageName) -> subprocess.Popen[bytes]:
+        """The stage again, on its port, as `promptpipe up` started it (as a pod comes back on a cluster)."""
+        env = {
+            **os.environ,
+            "PROMPTPIPE_STAGE": stage.value,
+            "PROMPTPIPE_CONFIG": str(Path(self.run.folder) / "runtime.yaml"),
+            "PROMPTPIPE_PORT": str(self.run.stages[stage.value].port),
+            "PROMPTPIPE_METRICS_PORT": "0",
+        }
+        args = [sys.executable, "-m", "promptpipe.runtime.server"]
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def metric(self, stage: StageName, name: str, **labels: str) -> float:
         """The value of one sample in the stage's /metrics."""
         for line in self.metrics(stage).splitlines():
