@@ -15,12 +15,13 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
 import pytest
+import yaml
 from kubernetes import client
 
 from promptpipe.localproc import free_port
@@ -30,6 +31,7 @@ from tests.devcluster.build import Tools
 from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.faults import FaultyProxy, Mode
+from tests.support.kube import kubectl
 from tests.support.moto import make_model, registry_env_through
 from tests.support.operator import OperatorProcess
 from tests.support.pipelines import tgi_server
@@ -214,6 +216,88 @@ def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_reti
     assert [h["result"] for h in r.rollout()["history"]] == ["Deployed", "Succeeded"]
     for reason in ("RolloutStarted", "Switched", "RolloutInconclusive"):
         assert wait_until(lambda rs=reason: cluster.events(rs), f"a {reason} event")
+
+
+@pytest.fixture
+def refuse_a_child(rollouts: Rollouts, control_plane: ControlPlane, kube_tools: Tools) -> Iterator[Callable[[], str]]:
+    """Called, it makes the API server refuse every write to one child, the rag ScaledObject (an admission
+    policy, as a cluster's own policies might): what the operator applies for it fails every time."""
+    ns = rollouts.cluster.ns
+    policy = f"refuse-rag-{ns}"
+    docs = [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": policy},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["keda.sh"],
+                            "apiVersions": ["*"],
+                            "operations": ["UPDATE"],
+                            "resources": ["scaledobjects"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {"expression": f"object.metadata.name != '{NAME}-rag'", "message": "refused by a test policy"}
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": policy},
+            "spec": {
+                "policyName": policy,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
+            },
+        },
+    ]
+    text = yaml.safe_dump_all(docs)
+
+    def refuse() -> str:
+        kubectl(control_plane, kube_tools, "apply", "-f", "-", stdin=text)
+        return f"ScaledObject {NAME}-rag"
+
+    try:
+        yield refuse
+    finally:
+        kubectl(control_plane, kube_tools, "delete", "-f", "-", "--ignore-not-found", stdin=text)
+
+
+def test_a_child_the_api_refuses_does_not_hold_the_rollout_at_one_step(
+    rollouts: Rollouts, refuse_a_child: Callable[[], str]
+) -> None:
+    r, cluster = rollouts, rollouts.cluster
+    r.start_on("v1", analysis={"window": 2, "interval": 1})
+    # The rag child is refused from now on, on every reconcile; the model's rollout must go on regardless.
+    refused_child = refuse_a_child()
+    doc = bg_doc({"version": "v2"}, analysis={"window": 2, "interval": 1})
+    doc["spec"]["stages"]["rag"] = {"scaling": {"maxReplicas": 9}}
+    r.apply(doc)
+
+    def refused() -> dict[str, Any] | None:
+        degraded = next((c for c in cluster.status(NAME).get("conditions", []) if c["type"] == "Degraded"), {})
+        return degraded if degraded.get("reason") == "ApplyFailed" else None
+
+    why = wait_until(refused, "the refusal in the status")
+    assert (
+        f"applying {refused_child}: HTTP 422" in why["message"]
+        or f"applying {refused_child}: HTTP 403" in why["message"]
+    ), why
+    wait_until(lambda: "green" in r.backends(), "green brought up all the same")
+    cluster.set_ready(f"{NAME}-backend-green")
+    wait_until(lambda: r.traffic() == "green", "the switch")
+    # Recorded once decided: the analysis runs and ends, and the switch happened once.
+    wait_until(lambda: r.rollout().get("phase") == "Stable", "the rollout to finish", timeout=30)
+    assert r.rollout()["history"][-1]["version"] == "v2"
+    switched = [e for e in cluster.events("Switched") if "v2" in e]
+    assert len(switched) == 1, switched
+    assert refused() is not None, "the refused child is still reported"
 
 
 def test_green_never_ready_is_rolled_back_at_the_progress_deadline_and_not_retried(rollouts: Rollouts) -> None:

@@ -86,20 +86,25 @@ class Kube:
 
     def patch_pipeline_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
-    ) -> None:
+    ) -> dict[str, Any]:
         """Merge-patch the status; with `resource_version`, only if the pipeline is still that version (409
         otherwise: someone wrote since it was read, and the status would describe what is no longer so)."""
         self._may_write()
         body: dict[str, Any] = {"status": status}
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
-        self._resource(API_VERSION, KIND).status.patch(
-            body=body,
-            name=name,
-            namespace=namespace,
-            content_type="application/merge-patch+json",
-            _request_timeout=self._timeout,
+        written: dict[str, Any] = (
+            self._resource(API_VERSION, KIND)
+            .status.patch(
+                body=body,
+                name=name,
+                namespace=namespace,
+                content_type="application/merge-patch+json",
+                _request_timeout=self._timeout,
+            )
+            .to_dict()
         )
+        return written
 
     def apply(self, obj: KubeObject) -> dict[str, Any]:
         """Server-side apply, taking back fields someone else changed (drift is repaired, not merged)."""
@@ -129,11 +134,18 @@ class Kube:
         self.delete(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         return apply()
 
-    def apply_all(self, objects: list[KubeObject]) -> list[dict[str, Any]]:
-        """`apply` each, concurrently, results in order; the first failure is raised."""
+    def apply_each(self, objects: list[KubeObject]) -> list[dict[str, Any] | Exception]:
+        """`apply` each, concurrently; in order, each one's result or what it failed with."""
         for obj in objects:  # discovery once, before the threads share its cache
             self._resource(obj["apiVersion"], obj["kind"])
-        return list(self._pool.map(self.apply, objects))
+
+        def attempt(obj: KubeObject) -> dict[str, Any] | Exception:
+            try:
+                return self.apply(obj)
+            except Exception as err:  # noqa: BLE001 - handed back with the others' results
+                return err
+
+        return list(self._pool.map(attempt, objects))
 
     def owned(self, namespace: str, owner_uid: str, selector: str) -> dict[ChildKey, dict[str, Any]]:
         """The children, by kind and name, of the owner with this uid (among objects matching `selector`)."""

@@ -123,6 +123,14 @@ def events_for(result: Result, before: dict[str, Any], generation: int) -> list[
     return out
 
 
+class _Refused(Exception):
+    """The API server refused one child; the others were applied."""
+
+    def __init__(self, child: str, cause: DynamicApiError) -> None:
+        super().__init__(f"{child}: {cause}")
+        self.child, self.cause = child, cause
+
+
 def _api_failure(err: DynamicApiError, what: str) -> Transient:
     status = getattr(err, "status", None)
     summary = getattr(err, "summary", lambda: str(err))()
@@ -166,6 +174,7 @@ def reconcile_once(
     failure: Transient | None = None
     rollout_state: State | None = None
     decision: Decision | None = None
+    recorded = False
     try:
         existing = kube.owned(namespace, meta["uid"], selector)
         if render.managed_tgi(pp) is not None:
@@ -187,22 +196,47 @@ def reconcile_once(
             desired = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in taken]
         for manifest in desired:
             manifest["metadata"]["ownerReferences"] = [owner]
-        for manifest, obj in zip(desired, kube.apply_all(desired), strict=True):
-            key = (manifest["kind"], manifest["metadata"]["name"])
-            applied[key] = obj
-            if key not in existing:
-                result.created.append(_label(manifest))
-            elif changed_by_apply(existing[key], obj):
-                result.updated.append(_label(manifest))
+        if rollout_state is not None and rollout_state.to_status() != before.get("rollout"):
+            # The rollout's decision is recorded before anything it decided is applied, so a child that
+            # keeps failing to apply cannot hold the rollout at one step, deciding it again every time.
+            body = _write_status(kube, body, {**before, "rollout": rollout_state.to_status()})
+            recorded = True
+            if decision is not None:
+                result.events += decision.events
+        # The traffic switch (the backend Service's selector) goes on its own, after every other child.
+        switch = ("Service", render.backend_name(name))
+        first = [m for m in desired if (m["kind"], m["metadata"]["name"]) != switch]
+        last = [m for m in desired if (m["kind"], m["metadata"]["name"]) == switch]
+        failed: list[tuple[render.KubeObject, Exception]] = []
+        for batch in (first, last):
+            for manifest, outcome in zip(batch, kube.apply_each(batch), strict=True):
+                key = (manifest["kind"], manifest["metadata"]["name"])
+                if isinstance(outcome, Exception):
+                    failed.append((manifest, outcome))
+                    continue
+                applied[key] = outcome
+                if key not in existing:
+                    result.created.append(_label(manifest))
+                elif changed_by_apply(existing[key], outcome):
+                    result.updated.append(_label(manifest))
         versions = {kind: v for v, kind in CHILD_KINDS}
-        for kind, child in sorted(set(existing) - set(applied)):
+        wanted = {(m["kind"], m["metadata"]["name"]) for m in desired}
+        for kind, child in sorted(set(existing) - wanted):
             kube.delete(versions[kind], kind, namespace, child)
             result.deleted.append(f"{kind} {child}")
-        if decision is not None:  # told only once what it decided is applied
+        if decision is not None and not recorded:  # nothing new to record: told once it is applied
             result.events += decision.events
+        if failed:
+            failed_child, first_failure = failed[0]
+            if isinstance(first_failure, DynamicApiError):
+                raise _Refused(_label(failed_child), first_failure)
+            raise first_failure
     except KindNotServed as err:
         problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
         failure = Transient(str(err), 30.0)
+    except _Refused as err:
+        failure = _api_failure(err.cause, f"applying {err.child}")
+        problem = Problem("ApplyFailed", str(failure))
     except DynamicApiError as err:
         failure = _api_failure(err, "applying the children")
         problem = Problem("ApplyFailed", str(failure))
@@ -217,7 +251,7 @@ def reconcile_once(
             deployments = {
                 n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items() if k == "Deployment"
             } | deployments
-        if rollout_state is not None:  # nothing decided was applied: keep the stored rollout as it was
+        if rollout_state is not None and not recorded:  # the decision was not recorded: nothing of it stands
             rollout_state = State.from_status(before.get("rollout"))
     active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
     health = components(pp, deployments, active_color)
@@ -343,14 +377,15 @@ def baseline(counts: dict[str, Counts]) -> dict[str, Any]:
     return {pod: c.as_json() for pod, c in counts.items()}
 
 
-def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
+def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
     """Write the status the reconcile of `body` computed, only onto that very version of the pipeline (a
-    pipeline changed since is reconciled again). Unchanged status is not written: no watch event, no loop."""
+    pipeline changed since is reconciled again); return the pipeline as written. Unchanged status is not
+    written: no watch event, no loop."""
     meta, before = body["metadata"], body.get("status") or {}
     if before == status:
-        return
+        return body
     try:
-        kube.patch_pipeline_status(
+        return kube.patch_pipeline_status(
             meta["namespace"], meta["name"], merge_patch(before, status), meta.get("resourceVersion")
         )
     except DynamicApiError as err:
@@ -359,7 +394,7 @@ def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> N
         fresh = kube.get_pipeline(meta["namespace"], meta["name"]) if getattr(err, "status", None) == 409 else None
         if fresh is None or fresh["metadata"].get("generation") != meta.get("generation"):
             raise
-        kube.patch_pipeline_status(
+        return kube.patch_pipeline_status(
             meta["namespace"],
             meta["name"],
             merge_patch(fresh.get("status") or {}, status),
