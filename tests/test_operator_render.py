@@ -208,13 +208,15 @@ def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tg
     pp = pipeline(with_model={"name": "smollm2", "version": "v2", "backend": "tgi"})
     registry = RegistrySettings(bucket="models", table="models-table", region="eu-west-1")
     settings = OperatorSettings(registry_secret="registry-keys", backend_service_account="tgi")
-    state = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN), phase="Progressing")
+    state = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN, "sha256:22"), phase="Progressing")
+    assert State.from_status(state.to_status()) == state
     out = children(pp, "ns1", settings, state, registry)
     deployments = by_kind(out, "Deployment")
     for color, version in (("blue", "v1"), ("green", "v2")):
         pod = deployments[f"quickstart-backend-{color}"]["spec"]["template"]["spec"]
         fetch = pod["initContainers"][0]
-        assert fetch["command"] == ["promptpipe", "model", "pull", f"smollm2:{version}", "/models/model"]
+        assert fetch["command"][:5] == ["promptpipe", "model", "pull", f"smollm2:{version}", "/models/model"]
+        assert fetch["command"][5:] == (["--digest", "sha256:22"] if version == "v2" else [])
         assert {"name": "PROMPTPIPE_REGISTRY_BUCKET", "value": "models"} in fetch["env"]
         assert {"name": "PROMPTPIPE_REGISTRY_REGION", "value": "eu-west-1"} in fetch["env"]
         assert fetch["envFrom"] == [{"secretRef": {"name": "registry-keys"}}]

@@ -25,6 +25,7 @@ import yaml
 from kubernetes import client
 
 from promptpipe.localproc import free_port
+from promptpipe.registry.refs import parse_ref
 from promptpipe.registry.store import Registry
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
@@ -199,7 +200,10 @@ def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_reti
     r.registry.promote("smollm2", "v2", "prod")
     wait_until(lambda: r.backends() == {"blue": "v1", "green": "v2"}, "green brought up next to blue")
     green = cluster.apps.read_namespaced_deployment(f"{NAME}-backend-green", cluster.ns)
-    assert green.spec.template.spec.init_containers[0].command[3] == "smollm2:v2"
+    fetch = green.spec.template.spec.init_containers[0].command
+    assert fetch[3] == "smollm2:v2"
+    # Pinned to the content the operator resolved: a record changed later is refused by the pod's pull.
+    assert fetch[-2:] == ["--digest", r.registry.resolve(parse_ref("smollm2:v2")).digest]
     wait_until(lambda: r.rollout()["phase"] == "Progressing", "status Progressing")
     assert r.traffic() == "blue"
     cluster.set_ready(f"{NAME}-backend-green")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -328,3 +329,63 @@ def test_the_command_line_end_to_end(registry_settings: RegistrySettings, tmp_pa
     assert bad.returncode == 2 and "invalid model name 'Bad Name'" in bad.stderr
     immutable = promptpipe(registry_settings, "model", "push", "smollm2:v1", str(make_model(tmp_path / "n", "n")))
     assert immutable.returncode == 1 and "immutable" in immutable.stderr
+
+
+def test_concurrent_promotions_and_rollbacks_keep_the_alias_and_its_history_one_story(
+    registry: Registry, tmp_path: Path
+) -> None:
+    for i in range(1, 7):
+        registry.push("m", make_model(tmp_path / f"s{i}", f"s{i}"), f"v{i}")
+    registry.promote("m", "v1", "prod")
+    start = threading.Barrier(8)
+    conflicts: list[str] = []
+
+    def promote(version: str) -> None:
+        start.wait()
+        registry.promote("m", version, "prod")
+
+    def roll_back() -> None:
+        start.wait()
+        try:
+            registry.rollback_alias("m", "prod")
+        except errors.Conflict as e:  # the alias moved between reading the history and writing: refused
+            conflicts.append(str(e))
+        except errors.RegistryError as e:  # it ran first: nothing before v1 to go back to
+            conflicts.append(str(e))
+
+    workers = [threading.Thread(target=promote, args=(f"v{i}",)) for i in range(2, 7)]
+    workers += [threading.Thread(target=roll_back) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+
+    history = registry.history("m")
+    moves = [e for e in history if e.alias == "prod"]
+    assert len(moves) == 1 + 5 + 3 - len(conflicts)
+    # One story: every move starts where the one before it left the alias, in revision order.
+    for before, after in itertools.pairwise(moves):
+        assert after.previous == before.version, [(e.revision, e.version, e.previous) for e in moves]
+    assert [e.revision for e in history] == sorted({e.revision for e in history}), "unique, in order"
+    assert registry.version_of(parse_ref("m@prod")) == moves[-1].version
+    assert all("moved meanwhile" in c or "no earlier version" in c for c in conflicts), conflicts
+
+
+def test_a_version_whose_file_list_was_altered_is_refused_on_pull(
+    registry: Registry, registry_settings: RegistrySettings, tmp_path: Path
+) -> None:
+    record = registry.push("m", make_model(tmp_path / "model"), "v1").record
+    with pytest.raises(errors.IntegrityError, match=r"is sha256:.* in the registry, not sha256:0+ as resolved"):
+        registry.pull(parse_ref("m:v1"), tmp_path / "pinned", digest="sha256:" + "0" * 64)
+    # Someone with write access to the table drops a file from the list, keeping the digest.
+    altered = record.manifest.model_copy(update={"files": record.manifest.files[1:]})
+    table = boto3.client("dynamodb", endpoint_url=registry_settings.endpoint_url, region_name=registry_settings.region)
+    table.update_item(
+        TableName=registry_settings.table,
+        Key={"pk": {"S": "model#m"}, "sk": {"S": "version#v1"}},
+        UpdateExpression="SET manifest = :m",
+        ExpressionAttributeValues={":m": {"S": altered.model_dump_json()}},
+    )
+    with pytest.raises(errors.IntegrityError, match="its file list is not the one its digest"):
+        registry.pull(parse_ref("m:v1"), tmp_path / "altered")
+    assert not (tmp_path / "altered").exists()

@@ -364,6 +364,7 @@ def advance_rollout(
             request,
             target_pods=target_pods,
             target_gave_up=target_gave_up,
+            desired_digest=probes.digest_of(registry, pp.spec, desired),
         ),
         cfg,
     )

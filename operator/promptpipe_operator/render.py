@@ -392,9 +392,11 @@ def backend_name(pipeline: str, color: str | None = None) -> str:
 
 
 def _fetch_model(
-    pp: PromptPipeline, version: str, settings: OperatorSettings, registry: RegistrySettings
+    pp: PromptPipeline, version: str, settings: OperatorSettings, registry: RegistrySettings, digest: str = ""
 ) -> dict[str, Any]:
-    """The init container that puts the registry version on local disk, verified, before TGI starts.
+    """The init container that puts the registry version on local disk, verified, before TGI starts: its
+    files against their hashes, its file list against its digest, and that digest against the one the
+    operator resolved when it chose the version (`digest`, when known).
 
     A missing or corrupted artifact makes it fail: the pod never becomes Ready and never serves."""
     env = [
@@ -408,7 +410,14 @@ def _fetch_model(
         "name": "fetch-model",
         "image": settings.stage_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["promptpipe", "model", "pull", f"{pp.spec.model.name}:{version}", f"{MODELS_DIR}/model"],
+        "command": [
+            "promptpipe",
+            "model",
+            "pull",
+            f"{pp.spec.model.name}:{version}",
+            f"{MODELS_DIR}/model",
+            *(["--digest", digest] if digest else []),
+        ],
         "env": env,
         # The error (which file failed its hash, which version is missing) lands in the pod's status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -434,6 +443,7 @@ def tgi_deployment(
     version: str,
     settings: OperatorSettings,
     registry: RegistrySettings | None,
+    digest: str = "",
 ) -> KubeObject:
     """TGI serving one model version on GPUs (the image runs as root; it is not ours to change)."""
     name = pp.metadata.name
@@ -479,7 +489,7 @@ def tgi_deployment(
         "volumes": volumes,
     }
     if from_registry and registry is not None:
-        pod["initContainers"] = [_fetch_model(pp, version, settings, registry)]
+        pod["initContainers"] = [_fetch_model(pp, version, settings, registry, digest)]
     if settings.backend_service_account:
         pod["serviceAccountName"] = settings.backend_service_account
     if tgi.gpus:
@@ -532,7 +542,7 @@ def backend_children(
     out = [tgi_service(pp, namespace, active, main=True)]
     for slot in state.deployed():
         out += [
-            tgi_deployment(pp, namespace, tgi, slot.color, slot.version, settings, registry),
+            tgi_deployment(pp, namespace, tgi, slot.color, slot.version, settings, registry, slot.digest),
             tgi_service(pp, namespace, slot.color, main=False),
         ]
     return out

@@ -40,6 +40,7 @@ def ts(when: dt.datetime) -> str:
 class Slot:
     version: str
     color: str
+    digest: str = ""  # the registry's digest of the version when it was chosen: the pods pull only that
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,11 @@ class State:
         out: dict[str, Any] = {"phase": self.phase}
         for key, slot in (("active", self.active), ("previous", self.previous), ("target", self.target)):
             if slot is not None:
-                out[key] = {"version": slot.version, "color": slot.color}
+                out[key] = {
+                    "version": slot.version,
+                    "color": slot.color,
+                    **({"digest": slot.digest} if slot.digest else {}),
+                }
         for key, value in (
             ("previousUntil", self.previous_until),
             ("startedAt", self.started_at),
@@ -97,7 +102,7 @@ class State:
 
         def slot(key: str) -> Slot | None:
             v = s.get(key)
-            return Slot(str(v["version"]), str(v["color"])) if isinstance(v, dict) else None
+            return Slot(str(v["version"]), str(v["color"]), str(v.get("digest", ""))) if isinstance(v, dict) else None
 
         return State(
             active=slot("active"),
@@ -131,6 +136,7 @@ class Observed:
     rollback_request: str = ""  # the `promptpipe.io/rollback` annotation
     target_pods: str = ""  # why the target's pods do not serve, from their status (e.g. the model fetch failed)
     target_gave_up: str = ""  # a target pod's container that keeps failing: it will not serve
+    desired_digest: str = ""  # the registry's digest of `desired`, when it comes from the registry
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,7 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             return Decision(state, events)
         first = replace(
             state,
-            active=Slot(desired, BLUE),
+            active=Slot(desired, BLUE, obs.desired_digest),
             phase=STABLE,
             history=_history(state, desired, "Deployed", "Initial", now),
         )
@@ -235,7 +241,11 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
                     cancelled, [*events, Event("Normal", "RolloutCancelled", f"{target.version} is no longer wanted")]
                 )
             state = replace(
-                state, target=Slot(desired, target.color), started_at=ts(now), reason="", message=""
+                state,
+                target=Slot(desired, target.color, obs.desired_digest),
+                started_at=ts(now),
+                reason="",
+                message="",
             )  # retarget the same color
             return Decision(
                 state,
@@ -353,7 +363,7 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
     color = other(active.color)
     starting = replace(
         state,
-        target=Slot(desired, color),
+        target=Slot(desired, color, obs.desired_digest),
         previous=None,
         previous_until="",
         phase=PROGRESSING,

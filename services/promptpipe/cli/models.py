@@ -205,11 +205,16 @@ def show(
 def pull(
     ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION|@ALIAS]")],
     dest: Annotated[Path, typer.Argument(help="Folder to create; it appears complete or not at all.")],
+    digest: Annotated[
+        str | None,
+        typer.Option(help="Pull only this content (sha256:...): what was resolved earlier, if the record changed."),
+    ] = None,
     output: OutputOption = Output.TEXT,
 ) -> None:
-    """Download a version and verify every file's SHA-256; a mismatch is an error and leaves nothing behind."""
+    """Download a version and verify every file's SHA-256, and the file list against the version's digest; a
+    mismatch is an error and leaves nothing behind."""
     with _registry() as reg, _bar() as bar:
-        r, downloaded = reg.pull(parse_ref(ref), dest, bar)
+        r, downloaded = reg.pull(parse_ref(ref), dest, bar, digest=digest)
     if output is Output.JSON:
         return _json({**r.as_json(files=False), "path": str(dest), "downloaded": downloaded})
     what = "pulled" if downloaded else "already present and verified:"

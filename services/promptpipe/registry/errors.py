@@ -29,3 +29,7 @@ class IntegrityError(RegistryError):
 
 class Unreachable(RegistryError):
     """The endpoint could not be reached."""
+
+
+class Conflict(RegistryError):
+    """The change was made against a state that has moved since (an alias promoted meanwhile)."""

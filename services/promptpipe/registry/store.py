@@ -21,7 +21,6 @@ import re
 import shutil
 import socket
 import tempfile
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,9 +116,11 @@ class HistoryEntry:
     alias: str = ""
     previous: str = ""
     actor: str = ""
+    revision: int = 0  # the model's revision this change made (0: recorded before revisions were)
 
-    def as_json(self) -> dict[str, str]:
+    def as_json(self) -> dict[str, str | int]:
         return {
+            "revision": self.revision,
             "at": self.at,
             "action": self.action,
             "version": self.version,
@@ -172,6 +173,7 @@ class Registry:
         session = boto3.session.Session(region_name=s.region)
         self._s3: S3Client = session.client("s3", endpoint_url=s.s3_endpoint_url or s.endpoint_url, config=config)
         self._db: DynamoDBClient = session.client("dynamodb", endpoint_url=s.endpoint_url, config=config)
+        self._digests: dict[tuple[str, str], str] = {}
         self._transfer = TransferConfig(
             multipart_threshold=s.multipart_threshold_mb * MiB,
             multipart_chunksize=s.part_size_mb * MiB,
@@ -347,6 +349,16 @@ class Registry:
                 return ref.version
         return self._newest(ref.name).version
 
+    def digest_of(self, name: str, version: str) -> str:
+        """A version's digest, in one read of that attribute alone, then from memory: versions are immutable."""
+        if (name, version) not in self._digests:
+            with self._errors(f"resolve {name}:{version}"):
+                item = self._get(f"model#{name}", f"version#{version}", only="digest")
+            if item is None:
+                raise errors.NotFound(f"model {name} has no version {version!r}")
+            self._digests[(name, version)] = str(item["digest"])
+        return self._digests[(name, version)]
+
     def resolve(self, ref: ModelRef) -> VersionRecord:
         """The version a reference names: `:VERSION`, `@ALIAS`, or bare: the newest."""
         if not ref.alias and not ref.version:
@@ -371,22 +383,48 @@ class Registry:
                 alias=str(i.get("alias", "")),
                 previous=str(i.get("previous", "")),
                 actor=str(i.get("actor", "")),
+                revision=int(i.get("revision", 0)),
             )
-            for i in items
+            for i in sorted(items, key=lambda i: (int(i.get("revision", 0)), str(i["at"])))
         ]
 
     # -- writing --------------------------------------------------------------------------------
 
-    def _event(self, name: str, **values: str) -> TransactWriteItemTypeDef:
-        at = _now()
-        return {
+    def _revision(self, name: str) -> int:
+        """The model's revision: how many changes it has had (pushes, promotions)."""
+        item = self._get(f"model#{name}", REVISION_KEY)
+        return int(item["revision"]) if item else 0
+
+    def _recorded(self, name: str, revision: int, **values: str) -> list[TransactWriteItemTypeDef]:
+        """The writes that record one change of the model, as revision `revision + 1`: the counter moves
+        only from `revision` (so of two writers that read it alike, one fails and tries again), and the
+        history entry is keyed by the new revision, so history has the order the changes took, not the
+        order of the writers' clocks."""
+        counter_key = _item(pk=f"model#{name}", sk=REVISION_KEY)
+        moved: TransactWriteItemTypeDef = {
+            "Update": {
+                "TableName": self.settings.table,
+                "Key": counter_key,
+                "UpdateExpression": "SET revision = :next",
+                "ConditionExpression": "attribute_not_exists(pk)" if revision == 0 else "revision = :current",
+                "ExpressionAttributeValues": _item(**{":next": revision + 1})
+                | ({} if revision == 0 else _item(**{":current": revision})),
+            }
+        }
+        event: TransactWriteItemTypeDef = {
             "Put": {
                 "TableName": self.settings.table,
                 "Item": _item(
-                    pk=f"model#{name}", sk=f"event#{at}#{uuid.uuid4().hex[:8]}", at=at, actor=_actor(), **values
+                    pk=f"model#{name}",
+                    sk=f"event#{revision + 1:012d}",
+                    revision=revision + 1,
+                    at=_now(),
+                    actor=_actor(),
+                    **values,
                 ),
             }
         }
+        return [moved, event]
 
     def _upload(self, folder: Path, manifest: Manifest, progress: Progress) -> tuple[int, int]:
         """Upload the blobs S3 does not have yet; returns (uploaded, skipped) bytes."""
@@ -435,6 +473,8 @@ class Registry:
                 if same:
                     return PushResult(same[-1], created=False, uploaded_bytes=uploaded, skipped_bytes=skipped)
             candidate = version or next_version([r.version for r in existing_versions])
+            with self._errors(f"push {name}:{candidate}"):
+                revision = self._revision(name)
             created_at = _now()
             record = _item(
                 pk=f"model#{name}",
@@ -465,14 +505,14 @@ class Registry:
                                         "Item": _item(pk="models", sk=f"model#{name}", name=name),
                                     }
                                 },
-                                self._event(name, action="push", version=candidate),
+                                *self._recorded(name, revision, action="push", version=candidate),
                             ]
                         )
                     except botocore.exceptions.ClientError as e:
-                        if e.response.get("Error", {}).get(
-                            "Code"
-                        ) == "TransactionCanceledException" and _condition_failed(e.response, 0):
+                        if _condition_failed(e.response, 0):
                             raise _Taken() from None
+                        if _condition_failed(e.response, 2):  # another change to the model came first
+                            continue
                         raise
             except _Taken:
                 existing = self.resolve(ModelRef(name, version=candidate))
@@ -487,62 +527,90 @@ class Registry:
             published = VersionRecord(name, candidate, manifest.digest, manifest, created_at, _actor())
             return PushResult(published, created=True, uploaded_bytes=uploaded, skipped_bytes=skipped)
 
-    def promote(self, name: str, version: str, alias: str) -> str:
-        """Point `alias` at `version`; returns the version it pointed at before ('' if new)."""
-        with self._errors(f"promote {name}:{version}"):
-            before = self._get(f"model#{name}", f"alias#{alias}")
-            previous = str(before["version"]) if before else ""
-            try:
-                self._db.transact_write_items(
-                    TransactItems=[
-                        {
-                            "ConditionCheck": {
-                                "TableName": self.settings.table,
-                                "Key": _item(pk=f"model#{name}", sk=f"version#{version}"),
-                                "ConditionExpression": "attribute_exists(pk)",
-                            }
-                        },
-                        {
-                            "Put": {
-                                "TableName": self.settings.table,
-                                "Item": _item(
-                                    pk=f"model#{name}",
-                                    sk=f"alias#{alias}",
-                                    alias=alias,
-                                    version=version,
-                                    updatedAt=_now(),
-                                ),
-                            }
-                        },
-                        self._event(name, action="promote", version=version, alias=alias, previous=previous),
-                    ]
-                )
-            except botocore.exceptions.ClientError as e:
-                if _condition_failed(e.response, 0):
-                    raise errors.NotFound(f"model {name} has no version {version!r}") from None
-                raise
-        return previous
+    def promote(self, name: str, version: str, alias: str, expected: str | None = None) -> str:
+        """Point `alias` at `version`; returns the version it pointed at before ('' if new).
+
+        With `expected`, only if the alias still points there (errors.Conflict otherwise, and nothing
+        changes). Without, whatever it points at when the write lands, and `previous` in the history is
+        what it pointed at then: a concurrent move is never lost from the history."""
+        while True:
+            with self._errors(f"promote {name}:{version}"):
+                revision = self._revision(name)
+                before = self._get(f"model#{name}", f"alias#{alias}")
+                previous = str(before["version"]) if before else ""
+                if expected is not None and previous != expected:
+                    raise errors.Conflict(
+                        f"{name}@{alias} points at {previous or 'nothing'} now, not {expected}: it moved meanwhile; "
+                        "nothing changed"
+                    )
+                alias_put: dict[str, Any] = {
+                    "TableName": self.settings.table,
+                    "Item": _item(
+                        pk=f"model#{name}",
+                        sk=f"alias#{alias}",
+                        alias=alias,
+                        version=version,
+                        revision=revision + 1,
+                        updatedAt=_now(),
+                    ),
+                }
+                try:
+                    self._db.transact_write_items(
+                        TransactItems=[
+                            {
+                                "ConditionCheck": {
+                                    "TableName": self.settings.table,
+                                    "Key": _item(pk=f"model#{name}", sk=f"version#{version}"),
+                                    "ConditionExpression": "attribute_exists(pk)",
+                                }
+                            },
+                            {"Put": alias_put},  # type: ignore[typeddict-item]
+                            *self._recorded(
+                                name, revision, action="promote", version=version, alias=alias, previous=previous
+                            ),
+                        ]
+                    )
+                except botocore.exceptions.ClientError as e:
+                    if _condition_failed(e.response, 0):
+                        raise errors.NotFound(f"model {name} has no version {version!r}") from None
+                    if _condition_failed(e.response, 2):  # another change came first: read again
+                        continue
+                    raise
+            return previous
 
     def rollback_alias(self, name: str, alias: str) -> tuple[str, str]:
-        """Point `alias` back where its last promotion moved it from; returns (from, to)."""
+        """Point `alias` back where its last promotion moved it from; returns (from, to). Only if the alias
+        is still where that promotion put it: a promotion landing meanwhile makes this a Conflict."""
         promotions = [e for e in self.history(name) if e.action == "promote" and e.alias == alias]
         if not promotions:
             raise errors.NotFound(f"model {name} has no alias {alias!r}")
         last = promotions[-1]
         if not last.previous:
             raise errors.RegistryError(f"{name}@{alias} has no earlier version to go back to")
-        self.promote(name, last.previous, alias)
+        self.promote(name, last.previous, alias, expected=last.version)
         return last.version, last.previous
 
     # -- pulling --------------------------------------------------------------------------------
 
-    def pull(self, ref: ModelRef, dest: Path, progress: Progress | None = None) -> tuple[VersionRecord, bool]:
-        """Download and verify into `dest`, which appears complete or not at all.
+    def pull(
+        self, ref: ModelRef, dest: Path, progress: Progress | None = None, digest: str | None = None
+    ) -> tuple[VersionRecord, bool]:
+        """Download and verify into `dest`, which appears complete or not at all. With `digest`, only that
+        content (the digest the operator resolved, pinned in the pod that pulls).
 
         Returns the record and whether anything was downloaded (False: `dest` already held it).
         """
         progress = progress or _Silent()
         record = self.resolve(ref)
+        if record.manifest.digest != record.digest:
+            raise errors.IntegrityError(
+                f"{record.name}:{record.version}: its file list is not the one its digest {record.digest} names"
+                f" ({record.manifest.digest}): the record was altered"
+            )
+        if digest is not None and record.digest != digest:
+            raise errors.IntegrityError(
+                f"{record.name}:{record.version} is {record.digest} in the registry, not {digest} as resolved"
+            )
         if dest.exists():
             _verify_existing(dest, record)
             return record, False
@@ -609,6 +677,10 @@ def _error_of(e: botocore.exceptions.ClientError) -> tuple[str, str]:
 
 class _Taken(Exception):
     pass
+
+
+# The item holding a model's revision counter.
+REVISION_KEY = "revision"
 
 
 def _condition_failed(response: Mapping[str, Any], index: int) -> bool:
