@@ -83,6 +83,31 @@ MALFORMED = [
     # What the post stage holds back waiting for a match is bounded by the longest one.
     (["spec", "post"], {"stopSequences": ["#" * 65]}, "spec.post.stopSequences[0]"),
     (["spec", "post"], {"blocklist": {"words": ["w" * 129]}}, "spec.post.blocklist.words[0]"),
+    # Judged at apply time: limits that contradict each other, bounds the wrong way round, endpoints that
+    # are not URLs, values that make a stage useless.
+    (
+        ["spec", "stages", "rag", "retries"],
+        {"initialBackoffSeconds": 5},
+        "spec.stages.rag.retries.initialBackoffSeconds",
+    ),
+    (["spec", "generation", "maxNewTokens"], 5000, "spec.generation.maxNewTokens"),
+    (["spec", "rag", "topK"], 0, "spec.rag.topK"),
+    (["spec", "generation", "maxNewTokens"], 2048, "spec.generation.maxNewTokens"),  # the whole context
+    (
+        ["spec", "model"],
+        {"name": "m", "backend": "tgi", "tgi": {"endpoints": ["tgi:8080"]}},
+        "spec.model.tgi.endpoints[0]",
+    ),
+    (
+        ["spec", "model"],
+        {"name": "m", "backend": "tgi", "tgi": {"maxInputTokens": 4096, "maxTotalTokens": 4096}},
+        "spec.model.tgi.maxInputTokens",
+    ),
+    (
+        ["spec", "model"],
+        {"name": "m", "backend": "tgi", "tgi": {"maxInputTokens": 4096, "maxBatchPrefillTokens": 1024}},
+        "spec.model.tgi.maxBatchPrefillTokens",
+    ),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from promptpipe.cli.main import app
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline, parse_pipeline
+from promptpipe_operator import policy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "deploy" / "examples" / "quickstart.yaml"
@@ -46,6 +47,21 @@ def test_every_example_pipeline_is_valid() -> None:
         (["spec", "rag", "topK"], "three", "spec.rag.topK"),
         (["metadata", "name"], "Not_A_DNS_Name", "metadata.name"),
         (["apiVersion"], "promptpipe.io/v2", "apiVersion"),
+        # The API server's rules, the same in the model: `promptpipe validate` and `up` judge alike.
+        (["spec", "stages", "rag", "retries"], {"initialBackoffSeconds": 5}, "spec.stages.rag.retries"),
+        (["spec", "generation", "maxNewTokens"], 5000, "spec.generation"),
+        (["spec", "rag", "topK"], 0, "spec.rag"),
+        (["spec", "generation", "maxNewTokens"], 2048, "spec"),
+        (
+            ["spec", "model"],
+            {"name": "m", "backend": "tgi", "tgi": {"endpoints": ["tgi:8080"]}},
+            "spec.model.tgi.endpoints.0",
+        ),
+        (
+            ["spec", "model"],
+            {"name": "m", "backend": "tgi", "tgi": {"maxInputTokens": 8, "maxTotalTokens": 8}},
+            "spec.model.tgi",
+        ),
     ],
 )
 def test_malformed_pipeline_is_refused_naming_the_field(path: list[str], value: object, field: str) -> None:
@@ -85,3 +101,17 @@ def test_cli_up_refuses_an_invalid_file_without_starting_anything(tmp_path: Path
     bad.write_text(yaml.safe_dump(doc))
     result = CliRunner().invoke(app, ["up", "-f", str(bad)])
     assert result.exit_code == 2 and "spec.stages.post.queue.shedPolicy" in result.output
+
+
+def test_a_chat_template_that_does_not_parse_is_refused_by_validate_naming_the_field(tmp_path: Path) -> None:
+    doc = quickstart()
+    doc["spec"]["template"]["chatTemplate"] = "{% for m in messages %}{{ m.content }}"  # no endfor
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["validate", "-f", str(bad)])
+    assert result.exit_code == 2
+    assert "spec.template.chatTemplate: does not parse: line 1:" in result.output
+    # The operator judges it the same way: the pipeline is refused before any pod runs it.
+    assert (policy.invalid(parse_pipeline(doc)) or "").startswith("spec.template.chatTemplate: does not parse: line 1:")
+    doc["spec"]["template"]["chatTemplate"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert policy.invalid(parse_pipeline(doc)) is None

@@ -9,6 +9,7 @@ author could otherwise reach through the operator's own privileges. Pure functio
 
 from __future__ import annotations
 
+from promptpipe import chattemplates
 from promptpipe.contract.spec import PromptPipeline
 from promptpipe_operator.render import managed_tgi
 from promptpipe_operator.settings import OperatorSettings
@@ -26,6 +27,14 @@ def image_allowed(image: str, allowed: list[str]) -> bool:
     """An entry ending in `/` allows every repository under it; any other, that repository alone."""
     repository = repository_of(image)
     return any(repository.startswith(a) if a.endswith("/") else repository == a for a in allowed)
+
+
+def invalid(pp: PromptPipeline) -> str | None:
+    """What the API server's schema cannot judge but is known wrong now (naming the field), or None: a chat
+    template that does not parse would fail every request at the assemble stage."""
+    source = pp.spec.template.chat_template
+    problem = chattemplates.syntax_problem(source) if source else None
+    return f"spec.template.chatTemplate: does not parse: {problem}" if problem else None
 
 
 def refusal(pp: PromptPipeline, settings: OperatorSettings) -> str | None:

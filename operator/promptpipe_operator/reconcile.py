@@ -162,6 +162,8 @@ def reconcile_once(
         pp = parse_pipeline(body)
     except PipelineFileError as err:
         return _refuse(kube, body, str(err), "InvalidSpec")
+    if (invalid := policy.invalid(pp)) is not None:
+        return _refuse(kube, body, invalid, "InvalidSpec")
     refused = policy.refusal(pp, settings)
     if refused is not None:  # as a spec the model refuses: nothing is changed until it is fixed
         return _refuse(kube, body, refused, "NotAllowed")

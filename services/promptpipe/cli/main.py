@@ -13,6 +13,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from promptpipe import chattemplates
 from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out
 from promptpipe.cli.models import model_app, registry_app
@@ -50,6 +51,9 @@ def validate(file: Annotated[Path, typer.Option("--file", "-f", help="PromptPipe
         pipeline = load_pipeline(file)
     except PipelineFileError as e:
         raise fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
+    template = pipeline.spec.template.chat_template
+    if template and (problem := chattemplates.syntax_problem(template)):  # as the operator judges it
+        raise fail(f"{file} is not a valid PromptPipeline:\nspec.template.chatTemplate: does not parse: {problem}", 2)
     out.print(f"{file}: PromptPipeline [bold]{pipeline.metadata.name}[/] is valid")
 
 

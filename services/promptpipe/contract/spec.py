@@ -70,9 +70,29 @@ class QueueSpec(_Model):
 class RetrySpec(_Model):
     """Retries of calls to the next stage, only while nothing was streamed yet."""
 
+    # The API server's copy of `_backoff_in_order` below.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.initialBackoffSeconds) ? self.initialBackoffSeconds : 0.05)"
+                    " <= (has(self.maxBackoffSeconds) ? self.maxBackoffSeconds : 1.0)",
+                    "message": "initialBackoffSeconds must not exceed maxBackoffSeconds",
+                    "fieldPath": ".initialBackoffSeconds",
+                }
+            ]
+        }
+    )
+
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     initial_backoff_seconds: Annotated[float, Field(gt=0, le=60)] = 0.05
     max_backoff_seconds: Annotated[float, Field(gt=0, le=300)] = 1.0
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> RetrySpec:
+        if self.initial_backoff_seconds > self.max_backoff_seconds:
+            raise ValueError("initialBackoffSeconds must not exceed maxBackoffSeconds")
+        return self
 
 
 class ScalingSpec(_Model):
@@ -198,10 +218,15 @@ class LlamaCppSpec(_Model):
     threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: one per core
 
 
+# An http(s) URL with a host: what the backends' HTTP clients can call.
+ENDPOINT_PATTERN = r"^https?://[^\s/?#@]+(/[^\s]*)?$"
+Endpoint = Annotated[str, Field(max_length=2048, pattern=ENDPOINT_PATTERN)]
+
+
 class RemoteBackendSpec(_Model):
     """An HTTP backend, one or more replicas."""
 
-    endpoints: Annotated[list[str], Field(min_length=1)]
+    endpoints: Annotated[list[Endpoint], Field(min_length=1)]
     # Seconds without a byte from the backend before the stream is failed.
     read_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     connect_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
@@ -237,7 +262,27 @@ class TgiQuantize(str, enum.Enum):
 class TgiSpec(RemoteBackendSpec):
     """Text Generation Inference: servers you run (`endpoints`), or, empty, TGI pods the operator runs."""
 
-    endpoints: list[str] = []  # optional here: empty means operator-managed
+    # The API server's copy of `_token_limits_agree` below: TGI refuses to start otherwise.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxInputTokens) || !has(self.maxTotalTokens)"
+                    " || self.maxInputTokens < self.maxTotalTokens",
+                    "message": "maxInputTokens must be less than maxTotalTokens",
+                    "fieldPath": ".maxInputTokens",
+                },
+                {
+                    "rule": "!has(self.maxInputTokens) || !has(self.maxBatchPrefillTokens)"
+                    " || self.maxBatchPrefillTokens >= self.maxInputTokens",
+                    "message": "maxBatchPrefillTokens must be at least maxInputTokens",
+                    "fieldPath": ".maxBatchPrefillTokens",
+                },
+            ]
+        }
+    )
+
+    endpoints: list[Endpoint] = []  # optional here: empty means operator-managed
     # TGI's router limits, passed to the TGI pods the operator runs.
     max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 128
     max_input_tokens: Annotated[int, Field(ge=1, le=1_048_576)] | None = None
@@ -251,6 +296,16 @@ class TgiSpec(RemoteBackendSpec):
     quantize: TgiQuantize | None = None
     resources: ResourcesSpec | None = None
     node_selector: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _token_limits_agree(self) -> TgiSpec:
+        inputs, total, prefill = self.max_input_tokens, self.max_total_tokens, self.max_batch_prefill_tokens
+        if inputs is not None and total is not None and inputs >= total:
+            raise ValueError("maxInputTokens must be less than maxTotalTokens")
+        if inputs is not None and prefill is not None and prefill < inputs:
+            raise ValueError("maxBatchPrefillTokens must be at least maxInputTokens")
+        return self
+
     # The most disk the model's files may take in a TGI pod (its download cache, or the registry's copy):
     # the size limit of those volumes, so a model larger than planned evicts its pod, not the node's others.
     model_storage: Quantity = "100Gi"
@@ -322,11 +377,31 @@ class ModelSpec(_Model):
 
 
 class GenerationDefaults(_Model):
+    # The API server's copy of `_default_within_limit` below.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.maxNewTokens) ? self.maxNewTokens : 256)"
+                    " <= (has(self.maxNewTokensLimit) ? self.maxNewTokensLimit : 4096)",
+                    "message": "maxNewTokens must not exceed maxNewTokensLimit",
+                    "fieldPath": ".maxNewTokens",
+                }
+            ]
+        }
+    )
+
     max_new_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256
     max_new_tokens_limit: Annotated[int, Field(ge=1, le=32_768)] = 4096
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.2
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     top_k: Annotated[int, Field(ge=0, le=1000)] = 40
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> GenerationDefaults:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("maxNewTokens must not exceed maxNewTokensLimit")
+        return self
 
 
 class CorpusSpec(_Model):
@@ -337,12 +412,34 @@ class CorpusSpec(_Model):
     config_map: str = ""
 
 
+RAG_NOTHING_MESSAGE = "0 retrieves nothing while rag is enabled: set enabled: false instead"
+
+
 class RagSpec(_Model):
+    # The API server's copy of `_retrieves_something` below.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.topK) && self.topK == 0) || (has(self.enabled) && !self.enabled)",
+                    "message": RAG_NOTHING_MESSAGE,
+                    "fieldPath": ".topK",
+                }
+            ]
+        }
+    )
+
     enabled: bool = True
     corpus: CorpusSpec = CorpusSpec()
     top_k: Annotated[int, Field(ge=0, le=100)] = 3
     # Passages longer than this are split into chunks before indexing.
     chunk_chars: Annotated[int, Field(ge=64, le=100_000)] = 800
+
+    @model_validator(mode="after")
+    def _retrieves_something(self) -> RagSpec:
+        if self.enabled and self.top_k == 0:
+            raise ValueError(f"topK: {RAG_NOTHING_MESSAGE}")
+        return self
 
 
 class FewShotExample(_Model):
@@ -485,7 +582,27 @@ class RolloutSpec(_Model):
     analysis: AnalysisSpec = AnalysisSpec()
 
 
+# The embedded model's context holds the prompt and the answer: an answer as long leaves no prompt.
+CONTEXT_MESSAGE = "must be less than model.llamacpp.contextSize: the context holds the prompt and the answer"
+
+
 class PipelineSpec(_Model):
+    # The API server's copy of `_context_holds_an_answer` below (defaults spelled out: CEL sees unset fields).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "(has(self.model.backend) && self.model.backend != 'llamacpp')"
+                    " || (has(self.generation) && has(self.generation.maxNewTokens) ? self.generation.maxNewTokens"
+                    " : 256) < (has(self.model.llamacpp) && has(self.model.llamacpp.contextSize)"
+                    " ? self.model.llamacpp.contextSize : 2048)",
+                    "message": CONTEXT_MESSAGE,
+                    "fieldPath": ".generation.maxNewTokens",
+                }
+            ]
+        }
+    )
+
     model: ModelSpec
     # Operator only.
     rollout: RolloutSpec = RolloutSpec()
@@ -494,6 +611,13 @@ class PipelineSpec(_Model):
     rag: RagSpec = RagSpec()
     template: TemplateSpec = TemplateSpec()
     post: PostSpec = PostSpec()
+
+    @model_validator(mode="after")
+    def _context_holds_an_answer(self) -> PipelineSpec:
+        llamacpp = self.model.backend is BackendKind.LLAMACPP
+        if llamacpp and self.generation.max_new_tokens >= self.model.llamacpp.context_size:
+            raise ValueError(f"generation.maxNewTokens: {CONTEXT_MESSAGE}")
+        return self
 
 
 class ObjectMeta(BaseModel):

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from promptpipe import chattemplates
 from promptpipe.contract.spec import TemplateSpec
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.v1 import common_pb2, stage_pb2
@@ -63,10 +63,6 @@ class SpecialTokens:
 COMMON = SpecialTokens()
 
 
-def _raise(message: str) -> None:
-    raise ValueError(message)
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     source: str
@@ -75,10 +71,7 @@ class ChatTemplate:
 
     @functools.cached_property
     def _compiled(self) -> jinja2.Template:
-        # Hugging Face renders chat templates with these settings.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        return env.from_string(self.source)
+        return chattemplates.environment().from_string(self.source)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         return self._compiled.render(
