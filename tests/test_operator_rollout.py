@@ -315,7 +315,8 @@ def test_green_never_ready_is_rolled_back_at_the_progress_deadline_and_not_retri
     wait_until(lambda: r.rollout().get("phase") == "RolledBack", "the rollback", timeout=25)
     rollout = r.rollout()
     assert rollout["reason"] == "ProgressDeadlineExceeded" and rollout["failedVersion"] == "v2"
-    assert r.backends() == {"blue": "v1"} and r.traffic() == "blue"
+    # Recorded first, then carried out in the same reconcile: traffic back, green removed.
+    wait_until(lambda: r.backends() == {"blue": "v1"} and r.traffic() == "blue", "blue alone, serving")
     status = cluster.status(NAME)
     assert status["phase"] == "RolledBack" and status["activeVersion"] == "v1"
     assert {c["type"]: c["reason"] for c in status["conditions"]}["RolledBack"] == "ProgressDeadlineExceeded"
@@ -335,7 +336,8 @@ def test_a_failed_smoke_generation_rolls_back_before_any_traffic_moves(rollouts:
     cluster.set_ready(f"{NAME}-backend-green")
     wait_until(lambda: r.rollout().get("phase") == "RolledBack", "the rollback")
     assert r.rollout()["reason"] == "SmokeTestFailed" and "HTTP 500" in r.rollout()["message"]
-    assert r.traffic() == "blue" and r.backends() == {"blue": "v1"}
+    # Recorded first, then carried out in the same reconcile: traffic back, green removed.
+    wait_until(lambda: r.backends() == {"blue": "v1"} and r.traffic() == "blue", "blue alone, serving")
 
 
 def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts: Rollouts) -> None:
@@ -362,7 +364,8 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
         wait_until(lambda: r.traffic() == "blue", "traffic back on blue")
         rollout = wait_until(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
         assert rollout["reason"] == "AnalysisFailed" and "error rate 30.0% over 20 calls" in rollout["message"]
-        assert r.backends() == {"blue": "v1"}
+        # Recorded first, then carried out in the same reconcile: traffic back, green removed.
+        wait_until(lambda: r.backends() == {"blue": "v1"} and r.traffic() == "blue", "blue alone, serving")
     finally:
         server.shutdown()
         thread.join()
@@ -399,7 +402,8 @@ def test_errors_read_from_prometheus_during_analysis_put_traffic_back_on_blue(
         wait_until(lambda: r.traffic() == "blue", "traffic back on blue")
         rollout = wait_until(lambda: r.rollout().get("phase") == "RolledBack" and r.rollout(), "the status")
         assert rollout["reason"] == "AnalysisFailed" and "above maxErrorRate 10.0%" in rollout["message"]
-        assert r.backends() == {"blue": "v1"}
+        # Recorded first, then carried out in the same reconcile: traffic back, green removed.
+        wait_until(lambda: r.backends() == {"blue": "v1"} and r.traffic() == "blue", "blue alone, serving")
 
 
 def test_a_prometheus_or_a_tgi_image_the_installer_did_not_allow_is_refused_naming_the_field(
