@@ -69,9 +69,6 @@ class Operator:
         self._tasks: set[asyncio.Task[None]] = set()
         self.registry = _registry()
 
-    async def start(self) -> None:
-        return None
-
     async def stop(self) -> None:
         for handle in self._wakeups.values():
             handle.cancel()
@@ -199,7 +196,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = WATCH_SECONDS
     settings.watching.client_timeout = WATCH_SECONDS + timeout
     memo["operator"] = operator
-    await operator.start()
 
 
 @kopf.on.probe(id="reconciles")
