@@ -20,12 +20,15 @@ from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 pytestmark = pytest.mark.processes
 
 
-def tgi_pipeline(*urls: str, breaker: dict[str, object] | None = None, **extra: object) -> dict[str, object]:
+def tgi_pipeline(
+    *urls: str, breaker: dict[str, object] | None = None, routing: dict[str, object] | None = None, **extra: object
+) -> dict[str, object]:
     return synthetic_pipeline(
         model={
             "backend": "tgi",
             "tgi": {"endpoints": list(urls)},
             "circuitBreaker": breaker or {"failureThreshold": 100},
+            "routing": routing or {},
         },
         generation={"maxNewTokens": 6},
         stages={"post": {"retries": {"maxAttempts": 1}}, "inference": {"retries": {"maxAttempts": 3}}},
@@ -86,23 +89,60 @@ async def test_circuit_opens_after_repeated_failures(start_pipeline) -> None:
         assert p.metric(StageName.INFERENCE, "promptpipe_backend_circuit_open") == 1
 
 
-async def test_session_affinity_keeps_each_session_on_one_replica(start_pipeline) -> None:
+def replicas_serving(urls: dict[str, str], markers: list[str]) -> dict[str, Counter[str]]:
+    """For each marker, which fake TGI replicas received prompts carrying it, and how often."""
+    found: dict[str, Counter[str]] = {m: Counter() for m in markers}
+    for name, url in urls.items():
+        for prompt in tgi_stats(url)["prompts"]:
+            for m in markers:
+                if m in prompt:
+                    found[m][name] += 1
+    return found
+
+
+async def test_a_session_or_a_conversation_keeps_its_replica_while_the_replicas_have_room(start_pipeline) -> None:
     with tgi_server("a") as a, tgi_server("b") as b:
         p = start_pipeline(tgi_pipeline(a, b))
-        sessions = [f"user-{i}" for i in range(24)]
+        sessions = [f"user-{i}" for i in range(16)]
         for _round in range(2):
-            results = await asyncio.gather(
-                *(collect(p.gateway, f"session marker {s}.", session_id=s) for s in sessions)
-            )
-            assert all(r.error is None for r in results)
-        homes: dict[str, Counter[str]] = {s: Counter() for s in sessions}
-        for name, url in (("a", a), ("b", b)):
-            for prompt in tgi_stats(url)["prompts"]:
-                for s in sessions:
-                    if f"marker {s}." in prompt:
-                        homes[s][name] += 1
-        assert all(sum(c.values()) == 2 and len(c) == 1 for c in homes.values()), homes
-        assert {name for c in homes.values() for name in c} == {"a", "b"}, "sessions spread over both replicas"
+            for s in sessions:
+                assert (await collect(p.gateway, f"session marker {s}.", session_id=s)).error is None
+        # No session id: a conversation is known by its opening turn, which every later turn repeats.
+        talks = [f"talk-{i}" for i in range(8)]
+        chats: dict[str, list[tuple[str, str]]] = {t: [] for t in talks}
+        for turn in range(3):
+            for t in talks:
+                chats[t].append(("user", f"turn {turn} of {t}"))
+                out = await collect(p.gateway, "", messages=chats[t])
+                assert out.error is None
+                chats[t].append(("assistant", out.text))
+        homes = replicas_serving({"a": a, "b": b}, [f"marker {s}." for s in sessions] + [f"of {t}" for t in talks])
+        assert all(len(c) == 1 for c in homes.values()), {k: c for k, c in homes.items() if len(c) != 1}
+        assert {name for c in homes.values() for name in c} == {"a", "b"}, "keys spread over both replicas"
+        assert p.metric(StageName.INFERENCE, "promptpipe_backend_affinity_ratio") == 1.0
+
+
+async def test_a_burst_on_one_session_overflows_past_its_home_within_the_bound_and_the_metrics_say_so(
+    start_pipeline,
+) -> None:
+    with tgi_server("a") as a, tgi_server("b") as b, tgi_server("c") as c:
+        p = start_pipeline(tgi_pipeline(a, b, c, routing={"loadBound": 1.25}))
+        # Every call held open a while (slow:ms per token), all on one session: its home cannot take them all.
+        results = await asyncio.gather(*(collect(p.gateway, "burst slow:150", session_id="hot") for _ in range(9)))
+        assert all(r.error is None for r in results)
+        stats = {name: tgi_stats(url) for name, url in (("a", a), ("b", b), ("c", c))}
+        served = {name: s["finished"] for name, s in stats.items()}
+        assert sum(served.values()) == 9 and all(served.values()), served
+        # Bounded loads: never more than ceil(1.25 x 9 / 3) = 4 calls at once on any replica.
+        most = {name: s["most_active"] for name, s in stats.items()}
+        assert max(most.values()) <= 4, most
+        home = p.metric(StageName.INFERENCE, "promptpipe_backend_routed_total", reason="home")
+        overflow = p.metric(StageName.INFERENCE, "promptpipe_backend_routed_total", reason="overflow")
+        assert home + overflow == 9 and overflow > 0 and home in served.values(), (home, overflow, served)
+        ratio = p.metric(StageName.INFERENCE, "promptpipe_backend_affinity_ratio")
+        assert ratio == pytest.approx(home / 9)
+        for url in (a, b, c):
+            assert p.metric(StageName.INFERENCE, "promptpipe_backend_replica_in_flight", replica=url) == 0
 
 
 async def test_the_inference_stage_is_not_serving_while_every_circuit_is_open_and_serves_once_a_trial_is_due(

@@ -108,6 +108,8 @@ MALFORMED = [
         {"name": "m", "backend": "tgi", "tgi": {"maxInputTokens": 4096, "maxBatchPrefillTokens": 1024}},
         "spec.model.tgi.maxBatchPrefillTokens",
     ),
+    (["spec", "model", "routing"], {"policy": "random"}, "spec.model.routing.policy"),
+    (["spec", "model", "routing"], {"loadBound": 0.5}, "spec.model.routing.loadBound"),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from kubernetes import client
 
 from promptpipe.contract.labels import ROLLBACK
 from promptpipe.contract.spec import GROUP, STAGE_ORDER
+from promptpipe.localproc import free_port
 from promptpipe.registry.store import Registry
 from promptpipe.waiting import wait_until
 from promptpipe_operator import rbac
@@ -28,7 +32,14 @@ from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.faults import Mode
 from tests.support.kube import kubectl
 from tests.support.moto import make_model, registry_env
-from tests.support.operator import SYSTEM_NAMESPACE, OperatorProcess, api_through_proxy, operator_kubeconfig
+from tests.support.operator import (
+    SYSTEM_NAMESPACE,
+    OperatorProcess,
+    api_through_proxy,
+    operator_kubeconfig,
+    service_account_kubeconfig,
+)
+from tests.support.pipelines import serving_process
 
 pytestmark = pytest.mark.controlplane
 
@@ -36,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s.value for s in STAGE_ORDER]
 # ConfigMap, and per stage a Deployment, a Service and a ScaledObject.
 QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
+# The TGI the operator runs: the inference Service, blue's Deployment and Service, and the inference stage's
+# ServiceAccount, Role and RoleBinding (it watches the TGI pods' EndpointSlices).
+TGI_CHILDREN = 6
 # Where kopf records the spec it last handled (handlers.py configures the prefix).
 LAST_HANDLED = f"{GROUP}/last-handled-configuration"
 KOPF_MANAGED = f"{GROUP}/kopf-managed"  # kopf's mark on every object it has seen: not a handler's progress
@@ -325,8 +339,7 @@ def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_c
         "tgi": {"gpus": 1, "maxConcurrentRequests": 32},
     }
     apply(control_plane, kube_tools, cluster.ns, doc)
-    # The inference Service, and the first (blue) color's Deployment and Service.
-    wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN + 3, "gpu"), "the pipeline and TGI children")
+    wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN + TGI_CHILDREN, "gpu"), "the pipeline and TGI children")
     tgi = cluster.children("gpu")[("Deployment", "gpu-backend-blue")]["spec"]["template"]["spec"]["containers"][0]
     assert tgi["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--max-concurrent-requests" in tgi["args"]
@@ -339,6 +352,98 @@ def test_operator_run_tgi_gets_a_gpu_deployment_and_is_pruned_when_the_backend_c
     apply(control_plane, kube_tools, cluster.ns, doc)
     wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN, "gpu"), "the TGI children pruned")
     assert wait_until(lambda: cluster.events("Pruned"), "a Pruned event")
+
+
+def replicas_known(metrics_url: str) -> set[str]:
+    """The backend replicas an inference stage routes over, from its per-replica gauge."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return set(re.findall(r'promptpipe_backend_replica_in_flight\{[^}]*replica="([^"]+)"', text))
+
+
+def endpoint_slice(name: str, service: str, ready: dict[str, bool]) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": up}} for ip, up in ready.items()],
+    }
+
+
+@pytest.mark.processes
+def test_the_inference_stage_follows_the_tgi_pods_through_the_endpointslices_its_own_role_may_watch(
+    operator: OperatorProcess,
+    cluster: Cluster,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    kube: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """The inference stage process runs with the config the operator rendered and the token of the
+    ServiceAccount the operator made for it; pods coming, going and turning unready are EndpointSlice
+    changes (written here as the EndpointSlice controller would, there being no pods without a node)."""
+    doc = pipeline_doc("disc")
+    doc["spec"]["model"] = {"name": "Qwen/Qwen2.5-0.5B-Instruct", "backend": "tgi", "tgi": {"gpus": 0}}
+    apply(control_plane, kube_tools, cluster.ns, doc)
+    wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN + TGI_CHILDREN, "disc"), "the pipeline's children")
+    children = cluster.children("disc")
+    inference = children[("Deployment", "disc-inference")]["spec"]["template"]["spec"]
+    assert inference["serviceAccountName"] == "disc-inference-discovery" and inference["automountServiceAccountToken"]
+    for stage in STAGES:
+        if stage != "inference":
+            pod = children[("Deployment", f"disc-{stage}")]["spec"]["template"]["spec"]
+            assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod, stage
+    runtime = yaml.safe_load(children[("ConfigMap", "disc-config")]["data"]["runtime.yaml"])
+    assert runtime["backend_pods"] == {
+        "service": "disc-backend",
+        "namespace": cluster.ns,
+        "port": "http",
+        "scheme": "http",
+    }
+    config_file = tmp_path / "runtime.yaml"
+    config_file.write_text(yaml.safe_dump(runtime))
+    identity = service_account_kubeconfig(control_plane, tmp_path, cluster.ns, "disc-inference-discovery")
+
+    slices = client.DiscoveryV1Api(kube)
+    slices.create_namespaced_endpoint_slice(
+        cluster.ns, endpoint_slice("disc-backend-a", "disc-backend", {"10.1.0.1": True, "10.1.0.2": False})
+    )
+    port, metrics_port = free_port(), free_port()
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    env = {
+        "PROMPTPIPE_STAGE": "inference",
+        "PROMPTPIPE_CONFIG": str(config_file),
+        "PROMPTPIPE_HOST": "127.0.0.1",
+        "PROMPTPIPE_PORT": str(port),
+        "PROMPTPIPE_METRICS_PORT": str(metrics_port),
+        "KUBECONFIG": str(identity),
+    }
+    stage = [str(Path(sys.executable).parent / "promptpipe-stage")]
+    with serving_process(stage, metrics, "the inference stage", env=env):
+        wait_until(lambda: replicas_known(metrics) == {"http://10.1.0.1:8080"}, "the ready pod, not the unready one")
+
+        def changed(what: str, want: set[str]) -> float:
+            started = time.monotonic()
+            wait_until(lambda: replicas_known(metrics) == want, what, 10, every=0.05)
+            return time.monotonic() - started
+
+        slices.patch_namespaced_endpoint_slice(
+            "disc-backend-a", cluster.ns, {"endpoints": [{"addresses": [ip]} for ip in ("10.1.0.1", "10.1.0.2")]}
+        )
+        took = [changed("the second pod ready", {"http://10.1.0.1:8080", "http://10.1.0.2:8080"})]
+        slices.create_namespaced_endpoint_slice(
+            cluster.ns, endpoint_slice("disc-backend-b", "disc-backend", {"10.1.0.3": True})
+        )
+        took.append(changed("a third pod, in another slice", {f"http://10.1.0.{i}:8080" for i in (1, 2, 3)}))
+        slices.delete_namespaced_endpoint_slice("disc-backend-a", cluster.ns)
+        took.append(changed("two pods gone", {"http://10.1.0.3:8080"}))
+        print(f"\nEndpointSlice change → in the stage's ring: {', '.join(f'{t * 1000:.0f} ms' for t in took)}")
+        # Another Service's slices are not this backend's replicas.
+        slices.create_namespaced_endpoint_slice(cluster.ns, endpoint_slice("other", "disc-stream", {"10.1.0.9": True}))
+        time.sleep(1)
+        assert replicas_known(metrics) == {"http://10.1.0.3:8080"}
 
 
 def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted_without_any_event(
@@ -415,6 +520,9 @@ def test_the_operators_service_account_is_refused_what_it_does_not_need(
         ("patch", "promptpipelines.promptpipe.io/status"),
         ("watch", "scaledobjects.keda.sh"),
         ("create", "events"),
+        # the inference stage's account and Role (replica discovery), and what that Role grants
+        ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ("watch", "endpointslices.discovery.k8s.io"),
     ):
         assert can_i(*allowed) == "yes", allowed
     for denied in (
@@ -422,7 +530,10 @@ def test_the_operators_service_account_is_refused_what_it_does_not_need(
         ("create", "pods"),
         ("delete", "promptpipelines.promptpipe.io"),
         ("update", "deployments.apps/scale"),
-        ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ("escalate", "roles.rbac.authorization.k8s.io"),
+        ("bind", "clusterroles.rbac.authorization.k8s.io"),
+        ("create", "endpointslices.discovery.k8s.io"),
         ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
         ("get", "configmaps"),
     ):
@@ -455,7 +566,7 @@ def test_every_example_is_reconciled(
             name = doc["metadata"]["name"]
             wait_until(
                 lambda n=name, t=tgi_run_here: (
-                    all_created(cluster, QUICKSTART_CHILDREN + 3 * t, n) and settled(cluster, n)
+                    all_created(cluster, QUICKSTART_CHILDREN + TGI_CHILDREN * t, n) and settled(cluster, n)
                 ),
                 f"{path.name} reconciled",
             )

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from promptpipe.contract.pipeline_file import parse_pipeline
-from promptpipe.contract.runtime_config import RuntimeConfig
+from promptpipe.contract.runtime_config import BackendPods, RuntimeConfig
 from promptpipe.contract.spec import STAGE_ORDER, CorpusSpec, StageName
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe_operator import policy
@@ -200,8 +200,24 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
     svc = by_kind(out, "Service")["quickstart-backend"]
     assert svc["spec"]["selector"].items() <= tgi["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["selector"]["promptpipe.io/color"] == "blue"
-    model = runtime_config(pp, "ns1").pipeline.spec.model
+    config = runtime_config(pp, "ns1")
+    model = config.pipeline.spec.model
     assert model.tgi is not None and model.tgi.endpoints == [f"http://quickstart-backend.ns1.svc:{TGI_PORT}"]
+    # The inference stage routes over the pods behind that Service, found from its EndpointSlices.
+    assert config.backend_pods == BackendPods(service="quickstart-backend", namespace="ns1", port="http")
+    assert svc["spec"]["ports"][0]["name"] == config.backend_pods.port
+    inference = by_kind(out, "Deployment")["quickstart-inference"]["spec"]["template"]["spec"]
+    assert inference["serviceAccountName"] == "quickstart-inference-discovery"
+    assert inference["automountServiceAccountToken"] is True
+    role = by_kind(out, "Role")["quickstart-inference-discovery"]
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+    ]
+    binding = by_kind(out, "RoleBinding")["quickstart-inference-discovery"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "quickstart-inference-discovery", "namespace": "ns1"}
+    ]
 
 
 def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tgi_starts() -> None:
@@ -255,8 +271,14 @@ def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> 
         {"backend": "llamacpp"},
         {"backend": "openai", "openai": {"endpoints": ["http://vllm:8000/v1"]}},
     ):
-        names = {m["metadata"]["name"] for m in children(pipeline(with_model=model), "ns1", SETTINGS)}
+        pp = pipeline(with_model=model)
+        out = children(pp, "ns1", SETTINGS)
+        names = {m["metadata"]["name"] for m in out}
         assert "quickstart-backend" not in names, model
+        assert not {"ServiceAccount", "Role", "RoleBinding"} & {m["kind"] for m in out}, model
+        assert runtime_config(pp, "ns1").backend_pods is None, "the endpoints given are the replicas"
+        inference = by_kind(out, "Deployment")["quickstart-inference"]["spec"]["template"]["spec"]
+        assert inference["automountServiceAccountToken"] is False
 
 
 def test_openai_key_comes_from_the_named_secret() -> None:
@@ -319,9 +341,9 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
                 inference={"resources": {"limits": {"cpu": "500m"}}},
             ),
             State(active=Slot("m", BLUE)),
-            3,
+            3 + 3,  # TGI's Service, blue's Deployment and Service; the inference stage's account, Role, binding
         ),
-        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5),
+        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5 + 3),
     ):
         manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS, state, RegistrySettings()))
         result = subprocess.run(

@@ -66,7 +66,7 @@ def test_defaults_fill_unset_parameters_and_explicit_zero_temperature_is_kept() 
     item = work_item(request(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=0.0)), DEFAULTS, "rid")
     assert item.parameters.max_new_tokens == 64
     assert item.parameters.temperature == 0.0
-    assert item.session_id == "rid", "a call without a session is its own session"
+    assert item.session_id == "", "no session made up: the call is routed by its prompt's opening"
     assert [(m.role, m.content) for m in item.messages] == [("user", "hi")]
 
 

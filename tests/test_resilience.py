@@ -1,11 +1,9 @@
-"""Backoff, circuit breaker and session affinity: pure policy."""
+"""Backoff and circuit breaker: pure policy."""
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 
-from promptpipe.backends.affinity import HashRing
 from promptpipe.contract.spec import CircuitBreakerSpec, RetrySpec
 from promptpipe.runtime.resilience import CircuitBreaker, backoff_delay
 
@@ -72,25 +70,3 @@ def test_asking_every_endpoint_takes_no_trial_from_any() -> None:
     assert [x.allow() for x in (a, b)] == [True, True]
     with a.attempt():  # the endpoint the call chose
         assert not a.allow() and b.allow(), "b's trial is still there for the next call"
-
-
-def test_a_session_always_maps_to_the_same_endpoint() -> None:
-    ring = HashRing(["a:1", "b:1", "c:1"])
-    assert all(ring.home(f"s{i}") == HashRing(["c:1", "a:1", "b:1"]).home(f"s{i}") for i in range(200))
-
-
-def test_removing_an_endpoint_moves_only_its_sessions() -> None:
-    before = HashRing(["a", "b", "c", "d"])
-    after = HashRing(["a", "b", "c"])
-    sessions = [f"user-{i}" for i in range(4000)]
-    moved = [s for s in sessions if before.home(s) != after.home(s)]
-    assert all(before.home(s) == "d" for s in moved)
-    assert Counter(before.home(s) for s in sessions)["d"] == len(moved)
-
-
-def test_sessions_spread_evenly_and_fall_back_in_ring_order() -> None:
-    ring = HashRing(["a", "b", "c", "d"])
-    counts = Counter(ring.home(f"user-{i}") for i in range(8000))
-    assert all(1500 < n < 2500 for n in counts.values()), counts
-    order = list(ring.preference("user-1"))
-    assert sorted(order) == ["a", "b", "c", "d"] and order[0] == ring.home("user-1")

@@ -247,6 +247,9 @@ async def track(
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", labels=MANAGED)
+@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=MANAGED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
 async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     """Any change to a child (gone, edited, readiness) reconciles its pipeline."""
     owner = next(

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from promptpipe.contract.spec import GROUP, PLURAL
+from promptpipe_operator.render import DISCOVERY_RULE
 
 NAME = "promptpipe-operator"
 # Children are applied server-side (patch; create when absent), listed to find
@@ -30,6 +31,11 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": _CHILD_VERBS},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _CHILD_VERBS},
     {"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": _CHILD_VERBS},
+    # The inference stage's own account and Role, for finding the TGI pods it routes to; the operator
+    # holds what that Role grants (RBAC lets it grant no more).
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": _CHILD_VERBS},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": _CHILD_VERBS},
+    DISCOVERY_RULE,
     # A rollout finds the Ready gateway pods' /metrics here, and reads why green's pods do not serve.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Events on the pipelines, for `kubectl describe`.

@@ -5,7 +5,9 @@ on the stage's queue depth; one ConfigMap holds the runtime config every stage r
 (the same file `promptpipe up` writes locally, with Service DNS names as endpoints).
 Replicas are left out of the stage Deployments: KEDA owns them. With backend `tgi`
 and no endpoints, the operator also runs TGI: a GPU Deployment per color (blue-green,
-see `rollout.py`), behind one inference Service that selects the active color.
+see `rollout.py`), behind one inference Service that selects the active color; the inference
+stage finds that Service's pods from its EndpointSlices (its own ServiceAccount, with a Role that
+may only list and watch them), and routes each call to one of them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from promptpipe.contract import labels as keys
 from promptpipe.contract import metrics
-from promptpipe.contract.runtime_config import RuntimeConfig
+from promptpipe.contract.runtime_config import BackendPods, RuntimeConfig
 from promptpipe.contract.spec import (
     API_VERSION,
     KIND,
@@ -121,6 +123,7 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
         model = model.model_copy(
             update={"openai": model.openai.model_copy(update={"api_key_env": key_env, "api_key_secret": None})}
         )
+    pods = BackendPods(service=backend_name(name), namespace=namespace) if tgi is not None else None
     rag = spec.rag
     if rag.corpus.config_map:
         rag = rag.model_copy(update={"corpus": CorpusSpec(path=CORPUS_DIR)})
@@ -134,7 +137,7 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     bare = pp.model_copy(
         update={"status": None, "spec": spec, "metadata": type(pp.metadata)(name=name, namespace=namespace)}
     )
-    return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR)
+    return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR, backend_pods=pods)
 
 
 def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
@@ -261,8 +264,7 @@ def deployment(
                 },
                 "spec": {
                     "terminationGracePeriodSeconds": math.ceil(spec.drain_grace()) + TERMINATION_MARGIN_SECONDS,
-                    # The stages never call the Kubernetes API: no token in the pod to steal.
-                    "automountServiceAccountToken": False,
+                    **_service_account(pp, stage),
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 10001,
@@ -276,6 +278,51 @@ def deployment(
             },
         },
     }
+
+
+def discovers_backend(pp: PromptPipeline, stage: StageName) -> bool:
+    """The inference stage of a pipeline whose TGI the operator runs: it watches the TGI pods' EndpointSlices."""
+    return stage is StageName.INFERENCE and managed_tgi(pp) is not None
+
+
+def _service_account(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
+    if discovers_backend(pp, stage):
+        return {"serviceAccountName": discovery_name(pp.metadata.name), "automountServiceAccountToken": True}
+    # The other stages never call the Kubernetes API: no token in the pod to steal.
+    return {"automountServiceAccountToken": False}
+
+
+def discovery_name(pipeline: str) -> str:
+    """The inference stage's ServiceAccount, Role and RoleBinding (replica discovery)."""
+    return child_name(pipeline, "inference-discovery")
+
+
+def discovery_access(pp: PromptPipeline, namespace: str) -> list[KubeObject]:
+    """What lets the inference stage find the TGI pods: a ServiceAccount whose Role may read EndpointSlices in
+    the pipeline's namespace, and nothing else (RBAC cannot narrow a list to one Service's slices)."""
+    name = pp.metadata.name
+    account = discovery_name(name)
+    meta = {"name": account, "namespace": namespace, "labels": labels(name, StageName.INFERENCE.value)}
+    rbac = "rbac.authorization.k8s.io/v1"
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False},
+        {"apiVersion": rbac, "kind": "Role", "metadata": meta, "rules": [DISCOVERY_RULE]},
+        {
+            "apiVersion": rbac,
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        },
+    ]
+
+
+# What the inference stage's Role grants (the operator holds it too: RBAC lets it grant no more than it has).
+DISCOVERY_RULE: dict[str, Any] = {
+    "apiGroups": ["discovery.k8s.io"],
+    "resources": ["endpointslices"],
+    "verbs": ["list", "watch"],
+}
 
 
 def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
@@ -557,7 +604,8 @@ def children(
 ) -> list[KubeObject]:
     """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's."""
     cm, config_hash = config_map(pp, namespace)
-    out = [*backend_children(pp, namespace, state or State(), settings, registry), cm]
+    access = discovery_access(pp, namespace) if managed_tgi(pp) is not None else []
+    out = [*backend_children(pp, namespace, state or State(), settings, registry), *access, cm]
     for stage in STAGE_ORDER:
         out += [
             deployment(pp, namespace, stage, settings, config_hash),

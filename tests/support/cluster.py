@@ -24,6 +24,7 @@ class Cluster:
         self.ns = namespace
         self.core, self.apps = client.CoreV1Api(api), client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
 
     def pipeline(self, name: str = "quickstart") -> dict[str, Any]:
         obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
@@ -40,6 +41,9 @@ class Cluster:
             ("ConfigMap", self.core.list_namespaced_config_map(self.ns, label_selector=selector).items),
             ("Service", self.core.list_namespaced_service(self.ns, label_selector=selector).items),
             ("Deployment", self.apps.list_namespaced_deployment(self.ns, label_selector=selector).items),
+            ("ServiceAccount", self.core.list_namespaced_service_account(self.ns, label_selector=selector).items),
+            ("Role", self.rbac.list_namespaced_role(self.ns, label_selector=selector).items),
+            ("RoleBinding", self.rbac.list_namespaced_role_binding(self.ns, label_selector=selector).items),
         ):
             for item in items:
                 out[(kind, item.metadata.name)] = client.ApiClient().sanitize_for_serialization(item)

@@ -113,6 +113,7 @@ class FakeTgi:
             "aborted_after_tokens": [],
             "overloaded": 0,
             "prompts": [],
+            "most_active": 0,  # the most generations it ran at once
         }
         self._overloads: Counter[str] = Counter()
         self.failing: set[str] = set()
@@ -149,6 +150,7 @@ class FakeTgi:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         self.active += 1
+        self.stats["most_active"] = max(int(self.stats["most_active"]), self.active)  # type: ignore[call-overload]
         self.stats["started"] += 1  # type: ignore[operator]
         sent = 0
         try:

@@ -23,9 +23,11 @@ def build_backend(model: ModelSpec, retry: RetrySpec, metrics: BackendMetrics) -
         tgi = model.tgi or TgiSpec()
         if not tgi.endpoints:
             raise ValueError(TGI_WITHOUT_ENDPOINTS)
-        return TgiBackend(tgi, breaker=model.circuit_breaker, retry=retry, metrics=metrics)
+        return TgiBackend(tgi, breaker=model.circuit_breaker, retry=retry, metrics=metrics, routing=model.routing)
     from promptpipe.backends.openai import OpenAIBackend
 
     if model.openai is None:  # the spec's validator refuses this; said again for the type checker
         raise ValueError("backend 'openai' needs spec.model.openai.endpoints")
-    return OpenAIBackend(model.openai, breaker=model.circuit_breaker, retry=retry, metrics=metrics)
+    return OpenAIBackend(
+        model.openai, breaker=model.circuit_breaker, retry=retry, metrics=metrics, routing=model.routing
+    )

@@ -21,6 +21,8 @@ class GenerationRequest:
     session_id: str
     deadline: float  # time.monotonic() clock
     request_id: str = ""
+    # Which replica's cache this call wants (`routing.routing_key`); empty: the session id.
+    routing_key: str = ""
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()

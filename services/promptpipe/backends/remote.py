@@ -1,14 +1,15 @@
-"""What HTTP backends share: session affinity, per-endpoint circuit breakers, and
-retries with backoff and jitter, only while nothing has been streamed."""
+"""What HTTP backends share: routing over the replicas (`routing.py`), per-replica circuit breakers, and
+retries with backoff and jitter, only while nothing has been streamed. The replicas are the configured
+endpoints, or, for the TGI the operator runs, its pods as they come and go (`discovery.py`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
-from promptpipe.backends.affinity import HashRing
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
-from promptpipe.contract.spec import CircuitBreakerSpec, RemoteBackendSpec, RetrySpec
+from promptpipe.backends.routing import Router
+from promptpipe.contract.spec import CircuitBreakerSpec, RemoteBackendSpec, RetrySpec, RoutingSpec
 from promptpipe.runtime.errors import Shed, Unavailable
 from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.runtime.resilience import CircuitBreaker, Retries
@@ -29,13 +30,39 @@ class RemoteBackend:
     name = "remote"
 
     def __init__(
-        self, spec: RemoteBackendSpec, *, breaker: CircuitBreakerSpec, retry: RetrySpec, metrics: BackendMetrics
+        self,
+        spec: RemoteBackendSpec,
+        *,
+        breaker: CircuitBreakerSpec,
+        retry: RetrySpec,
+        metrics: BackendMetrics,
+        routing: RoutingSpec | None = None,
     ) -> None:
         self.spec = spec
         self._retry = retry
         self._metrics = metrics
-        self._ring = HashRing(spec.endpoints)
+        self._breaker_spec = breaker
+        self._router = Router(routing or RoutingSpec(), spec.endpoints)
         self._breakers = {ep: CircuitBreaker(breaker) for ep in spec.endpoints}
+        metrics.replicas_from(self.loads)
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        return self._router.replicas
+
+    def loads(self) -> Mapping[str, int]:
+        return {r: self._router.in_flight(r) for r in self._router.replicas}
+
+    def set_replicas(self, replicas: Sequence[str]) -> None:
+        """The replicas now (discovery's news); none known: the configured endpoints. Calls already running
+        on a replica that left finish there; a replica that stays keeps its circuit's state."""
+        replicas = list(replicas) or self.spec.endpoints
+        if tuple(dict.fromkeys(replicas)) == self._router.replicas:
+            return
+        self._router.set_replicas(replicas)
+        self._breakers = {ep: self._breakers.get(ep) or CircuitBreaker(self._breaker_spec) for ep in replicas}
+        self._update_circuit_gauge()
+        log.info("backend replicas: %s", ", ".join(self._router.replicas))
 
     async def start(self) -> None:
         return None
@@ -50,17 +77,22 @@ class RemoteBackend:
         """False while every endpoint's circuit is open and no trial is due: the stage says NOT_SERVING."""
         return any(b.allow() for b in self._breakers.values())
 
-    def _candidates(self, session: str) -> list[str]:
-        """The session's home endpoint first, then the ring order; open circuits skipped."""
-        return [ep for ep in self._ring.preference(session or "") if self._breakers[ep].allow()]
+    def _candidates(self, key: str) -> list[str]:
+        """The replicas to try, best first (see `Router.order`); open circuits skipped."""
+        breakers = self._breakers
+        order, reason = self._router.order(key, lambda ep: breakers[ep].allow())
+        if order:
+            self._metrics.routed(reason.value)
+        return order
 
     def _update_circuit_gauge(self) -> None:
         self._metrics.circuit_open.set(sum(b.is_open for b in self._breakers.values()))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         last: BackendCallError | None = None
+        key = request.routing_key or request.session_id
         async for attempt in Retries(self._retry, request.deadline, "the backend"):
-            candidates = self._candidates(request.session_id)
+            candidates = self._candidates(key)
             if not candidates:
                 retry_in = min(b.retry_after() for b in self._breakers.values())
                 raise Unavailable(f"backend circuit open; retry in {retry_in:.1f}s")
@@ -69,6 +101,7 @@ class RemoteBackend:
             )
             produced = False
             breaker = self._breakers[endpoint]
+            self._router.started(endpoint)
             try:
                 with breaker.attempt():  # the half-open trial, if any, is this endpoint's only
                     async for out in self.stream_from(endpoint, request):
@@ -86,6 +119,7 @@ class RemoteBackend:
                     raise Unavailable(str(err)) from None
                 last = err
             finally:
+                self._router.finished(endpoint)
                 self._update_circuit_gauge()
         if last is not None and last.overloaded:
             raise Shed(str(last), OVERLOAD_RETRY_AFTER)

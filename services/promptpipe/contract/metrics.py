@@ -19,6 +19,7 @@ class Label(str, enum.Enum):
     REASON = "reason"
     BACKEND = "backend"
     TO = "to"  # the stage a call goes to
+    REPLICA = "replica"  # a backend replica's address; bounded by the replicas there are
 
 
 class Kind(str, enum.Enum):
@@ -108,6 +109,25 @@ BACKEND_DECODED_TOKENS = Metric(
 BACKEND_CIRCUIT_OPEN = Metric(
     "promptpipe_backend_circuit_open", Kind.GAUGE, "1 while the circuit breaker is open.", _BACKEND
 )
+BACKEND_ROUTED = Metric(
+    "promptpipe_backend_routed_total",
+    Kind.COUNTER,
+    "Calls routed to a backend replica, by why that one: home, overflow (home over its bounded load), "
+    "circuit (home's circuit open), balanced (least-loaded, round-robin).",
+    (*_BACKEND, Label.REASON),
+)
+BACKEND_REPLICA_IN_FLIGHT = Metric(
+    "promptpipe_backend_replica_in_flight",
+    Kind.GAUGE,
+    "Calls this stage has open on each backend replica it knows.",
+    (*_BACKEND, Label.REPLICA),
+)
+BACKEND_AFFINITY_RATIO = Metric(
+    "promptpipe_backend_affinity_ratio",
+    Kind.GAUGE,
+    "Share of the calls routed so far that went to their home replica (prefix routing).",
+    _BACKEND,
+)
 
 ALL: tuple[Metric, ...] = (
     STAGE_QUEUE_DEPTH,
@@ -127,6 +147,9 @@ ALL: tuple[Metric, ...] = (
     BACKEND_ACTIVE,
     BACKEND_DECODED_TOKENS,
     BACKEND_CIRCUIT_OPEN,
+    BACKEND_ROUTED,
+    BACKEND_REPLICA_IN_FLIGHT,
+    BACKEND_AFFINITY_RATIO,
 )
 
 

@@ -11,6 +11,17 @@ from promptpipe.contract.pipeline_file import PipelineFileError, format_validati
 from promptpipe.contract.spec import PromptPipeline, StageName
 
 
+class BackendPods(BaseModel):
+    """Where the inference stage finds the backend's replicas: the ready pods behind this Service, from its
+    EndpointSlices (the TGI the operator runs; see `promptpipe.backends.discovery`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    service: str
+    namespace: str
+    port: str = "http"  # the Service port's name
+    scheme: str = "http"
+
+
 class RuntimeConfig(BaseModel):
     """What every stage process reads: the pipeline and where the other stages are.
 
@@ -23,6 +34,9 @@ class RuntimeConfig(BaseModel):
     endpoints: dict[StageName, str]
     # Relative paths in the spec (the rag corpus) resolve against this folder.
     base_dir: str = "."
+    # The operator's TGI: its pods are the replicas, found as they come and go (the endpoint, its Service,
+    # serves until they are known).
+    backend_pods: BackendPods | None = None
 
     def resolve(self, relative: str) -> Path:
         p = Path(relative)

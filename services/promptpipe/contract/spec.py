@@ -325,6 +325,24 @@ class SyntheticSpec(_Model):
     token_text: str = " tok"  # noqa: S105 - filler text, not a secret
 
 
+class RoutingPolicy(str, enum.Enum):
+    PREFIX = "prefix"
+    LEAST_LOADED = "least-loaded"
+    ROUND_ROBIN = "round-robin"
+
+
+class RoutingSpec(_Model):
+    """How the inference stage picks a backend replica for each call (with several replicas)."""
+
+    # prefix: a conversation keeps its replica, and with it the replica's cached prefix (the session id, or
+    # else the prompt's leading part, hashed onto a ring of the replicas); least-loaded and round-robin
+    # ignore the cache.
+    policy: RoutingPolicy = RoutingPolicy.PREFIX
+    # prefix only: a replica holding `loadBound` x the mean calls in flight (the 1+epsilon of consistent
+    # hashing with bounded loads) passes new calls to the next replica on the ring.
+    load_bound: Annotated[float, Field(ge=1.0, le=10.0)] = 1.25
+
+
 class BackendKind(str, enum.Enum):
     LLAMACPP = "llamacpp"
     TGI = "tgi"
@@ -362,6 +380,7 @@ class ModelSpec(_Model):
     openai: OpenAISpec | None = None
     synthetic: SyntheticSpec = SyntheticSpec()
     circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
+    routing: RoutingSpec = RoutingSpec()
 
     @model_validator(mode="after")
     def _backend_configured(self) -> ModelSpec:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from promptpipe.contract import metrics as m
@@ -148,3 +148,36 @@ class BackendMetrics:
         # Counted inside llama.cpp's decode loop: proves generation stops, not just streaming.
         self.decoded = _counter(m.BACKEND_DECODED_TOKENS, registry).labels(**labels)
         self.circuit_open = _gauge(m.BACKEND_CIRCUIT_OPEN, registry).labels(**labels)
+        routed = _counter(m.BACKEND_ROUTED, registry)
+        self._routed = {reason: routed.labels(**labels, reason=reason) for reason in ROUTING_REASONS}
+        self._home = self._decided = 0
+        self._affinity = _gauge(m.BACKEND_AFFINITY_RATIO, registry).labels(**labels)
+        self._replicas = ReplicaLoad(registry, [pipeline, backend])
+
+    def routed(self, reason: str) -> None:
+        self._routed[reason].inc()
+        self._decided += 1
+        self._home += reason == "home"
+        self._affinity.set(self._home / self._decided)
+
+    def replicas_from(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Where the per-replica in-flight gauge reads: the replicas known now, so a gone one's series goes."""
+        self._replicas.source = source
+
+
+# Every reason a routing decision may give (`promptpipe.backends.routing.Reason`), each series there from the start.
+ROUTING_REASONS = ("home", "overflow", "circuit", "balanced")
+
+
+class ReplicaLoad(Collector):
+    def __init__(self, registry: CollectorRegistry, labels: list[str]) -> None:
+        self._labels = labels
+        self.source: Callable[[], Mapping[str, int]] = dict
+        registry.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        metric = m.BACKEND_REPLICA_IN_FLIGHT
+        family = GaugeMetricFamily(metric.name, metric.help, labels=metric.label_names)
+        for replica, calls in self.source().items():
+            family.add_metric([*self._labels, replica], calls)
+        yield family

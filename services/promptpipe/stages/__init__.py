@@ -73,8 +73,26 @@ def build_stage(
         from promptpipe.stages.inference import InferenceHandler
 
         metrics = BackendMetrics(registry, name, spec.model.backend.value)
-        inference = InferenceHandler(build_backend(spec.model, retry, metrics), metrics)
-        return BuiltStage(handler=inference, start=inference.start, close=inference.close, healthy=inference.healthy)
+        backend = build_backend(spec.model, retry, metrics)
+        inference = InferenceHandler(backend, metrics)
+        built = BuiltStage(handler=inference, start=inference.start, close=inference.close, healthy=inference.healthy)
+        if config.backend_pods is not None:
+            from promptpipe.backends.discovery import EndpointSliceWatch
+            from promptpipe.backends.remote import RemoteBackend
+
+            if isinstance(backend, RemoteBackend):
+                pods = EndpointSliceWatch(config.backend_pods, backend.set_replicas)
+
+                async def start() -> None:
+                    await inference.start()
+                    await pods.start()
+
+                async def close() -> None:
+                    await pods.close()
+                    await inference.close()
+
+                built.start, built.close = start, close
+        return built
     else:
         from promptpipe.stages.post import PostHandler
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from promptpipe.backends.base import Backend, GenerationRequest, Piece
+from promptpipe.backends.routing import routing_key
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss
 from promptpipe.runtime.metrics import BackendMetrics
@@ -14,6 +15,7 @@ from promptpipe.v1 import common_pb2, stage_pb2
 
 def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationRequest:
     p = item.parameters  # the gateway has filled in every default
+    first_user = next((m.content for m in item.messages if m.role == "user"), "")
     return GenerationRequest(
         prompt=item.prompt,
         max_new_tokens=p.max_new_tokens,
@@ -24,6 +26,7 @@ def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationReques
         session_id=item.session_id,
         deadline=call.deadline,
         request_id=item.request_id,
+        routing_key=routing_key(item.session_id, item.prompt, first_user),
     )
 
 

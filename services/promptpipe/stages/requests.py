@@ -82,7 +82,8 @@ def work_item(
             raise InvalidArgument(f"metadata[{key!r}]", "keys need 1 to 64 characters, values at most 1024")
     return stage_pb2.WorkItem(
         request_id=request_id,
-        session_id=request.session_id or request_id,
+        # None given: the inference stage routes the call by its prompt's opening (`backends/routing.py`).
+        session_id=request.session_id,
         messages=_check_messages(request),
         parameters=_resolve_parameters(request.parameters, defaults),
         metadata=dict(request.metadata),
