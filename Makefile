@@ -115,6 +115,7 @@ bench: setup
 	$(BIN)/python -m bench.operator
 	$(BIN)/python -m bench.rollout
 	$(BIN)/python -m bench.postfilter
+	$(BIN)/python -m bench.routing
 
 # Boundaries between the deployables (import-linter), style (ruff) and types (mypy --strict).
 lint: $(STAMP)

@@ -133,9 +133,9 @@ async def test_a_burst_on_one_session_overflows_past_its_home_within_the_bound_a
         stats = {name: tgi_stats(url) for name, url in (("a", a), ("b", b), ("c", c))}
         served = {name: s["finished"] for name, s in stats.items()}
         assert sum(served.values()) == 9 and all(served.values()), served
-        # Bounded loads: never more than ceil(1.25 x 9 / 3) = 4 calls at once on any replica.
+        # Bounded loads: never more than 1.25 x the mean of 9 / 3 (rounded down: 3) calls at once on one replica.
         most = {name: s["most_active"] for name, s in stats.items()}
-        assert max(most.values()) <= 4, most
+        assert max(most.values()) <= 3, most
         home = p.metric(StageName.INFERENCE, "promptpipe_backend_routed_total", reason="home")
         overflow = p.metric(StageName.INFERENCE, "promptpipe_backend_routed_total", reason="overflow")
         assert home + overflow == 9 and overflow > 0 and home in served.values(), (home, overflow, served)

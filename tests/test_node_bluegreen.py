@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import sys
 import time
 import urllib.request
@@ -26,6 +27,7 @@ from promptpipe.registry.store import Registry
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.devcluster.node import NODE_IP, Node
+from tests.support.calls import collect
 from tests.support.moto import CREDENTIALS
 from tests.support.node import all_running, installed_operator, instance, pods, run, service_ip, shell_env, stream
 
@@ -59,7 +61,7 @@ class BlueGreen:
     registry: Registry
     gateway: str
 
-    def pipeline(self, version: str) -> dict[str, object]:
+    def pipeline(self, version: str, replicas: int = 1) -> dict[str, object]:
         return {
             "apiVersion": "promptpipe.io/v1alpha1",
             "kind": "PromptPipeline",
@@ -73,6 +75,7 @@ class BlueGreen:
                         "image": self.node.images["tgi"],
                         "gpus": 0,
                         "maxConcurrentRequests": 4,
+                        "replicas": replicas,
                         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
                     },
                 },
@@ -83,8 +86,8 @@ class BlueGreen:
             },
         }
 
-    def apply(self, version: str) -> None:
-        doc = json.dumps(self.pipeline(version))
+    def apply(self, version: str, replicas: int = 1) -> None:
+        doc = json.dumps(self.pipeline(version, replicas))
         self.node.kubectl("apply", "-n", self.namespace, "-f", "-", stdin=doc)
 
     def status(self) -> dict[str, object]:
@@ -260,3 +263,48 @@ def test_a_corrupted_version_never_serves_and_the_rollback_names_the_file(bluegr
         f"\n  reason {rollout['reason']}: {message}"  # type: ignore[index]
     )
     bg.calls(1)
+
+
+def replicas_known(url: str) -> set[str]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return set(re.findall(r'promptpipe_backend_replica_in_flight\{[^}]*replica="([^"]+)"', text))
+
+
+def test_a_scaled_tgi_deployments_pods_are_found_and_each_conversation_keeps_its_pod(bluegreen: BlueGreen) -> None:
+    """The inference stage routes over the active color's pods themselves (from the backend Service's
+    EndpointSlices), not over the Service: scaled to two pods, both are in its ring within seconds, and each
+    session's calls all reach one pod's cache."""
+    bg = bluegreen
+    active, version = bg.active_color(), str(bg.status()["activeVersion"])
+    selector = f"{instance(NAME)},{COLOR}={active}"
+    started = time.monotonic()
+    bg.apply(version, replicas=2)
+    wait_until(lambda: all_running(bg.node, bg.namespace, selector, 2), "two TGI pods Ready", 240, every=1)
+    ready = time.monotonic()
+    urls = {f"http://{p['status']['podIP']}:8080" for p in bg.backend_pods(active)}  # type: ignore[index]
+    (inference,) = pods(bg.node, bg.namespace, f"{instance(NAME)},app.kubernetes.io/component=inference")
+    metrics = f"http://127.0.0.1:{bg.node.forward(str(inference['status']['podIP']), 9090)}/metrics"  # type: ignore[index]
+    wait_until(lambda: replicas_known(metrics) == urls, "the inference stage routing over both pods", 30, every=0.2)
+    print(
+        f"\nTGI scaled to 2: both pods Ready {ready - started:.1f} s after the apply, "
+        f"in the inference stage's ring {time.monotonic() - ready:.1f} s later"
+    )
+
+    def prompts_by_pod() -> dict[str, list[str]]:
+        out = {}
+        for pod in bg.backend_pods(active):
+            port = bg.node.forward(str(pod["status"]["podIP"]), 8080)  # type: ignore[index]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as response:
+                out[str(pod["metadata"]["name"])] = list(json.loads(response.read())["prompts"])  # type: ignore[index]
+        return out
+
+    sessions = [f"conversation-{i}" for i in range(8)]
+    for _turn in range(2):
+        for s in sessions:
+            out = asyncio.run(collect(bg.gateway, f"Say hi to {s}.", session_id=s, max_new_tokens=TOKENS))
+            assert out.error is None, out.error
+    seen = prompts_by_pod()
+    homes = {s: {pod for pod, prompts in seen.items() if any(f"to {s}." in p for p in prompts)} for s in sessions}
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert set().union(*homes.values()) == set(seen), f"the sessions spread over both pods: {homes}"

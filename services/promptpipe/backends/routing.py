@@ -3,7 +3,7 @@
 `prefix` (consistent hashing with bounded loads): a call's key (its session, or the part of its prompt
 that every later turn repeats) hashes onto a ring of the replicas; its home is the first replica after
 the key, so it finds the prefix that replica has cached. Replicas come and go moving only their own
-keys. A home holding more than `load_bound` x the mean calls in flight passes the call to the next
+keys. A home holding `load_bound` x the mean calls in flight passes the call to the next
 replica on the ring (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads"), so
 one hot conversation cannot pile up on one replica. `least-loaded` and `round-robin` ignore the cache.
 """
@@ -97,9 +97,11 @@ class Router:
 
     def capacity(self, replicas: int) -> int:
         """The most calls one replica may hold before the next call passes it by: `load_bound` x the mean
-        load once this call is counted, rounded up (so there is always a replica under it)."""
-        total = sum(self._in_flight.values()) + 1
-        return math.ceil(self._spec.load_bound * total / max(1, replicas))
+        load once this call is counted, rounded down, but never under the mean rounded up (so some replica
+        always has room). Rounding the bound itself up, as the paper does, would let a replica hold twice
+        the mean while calls are few, and calls are few on a model server."""
+        mean = (sum(self._in_flight.values()) + 1) / max(1, replicas)
+        return max(math.ceil(mean), math.floor(self._spec.load_bound * mean + 1e-9))
 
     def order(self, key: str, allowed: Callable[[str], bool]) -> tuple[list[str], Reason]:
         """The replicas whose circuit allows a call, best first, and why the first is first."""
