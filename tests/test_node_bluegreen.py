@@ -28,7 +28,7 @@ from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.devcluster.node import NODE_IP, Node
 from tests.support.calls import collect
-from tests.support.moto import CREDENTIALS
+from tests.support.moto import CREDENTIALS, moto_command
 from tests.support.node import all_running, installed_operator, instance, pods, run, service_ip, shell_env, stream
 
 pytestmark = [pytest.mark.node, pytest.mark.helm, pytest.mark.moto]
@@ -121,7 +121,7 @@ class BlueGreen:
 def bluegreen(node: Node, kube_tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BlueGreen]:
     folder = tmp_path_factory.mktemp("bluegreen")
     # moto on the node's address: the operator and the init containers reach it as they would S3.
-    node.run_inside("moto", [sys.executable, "-m", "moto.server", "-H", NODE_IP, "-p", str(MOTO_PORT)])
+    node.run_inside("moto", moto_command(NODE_IP, MOTO_PORT))
     outside = node.forward(NODE_IP, MOTO_PORT)
     wait_until(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{outside}/moto-api/data.json", timeout=2).close() is None,

@@ -26,13 +26,20 @@ CREDENTIALS = {
 }
 
 
+def moto_command(host: str, port: int) -> list[str]:
+    """moto's server, with DynamoDB transactions isolated as AWS has them (see moto_serial)."""
+    # -P: the script's folder holds moto.py, which must not hide the moto package.
+    return [sys.executable, "-P", str(Path(__file__).with_name("moto_serial.py")), host, str(port)]
+
+
 @contextmanager
 def moto_server(require_auth: bool = False) -> Iterator[str]:
     """Yields the endpoint URL. With `require_auth`, every request must carry a key moto's IAM knows."""
     port = free_port()
     env = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if require_auth else None
-    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with serving_process(args, f"http://127.0.0.1:{port}/moto-api/data.json", "moto server", env=env):
+    with serving_process(
+        moto_command("127.0.0.1", port), f"http://127.0.0.1:{port}/moto-api/data.json", "moto server", env=env
+    ):
         yield f"http://127.0.0.1:{port}"
 
 
