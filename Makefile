@@ -116,6 +116,7 @@ bench: setup
 	$(BIN)/python -m bench.rollout
 	$(BIN)/python -m bench.postfilter
 	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.http
 
 # Boundaries between the deployables (import-linter), style (ruff) and types (mypy --strict).
 lint: $(STAMP)

@@ -6,6 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from llama_cpp import Llama
 
@@ -109,3 +110,20 @@ async def test_cancelled_call_stops_llama_cpp_decoding(quickstart: RunningPipeli
     assert decoded() == stopped_at, "llama.cpp is no longer decoding"
     assert stopped_at - at_cancel < 50, "decoding stops within a few tokens of the cancel"
     assert quickstart.metric(StageName.INFERENCE, "promptpipe_backend_generations_cancelled_total") >= 1
+
+
+async def test_the_openai_sdk_gets_the_models_greedy_answer_as_grpc_does(quickstart: RunningPipeline) -> None:
+    want = await collect(quickstart.gateway, QUESTION, temperature=0.0, max_new_tokens=24)
+    model = quickstart.run.model
+    async with openai.AsyncOpenAI(base_url=quickstart.openai_base_url, api_key="unused", max_retries=0) as client:
+        whole = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24
+        )
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=24, stream=True
+        )
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    assert want.text.strip() and want.summary is not None
+    assert whole.choices[0].message.content == want.text == streamed
+    assert whole.usage is not None and whole.usage.completion_tokens == want.summary.usage.completion_tokens

@@ -8,6 +8,7 @@ README itself, so a README that stops working fails this test.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -127,6 +128,15 @@ def check_after(line: str, out: str, err: str, node: Node) -> None:
         with local_quickstart() as gateway:
             on_laptop = asyncio.run(greedy_answer(gateway))
         assert on_node == on_laptop and on_node, (on_node, on_laptop)
+    elif line.startswith("curl"):
+        # The OpenAI-compatible API of the same pods: server-sent events, then [DONE].
+        events = [e for e in out.split("\n\n") if e.strip()]
+        assert events and all(e.startswith("data: ") for e in events), out
+        assert events[-1] == "data: [DONE]", out
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert "1889" in text, text
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length"), chunks[-1]
     elif line.startswith("kubectl delete pp"):
         wait_until(
             lambda: (

@@ -175,6 +175,20 @@ def test_called_stages_have_headless_services_and_the_gateway_a_cluster_ip() -> 
         assert spec.get("clusterIP") == (None if stage is StageName.STREAM else "None"), stage
 
 
+def test_only_the_gateway_serves_the_openai_http_api_on_its_named_port() -> None:
+    pp = pipeline()
+    for stage in StageName:
+        container = deployment(pp, "ns1", stage, OperatorSettings(), "h")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        ports = {p["name"]: p for p in container["ports"]}
+        service_ports = {p["name"]: p for p in service(pp, "ns1", stage)["spec"]["ports"]}
+        if stage is StageName.STREAM:
+            assert env["PROMPTPIPE_HTTP_PORT"] == str(ports["http"]["containerPort"])
+            assert service_ports["http"]["targetPort"] == "http"
+        else:
+            assert "PROMPTPIPE_HTTP_PORT" not in env and "http" not in ports and "http" not in service_ports
+
+
 def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_calls() -> None:
     pp = pipeline(
         with_model={

@@ -38,6 +38,8 @@ from promptpipe_operator.settings import OperatorSettings
 
 GRPC_PORT = 50051
 METRICS_PORT = 9090
+# The gateway's OpenAI-compatible HTTP API (docs/api.md).
+HTTP_PORT = 8080
 CONFIG_DIR = "/etc/promptpipe"
 CONFIG_FILE = "runtime.yaml"
 CORPUS_DIR = "/var/lib/promptpipe/corpus"
@@ -198,6 +200,13 @@ def deployment(
         {"name": "PROMPTPIPE_PORT", "value": str(GRPC_PORT)},
         {"name": "PROMPTPIPE_METRICS_PORT", "value": str(METRICS_PORT)},
     ]
+    ports = [
+        {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+    ]
+    if stage is StageName.STREAM:
+        env.append({"name": "PROMPTPIPE_HTTP_PORT", "value": str(HTTP_PORT)})
+        ports.append({"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"})
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - an emptyDir
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": child_name(name, "config")}},
@@ -226,10 +235,7 @@ def deployment(
         "image": settings.stage_image,
         "imagePullPolicy": settings.image_pull_policy,
         "env": env,
-        "ports": [
-            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
+        "ports": ports,
         "startupProbe": _probe(stage, "startup"),
         "readinessProbe": _probe(stage, "readiness"),
         "livenessProbe": _probe(stage, "liveness"),
@@ -337,7 +343,9 @@ def service(pp: PromptPipeline, namespace: str, stage: StageName) -> KubeObject:
             {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
         ],
     }
-    if stage is not StageName.STREAM:
+    if stage is StageName.STREAM:
+        spec["ports"].append({"name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http"})
+    else:
         spec["clusterIP"] = "None"
     return {
         "apiVersion": "v1",

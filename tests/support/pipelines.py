@@ -54,6 +54,10 @@ class RunningPipeline:
     def gateway(self) -> str:
         return self.run.gateway
 
+    @property
+    def openai_base_url(self) -> str:
+        return self.run.openai_base_url
+
     def target(self, stage: StageName) -> str:
         return f"127.0.0.1:{self.run.stages[stage.value].port}"
 

@@ -36,6 +36,7 @@ class StageProcess:
     port: int
     metrics_port: int
     log: str
+    http_port: int = 0  # the gateway's OpenAI-compatible API
 
 
 @dataclass
@@ -43,10 +44,16 @@ class LocalRun:
     name: str
     folder: str
     stages: dict[str, StageProcess]
+    model: str = ""  # what OpenAI clients name as `model`
 
     @property
     def gateway(self) -> str:
         return f"127.0.0.1:{self.stages[StageName.STREAM.value].port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """What an OpenAI SDK takes as `base_url`."""
+        return f"http://127.0.0.1:{self.stages[StageName.STREAM.value].http_port}/v1"
 
     def save(self) -> None:
         (Path(self.folder) / "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -95,7 +102,7 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
     )
     config_path = folder / "runtime.yaml"
     config_path.write_text(config.dump_yaml())
-    run = LocalRun(name=name, folder=str(folder), stages={})
+    run = LocalRun(name=name, folder=str(folder), stages={}, model=model.name)
     for stage in STAGE_ORDER:
         log_path = folder / f"{stage.value}.log"
         env = {
@@ -107,6 +114,8 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
             "PROMPTPIPE_PORT_FILE": str(folder / f"{stage.value}.ports"),
             "PROMPTPIPE_OTEL_EXPORTER": otel_exporter,
         }
+        if stage is StageName.STREAM:
+            env["PROMPTPIPE_HTTP_PORT"] = "0"
         (folder / f"{stage.value}.ports").unlink(missing_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -163,7 +172,8 @@ def wait_serving(run: LocalRun, timeout: float) -> None:
                 raise LocalRunError(f"stage {stage} exited during start-up; its log ends:\n{tail}")
             port_file = Path(run.folder, f"{stage}.ports")
             if port_file.exists() and health_status(f"127.0.0.1:{proc.port}", 1.0) == "SERVING":
-                proc.metrics_port = int(port_file.read_text().split()[1])
+                _, metrics_port, http_port = port_file.read_text().split()
+                proc.metrics_port, proc.http_port = int(metrics_port), int(http_port)
                 del pending[stage]
         return not pending
 

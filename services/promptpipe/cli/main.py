@@ -76,7 +76,8 @@ def up(
         except localrun.LocalRunError as e:
             localrun.stop(run)
             raise fail(str(e)) from None
-    out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/]")
+    out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/] (gRPC)")
+    out.print(f"OpenAI-compatible API at [bold]{run.openai_base_url}[/] (model {run.model!r})")
     _print_status(run)
 
 

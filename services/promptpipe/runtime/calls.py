@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from promptpipe.contract.spec import RetrySpec
-from promptpipe.rpc import STAGE_CHANNEL_OPTIONS
+from promptpipe.rpc import STAGE_CHANNEL_OPTIONS, retry_after_of
 from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
 from promptpipe.runtime.metrics import OpenCallSeconds
 from promptpipe.runtime.resilience import Attempt, Retries
@@ -95,7 +95,7 @@ class StageClient:
         code = err.code()
         trailers = tuple(err.trailing_metadata() or ())
         if from_a_stage(trailers):  # a stage's handler chose it: pass it on as it is
-            raise UpstreamError(code, err.details() or code.name, trailers) from None
+            raise UpstreamError(code, err.details() or code.name, trailers, retry_after_of(err)) from None
         if streamed or code not in _RETRYABLE or attempt.last:
             # The transport's words name addresses and sockets: they go to the log, not to the client.
             log.warning("call to %s (%s) failed: %s: %s", self.name, self.target, code.name, err.details())

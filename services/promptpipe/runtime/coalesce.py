@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from promptpipe.v1 import common_pb2, stage_pb2
 
@@ -21,7 +21,7 @@ MAX_BUFFERED_TOKENS = 1024
 
 async def coalesce(
     source: AsyncIterator[stage_pb2.StageEvent], max_buffered_tokens: int = MAX_BUFFERED_TOKENS
-) -> AsyncIterator[stage_pb2.StageEvent]:
+) -> AsyncGenerator[stage_pb2.StageEvent, None]:
     buffer: collections.deque[stage_pb2.StageEvent] = collections.deque()
     buffered_tokens = 0
     ready = asyncio.Event()

@@ -51,6 +51,12 @@ class Unavailable(StageError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ClientGone(StageError):
+    """The client closed its connection while its answer streamed (counted as a cancelled call)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class DataLoss(StageError):
     """A stream ended with neither its final event nor a status: what was sent may be cut short."""
 
@@ -60,10 +66,17 @@ class DataLoss(StageError):
 class UpstreamError(StageError):
     """A downstream stage ended the call with a status; pass it on unchanged."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        trailers: tuple[tuple[str, str | bytes], ...] = (),
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.trailers = trailers
+        self.retry_after = retry_after  # a RESOURCE_EXHAUSTED's RetryInfo, for transports that say it otherwise
 
 
 class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]

@@ -89,6 +89,11 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
 
     metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     metrics_port = metrics_httpd.server_port
+    http_port = 0
+    if built.http is not None and settings.http_port is not None:
+        http_port = await built.http.serve(
+            settings.host, settings.http_port, runtime.spec.drain_grace(), lambda: servicer.serving and built.healthy()
+        )
 
     # Not serving until the stage has loaded what it needs (model, index).
     for name in ("", *services):
@@ -98,18 +103,19 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     if settings.port_file is not None:
         # Written before SERVING, so whoever sees SERVING can read it; renamed into place whole.
         partial = settings.port_file.with_suffix(".partial")
-        partial.write_text(f"{port} {metrics_port}\n")
+        partial.write_text(f"{port} {metrics_port} {http_port}\n")
         partial.replace(settings.port_file)
     for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     servicer.serving = True
     log.info(
-        "stage %s of pipeline %s serving on %s:%d (metrics :%d)",
+        "stage %s of pipeline %s serving on %s:%d (metrics :%d%s)",
         stage.value,
         pipeline.metadata.name,
         settings.host,
         port,
         metrics_port,
+        f", OpenAI-compatible HTTP :{http_port}" if http_port else "",
     )
 
     watch = asyncio.create_task(_follow_health(built.healthy, health_servicer, ("", *services)))
@@ -132,7 +138,10 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     try:
         # New calls are refused at once; calls in progress may finish within the grace.
-        await server.stop(grace)
+        if built.http is None:
+            await server.stop(grace)
+        else:
+            await asyncio.gather(server.stop(grace), built.http.stop())
     finally:
         await built.close()
         metrics_httpd.shutdown()

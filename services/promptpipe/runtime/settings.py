@@ -27,8 +27,10 @@ class StageSettings(BaseSettings):
     """gRPC port; 0 picks a free one (written to `port_file`)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Prometheus /metrics port; 0 picks a free one."""
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    """The stream stage's OpenAI-compatible HTTP port; unset serves none, 0 picks a free one."""
     port_file: Path | None = None
-    """If set, the bound ports are written here as `grpc metrics` once serving."""
+    """If set, the bound ports are written here as `grpc metrics http` once serving (http 0: none)."""
     otel_exporter: str = "none"
     """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`."""
     log_level: str = "INFO"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,19 +72,39 @@ class StageRuntime:
 
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
         """The caller's deadline, capped by this stage's timeout; and whether it is the caller's."""
-        remaining = context.time_remaining()
+        return self.deadline_within(context.time_remaining())
+
+    def deadline_within(self, remaining: float | None) -> tuple[float, bool]:
+        """`remaining` seconds from now (None: the caller set none), capped by this stage's timeout; and
+        whether the deadline is the caller's."""
         if remaining is not None and remaining < self.spec.timeout_seconds:
             return time.monotonic() + remaining, True
         return time.monotonic() + self.spec.timeout_seconds, False
 
     @contextlib.asynccontextmanager
     async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
-        """Admit the call and hold its work slot for the body, in a span; map any
-        failure of the body to a status (the one place errors become statuses)."""
+        """`admit` for a gRPC call: its deadline, and any failure of the body mapped to a status (the one
+        place errors become gRPC statuses). Past its deadline, the watchdog sends the status and ends it."""
         deadline, callers = self.deadline_for(context)
+
+        def overrun() -> None:
+            exc = DeadlineExceeded(f"stage {self.stage}: the call outlived its deadline (is the client reading?)")
+            _in_background(_quietly(abort_with(context, exc, self.stage)))
+
+        try:
+            async with self.admit(deadline, callers, overrun) as call:
+                yield call
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, in abort_with
+            await abort_with(context, exc, self.stage)
+
+    @contextlib.asynccontextmanager
+    async def admit(self, deadline: float, callers: bool, overrun: Callable[[], None]) -> AsyncIterator[Call]:
+        """Admit a call of any transport and hold its work slot for the body, in a span, with the metrics.
+        Errors pass through (the transport turns them into its own statuses). A body that outlives its
+        deadline by WATCHDOG_SLACK_SECONDS, wherever it is stuck, gets `overrun()` then is cancelled."""
         started = time.perf_counter()
         code = "OK"
-        watchdog = _Watchdog(context, deadline + WATCHDOG_SLACK_SECONDS, self.stage)
+        watchdog = _Watchdog(deadline + WATCHDOG_SLACK_SECONDS, overrun)
         try:
             async with self.queue.slot(deadline - time.monotonic()) as waited:
                 self.metrics.queue_wait.observe(waited)
@@ -94,11 +114,11 @@ class StageRuntime:
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status, in abort_with
+        except Exception as exc:
             code = exc.code.name if isinstance(exc, StageError) else "INTERNAL"
             if isinstance(exc, Shed):
                 (self.metrics.dropped if exc.reason == "dropped" else self.metrics.rejected).inc()
-            await abort_with(context, exc, self.stage)
+            raise
         finally:
             watchdog.cancel()
             if watchdog.fired:
@@ -136,17 +156,17 @@ WATCHDOG_SLACK_SECONDS = 1.0
 class _Watchdog:
     """Ends a call whose handler outlives its deadline, wherever the handler is stuck.
 
-    Mostly that is grpc's write of a response to a client that stopped reading: the write waits for
-    HTTP/2 flow control for ever, and the handler's admission slot with it. The call's status is handed
-    to grpc first (it goes out after the data already buffered, if the client ever reads), then the
-    handler task is cancelled, which frees the slot. A client with a deadline of its own is ended by
-    grpc at that deadline anyway; this bounds the calls that set none by the stage's `timeoutSeconds`.
+    Mostly that is the transport's write of a response to a client that stopped reading: the write waits
+    for flow control for ever, and the handler's admission slot with it. The transport's `overrun` goes
+    first (gRPC hands the call's status over; it goes out after the data already buffered, if the client
+    ever reads), then the handler task is cancelled, which frees the slot. A gRPC client with a deadline of
+    its own is ended by grpc at that deadline anyway; this bounds the calls that set none by the stage's
+    `timeoutSeconds`.
     """
 
-    def __init__(self, context: grpc.aio.ServicerContext, deadline: float, stage: str) -> None:
+    def __init__(self, deadline: float, overrun: Callable[[], None]) -> None:
         self.fired = False
-        self._context = context
-        self._stage = stage
+        self._overrun = overrun
         self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(loop.time() + (deadline - time.monotonic()), self._fire)
@@ -156,15 +176,15 @@ class _Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        _in_background(self._send_status())
+        self._overrun()
         if self._task is not None:
             self._task.cancel()
 
-    async def _send_status(self) -> None:
-        exc = DeadlineExceeded(f"stage {self._stage}: the call outlived its deadline (is the client reading?)")
-        # abort_with raises once the status is out; the handler may also have begun ending the call.
-        with contextlib.suppress(Exception):
-            await abort_with(self._context, exc, self._stage)
+
+async def _quietly(work: Coroutine[Any, Any, None]) -> None:
+    # abort_with raises once the status is out; the handler may also have begun ending the call.
+    with contextlib.suppress(Exception):
+        await work
 
 
 def close_when_done(context: grpc.aio.ServicerContext, stream: AsyncIterator[object]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -19,10 +19,19 @@ async def _nothing() -> None:
     return None
 
 
+class HttpApi(Protocol):
+    """The gateway's OpenAI-compatible HTTP API, served beside its gRPC one."""
+
+    async def serve(self, host: str, port: int, grace: float, serving: Callable[[], bool]) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class BuiltStage:
     handler: EnrichingHandler | StreamingHandler | None
     gateway: Any = None
+    http: HttpApi | None = None
     start: Callable[[], Awaitable[None]] = _nothing
     close: Callable[[], Awaitable[None]] = field(default=_nothing)
     # Whether the stage can serve now (health says NOT_SERVING while it cannot).
@@ -58,7 +67,10 @@ def build_stage(
             client(StageName.POST),
             GatewayMetrics(registry, name),
         )
-        return BuiltStage(handler=None, gateway=gateway, close=gateway.close)
+        from promptpipe.stages.http_gateway import OpenAIGateway
+
+        http = OpenAIGateway(gateway, runtime, name, spec.model, registry)
+        return BuiltStage(handler=None, gateway=gateway, http=http, close=gateway.close)
     if stage is StageName.RAG:
         from promptpipe.stages.rag import RagHandler
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -13,7 +14,7 @@ from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss
 from promptpipe.runtime.metrics import GatewayMetrics
-from promptpipe.runtime.stage import StageRuntime, close_when_done
+from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import gateway_pb2
 
@@ -43,17 +44,25 @@ class GatewayServicer:
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.perf_counter()
-        request_id = uuid.uuid4().hex
-
         async with self._runtime.admitted(context) as call:
-            started = time.perf_counter()
-            item = work_item(request, self._defaults, request_id)
-            item = await self._rag.process(item, call.deadline)
-            item = await self._assemble.process(item, call.deadline)
-            first: float | None = None
-            tokens = 0
-            events = coalesce(self._post.run(item, call.deadline))
-            close_when_done(context, events)
+            answer = self.answer(request, call, received, uuid.uuid4().hex)
+            close_when_done(context, answer)
+            async for response in answer:
+                yield response
+
+    async def answer(
+        self, request: gateway_pb2.GenerateRequest, call: Call, received: float, request_id: str
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
+        """One admitted call through rag -> assemble -> post, whatever the transport: chunks, then the
+        summary. Closing it early (the client left) closes the post stage's stream, which ends the call
+        down to the backend."""
+        started = time.perf_counter()
+        item = work_item(request, self._defaults, request_id)
+        item = await self._rag.process(item, call.deadline)
+        item = await self._assemble.process(item, call.deadline)
+        first: float | None = None
+        tokens = 0
+        async with contextlib.aclosing(coalesce(self._post.run(item, call.deadline))) as events:
             async for event in events:
                 if event.HasField("chunk"):
                     if first is None:
@@ -77,4 +86,4 @@ class GatewayServicer:
                     )
                     yield gateway_pb2.GenerateResponse(summary=summary)
                     return
-            raise DataLoss("the post stage ended its stream without a final event")
+        raise DataLoss("the post stage ended its stream without a final event")

@@ -1,0 +1,225 @@
+"""The gateway's OpenAI-compatible HTTP API (aiohttp), beside its gRPC one, on its own port.
+
+Same admission, same pipeline (`GatewayServicer.answer`), same limits: only the wire differs. aiohttp
+because it serves on the stage's own event loop (no second loop, no thread hop per token), is already
+what the stage's backends use, and is maintained by the aio-libs team; the choice is measured in
+bench/http.py against the gRPC path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from promptpipe.contract.spec import ModelSpec
+from promptpipe.runtime.errors import ClientGone, StageError
+from promptpipe.runtime.stage import StageRuntime
+from promptpipe.stages import openai_api as api
+from promptpipe.stages.stream import GatewayServicer
+from promptpipe.v1 import gateway_pb2
+
+log = logging.getLogger(__name__)
+
+# Bodies the gRPC API would take (256 messages of up to 200 000 characters is more; those are refused).
+MAX_BODY_BYTES = 8 * 1024 * 1024
+TIMEOUT_HEADER = "X-Request-Timeout"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class OpenAIGateway:
+    def __init__(
+        self,
+        gateway: GatewayServicer,
+        runtime: StageRuntime,
+        pipeline: str,
+        model: ModelSpec,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._gateway = gateway
+        self._runtime = runtime
+        self._registry = registry
+        self._serving: Callable[[], bool] = lambda: False
+        self._runner: web.AppRunner | None = None
+        self._created = int(time.time())
+        self._models = frozenset({model.name, pipeline})
+        card = {"object": "model", "created": self._created, "owned_by": "promptpipe"}
+        extra = {"pipeline": pipeline, "version": model.version, "alias": model.alias}
+        self._model_cards = [{"id": model.name, **card, "promptpipe": extra}]
+        if pipeline != model.name:
+            self._model_cards.append({"id": pipeline, **card, "promptpipe": extra})
+
+    async def serve(self, host: str, port: int, grace: float, serving: Callable[[], bool]) -> int:
+        """Start serving; the bound port (0 picks one). Handlers are cancelled when their client leaves,
+        which ends the call down to the backend, as a gRPC cancellation does. On `stop`, answers in
+        progress get `grace` seconds, as on gRPC."""
+        self._serving = serving
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        return int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completion)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/v1/models/{model}", self._get_model)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion")
+
+    async def _generate(self, request: web.Request, kind: api.Kind) -> web.StreamResponse:
+        received = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        headers = {"x-request-id": request_id}
+        parsed = api.parse(kind, await request.read(), self._models)
+        shapes = api.Shapes(kind, request_id, parsed.model, int(time.time()), parsed.include_usage)
+        response: web.StreamResponse | None = None
+        deadline, callers = self._runtime.deadline_within(_timeout(request))
+        try:
+            async with self._runtime.admit(deadline, callers, lambda: None) as call:
+                answer = self._gateway.answer(parsed.request, call, received, request_id)
+                async with contextlib.aclosing(answer):
+                    if not parsed.stream:
+                        return await _whole(answer, shapes, headers)
+                    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+                    await _stream(request, response, answer, shapes)
+                    return response
+        except ClientGone:
+            log.debug("client left request %s", request_id)
+            return response or web.Response(status=499)
+        except StageError as exc:
+            err = api.api_error(exc, parsed.names)
+            if response is None or not response.prepared:
+                raise err from None
+            with contextlib.suppress(ConnectionError):
+                await response.write(api.sse_error(err))
+                await response.write_eof()
+            return response
+        raise AssertionError("unreachable: the answer ends with its summary or raises")
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        return web.json_response(api.model_list(self._model_cards))
+
+    async def _get_model(self, request: web.Request) -> web.Response:
+        for card in self._model_cards:
+            if card["id"] == request.match_info["model"]:
+                return web.json_response(card)
+        name = request.match_info["model"]
+        raise api.ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        serving = self._serving()
+        return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _timeout(request: web.Request) -> float | None:
+    """The client's deadline, in seconds from now: gRPC has one on every call; HTTP, this header."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise api.bad_request(TIMEOUT_HEADER, f"{TIMEOUT_HEADER}: must be a positive number of seconds, not {raw!r}")
+    return seconds
+
+
+async def _whole(
+    answer: AsyncIterator[gateway_pb2.GenerateResponse], shapes: api.Shapes, headers: dict[str, str]
+) -> web.Response:
+    texts: list[str] = []
+    async for event in answer:
+        if event.HasField("chunk"):
+            texts.append(event.chunk.text)
+        else:
+            body = shapes.response("".join(texts), event.summary)
+            return web.Response(
+                text=json.dumps(body, separators=(",", ":"), ensure_ascii=False),
+                content_type="application/json",
+                headers=headers,
+            )
+    raise AssertionError("unreachable: the answer ends with its summary or raises")
+
+
+async def _stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    answer: AsyncIterator[gateway_pb2.GenerateResponse],
+    shapes: api.Shapes,
+) -> None:
+    """The answer as server-sent events. Headers go out with the first event, so an error before it
+    (a refusal, a bad parameter found downstream) is still a plain HTTP error."""
+    opening = shapes.opening()
+    try:
+        async for event in answer:
+            if not response.prepared:
+                await response.prepare(request)
+                if opening is not None:
+                    await response.write(api.sse(opening))
+            if event.HasField("chunk"):
+                await response.write(api.sse(shapes.chunk(event.chunk.text)))
+                continue
+            summary: gateway_pb2.GenerateSummary = event.summary
+            for last in shapes.closing(summary):
+                await response.write(api.sse(last))
+            await response.write(api.SSE_DONE)
+            await response.write_eof()
+            return
+    except ConnectionError as exc:
+        raise ClientGone("the client closed the connection") from exc
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves in OpenAI's shape: ours, aiohttp's own (unknown path, body too large), and the
+    unexpected (logged, a fixed message out)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except api.ApiError as err:
+        return web.json_response(err.body(), status=err.status, headers=err.headers())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        theirs = api.ApiError(exc.status, exc.reason if exc.text is None else exc.text, kind)
+        return web.json_response(theirs.body(), status=theirs.status, headers=_allowed(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        internal = api.ApiError(500, "internal error in stage stream", "server_error")
+        return web.json_response(internal.body(), status=500)
+
+
+def _allowed(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
