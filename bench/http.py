@@ -5,7 +5,8 @@ interleaved so both see the same machine:
   1. time to first token at 1 and 64 concurrent streams (p50/p99), and what HTTP adds over gRPC;
   2. tokens/s of long streams at 1 and 8 streams;
   3. the HTTP stacks alone, the choice behind the gateway: one SSE endpoint in aiohttp and in
-     Starlette on uvicorn (httptools), each its own process (bench.sse_servers).
+     Starlette on uvicorn (httptools), each its own process (bench.sse_servers);
+  4. what checking an API key adds to a call (a ring of 1000 keys, the key file looked at once a second).
 The HTTP client is aiohttp reading the server-sent events as they come (what an SDK does).
 """
 
@@ -16,15 +17,20 @@ import asyncio
 import contextlib
 import functools
 import json
+import random
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import grpc
 
 from bench.harness import StreamResult, channel, closed_loop, gateway_stream, ms, pct, pipeline_doc, running
+from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.localproc import free_port
+from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.v1 import gateway_pb2_grpc
 from tests.support.pipelines import serving_process
 
@@ -100,6 +106,26 @@ async def stacks_section(samples: int) -> None:
                     print(f"{label:26}{ms(pct(first, 50))}{ms(pct(first, 99))}   {ms(pct(whole, 50))}")
 
 
+def auth_section(samples: int) -> None:
+    print("\n== 4. the API key check, per call (1000 keys of 100 tenants) ==")
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = [new_key() for _ in range(1000)]
+        path = Path(tmp, "keys.yaml")
+        tenants: dict[str, list[str]] = {}
+        for i, k in enumerate(keys):
+            tenants.setdefault(f"t{i % 100}", []).append(hash_key(k))
+        path.write_text("".join(f"{t}: [{', '.join(hs)}]\n" for t, hs in tenants.items()))
+        ring = KeyRing(path)
+        headers = [f"Bearer {random.choice(keys)}" for _ in range(samples)]
+        took = []
+        for header in headers:
+            start = time.perf_counter()
+            ring.tenant_of(header)
+            took.append(time.perf_counter() - start)
+        p50, p99 = pct(took, 50) * 1e6, pct(took, 99) * 1e6
+        print(f"{'tenant_of':22}{p50:8.2f} µs p50 {p99:8.2f} µs p99   (target: at most 100 µs p50)")
+
+
 async def main(quick: bool) -> None:
     samples = 200 if quick else 1000
     doc = pipeline_doc("bench-http", max_new_tokens=8)
@@ -147,6 +173,7 @@ async def main(quick: bool) -> None:
                         f"{pct(rates, 50) * conc:10.0f} tok/s in all   ({tokens:.0f} tokens per call)"
                     )
     await stacks_section(samples)
+    auth_section(samples * 10)
 
 
 if __name__ == "__main__":

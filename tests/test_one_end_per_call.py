@@ -16,6 +16,7 @@ from promptpipe.backends.synthetic import SyntheticBackend
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.contract.spec import GenerationDefaults, PostSpec, StageSpec, SyntheticSpec
 from promptpipe.localproc import free_port
+from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import DataLoss, UpstreamError
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
 from promptpipe.runtime.stage import Call, StageRuntime
@@ -106,6 +107,9 @@ class Context:
     def time_remaining(self) -> float:
         return 10.0
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
     def add_done_callback(self, callback: Callable[[object], None]) -> None:
         return None
 
@@ -118,7 +122,9 @@ async def test_the_gateway_ends_a_post_stream_without_its_final_event_with_data_
     registry = CollectorRegistry()
     runtime = StageRuntime.create("stream", StageSpec(), registry, "p")
     stage: Any = CutShortStage()
-    gateway = GatewayServicer(runtime, GenerationDefaults(), stage, stage, stage, GatewayMetrics(registry, "p"))
+    gateway = GatewayServicer(
+        runtime, GenerationDefaults(), stage, stage, stage, GatewayMetrics(registry, "p"), KeyRing()
+    )
     context = Context()
     sent = []
     with pytest.raises(Aborted):

@@ -26,7 +26,9 @@ class GenerationError(Exception):
 
 
 class PipelineClient:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
+        # Sent as gRPC metadata `authorization: Bearer <key>`, as the HTTP API takes it.
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -63,7 +65,7 @@ class PipelineClient:
             parameters=params,
             messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
         )
-        call = self._stub.Generate(request, timeout=timeout)
+        call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield response

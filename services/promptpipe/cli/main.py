@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.table import Table
 from promptpipe import chattemplates
 from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out
+from promptpipe.cli.keys import keys_app
 from promptpipe.cli.models import model_app, registry_app
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
@@ -32,6 +34,7 @@ app = typer.Typer(
 )
 
 app.add_typer(model_app, name="model")
+app.add_typer(keys_app, name="keys")
 app.add_typer(registry_app, name="registry")
 
 NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Which running pipeline (default: the only one).")]
@@ -78,6 +81,10 @@ def up(
             raise fail(str(e)) from None
     out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/] (gRPC)")
     out.print(f"OpenAI-compatible API at [bold]{run.openai_base_url}[/] (model {run.model!r})")
+    if any(os.environ.get(k) for k in ("PROMPTPIPE_API_KEYS_FILE", "PROMPTPIPE_API_KEYS")):
+        out.print("API keys are on: calls need [bold]Authorization: Bearer <key>[/] (`promptpipe keys new`)")
+    else:
+        err.print("[yellow]no API keys configured: the gateway is open to anyone who reaches it[/]")
     _print_status(run)
 
 
@@ -138,9 +145,15 @@ def status(name: NameOption = None) -> None:
 
 
 async def _generate(
-    target: str, prompt: str, session: str, max_new_tokens: int, temperature: float | None, timeout: float
+    target: str,
+    prompt: str,
+    session: str,
+    max_new_tokens: int,
+    temperature: float | None,
+    timeout: float,
+    api_key: str | None,
 ) -> int:
-    async with PipelineClient(target) as client:
+    async with PipelineClient(target, api_key) as client:
         try:
             async for response in client.generate(
                 prompt, session_id=session, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout
@@ -181,11 +194,14 @@ def generate(
     temperature: Annotated[float | None, typer.Option(help="Default: the pipeline's.")] = None,
     timeout: Annotated[float, typer.Option(help="Deadline of the call, in seconds.")] = 120.0,
     target: Annotated[str | None, typer.Option(help="Gateway address (default: the local pipeline's).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PROMPTPIPE_API_KEY", help="The gateway's API key, if it has keys.")
+    ] = None,
     name: NameOption = None,
 ) -> None:
     """Stream an answer from the gateway, then a summary line."""
     address = target or _run(name).gateway
-    raise typer.Exit(asyncio.run(_generate(address, prompt, session, max_new_tokens, temperature, timeout)))
+    raise typer.Exit(asyncio.run(_generate(address, prompt, session, max_new_tokens, temperature, timeout, api_key)))
 
 
 @app.command()

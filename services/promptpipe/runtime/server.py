@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
-from promptpipe.contract.spec import StageSpec
+from promptpipe.contract.spec import StageName, StageSpec
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
+from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
 from promptpipe.runtime.tracing import setup_tracing
@@ -73,7 +74,10 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     )
     registry = CollectorRegistry()
     runtime = StageRuntime.create(stage.value, pipeline.spec.stages.get(stage), registry, pipeline.metadata.name)
-    built = build_stage(stage, config, runtime, registry, client_interceptors)
+    keys = KeyRing(settings.api_keys_file, settings.api_keys)
+    if stage is StageName.STREAM:
+        (log.warning if keys.open else log.info)("%s", keys.describe())
+    built = build_stage(stage, config, runtime, registry, client_interceptors, keys)
     servicer = StageServicer(runtime, built.handler)
 
     server = grpc.aio.server(options=server_options(runtime.spec), interceptors=server_interceptors or None)
@@ -174,7 +178,8 @@ async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any
     runtime = StageRuntime.create(
         settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(), pipeline.metadata.name
     )
-    built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [])
+    keys = KeyRing(settings.api_keys_file, settings.api_keys)  # a key file that does not parse fails here
+    built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [], keys)
     await built.close()
     return {
         "settings": settings.model_dump(mode="json"),

@@ -29,6 +29,10 @@ class StageSettings(BaseSettings):
     """Prometheus /metrics port; 0 picks a free one."""
     http_port: int | None = Field(default=None, ge=0, le=65535)
     """The stream stage's OpenAI-compatible HTTP port; unset serves none, 0 picks a free one."""
+    api_keys_file: Path | None = None
+    """The gateway's API keys (see promptpipe.contract.apikeys), read again when the file changes."""
+    api_keys: str | None = None
+    """The same, inline (a file is the way to rotate keys without a restart)."""
     port_file: Path | None = None
     """If set, the bound ports are written here as `grpc metrics http` once serving (http 0: none)."""
     otel_exporter: str = "none"

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
+from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
@@ -44,6 +45,7 @@ def build_stage(
     runtime: StageRuntime,
     registry: CollectorRegistry,
     client_interceptors: Sequence[Any],
+    keys: KeyRing | None = None,
 ) -> BuiltStage:
     spec = config.pipeline.spec
     name = config.pipeline.metadata.name
@@ -66,10 +68,11 @@ def build_stage(
             client(StageName.ASSEMBLE),
             client(StageName.POST),
             GatewayMetrics(registry, name),
+            keys or KeyRing(),
         )
         from promptpipe.stages.http_gateway import OpenAIGateway
 
-        http = OpenAIGateway(gateway, runtime, name, spec.model, registry)
+        http = OpenAIGateway(gateway, runtime, name, spec.model, registry, keys or KeyRing())
         return BuiltStage(handler=None, gateway=gateway, http=http, close=gateway.close)
     if stage is StageName.RAG:
         from promptpipe.stages.rag import RagHandler

@@ -23,10 +23,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from promptpipe.contract.spec import ModelSpec
+from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
 from promptpipe.runtime.errors import ClientGone, StageError
 from promptpipe.runtime.stage import StageRuntime
 from promptpipe.stages import openai_api as api
-from promptpipe.stages.stream import GatewayServicer
+from promptpipe.stages.stream import GatewayServicer, with_tenant
 from promptpipe.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class OpenAIGateway:
         pipeline: str,
         model: ModelSpec,
         registry: CollectorRegistry,
+        keys: KeyRing,
     ) -> None:
+        self._keys = keys
         self._gateway = gateway
         self._runtime = runtime
         self._registry = registry
@@ -94,7 +97,9 @@ class OpenAIGateway:
         received = time.perf_counter()
         request_id = uuid.uuid4().hex
         headers = {"x-request-id": request_id}
+        tenant = self._tenant(request)
         parsed = api.parse(kind, await request.read(), self._models)
+        with_tenant(parsed.request, tenant)
         shapes = api.Shapes(kind, request_id, parsed.model, int(time.time()), parsed.include_usage)
         response: web.StreamResponse | None = None
         deadline, callers = self._runtime.deadline_within(_timeout(request))
@@ -120,10 +125,18 @@ class OpenAIGateway:
             return response
         raise AssertionError("unreachable: the answer ends with its summary or raises")
 
+    def _tenant(self, request: web.Request) -> str:
+        try:
+            return self._keys.tenant_of(request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            raise api.api_error(exc) from None
+
     async def _list_models(self, request: web.Request) -> web.Response:
+        self._tenant(request)
         return web.json_response(api.model_list(self._model_cards))
 
     async def _get_model(self, request: web.Request) -> web.Response:
+        self._tenant(request)
         for card in self._model_cards:
             if card["id"] == request.match_info["model"]:
                 return web.json_response(card)

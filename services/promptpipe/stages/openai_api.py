@@ -270,7 +270,7 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "server_error", "overloaded"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", None),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", None),
 }
 

@@ -10,13 +10,21 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 
 from promptpipe.contract.spec import GenerationDefaults
+from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
-from promptpipe.runtime.errors import DataLoss
+from promptpipe.runtime.errors import DataLoss, abort_with
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import gateway_pb2
+
+
+def with_tenant(request: gateway_pb2.GenerateRequest, tenant: str) -> None:
+    """The tenant whose key the call carried goes on with the request (metadata `tenant`, which the
+    client cannot set once keys are on)."""
+    if tenant != ANONYMOUS:
+        request.metadata["tenant"] = tenant
 
 
 class GatewayServicer:
@@ -28,7 +36,9 @@ class GatewayServicer:
         assemble: StageClient,
         post: StageClient,
         metrics: GatewayMetrics,
+        keys: KeyRing,
     ) -> None:
+        self.keys = keys
         self._runtime = runtime
         self._defaults = defaults
         self._rag = rag
@@ -44,6 +54,12 @@ class GatewayServicer:
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.perf_counter()
+        try:
+            # Before admission: a call without a valid key takes no place in the queue.
+            tenant = self.keys.tenant_of(dict(context.invocation_metadata() or ()).get("authorization"))
+        except Unauthenticated as exc:
+            await abort_with(context, exc, self._runtime.stage)
+        with_tenant(request, tenant)
         async with self._runtime.admitted(context) as call:
             answer = self.answer(request, call, received, uuid.uuid4().hex)
             close_when_done(context, answer)
