@@ -74,8 +74,8 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     )
     registry = CollectorRegistry()
     runtime = StageRuntime.create(stage.value, pipeline.spec.stages.get(stage), registry, pipeline.metadata.name)
-    keys = KeyRing(settings.api_keys_file, settings.api_keys)
-    if stage is StageName.STREAM:
+    keys = _keys(settings)
+    if keys is not None:
         (log.warning if keys.open else log.info)("%s", keys.describe())
     built = build_stage(stage, config, runtime, registry, client_interceptors, keys)
     servicer = StageServicer(runtime, built.handler)
@@ -155,6 +155,13 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
 HEALTH_EVERY_SECONDS = 1.0
 
 
+def _keys(settings: StageSettings) -> KeyRing | None:
+    """The gateway's API keys; only the gateway checks them (a key file that does not parse fails its start)."""
+    if settings.stage is not StageName.STREAM:
+        return None
+    return KeyRing(settings.api_keys_file, settings.api_keys)
+
+
 async def _follow_health(
     healthy: Callable[[], bool], servicer: health.aio.HealthServicer, services: Sequence[str]
 ) -> None:
@@ -178,8 +185,7 @@ async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any
     runtime = StageRuntime.create(
         settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(), pipeline.metadata.name
     )
-    keys = KeyRing(settings.api_keys_file, settings.api_keys)  # a key file that does not parse fails here
-    built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [], keys)
+    built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [], _keys(settings))
     await built.close()
     return {
         "settings": settings.model_dump(mode="json"),
