@@ -117,6 +117,7 @@ bench: setup
 	$(BIN)/python -m bench.postfilter
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.http
+	$(BIN)/python -m bench.fairness
 
 # Boundaries between the deployables (import-linter), style (ruff) and types (mypy --strict).
 lint: $(STAMP)

@@ -140,3 +140,30 @@ def test_keys_new_prints_a_key_and_the_line_that_lets_it_in() -> None:
     assert parse_keys(line, "keys.yaml") == {hash_key(key): "team-a"}
     refused = CliRunner().invoke(app, ["keys", "new", "Team A"])
     assert refused.exit_code == 2 and "a tenant is 1-63 lowercase" in refused.output
+
+
+def test_keys_new_with_a_key_file_writes_the_key_there_for_its_owner_alone_and_never_overwrites(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from promptpipe.cli.main import app
+
+    path = tmp_path / "me.key"
+    result = CliRunner().invoke(app, ["keys", "new", "me", "--key-file", str(path)])
+    assert result.exit_code == 0, result.output
+    key = path.read_text().strip()
+    assert parse_keys(result.stdout, "keys.yaml") == {hash_key(key): "me"}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    again = CliRunner().invoke(app, ["keys", "new", "me", "--key-file", str(path)])
+    assert again.exit_code == 1 and "never overwritten" in again.output and path.read_text().strip() == key
+
+
+def test_when_keys_are_required_and_none_are_configured_every_call_is_refused_saying_what_to_set() -> None:
+    ring = KeyRing(required=True)
+    assert not ring.open and ring.closed
+    assert "every call is refused" in ring.describe()
+    for authorization in (None, f"Bearer {new_key()}"):
+        with pytest.raises(Unauthenticated) as err:
+            ring.tenant_of(authorization)
+        assert "spec.auth.apiKeysSecret" in err.value.message and "spec.auth.open: true" in err.value.message

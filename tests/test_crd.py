@@ -110,6 +110,16 @@ MALFORMED = [
     ),
     (["spec", "model", "routing"], {"policy": "random"}, "spec.model.routing.policy"),
     (["spec", "model", "routing"], {"loadBound": 0.5}, "spec.model.routing.loadBound"),
+    # The front door: tenants are a list keyed by name, their quotas bounded; open excludes a key Secret.
+    (["spec", "auth"], {"tenants": [{"name": "a"}, {"name": "a"}]}, "spec.auth.tenants[1]"),
+    (["spec", "auth"], {"tenants": [{"name": "Team A"}]}, "spec.auth.tenants[0].name"),
+    (["spec", "auth"], {"defaultQuota": {"tokensPerMinute": 0}}, "spec.auth.defaultQuota.tokensPerMinute"),
+    (["spec", "auth"], {"tenants": [{"name": "a", "priority": "urgent"}]}, "spec.auth.tenants[0].priority"),
+    (
+        ["spec", "auth"],
+        {"open": True, "apiKeysSecret": {"name": "k", "key": "keys.yaml"}},
+        "spec.auth.open",
+    ),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],

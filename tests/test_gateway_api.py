@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from promptpipe.contract.spec import StageName
-from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 from tests.support.calls import collect
 from tests.support.pipelines import synthetic_pipeline
 
@@ -70,7 +70,7 @@ async def test_stop_sequence_from_the_request_ends_generation(pipeline) -> None:
 
 def test_health_reports_serving_for_every_stage_and_service(pipeline) -> None:
     for stage in StageName:
-        with grpc.insecure_channel(pipeline.target(stage)) as channel:
+        with grpc.insecure_channel(pipeline.stats_target(stage)) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", "promptpipe.v1.Stage"):
                 reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -85,10 +85,28 @@ def test_health_reports_serving_for_every_stage_and_service(pipeline) -> None:
 def test_reflection_describes_the_gateway_api_to_unconfigured_clients(pipeline) -> None:
     with grpc.insecure_channel(pipeline.gateway) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
-        assert {"promptpipe.v1.Gateway", "promptpipe.v1.Stage", "grpc.health.v1.Health"} <= set(db.get_services())
+        assert set(db.get_services()) == {
+            "promptpipe.v1.Gateway",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
         pool = descriptor_pool.DescriptorPool(db)
         method = pool.FindServiceByName("promptpipe.v1.Gateway").FindMethodByName("Generate")
         assert method.server_streaming and method.input_type.full_name == "promptpipe.v1.GenerateRequest"
+
+
+def test_the_public_port_serves_no_internal_stage_service_and_the_internal_port_does(pipeline) -> None:
+    """The back door closed: nothing reaching the gateway's public port can call Stage/Run or read Stats."""
+    assert pipeline.stats_target(StageName.STREAM) != pipeline.gateway
+    with grpc.insecure_channel(pipeline.gateway) as channel:
+        stage = stage_pb2_grpc.StageStub(channel)
+        for call, request in ((stage.Stats, stage_pb2.StatsRequest()), (stage.Process, stage_pb2.WorkItem())):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=5)
+            assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(pipeline.stats_target(StageName.STREAM)) as channel:
+        stats = stage_pb2_grpc.StageStub(channel).Stats(stage_pb2.StatsRequest(), timeout=5)
+        assert stats.stage == "stream" and stats.serving
 
 
 async def test_metrics_carry_the_documented_names(pipeline) -> None:

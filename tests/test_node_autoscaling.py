@@ -44,6 +44,7 @@ def pipeline(name: str, corpus: dict[str, object] | None = None, **stages: dict[
             "generation": {"maxNewTokens": TOKENS},
             "rag": {"corpus": corpus, "topK": 2} if corpus else {"enabled": False},
             "stages": stages,
+            "auth": {"open": True},  # the journey here is not about keys
         },
     }
 

@@ -83,6 +83,7 @@ class BlueGreen:
                 "rag": {"enabled": False},
                 # No analysis window: these journeys are about the switch; blue is kept for a rollback by hand.
                 "rollout": {"progressDeadline": "90s", "keepPrevious": "10m", "analysis": {"window": 0}},
+                "auth": {"open": True},  # the journey here is not about keys
             },
         }
 

@@ -13,14 +13,17 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from promptpipe.cli import localrun
-from promptpipe.client import PipelineClient
+from promptpipe.client import GenerationError, PipelineClient
+from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.localproc import listening
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
@@ -56,9 +59,9 @@ def local_quickstart() -> Iterator[str]:
         localrun.stop(run)
 
 
-async def greedy_answer(target: str) -> str:
+async def greedy_answer(target: str, key: str | None = None) -> str:
     text = []
-    async with PipelineClient(target) as client:
+    async with PipelineClient(target, key) as client:
         async for response in client.generate(QUESTION, temperature=0.0, max_new_tokens=48, timeout=120):
             if response.HasField("chunk"):
                 text.append(response.chunk.text)
@@ -96,14 +99,48 @@ def test_the_readme_kubernetes_section_runs_as_written(node: Node, kube_tools: T
                 line, shell=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
             )
             assert result.returncode == 0, f"README line failed: {line}\n{result.stdout}\n{result.stderr}"
-            check_after(line, result.stdout, result.stderr, node)
+            check_after(line, result.stdout, result.stderr, node, tmp_path)
     finally:
         for proc in background:
             os.killpg(proc.pid, 9)
             proc.wait()
 
 
-def check_after(line: str, out: str, err: str, node: Node) -> None:
+def rotate_the_key(node: Node, cwd: Path, old: str) -> None:
+    """A new key into the Secret, the old one out: the gateway pod follows without a restart."""
+    pod = pods(node, "default", stage_selector("quickstart") + ",app.kubernetes.io/component=stream")[0]
+    new = new_key()
+    keys = f"me: {hash_key(new)}\n"
+    secret = node.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "quickstart-api-keys",
+        f"--from-literal=keys.yaml={keys}",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ).stdout
+    node.kubectl("apply", "-f", "-", stdin=secret)
+    started = time.monotonic()
+
+    def old_refused() -> bool:
+        try:
+            asyncio.run(greedy_answer("127.0.0.1:50051", old))
+        except GenerationError as exc:
+            return exc.code is grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    wait_until(old_refused, "the rotated-out key to be refused", 120, every=1)
+    print(f"key rotation seen by the gateway {time.monotonic() - started:.1f}s after the Secret changed")
+    assert "1889" in asyncio.run(greedy_answer("127.0.0.1:50051", new))
+    after = pods(node, "default", stage_selector("quickstart") + ",app.kubernetes.io/component=stream")[0]
+    assert after["metadata"]["name"] == pod["metadata"]["name"]  # type: ignore[index]
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
+    (cwd / "me.key").write_text(new + "\n")
+
+
+def check_after(line: str, out: str, err: str, node: Node, cwd: Path) -> None:
     """What a user sees after each README line, checked on the cluster."""
     if line.startswith("helm install"):
         wait_until(
@@ -121,14 +158,21 @@ def check_after(line: str, out: str, err: str, node: Node) -> None:
         assert all_running(node, "default", stage_selector("quickstart"), 5), "every stage pod Running and Ready"
     elif line.startswith("kubectl get pp"):
         assert re.search(r"quickstart\s+Ready\s+smollm2-135m-instruct\s+.*5/5", out), out
-    elif line.startswith("promptpipe generate"):
+    elif "promptpipe generate" in line:
         assert "1889" in out, out  # SmolLM2 answers from the corpus, through all five pods
         assert re.search(r"── finish=(eos|length|stop) +tokens=\d+\+\d+", err), err  # the summary, on stderr
-        on_node = asyncio.run(greedy_answer("127.0.0.1:50051"))
+        key = (cwd / "me.key").read_text().strip()
+        on_node = asyncio.run(greedy_answer("127.0.0.1:50051", key))
         with local_quickstart() as gateway:
-            on_laptop = asyncio.run(greedy_answer(gateway))
+            on_laptop = asyncio.run(greedy_answer(gateway))  # locally no keys: open
         assert on_node == on_laptop and on_node, (on_node, on_laptop)
+        # A cluster's gateway is closed: no key, no answer, and no place in the queue.
+        with pytest.raises(GenerationError) as refused:
+            asyncio.run(greedy_answer("127.0.0.1:50051"))
+        assert refused.value.code is grpc.StatusCode.UNAUTHENTICATED, refused.value
+        rotate_the_key(node, cwd, key)
     elif line.startswith("curl"):
+        # (after the rotation above: the line reads me.key, which now holds the new key)
         # The OpenAI-compatible API of the same pods: server-sent events, then [DONE].
         events = [e for e in out.split("\n\n") if e.strip()]
         assert events and all(e.startswith("data: ") for e in events), out

@@ -30,6 +30,7 @@ def pipeline(name: str, system: str = "You are terse.") -> dict[str, object]:
             "rag": {"enabled": False},
             "template": {"system": system},
             "stages": {s: {"drainGraceSeconds": 20} for s in ("stream", "rag", "assemble", "inference", "post")},
+            "auth": {"open": True},  # the journey here is not about keys
         },
     }
 

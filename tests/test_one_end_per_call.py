@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
 from promptpipe.backends.synthetic import SyntheticBackend
 from promptpipe.client import GenerationError, PipelineClient
-from promptpipe.contract.spec import GenerationDefaults, PostSpec, StageSpec, SyntheticSpec
+from promptpipe.contract.spec import AuthSpec, GenerationDefaults, PostSpec, StageSpec, SyntheticSpec
 from promptpipe.localproc import free_port
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import DataLoss, UpstreamError
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, TenantMetrics
+from promptpipe.runtime.quotas import Quotas
 from promptpipe.runtime.stage import Call, StageRuntime
 from promptpipe.stages.inference import InferenceHandler
 from promptpipe.stages.post import PostHandler
@@ -122,8 +123,10 @@ async def test_the_gateway_ends_a_post_stream_without_its_final_event_with_data_
     registry = CollectorRegistry()
     runtime = StageRuntime.create("stream", StageSpec(), registry, "p")
     stage: Any = CutShortStage()
+    metrics = GatewayMetrics(registry, "p")
+    tenants = TenantMetrics(registry, "p", runtime.queue)
     gateway = GatewayServicer(
-        runtime, GenerationDefaults(), stage, stage, stage, GatewayMetrics(registry, "p"), KeyRing()
+        runtime, GenerationDefaults(), stage, stage, stage, metrics, KeyRing(), Quotas(AuthSpec()), tenants
     )
     context = Context()
     sent = []

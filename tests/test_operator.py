@@ -45,11 +45,11 @@ pytestmark = pytest.mark.controlplane
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s.value for s in STAGE_ORDER]
-# ConfigMap, and per stage a Deployment, a Service and a ScaledObject.
-QUICKSTART_CHILDREN = 1 + 3 * len(STAGES)
-# The TGI the operator runs: the inference Service, blue's Deployment and Service, and the inference stage's
-# ServiceAccount, Role and RoleBinding (it watches the TGI pods' EndpointSlices).
-TGI_CHILDREN = 6
+# ConfigMap, and per stage a Deployment, a Service, a ScaledObject and a NetworkPolicy.
+QUICKSTART_CHILDREN = 1 + 4 * len(STAGES)
+# The TGI the operator runs: the inference Service, blue's Deployment and Service, the inference stage's
+# ServiceAccount, Role and RoleBinding (it watches the TGI pods' EndpointSlices), the TGI pods' NetworkPolicy.
+TGI_CHILDREN = 7
 # Where kopf records the spec it last handled (handlers.py configures the prefix).
 LAST_HANDLED = f"{GROUP}/last-handled-configuration"
 KOPF_MANAGED = f"{GROUP}/kopf-managed"  # kopf's mark on every object it has seen: not a handler's progress
@@ -108,9 +108,11 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
     wait_until(lambda: all_created(cluster), "all children")
     uid = cluster.pipeline()["metadata"]["uid"]
     children = cluster.children()
-    expected = {("ConfigMap", "quickstart-config")} | {
-        (k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject")
-    }
+    expected = (
+        {("ConfigMap", "quickstart-config")}
+        | {(k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject")}
+        | {("NetworkPolicy", f"quickstart-{s}-ingress") for s in STAGES}
+    )
     assert set(children) == expected
     for key, obj in children.items():
         refs = obj["metadata"]["ownerReferences"]
@@ -127,6 +129,7 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
         "Ready": "False",
         "Progressing": "True",
         "Degraded": "False",
+        "GatewayAccess": "True",  # the quickstart names its key Secret
     }
     created = wait_until(lambda: cluster.events("Created"), "a Created event")
     assert "Deployment quickstart-stream" in created[0]

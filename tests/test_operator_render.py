@@ -310,6 +310,46 @@ def test_openai_key_comes_from_the_named_secret() -> None:
     assert openai is not None and openai.api_key_env == "OPENAI_API_KEY"
 
 
+def with_auth(auth: dict[str, Any]) -> Any:
+    doc = copy.deepcopy(QUICKSTART)
+    doc["spec"]["auth"] = auth
+    return parse_pipeline(doc)
+
+
+def gateway_pod(pp: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = deployment(pp, "ns1", StageName.STREAM, SETTINGS, "h")["spec"]["template"]["spec"]
+    return spec
+
+
+def test_the_gateways_api_keys_secret_is_a_volume_it_rereads_and_only_the_gateway_mounts_it() -> None:
+    pp = with_auth({"apiKeysSecret": {"name": "team-keys", "key": "keys.yaml"}})
+    pod = gateway_pod(pp)
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    # A volume, not an env var or a subPath: only a mounted Secret's files change when the Secret does.
+    assert volume["secret"] == {
+        "secretName": "team-keys",
+        "items": [{"key": "keys.yaml", "path": "keys.yaml"}],
+        "defaultMode": 0o440,
+    }
+    (container,) = pod["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert mount["readOnly"] and "subPath" not in mount
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PROMPTPIPE_API_KEYS_FILE"] == f"{mount['mountPath']}/keys.yaml"
+    assert "PROMPTPIPE_REQUIRE_API_KEYS" not in env
+    for stage in (StageName.RAG, StageName.ASSEMBLE, StageName.INFERENCE, StageName.POST):
+        other = deployment(pp, "ns1", stage, SETTINGS, "h")["spec"]["template"]["spec"]
+        assert all(v["name"] != "api-keys" for v in other["volumes"])
+        assert all(e["name"] != "PROMPTPIPE_API_KEYS_FILE" for e in other["containers"][0]["env"])
+
+
+def test_without_keys_a_clusters_gateway_is_closed_unless_the_pipeline_says_open() -> None:
+    closed = {e["name"]: e.get("value") for e in gateway_pod(with_auth({}))["containers"][0]["env"]}
+    assert closed["PROMPTPIPE_REQUIRE_API_KEYS"] == "true"
+    opened = {e["name"] for e in gateway_pod(with_auth({"open": True}))["containers"][0]["env"]}
+    assert "PROMPTPIPE_REQUIRE_API_KEYS" not in opened and "PROMPTPIPE_API_KEYS_FILE" not in opened
+
+
 def test_corpus_config_map_is_mounted_for_rag_only_and_the_config_points_at_it() -> None:
     pp = pipeline(with_rag={"corpus": {"configMap": "docs"}})
     rag = deployment(pp, "ns1", StageName.RAG, SETTINGS, "h")["spec"]["template"]["spec"]
@@ -355,9 +395,10 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
                 inference={"resources": {"limits": {"cpu": "500m"}}},
             ),
             State(active=Slot("m", BLUE)),
-            3 + 3,  # TGI's Service, blue's Deployment and Service; the inference stage's account, Role, binding
+            3 + 3 + 1,  # TGI's Service, blue's Deployment and Service; the inference stage's account, Role,
+            # binding; the TGI pods' NetworkPolicy
         ),
-        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5 + 3),
+        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5 + 3 + 1),
     ):
         manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS, state, RegistrySettings()))
         result = subprocess.run(
@@ -375,7 +416,8 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
             check=False,
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.count("(server dry run)") == 1 + 3 * len(STAGE_ORDER) + extra
+        # A ConfigMap; per stage a Deployment, Service, ScaledObject and NetworkPolicy.
+        assert result.stdout.count("(server dry run)") == 1 + 4 * len(STAGE_ORDER) + extra
 
 
 @pytest.mark.parametrize(

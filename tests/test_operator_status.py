@@ -83,6 +83,19 @@ def test_phases_from_stage_health() -> None:
     assert failed["phase"] == "Degraded" and condition(failed, "Degraded")["reason"] == "StagesFailed"
 
 
+def test_the_gateway_access_condition_says_whether_calls_need_a_key_or_are_all_refused() -> None:
+    keyed = condition(status_of(all_deployments()), "GatewayAccess")
+    assert keyed is not None and keyed["status"] == "True" and keyed["reason"] == "APIKeys"
+    assert "Secret quickstart-api-keys" in keyed["message"]
+    for auth, ok, reason, words in (
+        ({"open": True}, "True", "Open", "anyone who reaches the gateway"),
+        ({}, "False", "NoAPIKeys", "refuses every call: name a Secret in spec.auth.apiKeysSecret"),
+    ):
+        pp = parse_pipeline({**QUICKSTART, "spec": {**QUICKSTART["spec"], "auth": auth}})
+        got = condition(pipeline_status(pp, "ns", 1, [], {}, "2026-01-01T00:00:00Z"), "GatewayAccess")
+        assert got is not None and (got["status"], got["reason"]) == (ok, reason) and words in got["message"]
+
+
 def test_transition_time_moves_only_when_the_condition_status_does() -> None:
     first = status_of(all_deployments(), now="2026-01-01T00:00:00Z")
     again = status_of(all_deployments(), previous=first, now="2026-01-01T00:05:00Z")

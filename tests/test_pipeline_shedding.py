@@ -83,7 +83,7 @@ async def test_gateway_admission_rejects_before_any_stage_is_called(start_pipeli
     rejected = await collect(p.gateway, "b")
 
     assert rejected.error is not None and rejected.error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert (await stats(p.gateway)).rejected_total == 1
+    assert (await stats(p.stats_target(StageName.STREAM))).rejected_total == 1
     assert (await stats(p.target(StageName.RAG))).completed_total == 1, "only the admitted call reached rag"
     assert (await a).summary is not None
 

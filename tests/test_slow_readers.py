@@ -29,12 +29,16 @@ FLOOD = synthetic_pipeline(
 async def test_clients_that_never_read_lose_their_slots_at_the_timeout(start_pipeline) -> None:
     p = start_pipeline(FLOOD)
     gateway = p.target(StageName.STREAM)
+    internal = p.stats_target(StageName.STREAM)
     host, port = gateway.rsplit(":", 1)
     async with StalledGrpcClient(host, int(port)) as client:
         # 64 calls on one connection, no deadline, never read past the first kilobyte each.
         calls = [await client.call(GENERATE, gateway_pb2.GenerateRequest(prompt="flood")) for _ in range(64)]
         opened = time.monotonic()
-        await wait_until_async(lambda: _in_flight_is(gateway, 2), what="the calls that never read to hold both slots")
+        await wait_until_async(
+            lambda: _in_flight_is(internal, 2),
+            what="the calls that never read to hold both slots",
+        )
         await asyncio.sleep(0.5)
         admitted = [c for c in calls if c.data_bytes]
         assert len(admitted) == 2 and all(c.data_bytes <= STALLED_WINDOW and not c.ended.is_set() for c in admitted)
@@ -46,7 +50,7 @@ async def test_clients_that_never_read_lose_their_slots_at_the_timeout(start_pip
         # Within the timeout (plus the watchdog's slack) the slots are free again, the stalled calls
         # still unread.
         freed = TIMEOUT_SECONDS + WATCHDOG_SLACK_SECONDS
-        await wait_until_async(lambda: _in_flight_is(gateway, 0), timeout=freed + 5, what="the slots to be freed")
+        await wait_until_async(lambda: _in_flight_is(internal, 0), timeout=freed + 5, what="the slots to be freed")
         assert time.monotonic() - opened < freed + 3
         served = await collect(p.gateway, "polite", max_new_tokens=4)
         assert served.error is None and served.summary is not None, served.error

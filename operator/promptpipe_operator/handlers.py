@@ -250,6 +250,7 @@ async def track(
 @kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=MANAGED)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
 async def child_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
     """Any change to a child (gone, edited, readiness) reconciles its pipeline."""
     owner = next(

@@ -36,6 +36,8 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": _CHILD_VERBS},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": _CHILD_VERBS},
     DISCOVERY_RULE,
+    # Each pipeline's NetworkPolicies: who may reach which of its pods.
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _CHILD_VERBS},
     # A rollout finds the Ready gateway pods' /metrics here, and reads why green's pods do not serve.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # Events on the pipelines, for `kubectl describe`.

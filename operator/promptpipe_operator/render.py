@@ -37,6 +37,7 @@ from promptpipe_operator.rollout import BLUE, State
 from promptpipe_operator.settings import OperatorSettings
 
 GRPC_PORT = 50051
+STAGE_PORT = 50052  # the gateway's internal Stage service; not in its Service
 METRICS_PORT = 9090
 # The gateway's OpenAI-compatible HTTP API (docs/api.md).
 HTTP_PORT = 8080
@@ -47,6 +48,9 @@ BACKEND = "backend"
 TGI_PORT = 8080
 MODELS_DIR = "/models"
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
+API_KEYS_DIR = "/var/run/promptpipe/api-keys"
+API_KEYS_FILE = "keys.yaml"
+TLS_DIR = "/var/run/promptpipe/tls"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
 DNS_LABEL_CHARS = 63
@@ -160,7 +164,10 @@ def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
 
 
 def _probe(stage: StageName, kind: str) -> dict[str, Any]:
-    probe: dict[str, Any] = {"grpc": {"port": GRPC_PORT}, "periodSeconds": 5, "timeoutSeconds": 2}
+    # The gateway's on its internal port, which is plain gRPC even when the public one is TLS (the kubelet's
+    # gRPC probe speaks no TLS); the same health service answers on both.
+    port = STAGE_PORT if stage is StageName.STREAM else GRPC_PORT
+    probe: dict[str, Any] = {"grpc": {"port": port}, "periodSeconds": 5, "timeoutSeconds": 2}
     if kind == "startup":
         # The inference stage loads a model before it reports SERVING.
         probe |= {"failureThreshold": 120 if stage is StageName.INFERENCE else 24}
@@ -204,14 +211,20 @@ def deployment(
         {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
         {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
     ]
-    if stage is StageName.STREAM:
-        env.append({"name": "PROMPTPIPE_HTTP_PORT", "value": str(HTTP_PORT)})
-        ports.append({"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"})
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - an emptyDir
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir
+    ]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": child_name(name, "config")}},
         {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}},
     ]
+    if stage is StageName.STREAM:
+        env.append({"name": "PROMPTPIPE_HTTP_PORT", "value": str(HTTP_PORT)})
+        env.append({"name": "PROMPTPIPE_STAGE_PORT", "value": str(STAGE_PORT)})
+        ports.append({"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"})
+        ports.append({"name": "stage", "containerPort": STAGE_PORT, "protocol": "TCP"})
+        _gateway_front_door(pp, env, mounts, volumes)
     corpus = pp.spec.rag.corpus.config_map
     if stage is StageName.RAG and corpus:
         mounts.append({"name": "corpus", "mountPath": CORPUS_DIR, "readOnly": True})
@@ -284,6 +297,30 @@ def deployment(
             },
         },
     }
+
+
+def _gateway_front_door(
+    pp: PromptPipeline, env: list[dict[str, Any]], mounts: list[dict[str, Any]], volumes: list[dict[str, Any]]
+) -> None:
+    """The gateway's API keys and TLS certificate: each Secret mounted as a volume (not an env var, not a
+    subPath: the kubelet swaps a volume's files when the Secret changes, and the gateway reads them again,
+    so keys rotate and certificates renew without a restart). Without keys, a cluster's gateway refuses
+    every call unless the pipeline says `open`."""
+    auth = pp.spec.auth
+    if auth.api_keys_secret is not None:
+        ref = auth.api_keys_secret
+        env.append({"name": "PROMPTPIPE_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/{API_KEYS_FILE}"})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        items = [{"key": ref.key, "path": API_KEYS_FILE}]
+        # Group-readable: the pod's fsGroup owns the files, its non-root user reads them.
+        volumes.append({"name": "api-keys", "secret": {"secretName": ref.name, "items": items, "defaultMode": 0o440}})
+    elif not auth.open:
+        env.append({"name": "PROMPTPIPE_REQUIRE_API_KEYS", "value": "true"})
+    if pp.spec.tls is not None:
+        env.append({"name": "PROMPTPIPE_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"})
+        env.append({"name": "PROMPTPIPE_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": pp.spec.tls.secret_name, "defaultMode": 0o440}})
 
 
 def discovers_backend(pp: PromptPipeline, stage: StageName) -> bool:
@@ -603,6 +640,75 @@ def backend_children(
     return out
 
 
+# Who calls whom inside a pipeline: each stage's callers, by component label.
+CALLERS: dict[str, tuple[str, ...]] = {
+    StageName.RAG.value: (StageName.STREAM.value,),
+    StageName.ASSEMBLE.value: (StageName.STREAM.value,),
+    StageName.POST.value: (StageName.STREAM.value,),
+    StageName.INFERENCE.value: (StageName.POST.value,),
+    BACKEND: (StageName.INFERENCE.value,),
+}
+
+
+def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSettings) -> list[KubeObject]:
+    """One NetworkPolicy per component: who may open connections to its pods, on which port. Clients reach
+    the gateway's public ports only; each stage is reached by the stage that calls it alone (so nothing
+    skips the template, the limits or the filters by calling inference or post directly); metrics ports by
+    the operator and the scrapers' namespaces; the gateway's internal port by the operator alone."""
+    name = pp.metadata.name
+
+    def pods(component: str) -> dict[str, Any]:
+        return {"podSelector": {"matchLabels": selector(name, component)}}
+
+    def namespaces(*names: str) -> list[dict[str, Any]]:
+        return [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": n}}} for n in names]
+
+    def ports(*names: str) -> list[dict[str, Any]]:
+        return [{"protocol": "TCP", "port": n} for n in names]
+
+    operator = namespaces(settings.lease_namespace)
+    scrapers = namespaces(*dict.fromkeys((settings.lease_namespace, *settings.scrape_namespaces)))
+    rules: dict[str, list[dict[str, Any]]] = {
+        # No `from`: any client, in the cluster or through an ingress.
+        StageName.STREAM.value: [
+            {"ports": ports("grpc", "http")},
+            {"from": operator, "ports": ports("stage")},
+            {"from": scrapers, "ports": ports("metrics")},
+        ]
+    }
+    for component, callers in CALLERS.items():
+        if component == BACKEND:
+            if managed_tgi(pp) is None:
+                continue
+            # TGI serves its API and its /metrics on one port; the operator smoke-tests each color there.
+            rules[BACKEND] = [
+                {"from": [pods(c) for c in callers], "ports": ports("http")},
+                {"from": scrapers, "ports": ports("http")},
+            ]
+            continue
+        rules[component] = [
+            {"from": [pods(c) for c in callers], "ports": ports("grpc")},
+            {"from": scrapers, "ports": ports("metrics")},
+        ]
+    return [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {
+                "name": child_name(name, f"{component}-ingress"),
+                "namespace": namespace,
+                "labels": labels(name, component),
+            },
+            "spec": {
+                "podSelector": {"matchLabels": selector(name, component)},
+                "policyTypes": ["Ingress"],
+                "ingress": ingress,
+            },
+        }
+        for component, ingress in rules.items()
+    ]
+
+
 def children(
     pp: PromptPipeline,
     namespace: str,
@@ -620,4 +726,4 @@ def children(
             service(pp, namespace, stage),
             scaled_object(pp, namespace, stage, settings),
         ]
-    return out
+    return [*out, *network_policies(pp, namespace, settings)]

@@ -20,6 +20,9 @@ class OperatorSettings(BaseSettings):
     load_window: Annotated[str, Field(pattern=r"^[1-9][0-9]*(s|m|h)$")] = "1m"
     """The window a stage's load is averaged over (a Prometheus duration holding two scrapes or more): a stage
     with calls in it is never scaled to zero."""
+    scrape_namespaces: Annotated[list[str], NoDecode] = ["monitoring"]
+    """Namespaces whose pods may read the pipelines' metrics ports (Prometheus; comma-separated), besides the
+    operator's own (`lease_namespace`): the pipelines' NetworkPolicies allow them."""
     image_pull_policy: str = "IfNotPresent"
     registry_secret: str = ""
     """A Secret (in the pipeline's namespace) with AWS keys for the model download; empty: the pod's identity."""
@@ -67,7 +70,7 @@ class OperatorSettings(BaseSettings):
         """Every Prometheus a rollout analysis may name, without trailing slashes."""
         return [u.rstrip("/") for u in (self.prometheus_address, *self.analysis_prometheus_urls)]
 
-    @field_validator("namespaces", "allowed_tgi_images", "analysis_prometheus_urls", mode="before")
+    @field_validator("namespaces", "allowed_tgi_images", "analysis_prometheus_urls", "scrape_namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else value

@@ -90,6 +90,22 @@ def endpoints(pp: PromptPipeline, namespace: str) -> dict[str, str]:
     return out
 
 
+def gateway_access(pp: PromptPipeline) -> tuple[bool, str, str]:
+    """Who the gateway takes calls from, for `kubectl describe`: a closed gateway without keys refuses
+    every call, which should not need a pod's log to find out."""
+    auth = pp.spec.auth
+    if auth.api_keys_secret is not None:
+        ref = auth.api_keys_secret
+        return True, "APIKeys", f"calls need an API key from Secret {ref.name} (key {ref.key})"
+    if auth.open:
+        return True, "Open", "spec.auth.open: anyone who reaches the gateway may call it"
+    return (
+        False,
+        "NoAPIKeys",
+        "the gateway refuses every call: name a Secret in spec.auth.apiKeysSecret, or set spec.auth.open: true",
+    )
+
+
 def _condition(
     type_: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict[str, Any]], now: str
 ) -> dict[str, Any]:
@@ -162,6 +178,7 @@ def pipeline_status(
     ]
     if rollout is not None:
         conditions.append(_condition("RolledBack", *rolled_back, generation, conditions_before, now))
+    conditions.append(_condition("GatewayAccess", *gateway_access(pp), generation, conditions_before, now))
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from promptpipe.rpc import CHANNEL_OPTIONS, retry_after_of
+from promptpipe.rpc import CHANNEL_OPTIONS, quota_of, retry_after_of
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -19,6 +19,8 @@ class GenerationError(Exception):
     code: grpc.StatusCode
     message: str
     retry_after: float | None = None
+    # Set when a tenant's quota refused the call (429 on HTTP), not the service's overload (503).
+    quota: str | None = None
 
     def __str__(self) -> str:
         hint = f" (retry after {self.retry_after:.2f}s)" if self.retry_after is not None else ""
@@ -26,10 +28,17 @@ class GenerationError(Exception):
 
 
 class PipelineClient:
-    def __init__(self, target: str, api_key: str | None = None) -> None:
+    def __init__(
+        self, target: str, api_key: str | None = None, *, tls: bool = False, root_certificates: bytes | None = None
+    ) -> None:
+        """`tls`: the gateway serves TLS (trusted by the system's roots, or by `root_certificates`, PEM)."""
         # Sent as gRPC metadata `authorization: Bearer <key>`, as the HTTP API takes it.
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if tls or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> PipelineClient:
@@ -74,6 +83,6 @@ class PipelineClient:
             # Every call ends with a summary or a status: a stream with neither may be cut short.
             raise GenerationError(grpc.StatusCode.DATA_LOSS, "the gateway ended the stream without a summary")
         except grpc.aio.AioRpcError as err:
-            raise GenerationError(err.code(), err.details() or "", retry_after_of(err)) from None
+            raise GenerationError(err.code(), err.details() or "", retry_after_of(err), quota_of(err)) from None
         finally:
             call.cancel()

@@ -1,5 +1,5 @@
 """What both ends of promptpipe's gRPC calls share (the stages and the Python client):
-channel options, and reading the retry hint a RESOURCE_EXHAUSTED status carries."""
+channel options, and reading the retry hint and quota a RESOURCE_EXHAUSTED status carries."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ STAGE_CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 # Servers end a connection this long after it opened (gRPC adds ±10% jitter); calls on it finish first.
 MAX_CONNECTION_AGE_MS = 5_000
+
+
+def quota_of(error: grpc.aio.AioRpcError) -> str | None:
+    """Which quota refused the call ('tenant:team-a requests per minute'), if a QuotaFailure says so: a
+    tenant's limit, where a RESOURCE_EXHAUSTED without one is the service's overload."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            return " ".join(f"{v.subject} {v.description}" for v in failure.violations)
+    return None
 
 
 def retry_after_of(error: grpc.aio.AioRpcError) -> float | None:

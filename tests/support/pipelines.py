@@ -61,6 +61,10 @@ class RunningPipeline:
     def target(self, stage: StageName) -> str:
         return f"127.0.0.1:{self.run.stages[stage.value].port}"
 
+    def stats_target(self, stage: StageName) -> str:
+        """Where the stage's Stage service answers Stats: the gateway's internal port, else its port."""
+        return self.run.stages[stage.value].stats_target
+
     def pid(self, stage: StageName) -> int:
         return self.run.stages[stage.value].pid
 
@@ -77,6 +81,7 @@ class RunningPipeline:
             "PROMPTPIPE_CONFIG": str(Path(self.run.folder) / "runtime.yaml"),
             "PROMPTPIPE_PORT": str(self.run.stages[stage.value].port),
             "PROMPTPIPE_METRICS_PORT": "0",
+            "PROMPTPIPE_STAGE_PORT": "0",  # the gateway's internal port (unused by the other stages)
         }
         args = [sys.executable, "-m", "promptpipe.runtime.server"]
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,6 +17,7 @@ class SyntheticBackend:
     def __init__(self, spec: SyntheticSpec) -> None:
         self._interval = 1.0 / spec.tokens_per_second if spec.tokens_per_second > 0 else 0.0
         self._text = spec.token_text
+        self._first = spec.first_token_seconds
 
     async def start(self) -> None:
         return None
@@ -29,6 +30,8 @@ class SyntheticBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         piece = Piece(self._text)
+        if self._first:
+            await asyncio.sleep(self._first)
         start = time.monotonic()
         for i in range(request.max_new_tokens):
             if self._interval:

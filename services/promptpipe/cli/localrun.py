@@ -37,6 +37,11 @@ class StageProcess:
     metrics_port: int
     log: str
     http_port: int = 0  # the gateway's OpenAI-compatible API
+    stage_port: int = 0  # its Stage service (queue stats): the gateway's internal port, else `port`
+
+    @property
+    def stats_target(self) -> str:
+        return f"127.0.0.1:{self.stage_port or self.port}"
 
 
 @dataclass
@@ -45,6 +50,7 @@ class LocalRun:
     folder: str
     stages: dict[str, StageProcess]
     model: str = ""  # what OpenAI clients name as `model`
+    tls: bool = False  # the gateway's public ports serve TLS (PROMPTPIPE_TLS_CERT_FILE)
 
     @property
     def gateway(self) -> str:
@@ -53,7 +59,8 @@ class LocalRun:
     @property
     def openai_base_url(self) -> str:
         """What an OpenAI SDK takes as `base_url`."""
-        return f"http://127.0.0.1:{self.stages[StageName.STREAM.value].http_port}/v1"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.stages[StageName.STREAM.value].http_port}/v1"
 
     def save(self) -> None:
         (Path(self.folder) / "state.json").write_text(json.dumps(asdict(self), indent=2))
@@ -102,7 +109,8 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
     )
     config_path = folder / "runtime.yaml"
     config_path.write_text(config.dump_yaml())
-    run = LocalRun(name=name, folder=str(folder), stages={}, model=model.name)
+    tls = bool(os.environ.get("PROMPTPIPE_TLS_CERT_FILE"))
+    run = LocalRun(name=name, folder=str(folder), stages={}, model=model.name, tls=tls)
     for stage in STAGE_ORDER:
         log_path = folder / f"{stage.value}.log"
         env = {
@@ -116,6 +124,7 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
         }
         if stage is StageName.STREAM:
             env["PROMPTPIPE_HTTP_PORT"] = "0"
+            env["PROMPTPIPE_STAGE_PORT"] = "0"
         (folder / f"{stage.value}.ports").unlink(missing_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -171,9 +180,12 @@ def wait_serving(run: LocalRun, timeout: float) -> None:
                 tail = Path(proc.log).read_text(errors="replace")[-2000:]
                 raise LocalRunError(f"stage {stage} exited during start-up; its log ends:\n{tail}")
             port_file = Path(run.folder, f"{stage}.ports")
-            if port_file.exists() and health_status(f"127.0.0.1:{proc.port}", 1.0) == "SERVING":
-                _, metrics_port, http_port = port_file.read_text().split()
-                proc.metrics_port, proc.http_port = int(metrics_port), int(http_port)
+            if not port_file.exists():
+                continue
+            _, metrics_port, http_port, stage_port = port_file.read_text().split()
+            proc.metrics_port, proc.http_port, proc.stage_port = int(metrics_port), int(http_port), int(stage_port)
+            # Asked on the internal port: plain gRPC even when the gateway's public port serves TLS.
+            if health_status(proc.stats_target, 1.0) == "SERVING":
                 del pending[stage]
         return not pending
 

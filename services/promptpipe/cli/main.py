@@ -79,7 +79,8 @@ def up(
         except localrun.LocalRunError as e:
             localrun.stop(run)
             raise fail(str(e)) from None
-    out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/] (gRPC)")
+    wire = "gRPC over TLS" if run.tls else "gRPC"
+    out.print(f"pipeline [bold]{run.name}[/] is serving; gateway at [bold]{run.gateway}[/] ({wire})")
     out.print(f"OpenAI-compatible API at [bold]{run.openai_base_url}[/] (model {run.model!r})")
     if any(os.environ.get(k) for k in ("PROMPTPIPE_API_KEYS_FILE", "PROMPTPIPE_API_KEYS")):
         out.print("API keys are on: calls need [bold]Authorization: Bearer <key>[/] (`promptpipe keys new`)")
@@ -119,9 +120,8 @@ def _print_status(run: localrun.LocalRun) -> None:
     for col in ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
         table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
     for stage, proc in run.stages.items():
-        target = f"127.0.0.1:{proc.port}"
-        health = localrun.health_status(target, 2.0) if alive(proc.pid) else "EXITED"
-        stats = asyncio.run(_stats(target)) if health != "EXITED" else None
+        health = localrun.health_status(proc.stats_target, 2.0) if alive(proc.pid) else "EXITED"
+        stats = asyncio.run(_stats(proc.stats_target)) if health != "EXITED" else None
         colour = "green" if health == "SERVING" else "red"
         row = [stage, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]
         if stats is None:
@@ -152,8 +152,11 @@ async def _generate(
     temperature: float | None,
     timeout: float,
     api_key: str | None,
+    tls: bool,
+    ca_file: Path | None,
 ) -> int:
-    async with PipelineClient(target, api_key) as client:
+    roots = ca_file.read_bytes() if ca_file is not None else None
+    async with PipelineClient(target, api_key, tls=tls, root_certificates=roots) as client:
         try:
             async for response in client.generate(
                 prompt, session_id=session, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout
@@ -197,11 +200,16 @@ def generate(
     api_key: Annotated[
         str | None, typer.Option(envvar="PROMPTPIPE_API_KEY", help="The gateway's API key, if it has keys.")
     ] = None,
+    tls: Annotated[bool, typer.Option(help="The gateway serves TLS (spec.tls).")] = False,
+    ca_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Trust this CA (PEM) for TLS; implies --tls.")
+    ] = None,
     name: NameOption = None,
 ) -> None:
     """Stream an answer from the gateway, then a summary line."""
     address = target or _run(name).gateway
-    raise typer.Exit(asyncio.run(_generate(address, prompt, session, max_new_tokens, temperature, timeout, api_key)))
+    call = _generate(address, prompt, session, max_new_tokens, temperature, timeout, api_key, tls, ca_file)
+    raise typer.Exit(asyncio.run(call))
 
 
 @app.command()

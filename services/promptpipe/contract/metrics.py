@@ -20,6 +20,12 @@ class Label(str, enum.Enum):
     BACKEND = "backend"
     TO = "to"  # the stage a call goes to
     REPLICA = "replica"  # a backend replica's address; bounded by the replicas there are
+    TENANT = "tenant"  # an API key's tenant; the first TENANT_LABELS_MAX seen, the rest `other`
+    OUTCOME = "outcome"
+
+
+# Most distinct tenant label values a gateway exports; tenants past them share the value `other`.
+TENANT_LABELS_MAX = 64
 
 
 class Kind(str, enum.Enum):
@@ -90,6 +96,26 @@ GATEWAY_OUTPUT_TOKENS = Metric(
     "promptpipe_gateway_output_tokens_total", Kind.COUNTER, "Output tokens streamed to clients.", (Label.PIPELINE,)
 )
 
+GATEWAY_TENANT_CALLS = Metric(
+    "promptpipe_gateway_tenant_calls_total",
+    Kind.COUNTER,
+    "Calls of each tenant, by outcome: admitted (past its quota; it may still be shed for overload),"
+    " over_requests_quota or over_tokens_quota (refused, 429).",
+    (Label.PIPELINE, Label.TENANT, Label.OUTCOME),
+)
+GATEWAY_TENANT_TOKENS = Metric(
+    "promptpipe_gateway_tenant_tokens_total",
+    Kind.COUNTER,
+    "Prompt plus generated tokens charged to each tenant's tokens-per-minute quota.",
+    (Label.PIPELINE, Label.TENANT),
+)
+GATEWAY_TENANT_QUEUE_DEPTH = Metric(
+    "promptpipe_gateway_tenant_queue_depth",
+    Kind.GAUGE,
+    "Calls of each tenant waiting in the gateway's admission queue.",
+    (Label.PIPELINE, Label.TENANT),
+)
+
 BACKEND_GENERATED_TOKENS = Metric(
     "promptpipe_backend_generated_tokens_total", Kind.COUNTER, "Tokens received from the backend.", _BACKEND
 )
@@ -142,6 +168,9 @@ ALL: tuple[Metric, ...] = (
     GATEWAY_TTFT,
     GATEWAY_TPOT,
     GATEWAY_OUTPUT_TOKENS,
+    GATEWAY_TENANT_CALLS,
+    GATEWAY_TENANT_TOKENS,
+    GATEWAY_TENANT_QUEUE_DEPTH,
     BACKEND_GENERATED_TOKENS,
     BACKEND_CANCELLED,
     BACKEND_ACTIVE,

@@ -322,6 +322,8 @@ class SyntheticSpec(_Model):
     """A backend that streams filler tokens as fast as asked; for benchmarks."""
 
     tokens_per_second: Annotated[float, Field(ge=0)] = 0.0  # 0: as fast as possible
+    # Seconds before the first token, as a model's prefill takes.
+    first_token_seconds: Annotated[float, Field(ge=0, le=600)] = 0.0
     token_text: str = " tok"  # noqa: S105 - filler text, not a secret
 
 
@@ -601,6 +603,93 @@ class RolloutSpec(_Model):
     analysis: AnalysisSpec = AnalysisSpec()
 
 
+class PriorityClass(str, enum.Enum):
+    """A tenant's place in the gateway's admission queue: waiting calls of a higher class are admitted
+    first, and a full queue sheds a lower class's first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+# The tenant names API key files use (promptpipe.contract.apikeys.TENANT).
+TENANT_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+
+
+class QuotaSpec(_Model):
+    """A tenant's limits, as token buckets refilled continuously; each holds at most a minute's worth."""
+
+    # Calls started per minute; unset: no limit.
+    requests_per_minute: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    # Prompt plus generated tokens per minute; a call is admitted while the bucket is not empty and pays for
+    # its tokens when it ends. Unset: no limit.
+    tokens_per_minute: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = None
+    # Its share of the gateway's work slots when tenants compete (deficit round robin).
+    weight: Annotated[int, Field(ge=1, le=100)] = 1
+    priority: PriorityClass = PriorityClass.NORMAL
+
+
+class TenantSpec(QuotaSpec):
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=TENANT_PATTERN)]
+
+
+# A list the API server keeps keyed by its items' `name` (a duplicate is refused at apply).
+_LIST_BY_NAME: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+
+
+class AuthSpec(_Model):
+    """Who may call the gateway (API keys), and each tenant's quota and share."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.open) && self.open && has(self.apiKeysSecret))",
+                    "message": "cannot be true with apiKeysSecret set (open serves without keys)",
+                    "fieldPath": ".open",
+                }
+            ]
+        }
+    )
+
+    # Operator only: the Secret key holding the API key file (`promptpipe keys new` makes its lines). It is
+    # mounted into the gateway and read again when it changes, so keys rotate without a restart.
+    api_keys_secret: SecretKeyRef | None = None
+    # Operator only: with no apiKeysSecret, a cluster's gateway refuses every call unless this is true
+    # (anyone who reaches the gateway may call it). Locally, no keys means open.
+    open: bool = False
+    # The limits of every tenant not listed in `tenants` (each tenant has its own buckets).
+    default_quota: QuotaSpec = QuotaSpec()
+    tenants: Annotated[
+        list[TenantSpec],
+        Field(max_length=256, json_schema_extra=_LIST_BY_NAME),
+    ] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AuthSpec:
+        if self.open and self.api_keys_secret is not None:
+            raise ValueError("open: cannot be true with apiKeysSecret set (open serves without keys)")
+        names = [t.name for t in self.tenants]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"tenants[{i}].name: {name!r} is listed twice")
+        return self
+
+    def quota_of(self, tenant: str) -> QuotaSpec:
+        for t in self.tenants:
+            if t.name == tenant:
+                return t
+        return self.default_quota
+
+
+class TlsSpec(_Model):
+    """TLS on the gateway's public ports, gRPC and HTTP."""
+
+    # Operator only: a kubernetes.io/tls Secret (`tls.crt`, `tls.key`, as cert-manager writes it), mounted
+    # into the gateway and read again when it changes, so a renewed certificate needs no restart.
+    secret_name: Annotated[str, Field(min_length=1, max_length=253)]
+
+
 # The embedded model's context holds the prompt and the answer: an answer as long leaves no prompt.
 CONTEXT_MESSAGE = "must be less than model.llamacpp.contextSize: the context holds the prompt and the answer"
 
@@ -630,6 +719,9 @@ class PipelineSpec(_Model):
     rag: RagSpec = RagSpec()
     template: TemplateSpec = TemplateSpec()
     post: PostSpec = PostSpec()
+    auth: AuthSpec = AuthSpec()
+    # Operator only (locally: PROMPTPIPE_TLS_CERT_FILE and PROMPTPIPE_TLS_KEY_FILE).
+    tls: TlsSpec | None = None
 
     @model_validator(mode="after")
     def _context_holds_an_answer(self) -> PipelineSpec:

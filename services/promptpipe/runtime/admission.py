@@ -1,9 +1,16 @@
-"""Bounded admission: at most `concurrency` requests work, at most `capacity` wait.
+"""Bounded, fair admission: at most `concurrency` requests work, at most `capacity` wait.
 
-A request either gets a slot at once, waits in a FIFO queue for one, or is shed:
-`reject-new` refuses the newcomer, `drop-oldest` evicts the longest waiter to make
-room. Waiting is bounded by the caller's deadline, and a cancelled waiter leaves
-the queue, so nothing waits forever and nothing is dropped without an error.
+A request either gets a slot at once, waits for one, or is shed. Waiting requests belong to flows (the
+gateway's tenants; every other stage has one flow). A freed slot goes to the highest priority class with
+waiters, and within a class by deficit round robin over the flows, each served in proportion to its
+weight: a flow that floods the queue waits behind its own calls, not in front of the others'.
+
+When the queue is full, a newcomer whose flow holds fewer waiters than the largest flow of its class (or
+whose class outranks a waiting one) takes the place of that flow's newest waiter (`reject-new`) or oldest
+(`drop-oldest`); otherwise `reject-new` refuses the newcomer and `drop-oldest` evicts the newcomer's own
+flow's longest waiter. With one flow this is the plain FIFO queue and its two shed policies. Waiting is
+bounded by the caller's deadline, and a cancelled waiter leaves the queue, so nothing waits forever and
+nothing is dropped without an error.
 """
 
 from __future__ import annotations
@@ -26,6 +33,72 @@ class AdmissionCounters:
     completed: int = 0
 
 
+@dataclass(frozen=True)
+class Flow:
+    """Whose call this is, for fair admission: its name (a tenant), share and priority (higher first)."""
+
+    name: str = ""
+    weight: int = 1
+    priority: int = 0
+
+
+ONE_FLOW = Flow()
+
+
+class _FlowQueue:
+    __slots__ = ("deficit", "flow", "waiters")
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.deficit = 0
+
+
+class _PriorityClass:
+    """The waiting flows of one priority, served by deficit round robin (every call costs one slot).
+
+    As in FQ-CoDel, a flow that starts waiting is served before the flows already taking turns, for one
+    turn: a tenant that sends a call now and then waits for one slot, not for a round of the busy ones.
+    """
+
+    def __init__(self) -> None:
+        self.fresh: dict[str, _FlowQueue] = {}  # flows that just started waiting, in arrival order
+        self.turns: dict[str, _FlowQueue] = {}  # the rest, in round-robin order: the head is served next
+
+    def __bool__(self) -> bool:
+        return bool(self.fresh or self.turns)
+
+    def get(self, name: str) -> _FlowQueue | None:
+        return self.fresh.get(name) or self.turns.get(name)
+
+    def add(self, flow: Flow) -> _FlowQueue:
+        fq = self.fresh[flow.name] = _FlowQueue(flow)
+        return fq
+
+    def remove(self, name: str) -> None:
+        if self.fresh.pop(name, None) is None:
+            self.turns.pop(name, None)
+
+    def all(self) -> list[_FlowQueue]:
+        return [*self.fresh.values(), *self.turns.values()]
+
+    def pop(self) -> asyncio.Future[None]:
+        """The next waiter (there is one: an emptied flow is removed); never a settled one, as whoever
+        settles a waiter takes it out of its flow first."""
+        queue = self.fresh or self.turns
+        name, fq = next(iter(queue.items()))
+        if fq.deficit < 1:
+            fq.deficit += fq.flow.weight
+        fut = fq.waiters.popleft()
+        fq.deficit -= 1
+        if not fq.waiters:
+            del queue[name]  # an emptied flow keeps no credit, as DRR says
+        elif fq.deficit < 1:
+            del queue[name]
+            self.turns[name] = fq  # its turn is over: to the back
+        return fut
+
+
 class AdmissionQueue:
     def __init__(self, capacity: int, concurrency: int, policy: ShedPolicy, retry_after: float) -> None:
         self.capacity = capacity
@@ -34,65 +107,114 @@ class AdmissionQueue:
         self.retry_after = retry_after
         self.in_flight = 0
         self.counters = AdmissionCounters()
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._depth = 0
+        self._classes: dict[int, _PriorityClass] = {}  # highest priority first
 
     @property
     def depth(self) -> int:
-        return len(self._waiters)
+        return self._depth
+
+    def waiting(self, flow: str) -> int:
+        for cls in self._classes.values():
+            fq = cls.get(flow)
+            if fq is not None:
+                return len(fq.waiters)
+        return 0
 
     @contextlib.asynccontextmanager
-    async def slot(self, timeout: float | None) -> AsyncIterator[float]:
+    async def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> AsyncIterator[float]:
         """Hold a work slot for the body; yields the seconds spent waiting for it."""
-        waited = await self._acquire(timeout)
+        waited = await self._acquire(timeout, flow)
         try:
             yield waited
         finally:
             self.counters.completed += 1
             self._release()
 
-    async def _acquire(self, timeout: float | None) -> float:
-        if self.in_flight < self.concurrency and not self._waiters:
+    async def _acquire(self, timeout: float | None, flow: Flow) -> float:
+        if self.in_flight < self.concurrency and not self._depth:
             self.in_flight += 1
             return 0.0
-        if len(self._waiters) >= self.capacity:
-            self._shed_for_newcomer()
+        if self._depth >= self.capacity:
+            self._shed_for(flow)
         start = time.perf_counter()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        fq = self._flow_queue(flow)
+        fq.waiters.append(fut)
+        self._depth += 1
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
-            self._abandon(fut)
+            self._abandon(fut, fq)
             raise DeadlineExceeded("deadline passed while queued") from None
         except asyncio.CancelledError:
-            self._abandon(fut)
+            self._abandon(fut, fq)
             raise
         return time.perf_counter() - start
 
-    def _shed_for_newcomer(self) -> None:
-        if self.policy is ShedPolicy.DROP_OLDEST and self._waiters:
-            oldest = self._waiters.popleft()
-            self.counters.dropped += 1
-            oldest.set_exception(
-                Shed("dropped from a full queue (drop-oldest) for a newer request", self.retry_after, "dropped")
-            )
+    def _flow_queue(self, flow: Flow) -> _FlowQueue:
+        cls = self._classes.get(flow.priority)
+        if cls is None:
+            cls = self._classes[flow.priority] = _PriorityClass()
+            self._classes = dict(sorted(self._classes.items(), reverse=True))
+        return cls.get(flow.name) or cls.add(flow)
+
+    def _shed_for(self, newcomer: Flow) -> None:
+        """Make room for `newcomer` in the full queue, or refuse it (Shed)."""
+        victim = self._heaviest_below(newcomer)
+        if victim is not None:
+            fut = victim.waiters.pop() if self.policy is ShedPolicy.REJECT_NEW else victim.waiters.popleft()
+            self._evict(fut, victim, "dropped from a full queue for a call of a tenant with fewer waiting")
+            return
+        own = self._classes.get(newcomer.priority)
+        mine = own.get(newcomer.name) if own is not None else None
+        if self.policy is ShedPolicy.DROP_OLDEST and mine is not None:
+            self._evict(mine.waiters.popleft(), mine, "dropped from a full queue (drop-oldest) for a newer request")
             return
         self.counters.rejected += 1
         raise Shed(f"queue full ({self.capacity} waiting, {self.concurrency} running)", self.retry_after)
 
-    def _abandon(self, fut: asyncio.Future[None]) -> None:
+    def _heaviest_below(self, newcomer: Flow) -> _FlowQueue | None:
+        """The flow that yields its place to `newcomer`: of the lowest priority class below or at the
+        newcomer's, the one with the most waiters, if that is more than the newcomer's flow holds."""
+        for priority in sorted(self._classes):
+            if priority > newcomer.priority:
+                return None
+            cls = self._classes[priority]
+            if not cls:
+                continue
+            heaviest = max(cls.all(), key=lambda fq: len(fq.waiters))
+            if priority < newcomer.priority:
+                return heaviest
+            mine = cls.get(newcomer.name)
+            if heaviest is not mine and len(heaviest.waiters) > (len(mine.waiters) if mine else 0):
+                return heaviest
+            return None
+        return None
+
+    def _evict(self, fut: asyncio.Future[None], fq: _FlowQueue, why: str) -> None:
+        self._depth -= 1
+        if not fq.waiters:
+            self._classes[fq.flow.priority].remove(fq.flow.name)
+        self.counters.dropped += 1
+        fut.set_exception(Shed(why, self.retry_after, "dropped"))
+
+    def _abandon(self, fut: asyncio.Future[None], fq: _FlowQueue) -> None:
         """A waiter gave up; if a slot was handed to it meanwhile, pass it on."""
-        if fut in self._waiters:
-            self._waiters.remove(fut)
+        if fut in fq.waiters:
+            fq.waiters.remove(fut)
+            self._depth -= 1
+            if not fq.waiters:
+                self._classes[fq.flow.priority].remove(fq.flow.name)
         elif fut.done() and not fut.cancelled() and fut.exception() is None:
             self._release()
         elif fut.done() and not fut.cancelled():
             fut.exception()  # retrieved, so asyncio does not log it
 
     def _release(self) -> None:
-        while self._waiters:
-            nxt = self._waiters.popleft()
-            if not nxt.done():
-                nxt.set_result(None)  # the slot passes on; in_flight is unchanged
+        for cls in self._classes.values():
+            if cls:
+                self._depth -= 1
+                cls.pop().set_result(None)  # the slot passes on; in_flight is unchanged
                 return
         self.in_flight -= 1

@@ -22,6 +22,10 @@ ANONYMOUS = "anonymous"
 RELOAD_EVERY_SECONDS = 1.0
 
 
+# What the operator of a closed gateway without keys should do.
+CLOSED_HINT = "name a Secret in the pipeline's spec.auth.apiKeysSecret, or set spec.auth.open: true"
+
+
 class Unauthenticated(StageError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -30,14 +34,19 @@ class KeyRing:
     """The keys from a file (reloaded when it changes) or a fixed text; with neither, the gateway is open."""
 
     def __init__(
-        self, path: Path | None = None, inline: str | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        path: Path | None = None,
+        inline: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        required: bool = False,
     ) -> None:
         self._path = path
+        self.closed = required and path is None and not inline
         self._clock = clock
         self._checked = -RELOAD_EVERY_SECONDS
         self._seen: tuple[int, int, int] | None = None
         self._tenants: dict[str, str] = {}
-        self.open = path is None and not inline
+        self.open = path is None and not inline and not required
         if inline:
             self._tenants = parse_keys(inline, "PROMPTPIPE_API_KEYS")
         if path is not None:
@@ -45,6 +54,8 @@ class KeyRing:
             self._tenants = parse_keys(path.read_text(), str(path))
 
     def describe(self) -> str:
+        if self.closed:
+            return f"API keys are required and none are configured: every call is refused ({CLOSED_HINT})"
         if self.open:
             return "no API keys configured: the gateway is open to anyone who reaches it"
         tenants = sorted(set(self._tenants.values()))
@@ -55,6 +66,8 @@ class KeyRing:
         """The tenant whose key `authorization` ('Bearer <key>') carries; Unauthenticated otherwise."""
         if self.open:
             return ANONYMOUS
+        if self.closed:
+            raise Unauthenticated(f"this gateway requires API keys and has none ({CLOSED_HINT})")
         self._reload_if_changed()
         if not authorization:
             raise Unauthenticated("an API key is required: send 'Authorization: Bearer <key>'")

@@ -43,6 +43,16 @@ class Shed(StageError):
         self.reason = reason  # "rejected" (reject-new) or "dropped" (drop-oldest)
 
 
+class QuotaExceeded(Shed):
+    """A tenant's quota is used up: refused before admission, until its bucket refills (429 on HTTP, where
+    overload is 503; on gRPC both are RESOURCE_EXHAUSTED, this one with a QuotaFailure detail)."""
+
+    def __init__(self, tenant: str, limit: str, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after, "quota")
+        self.tenant = tenant
+        self.limit = limit  # "requests" or "tokens" (per minute)
+
+
 class DeadlineExceeded(StageError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -89,6 +99,11 @@ def _retry_info_status(err: Shed) -> grpc.Status:
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos))
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=err.message)
     status.details.add().Pack(info)
+    if isinstance(err, QuotaExceeded):
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"tenant:{err.tenant}", description=f"{err.limit} per minute"
+        )
+        status.details.add().Pack(error_details_pb2.QuotaFailure(violations=[violation]))
     return rpc_status.to_status(status)
 
 

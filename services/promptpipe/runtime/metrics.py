@@ -181,3 +181,52 @@ class ReplicaLoad(Collector):
         for replica, calls in self.source().items():
             family.add_metric([*self._labels, replica], calls)
         yield family
+
+
+class TenantMetrics:
+    """Per-tenant calls, tokens and queue depth, under a bounded label: the first TENANT_LABELS_MAX tenants
+    seen keep their name, any later one is `other`."""
+
+    def __init__(self, registry: CollectorRegistry, pipeline: str, queue: AdmissionQueue) -> None:
+        self.pipeline = pipeline
+        self._queue = queue
+        self._calls = _counter(m.GATEWAY_TENANT_CALLS, registry)
+        self._tokens = _counter(m.GATEWAY_TENANT_TOKENS, registry)
+        self._labels: dict[str, str] = {}
+        self._children: dict[tuple[str, str], Counter] = {}
+        registry.register(_TenantQueueDepth(self))
+
+    def label(self, tenant: str) -> str:
+        value = self._labels.get(tenant)
+        if value is None:
+            named = sum(1 for v in self._labels.values() if v != "other")
+            value = self._labels[tenant] = tenant if named < m.TENANT_LABELS_MAX else "other"
+        return value
+
+    def call(self, tenant: str, outcome: str) -> None:
+        key = (tenant, outcome)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._calls.labels(self.pipeline, self.label(tenant), outcome)
+        child.inc()
+
+    def tokens(self, tenant: str, count: int) -> None:
+        self._tokens.labels(self.pipeline, self.label(tenant)).inc(count)
+
+    def depths(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for tenant, value in self._labels.items():
+            out[value] = out.get(value, 0) + self._queue.waiting(tenant)
+        return out
+
+
+class _TenantQueueDepth(Collector):
+    def __init__(self, tenants: TenantMetrics) -> None:
+        self._tenants = tenants
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        metric = m.GATEWAY_TENANT_QUEUE_DEPTH
+        family = GaugeMetricFamily(metric.name, metric.help, labels=metric.label_names)
+        for value, depth in self._tenants.depths().items():
+            family.add_metric([self._tenants.pipeline, value], depth)
+        yield family

@@ -24,6 +24,7 @@ from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
+from promptpipe.runtime.tls import ServerCertificate
 from promptpipe.runtime.tracing import setup_tracing
 from promptpipe.stages import build_stage
 from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
@@ -76,40 +77,62 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     runtime = StageRuntime.create(stage.value, pipeline.spec.stages.get(stage), registry, pipeline.metadata.name)
     keys = _keys(settings)
     if keys is not None:
-        (log.warning if keys.open else log.info)("%s", keys.describe())
+        (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
     built = build_stage(stage, config, runtime, registry, client_interceptors, keys)
     servicer = StageServicer(runtime, built.handler)
 
     server = grpc.aio.server(options=server_options(runtime.spec), interceptors=server_interceptors or None)
-    stage_pb2_grpc.add_StageServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    services = [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name]
-    if built.gateway is not None:
-        gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
-        services.append(gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    certificate = _certificate(settings)
+    address = f"{settings.host}:{settings.port}"
+    if certificate is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, certificate.grpc_credentials())
+    stage_service = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+    internal: grpc.aio.Server | None = None
+    stage_port = port
+    if built.gateway is not None:
+        # The public port serves the Gateway only: the internal Stage service (and no handler behind it)
+        # is on a port of its own, which the gateway's Service does not expose.
+        gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
+        services = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
+        internal = grpc.aio.server(options=server_options(runtime.spec))
+        stage_pb2_grpc.add_StageServicer_to_server(servicer, internal)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
+        stage_port = internal.add_insecure_port(f"{settings.host}:{settings.stage_port}")
+    else:
+        stage_pb2_grpc.add_StageServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        services = [stage_service]
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    servers = [server] if internal is None else [server, internal]
+    health_names = ("", *services, *([stage_service] if internal is not None else []))
 
     metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     metrics_port = metrics_httpd.server_port
     http_port = 0
     if built.http is not None and settings.http_port is not None:
         http_port = await built.http.serve(
-            settings.host, settings.http_port, runtime.spec.drain_grace(), lambda: servicer.serving and built.healthy()
+            settings.host,
+            settings.http_port,
+            runtime.spec.drain_grace(),
+            lambda: servicer.serving and built.healthy(),
+            certificate,
         )
 
     # Not serving until the stage has loaded what it needs (model, index).
-    for name in ("", *services):
+    for name in health_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
+    for each in servers:
+        await each.start()
     await built.start()
     if settings.port_file is not None:
         # Written before SERVING, so whoever sees SERVING can read it; renamed into place whole.
         partial = settings.port_file.with_suffix(".partial")
-        partial.write_text(f"{port} {metrics_port} {http_port}\n")
+        partial.write_text(f"{port} {metrics_port} {http_port} {stage_port}\n")
         partial.replace(settings.port_file)
-    for name in ("", *services):
+    for name in health_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     servicer.serving = True
     log.info(
@@ -119,10 +142,11 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         settings.host,
         port,
         metrics_port,
-        f", OpenAI-compatible HTTP :{http_port}" if http_port else "",
+        (f", OpenAI-compatible HTTP :{http_port}" if http_port else "")
+        + (f", internal Stage service :{stage_port}" if stage_port != port else ""),
     )
 
-    watch = asyncio.create_task(_follow_health(built.healthy, health_servicer, ("", *services)))
+    watch = asyncio.create_task(_follow_health(built.healthy, health_servicer, health_names))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,10 +166,8 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     try:
         # New calls are refused at once; calls in progress may finish within the grace.
-        if built.http is None:
-            await server.stop(grace)
-        else:
-            await asyncio.gather(server.stop(grace), built.http.stop())
+        stopping = [each.stop(grace) for each in servers]
+        await asyncio.gather(*stopping, *([built.http.stop()] if built.http is not None else []))
     finally:
         await built.close()
         metrics_httpd.shutdown()
@@ -159,7 +181,14 @@ def _keys(settings: StageSettings) -> KeyRing | None:
     """The gateway's API keys; only the gateway checks them (a key file that does not parse fails its start)."""
     if settings.stage is not StageName.STREAM:
         return None
-    return KeyRing(settings.api_keys_file, settings.api_keys)
+    return KeyRing(settings.api_keys_file, settings.api_keys, required=settings.require_api_keys)
+
+
+def _certificate(settings: StageSettings) -> ServerCertificate | None:
+    """The gateway's TLS certificate, if it has one; only the gateway's public ports serve TLS."""
+    if settings.stage is not StageName.STREAM or settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return ServerCertificate(settings.tls_cert_file, settings.tls_key_file)
 
 
 async def _follow_health(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from promptpipe.contract.spec import StageName
@@ -27,16 +27,35 @@ class StageSettings(BaseSettings):
     """gRPC port; 0 picks a free one (written to `port_file`)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Prometheus /metrics port; 0 picks a free one."""
+    stage_port: int = Field(default=50052, ge=0, le=65535)
+    """The stream stage's internal port: its Stage service (queue stats), never on the public `port`, which
+    serves the Gateway, health and reflection only. 0 picks a free one. The other stages' Stage service is
+    their API, on `port`."""
     http_port: int | None = Field(default=None, ge=0, le=65535)
     """The stream stage's OpenAI-compatible HTTP port; unset serves none, 0 picks a free one."""
     api_keys_file: Path | None = None
     """The gateway's API keys (see promptpipe.contract.apikeys), read again when the file changes."""
     api_keys: str | None = None
     """The same, inline (a file is the way to rotate keys without a restart)."""
+    require_api_keys: bool = False
+    """With no keys configured, refuse every call rather than serve openly (a cluster's default: the
+    operator sets it unless the pipeline's `auth.open` is true)."""
+    tls_cert_file: Path | None = None
+    """The gateway's certificate chain (PEM): with `tls_key_file`, its public ports (gRPC and HTTP) serve TLS,
+    and the files are read again when they change."""
+    tls_key_file: Path | None = None
+    """The certificate's private key (PEM)."""
     port_file: Path | None = None
-    """If set, the bound ports are written here as `grpc metrics http` once serving (http 0: none)."""
+    """If set, the bound ports are written here as `grpc metrics http stage` once serving (http 0: none;
+    stage: the stream stage's internal port, else the same as grpc)."""
     otel_exporter: str = "none"
     """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`."""
     log_level: str = "INFO"
     check: bool = False
     """Load the config and build the stage (every library it runs imported), print the settings, exit."""
+
+    @model_validator(mode="after")
+    def _tls_whole(self) -> StageSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both, or neither")
+        return self

@@ -17,7 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import StageSpec
-from promptpipe.runtime.admission import AdmissionQueue
+from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import tracer
@@ -82,7 +82,7 @@ class StageRuntime:
         return time.monotonic() + self.spec.timeout_seconds, False
 
     @contextlib.asynccontextmanager
-    async def admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
+    async def admitted(self, context: grpc.aio.ServicerContext, flow: Flow = ONE_FLOW) -> AsyncIterator[Call]:
         """`admit` for a gRPC call: its deadline, and any failure of the body mapped to a status (the one
         place errors become gRPC statuses). Past its deadline, the watchdog sends the status and ends it."""
         deadline, callers = self.deadline_for(context)
@@ -92,13 +92,15 @@ class StageRuntime:
             _in_background(_quietly(abort_with(context, exc, self.stage)))
 
         try:
-            async with self.admit(deadline, callers, overrun) as call:
+            async with self.admit(deadline, callers, overrun, flow) as call:
                 yield call
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, in abort_with
             await abort_with(context, exc, self.stage)
 
     @contextlib.asynccontextmanager
-    async def admit(self, deadline: float, callers: bool, overrun: Callable[[], None]) -> AsyncIterator[Call]:
+    async def admit(
+        self, deadline: float, callers: bool, overrun: Callable[[], None], flow: Flow = ONE_FLOW
+    ) -> AsyncIterator[Call]:
         """Admit a call of any transport and hold its work slot for the body, in a span, with the metrics.
         Errors pass through (the transport turns them into its own statuses). A body that outlives its
         deadline by WATCHDOG_SLACK_SECONDS, wherever it is stuck, gets `overrun()` then is cancelled."""
@@ -106,7 +108,7 @@ class StageRuntime:
         code = "OK"
         watchdog = _Watchdog(deadline + WATCHDOG_SLACK_SECONDS, overrun)
         try:
-            async with self.queue.slot(deadline - time.monotonic()) as waited:
+            async with self.queue.slot(deadline - time.monotonic(), flow) as waited:
                 self.metrics.queue_wait.observe(waited)
                 started = time.perf_counter()
                 with tracer().start_as_current_span(self._span_name):

@@ -12,8 +12,9 @@ from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.calls import StageClient
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, TenantMetrics
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
+from promptpipe.runtime.tls import ServerCertificate
 
 
 async def _nothing() -> None:
@@ -23,7 +24,9 @@ async def _nothing() -> None:
 class HttpApi(Protocol):
     """The gateway's OpenAI-compatible HTTP API, served beside its gRPC one."""
 
-    async def serve(self, host: str, port: int, grace: float, serving: Callable[[], bool]) -> int: ...
+    async def serve(
+        self, host: str, port: int, grace: float, serving: Callable[[], bool], tls: ServerCertificate | None
+    ) -> int: ...
 
     async def stop(self) -> None: ...
 
@@ -59,6 +62,7 @@ def build_stage(
 
     handler: EnrichingHandler | StreamingHandler
     if stage is StageName.STREAM:
+        from promptpipe.runtime.quotas import Quotas
         from promptpipe.stages.stream import GatewayServicer
 
         gateway = GatewayServicer(
@@ -69,6 +73,8 @@ def build_stage(
             client(StageName.POST),
             GatewayMetrics(registry, name),
             keys or KeyRing(),
+            Quotas(spec.auth),
+            TenantMetrics(registry, name, runtime.queue),
         )
         from promptpipe.stages.http_gateway import OpenAIGateway
 

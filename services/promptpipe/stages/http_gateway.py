@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +25,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from promptpipe.contract.spec import ModelSpec
 from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
-from promptpipe.runtime.errors import ClientGone, StageError
+from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError
 from promptpipe.runtime.stage import StageRuntime
+from promptpipe.runtime.tls import RELOAD_EVERY_SECONDS, ServerCertificate
 from promptpipe.stages import openai_api as api
 from promptpipe.stages.stream import GatewayServicer, with_tenant
 from promptpipe.v1 import gateway_pb2
@@ -54,6 +56,7 @@ class OpenAIGateway:
         self._registry = registry
         self._serving: Callable[[], bool] = lambda: False
         self._runner: web.AppRunner | None = None
+        self._reloading: asyncio.Task[None] | None = None
         self._created = int(time.time())
         self._models = frozenset({model.name, pipeline})
         card = {"object": "model", "created": self._created, "owned_by": "promptpipe"}
@@ -62,18 +65,25 @@ class OpenAIGateway:
         if pipeline != model.name:
             self._model_cards.append({"id": pipeline, **card, "promptpipe": extra})
 
-    async def serve(self, host: str, port: int, grace: float, serving: Callable[[], bool]) -> int:
+    async def serve(
+        self, host: str, port: int, grace: float, serving: Callable[[], bool], tls: ServerCertificate | None = None
+    ) -> int:
         """Start serving; the bound port (0 picks one). Handlers are cancelled when their client leaves,
         which ends the call down to the backend, as a gRPC cancellation does. On `stop`, answers in
-        progress get `grace` seconds, as on gRPC."""
+        progress get `grace` seconds, as on gRPC. With `tls`, HTTPS, the certificate followed as it changes."""
         self._serving = serving
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        context = tls.ssl_context() if tls is not None else None
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=context)
         await site.start()
+        if tls is not None and context is not None:
+            self._reloading = asyncio.create_task(_follow_certificate(tls, context))
         return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -99,13 +109,17 @@ class OpenAIGateway:
         headers = {"x-request-id": request_id}
         tenant = self._tenant(request)
         parsed = api.parse(kind, await request.read(), self._models)
+        try:
+            flow = self._gateway.charge(tenant)
+        except QuotaExceeded as exc:
+            raise api.api_error(exc) from None
         with_tenant(parsed.request, tenant)
         shapes = api.Shapes(kind, request_id, parsed.model, int(time.time()), parsed.include_usage)
         response: web.StreamResponse | None = None
         deadline, callers = self._runtime.deadline_within(_timeout(request))
         try:
-            async with self._runtime.admit(deadline, callers, lambda: None) as call:
-                answer = self._gateway.answer(parsed.request, call, received, request_id)
+            async with self._runtime.admit(deadline, callers, lambda: None, flow) as call:
+                answer = self._gateway.answer(parsed.request, call, received, request_id, tenant)
                 async with contextlib.aclosing(answer):
                     if not parsed.stream:
                         return await _whole(answer, shapes, headers)
@@ -149,6 +163,14 @@ class OpenAIGateway:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _follow_certificate(tls: ServerCertificate, context: ssl.SSLContext) -> None:
+    """New connections get the certificate as it is now: loaded into the listening context when it changes."""
+    loaded = tls.version
+    while True:
+        await asyncio.sleep(RELOAD_EVERY_SECONDS)
+        loaded = tls.reload_into(context, loaded)
 
 
 def _timeout(request: web.Request) -> float | None:

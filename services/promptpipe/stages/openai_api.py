@@ -16,7 +16,7 @@ import grpc
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from promptpipe.runtime.errors import InvalidArgument, Shed, StageError, UpstreamError
+from promptpipe.runtime.errors import InvalidArgument, QuotaExceeded, Shed, StageError, UpstreamError
 from promptpipe.v1 import common_pb2, gateway_pb2
 
 Kind = Literal["chat", "completion"]
@@ -277,6 +277,9 @@ _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 
 def api_error(exc: StageError, names: Mapping[str, str] | None = None) -> ApiError:
     """A pipeline error (the ones gRPC clients get as statuses) as the OpenAI API says it."""
+    if isinstance(exc, QuotaExceeded):
+        # OpenAI's own shape for its rate limits: the type names the limit.
+        return ApiError(429, exc.message, exc.limit, None, "rate_limit_exceeded", exc.retry_after)
     status, kind, code = _BY_CODE.get(exc.code, (500, "server_error", None))
     if isinstance(exc, InvalidArgument):
         param = _client_param(exc.field, names or {})

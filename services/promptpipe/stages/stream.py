@@ -10,11 +10,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 
 from promptpipe.contract.spec import GenerationDefaults
+from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
 from promptpipe.runtime.calls import StageClient
 from promptpipe.runtime.coalesce import coalesce
-from promptpipe.runtime.errors import DataLoss, abort_with
-from promptpipe.runtime.metrics import GatewayMetrics
+from promptpipe.runtime.errors import DataLoss, QuotaExceeded, abort_with
+from promptpipe.runtime.metrics import GatewayMetrics, TenantMetrics
+from promptpipe.runtime.quotas import Quotas
 from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import gateway_pb2
@@ -37,8 +39,12 @@ class GatewayServicer:
         post: StageClient,
         metrics: GatewayMetrics,
         keys: KeyRing,
+        quotas: Quotas,
+        tenants: TenantMetrics,
     ) -> None:
         self.keys = keys
+        self._quotas = quotas
+        self._tenants = tenants
         self._runtime = runtime
         self._defaults = defaults
         self._rag = rag
@@ -55,51 +61,71 @@ class GatewayServicer:
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.perf_counter()
         try:
-            # Before admission: a call without a valid key takes no place in the queue.
-            tenant = self.keys.tenant_of(dict(context.invocation_metadata() or ()).get("authorization"))
-        except Unauthenticated as exc:
+            tenant, flow = self.caller(dict(context.invocation_metadata() or ()).get("authorization"))
+        except (Unauthenticated, QuotaExceeded) as exc:
             await abort_with(context, exc, self._runtime.stage)
         with_tenant(request, tenant)
-        async with self._runtime.admitted(context) as call:
-            answer = self.answer(request, call, received, uuid.uuid4().hex)
+        async with self._runtime.admitted(context, flow) as call:
+            answer = self.answer(request, call, received, uuid.uuid4().hex, tenant)
             close_when_done(context, answer)
             async for response in answer:
                 yield response
 
+    def caller(self, authorization: str | None) -> tuple[str, Flow]:
+        """Whose call this is and its place in the admission queue, before admission: a call without a
+        valid key (Unauthenticated) or over its tenant's quota (QuotaExceeded) takes no place in the queue."""
+        tenant = self.keys.tenant_of(authorization)
+        return tenant, self.charge(tenant)
+
+    def charge(self, tenant: str) -> Flow:
+        """One call to `tenant`'s quota (QuotaExceeded if used up), and its flow in the admission queue."""
+        try:
+            flow = self._quotas.admit(tenant)
+        except QuotaExceeded as exc:
+            self._tenants.call(tenant, f"over_{exc.limit}_quota")
+            raise
+        self._tenants.call(tenant, "admitted")
+        return flow
+
     async def answer(
-        self, request: gateway_pb2.GenerateRequest, call: Call, received: float, request_id: str
+        self, request: gateway_pb2.GenerateRequest, call: Call, received: float, request_id: str, tenant: str
     ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         """One admitted call through rag -> assemble -> post, whatever the transport: chunks, then the
         summary. Closing it early (the client left) closes the post stage's stream, which ends the call
-        down to the backend."""
+        down to the backend. Its tokens are charged to `tenant` however it ends."""
         started = time.perf_counter()
-        item = work_item(request, self._defaults, request_id)
-        item = await self._rag.process(item, call.deadline)
-        item = await self._assemble.process(item, call.deadline)
         first: float | None = None
-        tokens = 0
-        async with contextlib.aclosing(coalesce(self._post.run(item, call.deadline))) as events:
-            async for event in events:
-                if event.HasField("chunk"):
-                    if first is None:
-                        first = time.perf_counter()
-                        self._metrics.ttft.observe(first - received)
-                    tokens += event.chunk.token_count
-                    self._metrics.tokens.inc(event.chunk.token_count)
-                    yield gateway_pb2.GenerateResponse(chunk=event.chunk)
-                elif event.HasField("final"):
-                    end = time.perf_counter()
-                    if first is not None and tokens > 1:
-                        self._metrics.tpot.observe((end - first) / (tokens - 1))
-                    stream_timing = self._runtime.timing(call, started)
-                    summary = gateway_pb2.GenerateSummary(
-                        finish_reason=event.final.finish_reason,
-                        usage=event.final.usage,
-                        timings=own_timings([*item.timings, *event.final.timings], stream_timing),
-                        time_to_first_token_seconds=(first or end) - received,
-                        total_seconds=end - received,
-                        request_id=request_id,
-                    )
-                    yield gateway_pb2.GenerateResponse(summary=summary)
-                    return
-        raise DataLoss("the post stage ended its stream without a final event")
+        tokens = prompt_tokens = 0
+        try:
+            item = work_item(request, self._defaults, request_id)
+            item = await self._rag.process(item, call.deadline)
+            item = await self._assemble.process(item, call.deadline)
+            async with contextlib.aclosing(coalesce(self._post.run(item, call.deadline))) as events:
+                async for event in events:
+                    if event.HasField("chunk"):
+                        if first is None:
+                            first = time.perf_counter()
+                            self._metrics.ttft.observe(first - received)
+                        tokens += event.chunk.token_count
+                        self._metrics.tokens.inc(event.chunk.token_count)
+                        yield gateway_pb2.GenerateResponse(chunk=event.chunk)
+                    elif event.HasField("final"):
+                        end = time.perf_counter()
+                        if first is not None and tokens > 1:
+                            self._metrics.tpot.observe((end - first) / (tokens - 1))
+                        prompt_tokens = event.final.usage.prompt_tokens
+                        stream_timing = self._runtime.timing(call, started)
+                        summary = gateway_pb2.GenerateSummary(
+                            finish_reason=event.final.finish_reason,
+                            usage=event.final.usage,
+                            timings=own_timings([*item.timings, *event.final.timings], stream_timing),
+                            time_to_first_token_seconds=(first or end) - received,
+                            total_seconds=end - received,
+                            request_id=request_id,
+                        )
+                        yield gateway_pb2.GenerateResponse(summary=summary)
+                        return
+            raise DataLoss("the post stage ended its stream without a final event")
+        finally:
+            self._quotas.used(tenant, prompt_tokens + tokens)
+            self._tenants.tokens(tenant, prompt_tokens + tokens)

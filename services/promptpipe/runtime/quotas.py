@@ -1,0 +1,89 @@
+"""Per-tenant quotas, as token buckets, and each tenant's flow in the gateway's fair admission queue.
+
+Requests per minute: a call takes one token from its tenant's bucket, or is refused until one refills.
+Tokens per minute: a call's size is not known before it runs, so a call is admitted while its tenant's
+bucket is not empty and pays for its prompt and generated tokens when it ends; a bucket driven below zero
+refuses the tenant's calls until it refills above it. Each bucket holds at most a minute's worth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from promptpipe.contract.spec import AuthSpec, PriorityClass, QuotaSpec
+from promptpipe.runtime.admission import Flow
+from promptpipe.runtime.errors import QuotaExceeded
+
+PRIORITIES = {PriorityClass.HIGH: 1, PriorityClass.NORMAL: 0, PriorityClass.LOW: -1}
+
+
+class TokenBucket:
+    __slots__ = ("level", "per_minute", "rate", "stamp")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.level = float(per_minute)
+        self.stamp = now
+
+    def refill(self, now: float) -> float:
+        self.level = min(float(self.per_minute), self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.level
+
+
+class _Tenant:
+    __slots__ = ("flow", "requests", "tokens")
+
+    def __init__(self, name: str, quota: QuotaSpec, now: float) -> None:
+        self.flow = Flow(name, quota.weight, PRIORITIES[quota.priority])
+        rpm, tpm = quota.requests_per_minute, quota.tokens_per_minute
+        self.requests = TokenBucket(rpm, now) if rpm is not None else None
+        self.tokens = TokenBucket(tpm, now) if tpm is not None else None
+
+
+class Quotas:
+    def __init__(self, auth: AuthSpec, clock: Callable[[], float] = time.monotonic) -> None:
+        self._auth = auth
+        self._clock = clock
+        self._tenants: dict[str, _Tenant] = {}  # bounded by the tenants the key file names
+
+    def admit(self, tenant: str) -> Flow:
+        """Charge one call to `tenant`'s quota, and its flow in the admission queue; QuotaExceeded if used up."""
+        t = self._tenant(tenant)
+        if t.tokens is None and t.requests is None:
+            return t.flow
+        now = self._clock()
+        if t.tokens is not None and t.tokens.refill(now) <= 0:
+            wait = max(-t.tokens.level, 1.0) / t.tokens.rate
+            raise QuotaExceeded(
+                tenant,
+                "tokens",
+                f"tenant {tenant}: tokens per minute used up ({t.tokens.per_minute}); retry in {wait:.1f}s",
+                wait,
+            )
+        if t.requests is not None:
+            if t.requests.refill(now) < 1:
+                wait = (1 - t.requests.level) / t.requests.rate
+                raise QuotaExceeded(
+                    tenant,
+                    "requests",
+                    f"tenant {tenant}: requests per minute used up ({t.requests.per_minute}); retry in {wait:.1f}s",
+                    wait,
+                )
+            t.requests.level -= 1
+        return t.flow
+
+    def used(self, tenant: str, tokens: int) -> None:
+        """A call of `tenant` ended having used `tokens` (prompt plus generated)."""
+        t = self._tenant(tenant)
+        if t.tokens is not None and tokens:
+            t.tokens.refill(self._clock())
+            t.tokens.level -= tokens
+
+    def _tenant(self, name: str) -> _Tenant:
+        t = self._tenants.get(name)
+        if t is None:
+            t = self._tenants[name] = _Tenant(name, self._auth.quota_of(name), self._clock())
+        return t

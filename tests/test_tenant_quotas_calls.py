@@ -1,0 +1,140 @@
+"""Per-tenant quotas on a running gateway, with the real clients: 429 on HTTP (the openai SDK's
+RateLimitError, honouring Retry-After), RESOURCE_EXHAUSTED with a QuotaFailure on gRPC; other tenants
+unaffected; the refusals counted per tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from promptpipe.client import GenerationError, PipelineClient
+from promptpipe.contract.apikeys import hash_key, new_key
+from promptpipe.contract.spec import StageName
+from tests.support.pipelines import RunningPipeline, synthetic_pipeline
+
+pytestmark = pytest.mark.processes
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    keys = {tenant: new_key() for tenant in ("small", "thrifty", "big")}
+    path = tmp_path / "keys.yaml"
+    path.write_text("".join(f"{tenant}: {hash_key(key)}\n" for tenant, key in keys.items()))
+    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
+    monkeypatch.delenv("PROMPTPIPE_API_KEYS", raising=False)
+    return keys
+
+
+def quota_pipeline() -> dict[str, object]:
+    return synthetic_pipeline(
+        auth={
+            "defaultQuota": {"requestsPerMinute": 2},
+            "tenants": [
+                {"name": "thrifty", "tokensPerMinute": 30},
+                {"name": "big", "requestsPerMinute": 1000},
+            ],
+        }
+    )
+
+
+async def grpc_call(p: RunningPipeline, key: str) -> str:
+    async with PipelineClient(p.gateway, key) as client:
+        return "".join([r.chunk.text async for r in client.generate("hello there", timeout=10)])
+
+
+def test_a_tenant_over_its_requests_per_minute_gets_429_from_the_openai_sdk_and_others_go_on(
+    start_pipeline, tenants: dict[str, str]
+) -> None:
+    p = start_pipeline(quota_pipeline())
+    small = openai.OpenAI(base_url=p.openai_base_url, api_key=tenants["small"], max_retries=0)
+    for _ in range(2):
+        assert small.chat.completions.create(model="synthetic", messages=HELLO).choices[0].message.content  # type: ignore[arg-type]
+    with pytest.raises(openai.RateLimitError) as err:
+        small.chat.completions.create(model="synthetic", messages=HELLO)  # type: ignore[arg-type]
+    assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
+    assert err.value.type == "requests" and "requests per minute used up (2)" in err.value.message
+    # One token refills in 30 s: the header says so, in whole seconds and in milliseconds.
+    assert 28 <= int(err.value.response.headers["Retry-After"]) <= 30
+    assert 28_000 <= int(err.value.response.headers["retry-after-ms"]) <= 30_000
+    big = openai.OpenAI(base_url=p.openai_base_url, api_key=tenants["big"], max_retries=0)
+    for _ in range(5):
+        assert big.chat.completions.create(model="synthetic", messages=HELLO).choices[0].message.content  # type: ignore[arg-type]
+    # The refusal took no place in the queue: only the admitted calls waited for a slot.
+    assert p.metric(StageName.STREAM, "promptpipe_stage_queue_wait_seconds_count") == 7
+    calls = "promptpipe_gateway_tenant_calls_total"
+    assert p.metric(StageName.STREAM, calls, tenant="small", outcome="admitted") == 2
+    assert p.metric(StageName.STREAM, calls, tenant="small", outcome="over_requests_quota") == 1
+    assert p.metric(StageName.STREAM, calls, tenant="big", outcome="admitted") == 5
+
+
+def test_on_grpc_the_same_refusal_is_resource_exhausted_naming_the_quota_with_its_retry_hint(
+    start_pipeline, tenants: dict[str, str]
+) -> None:
+    p = start_pipeline(quota_pipeline())
+    for _ in range(2):
+        assert asyncio.run(grpc_call(p, tenants["small"]))
+    with pytest.raises(GenerationError) as err:
+        asyncio.run(grpc_call(p, tenants["small"]))
+    assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.quota == "tenant:small requests per minute"
+    assert err.value.retry_after is not None and 28 <= err.value.retry_after <= 30
+
+
+def test_tokens_per_minute_are_charged_what_a_call_used_and_refuse_the_next_call(
+    start_pipeline, tenants: dict[str, str]
+) -> None:
+    p = start_pipeline(quota_pipeline())
+    thrifty = openai.OpenAI(base_url=p.openai_base_url, api_key=tenants["thrifty"], max_retries=0)
+    first = thrifty.chat.completions.create(model="synthetic", messages=HELLO)  # type: ignore[arg-type]
+    assert first.usage is not None and first.usage.total_tokens > 30  # the call may overdraw the bucket once
+    with pytest.raises(openai.RateLimitError) as err:
+        thrifty.chat.completions.create(model="synthetic", messages=HELLO)  # type: ignore[arg-type]
+    assert err.value.type == "tokens"
+    charged = p.metric(StageName.STREAM, "promptpipe_gateway_tenant_tokens_total", tenant="thrifty")
+    assert charged == first.usage.total_tokens
+
+
+def test_the_openai_sdk_retries_a_429_after_the_retry_after_it_was_given(
+    start_pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_key()
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"fast: {hash_key(key)}\n")
+    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
+    # 120 a minute: after the first two, one more every half second.
+    p = start_pipeline(synthetic_pipeline(auth={"defaultQuota": {"requestsPerMinute": 120}}))
+    attempts: list[tuple[int, str | None]] = []
+
+    def count(response: Any) -> None:
+        attempts.append((response.status_code, response.headers.get("retry-after-ms")))
+
+    client = openai.OpenAI(
+        base_url=p.openai_base_url,
+        api_key=key,
+        max_retries=3,
+        http_client=openai.DefaultHttpxClient(event_hooks={"response": [count]}),
+    )
+    once = client.with_options(max_retries=0)
+    for _ in range(1000):  # drain the bucket
+        try:
+            once.chat.completions.create(model="synthetic", messages=HELLO)  # type: ignore[arg-type]
+        except openai.RateLimitError:
+            break
+    else:
+        pytest.fail("the bucket never ran dry")
+    attempts.clear()
+    started = time.monotonic()
+    assert client.chat.completions.create(model="synthetic", messages=HELLO).choices[0].message.content  # type: ignore[arg-type]
+    waited = time.monotonic() - started
+    assert [code for code, _ in attempts] in ([429, 200], [429, 429, 200]), attempts
+    told = int(attempts[0][1] or 0) / 1000
+    assert 0 < told <= 0.5
+    assert waited >= told * 0.9, (waited, told)  # it waited as told, not its own (shorter) backoff
