@@ -70,7 +70,10 @@ demo: $(STAMP)
 # the Python install, and fails a test that starts a process without saying so in its markers.
 PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or moto or venv or node)
 
+# The node's images are built (or found cached) before the tests: on a new machine that takes longer
+# than a test may (the base image, llama.cpp in two images).
 test: setup lint
+	PROMPTPIPE_CACHE=$(CACHE) $(DEV) node images
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -ra --durations=12
 
 test-fast: $(STAMP)

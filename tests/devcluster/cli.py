@@ -16,6 +16,7 @@ from promptpipe.localproc import alive, exits, state_home
 from tests.devcluster.build import Tools, ensure_tools
 from tests.devcluster.cluster import ControlPlane, ControlPlaneError
 from tests.devcluster.debian import ensure_packages
+from tests.devcluster.images import Builder
 from tests.devcluster.keda import install_keda_crds
 from tests.devcluster.node import NODE_NAME, Node, leftover_records, reap_leftovers
 
@@ -109,6 +110,16 @@ def node_up() -> None:
     signal.sigwait([signal.SIGINT, signal.SIGTERM])
     started.stop()
     typer.echo("node stopped; the machine is as it was")
+
+
+@node_app.command("images")
+def node_images() -> None:
+    """Build (or find cached) every image the node runs, from this checkout: `make test` does it before the
+    tests, so the first node test on a new machine does not spend its timeout building them."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ensure_packages()
+    images = Builder(ensure_tools()).all()
+    typer.echo("node images ready: " + ", ".join(i.name for i in images.values()))
 
 
 @node_app.command("down")
