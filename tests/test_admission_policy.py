@@ -72,9 +72,14 @@ def test_a_pipeline_may_name_only_a_secret_its_author_can_read(
 
     # The policy takes effect once the API server has loaded it: retry the allowed case until it answers
     # as the policy says for the refused one.
+    attempts = iter(range(1000))
+
     def refused() -> subprocess.CompletedProcess[str] | None:
-        result = apply_as_alice(with_key_secret("exfiltrate", "database-password"))
-        return result if result.returncode != 0 else None
+        # A new pipeline each time: one created before the policy was loaded would not be judged again.
+        result = apply_as_alice(with_key_secret(f"exfiltrate-{next(attempts)}", "database-password"))
+        # Only the policy's own refusal counts: an apply failing for another reason (the API server still
+        # loading the CRD or the policy) is tried again.
+        return result if result.returncode != 0 and "may not read Secret" in result.stderr else None
 
     denied = wait_until(refused, "the policy to refuse a Secret alice may not read", timeout=30)
     assert "spec.model.openai.apiKeySecret.name: alice@example.com may not read Secret database-password" in (
