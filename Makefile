@@ -13,9 +13,14 @@ BIN         := $(VENV)/bin
 CACHE       ?= $(HOME)/.cache/promptpipe
 WHEELS      := $(CACHE)/wheels
 LLAMA_VER   := 0.3.36
-LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_VER).built
-# Only the library is needed: no llama.cpp examples, tools or server binaries.
-LLAMA_CMAKE := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# Only the library is needed: no llama.cpp examples, tools or server binaries. Not tuned to the build
+# machine's CPU (GGML_NATIVE): its AMX kernels fault where the kernel does not grant AMX to processes
+# (general protection fault in ggml_backend_amx_mul_mat), and the wheel also goes into images that
+# run elsewhere. AVX2 + FMA + F16C (x86-64-v3) is what any recent x86 server has.
+LLAMA_CMAKE := -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+  -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# Keyed by the build flags too: changing them builds the wheel again.
+LLAMA_WHEEL := $(WHEELS)/.llama-cpp-python-$(LLAMA_VER)-$(shell echo '$(LLAMA_CMAKE)' | sha256sum | cut -c1-12).built
 STAMP       := $(VENV)/.installed
 # Every pinned dependency as a wheel, for installs without an index: the per-image venv test and image builds.
 WHEELHOUSE  := $(WHEELS)/.complete-$(shell cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
@@ -36,11 +41,13 @@ $(BIN)/python:
 $(LLAMA_WHEEL): | $(BIN)/python
 	mkdir -p $(WHEELS)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
-	  $(BIN)/pip wheel --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	  $(BIN)/pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VER)
 	touch $@
 
 $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
 	$(BIN)/pip install --quiet --find-links $(WHEELS) --constraint constraints.txt --editable '.[dev]'
+	# A venv made before the wheel was built again keeps the old build unless told.
+	$(BIN)/pip install --quiet --no-index --no-deps --force-reinstall --find-links $(WHEELS) llama-cpp-python==$(LLAMA_VER)
 	touch $@
 
 # pip's own cache makes this mostly copying; the build backend comes along, so a wheel of ours builds offline too.
