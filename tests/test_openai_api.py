@@ -186,7 +186,16 @@ def test_a_chat_stream_is_openais_chunk_sequence_with_usage_last_when_asked() ->
     ]
     assert piece["usage"] is None and last["usage"] is None
     assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["delta"] == {}
-    assert last["promptpipe"]["timings"] == [{"stage": "rag", "queue_wait_seconds": 0.001, "work_seconds": 0.002}]
+    assert last["promptpipe"]["timings"] == [
+        {
+            "stage": "rag",
+            "queue_wait_seconds": 0.001,
+            "work_seconds": 0.002,
+            "first_output_seconds": 0.0,
+            "hop_seconds": 0.0,
+            "hop_first_seconds": 0.0,
+        }
+    ]
     assert usage["choices"] == [] and usage["usage"] == {
         "prompt_tokens": 10,
         "completion_tokens": 3,

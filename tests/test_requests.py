@@ -164,18 +164,33 @@ def test_question_that_cannot_fit_is_the_callers_error() -> None:
         assemble(TemplateSpec(), ChatTemplate(CHATML), count_words, 5, item_with(0, 0, "word " * 50))
 
 
-def test_own_timings_subtract_the_stages_each_one_called() -> None:
+def test_own_timings_subtract_the_stages_each_one_called_and_add_up_to_the_gateways_figures() -> None:
     t = common_pb2.StageTiming
+    # A call of 1.5 s with its first token at 0.4 s, as the gateway timed it.
     nested = [
-        t(stage="rag", work_seconds=0.01),
-        t(stage="assemble", work_seconds=0.02),
-        t(stage="inference", queue_wait_seconds=0.1, work_seconds=1.0),
-        t(stage="post", work_seconds=1.2),
+        t(stage="rag", work_seconds=0.01, first_output_seconds=0.01, hop_seconds=0.001, hop_first_seconds=0.001),
+        t(stage="assemble", work_seconds=0.02, first_output_seconds=0.02, hop_seconds=0.002, hop_first_seconds=0.002),
+        t(
+            stage="inference",
+            queue_wait_seconds=0.1,
+            work_seconds=1.0,
+            first_output_seconds=0.2,
+            hop_seconds=0.003,
+            hop_first_seconds=0.001,
+        ),
+        t(stage="post", work_seconds=1.2, first_output_seconds=0.31, hop_seconds=0.004, hop_first_seconds=0.002),
     ]
-    out = {x.stage: x for x in own_timings(nested, t(stage="stream", work_seconds=1.5))}
+    stream = t(stage="stream", queue_wait_seconds=0.005, work_seconds=1.495, first_output_seconds=0.395)
+    out = {x.stage: x for x in own_timings(nested, stream)}
     assert list(out) == ["rag", "assemble", "inference", "post", "stream"]
-    assert out["post"].work_seconds == pytest.approx(0.1)
-    assert out["stream"].work_seconds == pytest.approx(1.5 - 0.01 - 0.02 - 1.2)
+    assert out["post"].work_seconds == pytest.approx(1.2 - (0.1 + 1.0 + 0.003))
+    assert out["post"].first_output_seconds == pytest.approx(0.31 - (0.1 + 0.2 + 0.001))
+    assert out["stream"].work_seconds == pytest.approx(1.495 - 0.011 - 0.022 - 1.204)
+    assert out["stream"].first_output_seconds == pytest.approx(0.395 - 0.011 - 0.022 - 0.312)
+    total = sum(x.queue_wait_seconds + x.work_seconds + x.hop_seconds for x in out.values())
+    first = sum(x.queue_wait_seconds + x.first_output_seconds + x.hop_first_seconds for x in out.values())
+    assert total == pytest.approx(1.5)
+    assert first == pytest.approx(0.4)
 
 
 async def test_a_long_chat_is_assembled_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:

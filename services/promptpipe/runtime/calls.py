@@ -21,7 +21,7 @@ from promptpipe.rpc import STAGE_CHANNEL_OPTIONS, retry_after_of
 from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
 from promptpipe.runtime.metrics import OpenCallSeconds
 from promptpipe.runtime.resilience import Attempt, Retries
-from promptpipe.v1 import stage_pb2, stage_pb2_grpc
+from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,15 @@ class StageClient:
 
     async def process(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem:
         """rag and assemble: one call, the enriched work item back."""
+        started = time.perf_counter()
         with self._open_calls.open():  # retries and waiting included
             async for attempt in Retries(self._retry, deadline, self.name):
                 try:
                     result: stage_pb2.WorkItem = await self._stub.Process(
                         item, timeout=self._remaining(deadline), wait_for_ready=True
                     )
+                    if result.timings:  # the callee's own, appended last
+                        add_hop(result.timings[-1], time.perf_counter() - started, None)
                     return result
                 except grpc.aio.AioRpcError as err:
                     self._raise_unless_retryable(err, attempt, streamed=False)
@@ -70,6 +73,8 @@ class StageClient:
 
     async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
         """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
+        started = time.perf_counter()
+        first: float | None = None
         with self._open_calls.open():  # retries and waiting included
             async for attempt in Retries(self._retry, deadline, self.name):
                 call = self._stub.Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
@@ -77,6 +82,12 @@ class StageClient:
                 try:
                     async for event in call:
                         streamed = True
+                        if event.HasField("final"):
+                            if event.final.timings:  # the callee's own, appended last
+                                now = time.perf_counter()
+                                add_hop(event.final.timings[-1], now - started, (first or now) - started)
+                        elif first is None:
+                            first = time.perf_counter()
                         yield event
                     return
                 except grpc.aio.AioRpcError as err:
@@ -100,6 +111,17 @@ class StageClient:
             # The transport's words name addresses and sockets: they go to the log, not to the client.
             log.warning("call to %s (%s) failed: %s: %s", self.name, self.target, code.name, err.details())
             raise UpstreamError(code, _transport_failure(self.name, code, streamed)) from None
+
+
+def add_hop(timing: common_pb2.StageTiming, call_seconds: float, first_seconds: float | None) -> None:
+    """Set the hop of a stage's timing from its call as the caller timed it: in all (`call_seconds`)
+    and to its first token (`first_seconds`; None for a call that sends none, all of it comes first)."""
+    timing.hop_seconds = max(0.0, call_seconds - timing.queue_wait_seconds - timing.work_seconds)
+    if first_seconds is None:
+        timing.hop_first_seconds = timing.hop_seconds
+    else:
+        before = timing.queue_wait_seconds + timing.first_output_seconds
+        timing.hop_first_seconds = min(timing.hop_seconds, max(0.0, first_seconds - before))
 
 
 def _transport_failure(name: str, code: grpc.StatusCode, streamed: bool) -> str:

@@ -129,9 +129,13 @@ class StageRuntime:
             if callers and code == DeadlineExceeded.code.name:
                 self.metrics.caller_deadlines.inc()
 
-    def timing(self, call: Call, work_started: float) -> common_pb2.StageTiming:
+    def timing(self, call: Call, work_started: float, first_output: float | None = None) -> common_pb2.StageTiming:
+        """This stage's whole call: `first_output` is when its first token went on (None: none did, or it
+        sends none, like rag and assemble, whose work all comes before the first token)."""
+        work = time.perf_counter() - work_started
+        first = work if first_output is None else first_output - work_started
         return common_pb2.StageTiming(
-            stage=self.stage, queue_wait_seconds=call.queue_wait, work_seconds=time.perf_counter() - work_started
+            stage=self.stage, queue_wait_seconds=call.queue_wait, work_seconds=work, first_output_seconds=first
         )
 
     def stats(self, serving: bool) -> stage_pb2.StageStats:
@@ -246,11 +250,14 @@ class StageServicer:
             raise AssertionError("abort raises")
         async with self.runtime.admitted(context) as call:
             work_started = time.perf_counter()
+            first_output: float | None = None
             events = handler.run(request, call)
             close_when_done(context, events)
             async for event in events:
                 if event.HasField("final"):  # every stage records its own time on the final event
-                    event.final.timings.append(self.runtime.timing(call, work_started))
+                    event.final.timings.append(self.runtime.timing(call, work_started, first_output))
+                elif first_output is None:
+                    first_output = time.perf_counter()
                 yield event
 
     async def Stats(self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageStats:

@@ -387,6 +387,9 @@ def extension(summary: gateway_pb2.GenerateSummary) -> dict[str, Any]:
                 "stage": t.stage,
                 "queue_wait_seconds": round(t.queue_wait_seconds, 6),
                 "work_seconds": round(t.work_seconds, 6),
+                "first_output_seconds": round(t.first_output_seconds, 6),
+                "hop_seconds": round(t.hop_seconds, 6),
+                "hop_first_seconds": round(t.hop_first_seconds, 6),
             }
             for t in summary.timings
         ],

@@ -91,27 +91,36 @@ def work_item(
 
 
 def own_timings(nested: list[common_pb2.StageTiming], stream: common_pb2.StageTiming) -> list[common_pb2.StageTiming]:
-    """Per-stage time excluding the stages each one called, in pipeline order.
+    """Each stage's own share of a call, in pipeline order: its time less the calls it made (their queue
+    wait, work and hop), before the first token and in all. The shares add up to the gateway's figures:
+    queue + work + hop over all stages is its total, queue + first output + hop first its time to first token.
 
     The gateway calls rag, assemble and post; post calls inference.
     """
     by_stage = {t.stage: t for t in nested}
-    total = {name: t.queue_wait_seconds + t.work_seconds for name, t in by_stage.items()}
-    out: list[common_pb2.StageTiming] = []
-    for name in ("rag", "assemble", "inference", "post"):
+
+    def call(name: str) -> tuple[float, float]:
+        """The call to `name` as its caller saw it: in all, and to its first token."""
         t = by_stage.get(name)
         if t is None:
-            continue
-        work = t.work_seconds - (total.get("inference", 0.0) if name == "post" else 0.0)
-        out.append(
-            common_pb2.StageTiming(stage=name, queue_wait_seconds=t.queue_wait_seconds, work_seconds=max(0.0, work))
+            return 0.0, 0.0
+        whole = t.queue_wait_seconds + t.work_seconds + t.hop_seconds
+        return whole, t.queue_wait_seconds + t.first_output_seconds + t.hop_first_seconds
+
+    def share(t: common_pb2.StageTiming, called: tuple[float, float]) -> common_pb2.StageTiming:
+        return common_pb2.StageTiming(
+            stage=t.stage,
+            queue_wait_seconds=t.queue_wait_seconds,
+            work_seconds=max(0.0, t.work_seconds - called[0]),
+            first_output_seconds=max(0.0, t.first_output_seconds - called[1]),
+            hop_seconds=t.hop_seconds,
+            hop_first_seconds=t.hop_first_seconds,
         )
-    called = sum(total.get(n, 0.0) for n in ("rag", "assemble", "post"))
-    out.append(
-        common_pb2.StageTiming(
-            stage="stream",
-            queue_wait_seconds=stream.queue_wait_seconds,
-            work_seconds=max(0.0, stream.work_seconds - called),
-        )
-    )
+
+    out = [share(by_stage[name], (0.0, 0.0)) for name in ("rag", "assemble", "inference") if name in by_stage]
+    if "post" in by_stage:
+        out.append(share(by_stage["post"], call("inference")))
+    before = call("rag")[0] + call("assemble")[0]  # both come before the first token
+    post_whole, post_first = call("post")
+    out.append(share(stream, (before + post_whole, before + post_first)))
     return out

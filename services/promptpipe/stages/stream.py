@@ -19,7 +19,7 @@ from promptpipe.runtime.metrics import GatewayMetrics, TenantMetrics
 from promptpipe.runtime.quotas import Quotas
 from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
-from promptpipe.v1 import gateway_pb2
+from promptpipe.v1 import common_pb2, gateway_pb2
 
 
 def with_tenant(request: gateway_pb2.GenerateRequest, tenant: str) -> None:
@@ -93,7 +93,6 @@ class GatewayServicer:
         """One admitted call through rag -> assemble -> post, whatever the transport: chunks, then the
         summary. Closing it early (the client left) closes the post stage's stream, which ends the call
         down to the backend. Its tokens are charged to `tenant` however it ends."""
-        started = time.perf_counter()
         first: float | None = None
         tokens = prompt_tokens = 0
         try:
@@ -114,7 +113,14 @@ class GatewayServicer:
                         if first is not None and tokens > 1:
                             self._metrics.tpot.observe((end - first) / (tokens - 1))
                         prompt_tokens = event.final.usage.prompt_tokens
-                        stream_timing = self._runtime.timing(call, started)
+                        # From the request's arrival (its key and quota checks included), as the TTFT is.
+                        served = end - received - call.queue_wait
+                        stream_timing = common_pb2.StageTiming(
+                            stage=self._runtime.stage,
+                            queue_wait_seconds=call.queue_wait,
+                            work_seconds=served,
+                            first_output_seconds=(first or end) - received - call.queue_wait,
+                        )
                         summary = gateway_pb2.GenerateSummary(
                             finish_reason=event.final.finish_reason,
                             usage=event.final.usage,
