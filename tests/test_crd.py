@@ -120,6 +120,10 @@ MALFORMED = [
         {"open": True, "apiKeysSecret": {"name": "k", "key": "keys.yaml"}},
         "spec.auth.open",
     ),
+    # The SLO `promptpipe analyze` checks and the alerts watch: latencies in ms, an error share below 1.
+    (["spec", "slo"], {"ttftP95Milliseconds": 0}, "spec.slo.ttftP95Milliseconds"),
+    (["spec", "slo"], {"errorRate": 1.5}, "spec.slo.errorRate"),
+    (["spec", "slo"], {"tpotP95": 40}, "spec.slo.tpotP95"),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],

@@ -47,6 +47,8 @@ def test_every_example_pipeline_is_valid() -> None:
         (["spec", "rag", "topK"], "three", "spec.rag.topK"),
         (["metadata", "name"], "Not_A_DNS_Name", "metadata.name"),
         (["apiVersion"], "promptpipe.io/v2", "apiVersion"),
+        (["spec", "slo"], {"ttftP95Milliseconds": 0}, "spec.slo.ttftP95Milliseconds"),
+        (["spec", "slo"], {"errorRate": 1}, "spec.slo.errorRate"),
         # The API server's rules, the same in the model: `promptpipe validate` and `up` judge alike.
         (["spec", "stages", "rag", "retries"], {"initialBackoffSeconds": 5}, "spec.stages.rag.retries"),
         (["spec", "generation", "maxNewTokens"], 5000, "spec.generation"),

@@ -19,6 +19,7 @@ from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out
 from promptpipe.cli.keys import keys_app
 from promptpipe.cli.models import model_app, registry_app
+from promptpipe.cli.perf import analyze_command, bench
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
@@ -36,6 +37,8 @@ app = typer.Typer(
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
 app.add_typer(registry_app, name="registry")
+app.command()(bench)
+app.command("analyze")(analyze_command)
 
 NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Which running pipeline (default: the only one).")]
 

@@ -694,6 +694,17 @@ class TlsSpec(_Model):
 CONTEXT_MESSAGE = "must be less than model.llamacpp.contextSize: the context holds the prompt and the answer"
 
 
+class SloSpec(_Model):
+    """The pipeline's service level objective, which `promptpipe analyze` checks a run against."""
+
+    # 95% of calls see their first token within this (the gateway's time to first token).
+    ttft_p95_milliseconds: Annotated[int, Field(ge=1, le=600_000)] | None = None
+    # 95% of calls stream each further token within this on average (time per output token).
+    tpot_p95_milliseconds: Annotated[int, Field(ge=1, le=60_000)] | None = None
+    # At most this share of calls end with an error status (shed calls included), 0 < x < 1.
+    error_rate: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+
 class PipelineSpec(_Model):
     # The API server's copy of `_context_holds_an_answer` below (defaults spelled out: CEL sees unset fields).
     model_config = ConfigDict(
@@ -722,6 +733,7 @@ class PipelineSpec(_Model):
     auth: AuthSpec = AuthSpec()
     # Operator only (locally: PROMPTPIPE_TLS_CERT_FILE and PROMPTPIPE_TLS_KEY_FILE).
     tls: TlsSpec | None = None
+    slo: SloSpec | None = None
 
     @model_validator(mode="after")
     def _context_holds_an_answer(self) -> PipelineSpec:

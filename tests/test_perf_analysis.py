@@ -1,0 +1,254 @@
+"""`promptpipe bench` and `analyze`, their pure parts: load shapes, prompts, the result file, each call's
+split, the split at each percentile, the knob, the SLO, the knee and the report's series."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from promptpipe.contract.spec import PipelineSpec
+from promptpipe.perf import records
+from promptpipe.perf.advice import knob
+from promptpipe.perf.analysis import analyze
+from promptpipe.perf.breakdown import NETWORK, PARTS, Slo, at_percentiles, knee, percentile, split, summarize
+from promptpipe.perf.load import parse_levels, poisson_arrivals
+from promptpipe.perf.prompts import Conversation, Prompt, from_jsonl, synthetic
+from promptpipe.perf.records import BenchResult, CallRecord, Level, StageShare
+
+
+def stage(name: str, queue: float = 0.0, work: float = 0.0, first: float | None = None, hop: float = 0.0) -> StageShare:
+    return StageShare(name, queue, work, work if first is None else first, hop, hop)
+
+
+def call(
+    level: int = 0,
+    *,
+    inference_queue: float = 0.0,
+    inference_work: float = 0.1,
+    inference_first: float = 0.02,
+    client_gap: float = 0.002,
+    tokens: int = 11,
+    status: str = "OK",
+) -> CallRecord:
+    """A call whose shares add up to the gateway's figures, as own_timings makes them."""
+    stages = (
+        stage("rag", work=0.001, hop=0.001),
+        stage("assemble", work=0.002, hop=0.001),
+        stage("inference", queue=inference_queue, work=inference_work, first=inference_first, hop=0.003),
+        stage("post", work=0.004, first=0.001, hop=0.001),
+        stage("stream", queue=0.0005, work=0.006, first=0.002),
+    )
+    server_total = sum(s.queue + s.work + s.hop for s in stages)
+    server_ttft = sum(s.queue + s.first + s.hop_first for s in stages)
+    return CallRecord(
+        level=level,
+        start=0.0,
+        status=status,
+        ttft=server_ttft + client_gap / 2 if status == "OK" else None,
+        e2e=server_total + client_gap if status == "OK" else 0.01,
+        output_tokens=tokens if status == "OK" else 0,
+        prompt_tokens=20,
+        server_ttft=server_ttft if status == "OK" else None,
+        server_total=server_total if status == "OK" else None,
+        stages=stages if status == "OK" else (),
+        itl=(0.008,) * (tokens - 1) if status == "OK" else (),
+    )
+
+
+def test_levels_are_one_kind_of_positive_numbers() -> None:
+    assert parse_levels("1,4,16", None) == [Level("concurrency", 1), Level("concurrency", 4), Level("concurrency", 16)]
+    assert parse_levels(None, "2.5") == [Level("rate", 2.5)]
+    for concurrency, rate, problem in (
+        (None, None, "one of"),
+        ("1", "2", "one of"),
+        ("1.5", None, "positive integer"),
+        ("0", None, "positive integer"),
+        (None, "x", "not a number"),
+        (None, "-1", "positive number"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            parse_levels(concurrency, rate)
+
+
+def test_poisson_arrivals_keep_the_rate_the_window_and_the_count() -> None:
+    times = poisson_arrivals(50.0, 20.0, 10_000, random.Random(1))
+    assert times == sorted(times) and times[0] > 0 and times[-1] < 20.0
+    assert len(times) == pytest.approx(1000, rel=0.1)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Exponential gaps: mean and standard deviation both 1/rate (a fixed pace would have none).
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert mean == pytest.approx(0.02, rel=0.1) and sd == pytest.approx(0.02, rel=0.15)
+    assert len(poisson_arrivals(50.0, 20.0, 7, random.Random(1))) == 7
+
+
+def test_prompts_from_a_jsonl_file_name_the_line_that_is_wrong(tmp_path: Path) -> None:
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "hi", "max_tokens": 5}\n\n{"messages": [{"role": "user", "content": "yo"}]}\n')
+    assert from_jsonl(good) == [Prompt(text="hi", max_new_tokens=5), Prompt(messages=(("user", "yo"),))]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"prompt": ""}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: needs a non-empty"):
+        from_jsonl(bad)
+    bad.write_text('{"prompt": "hi"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2:"):
+        from_jsonl(bad)
+
+
+def test_a_conversation_carries_its_history_into_each_turn() -> None:
+    talk = Conversation("s1", 3)
+    first = talk.next(Prompt(text="one", max_new_tokens=4))
+    assert first.messages == (("user", "one"),) and first.max_new_tokens == 4
+    talk.answered("answer one")
+    second = talk.next(Prompt(text="two"))
+    assert second.messages == (("user", "one"), ("assistant", "answer one"), ("user", "two"))
+
+
+def test_synthetic_prompts_have_the_asked_length_in_words() -> None:
+    p = synthetic(50, 7, random.Random(3))
+    assert len(p.text.split()) == 50 and p.max_new_tokens == 7
+
+
+def test_a_calls_parts_add_up_to_what_its_client_measured() -> None:
+    c = call(inference_queue=0.05, client_gap=0.004)
+    s = split(c)
+    assert s is not None and c.ttft is not None and c.e2e is not None
+    assert set(s.ttft) == set(PARTS) == set(s.e2e)
+    assert s.e2e_sum == pytest.approx(c.e2e) and s.ttft_sum == pytest.approx(c.ttft)
+    assert s.e2e["inference queue"] == s.ttft["inference queue"] == 0.05
+    assert s.ttft["inference work"] == 0.02 and s.e2e["inference work"] == 0.1
+    # Every hop between processes and the client's own: 0.001 + 0.001 + 0.003 + 0.001 + 0.004.
+    assert s.e2e[NETWORK] == pytest.approx(0.010)
+    tpot = s.tpot()
+    assert sum(tpot.values()) == pytest.approx((c.e2e - c.ttft) / 10)
+    assert tpot["inference work"] == pytest.approx(0.08 / 10)
+    assert split(call(status="RESOURCE_EXHAUSTED")) is None
+
+
+def test_the_split_at_each_percentile_finds_what_makes_the_slow_calls_slow() -> None:
+    # 90 calls that wait for nothing, 10 that wait 200 ms in the inference queue.
+    calls = [call() for _ in range(90)] + [call(inference_queue=0.2) for _ in range(10)]
+    splits = [s for s in map(split, calls) if s is not None]
+    rows = {r.percentile: r for r in at_percentiles(splits, "ttft")}
+    assert rows[50].dominant()[0] == "inference work"
+    part, share = rows[99].dominant()
+    assert part == "inference queue" and share > 0.8
+    for r in rows.values():
+        assert sum(r.parts.values()) == pytest.approx(r.value)
+    assert rows[99].value == pytest.approx(calls[-1].ttft)
+
+
+def test_the_knob_is_named_as_the_spec_spells_it_with_its_value_now() -> None:
+    spec = PipelineSpec.model_validate(
+        {"model": {"name": "m"}, "rag": {"enabled": False}, "stages": {"inference": {"queue": {"concurrency": 3}}}}
+    )
+    advice = knob("inference queue", "ttft", spec)
+    assert "`stages.inference.queue.concurrency` (now 3)" in advice
+    assert "`stages.inference.scaling.maxReplicas` (now 4)" in advice
+    assert "`stages.post.queue.concurrency`" in knob("post queue", "ttft", None)
+    prefill = knob("inference work", "ttft", spec)
+    assert "`template.maxPromptTokens` (now 1536)" in prefill and "rag.topK" not in prefill  # rag is off
+    assert "rag.topK" in knob("inference work", "ttft", None)
+    assert "gRPC" in knob(NETWORK, "ttft", spec)
+
+
+def bench_result(levels: list[Level], per_level: list[list[CallRecord]]) -> BenchResult:
+    result = BenchResult("127.0.0.1:1", "grpc", levels)
+    for i, calls in enumerate(per_level):
+        result.calls += [CallRecord(**{**c.__dict__, "level": i}) for c in calls]
+        result.windows.append((i * 10.0, i * 10.0 + 10.0))
+    return result
+
+
+def test_a_level_reports_what_load_tools_report_and_its_goodput() -> None:
+    calls = [call() for _ in range(8)] + [call(inference_queue=0.5)] + [call(status="RESOURCE_EXHAUSTED")]
+    result = bench_result([Level("rate", 1.0)], [calls])
+    s = summarize(result, 0, Slo(ttft_p95=0.1, tpot_p95=0.05, error_rate=0.05))
+    assert s.calls == 10 and s.ok == 9 and s.statuses == {"OK": 9, "RESOURCE_EXHAUSTED": 1}
+    assert s.requests_per_second == pytest.approx(0.9) and s.output_tokens_per_second == pytest.approx(9.9)
+    assert s.goodput == pytest.approx(0.8)  # the slow call and the shed one miss it
+    assert s.error_rate == pytest.approx(0.1)
+    verdicts = {name: met for name, _, _, met in s.slo_verdicts(Slo(ttft_p95=0.1, error_rate=0.05))}
+    assert verdicts == {"TTFT p95": False, "error rate": False}
+    assert s.itl[50] == pytest.approx(0.008)
+    assert summarize(result, 0, Slo()).goodput is None
+
+
+def test_the_knee_is_the_last_level_before_latency_leaves_its_curve() -> None:
+    fast, slow = [call() for _ in range(10)], [call(inference_queue=0.3) for _ in range(10)]
+    levels = [Level("concurrency", n) for n in (1, 2, 4, 8)]
+    result = bench_result(levels, [fast, fast, slow, slow])
+    summaries = [summarize(result, i, Slo()) for i in range(4)]
+    assert knee(summaries, Slo()) == 1
+    assert knee(summaries[:2], Slo()) is None
+    assert knee(summaries[:2], Slo(ttft_p95=0.001)) == 0  # the SLO is missed from the second level on
+
+
+def test_analyze_names_the_bottleneck_with_its_share_load_and_knob() -> None:
+    calls = [call(inference_queue=0.2 + i / 1000) for i in range(40)]
+    spec = PipelineSpec.model_validate({"model": {"name": "m"}, "slo": {"ttftP95Milliseconds": 100}})
+    analysis = analyze(bench_result([Level("rate", 12)], [calls]), spec)
+    ttft = analysis.levels[0].findings[0]
+    assert ttft.metric == "TTFT" and ttft.percentile == 95 and ttft.part == "inference queue"
+    sentence = ttft.sentence()
+    assert sentence.startswith("inference queue wait is ") and "% of p95 TTFT at 12 req/s: raise" in sentence
+    assert analysis.slo.ttft_p95 == 0.1
+    assert max(analysis.sum_errors()) < 1e-9
+
+
+def test_a_result_file_round_trips_and_its_csv_has_a_row_per_call(tmp_path: Path) -> None:
+    result = bench_result([Level("concurrency", 2)], [[call(), call(status="DEADLINE_EXCEEDED")]])
+    result.meta["seed"] = 4
+    csv_path = records.save(result, tmp_path / "r.json")
+    again = records.load(tmp_path / "r.json")
+    assert again == result
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["status"] for r in rows] == ["OK", "DEADLINE_EXCEEDED"]
+    assert rows[0]["load"] == "2 concurrent" and float(rows[0]["inference_work"]) == pytest.approx(0.1)
+    assert rows[1]["inference_work"] == ""
+    (tmp_path / "old.json").write_text(json.dumps({"version": 0}))
+    with pytest.raises(ValueError, match="version 1"):
+        records.load(tmp_path / "old.json")
+
+
+def test_the_report_draws_the_series_it_says(tmp_path: Path) -> None:
+    from promptpipe.perf import report
+
+    fast, slow = [call() for _ in range(20)], [call(inference_queue=0.3 + i / 100) for i in range(20)]
+    levels = [Level("concurrency", n) for n in (1, 2, 4)]
+    analysis = analyze(bench_result(levels, [fast, fast, slow]), slo=Slo(ttft_p95=0.2))
+    files = report.write(analysis, tmp_path / "report")
+    assert {f.name for f in files} == {*(f"{n}.png" for n in report.FIGURES), "series.json", "index.html"}
+    for f in files:
+        if f.suffix == ".png":
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+    data = json.loads((tmp_path / "report" / "series.json").read_text())
+
+    composition = data["ttft_composition"]
+    assert list(composition) == ["1 concurrent", "2 concurrent", "4 concurrent"]
+    assert list(composition["4 concurrent"]) == ["p50", "p95", "p99"]
+    p99 = composition["4 concurrent"]["p99"]
+    assert max(p99, key=p99.get) == "inference queue"
+    assert sum(p99.values()) == pytest.approx(1000 * percentile([c.ttft for c in slow if c.ttft], 99), rel=1e-3)
+
+    load = data["latency_vs_load"]
+    assert load["load"] == [1, 2, 4] and load["slo_ttft_p95"] == 200.0 and load["knee"] == 2
+    assert load["ttft_p95"][2] > 300 > load["ttft_p95"][0]
+
+    waterfall = data["waterfall"]["calls"]
+    assert len(waterfall) == 12 and [w["e2e"] for w in waterfall] == sorted((w["e2e"] for w in waterfall), reverse=True)
+    assert all(w["level"] == "4 concurrent" for w in waterfall)
+    assert sum(waterfall[0]["parts"].values()) == pytest.approx(waterfall[0]["e2e"], rel=1e-3)
+
+    for name in ("ttft_histogram", "tpot_histogram"):
+        hist = data[name]
+        assert hist["values"] == 60 and len(hist["edges"]) == 31
+        assert {level: sum(c) for level, c in hist["counts"].items()} == dict.fromkeys(composition, 20)
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == len(report.FIGURES)
+    assert "inference queue wait is" in html and "missed" in html
