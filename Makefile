@@ -40,6 +40,7 @@ $(BIN)/python:
 # llama-cpp-python compiles llama.cpp from source (about 10 minutes on 2 cores): build it once.
 $(LLAMA_WHEEL): | $(BIN)/python
 	mkdir -p $(WHEELS)
+	rm -f $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl  # else pip keeps the wheel it finds there
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
 	  $(BIN)/pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VER)
 	touch $@

@@ -252,3 +252,27 @@ def test_the_report_draws_the_series_it_says(tmp_path: Path) -> None:
     html = (tmp_path / "report" / "index.html").read_text()
     assert html.count("data:image/png;base64,") == len(report.FIGURES)
     assert "inference queue wait is" in html and "missed" in html
+
+
+def test_prometheus_figures_split_the_mean_call_and_name_a_long_queue() -> None:
+    from promptpipe.perf.prometheus import PipelineFigures, StageFigures, bottleneck
+
+    def fig(inference_queue_p95: float) -> PipelineFigures:
+        stages = {
+            "stream": StageFigures("stream", 10.0, 0.001, 0.002, 0.5),
+            "rag": StageFigures("rag", 10.0, 0.0, 0.0, 0.01),
+            "assemble": StageFigures("assemble", 10.0, 0.0, 0.0, 0.02),
+            "post": StageFigures("post", 10.0, 0.0, 0.0, 0.45),
+            "inference": StageFigures("inference", 10.0, 0.1, inference_queue_p95, 0.3),
+        }
+        return PipelineFigures("p", "5m", stages, {50: 0.1, 90: 0.2, 95: 0.25, 99: 0.3})
+
+    parts = fig(0.2).mean_parts()
+    # The mean call is the gateway's queue wait and duration; its parts add up to it.
+    assert sum(parts.values()) == pytest.approx(0.501)
+    assert parts["post work"] == pytest.approx(0.45 - 0.4)
+    assert parts["stream work"] == pytest.approx(0.5 - 0.01 - 0.02 - 0.45)
+    named = bottleneck(fig(0.2), None)
+    assert named.startswith("inference queue wait (p95 200 ms) is 80% of p95 TTFT at 10 req/s: raise")
+    # A short queue is not named: the biggest part of the mean call is.
+    assert bottleneck(fig(0.01), None).startswith("inference work is 60% of the mean call at 10 req/s")

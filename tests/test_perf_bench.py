@@ -14,7 +14,9 @@ import pytest
 
 from promptpipe.perf import records
 from promptpipe.perf.breakdown import split
+from tests.devcluster.build import Tools
 from tests.support.pipelines import running_pipeline, synthetic_pipeline
+from tests.support.prometheus import prometheus, scraped
 
 pytestmark = pytest.mark.processes
 
@@ -172,3 +174,47 @@ def test_bench_and_analyze_the_quickstart_on_the_embedded_model(tmp_path: Path) 
     first = next(line for line in analyzed.stdout.splitlines() if line.startswith("bottleneck: "))
     assert first.startswith("bottleneck: inference work is ") and "of p95 TTFT at 1 concurrent" in first
     assert (tmp_path / "r" / "index.html").exists()
+
+
+@pytest.mark.prometheus
+def test_analyze_reads_a_pipelines_prometheus_and_names_the_slow_stage(kube_tools: Tools, tmp_path: Path) -> None:
+    """A cluster's view: no bench result, only what Prometheus scraped from the five stages while they served."""
+    with running_pipeline(slow_pipeline("inference"), tmp_path / "p") as pipeline:
+        targets = {f"127.0.0.1:{proc.metrics_port}": {} for proc in pipeline.run.stages.values()}
+        with prometheus(kube_tools, tmp_path / "prometheus", targets) as url:
+            for target in targets:  # every counter seen at zero, so no call falls before its first sample
+                scraped(url, target)
+            out = tmp_path / "bench.json"
+            run = promptpipe(
+                "bench", "--target", pipeline.gateway, "--rate", "40", "--requests", "60", "-o", str(out), home=tmp_path
+            )
+            assert run.returncode == 0, run.stderr
+            for target in targets:  # the calls' last series are in
+                scraped(url, target)
+            analyzed = promptpipe(
+                "analyze",
+                "--prometheus",
+                url,
+                "--pipeline",
+                "slow",
+                "--window",
+                "1m",
+                "-f",
+                str(tmp_path / "p" / "slow.yaml"),
+                home=tmp_path,
+            )
+    assert analyzed.returncode == 0, analyzed.stderr
+    lines = analyzed.stdout.splitlines()
+    bottleneck = next(line for line in lines if line.startswith("bottleneck: "))
+    assert bottleneck.startswith("bottleneck: inference queue wait (p95 "), analyzed.stdout
+    assert "`stages.inference.queue.concurrency` (now 1)" in bottleneck
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["inference"], ["stream"])}
+    # 60 calls over a minute's window: each stage saw them all (rate × window, give or take the edges).
+    assert 40 < float(rows["stream"][1]) * 60 < 80
+    # The bench's own figures, from the same calls: the mean inference queue wait as both measured it.
+    result = records.load(out)
+    waits = [s.queue for c in result.calls for s in c.stages if s.stage == "inference"]
+    assert float(rows["inference"][2]) == pytest.approx(1000 * sum(waits) / len(waits), rel=0.1)
+
+    missing = promptpipe("analyze", "--prometheus", "http://127.0.0.1:9", "--pipeline", "slow", home=tmp_path)
+    assert missing.returncode == 1 and "http://127.0.0.1:9" in missing.stderr

@@ -17,6 +17,7 @@ from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
 from promptpipe.contract.spec import PipelineSpec
+from promptpipe.perf import prometheus as prom
 from promptpipe.perf import records
 from promptpipe.perf.analysis import Analysis, LevelAnalysis, analyze, part_label, slo_of
 from promptpipe.perf.breakdown import PARTS, PERCENTILES, LevelSummary, Slo, summarize
@@ -114,6 +115,7 @@ def bench(
     result = records.BenchResult(address, transport, levels, meta=meta)
     asyncio.run(_bench(plan, transport, address, api_key, model, result))
     csv_path = records.save(result, output)
+    _print_errors(result)
     _print_levels([summarize(result, i, slo) for i in range(len(levels))], slo)
     out.print(f"results: [bold]{output}[/] and {csv_path}; next: promptpipe analyze {output}")
 
@@ -200,27 +202,54 @@ def _print_levels(summaries: list[LevelSummary], slo: Slo) -> None:
             out.print(f"SLO at {s.level.label}: " + ", ".join(verdicts))
 
 
+def _print_errors(result: records.BenchResult) -> None:
+    """Each error status once, with what the gateway said the first time."""
+    seen: dict[str, str] = {}
+    for c in result.calls:
+        if not c.ok and c.status not in seen:
+            seen[c.status] = c.error
+    for status, message in seen.items():
+        err.print(f"[yellow]{status}[/]: {message}", highlight=False, soft_wrap=True)
+
+
 def _slo_figure(objective: str, value: float) -> str:
     return f"{value:.2%}" if objective == "error rate" else f"{value * 1000:.1f} ms"
 
 
 def analyze_command(
-    result_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A `promptpipe bench` result.")],
+    result_file: Annotated[
+        Path | None, typer.Argument(exists=True, dir_okay=False, help="A `promptpipe bench` result.")
+    ] = None,
     file: FileOption = None,
     slo_ttft_ms: SloTtftOption = None,
     slo_tpot_ms: SloTpotOption = None,
     report: Annotated[
         Path | None, typer.Option(file_okay=False, help="Write an HTML report with its PNGs into this folder.")
     ] = None,
+    prometheus: Annotated[
+        str | None, typer.Option(help="Instead of a result file: a Prometheus scraping the pipeline (its URL).")
+    ] = None,
+    pipeline: Annotated[str | None, typer.Option(help="With --prometheus: the pipeline's name.")] = None,
+    namespace: Annotated[str | None, typer.Option(help="With --prometheus: its namespace, if several.")] = None,
+    window: Annotated[str, typer.Option(help="With --prometheus: the PromQL range to look back over.")] = "5m",
 ) -> None:
     """Where the time went: per load level and percentile, how TTFT and TPOT split across the stages' queue
     waits and work and the network; the dominant part and the knob (from the spec) that moves it; the SLO."""
     spec = _spec(file)
+    if (result_file is None) == (prometheus is None):
+        raise fail("give a bench result file or --prometheus URL (with --pipeline)", 2)
+    if prometheus is not None:
+        _analyze_prometheus(prometheus, pipeline, namespace, window, spec)
+    elif result_file is not None:
+        _analyze_result(result_file, spec, _slo(spec, slo_ttft_ms, slo_tpot_ms), report)
+
+
+def _analyze_result(result_file: Path, spec: PipelineSpec | None, slo: Slo, report: Path | None) -> None:
     try:
         result = records.load(result_file)
     except (ValueError, KeyError, TypeError) as e:
         raise fail(f"{result_file}: {e}", 2) from None
-    analysis = analyze(result, spec, _slo(spec, slo_ttft_ms, slo_tpot_ms))
+    analysis = analyze(result, spec, slo)
     _print_levels([lv.summary for lv in analysis.levels], analysis.slo)
     for lv in analysis.levels:
         _print_split(lv)
@@ -234,6 +263,43 @@ def analyze_command(
             raise fail(f"--report needs matplotlib: pip install 'promptpipe[perf]' ({e})") from None
         files = reporting.write(analysis, report)
         out.print(f"report: [bold]{report / 'index.html'}[/] ({len(files)} files)")
+
+
+def _analyze_prometheus(
+    url: str, pipeline: str | None, namespace: str | None, window: str, spec: PipelineSpec | None
+) -> None:
+    if not pipeline:
+        raise fail("--prometheus needs --pipeline NAME", 2)
+    try:
+        fig = prom.figures(url, pipeline, window, namespace)
+    except prom.PrometheusError as e:
+        raise fail(str(e)) from None
+    parts = fig.mean_parts()
+    total = sum(parts.values())
+    table = Table(
+        title=f"pipeline {pipeline}, last {window}: {fig.calls_per_second:.3g} req/s (ms)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("stage", "calls/s", "queue mean", "queue p95", "own work mean", "share of the mean call"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for name, s in fig.stages.items():
+        own = parts[f"{name} queue"] + parts[f"{name} work"]
+        table.add_row(
+            name,
+            f"{s.calls_per_second:.3g}",
+            _ms(s.queue_mean),
+            _ms(s.queue_p95),
+            _ms(parts[f"{name} work"]),
+            f"{own / total:.0%}" if total else "-",
+        )
+    out.print(table)
+    out.print("gateway TTFT " + ", ".join(f"p{p} {_ms(v)} ms" for p, v in fig.ttft.items()))
+    out.print(
+        "(a stage's own work includes the hops to the stages it calls: Prometheus does not see the network)",
+        style="dim",
+    )
+    out.print(f"[bold]bottleneck[/]: {prom.bottleneck(fig, spec)}", soft_wrap=True)
 
 
 def _print_split(lv: LevelAnalysis) -> None:

@@ -44,6 +44,7 @@ class CallRecord:
     stages: tuple[StageShare, ...] = ()
     # Gaps between the chunks of this call, in seconds (inter-token latency as the client saw it).
     itl: tuple[float, ...] = ()
+    error: str = ""  # the status's message, for a call that did not end OK
 
     @property
     def ok(self) -> bool:
@@ -121,7 +122,7 @@ def save(result: BenchResult, path: Path) -> Path:
     path.write_text(json.dumps(result.to_json(), indent=1))
     csv_path = path.with_suffix(".csv")
     columns = ["level", "load", "start", "status", "ttft", "e2e", "tpot", "output_tokens", "prompt_tokens"]
-    columns += ["server_ttft", "server_total", "session", "turn"]
+    columns += ["server_ttft", "server_total", "session", "turn", "error"]
     columns += [f"{s}_{part}" for s in STAGES for part in ("queue", "work", "first", "hop", "hop_first")]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)

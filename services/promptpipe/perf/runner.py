@@ -118,6 +118,7 @@ class _LevelRun:
                 turn=turn,
                 stages=outcome.stages,
                 itl=tuple(outcome.itl),
+                error=outcome.message,
             )
             self.result.calls.append(record)
             if self.progress is not None:
