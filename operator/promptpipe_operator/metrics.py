@@ -17,3 +17,9 @@ CHILD_CHANGES = Counter(
     "promptpipe_operator_child_changes_total", "Children created, updated or deleted.", ["action", "kind"]
 )
 LEADER = Gauge("promptpipe_operator_leader", "1 while this replica holds the leader Lease (or runs without election).")
+ROLLBACKS = Counter(
+    "promptpipe_operator_rollbacks_total",
+    "Rollouts rolled back, by pipeline and reason (AnalysisFailed, ManualRollback, ...).",
+    # Not `namespace`: a scrape gives every series of the operator its pod's namespace under that name.
+    ["pipeline_namespace", "pipeline", "reason"],
+)

@@ -20,7 +20,7 @@ from promptpipe.contract.pipeline_file import PipelineFileError, parse_pipeline
 from promptpipe.contract.spec import PromptPipeline, StageName
 from promptpipe.contract.timestamps import format_time, parse_time
 from promptpipe.registry.store import Registry
-from promptpipe_operator import pods, policy, probes, render
+from promptpipe_operator import metrics, pods, policy, probes, render
 from promptpipe_operator.analysis import Counts
 from promptpipe_operator.events import Event
 from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
@@ -205,6 +205,7 @@ def reconcile_once(
             recorded = True
             if decision is not None:
                 result.events += decision.events
+                count_rollbacks(namespace, name, decision)
         # The traffic switch (the backend Service's selector) goes on its own, after every other child.
         switch = ("Service", render.backend_name(name))
         first = [m for m in desired if (m["kind"], m["metadata"]["name"]) != switch]
@@ -373,6 +374,12 @@ def advance_rollout(
     if decision.state.phase == ANALYZING and decision.state.baseline is None and cfg.analysis.prometheus is None:
         decision = replace(decision, state=replace(decision.state, baseline=baseline(gateway_counts())))
     return decision, unresolved
+
+
+def count_rollbacks(namespace: str, name: str, decision: Decision) -> None:
+    """A rollback the rollout just decided and recorded (its RolledBack event comes once), for the alerts."""
+    if any(e.reason == "RolledBack" for e in decision.events):
+        metrics.ROLLBACKS.labels(namespace, name, decision.state.reason).inc()
 
 
 def baseline(counts: dict[str, Counts]) -> dict[str, Any]:

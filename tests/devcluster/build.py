@@ -46,6 +46,8 @@ class Tools:
     dockerfile_lint: Path
     skaffold: Path
     prometheus: Path
+    # From the same module and build: `promtool test rules` unit-tests the chart's alerting rules.
+    promtool: Path
     # The node: kubelet, kube-scheduler and kube-proxy from the same build as kube-apiserver; CoreDNS with
     # the plugins a cluster's DNS needs; the pause program every pod's sandbox runs.
     kubelet: Path
@@ -79,6 +81,7 @@ def expected_tools(root: Path | None = None) -> Tools:
         b / f"dockerfile-lint-buildkit-{versions.BUILDKIT}",
         b / f"skaffold-{versions.SKAFFOLD}",
         b / f"prometheus-{versions.PROMETHEUS}",
+        b / f"promtool-{versions.PROMETHEUS}",
         b / "kubelet",
         b / "kube-scheduler",
         b / "kube-proxy",
@@ -312,9 +315,10 @@ def fetch_keda_crds(dest: Path, work: Path) -> None:
         shutil.copyfile(crd, dest / crd.name)
 
 
-def build_prometheus(dest: Path, work: Path) -> None:
+def build_prometheus(dest: Path, work: Path, command: str = "prometheus") -> None:
     """Prometheus with Kubernetes service discovery and no other (Debian's build has none; the full one
-    pulls every cloud's SDK): its build tags leave the rest out. No UI assets; the API is all tests use."""
+    pulls every cloud's SDK): its build tags leave the rest out. No UI assets; the API is all tests use.
+    `command` promtool: the rules checker from the same module, sharing the build's compiled packages."""
     work.mkdir(parents=True, exist_ok=True)
     module = "github.com/prometheus/prometheus"
     (work / "go.mod").write_text(wrapper_gomod("promptpipe.local/prometheus", {module: versions.PROMETHEUS_MODULE}, {}))
@@ -322,7 +326,7 @@ def build_prometheus(dest: Path, work: Path) -> None:
     stamp = f"-X github.com/prometheus/common/version.Version={versions.PROMETHEUS}"
     tags = "remove_all_sd,enable_kubernetes_sd"
     _go(
-        ["build", "-trimpath", f"-tags={tags}", f"-ldflags=-s -w {stamp}", "-o", str(dest), f"{module}/cmd/prometheus"],
+        ["build", "-trimpath", f"-tags={tags}", f"-ldflags=-s -w {stamp}", "-o", str(dest), f"{module}/cmd/{command}"],
         work,
     )
 
@@ -354,6 +358,10 @@ def ensure_tools() -> Tools:
         ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
         ((tools.skaffold,), lambda: build_skaffold(tools.skaffold, work / f"skaffold-{versions.SKAFFOLD}")),
         ((tools.prometheus,), lambda: build_prometheus(tools.prometheus, work / f"prometheus-{versions.PROMETHEUS}")),
+        (
+            (tools.promtool,),
+            lambda: build_prometheus(tools.promtool, work / f"prometheus-{versions.PROMETHEUS}", "promtool"),
+        ),
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):

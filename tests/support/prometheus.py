@@ -87,7 +87,7 @@ class GatewayExposition:
         for code, count in codes.items():
             for _ in range(count):
                 self.stream.observe_call(code, ttft_seconds + 0.1)
-                self.gateway.ttft.observe(ttft_seconds)
+                self.gateway.first_token(ttft_seconds)
 
 
 @contextmanager

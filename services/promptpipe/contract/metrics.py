@@ -22,6 +22,7 @@ class Label(str, enum.Enum):
     REPLICA = "replica"  # a backend replica's address; bounded by the replicas there are
     TENANT = "tenant"  # an API key's tenant; the first TENANT_LABELS_MAX seen, the rest `other`
     OUTCOME = "outcome"
+    OBJECTIVE = "objective"  # one of spec.slo's: ttft_p95_seconds, tpot_p95_seconds, error_rate
 
 
 # Most distinct tenant label values a gateway exports; tenants past them share the value `other`.
@@ -69,6 +70,12 @@ STAGE_DURATION = Metric(
     "Time from slot to end of call, by status.",
     (*_STAGE, Label.CODE),
 )
+STAGE_SERVING = Metric(
+    "promptpipe_stage_serving",
+    Kind.GAUGE,
+    "1 while the stage's health is SERVING, 0 while NOT_SERVING (loading, draining, every backend circuit open).",
+    _STAGE,
+)
 STAGE_CALLER_DEADLINES = Metric(
     "promptpipe_stage_caller_deadline_exceeded_total",
     Kind.COUNTER,
@@ -96,6 +103,20 @@ GATEWAY_OUTPUT_TOKENS = Metric(
     "promptpipe_gateway_output_tokens_total", Kind.COUNTER, "Output tokens streamed to clients.", (Label.PIPELINE,)
 )
 
+GATEWAY_SLO_OBJECTIVE = Metric(
+    "promptpipe_gateway_slo_objective",
+    Kind.GAUGE,
+    "The pipeline's spec.slo, one series per objective set (seconds, or a share for error_rate): what the"
+    " chart's alerts compare against.",
+    (Label.PIPELINE, Label.OBJECTIVE),
+)
+GATEWAY_SLOW_FIRST_TOKENS = Metric(
+    "promptpipe_gateway_first_tokens_over_slo_total",
+    Kind.COUNTER,
+    "Calls whose first token came later than spec.slo.ttftP95Milliseconds (none counted without it): the"
+    " TTFT objective's bad events, out of promptpipe_gateway_time_to_first_token_seconds_count.",
+    (Label.PIPELINE,),
+)
 GATEWAY_TENANT_CALLS = Metric(
     "promptpipe_gateway_tenant_calls_total",
     Kind.COUNTER,
@@ -165,9 +186,12 @@ ALL: tuple[Metric, ...] = (
     STAGE_DURATION,
     STAGE_CALLER_DEADLINES,
     STAGE_SHED,
+    STAGE_SERVING,
     GATEWAY_TTFT,
     GATEWAY_TPOT,
     GATEWAY_OUTPUT_TOKENS,
+    GATEWAY_SLO_OBJECTIVE,
+    GATEWAY_SLOW_FIRST_TOKENS,
     GATEWAY_TENANT_CALLS,
     GATEWAY_TENANT_TOKENS,
     GATEWAY_TENANT_QUEUE_DEPTH,

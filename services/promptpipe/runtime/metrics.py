@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from promptpipe.contract import metrics as m
 from promptpipe.contract.codes import SERVER_ERROR_CODES
+from promptpipe.contract.spec import SloSpec
 from promptpipe.runtime.admission import AdmissionQueue
 
 # Latency buckets from 100 µs to 2 min: stage hops are sub-millisecond, generations long.
@@ -132,11 +133,35 @@ class NextStageCalls(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, pipeline: str) -> None:
+    def __init__(self, registry: CollectorRegistry, pipeline: str, slo: SloSpec | None = None) -> None:
         labels = {m.Label.PIPELINE.value: pipeline}
-        self.ttft = _histogram(m.GATEWAY_TTFT, registry, _LATENCY_BUCKETS).labels(**labels)
+        self._ttft = _histogram(m.GATEWAY_TTFT, registry, _LATENCY_BUCKETS).labels(**labels)
         self.tpot = _histogram(m.GATEWAY_TPOT, registry, _TOKEN_BUCKETS).labels(**labels)
         self.tokens = _counter(m.GATEWAY_OUTPUT_TOKENS, registry).labels(**labels)
+        # The SLO as series, so one set of alerting rules serves every pipeline with its own objectives.
+        objectives = _gauge(m.GATEWAY_SLO_OBJECTIVE, registry)
+        self._ttft_objective: float | None = None
+        if slo is not None:
+            if slo.ttft_p95_milliseconds is not None:
+                self._ttft_objective = slo.ttft_p95_milliseconds / 1000
+                objectives.labels(**labels, objective="ttft_p95_seconds").set(self._ttft_objective)
+            if slo.tpot_p95_milliseconds is not None:
+                objectives.labels(**labels, objective="tpot_p95_seconds").set(slo.tpot_p95_milliseconds / 1000)
+            if slo.error_rate is not None:
+                objectives.labels(**labels, objective="error_rate").set(slo.error_rate)
+        self._slow_first = _counter(m.GATEWAY_SLOW_FIRST_TOKENS, registry).labels(**labels)
+
+    def first_token(self, seconds: float) -> None:
+        """A call's time to first token, and whether it missed the TTFT objective."""
+        self._ttft.observe(seconds)
+        if self._ttft_objective is not None and seconds > self._ttft_objective:
+            self._slow_first.inc()
+
+
+def serving_gauge(registry: CollectorRegistry, pipeline: str, stage: str, serving: Callable[[], bool]) -> None:
+    """`promptpipe_stage_serving`, read from the stage's health when scraped."""
+    labels = {m.Label.PIPELINE.value: pipeline, m.Label.STAGE.value: stage}
+    _gauge(m.STAGE_SERVING, registry).labels(**labels).set_function(lambda: 1.0 if serving() else 0.0)
 
 
 class BackendMetrics:

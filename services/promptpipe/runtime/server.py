@@ -22,6 +22,7 @@ from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_confi
 from promptpipe.contract.spec import StageName, StageSpec
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.apikeys import KeyRing
+from promptpipe.runtime.metrics import serving_gauge
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
 from promptpipe.runtime.tls import ServerCertificate
@@ -80,6 +81,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
     built = build_stage(stage, config, runtime, registry, client_interceptors, keys)
     servicer = StageServicer(runtime, built.handler)
+    serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.healthy())
 
     server = grpc.aio.server(options=server_options(runtime.spec), interceptors=server_interceptors or None)
     health_servicer = health.aio.HealthServicer()

@@ -71,7 +71,7 @@ def build_stage(
             client(StageName.RAG),
             client(StageName.ASSEMBLE),
             client(StageName.POST),
-            GatewayMetrics(registry, name),
+            GatewayMetrics(registry, name, spec.slo),
             keys or KeyRing(),
             Quotas(spec.auth),
             TenantMetrics(registry, name, runtime.queue),

@@ -104,7 +104,7 @@ class GatewayServicer:
                     if event.HasField("chunk"):
                         if first is None:
                             first = time.perf_counter()
-                            self._metrics.ttft.observe(first - received)
+                            self._metrics.first_token(first - received)
                         tokens += event.chunk.token_count
                         self._metrics.tokens.inc(event.chunk.token_count)
                         yield gateway_pb2.GenerateResponse(chunk=event.chunk)
