@@ -4,9 +4,6 @@ each call's breakdown adds up to what the client measured, and a stage made slow
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import pytest
 from promptpipe.perf import records
 from promptpipe.perf.breakdown import split
 from tests.devcluster.build import Tools
+from tests.support.cli import promptpipe
 from tests.support.pipelines import running_pipeline, synthetic_pipeline
 from tests.support.prometheus import prometheus, scraped
 
@@ -23,18 +21,6 @@ pytestmark = pytest.mark.processes
 # A backend with a visible first token and decode time, so every part of a call is there to measure.
 FIRST_TOKEN = 0.02
 BACKEND = {"model": {"synthetic": {"tokensPerSecond": 400, "firstTokenSeconds": FIRST_TOKEN}}}
-
-
-def promptpipe(*args: str, home: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PROMPTPIPE_HOME": str(home), "COLUMNS": "160"}
-    return subprocess.run(
-        [sys.executable, "-m", "promptpipe.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def assert_each_call_adds_up(result: records.BenchResult, calls: int, first_token: float = 0.0) -> None:
