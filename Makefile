@@ -58,8 +58,8 @@ $(WHEELHOUSE): $(STAMP)
 
 wheelhouse: $(WHEELHOUSE)
 
-# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold and dockerfile-lint from
-# the Go module proxy, Prometheus from Debian's package, plus KEDA's CRDs; the node's kubelet,
+# etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold, dockerfile-lint, Prometheus
+# and promtool, and Jaeger (the tracing backend) from the Go module proxy, plus KEDA's CRDs; the node's kubelet,
 # kube-scheduler, kube-proxy, CoreDNS and pause, and its Debian packages (containerd, runc, CNI,
 # buildah, debootstrap, iptables: apt-get install, as root). Built once into $(CACHE)/controlplane
 # (about 20 minutes the first time on 2 cores); a no-op when they are there.
@@ -76,7 +76,7 @@ demo: $(STAMP)
 
 # The pure tier: every test that starts nothing (no process, server or Go-built tool). It needs only
 # the Python install, and fails a test that starts a process without saying so in its markers.
-PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or moto or venv or node)
+PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or jaeger or moto or venv or node)
 
 # The node's images are built (or found cached) before the tests: on a new machine that takes longer
 # than a test may (the base image, llama.cpp in two images).

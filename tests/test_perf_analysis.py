@@ -276,3 +276,44 @@ def test_prometheus_figures_split_the_mean_call_and_name_a_long_queue() -> None:
     assert named.startswith("inference queue wait (p95 200 ms) is 80% of p95 TTFT at 10 req/s: raise")
     # A short queue is not named: the biggest part of the mean call is.
     assert bottleneck(fig(0.01), None).startswith("inference work is 60% of the mean call at 10 req/s")
+
+
+def test_a_trace_becomes_a_call_record_split_like_a_bench_call() -> None:
+    from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE
+    from promptpipe.perf import traces
+
+    spans: list[dict[str, object]] = []
+
+    def span(span_id: str, name: str, parent: str | None, start: int, micros: int, queue: float | None = None) -> None:
+        tags = [{"key": QUEUE_WAIT_ATTRIBUTE, "type": "float64", "value": queue}] if queue is not None else []
+        refs = [{"refType": "CHILD_OF", "traceID": "t", "spanID": parent}] if parent else []
+        spans.append(
+            {"spanID": span_id, "operationName": name, "references": refs, "startTime": start, "duration": micros,
+             "tags": tags}
+        )  # fmt: skip
+
+    # The gateway's 100 ms span calls rag (client span 3 ms), assemble (4 ms) and post (90 ms); post calls
+    # inference (client span 80 ms), which waited 50 ms for its slot and worked 28 ms.
+    span("g", "stream", "root", 1_000_000, 100_000, queue=0.002)
+    span("root", "/promptpipe.v1.Gateway/Generate", None, 999_000, 103_000)
+    for name, micros, work in (("rag", 3_000, 2_000), ("assemble", 4_000, 3_000)):
+        span(f"c-{name}", "/promptpipe.v1.Stage/Process", "g", 1_001_000, micros)
+        span(f"s-{name}", "/promptpipe.v1.Stage/Process", f"c-{name}", 1_001_100, micros - 200)
+        span(name, name, f"s-{name}", 1_001_200, work, queue=0.0)
+    span("c-post", "/promptpipe.v1.Stage/Run", "g", 1_008_000, 90_000)
+    span("post", "post", "c-post", 1_008_500, 89_000, queue=0.0)
+    span("c-inf", "/promptpipe.v1.Stage/Run", "post", 1_009_000, 80_000)
+    span("inference", "inference", "c-inf", 1_059_500, 28_000, queue=0.05)
+    call = traces.record({"spans": spans}, origin=1.0)
+    assert call is not None and call.ok and call.start == 0.0
+    assert call.e2e == pytest.approx(0.102)
+    shares = {s.stage: s for s in call.stages}
+    assert shares["stream"].work == pytest.approx(0.100 - 0.003 - 0.004 - 0.090)
+    assert shares["post"].work == pytest.approx(0.089 - 0.080)
+    assert shares["inference"].queue == 0.05 and shares["inference"].work == pytest.approx(0.028)
+    assert shares["inference"].hop == pytest.approx(0.080 - 0.05 - 0.028)
+    assert shares["rag"].hop == pytest.approx(0.001)
+    s = split(call)
+    assert s is not None and s.e2e_sum == pytest.approx(0.102) and s.ttft == {}
+    # A trace still missing a stage's span is no call yet.
+    assert traces.record({"spans": [x for x in spans if x["operationName"] != "inference"]}, origin=1.0) is None

@@ -48,6 +48,8 @@ class Tools:
     prometheus: Path
     # From the same module and build: `promtool test rules` unit-tests the chart's alerting rules.
     promtool: Path
+    # The tracing backend (Jaeger v2, all in one: OTLP in, query API out).
+    jaeger: Path
     # The node: kubelet, kube-scheduler and kube-proxy from the same build as kube-apiserver; CoreDNS with
     # the plugins a cluster's DNS needs; the pause program every pod's sandbox runs.
     kubelet: Path
@@ -82,6 +84,7 @@ def expected_tools(root: Path | None = None) -> Tools:
         b / f"skaffold-{versions.SKAFFOLD}",
         b / f"prometheus-{versions.PROMETHEUS}",
         b / f"promtool-{versions.PROMETHEUS}",
+        b / f"jaeger-{versions.JAEGER}",
         b / "kubelet",
         b / "kube-scheduler",
         b / "kube-proxy",
@@ -289,6 +292,17 @@ def build_skaffold(dest: Path, work: Path) -> None:
     )
 
 
+def build_jaeger(dest: Path, work: Path) -> None:
+    """Jaeger v2 from its module, with the replaces its go.mod pins (a dependent ignores them: copied)."""
+    work.mkdir(parents=True, exist_ok=True)
+    module = "github.com/jaegertracing/jaeger"
+    version = f"v{versions.JAEGER}"
+    gomod = Path(_module_file(module, version, work)["GoMod"]).read_text()
+    command = f"{module}/cmd/jaeger"
+    _wrapper(work, {module: version}, dict(_VERSION_REPLACE.findall(gomod)), [command])
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), command], work)
+
+
 KEDA_COMMANDS = {"keda": "cmd/operator", "keda-adapter": "cmd/adapter"}
 
 
@@ -358,6 +372,7 @@ def ensure_tools() -> Tools:
         ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
         ((tools.skaffold,), lambda: build_skaffold(tools.skaffold, work / f"skaffold-{versions.SKAFFOLD}")),
         ((tools.prometheus,), lambda: build_prometheus(tools.prometheus, work / f"prometheus-{versions.PROMETHEUS}")),
+        ((tools.jaeger,), lambda: build_jaeger(tools.jaeger, work / f"jaeger-{versions.JAEGER}")),
         (
             (tools.promtool,),
             lambda: build_prometheus(tools.promtool, work / f"prometheus-{versions.PROMETHEUS}", "promtool"),

@@ -16,6 +16,9 @@ SKAFFOLD = "2.16.1"
 # has no Kubernetes service discovery at all.
 PROMETHEUS = "3.16.0"
 PROMETHEUS_MODULE = "v0.316.0"
+# Jaeger v2 (`cmd/jaeger`, released in the v1.x module line): the tracing backend the trace tests export
+# to over OTLP and read back through its query API; in-memory storage, no UI assets.
+JAEGER = "1.76.0"
 # CoreDNS for the node's cluster DNS: 1.12.1 builds on the same k8s.io/client-go minor (0.32) as the cluster.
 COREDNS = "1.12.1"
 # The node's Debian packages (bookworm), as tested. Installed by name: Debian replaces a package's

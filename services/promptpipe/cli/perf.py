@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import statistics
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,7 @@ from promptpipe.cli.console import err, fail, out
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
 from promptpipe.contract.spec import PipelineSpec
 from promptpipe.perf import prometheus as prom
-from promptpipe.perf import records
+from promptpipe.perf import records, traces
 from promptpipe.perf.analysis import Analysis, LevelAnalysis, analyze, part_label, slo_of
 from promptpipe.perf.breakdown import PARTS, PERCENTILES, LevelSummary, Slo, summarize
 from promptpipe.perf.load import parse_levels
@@ -163,13 +164,13 @@ async def _bench(
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
 
 
 def _print_levels(summaries: list[LevelSummary], slo: Slo) -> None:
     if not summaries:
         return
-    load = "concurrency" if summaries[0].level.kind == "concurrency" else "offered req/s"
+    load = {"concurrency": "concurrency", "rate": "offered req/s"}.get(summaries[0].level.kind, "calls")
     latency = Table(title="latency (ms)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     latency.add_column(load)
     metrics = (("TTFT", "ttft", PERCENTILES), ("TPOT", "tpot", (50, 95)), ("ITL", "itl", (50, 99)))
@@ -229,26 +230,40 @@ def analyze_command(
     prometheus: Annotated[
         str | None, typer.Option(help="Instead of a result file: a Prometheus scraping the pipeline (its URL).")
     ] = None,
-    pipeline: Annotated[str | None, typer.Option(help="With --prometheus: the pipeline's name.")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="With --prometheus or --jaeger: the pipeline's name.")] = None,
     namespace: Annotated[str | None, typer.Option(help="With --prometheus: its namespace, if several.")] = None,
     window: Annotated[str, typer.Option(help="With --prometheus: the PromQL range to look back over.")] = "5m",
+    jaeger: Annotated[
+        str | None, typer.Option(help="Instead of a result file: Jaeger's query API (its URL), holding the traces.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="With --jaeger: at most this many traces.")] = 500,
+    lookback: Annotated[str, typer.Option(help="With --jaeger: how far back (Jaeger's 1h, 30m, ...).")] = "1h",
 ) -> None:
     """Where the time went: per load level and percentile, how TTFT and TPOT split across the stages' queue
     waits and work and the network; the dominant part and the knob (from the spec) that moves it; the SLO."""
     spec = _spec(file)
-    if (result_file is None) == (prometheus is None):
-        raise fail("give a bench result file or --prometheus URL (with --pipeline)", 2)
+    if sum(x is not None for x in (result_file, prometheus, jaeger)) != 1:
+        raise fail("give one source: a bench result file, --prometheus URL or --jaeger URL (with --pipeline)", 2)
+    slo = _slo(spec, slo_ttft_ms, slo_tpot_ms)
     if prometheus is not None:
         _analyze_prometheus(prometheus, pipeline, namespace, window, spec)
+    elif jaeger is not None:
+        if not pipeline:
+            raise fail("--jaeger needs --pipeline NAME", 2)
+        try:
+            result = traces.result(jaeger, pipeline, traces.fetch(jaeger, pipeline, limit, lookback))
+        except traces.TraceSourceError as e:
+            raise fail(str(e)) from None
+        _show(result, spec, slo, report)
     elif result_file is not None:
-        _analyze_result(result_file, spec, _slo(spec, slo_ttft_ms, slo_tpot_ms), report)
+        try:
+            result = records.load(result_file)
+        except (ValueError, KeyError, TypeError) as e:
+            raise fail(f"{result_file}: {e}", 2) from None
+        _show(result, spec, slo, report)
 
 
-def _analyze_result(result_file: Path, spec: PipelineSpec | None, slo: Slo, report: Path | None) -> None:
-    try:
-        result = records.load(result_file)
-    except (ValueError, KeyError, TypeError) as e:
-        raise fail(f"{result_file}: {e}", 2) from None
+def _show(result: records.BenchResult, spec: PipelineSpec | None, slo: Slo, report: Path | None) -> None:
     analysis = analyze(result, spec, slo)
     _print_levels([lv.summary for lv in analysis.levels], analysis.slo)
     for lv in analysis.levels:
@@ -304,7 +319,7 @@ def _analyze_prometheus(
 
 def _print_split(lv: LevelAnalysis) -> None:
     """One table per metric: the parts down, the percentiles across (narrow enough for a terminal)."""
-    for metric, rows in (("TTFT", lv.ttft), ("TPOT", lv.tpot)):
+    for metric, rows in (("TTFT", lv.ttft), ("TPOT", lv.tpot), ("E2E", lv.e2e)):
         if not rows:
             continue
         table = Table(

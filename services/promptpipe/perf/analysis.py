@@ -3,7 +3,7 @@ percentile, the bottleneck with its knob, the SLO's verdicts and the sweep's kne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from promptpipe.contract.spec import PipelineSpec
 from promptpipe.perf.advice import knob
@@ -62,6 +62,8 @@ class LevelAnalysis:
     ttft: list[PercentileSplit]
     tpot: list[PercentileSplit]
     findings: list[Finding]
+    # End to end: what a source without first tokens (traces) can split.
+    e2e: list[PercentileSplit] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,10 @@ def analyze(result: BenchResult, spec: PipelineSpec | None = None, slo: Slo | No
         summary = summarize(result, index, slo)
         splits = [s for c in result.calls_of(index) if (s := split(c)) is not None]
         ttft, tpot = at_percentiles(splits, "ttft"), at_percentiles(splits, "tpot")
-        findings = [
-            _finding(metric, rows, level.label, spec) for metric, rows in (("TTFT", ttft), ("TPOT", tpot)) if rows
-        ]
-        levels.append(LevelAnalysis(summary, splits, ttft, tpot, findings))
+        e2e = [] if ttft else at_percentiles(splits, "e2e")
+        metrics = (("TTFT", ttft), ("TPOT", tpot), ("end-to-end time", e2e))
+        findings = [_finding(metric, rows, level.label, spec) for metric, rows in metrics if rows]
+        levels.append(LevelAnalysis(summary, splits, ttft, tpot, findings, e2e))
     return Analysis(result, slo, levels, knee([lv.summary for lv in levels], slo))
 
 
@@ -94,4 +96,4 @@ def _finding(metric: str, rows: list[PercentileSplit], level: str, spec: Pipelin
     """The dominant part at p95 (the SLO's percentile), and its knob."""
     row = next((r for r in rows if r.percentile == 95), rows[-1])
     part, share = row.dominant()
-    return Finding(metric, row.percentile, part, share, level, knob(part, metric.lower(), spec))
+    return Finding(metric, row.percentile, part, share, level, knob(part, "tpot" if metric == "TPOT" else "ttft", spec))

@@ -50,9 +50,8 @@ class CallSplit:
 
 def split(call: CallRecord) -> CallSplit | None:
     """The call's parts, or None for a call without them (failed, or from a gateway that sent no timings)."""
-    if not call.ok or call.ttft is None or call.e2e is None or call.server_total is None or not call.stages:
+    if not call.ok or call.e2e is None or call.server_total is None or not call.stages:
         return None
-    server_ttft = call.server_ttft if call.server_ttft is not None else call.server_total
     ttft = dict.fromkeys(PARTS, 0.0)
     e2e = dict.fromkeys(PARTS, 0.0)
     for s in call.stages:
@@ -62,8 +61,11 @@ def split(call: CallRecord) -> CallSplit | None:
         ttft[NETWORK] += s.hop_first
         e2e[NETWORK] += s.hop
     # The client's own hop: what it measured beyond what the gateway did.
-    ttft[NETWORK] += max(0.0, call.ttft - server_ttft)
     e2e[NETWORK] += max(0.0, call.e2e - call.server_total)
+    if call.ttft is None:  # a source without first tokens (traces): the end-to-end split only
+        return CallSplit(call, {}, e2e)
+    server_ttft = call.server_ttft if call.server_ttft is not None else call.server_total
+    ttft[NETWORK] += max(0.0, call.ttft - server_ttft)
     return CallSplit(call, ttft, e2e)
 
 
@@ -83,7 +85,7 @@ class PercentileSplit:
 def at_percentiles(
     splits: list[CallSplit], metric: str, percentiles: tuple[int, ...] = PERCENTILES, band: float = 2.5
 ) -> list[PercentileSplit]:
-    """How `metric` ("ttft" or "tpot") splits at each percentile: the parts of the calls whose value ranks
+    """How `metric` ("ttft", "tpot" or "e2e") splits at each percentile: the parts of the calls whose value ranks
     within `band` percentage points of it (at least the one call at it), averaged and scaled to the value."""
     rows = [(v, parts) for s in splits if (v := _value(s, metric)) is not None and (parts := _parts(s, metric))]
     if not rows:
@@ -105,11 +107,11 @@ def at_percentiles(
 
 
 def _value(s: CallSplit, metric: str) -> float | None:
-    return s.call.ttft if metric == "ttft" else s.call.tpot
+    return {"ttft": s.call.ttft, "tpot": s.call.tpot, "e2e": s.call.e2e}[metric]
 
 
 def _parts(s: CallSplit, metric: str) -> dict[str, float]:
-    return s.ttft if metric == "ttft" else s.tpot()
+    return {"ttft": s.ttft, "tpot": s.tpot() if s.ttft else {}, "e2e": s.e2e}[metric]
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,13 @@ class CallRecord:
 class Level:
     """One load level of a run: fixed concurrency or a fixed rate of Poisson arrivals."""
 
-    kind: str  # "concurrency" | "rate"
+    kind: str  # "concurrency" | "rate" | "traced" (calls read back from a tracing backend, no load of ours)
     value: float
 
     @property
     def label(self) -> str:
+        if self.kind == "traced":
+            return f"{self.value:g} traced calls"
         return f"{self.value:g} concurrent" if self.kind == "concurrency" else f"{self.value:g} req/s"
 
 

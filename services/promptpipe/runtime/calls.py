@@ -78,9 +78,12 @@ class StageClient:
         with self._open_calls.open():  # retries and waiting included
             async for attempt in Retries(self._retry, deadline, self.name):
                 call = self._stub.Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
+                # Closed explicitly when we leave: a tracing interceptor ends the call's span only when its
+                # response iterator ends, and one left to the garbage collector may never be.
+                events = aiter(call)
                 streamed = False
                 try:
-                    async for event in call:
+                    async for event in events:
                         streamed = True
                         if event.HasField("final"):
                             if event.final.timings:  # the callee's own, appended last
@@ -94,6 +97,8 @@ class StageClient:
                     self._raise_unless_retryable(err, attempt, streamed)
                 finally:
                     call.cancel()  # no-op when finished; stops the next stage when we leave early
+                    if isinstance(events, AsyncGenerator):
+                        await events.aclose()
 
     @staticmethod
     def _remaining(deadline: float) -> float:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
 from promptpipe.contract.spec import StageName, StageSpec
+from promptpipe.contract.tracing import service_name
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.metrics import serving_gauge
@@ -72,7 +73,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     stage = settings.stage
     pipeline = config.pipeline
     server_interceptors, client_interceptors = setup_tracing(
-        settings.otel_exporter, f"promptpipe-{pipeline.metadata.name}-{stage.value}"
+        settings.otel_exporter, service_name(pipeline.metadata.name, stage.value)
     )
     registry = CollectorRegistry()
     runtime = StageRuntime.create(stage.value, pipeline.spec.stages.get(stage), registry, pipeline.metadata.name)

@@ -17,6 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import StageSpec
+from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE
 from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
@@ -111,7 +112,8 @@ class StageRuntime:
             async with self.queue.slot(deadline - time.monotonic(), flow) as waited:
                 self.metrics.queue_wait.observe(waited)
                 started = time.perf_counter()
-                with tracer().start_as_current_span(self._span_name):
+                # The wait is the span's attribute: the span itself covers the work, from the slot on.
+                with tracer().start_as_current_span(self._span_name, attributes={QUEUE_WAIT_ATTRIBUTE: waited}):
                     yield Call(deadline, waited)
         except asyncio.CancelledError:
             code = "CANCELLED"
