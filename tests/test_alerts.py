@@ -131,3 +131,18 @@ def test_a_rollback_is_counted_once_with_its_reason() -> None:
     count_rollbacks("team-a", "assistant", Decision(rolled, [Event("Warning", "RolledBack", "rolled back v2")]))
     count_rollbacks("team-a", "assistant", Decision(rolled, [Event("Normal", "Switched", "traffic on v2")]))
     assert count() == before + 1
+
+
+def test_the_series_the_error_budget_counts_exist_at_zero_before_the_first_error() -> None:
+    """increase() cannot see the first errors of a series born at 6: sheds and server errors start at 0."""
+    from promptpipe.contract.codes import SERVER_ERROR_CODES
+    from promptpipe.contract.spec import ShedPolicy
+    from promptpipe.runtime.admission import AdmissionQueue
+    from promptpipe.runtime.metrics import StageMetrics
+
+    registry = prometheus_client.CollectorRegistry()
+    queue = AdmissionQueue(capacity=1, concurrency=1, policy=ShedPolicy.REJECT_NEW, retry_after=1.0)
+    StageMetrics(registry, "p", "stream", queue)
+    for code in ("OK", "RESOURCE_EXHAUSTED", *SERVER_ERROR_CODES):
+        labels = {"pipeline": "p", "stage": "stream", "code": code}
+        assert registry.get_sample_value(f"{m.STAGE_DURATION.name}_count", labels) == 0, code

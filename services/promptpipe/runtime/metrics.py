@@ -68,7 +68,8 @@ class StageMetrics:
         self._labels = labels
         # These series exist from the start, at zero: PromQL's increase() cannot see the first errors of a
         # series that appears already at 6, so an error-rate query would read 0 exactly when it matters.
-        for code in ("OK", *SERVER_ERROR_CODES):
+        # RESOURCE_EXHAUSTED too: sheds count against the SLO's error budget (the chart's alerts).
+        for code in ("OK", *SERVER_ERROR_CODES, "RESOURCE_EXHAUSTED"):
             self._duration.labels(**labels, code=code)
         self.rejected = shed.labels(**labels, reason="rejected")
         self.dropped = shed.labels(**labels, reason="dropped")
