@@ -230,6 +230,7 @@ def test_the_report_draws_the_series_it_says(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "report" / "series.json").read_text())
 
     composition = data["ttft_composition"]
+    assert data["composition_of"] == "time to first token"
     assert list(composition) == ["1 concurrent", "2 concurrent", "4 concurrent"]
     assert list(composition["4 concurrent"]) == ["p50", "p95", "p99"]
     p99 = composition["4 concurrent"]["p99"]
@@ -315,5 +316,12 @@ def test_a_trace_becomes_a_call_record_split_like_a_bench_call() -> None:
     assert shares["rag"].hop == pytest.approx(0.001)
     s = split(call)
     assert s is not None and s.e2e_sum == pytest.approx(0.102) and s.ttft == {}
+    # Traces split the end-to-end time, in the report too.
+    from promptpipe.perf import report
+
+    traced = BenchResult("jaeger", "jaeger", [Level("traced", 1)], [call], [(0.0, 0.102)])
+    data = report.series(analyze(traced))
+    assert data["composition_of"] == "end-to-end time"
+    assert sum(data["ttft_composition"]["1 traced call"]["p50"].values()) == pytest.approx(102.0)
     # A trace still missing a stage's span is no call yet.
     assert traces.record({"spans": [x for x in spans if x["operationName"] != "inference"]}, origin=1.0) is None

@@ -68,7 +68,7 @@ class Level:
     @property
     def label(self) -> str:
         if self.kind == "traced":
-            return f"{self.value:g} traced calls"
+            return f"{self.value:g} traced call" + ("" if self.value == 1 else "s")
         return f"{self.value:g} concurrent" if self.kind == "concurrency" else f"{self.value:g} req/s"
 
 

@@ -41,10 +41,12 @@ def _ms(seconds: float) -> float:
 def series(analysis: Analysis) -> dict[str, Any]:
     """The data of every figure, in milliseconds: what the PNGs draw, for tests and for other tools."""
     levels = analysis.levels
+    # A source without first tokens (traces) splits the end-to-end time instead.
+    first_tokens = any(lv.ttft for lv in levels) or not any(lv.e2e for lv in levels)
     composition = {
         lv.summary.level.label: {
             f"p{row.percentile}": {part: _ms(v) for part, v in row.parts.items()}
-            for row in lv.ttft
+            for row in (lv.ttft if first_tokens else lv.e2e)
             if row.percentile in (50, 95, 99)
         }
         for lv in levels
@@ -77,6 +79,7 @@ def series(analysis: Analysis) -> dict[str, Any]:
     tpot = {lv.summary.level.label: [_ms(t) for s in lv.splits if (t := s.call.tpot) is not None] for lv in levels}
     return {
         "ttft_composition": composition,
+        "composition_of": "time to first token" if first_tokens else "end-to-end time",
         "latency_vs_load": load,
         "waterfall": waterfall,
         "ttft_histogram": _histogram(ttft),
@@ -100,7 +103,7 @@ def _histogram(by_level: dict[str, list[float]], bins: int = 30) -> dict[str, An
     return {"values": len(values), "edges": [round(low + i * width, 3) for i in range(bins + 1)], "counts": counts}
 
 
-def _composition_figure(data: dict[str, Any]) -> Figure:
+def _composition_figure(data: dict[str, Any], what: str) -> Figure:
     labels, stacks = [], []
     for level, rows in data.items():
         for p, parts in rows.items():
@@ -115,8 +118,8 @@ def _composition_figure(data: dict[str, Any]) -> Figure:
         colour, hatch = _colour(part)
         ax.bar(labels, heights, bottom=bottom, color=colour, hatch=hatch, edgecolor="white", label=part_label(part))
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_title("What the time to first token is made of")
+    ax.set_ylabel(f"{what} (ms)")
+    ax.set_title(f"What the {what} is made of")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
@@ -181,7 +184,7 @@ def write(analysis: Analysis, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     data = series(analysis)
     figures = {
-        "ttft_composition": _composition_figure(data["ttft_composition"]),
+        "ttft_composition": _composition_figure(data["ttft_composition"], data["composition_of"]),
         "latency_vs_load": _load_figure(data["latency_vs_load"]),
         "waterfall": _waterfall_figure(data["waterfall"]),
         "ttft_histogram": _histogram_figure(data["ttft_histogram"], "time to first token"),
