@@ -198,6 +198,8 @@ def check_after(line: str, out: str, err: str, node: Node, cwd: Path) -> None:
             120,
             every=1,
         )
-        wait_gone(node, "default", stage_selector("quickstart"))
+        # A pod may take its whole termination grace (the quickstart's timeoutSeconds, 120 s, plus a margin)
+        # to drain: `kubectl delete` on a cluster waits as long. Once here it did.
+        wait_gone(node, "default", stage_selector("quickstart"), 240)
     elif line.startswith("helm uninstall"):
         wait_gone(node, "promptpipe-system", "app.kubernetes.io/name=promptpipe-operator")
