@@ -19,6 +19,7 @@ import psutil
 import yaml
 
 from promptpipe.cli import localrun
+from promptpipe.perf.breakdown import percentile
 from promptpipe.rpc import CHANNEL_OPTIONS
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
@@ -115,11 +116,8 @@ def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+# The nearest-rank percentile (q in 0-100) that `promptpipe analyze` reports too.
+pct = percentile
 
 
 def ms(v: float) -> str:

@@ -2,55 +2,42 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.cli import promptpipe
 from tests.support.pipelines import synthetic_pipeline
 
 pytestmark = pytest.mark.processes
 
 
-def promptpipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "promptpipe.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_up_generate_status_down(tmp_path: Path) -> None:
-    env = {**os.environ, "PROMPTPIPE_HOME": str(tmp_path / "home"), "COLUMNS": "120"}
+    home = tmp_path / "home"
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(yaml.safe_dump(synthetic_pipeline("cli", post={"redact": {"replacement": "[X]"}})))
 
-    up = promptpipe("up", "-f", str(pipeline), env=env)
+    up = promptpipe("up", "-f", str(pipeline), home=home)
     assert up.returncode == 0, up.stderr
     try:
         assert "pipeline cli is serving" in up.stdout
         assert up.stdout.count("SERVING") == 5
 
-        again = promptpipe("up", "-f", str(pipeline), env=env)
+        again = promptpipe("up", "-f", str(pipeline), home=home)
         assert again.returncode == 1 and "already running" in again.stderr
 
-        gen = promptpipe("generate", "--session", "s1", "hello", env=env)
+        gen = promptpipe("generate", "--session", "s1", "hello", home=home)
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout == " tok" * 16 + "\n"
         assert "finish=length" in gen.stderr and "tokens=" in gen.stderr
         for stage in ("rag", "assemble", "inference", "post", "stream"):
             assert f"{stage} " in gen.stderr
 
-        bad = promptpipe("generate", "hello", "--temperature", "7", env=env)
+        bad = promptpipe("generate", "hello", "--temperature", "7", home=home)
         assert bad.returncode == 1 and "INVALID_ARGUMENT: parameters.temperature" in bad.stderr
 
-        status = promptpipe("status", env=env)
+        status = promptpipe("status", home=home)
         assert status.returncode == 0
         rows = [
             line.split()
@@ -62,17 +49,17 @@ def test_up_generate_status_down(tmp_path: Path) -> None:
         # The gateway admits before it validates, so the refused request held a gateway slot too.
         assert done == {"stream": "2", "rag": "1", "assemble": "1", "inference": "1", "post": "1"}
     finally:
-        down = promptpipe("down", env=env)
+        down = promptpipe("down", home=home)
     assert down.returncode == 0 and "stopped" in down.stdout
-    assert promptpipe("status", env=env).returncode == 1
+    assert promptpipe("status", home=home).returncode == 1
 
 
 def test_up_refuses_operator_managed_tgi_locally_saying_what_to_set(tmp_path: Path) -> None:
     file = tmp_path / "gpu.yaml"
     file.write_text(yaml.safe_dump(synthetic_pipeline("gpu", model={"name": "m", "backend": "tgi"})))
-    env = {**os.environ, "PROMPTPIPE_HOME": str(tmp_path / "home")}
-    assert promptpipe("validate", "-f", str(file), env=env).returncode == 0, "valid for a cluster"
-    result = promptpipe("up", "-f", str(file), env=env)
+    home = tmp_path / "home"
+    assert promptpipe("validate", "-f", str(file), home=home).returncode == 0, "valid for a cluster"
+    result = promptpipe("up", "-f", str(file), home=home)
     assert result.returncode != 0
     assert "spec.model.tgi.endpoints" in result.stderr + result.stdout
     assert not (tmp_path / "home" / "runs" / "gpu").exists(), "nothing was started"
