@@ -135,7 +135,7 @@ def _shims_of(folder: str) -> list[int]:
     return pids
 
 
-def _live_others(record: Record) -> list[Record]:
+def live_others(record: Record) -> list[Record]:
     """Other nodes on this machine whose test run is still going."""
     return [
         r
@@ -169,7 +169,7 @@ def reap(record: Record) -> None:
         _run("umount", "--lazy", point, check=False)
     if Path("/run/netns", record.netns).exists():
         _run("ip", "netns", "delete", record.netns, check=False)
-    if not _live_others(record):  # the last node out puts the kernel's settings back
+    if not live_others(record):  # the last node out puts the kernel's settings back
         _restore_sysctls(record.sysctls)
     shutil.rmtree(folder, ignore_errors=True)
     record.path.unlink(missing_ok=True)
