@@ -1,7 +1,7 @@
 """Embedded llama.cpp (llama-cpp-python): real tokens on a CPU, no server.
 
 Generation runs in a worker thread; tokens cross into the event loop through a
-bounded queue. Closing the async iterator sets a flag the thread checks after
+hand-over bounded by a semaphore. Closing the async iterator sets a flag the thread checks after
 every token, so a cancelled call stops the decode loop within one token.
 """
 
@@ -26,6 +26,8 @@ from promptpipe.v1.common_pb2 import FINISH_REASON_EOS, FINISH_REASON_LENGTH
 log = logging.getLogger(__name__)
 
 _DONE = object()
+# Pieces the decode thread may hand over before the reader takes them: past this it waits (backpressure).
+MAX_UNREAD_PIECES = 256
 
 
 def default_model_path() -> Path:
@@ -72,13 +74,15 @@ class LlamaCppBackend:
         except TimeoutError:
             raise DeadlineExceeded("deadline passed waiting for the model") from None
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=256)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        room = threading.Semaphore(MAX_UNREAD_PIECES)
         stop = threading.Event()
-        worker = loop.run_in_executor(None, self._decode, request, queue, loop, stop)
+        worker = loop.run_in_executor(None, self._decode, request, queue, loop, stop, room)
         finished = False
         try:
             while True:
                 item = await asyncio.wait_for(queue.get(), max(0.001, request.remaining()))
+                room.release()
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
@@ -92,8 +96,8 @@ class LlamaCppBackend:
         finally:
             stop.set()
             if not finished:
-                while not queue.empty():  # unblock a thread waiting to put
-                    queue.get_nowait()
+                for _ in range(MAX_UNREAD_PIECES):  # unblock a thread waiting for room
+                    room.release()
                 await asyncio.shield(worker)
             self._lock.release()
 
@@ -103,18 +107,19 @@ class LlamaCppBackend:
         queue: asyncio.Queue[Any],
         loop: asyncio.AbstractEventLoop,
         stop: threading.Event,
+        room: threading.Semaphore,
     ) -> Outcome:
         """Runs in a worker thread."""
 
         def put(item: object) -> None:
-            fut = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
-            while not stop.is_set():
-                try:
-                    fut.result(timeout=0.1)
+            # The decode thread hands each piece over without waiting for the event loop (a round trip
+            # per token would pace decoding by the loop); it waits only when the reader is
+            # MAX_UNREAD_PIECES behind, or stops once the reader has gone.
+            while not room.acquire(timeout=0.1):
+                if stop.is_set():
                     return
-                except TimeoutError:
-                    continue
-            fut.cancel()
+            if not stop.is_set():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
 
         produced = 0
         reason = FINISH_REASON_LENGTH
