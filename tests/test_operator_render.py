@@ -24,8 +24,10 @@ from promptpipe_operator.render import (
     children,
     config_map,
     deployment,
+    network_policies,
     runtime_config,
     scaled_object,
+    selector,
     service,
 )
 from promptpipe_operator.rollout import BLUE, GREEN, Slot, State
@@ -460,3 +462,42 @@ def test_the_operator_refuses_what_its_installer_did_not_allow_naming_the_field(
     assert policy.refusal(elsewhere, named) is None
     doc["spec"]["rollout"]["analysis"]["prometheus"]["url"] = SETTINGS.prometheus_address + "/"
     assert policy.refusal(parse_pipeline(doc), SETTINGS) is None, "the operator's own Prometheus always may"
+
+
+def fused(*stages: str) -> Any:
+    doc = copy.deepcopy(QUICKSTART)
+    doc["spec"]["fuse"] = list(stages)
+    doc["spec"]["stages"]["post"] = {"queue": {"concurrency": 9}, "timeoutSeconds": 300}
+    return parse_pipeline(doc)
+
+
+def test_fused_stages_get_no_pods_and_are_reached_at_their_hosts_services() -> None:
+    pp = fused("rag", "assemble", "post")
+    out = children(pp, "ns1", SETTINGS)
+    for kind in ("Deployment", "Service", "ScaledObject"):
+        assert set(by_kind(out, kind)) == {"quickstart-stream", "quickstart-inference"}, kind
+    config = RuntimeConfig.model_validate(yaml.safe_load(config_map(pp, "ns1")[0]["data"]["runtime.yaml"]))
+    assert config.endpoints[StageName.RAG] == config.endpoints[StageName.ASSEMBLE] == config.endpoints[StageName.STREAM]
+    assert config.endpoints[StageName.POST] == f"quickstart-inference.ns1.svc:{GRPC_PORT}"
+    assert config.pipeline.spec.fuse == pp.spec.fuse, "the stage processes read what to host from the config"
+    # rag reads its corpus in the gateway's pod now.
+    gateway = by_kind(out, "Deployment")["quickstart-stream"]["spec"]["template"]["spec"]
+    assert {"name": "corpus", "configMap": {"name": "quickstart-corpus"}} in gateway["volumes"]
+    # The inference pod serves post's calls: it drains for post's timeout, scales on the gateway's open
+    # calls to post, a replica per post's concurrency (+ the target queue depth).
+    inference = by_kind(out, "Deployment")["quickstart-inference"]["spec"]["template"]["spec"]
+    assert inference["terminationGracePeriodSeconds"] == 300 + 5
+    (trigger,) = by_kind(out, "ScaledObject")["quickstart-inference"]["spec"]["triggers"]
+    assert 'to="post"' in trigger["metadata"]["query"]
+    assert trigger["metadata"]["threshold"] == str(9 + 8)  # the default targetQueueDepth
+
+
+def test_a_fused_pipelines_network_policies_let_each_pod_be_called_by_its_callers_host_only() -> None:
+    policies = by_kind(network_policies(fused("post"), "ns1", SETTINGS), "NetworkPolicy")
+    assert "quickstart-post-ingress" not in policies
+    inference = policies["quickstart-inference-ingress"]["spec"]["ingress"][0]["from"]
+    assert inference == [{"podSelector": {"matchLabels": selector("quickstart", "stream")}}]
+    unfused = by_kind(network_policies(pipeline(), "ns1", SETTINGS), "NetworkPolicy")
+    assert unfused["quickstart-inference-ingress"]["spec"]["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": selector("quickstart", "post")}}
+    ]

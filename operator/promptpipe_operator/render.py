@@ -106,7 +106,8 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     and what only the operator uses (scaling, resources, how TGI is run) left at defaults, so
     editing those changes the ScaledObject or the TGI Deployment without rolling every stage."""
     name = pp.metadata.name
-    endpoints = {s: f"{child_name(name, s.value)}.{namespace}.svc:{GRPC_PORT}" for s in STAGE_ORDER}
+    # A fused stage is reached at its host's Service (`spec.fuse`).
+    endpoints = {s: f"{child_name(name, pp.spec.host_of(s).value)}.{namespace}.svc:{GRPC_PORT}" for s in STAGE_ORDER}
     spec = pp.spec
     model = spec.model
     tgi = managed_tgi(pp)
@@ -199,7 +200,8 @@ def deployment(
     pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings, config_hash: str
 ) -> KubeObject:
     name = pp.metadata.name
-    spec = pp.spec.stages.get(stage)
+    # The longest drain of the stages the process runs (its own and those fused into it).
+    drain_grace = max(pp.spec.stages.get(s).drain_grace() for s in (stage, *pp.spec.fused_into(stage)))
     env: list[dict[str, Any]] = [
         {"name": "PROMPTPIPE_STAGE", "value": stage.value},
         {"name": "PROMPTPIPE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_FILE}"},
@@ -226,7 +228,7 @@ def deployment(
         ports.append({"name": "stage", "containerPort": STAGE_PORT, "protocol": "TCP"})
         _gateway_front_door(pp, env, mounts, volumes)
     corpus = pp.spec.rag.corpus.config_map
-    if stage is StageName.RAG and corpus:
+    if pp.spec.host_of(StageName.RAG) is stage and corpus:  # rag's own pod, or the gateway's with rag fused
         mounts.append({"name": "corpus", "mountPath": CORPUS_DIR, "readOnly": True})
         volumes.append({"name": "corpus", "configMap": {"name": corpus}})
     openai = pp.spec.model.openai
@@ -282,7 +284,7 @@ def deployment(
                     },
                 },
                 "spec": {
-                    "terminationGracePeriodSeconds": math.ceil(spec.drain_grace()) + TERMINATION_MARGIN_SECONDS,
+                    "terminationGracePeriodSeconds": math.ceil(drain_grace) + TERMINATION_MARGIN_SECONDS,
                     **_service_account(pp, stage),
                     "securityContext": {
                         "runAsNonRoot": True,
@@ -417,12 +419,13 @@ def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings
     slots are busy and more than `targetQueueDepth` calls wait on each. A busy stage (load > 0) is never
     scaled to zero; a stage at zero is woken by the first call to it (activation above 0)."""
     name = pp.metadata.name
-    stage_spec = pp.spec.stages.get(stage)
-    scaling = stage_spec.scaling
+    scaling = pp.spec.stages.get(stage).scaling
+    # What its callers call it as, and whose queue bounds a replica's calls: post's, when post is fused in.
+    called = pp.spec.called_as(stage)
     trigger_metadata = {
         "serverAddress": settings.prometheus_address,
-        "query": load_query(name, namespace, stage, settings.load_window),
-        "threshold": str(stage_spec.queue.concurrency + scaling.target_queue_depth),
+        "query": load_query(name, namespace, called, settings.load_window),
+        "threshold": str(pp.spec.stages.get(called).queue.concurrency + scaling.target_queue_depth),
         "activationThreshold": "0",
     }
     return {
@@ -676,7 +679,14 @@ def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSetti
             {"from": scrapers, "ports": ports("metrics")},
         ]
     }
-    for component, callers in CALLERS.items():
+    processes = {s.value: s for s in pp.spec.processes()}
+    for component, stage_callers in CALLERS.items():
+        callers = stage_callers
+        if component in processes:  # a process's callers are those of the stage called in it, by their host
+            called = pp.spec.called_as(processes[component]).value
+            callers = tuple(dict.fromkeys(pp.spec.host_of(StageName(c)).value for c in CALLERS[called]))
+        elif component != BACKEND:
+            continue  # fused: no pods of its own
         if component == BACKEND:
             if managed_tgi(pp) is None:
                 continue
@@ -720,7 +730,7 @@ def children(
     cm, config_hash = config_map(pp, namespace)
     access = discovery_access(pp, namespace) if managed_tgi(pp) is not None else []
     out = [*backend_children(pp, namespace, state or State(), settings, registry), *access, cm]
-    for stage in STAGE_ORDER:
+    for stage in pp.spec.processes():
         out += [
             deployment(pp, namespace, stage, settings, config_hash),
             service(pp, namespace, stage),

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from promptpipe.contract.spec import STAGE_ORDER, PromptPipeline
+from promptpipe.contract.spec import PromptPipeline
 from promptpipe_operator.render import (
     BACKEND,
     GRPC_PORT,
@@ -74,7 +74,7 @@ def components(
     """Health of every Deployment serving the pipeline (the backend: its active color), keyed by
     Deployment name in `deployments`."""
     name = pp.metadata.name
-    out = [deployment_health(s.value, deployments.get(child_name(name, s.value))) for s in STAGE_ORDER]
+    out = [deployment_health(s.value, deployments.get(child_name(name, s.value))) for s in pp.spec.processes()]
     if managed_tgi(pp) is not None:
         out.append(deployment_health(BACKEND, deployments.get(backend_name(name, active_color or BLUE))))
     return out

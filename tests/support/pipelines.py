@@ -86,8 +86,8 @@ class RunningPipeline:
         args = [sys.executable, "-m", "promptpipe.runtime.server"]
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def metric(self, stage: StageName, name: str, **labels: str) -> float:
-        """The value of one sample in the stage's /metrics."""
+    def metric(self, stage: StageName, name: str, /, **labels: str) -> float:
+        """The value of one sample in the stage's /metrics (a `stage` label too: a fused stage's, in its host's)."""
         for line in self.metrics(stage).splitlines():
             named = line.startswith((name + "{", name + " "))
             if named and all(f'{k}="{v}"' in line for k, v in labels.items()):

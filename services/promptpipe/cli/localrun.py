@@ -101,17 +101,19 @@ def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
         if any(alive(p.pid) for p in existing.stages.values()):
             raise LocalRunError(f"pipeline {name!r} is already running (promptpipe down --name {name})")
     folder.mkdir(parents=True, exist_ok=True)
-    ports = {stage: free_port() for stage in STAGE_ORDER}
+    # One process per stage, but a fused stage runs in its host's (`spec.fuse`): its endpoint is the host's.
+    processes = pipeline.spec.processes()
+    ports = {stage: free_port() for stage in processes}
     config = RuntimeConfig(
         pipeline=pipeline,
-        endpoints={s: f"127.0.0.1:{p}" for s, p in ports.items()},
+        endpoints={s: f"127.0.0.1:{ports[pipeline.spec.host_of(s)]}" for s in STAGE_ORDER},
         base_dir=str(pipeline_file.resolve().parent),
     )
     config_path = folder / "runtime.yaml"
     config_path.write_text(config.dump_yaml())
     tls = bool(os.environ.get("PROMPTPIPE_TLS_CERT_FILE"))
     run = LocalRun(name=name, folder=str(folder), stages={}, model=model.name, tls=tls)
-    for stage in STAGE_ORDER:
+    for stage in processes:
         log_path = folder / f"{stage.value}.log"
         env = {
             **stage_environment(stage, pipeline, os.environ),
@@ -214,7 +216,8 @@ def stop(run: LocalRun) -> list[str]:
         if proc is None or not alive(proc.pid):
             continue
         os.kill(proc.pid, signal.SIGTERM)
-        grace = config.pipeline.spec.stages.get(stage).drain_grace()
+        spec = config.pipeline.spec
+        grace = max(spec.stages.get(s).drain_grace() for s in (stage, *spec.fused_into(stage)))
         if not exits(proc.pid, grace + 5.0):
             os.kill(proc.pid, signal.SIGKILL)
             killed.append(stage.value)

@@ -19,6 +19,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -46,6 +47,22 @@ STAGE_ORDER: tuple[StageName, ...] = (
     StageName.INFERENCE,
     StageName.POST,
 )
+
+
+class FusedStage(str, enum.Enum):
+    """A stage that may run in a neighbour's process: rag, assemble or post."""
+
+    RAG = "rag"
+    ASSEMBLE = "assemble"
+    POST = "post"
+
+
+# The process each fusable stage runs in when fused.
+FUSION_HOSTS: dict[StageName, StageName] = {
+    StageName.RAG: StageName.STREAM,
+    StageName.ASSEMBLE: StageName.STREAM,
+    StageName.POST: StageName.INFERENCE,
+}
 
 
 class _Model(BaseModel):
@@ -734,6 +751,45 @@ class PipelineSpec(_Model):
     # Operator only (locally: PROMPTPIPE_TLS_CERT_FILE and PROMPTPIPE_TLS_KEY_FILE).
     tls: TlsSpec | None = None
     slo: SloSpec | None = None
+    # Stages that run inside a neighbour's process, called in-process instead of over gRPC: rag and
+    # assemble in the gateway's, post in the inference stage's. Fewer hops and pods, for less isolation
+    # (a fused stage shares its host's process, replicas and resources; its own queue, timeout and metrics
+    # still apply). Default: none, five services.
+    fuse: Annotated[
+        list[FusedStage],
+        Field(
+            max_length=3,
+            description="Stages run in-process by a neighbour: rag and assemble by the gateway, post by inference.",
+            json_schema_extra={"x-kubernetes-list-type": "set"},
+        ),
+    ] = []
+
+    def host_of(self, stage: StageName) -> StageName:
+        """The stage whose process runs `stage`: itself unless it is fused."""
+        if stage in FUSION_HOSTS and FusedStage(stage.value) in self.fuse:
+            return FUSION_HOSTS[stage]
+        return stage
+
+    def processes(self) -> list[StageName]:
+        """The stages that run as processes of their own (Deployments on a cluster), in STAGE_ORDER."""
+        return [s for s in STAGE_ORDER if self.host_of(s) is s]
+
+    def called_as(self, process: StageName) -> StageName:
+        """The stage the other processes call in `process`: post, when post is fused into inference."""
+        return StageName.POST if StageName.POST in self.fused_into(process) else process
+
+    def fused_into(self, host: StageName) -> list[StageName]:
+        """The fused stages that run in `host`'s process."""
+        return [s for s in STAGE_ORDER if s is not host and self.host_of(s) is host]
+
+    @field_validator("fuse")
+    @classmethod
+    def _fused_once(cls, fuse: list[FusedStage]) -> list[FusedStage]:
+        # The API server's list-type "set" says the same.
+        repeated = sorted({s.value for s in fuse if fuse.count(s) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} more than once")
+        return fuse
 
     @model_validator(mode="after")
     def _context_holds_an_answer(self) -> PipelineSpec:

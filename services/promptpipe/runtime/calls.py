@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -28,6 +28,18 @@ log = logging.getLogger(__name__)
 # Only failures that mean "this call never reached a working server" are retried:
 # UNAVAILABLE from the transport, not one a stage's handler chose (see ORIGIN_TRAILER).
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class NextStage(Protocol):
+    """The stage a stage calls, over gRPC (StageClient) or in-process when fused (InProcessStage)."""
+
+    name: str
+
+    async def process(self, item: stage_pb2.WorkItem, deadline: float) -> stage_pb2.WorkItem: ...
+
+    def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]: ...
+
+    async def close(self) -> None: ...
 
 
 class StageClient:

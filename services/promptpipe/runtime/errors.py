@@ -6,6 +6,7 @@ Anything else becomes INTERNAL with a fixed message: internals never reach clien
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 
 import grpc
@@ -94,14 +95,22 @@ class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_me
 
 
 def _retry_info_status(err: Shed) -> grpc.Status:
-    seconds = int(err.retry_after)
-    nanos = int((err.retry_after - seconds) * 1e9)
+    quota = (err.tenant, err.limit) if isinstance(err, QuotaExceeded) else None
+    return _retry_info_status_of(err.message, err.retry_after, quota)
+
+
+# A surge refuses thousands of calls with the same few messages: each status is built once.
+@functools.lru_cache(maxsize=256)
+def _retry_info_status_of(message: str, retry_after: float, quota: tuple[str, str] | None) -> grpc.Status:
+    seconds = int(retry_after)
+    nanos = int((retry_after - seconds) * 1e9)
     info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos))
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=err.message)
+    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message)
     status.details.add().Pack(info)
-    if isinstance(err, QuotaExceeded):
+    if quota is not None:
+        tenant, limit = quota
         violation = error_details_pb2.QuotaFailure.Violation(
-            subject=f"tenant:{err.tenant}", description=f"{err.limit} per minute"
+            subject=f"tenant:{tenant}", description=f"{limit} per minute"
         )
         status.details.add().Pack(error_details_pb2.QuotaFailure(violations=[violation]))
     return rpc_status.to_status(status)
@@ -126,6 +135,21 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, stag
         await context.abort(exc.code, exc.message, trailing_metadata=origin)
     log.exception("unexpected error in stage %s", stage, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in stage {stage}", trailing_metadata=origin)
+
+
+def as_received(exc: BaseException, stage: str) -> UpstreamError:
+    """The error a caller of `stage` gets for `exc` when it calls the stage in-process (a fused stage):
+    the status `abort_with` would have sent it over gRPC, trailers included."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    origin = ((ORIGIN_TRAILER, stage),)
+    if isinstance(exc, Shed):
+        status = _retry_info_status(exc)
+        return UpstreamError(exc.code, exc.message, (*status.trailing_metadata, *origin), exc.retry_after)
+    if isinstance(exc, StageError):
+        return UpstreamError(exc.code, exc.message, origin)
+    log.exception("unexpected error in stage %s", stage, exc_info=exc)
+    return UpstreamError(grpc.StatusCode.INTERNAL, f"internal error in stage {stage}", origin)
 
 
 def from_a_stage(trailers: tuple[tuple[str, str | bytes], ...]) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -54,26 +56,59 @@ def _histogram(metric: m.Metric, registry: CollectorRegistry, buckets: tuple[flo
     return Histogram(metric.name, metric.help, metric.label_names, registry=registry, buckets=buckets)
 
 
+@dataclass(frozen=True)
+class _StageFamilies:
+    """The stage metrics of one registry: a process with fused stages holds the series of each."""
+
+    queue_depth: Gauge
+    queue_capacity: Gauge
+    in_flight: Gauge
+    concurrency: Gauge
+    queue_wait: Histogram
+    duration: Histogram
+    shed: Counter
+    caller_deadlines: Counter
+
+
+_stage_families: weakref.WeakKeyDictionary[CollectorRegistry, _StageFamilies] = weakref.WeakKeyDictionary()
+
+
+def _families_of(registry: CollectorRegistry) -> _StageFamilies:
+    families = _stage_families.get(registry)
+    if families is None:
+        families = _stage_families[registry] = _StageFamilies(
+            _gauge(m.STAGE_QUEUE_DEPTH, registry),
+            _gauge(m.STAGE_QUEUE_CAPACITY, registry),
+            _gauge(m.STAGE_IN_FLIGHT, registry),
+            _gauge(m.STAGE_CONCURRENCY, registry),
+            _histogram(m.STAGE_QUEUE_WAIT, registry, _LATENCY_BUCKETS),
+            _histogram(m.STAGE_DURATION, registry, _LATENCY_BUCKETS),
+            _counter(m.STAGE_SHED, registry),
+            _counter(m.STAGE_CALLER_DEADLINES, registry),
+        )
+    return families
+
+
 class StageMetrics:
     def __init__(self, registry: CollectorRegistry, pipeline: str, stage: str, queue: AdmissionQueue) -> None:
         labels = {m.Label.PIPELINE.value: pipeline, m.Label.STAGE.value: stage}
+        f = _families_of(registry)
         # Gauges read the queue when scraped: nothing to keep in sync on the hot path.
-        _gauge(m.STAGE_QUEUE_DEPTH, registry).labels(**labels).set_function(lambda: queue.depth)
-        _gauge(m.STAGE_QUEUE_CAPACITY, registry).labels(**labels).set(queue.capacity)
-        _gauge(m.STAGE_IN_FLIGHT, registry).labels(**labels).set_function(lambda: queue.in_flight)
-        _gauge(m.STAGE_CONCURRENCY, registry).labels(**labels).set(queue.concurrency)
-        self.queue_wait = _histogram(m.STAGE_QUEUE_WAIT, registry, _LATENCY_BUCKETS).labels(**labels)
-        self._duration = _histogram(m.STAGE_DURATION, registry, _LATENCY_BUCKETS)
-        shed = _counter(m.STAGE_SHED, registry)
+        f.queue_depth.labels(**labels).set_function(lambda: queue.depth)
+        f.queue_capacity.labels(**labels).set(queue.capacity)
+        f.in_flight.labels(**labels).set_function(lambda: queue.in_flight)
+        f.concurrency.labels(**labels).set(queue.concurrency)
+        self.queue_wait = f.queue_wait.labels(**labels)
+        self._duration = f.duration
         self._labels = labels
         # These series exist from the start, at zero: PromQL's increase() cannot see the first errors of a
         # series that appears already at 6, so an error-rate query would read 0 exactly when it matters.
         # RESOURCE_EXHAUSTED too: sheds count against the SLO's error budget (the chart's alerts).
         for code in ("OK", *SERVER_ERROR_CODES, "RESOURCE_EXHAUSTED"):
             self._duration.labels(**labels, code=code)
-        self.rejected = shed.labels(**labels, reason="rejected")
-        self.dropped = shed.labels(**labels, reason="dropped")
-        self.caller_deadlines = _counter(m.STAGE_CALLER_DEADLINES, registry).labels(**labels)
+        self.rejected = f.shed.labels(**labels, reason="rejected")
+        self.dropped = f.shed.labels(**labels, reason="dropped")
+        self.caller_deadlines = f.caller_deadlines.labels(**labels)
 
     def observe_call(self, code: str, seconds: float) -> None:
         self._duration.labels(**self._labels, code=code).observe(seconds)

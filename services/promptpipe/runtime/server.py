@@ -81,10 +81,11 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     if keys is not None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
     built = build_stage(stage, config, runtime, registry, client_interceptors, keys)
-    servicer = StageServicer(runtime, built.handler)
+    served = built.served or runtime  # post's, when post is fused into this inference process
+    servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.healthy())
 
-    server = grpc.aio.server(options=server_options(runtime.spec), interceptors=server_interceptors or None)
+    server = grpc.aio.server(options=server_options(served.spec), interceptors=server_interceptors or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     certificate = _certificate(settings)
@@ -101,7 +102,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         # is on a port of its own, which the gateway's Service does not expose.
         gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
         services = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
-        internal = grpc.aio.server(options=server_options(runtime.spec))
+        internal = grpc.aio.server(options=server_options(served.spec))
         stage_pb2_grpc.add_StageServicer_to_server(servicer, internal)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
         stage_port = internal.add_insecure_port(f"{settings.host}:{settings.stage_port}")
@@ -157,12 +158,12 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     await stop.wait()
     watch.cancel()
 
-    grace = runtime.spec.drain_grace()
+    grace = served.spec.drain_grace()
     log.info(
         "draining stage %s: %d in flight, %d queued, grace %.1fs",
         stage.value,
-        runtime.queue.in_flight,
-        runtime.queue.depth,
+        served.queue.in_flight,
+        served.queue.depth,
         grace,
     )
     servicer.serving = False

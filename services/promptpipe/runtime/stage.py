@@ -100,22 +100,26 @@ class StageRuntime:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, deadline: float, callers: bool, overrun: Callable[[], None], flow: Flow = ONE_FLOW
+        self, deadline: float, callers: bool, overrun: Callable[[], None] | None, flow: Flow = ONE_FLOW
     ) -> AsyncIterator[Call]:
         """Admit a call of any transport and hold its work slot for the body, in a span, with the metrics.
         Errors pass through (the transport turns them into its own statuses). A body that outlives its
-        deadline by WATCHDOG_SLACK_SECONDS, wherever it is stuck, gets `overrun()` then is cancelled."""
+        deadline by WATCHDOG_SLACK_SECONDS, wherever it is stuck, gets `overrun()` then is cancelled (None:
+        no watchdog, for a call in-process, which its caller's own watchdog bounds)."""
         started = time.perf_counter()
         code = "OK"
-        watchdog = _Watchdog(deadline + WATCHDOG_SLACK_SECONDS, overrun)
+        watchdog: _Watchdog | None = None
         try:
             async with self.queue.slot(deadline - time.monotonic(), flow) as waited:
+                # Only an admitted call gets a watchdog: a refusal costs no timer.
+                if overrun is not None:
+                    watchdog = _Watchdog(deadline + WATCHDOG_SLACK_SECONDS, overrun)
                 self.metrics.queue_wait.observe(waited)
                 started = time.perf_counter()
                 # The wait is the span's attribute: the span itself covers the work, from the slot on.
                 with tracer().start_as_current_span(self._span_name, attributes={QUEUE_WAIT_ATTRIBUTE: waited}):
                     yield Call(deadline, waited)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left (in-process: closed the stream)
             code = "CANCELLED"
             raise
         except Exception as exc:
@@ -124,9 +128,10 @@ class StageRuntime:
                 (self.metrics.dropped if exc.reason == "dropped" else self.metrics.rejected).inc()
             raise
         finally:
-            watchdog.cancel()
-            if watchdog.fired:
-                code = DeadlineExceeded.code.name
+            if watchdog is not None:
+                watchdog.cancel()
+                if watchdog.fired:
+                    code = DeadlineExceeded.code.name
             self.metrics.observe_call(code, time.perf_counter() - started)
             if callers and code == DeadlineExceeded.code.name:
                 self.metrics.caller_deadlines.inc()

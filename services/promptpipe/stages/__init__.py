@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
 from promptpipe.runtime.apikeys import KeyRing
-from promptpipe.runtime.calls import StageClient
+from promptpipe.runtime.calls import NextStage, StageClient
+from promptpipe.runtime.inprocess import InProcessStage
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, TenantMetrics
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
 from promptpipe.runtime.tls import ServerCertificate
@@ -40,6 +41,8 @@ class BuiltStage:
     close: Callable[[], Awaitable[None]] = field(default=_nothing)
     # Whether the stage can serve now (health says NOT_SERVING while it cannot).
     healthy: Callable[[], bool] = lambda: True
+    # The stage the process's Stage service serves, when not its own: post, fused into inference.
+    served: StageRuntime | None = None
 
 
 def build_stage(
@@ -50,19 +53,67 @@ def build_stage(
     client_interceptors: Sequence[Any],
     keys: KeyRing | None = None,
 ) -> BuiltStage:
+    """The process of `stage`: its handler (or the gateway), with the stages fused into it (`spec.fuse`)
+    built in, each behind its own runtime, called in-process."""
     spec = config.pipeline.spec
     name = config.pipeline.metadata.name
     retry = spec.stages.get(stage).retries
     next_calls = NextStageCalls(registry, name, stage.value)
+    in_process: list[InProcessStage] = []  # in the order they must start
+    built = BuiltStage(handler=None)
 
-    def client(to: StageName) -> StageClient:
+    def in_this_process(of: StageName) -> InProcessStage:
+        own = runtime if of is stage else StageRuntime.create(of.value, spec.stages.get(of), registry, name)
+        local = InProcessStage(own, handler(of))
+        in_process.append(local)
+        return local
+
+    def client(to: StageName) -> NextStage:
+        if spec.host_of(to) is stage:
+            return in_this_process(to)
         return StageClient(
             config.endpoints[to], retry, client_interceptors, next_calls.to(to.value), f"the {to.value} stage"
         )
 
-    handler: EnrichingHandler | StreamingHandler
+    def handler(of: StageName) -> EnrichingHandler | StreamingHandler:
+        if of is StageName.RAG:
+            from promptpipe.stages.rag import RagHandler
+
+            corpus = config.resolve(spec.rag.corpus.path) if spec.rag.corpus.path else None
+            return RagHandler(spec.rag, corpus)
+        if of is StageName.ASSEMBLE:
+            from promptpipe.stages.assemble import AssembleHandler
+
+            return AssembleHandler(spec.template, spec.model, spec.generation.max_new_tokens)
+        if of is StageName.POST:
+            from promptpipe.stages.post import PostHandler
+
+            return PostHandler(spec.post, client(StageName.INFERENCE))
+        return inference_handler()
+
+    def inference_handler() -> StreamingHandler:
+        from promptpipe.backends import build_backend
+        from promptpipe.stages.inference import InferenceHandler
+
+        metrics = BackendMetrics(registry, name, spec.model.backend.value)
+        backend = build_backend(spec.model, retry, metrics)
+        inference = InferenceHandler(backend, metrics)
+        built.healthy = inference.healthy
+        if config.backend_pods is not None:
+            from promptpipe.backends.discovery import EndpointSliceWatch
+            from promptpipe.backends.remote import RemoteBackend
+
+            if isinstance(backend, RemoteBackend):
+                return _WatchingPods(inference, EndpointSliceWatch(config.backend_pods, backend.set_replicas))
+        return inference
+
+    async def start_in_process() -> None:
+        for local in in_process:
+            await local.start()
+
     if stage is StageName.STREAM:
         from promptpipe.runtime.quotas import Quotas
+        from promptpipe.stages.http_gateway import OpenAIGateway
         from promptpipe.stages.stream import GatewayServicer
 
         gateway = GatewayServicer(
@@ -76,46 +127,35 @@ def build_stage(
             Quotas(spec.auth),
             TenantMetrics(registry, name, runtime.queue),
         )
-        from promptpipe.stages.http_gateway import OpenAIGateway
-
-        http = OpenAIGateway(gateway, runtime, name, spec.model, registry, keys or KeyRing())
-        return BuiltStage(handler=None, gateway=gateway, http=http, close=gateway.close)
-    if stage is StageName.RAG:
-        from promptpipe.stages.rag import RagHandler
-
-        corpus = config.resolve(spec.rag.corpus.path) if spec.rag.corpus.path else None
-        handler = RagHandler(spec.rag, corpus)
-    elif stage is StageName.ASSEMBLE:
-        from promptpipe.stages.assemble import AssembleHandler
-
-        handler = AssembleHandler(spec.template, spec.model, spec.generation.max_new_tokens)
-    elif stage is StageName.INFERENCE:
-        from promptpipe.backends import build_backend
-        from promptpipe.stages.inference import InferenceHandler
-
-        metrics = BackendMetrics(registry, name, spec.model.backend.value)
-        backend = build_backend(spec.model, retry, metrics)
-        inference = InferenceHandler(backend, metrics)
-        built = BuiltStage(handler=inference, start=inference.start, close=inference.close, healthy=inference.healthy)
-        if config.backend_pods is not None:
-            from promptpipe.backends.discovery import EndpointSliceWatch
-            from promptpipe.backends.remote import RemoteBackend
-
-            if isinstance(backend, RemoteBackend):
-                pods = EndpointSliceWatch(config.backend_pods, backend.set_replicas)
-
-                async def start() -> None:
-                    await inference.start()
-                    await pods.start()
-
-                async def close() -> None:
-                    await pods.close()
-                    await inference.close()
-
-                built.start, built.close = start, close
+        built.gateway = gateway
+        built.http = OpenAIGateway(gateway, runtime, name, spec.model, registry, keys or KeyRing())
+        built.start, built.close = start_in_process, gateway.close
         return built
-    else:
-        from promptpipe.stages.post import PostHandler
+    served = StageName.POST if StageName.POST in spec.fused_into(stage) else stage
+    if served is stage:
+        own = handler(stage)
+        built.handler, built.start, built.close = own, own.start, own.close
+        return built
+    # post in the inference process: its Stage service serves post, which calls inference in-process
+    post = in_this_process(StageName.POST)
+    built.handler, built.served = post.handler, post.runtime
+    built.start, built.close = start_in_process, post.close
+    return built
 
-        handler = PostHandler(spec.post, client(StageName.INFERENCE))
-    return BuiltStage(handler=handler, start=handler.start, close=handler.close)
+
+class _WatchingPods:
+    """The inference handler of a backend whose replicas are the pods behind a Service, followed as they
+    come and go (EndpointSlices), from start to close."""
+
+    def __init__(self, inference: StreamingHandler, pods: Any) -> None:
+        self._inference = inference
+        self._pods = pods
+        self.run = inference.run
+
+    async def start(self) -> None:
+        await self._inference.start()
+        await self._pods.start()
+
+    async def close(self) -> None:
+        await self._pods.close()
+        await self._inference.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from promptpipe.contract.spec import PostSpec
-from promptpipe.runtime.calls import StageClient
+from promptpipe.runtime.calls import NextStage
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss, StageError
 from promptpipe.runtime.stage import Call
@@ -17,7 +17,7 @@ _ENDED_BY = {Action.STOP: common_pb2.FINISH_REASON_STOP, Action.REFUSE: common_p
 
 
 class PostHandler:
-    def __init__(self, spec: PostSpec, inference: StageClient) -> None:
+    def __init__(self, spec: PostSpec, inference: NextStage) -> None:
         self._rules = build_rules(spec)
         self._inference = inference
 

@@ -12,7 +12,7 @@ import grpc
 from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
-from promptpipe.runtime.calls import StageClient
+from promptpipe.runtime.calls import NextStage
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss, QuotaExceeded, abort_with
 from promptpipe.runtime.metrics import GatewayMetrics, TenantMetrics
@@ -34,9 +34,9 @@ class GatewayServicer:
         self,
         runtime: StageRuntime,
         defaults: GenerationDefaults,
-        rag: StageClient,
-        assemble: StageClient,
-        post: StageClient,
+        rag: NextStage,
+        assemble: NextStage,
+        post: NextStage,
         metrics: GatewayMetrics,
         keys: KeyRing,
         quotas: Quotas,
