@@ -72,6 +72,7 @@ class StreamResult:
     tokens: int
     seconds: float
     code: grpc.StatusCode
+    messages: int = 0  # chunk messages received (fewer than tokens when coalesced)
 
 
 async def gateway_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int, timeout: float = 60.0) -> StreamResult:
@@ -80,17 +81,18 @@ async def gateway_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int, timeo
     )
     start = time.perf_counter()
     ttft = None
-    tokens = 0
+    tokens = messages = 0
     try:
         async for r in stub.Generate(request, timeout=timeout):
             if r.HasField("chunk"):
                 if ttft is None:
                     ttft = time.perf_counter() - start
                 tokens += r.chunk.token_count
+                messages += 1
         code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as err:
         code = err.code()
-    return StreamResult(ttft, tokens, time.perf_counter() - start, code)
+    return StreamResult(ttft, tokens, time.perf_counter() - start, code, messages)
 
 
 async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamResult:

@@ -292,15 +292,31 @@ def build_skaffold(dest: Path, work: Path) -> None:
     )
 
 
-def build_jaeger(dest: Path, work: Path) -> None:
-    """Jaeger v2 from its module, with the replaces its go.mod pins (a dependent ignores them: copied)."""
+def _build_module_command(dest: Path, work: Path, module: str, version: str, command: str) -> None:
+    """One command of a module, with the replaces its go.mod pins (a dependent ignores them: copied)."""
     work.mkdir(parents=True, exist_ok=True)
-    module = "github.com/jaegertracing/jaeger"
-    version = f"v{versions.JAEGER}"
     gomod = Path(_module_file(module, version, work)["GoMod"]).read_text()
-    command = f"{module}/cmd/jaeger"
-    _wrapper(work, {module: version}, dict(_VERSION_REPLACE.findall(gomod)), [command])
-    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), command], work)
+    _wrapper(work, {module: version}, dict(_VERSION_REPLACE.findall(gomod)), [f"{module}/{command}"])
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), f"{module}/{command}"], work)
+
+
+def build_jaeger(dest: Path, work: Path) -> None:
+    """Jaeger v2 (all in one) from its module."""
+    _build_module_command(dest, work, "github.com/jaegertracing/jaeger", f"v{versions.JAEGER}", "cmd/jaeger")
+
+
+def build_ghz(dest: Path, work: Path) -> None:
+    """ghz, the gRPC load tool, from its module."""
+    _build_module_command(dest, work, "github.com/bojand/ghz", f"v{versions.GHZ}", "cmd/ghz")
+
+
+def ensure_ghz() -> Path:
+    """The load tool of bench/ (not of the tests): built once, kept by version in the cache."""
+    dest = cache_root() / "bench" / f"ghz-{versions.GHZ}"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        build_ghz(dest, cache_root() / "bench" / "work" / f"ghz-{versions.GHZ}")
+    return dest
 
 
 KEDA_COMMANDS = {"keda": "cmd/operator", "keda-adapter": "cmd/adapter"}

@@ -19,6 +19,8 @@ PROMETHEUS_MODULE = "v0.316.0"
 # Jaeger v2 (`cmd/jaeger`, released in the v1.x module line): the tracing backend the trace tests export
 # to over OTLP and read back through its query API; in-memory storage, no UI assets.
 JAEGER = "1.76.0"
+# ghz, the gRPC load tool bench/ drives surges with (a client that is not the bottleneck); bench only.
+GHZ = "0.120.0"
 # CoreDNS for the node's cluster DNS: 1.12.1 builds on the same k8s.io/client-go minor (0.32) as the cluster.
 COREDNS = "1.12.1"
 # The node's Debian packages (bookworm), as tested. Installed by name: Debian replaces a package's
