@@ -152,13 +152,21 @@ def ghz_surge(target: str, rate: float, seconds: float, max_new: int) -> list[di
 
 
 async def surge_section(seconds: float) -> None:
-    print(f"\n== 3. surge at 10x capacity for {seconds:.0f} s (ghz) ==")
+    for fuse in ([], FUSED):
+        await _surge(seconds, fuse)
+
+
+async def _surge(seconds: float, fuse: list[str]) -> None:
+    shape = "fused" if fuse else "five services"
+    print(f"\n== 3. surge at 10x capacity for {seconds:.0f} s (ghz), {shape} ==")
     # Capacity: the gateway runs 8 calls and queues 2; each call streams 50 tokens at 250 tokens/s (0.2 s).
     # A short queue bounds what admitted calls can wait (here about 2/8 of a call's time).
     admission = {"queue": {"capacity": 2, "concurrency": 8, "shedPolicy": "reject-new"}}
     wide = {"queue": {"capacity": 64, "concurrency": 64}}
     stages = {"stream": admission, "rag": wide, "assemble": wide, "inference": wide, "post": wide}
-    with running(pipeline_doc("bench-surge", tokens_per_second=250, max_new_tokens=50, stages=stages)) as run:
+    doc = pipeline_doc("bench-surge", tokens_per_second=250, max_new_tokens=50, stages=stages)
+    doc["spec"]["fuse"] = fuse
+    with running(doc) as run:
         async with channel(run.gateway) as gw:
             gateway = gateway_pb2_grpc.GatewayStub(gw)
             await closed_loop(lambda: gateway_stream(gateway, 50), 8, 40)  # warm up
