@@ -4,12 +4,14 @@ keep their own queues, refusals and metrics."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 
 from promptpipe.contract.spec import StageName
 from tests.support.calls import Outcome, collect
+from tests.support.cli import promptpipe
 from tests.support.pipelines import synthetic_pipeline
 
 pytestmark = pytest.mark.processes
@@ -23,7 +25,9 @@ FILTERED = {
 ALL_FUSED = ["rag", "assemble", "post"]
 
 
-async def test_a_fused_pipeline_runs_two_processes_and_answers_as_five_services_do(start_pipeline) -> None:
+async def test_a_fused_pipeline_runs_two_processes_and_answers_as_five_services_do(
+    start_pipeline, tmp_path: Path
+) -> None:
     five = start_pipeline(synthetic_pipeline("five", **FILTERED))
     two = start_pipeline(synthetic_pipeline("two", fuse=ALL_FUSED, **FILTERED))
     assert sorted(five.run.stages) == sorted(s.value for s in StageName)
@@ -45,6 +49,11 @@ async def test_a_fused_pipeline_runs_two_processes_and_answers_as_five_services_
     # The fused stages' metrics come from their host's /metrics, under their own stage label.
     assert two.metric(StageName.STREAM, "promptpipe_stage_duration_seconds_count", stage="assemble", code="OK") == 1
     assert two.metric(StageName.INFERENCE, "promptpipe_stage_duration_seconds_count", stage="post", code="OK") == 1
+    # `promptpipe status` names what each process runs.
+    status = promptpipe("status", "--name", "two", home=tmp_path / "home")
+    assert status.returncode == 0, status.stderr
+    rows = [line.split()[0] for line in status.stdout.splitlines() if "SERVING" in line]
+    assert rows == ["stream+rag+assemble", "inference+post"], status.stdout
 
 
 async def test_a_fused_stage_keeps_its_queue_and_its_refusal_names_its_limits(start_pipeline) -> None:

@@ -23,7 +23,8 @@ from promptpipe.cli.perf import analyze_command, bench
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
-from promptpipe.contract.spec import GROUP, PLURAL, VERSION
+from promptpipe.contract.runtime_config import load_runtime_config
+from promptpipe.contract.spec import GROUP, PLURAL, VERSION, StageName
 from promptpipe.localproc import alive
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2, stage_pb2_grpc
 from promptpipe.waiting import wait_until
@@ -122,11 +123,14 @@ def _print_status(run: localrun.LocalRun) -> None:
     )
     for col in ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
         table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
+    spec = load_runtime_config(Path(run.folder) / "runtime.yaml").pipeline.spec
     for stage, proc in run.stages.items():
         health = localrun.health_status(proc.stats_target, 2.0) if alive(proc.pid) else "EXITED"
         stats = asyncio.run(_stats(proc.stats_target)) if health != "EXITED" else None
         colour = "green" if health == "SERVING" else "red"
-        row = [stage, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]
+        # A process with fused stages (`spec.fuse`) names them; its queue is the one its callers call.
+        label = "+".join([stage, *(s.value for s in spec.fused_into(StageName(stage)))])
+        row = [label, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]
         if stats is None:
             table.add_row(*row, *["-"] * 5)
             continue
