@@ -63,6 +63,8 @@ async def backend_alone(max_new: int) -> tuple[float, int]:
 
 
 FUSED = ["rag", "assemble", "post"]
+# False with --five-only: the fused pipeline is left out (to run this benchmark on code before spec.fuse).
+WITH_FUSED = True
 
 
 def fused_doc(name: str, **kwargs: Any) -> dict[str, Any]:
@@ -79,7 +81,8 @@ async def ttft_section(samples: int) -> None:
     base50, base99 = pct(direct, 50), pct(direct, 99)
     print(f"{'backend alone (in-process)':30}{ms(base50)}{ms(base99)}")
     rows: dict[tuple[str, int], list[float]] = {}
-    for label, doc in (("pipeline", pipeline_doc("bench-ttft")), ("pipeline, fused", fused_doc("bench-fused"))):
+    shapes = [("pipeline", pipeline_doc("bench-ttft")), ("pipeline, fused", fused_doc("bench-fused"))]
+    for label, doc in shapes[: 2 if WITH_FUSED else 1]:
         with running(doc) as run:
             async with channel(run.gateway) as gw, channel(f"127.0.0.1:{run.stages['inference'].port}") as inf:
                 gateway = gateway_pb2_grpc.GatewayStub(gw)
@@ -95,6 +98,8 @@ async def ttft_section(samples: int) -> None:
                     rows[(label, conc)] = [r.ttft for r in g if r.ttft is not None]
     for conc in (1, 64):
         for label in ("inference stage", "pipeline", "pipeline, fused"):
+            if (label, conc) not in rows:
+                continue
             t = rows[(label, conc)]
             p50, p99 = pct(t, 50), pct(t, 99)
             print(f"{label + f', {conc:>2} streams':30}{ms(p50)}{ms(p99)}   {ms(p50 - base50)} / {ms(p99 - base99)}")
@@ -109,7 +114,8 @@ async def throughput_section(seconds: float) -> None:
     backend_rate = n / (time.perf_counter() - t0)
     print(f"{'backend alone (in-process)':38}{backend_rate:12,.0f} tokens/s")
     rates = {}
-    for label, doc in (("pipeline (5 stages)", pipeline_doc("bench-tput")), ("pipeline, fused", fused_doc("bench-tf"))):
+    shapes = [("pipeline (5 stages)", pipeline_doc("bench-tput")), ("pipeline, fused", fused_doc("bench-tf"))]
+    for label, doc in shapes[: 2 if WITH_FUSED else 1]:
         with running(doc) as run:
             async with channel(run.gateway) as gw, channel(f"127.0.0.1:{run.stages['inference'].port}") as inf:
                 gateway = gateway_pb2_grpc.GatewayStub(gw)
@@ -124,7 +130,7 @@ async def throughput_section(seconds: float) -> None:
                         rate = sum(r.tokens for r in res) / (time.perf_counter() - start)
                         rates[(name, conc)] = rate
                         print(f"{name + f', {conc:>2} streams':38}{rate:12,.0f} tokens/s")
-    for name in ("pipeline (5 stages)", "pipeline, fused"):
+    for name in ("pipeline (5 stages)", "pipeline, fused")[: 2 if WITH_FUSED else 1]:
         for conc in (1, 16):
             ratio = rates[(name, conc)] / rates[("inference stage alone", conc)]
             print(f"{name} / inference stage alone, {conc:>2} streams: {ratio:.2f}")
@@ -152,7 +158,7 @@ def ghz_surge(target: str, rate: float, seconds: float, max_new: int) -> list[di
 
 
 async def surge_section(seconds: float) -> None:
-    for fuse in ([], FUSED):
+    for fuse in ([], FUSED)[: 2 if WITH_FUSED else 1]:
         await _surge(seconds, fuse)
 
 
@@ -165,7 +171,8 @@ async def _surge(seconds: float, fuse: list[str]) -> None:
     wide = {"queue": {"capacity": 64, "concurrency": 64}}
     stages = {"stream": admission, "rag": wide, "assemble": wide, "inference": wide, "post": wide}
     doc = pipeline_doc("bench-surge", tokens_per_second=250, max_new_tokens=50, stages=stages)
-    doc["spec"]["fuse"] = fuse
+    if fuse:
+        doc["spec"]["fuse"] = fuse
     with running(doc) as run:
         async with channel(run.gateway) as gw:
             gateway = gateway_pb2_grpc.GatewayStub(gw)
@@ -255,7 +262,8 @@ def _quickstart_variant(folder: Path, name: str, *, redact: bool = True, fuse: l
     doc["spec"]["rag"]["corpus"]["path"] = str(quickstart.parent / doc["spec"]["rag"]["corpus"]["path"])
     if not redact:
         doc["spec"]["post"]["redact"] = {"email": False, "phone": False, "card": False, "iban": False}
-    doc["spec"]["fuse"] = fuse or []
+    if fuse:
+        doc["spec"]["fuse"] = fuse
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -293,10 +301,10 @@ async def model_section(samples: int) -> None:
             "pipeline, no redaction": await _model_calls(
                 _quickstart_variant(folder, "plain", redact=False), question, max_new, samples
             ),
-            "fused, no redaction": await _model_calls(
-                _quickstart_variant(folder, "fused", redact=False, fuse=FUSED), question, max_new, samples
-            ),
         }
+        if WITH_FUSED:
+            fused = _quickstart_variant(folder, "fused", redact=False, fuse=FUSED)
+            runs["fused, no redaction"] = await _model_calls(fused, question, max_new, samples)
     # The first call of each pays for cold caches; medians of the rest.
     print(f"prompt tokens {runs['pipeline (quickstart)'][2]}, {max_new} new tokens, greedy, {samples} calls each")
     print(f"{'':24}{'TTFT p50':>12}{'tokens/s p50':>15}{'TTFT added':>14}{'tokens/s ratio':>16}")
@@ -328,6 +336,10 @@ async def main(quick: bool, sections: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run, to check the benchmark works")
-    parser.add_argument("sections", nargs="*", choices=[*SECTIONS, []], default=list(SECTIONS), help="which to run")
+    parser.add_argument("--five-only", action="store_true", help="leave the fused pipeline out (code before it)")
+    parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"which to run: {', '.join(SECTIONS)} (all)")
     args = parser.parse_args()
+    if unknown := set(args.sections) - set(SECTIONS):
+        parser.error(f"no section {', '.join(sorted(unknown))}; the sections are {', '.join(SECTIONS)}")
+    WITH_FUSED = not args.five_only
     asyncio.run(main(args.quick, args.sections or list(SECTIONS)))
