@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from promptpipe.contract.spec import PipelineSpec
+from promptpipe.contract.spec import FusedStage, PipelineSpec
 from promptpipe.perf import records
 from promptpipe.perf.advice import knob
 from promptpipe.perf.analysis import analyze
@@ -155,6 +155,11 @@ def test_the_knob_is_named_as_the_spec_spells_it_with_its_value_now() -> None:
     assert "`template.maxPromptTokens` (now 1536)" in prefill and "rag.topK" not in prefill  # rag is off
     assert "rag.topK" in knob("inference work", "ttft", None)
     assert "gRPC" in knob(NETWORK, "ttft", spec)
+    # post fused into inference has inference's replicas.
+    fused = spec.model_copy(update={"fuse": [FusedStage.POST]})
+    assert "`stages.post.queue.concurrency` (now 64) or `stages.inference.scaling.maxReplicas`" in knob(
+        "post queue", "ttft", fused
+    )
 
 
 def bench_result(levels: list[Level], per_level: list[list[CallRecord]]) -> BenchResult:

@@ -3,7 +3,7 @@ now when the spec is known."""
 
 from __future__ import annotations
 
-from promptpipe.contract.spec import PipelineSpec, StageSpec
+from promptpipe.contract.spec import PipelineSpec, StageName, StageSpec
 from promptpipe.perf.breakdown import NETWORK
 
 
@@ -31,9 +31,12 @@ def _stage(spec: PipelineSpec | None, stage: str) -> StageSpec | None:
 def _queue_knob(stage: str, spec: PipelineSpec | None) -> str:
     s = _stage(spec, stage)
     concurrency = _now(s.queue.concurrency if s else None)
-    replicas = _now(s.scaling.max_replicas if s else None)
+    # A fused stage has the replicas of the process it runs in (`spec.fuse`).
+    host = spec.host_of(StageName(stage)).value if spec is not None else stage
+    h = _stage(spec, host)
+    replicas = _now(h.scaling.max_replicas if h else None)
     text = (
-        f"raise `stages.{stage}.queue.concurrency`{concurrency} or `stages.{stage}.scaling.maxReplicas`{replicas}: "
+        f"raise `stages.{stage}.queue.concurrency`{concurrency} or `stages.{host}.scaling.maxReplicas`{replicas}: "
         "calls wait for a free slot"
     )
     if stage == "inference" and spec is not None and spec.model.tgi is not None:
