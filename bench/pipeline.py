@@ -2,8 +2,8 @@
 
 Prints, from one run, side by side:
   1. TTFT of the synthetic backend alone, the inference stage alone, and the whole
-     pipeline, five services and fused (`spec.fuse`: two processes), at 1 and 64 concurrent
-     streams (p50/p99), and the TTFT they add over the backend;
+     pipeline, five services, fused (`spec.fuse`: two processes) and fused whole (one process),
+     at 1 and 64 concurrent streams (p50/p99), and the TTFT they add over the backend;
   2. the most tokens/s the pipeline passes end to end (five services and fused) vs the
      inference stage alone;
   3. a surge at 10x capacity for 30 s from ghz (built from its Go module, cached): refusal
@@ -81,10 +81,18 @@ async def ttft_section(samples: int) -> None:
     base50, base99 = pct(direct, 50), pct(direct, 99)
     print(f"{'backend alone (in-process)':30}{ms(base50)}{ms(base99)}")
     rows: dict[tuple[str, int], list[float]] = {}
-    shapes = [("pipeline", pipeline_doc("bench-ttft")), ("pipeline, fused", fused_doc("bench-fused"))]
-    for label, doc in shapes[: 2 if WITH_FUSED else 1]:
+    whole = fused_doc("bench-one")
+    whole["spec"]["fuse"] = [*FUSED, "inference"]
+    shapes = [
+        ("pipeline", pipeline_doc("bench-ttft")),
+        ("pipeline, fused", fused_doc("bench-fused")),
+        ("one process", whole),
+    ]
+    for label, doc in shapes[: 3 if WITH_FUSED else 1]:
         with running(doc) as run:
-            async with channel(run.gateway) as gw, channel(f"127.0.0.1:{run.stages['inference'].port}") as inf:
+            # The inference stage alone is measured on the five-service run (fused whole, it has no process).
+            inference = run.stages.get("inference", run.stages["stream"])
+            async with channel(run.gateway) as gw, channel(f"127.0.0.1:{inference.port}") as inf:
                 gateway = gateway_pb2_grpc.GatewayStub(gw)
                 stage = stage_pb2_grpc.StageStub(inf)
                 for _ in range(50):  # warm up channels and code paths
@@ -97,7 +105,7 @@ async def ttft_section(samples: int) -> None:
                     g = await closed_loop(lambda: gateway_stream(gateway, 8), conc, total)
                     rows[(label, conc)] = [r.ttft for r in g if r.ttft is not None]
     for conc in (1, 64):
-        for label in ("inference stage", "pipeline", "pipeline, fused"):
+        for label in ("inference stage", "pipeline", "pipeline, fused", "one process"):
             if (label, conc) not in rows:
                 continue
             t = rows[(label, conc)]

@@ -44,7 +44,11 @@ LOADS = (
     Load("as fast as read, 16 streams", 16, 4000, 0.0, "token"),
     Load("calls of 1 token, 16 streams", 16, 1, 0.0, "call"),
 )
-SHAPES = {"five services": [], "fused": ["rag", "assemble", "post"]}
+SHAPES = {
+    "five services": [],
+    "fused": ["rag", "assemble", "post"],
+    "one process": ["rag", "assemble", "post", "inference"],
+}
 
 
 def cpu_seconds(run: localrun.LocalRun) -> dict[str, float]:

@@ -124,9 +124,11 @@ MALFORMED = [
     (["spec", "slo"], {"ttftP95Milliseconds": 0}, "spec.slo.ttftP95Milliseconds"),
     (["spec", "slo"], {"errorRate": 1.5}, "spec.slo.errorRate"),
     (["spec", "slo"], {"tpotP95": 40}, "spec.slo.tpotP95"),
-    # Fusion: only rag, assemble and post run inside a neighbour, each named once.
-    (["spec", "fuse"], ["inference"], "spec.fuse[0]"),
+    # Fusion: only rag, assemble, post and inference run inside a neighbour, each named once; inference
+    # only with post, which calls it.
+    (["spec", "fuse"], ["stream"], "spec.fuse[0]"),
     (["spec", "fuse"], ["post", "post"], "spec.fuse[1]"),
+    (["spec", "fuse"], ["rag", "inference"], "spec.fuse: Invalid value"),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],

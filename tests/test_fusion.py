@@ -30,17 +30,21 @@ async def test_a_fused_pipeline_runs_two_processes_and_answers_as_five_services_
 ) -> None:
     five = start_pipeline(synthetic_pipeline("five", **FILTERED))
     two = start_pipeline(synthetic_pipeline("two", fuse=ALL_FUSED, **FILTERED))
+    one = start_pipeline(synthetic_pipeline("one", fuse=[*ALL_FUSED, "inference"], **FILTERED))
     assert sorted(five.run.stages) == sorted(s.value for s in StageName)
     assert sorted(two.run.stages) == ["inference", "stream"]
+    assert sorted(one.run.stages) == ["stream"]
 
     apart, fused = await collect(five.gateway, "hello"), await collect(two.gateway, "hello")
+    alone = await collect(one.gateway, "hello")
 
-    assert apart.error is None and fused.error is None
+    assert apart.error is None and fused.error is None and alone.error is None
     assert "bob@example.com" not in apart.text and "[REDACTED]" in apart.text, "post filtered the answer"
-    assert fused.text == apart.text
-    assert apart.summary is not None and fused.summary is not None
-    assert fused.summary.finish_reason == apart.summary.finish_reason
-    assert fused.summary.usage == apart.summary.usage
+    assert fused.text == apart.text == alone.text
+    assert apart.summary is not None and fused.summary is not None and alone.summary is not None
+    assert fused.summary.finish_reason == apart.summary.finish_reason == alone.summary.finish_reason
+    assert fused.summary.usage == apart.summary.usage == alone.summary.usage
+    assert {t.stage for t in alone.summary.timings} == {s.value for s in StageName}
     # Every stage still reports its share; a fused stage's hop is the in-process call's (no network).
     timings = {t.stage: t for t in fused.summary.timings}
     assert set(timings) == {s.value for s in StageName}
@@ -54,6 +58,10 @@ async def test_a_fused_pipeline_runs_two_processes_and_answers_as_five_services_
     assert status.returncode == 0, status.stderr
     rows = [line.split()[0] for line in status.stdout.splitlines() if "SERVING" in line]
     assert rows == ["stream+rag+assemble", "inference+post"], status.stdout
+    status = promptpipe("status", "--name", "one", home=tmp_path / "home")
+    assert [line.split()[0] for line in status.stdout.splitlines() if "SERVING" in line] == [
+        "stream+rag+assemble+inference+post"
+    ], status.stdout
 
 
 async def test_a_fused_stage_keeps_its_queue_and_its_refusal_names_its_limits(start_pipeline) -> None:

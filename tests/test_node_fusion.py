@@ -1,5 +1,5 @@
-"""Stage fusion on a real node: a fused pipeline runs as two pods and answers; unfused, the operator
-brings the other three back, and fused again it removes them, calls served throughout."""
+"""Stage fusion on a real node: a pipeline fused whole runs as one pod and answers; unfused, the operator
+brings the other four back, and with post fused again it removes post's, calls served throughout."""
 
 from __future__ import annotations
 
@@ -50,21 +50,21 @@ def deployments(node: Node, namespace: str) -> set[str]:
     return {line.removeprefix("deployment.apps/") for line in out.split()}
 
 
-def test_a_fused_pipeline_runs_as_two_pods_and_fusing_or_unfusing_it_live_adds_or_removes_the_other_three(
+def test_a_pipeline_fused_whole_runs_as_one_pod_and_fusing_or_unfusing_it_live_adds_or_removes_the_others(
     node: Node, operator_installed: None
 ) -> None:
     namespace = f"t-{uuid.uuid4().hex[:8]}"
     node.kubectl("create", "namespace", namespace)
     try:
-        apply(node, namespace, pipeline(["rag", "assemble", "post"]))
-        wait_until(lambda: all_running(node, namespace, instance("fused"), 2), "two pods Ready", 180, every=1)
-        assert deployments(node, namespace) == {"fused-stream", "fused-inference"}
+        apply(node, namespace, pipeline(["rag", "assemble", "post", "inference"]))
+        wait_until(lambda: all_running(node, namespace, instance("fused"), 1), "one pod Ready", 180, every=1)
+        assert deployments(node, namespace) == {"fused-stream"}
         gateway = f"127.0.0.1:{node.forward(service_ip(node, namespace, 'fused-stream'), 50051)}"
 
         def answered() -> bool:
             # Pods Ready is not yet Services routed: kube-proxy programs each new endpoint a moment later.
             text, tokens = asyncio.run(answer(gateway))
-            # post, inside the inference pod, redacted every address.
+            # post, in the process that runs it, redacted every address.
             assert tokens == TOKENS and "bob@example.com" not in text and "[REDACTED]" in text, text
             return True
 

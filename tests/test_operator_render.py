@@ -501,3 +501,24 @@ def test_a_fused_pipelines_network_policies_let_each_pod_be_called_by_its_caller
     assert unfused["quickstart-inference-ingress"]["spec"]["ingress"][0]["from"] == [
         {"podSelector": {"matchLabels": selector("quickstart", "post")}}
     ]
+
+
+def test_fused_whole_the_pipeline_is_one_gateway_pod_that_holds_the_model_and_finds_the_tgi_pods() -> None:
+    pp = fused("rag", "assemble", "post", "inference")
+    out = children(pp, "ns1", SETTINGS)
+    assert set(by_kind(out, "Deployment")) == {"quickstart-stream"}
+    pod = by_kind(out, "Deployment")["quickstart-stream"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # It loads llama.cpp's model: the inference stage's resources and startup allowance.
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "1Gi"}
+    assert container["startupProbe"]["failureThreshold"] == 120
+    # With the operator's TGI it is the gateway's pod that watches the TGI pods and may call them.
+    doc = copy.deepcopy(QUICKSTART)
+    doc["spec"]["fuse"] = ["post", "inference"]
+    doc["spec"]["model"].update({"backend": "tgi", "tgi": {"gpus": 1}})
+    tgi = parse_pipeline(doc)
+    gateway = by_kind(children(tgi, "ns1", SETTINGS), "Deployment")["quickstart-stream"]["spec"]["template"]["spec"]
+    assert gateway["serviceAccountName"] == "quickstart-inference-discovery"
+    policies = by_kind(network_policies(tgi, "ns1", SETTINGS), "NetworkPolicy")
+    backend = policies["quickstart-backend-ingress"]["spec"]["ingress"][0]["from"]
+    assert backend == [{"podSelector": {"matchLabels": selector("quickstart", "stream")}}]

@@ -164,14 +164,14 @@ def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
     return manifest, digest
 
 
-def _probe(stage: StageName, kind: str) -> dict[str, Any]:
+def _probe(stage: StageName, kind: str, loads_model: bool) -> dict[str, Any]:
     # The gateway's on its internal port, which is plain gRPC even when the public one is TLS (the kubelet's
     # gRPC probe speaks no TLS); the same health service answers on both.
     port = STAGE_PORT if stage is StageName.STREAM else GRPC_PORT
     probe: dict[str, Any] = {"grpc": {"port": port}, "periodSeconds": 5, "timeoutSeconds": 2}
     if kind == "startup":
-        # The inference stage loads a model before it reports SERVING.
-        probe |= {"failureThreshold": 120 if stage is StageName.INFERENCE else 24}
+        # The inference stage (or the process it is fused into) loads a model before it reports SERVING.
+        probe |= {"failureThreshold": 120 if loads_model else 24}
     elif kind == "liveness":
         probe |= {"failureThreshold": 6}
     return probe
@@ -187,7 +187,8 @@ def stage_resources(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
     """The stage container's resources: the spec's, else a default for what the stage runs."""
     chosen = pp.spec.stages.get(stage).resources
     if chosen is None:
-        embedded = stage is StageName.INFERENCE and pp.spec.model.backend is BackendKind.LLAMACPP
+        runs_inference = pp.spec.host_of(StageName.INFERENCE) is stage  # itself, or fused into it
+        embedded = runs_inference and pp.spec.model.backend is BackendKind.LLAMACPP
         chosen = _LLAMACPP_RESOURCES if embedded else _STAGE_RESOURCES
     return _resources(chosen)
 
@@ -200,6 +201,7 @@ def deployment(
     pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings, config_hash: str
 ) -> KubeObject:
     name = pp.metadata.name
+    runs_inference = pp.spec.host_of(StageName.INFERENCE) is stage  # itself, or fused into it
     # The longest drain of the stages the process runs (its own and those fused into it).
     drain_grace = max(pp.spec.stages.get(s).drain_grace() for s in (stage, *pp.spec.fused_into(stage)))
     env: list[dict[str, Any]] = [
@@ -233,7 +235,7 @@ def deployment(
         volumes.append({"name": "corpus", "configMap": {"name": corpus}})
     openai = pp.spec.model.openai
     if (
-        stage is StageName.INFERENCE
+        runs_inference
         and pp.spec.model.backend is BackendKind.OPENAI
         and openai is not None
         and openai.api_key_secret is not None
@@ -251,9 +253,9 @@ def deployment(
         "imagePullPolicy": settings.image_pull_policy,
         "env": env,
         "ports": ports,
-        "startupProbe": _probe(stage, "startup"),
-        "readinessProbe": _probe(stage, "readiness"),
-        "livenessProbe": _probe(stage, "liveness"),
+        "startupProbe": _probe(stage, "startup", runs_inference),
+        "readinessProbe": _probe(stage, "readiness", runs_inference),
+        "livenessProbe": _probe(stage, "liveness", runs_inference),
         "resources": stage_resources(pp, stage),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -326,8 +328,9 @@ def _gateway_front_door(
 
 
 def discovers_backend(pp: PromptPipeline, stage: StageName) -> bool:
-    """The inference stage of a pipeline whose TGI the operator runs: it watches the TGI pods' EndpointSlices."""
-    return stage is StageName.INFERENCE and managed_tgi(pp) is not None
+    """The inference stage (or the process it is fused into) of a pipeline whose TGI the operator runs: it
+    watches the TGI pods' EndpointSlices."""
+    return pp.spec.host_of(StageName.INFERENCE) is stage and managed_tgi(pp) is not None
 
 
 def _service_account(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
@@ -680,11 +683,14 @@ def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSetti
         ]
     }
     processes = {s.value: s for s in pp.spec.processes()}
+
+    def hosts(stages: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(pp.spec.host_of(StageName(c)).value for c in stages))
+
     for component, stage_callers in CALLERS.items():
-        callers = stage_callers
-        if component in processes:  # a process's callers are those of the stage called in it, by their host
-            called = pp.spec.called_as(processes[component]).value
-            callers = tuple(dict.fromkeys(pp.spec.host_of(StageName(c)).value for c in CALLERS[called]))
+        callers = hosts(stage_callers)  # the processes the calling stages run in
+        if component in processes:  # a process's callers are those of the stage called in it
+            callers = hosts(CALLERS[pp.spec.called_as(processes[component]).value])
         elif component != BACKEND:
             continue  # fused: no pods of its own
         if component == BACKEND:

@@ -164,7 +164,7 @@ PASSED_TO_INFERENCE = (
 def stage_environment(stage: StageName, pipeline: PromptPipeline, parent: Mapping[str, str]) -> dict[str, str]:
     """The part of `parent` a stage process needs (the PROMPTPIPE_* settings are added by the caller)."""
     names = set(PASSED_TO_EVERY_STAGE)
-    if stage is StageName.INFERENCE:
+    if pipeline.spec.host_of(StageName.INFERENCE) is stage:  # inference's own process, or its host's when fused
         names.update(PASSED_TO_INFERENCE)
         openai = pipeline.spec.model.openai
         if pipeline.spec.model.backend is BackendKind.OPENAI and openai is not None and openai.api_key_env:

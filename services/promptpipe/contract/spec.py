@@ -50,19 +50,22 @@ STAGE_ORDER: tuple[StageName, ...] = (
 
 
 class FusedStage(str, enum.Enum):
-    """A stage that may run in a neighbour's process: rag, assemble or post."""
+    """A stage that may run in a neighbour's process: rag, assemble, post or inference."""
 
     RAG = "rag"
     ASSEMBLE = "assemble"
     POST = "post"
+    INFERENCE = "inference"
 
 
-# The process each fusable stage runs in when fused.
+# The process each fusable stage runs in when fused (post follows inference into the gateway's).
 FUSION_HOSTS: dict[StageName, StageName] = {
     StageName.RAG: StageName.STREAM,
     StageName.ASSEMBLE: StageName.STREAM,
     StageName.POST: StageName.INFERENCE,
+    StageName.INFERENCE: StageName.STREAM,
 }
+INFERENCE_FUSED_ALONE_MESSAGE = "inference runs in the gateway's process only with post (post calls it): add post"
 
 
 class _Model(BaseModel):
@@ -734,7 +737,12 @@ class PipelineSpec(_Model):
                     " ? self.model.llamacpp.contextSize : 2048)",
                     "message": CONTEXT_MESSAGE,
                     "fieldPath": ".generation.maxNewTokens",
-                }
+                },
+                {
+                    "rule": "!has(self.fuse) || !('inference' in self.fuse) || 'post' in self.fuse",
+                    "message": INFERENCE_FUSED_ALONE_MESSAGE,
+                    "fieldPath": ".fuse",
+                },
             ]
         }
     )
@@ -758,17 +766,19 @@ class PipelineSpec(_Model):
     fuse: Annotated[
         list[FusedStage],
         Field(
-            max_length=3,
-            description="Stages run in-process by a neighbour: rag and assemble by the gateway, post by inference.",
+            max_length=4,
+            description="Stages run in-process by a neighbour: rag and assemble by the gateway, post by inference,"
+            " inference (with post) by the gateway.",
             json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
     ] = []
 
     def host_of(self, stage: StageName) -> StageName:
-        """The stage whose process runs `stage`: itself unless it is fused."""
-        if stage in FUSION_HOSTS and FusedStage(stage.value) in self.fuse:
-            return FUSION_HOSTS[stage]
-        return stage
+        """The stage whose process runs `stage`: itself unless it is fused (post fused follows inference)."""
+        host = stage
+        while host in FUSION_HOSTS and FusedStage(host.value) in self.fuse:
+            host = FUSION_HOSTS[host]
+        return host
 
     def processes(self) -> list[StageName]:
         """The stages that run as processes of their own (Deployments on a cluster), in STAGE_ORDER."""
@@ -776,7 +786,9 @@ class PipelineSpec(_Model):
 
     def called_as(self, process: StageName) -> StageName:
         """The stage the other processes call in `process`: post, when post is fused into inference."""
-        return StageName.POST if StageName.POST in self.fused_into(process) else process
+        if process is StageName.INFERENCE and StageName.POST in self.fused_into(process):
+            return StageName.POST
+        return process
 
     def fused_into(self, host: StageName) -> list[StageName]:
         """The fused stages that run in `host`'s process."""
@@ -789,6 +801,8 @@ class PipelineSpec(_Model):
         repeated = sorted({s.value for s in fuse if fuse.count(s) > 1})
         if repeated:
             raise ValueError(f"names {', '.join(repeated)} more than once")
+        if FusedStage.INFERENCE in fuse and FusedStage.POST not in fuse:
+            raise ValueError(INFERENCE_FUSED_ALONE_MESSAGE)
         return fuse
 
     @model_validator(mode="after")

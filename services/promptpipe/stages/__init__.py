@@ -131,8 +131,7 @@ def build_stage(
         built.http = OpenAIGateway(gateway, runtime, name, spec.model, registry, keys or KeyRing())
         built.start, built.close = start_in_process, gateway.close
         return built
-    served = StageName.POST if StageName.POST in spec.fused_into(stage) else stage
-    if served is stage:
+    if spec.called_as(stage) is stage:
         own = handler(stage)
         built.handler, built.start, built.close = own, own.start, own.close
         return built
