@@ -45,11 +45,8 @@ async def test_a_fused_pipeline_runs_two_processes_and_answers_as_five_services_
     assert fused.summary.finish_reason == apart.summary.finish_reason == alone.summary.finish_reason
     assert fused.summary.usage == apart.summary.usage == alone.summary.usage
     assert {t.stage for t in alone.summary.timings} == {s.value for s in StageName}
-    # Every stage still reports its share; a fused stage's hop is the in-process call's (no network).
-    timings = {t.stage: t for t in fused.summary.timings}
-    assert set(timings) == {s.value for s in StageName}
-    for stage in ("rag", "assemble"):
-        assert timings[stage].hop_seconds < 0.005, stage
+    # Every stage still reports its share (what its hop costs in-process is bench/profile.py's to say).
+    assert {t.stage for t in fused.summary.timings} == {s.value for s in StageName}
     # The fused stages' metrics come from their host's /metrics, under their own stage label.
     assert two.metric(StageName.STREAM, "promptpipe_stage_duration_seconds_count", stage="assemble", code="OK") == 1
     assert two.metric(StageName.INFERENCE, "promptpipe_stage_duration_seconds_count", stage="post", code="OK") == 1

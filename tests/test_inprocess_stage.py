@@ -60,7 +60,6 @@ async def test_the_events_come_with_the_stages_timing_on_the_final_one_and_the_s
     assert [e.HasField("chunk") for e in events] == [True, True, True, False]
     (timing,) = events[-1].final.timings
     assert timing.stage == "post" and timing.work_seconds > 0
-    assert timing.hop_seconds < 0.01, "no network: the hop is the in-process call's own overhead"
     assert local.runtime.queue.in_flight == 0
 
 
