@@ -39,7 +39,7 @@ def scenario(same_tenant: bool, seconds: float, folder: Path) -> dict[str, objec
         flood = start_flood(run.gateway, a, 10 * CAPACITY_PER_SECOND, seconds)
 
         async def during() -> tuple[list[float], list[str]]:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(2.0)  # the flood's process starts and fills the queue first
             return await first_token_seconds(run.gateway, b, calls, every)
 
         loaded, refused = asyncio.run(during())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import random
 import subprocess
 import sys
 import time
@@ -20,9 +21,13 @@ from typing import Any
 from promptpipe.client import GenerationError, PipelineClient
 from tests.support.pipelines import synthetic_pipeline
 
-# One call: 0.2 s to the first token (a model's prefill), then 8 tokens at 200/s.
+# One call: 0.2 s to the first token (a model's prefill), then 8 tokens at 200/s: B's calls, and A's on
+# average. A's calls vary in length (1 to 15 tokens), as real ones do: identical calls admitted together end
+# together, so every slot frees at once and a call arriving just after waits a whole call, which no
+# non-preemptive slot limit avoids; fair admission's promise is the next slot, not an idle one.
 FIRST_TOKEN_SECONDS = 0.2
 TOKENS = 8
+MAX_TOKENS = 2 * TOKENS - 1
 TOKENS_PER_SECOND = 200
 # The gateway's admission: 4 calls at a time, 16 waiting.
 CONCURRENCY = 4
@@ -37,7 +42,7 @@ def fairness_pipeline(name: str = "fair") -> dict[str, Any]:
         model={
             "synthetic": {"tokensPerSecond": TOKENS_PER_SECOND, "firstTokenSeconds": FIRST_TOKEN_SECONDS},
         },
-        generation={"maxNewTokens": TOKENS},
+        generation={"maxNewTokens": MAX_TOKENS},
         stages={"stream": {"queue": {"concurrency": CONCURRENCY, "capacity": WAITING}}},
     )
 
@@ -47,18 +52,19 @@ async def first_token_seconds(target: str, key: str, calls: int, every: float) -
     ttfts: list[float] = []
     errors: list[str] = []
     async with PipelineClient(target, key) as client:
+        begun = time.perf_counter()
         for i in range(calls):
             started = time.perf_counter()
             first: float | None = None
             try:
-                async for r in client.generate("hello", timeout=30):
+                async for r in client.generate("hello", max_new_tokens=TOKENS, timeout=30):
                     if first is None and r.HasField("chunk"):
                         first = time.perf_counter() - started
             except GenerationError as err:
                 errors.append(err.code.name)
             else:
                 ttfts.append(first if first is not None else float("nan"))
-            pause = started + every * (i + 1) - time.perf_counter()
+            pause = begun + every * (i + 1) - time.perf_counter()  # one call every `every` seconds
             if pause > 0 and i + 1 < calls:
                 await asyncio.sleep(pause)
     return ttfts, errors
@@ -82,10 +88,11 @@ def start_flood(target: str, key: str, rate: float, seconds: float) -> Flood:
 async def _flood(target: str, key: str, rate: float, seconds: float) -> dict[str, int]:
     """Calls at `rate` a second, open loop (Poisson arrivals are not needed: a flood is a flood)."""
     outcomes: collections.Counter[str] = collections.Counter()
+    lengths = random.Random(0)
 
-    async def one(client: PipelineClient) -> None:
+    async def one(client: PipelineClient, tokens: int) -> None:
         try:
-            async for _ in client.generate("flood", timeout=30):
+            async for _ in client.generate("flood", max_new_tokens=tokens, timeout=30):
                 pass
             outcomes["OK"] += 1
         except GenerationError as err:
@@ -99,7 +106,7 @@ async def _flood(target: str, key: str, rate: float, seconds: float) -> dict[str
             due = start + n / rate
             if due > now:
                 await asyncio.sleep(due - now)
-            task = asyncio.create_task(one(client))
+            task = asyncio.create_task(one(client, lengths.randint(1, MAX_TOKENS)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             n += 1
