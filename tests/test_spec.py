@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from promptpipe.cli.main import app
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline, parse_pipeline
+from promptpipe.contract.spec import StageName
 from promptpipe_operator import policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +118,18 @@ def test_a_chat_template_that_does_not_parse_is_refused_by_validate_naming_the_f
     assert (policy.invalid(parse_pipeline(doc)) or "").startswith("spec.template.chatTemplate: does not parse: line 1:")
     doc["spec"]["template"]["chatTemplate"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert policy.invalid(parse_pipeline(doc)) is None
+
+
+def test_a_process_drains_for_the_longest_stage_it_runs_and_knows_whether_it_runs_inference() -> None:
+    doc = quickstart()
+    doc["spec"]["stages"]["post"] = {"timeoutSeconds": 300}
+    doc["spec"]["stages"]["inference"]["drainGraceSeconds"] = 30
+    alone = parse_pipeline(copy.deepcopy(doc)).spec
+    assert alone.drain_grace(StageName.INFERENCE) == 30 and alone.drain_grace(StageName.POST) == 300
+    assert alone.runs_inference(StageName.INFERENCE) and not alone.runs_inference(StageName.STREAM)
+    doc["spec"]["fuse"] = ["post"]
+    post_in_inference = parse_pipeline(copy.deepcopy(doc)).spec
+    assert post_in_inference.drain_grace(StageName.INFERENCE) == 300  # post's calls run in it now
+    doc["spec"]["fuse"] = ["rag", "assemble", "post", "inference"]
+    whole = parse_pipeline(doc).spec
+    assert whole.runs_inference(StageName.STREAM) and whole.drain_grace(StageName.STREAM) == 300

@@ -187,7 +187,7 @@ def stage_resources(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
     """The stage container's resources: the spec's, else a default for what the stage runs."""
     chosen = pp.spec.stages.get(stage).resources
     if chosen is None:
-        runs_inference = pp.spec.host_of(StageName.INFERENCE) is stage  # itself, or fused into it
+        runs_inference = pp.spec.runs_inference(stage)
         embedded = runs_inference and pp.spec.model.backend is BackendKind.LLAMACPP
         chosen = _LLAMACPP_RESOURCES if embedded else _STAGE_RESOURCES
     return _resources(chosen)
@@ -201,9 +201,8 @@ def deployment(
     pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings, config_hash: str
 ) -> KubeObject:
     name = pp.metadata.name
-    runs_inference = pp.spec.host_of(StageName.INFERENCE) is stage  # itself, or fused into it
-    # The longest drain of the stages the process runs (its own and those fused into it).
-    drain_grace = max(pp.spec.stages.get(s).drain_grace() for s in (stage, *pp.spec.fused_into(stage)))
+    runs_inference = pp.spec.runs_inference(stage)
+    drain_grace = pp.spec.drain_grace(stage)
     env: list[dict[str, Any]] = [
         {"name": "PROMPTPIPE_STAGE", "value": stage.value},
         {"name": "PROMPTPIPE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_FILE}"},
@@ -330,7 +329,7 @@ def _gateway_front_door(
 def discovers_backend(pp: PromptPipeline, stage: StageName) -> bool:
     """The inference stage (or the process it is fused into) of a pipeline whose TGI the operator runs: it
     watches the TGI pods' EndpointSlices."""
-    return pp.spec.host_of(StageName.INFERENCE) is stage and managed_tgi(pp) is not None
+    return pp.spec.runs_inference(stage) and managed_tgi(pp) is not None
 
 
 def _service_account(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:

@@ -164,7 +164,7 @@ PASSED_TO_INFERENCE = (
 def stage_environment(stage: StageName, pipeline: PromptPipeline, parent: Mapping[str, str]) -> dict[str, str]:
     """The part of `parent` a stage process needs (the PROMPTPIPE_* settings are added by the caller)."""
     names = set(PASSED_TO_EVERY_STAGE)
-    if pipeline.spec.host_of(StageName.INFERENCE) is stage:  # inference's own process, or its host's when fused
+    if pipeline.spec.runs_inference(stage):
         names.update(PASSED_TO_INFERENCE)
         openai = pipeline.spec.model.openai
         if pipeline.spec.model.backend is BackendKind.OPENAI and openai is not None and openai.api_key_env:
@@ -217,7 +217,7 @@ def stop(run: LocalRun) -> list[str]:
             continue
         os.kill(proc.pid, signal.SIGTERM)
         spec = config.pipeline.spec
-        grace = max(spec.stages.get(s).drain_grace() for s in (stage, *spec.fused_into(stage)))
+        grace = spec.drain_grace(stage)
         if not exits(proc.pid, grace + 5.0):
             os.kill(proc.pid, signal.SIGKILL)
             killed.append(stage.value)

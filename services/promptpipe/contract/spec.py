@@ -794,6 +794,14 @@ class PipelineSpec(_Model):
         """The fused stages that run in `host`'s process."""
         return [s for s in STAGE_ORDER if s is not host and self.host_of(s) is host]
 
+    def runs_inference(self, process: StageName) -> bool:
+        """Whether `process` runs the inference stage: its own process, or its host's when fused."""
+        return self.host_of(StageName.INFERENCE) is process
+
+    def drain_grace(self, process: StageName) -> float:
+        """How long `process` drains: the longest of the stages it runs (its own and those fused into it)."""
+        return max(self.stages.get(s).drain_grace() for s in (process, *self.fused_into(process)))
+
     @field_validator("fuse")
     @classmethod
     def _fused_once(cls, fuse: list[FusedStage]) -> list[FusedStage]:
