@@ -69,8 +69,11 @@ class LlamaCppBackend:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         if self._llm is None:
             raise Unavailable("model not loaded")
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancel that arrives as the
+        # awaited result does, and the cancelled call would keep the model decoding for nobody.
         try:
-            await asyncio.wait_for(self._lock.acquire(), max(0.0, request.remaining()))
+            async with asyncio.timeout(max(0.0, request.remaining())):
+                await self._lock.acquire()
         except TimeoutError:
             raise DeadlineExceeded("deadline passed waiting for the model") from None
         loop = asyncio.get_running_loop()
@@ -81,7 +84,8 @@ class LlamaCppBackend:
         finished = False
         try:
             while True:
-                item = await asyncio.wait_for(queue.get(), max(0.001, request.remaining()))
+                async with asyncio.timeout(max(0.001, request.remaining())):
+                    item = await queue.get()
                 room.release()
                 if item is _DONE:
                     break

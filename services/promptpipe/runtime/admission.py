@@ -143,7 +143,9 @@ class AdmissionQueue:
         fq.waiters.append(fut)
         self._depth += 1
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # Not wait_for: on Python 3.11 it swallows a cancel that arrives with the slot.
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
         except TimeoutError:
             self._abandon(fut, fq)
             raise DeadlineExceeded("deadline passed while queued") from None
