@@ -60,7 +60,7 @@ wheelhouse: $(WHEELHOUSE)
 
 # etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold, dockerfile-lint, Prometheus
 # and promtool, and Jaeger (the tracing backend) from the Go module proxy, plus KEDA's CRDs; the node's kubelet,
-# kube-scheduler, kube-proxy, CoreDNS and pause, and its Debian packages (containerd, runc, CNI,
+# kube-scheduler, kube-proxy, CoreDNS, pause and containerd, and its Debian packages (runc, CNI,
 # buildah, debootstrap, iptables: apt-get install, as root). Built once into $(CACHE)/controlplane
 # (about 20 minutes the first time on 2 cores); a no-op when they are there.
 controlplane: $(STAMP)

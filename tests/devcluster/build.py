@@ -60,6 +60,10 @@ class Tools:
     # KEDA's operator and its metrics API server, from the module whose CRDs are `keda_crds`.
     keda: Path
     keda_adapter: Path
+    # containerd with its runc shim and ctr, in a folder of their own: containerd finds the shim on its PATH.
+    containerd: Path
+    containerd_shim: Path
+    ctr: Path
 
 
 def tools_dir() -> Path:
@@ -92,6 +96,9 @@ def expected_tools(root: Path | None = None) -> Tools:
         b / "pause",
         b / "keda",
         b / "keda-adapter",
+        b / f"containerd-{versions.CONTAINERD}" / "containerd",
+        b / f"containerd-{versions.CONTAINERD}" / "containerd-shim-runc-v2",
+        b / f"containerd-{versions.CONTAINERD}" / "ctr",
     )
 
 
@@ -292,17 +299,36 @@ def build_skaffold(dest: Path, work: Path) -> None:
     )
 
 
-def _build_module_command(dest: Path, work: Path, module: str, version: str, command: str) -> None:
-    """One command of a module, with the replaces its go.mod pins (a dependent ignores them: copied)."""
+def _module_wrapper(work: Path, module: str, version: str, commands: list[str]) -> None:
+    """A wrapper module for commands of `module`, with the replaces its go.mod pins (a dependent ignores
+    them: copied)."""
     work.mkdir(parents=True, exist_ok=True)
     gomod = Path(_module_file(module, version, work)["GoMod"]).read_text()
-    _wrapper(work, {module: version}, dict(_VERSION_REPLACE.findall(gomod)), [f"{module}/{command}"])
+    _wrapper(work, {module: version}, dict(_VERSION_REPLACE.findall(gomod)), [f"{module}/{c}" for c in commands])
+
+
+def _build_module_command(dest: Path, work: Path, module: str, version: str, command: str) -> None:
+    """One command of a module."""
+    _module_wrapper(work, module, version, [command])
     _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), f"{module}/{command}"], work)
 
 
 def build_jaeger(dest: Path, work: Path) -> None:
     """Jaeger v2 (all in one) from its module."""
     _build_module_command(dest, work, "github.com/jaegertracing/jaeger", f"v{versions.JAEGER}", "cmd/jaeger")
+
+
+def build_containerd(dest: Path, work: Path) -> None:
+    """containerd, its runc shim and ctr into `dest`, from one module and build."""
+    module = "github.com/containerd/containerd"
+    commands = ("containerd", "containerd-shim-runc-v2", "ctr")
+    _module_wrapper(work, module, f"v{versions.CONTAINERD}", [f"cmd/{c}" for c in commands])
+    stamp = f"-X {module}/version.Version={versions.CONTAINERD}"
+    for command in commands:
+        _go(
+            ["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(dest / command), f"{module}/cmd/{command}"],
+            work,
+        )
 
 
 def build_ghz(dest: Path, work: Path) -> None:
@@ -385,6 +411,10 @@ def ensure_tools() -> Tools:
             lambda: fetch_keda_crds(tools.keda_crds, work / "keda"),
         ),
         ((tools.keda, tools.keda_adapter), lambda: build_keda(bin_dir, work / f"keda-{versions.KEDA}")),
+        (
+            (tools.containerd, tools.containerd_shim, tools.ctr),
+            lambda: build_containerd(tools.containerd.parent, work / f"containerd-{versions.CONTAINERD}"),
+        ),
         ((tools.dockerfile_lint,), lambda: build_dockerfile_lint(tools.dockerfile_lint, work / "dockerfile-lint")),
         ((tools.skaffold,), lambda: build_skaffold(tools.skaffold, work / f"skaffold-{versions.SKAFFOLD}")),
         ((tools.prometheus,), lambda: build_prometheus(tools.prometheus, work / f"prometheus-{versions.PROMETHEUS}")),

@@ -1,5 +1,6 @@
-"""The node's Debian parts: containerd, runc and the CNI plugins run it; buildah and debootstrap
-build its images; iptables and conntrack serve kube-proxy. Installed with apt as root, once."""
+"""The node's Debian parts: runc and the CNI plugins run its containers (containerd is built, `build.py`);
+buildah and debootstrap build its images; iptables and conntrack serve kube-proxy. Installed with apt
+as root, once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ log = logging.getLogger(__name__)
 
 # Command each package provides, to tell whether it is installed without asking dpkg for each.
 COMMANDS = {
-    "containerd": "containerd",
     "runc": "runc",
     "containernetworking-plugins": "/usr/lib/cni/bridge",
     "buildah": "buildah",

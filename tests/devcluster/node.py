@@ -339,6 +339,7 @@ class Node:
     api_port: int
     images: dict[str, str]  # image key (operator, stage, ...) → name in containerd
     kubectl_path: str
+    ctr_path: str
     record: Record = field(repr=False)
 
     # ---- starting
@@ -379,7 +380,14 @@ class Node:
         record.save()
         api_port = int(plane.server.rsplit(":", 1)[1])
         node = cls(
-            str(folder), netns, plane, api_port, {k: v.name for k, v in images.items()}, str(tools.kubectl), record
+            str(folder),
+            netns,
+            plane,
+            api_port,
+            {k: v.name for k, v in images.items()},
+            str(tools.kubectl),
+            str(tools.ctr),
+            record,
         )
         pki = Path(plane.folder) / "pki"
         inside = f"https://{NODE_IP}:{api_port}"
@@ -402,7 +410,12 @@ class Node:
         (cni / "10-promptpipe.conflist").write_text(json.dumps(cni_config(folder), indent=2))
         (folder / "containerd").mkdir(exist_ok=True)
         (folder / "containerd" / "config.toml").write_text(containerd_config(folder, images["pause"].name))
-        node._spawn("containerd", ["containerd", "--config", str(folder / "containerd" / "config.toml")], inside=True)
+        node._spawn(
+            "containerd",
+            [str(tools.containerd), "--config", str(folder / "containerd" / "config.toml")],
+            inside=True,
+            env={"PATH": f"{tools.containerd.parent}:/usr/sbin:/sbin:{os.environ['PATH']}"},  # its own shim first
+        )
         wait_until(lambda: _run(*node.ctr("version"), check=False).returncode == 0, "containerd", 30)
         for image in images.values():
             _run(*node.ctr("images", "import", "--no-unpack", str(image.archive)))
@@ -525,7 +538,7 @@ class Node:
         return self._spawn(name, forward, inside=inside)
 
     def ctr(self, *args: str) -> list[str]:
-        return ["ctr", "--address", f"{self.folder}/containerd/containerd.sock", "--namespace", "k8s.io", *args]
+        return [self.ctr_path, "--address", f"{self.folder}/containerd/containerd.sock", "--namespace", "k8s.io", *args]
 
     def kill_container(self, container: str) -> None:
         """SIGKILL a container's process, as an OOM kill or a crash would end it."""

@@ -23,10 +23,12 @@ JAEGER = "1.76.0"
 GHZ = "0.120.0"
 # CoreDNS for the node's cluster DNS: 1.12.1 builds on the same k8s.io/client-go minor (0.32) as the cluster.
 COREDNS = "1.12.1"
+# containerd (with its runc shim and ctr) for the node, from its Go module: Debian bookworm's 1.6.20 lacks
+# containerd#8805 (1.6.22): a pod resetting one port-forwarded connection ended the whole `kubectl port-forward`.
+CONTAINERD = "1.7.35"
 # The node's Debian packages (bookworm), as tested. Installed by name: Debian replaces a package's
 # +deb12uN on its mirrors when a security update lands, and a newer one is what a fresh machine gets.
 NODE_PACKAGES = {
-    "containerd": "1.6.20~ds1-1+deb12u3",
     "runc": "1.1.5+ds1-1+deb12u1",
     "containernetworking-plugins": "1.1.1+ds1-3+b5",
     "buildah": "1.28.2+ds1-3+deb12u1+b3",
