@@ -187,3 +187,23 @@ async def test_the_gateway_tells_deadlines_its_callers_chose_from_its_own_timeou
     # it) or CANCELLED (grpc ended it first): either way it is the caller's, never the gateway's failure.
     assert deadlines - callers == 1, (deadlines, callers)
     assert callers + cancelled == 3
+
+
+async def test_a_call_that_completes_is_counted_ok_by_every_stage_never_cancelled(start_pipeline) -> None:
+    # The caller closes a stream the moment its final event arrives; the stage's OK status follows it, and a
+    # close that cancelled the call then would have the stage count it CANCELLED.
+    p = start_pipeline(synthetic_pipeline())
+    for batch in range(5):
+        outcomes = await asyncio.gather(*(collect(p.gateway, f"call {batch}.{i}") for i in range(8)))
+        assert all(o.error is None and o.summary is not None for o in outcomes), [o.error for o in outcomes]
+
+    def counted(stage: StageName, code: str) -> float:
+        try:
+            return p.metric(stage, "promptpipe_stage_duration_seconds_count", stage=stage.value, code=code)
+        except KeyError:  # CANCELLED's series appears with its first call
+            return 0.0
+
+    for stage in (StageName.RAG, StageName.ASSEMBLE, StageName.POST, StageName.INFERENCE):
+        # Counted as each stage's handler ends, a moment after its last event reached its caller.
+        await wait_until_async(lambda s=stage: counted(s, "OK") + counted(s, "CANCELLED") == 40, what=f"{stage} calls")
+        assert (counted(stage, "OK"), counted(stage, "CANCELLED")) == (40, 0), stage

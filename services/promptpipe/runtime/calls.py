@@ -93,22 +93,28 @@ class StageClient:
                 # Closed explicitly when we leave: a tracing interceptor ends the call's span only when its
                 # response iterator ends, and one left to the garbage collector may never be.
                 events = aiter(call)
-                streamed = False
+                streamed = ended = False
                 try:
                     async for event in events:
                         streamed = True
                         if event.HasField("final"):
+                            ended = True
                             if event.final.timings:  # the callee's own, appended last
                                 now = time.perf_counter()
                                 add_hop(event.final.timings[-1], now - started, (first or now) - started)
                         elif first is None:
                             first = time.perf_counter()
                         yield event
+                        if ended:  # the last event: its OK status follows, unread (a read cancelled would cancel it)
+                            return
                     return
                 except grpc.aio.AioRpcError as err:
                     self._raise_unless_retryable(err, attempt, streamed)
                 finally:
-                    call.cancel()  # no-op when finished; stops the next stage when we leave early
+                    # Leaving early stops the next stage. After its final event its status follows at once:
+                    # cancelling then would have it count a call it completed as CANCELLED.
+                    if not ended:
+                        call.cancel()
                     if isinstance(events, AsyncGenerator):
                         await events.aclose()
 
