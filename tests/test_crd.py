@@ -129,6 +129,10 @@ MALFORMED = [
     (["spec", "fuse"], ["stream"], "spec.fuse[0]"),
     (["spec", "fuse"], ["post", "post"], "spec.fuse[1]"),
     (["spec", "fuse"], ["rag", "inference"], "spec.fuse: Invalid value"),
+    # Worker processes: at least one; more only where their one shared queue is all they share.
+    (["spec", "stages", "post", "workers"], 0, "spec.stages.post.workers"),
+    (["spec", "stages", "stream", "workers"], 2, "spec.stages.stream.workers"),
+    (["spec", "stages", "inference", "workers"], 2, "spec.stages.inference.workers"),  # llamacpp holds the model
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],
@@ -159,6 +163,34 @@ def test_malformed_resource_is_refused_at_apply_naming_the_field(
     )
     assert result.returncode != 0
     assert field in result.stderr, result.stderr
+
+
+@pytest.mark.controlplane
+@pytest.mark.parametrize(
+    ("fuse", "stage"), [(["post"], "post"), (["post"], "inference"), (["rag", "assemble"], "assemble")]
+)
+def test_workers_of_a_fused_stage_or_its_host_are_refused_naming_the_field(
+    promptpipe_crd: None,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    namespace: str,
+    fuse: list[str],
+    stage: str,
+) -> None:
+    doc = quickstart("fusedworkers")
+    doc["spec"]["model"] = {"name": "m", "backend": "synthetic"}  # workers are refused with llamacpp anyway
+    doc["spec"]["fuse"] = fuse
+    doc["spec"]["stages"][stage]["workers"] = 2
+    result = kubectl(
+        control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
+    )
+    assert result.returncode != 0
+    assert f"spec.stages.{stage}.workers" in result.stderr and "spec.fuse" in result.stderr, result.stderr
+    doc["spec"]["fuse"] = []
+    accepted = kubectl(
+        control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
+    )
+    assert accepted.returncode == 0, accepted.stderr
 
 
 @pytest.mark.controlplane

@@ -65,6 +65,8 @@ def test_every_example_pipeline_is_valid() -> None:
             {"name": "m", "backend": "tgi", "tgi": {"maxInputTokens": 8, "maxTotalTokens": 8}},
             "spec.model.tgi",
         ),
+        (["spec", "stages", "post", "workers"], 0, "spec.stages.post.workers"),
+        (["spec", "stages", "stream", "workers"], 2, "spec"),  # the model's message names stages.stream.workers
     ],
 )
 def test_malformed_pipeline_is_refused_naming_the_field(path: list[str], value: object, field: str) -> None:
@@ -133,3 +135,33 @@ def test_a_process_drains_for_the_longest_stage_it_runs_and_knows_whether_it_run
     doc["spec"]["fuse"] = ["rag", "assemble", "post", "inference"]
     whole = parse_pipeline(doc).spec
     assert whole.runs_inference(StageName.STREAM) and whole.drain_grace(StageName.STREAM) == 300
+
+
+@pytest.mark.parametrize(
+    ("stage", "fuse", "backend", "refused"),
+    [
+        ("post", [], "synthetic", None),
+        ("rag", [], "tgi", None),
+        ("inference", [], "tgi", None),
+        ("stream", [], "synthetic", "the gateway's tenant quotas"),
+        ("inference", [], "llamacpp", "each worker would load the model"),
+        ("post", ["post"], "synthetic", "fused into another's process, or hosting one"),
+        ("inference", ["post"], "synthetic", "fused into another's process, or hosting one"),
+        ("assemble", ["rag", "assemble"], "synthetic", "fused into another's process, or hosting one"),
+    ],
+)
+def test_a_stage_runs_several_workers_only_where_a_shared_queue_is_all_they_share(
+    stage: str, fuse: list[str], backend: str, refused: str | None
+) -> None:
+    doc = quickstart()
+    model: dict[str, Any] = {"name": "m", "backend": backend}
+    if backend == "tgi":
+        model["tgi"] = {"endpoints": ["http://tgi:8080"]}
+    doc["spec"]["model"], doc["spec"]["fuse"] = model, fuse
+    doc["spec"]["stages"].setdefault(stage, {})["workers"] = 2
+    if refused is None:
+        assert parse_pipeline(doc).spec.stages.get(StageName(stage)).workers == 2
+        return
+    with pytest.raises(PipelineFileError) as info:
+        parse_pipeline(doc)
+    assert f"stages.{stage}.workers: must be 1" in str(info.value) and refused in str(info.value), str(info.value)

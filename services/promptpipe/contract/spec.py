@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
@@ -188,6 +189,9 @@ class StageSpec(_Model):
     scaling: ScalingSpec = ScalingSpec()
     # Operator only: the stage container's resources; unset, the operator's defaults for the stage.
     resources: ResourcesSpec | None = None
+    # Processes serving the stage's port (SO_REUSEPORT), an event loop and a core each, sharing the stage's
+    # one admission queue. More than 1 only where `PipelineSpec.workers_refusal` finds nothing against it.
+    workers: Annotated[int, Field(ge=1, le=32)] = 1
 
     def drain_grace(self) -> float:
         """How long a draining stage lets its calls run: `drainGraceSeconds`, else `timeoutSeconds`."""
@@ -710,6 +714,22 @@ class TlsSpec(_Model):
     secret_name: Annotated[str, Field(min_length=1, max_length=253)]
 
 
+# Where a stage cannot run more than one worker process (`workers`), and why.
+WORKERS_GATEWAY_MESSAGE = "must be 1: the gateway's tenant quotas are kept in its one process"
+WORKERS_LLAMACPP_MESSAGE = "must be 1 with backend llamacpp: each worker would load the model, which uses every core"
+WORKERS_FUSED_MESSAGE = "must be 1 for a stage fused into another's process, or hosting one (spec.fuse)"
+
+
+def _one_worker_rule(stage: str, when: str, message: str) -> JsonDict:
+    """CEL: `stages.<stage>.workers` is 1 when `when` holds (unset fields are their defaults)."""
+    return {
+        "rule": f"!({when}) || !has(self.stages) || !has(self.stages.{stage})"
+        f" || !has(self.stages.{stage}.workers) || self.stages.{stage}.workers == 1",
+        "message": message,
+        "fieldPath": f".stages.{stage}.workers",
+    }
+
+
 # The embedded model's context holds the prompt and the answer: an answer as long leaves no prompt.
 CONTEXT_MESSAGE = "must be less than model.llamacpp.contextSize: the context holds the prompt and the answer"
 
@@ -743,6 +763,18 @@ class PipelineSpec(_Model):
                     "message": INFERENCE_FUSED_ALONE_MESSAGE,
                     "fieldPath": ".fuse",
                 },
+                # The API server's copy of `workers_refusal` below.
+                _one_worker_rule("stream", "true", WORKERS_GATEWAY_MESSAGE),
+                _one_worker_rule(
+                    "inference",
+                    "!has(self.model.backend) || self.model.backend == 'llamacpp'",
+                    WORKERS_LLAMACPP_MESSAGE,
+                ),
+                *(
+                    _one_worker_rule(stage, f"has(self.fuse) && '{stage}' in self.fuse", WORKERS_FUSED_MESSAGE)
+                    for stage in ("rag", "assemble", "post", "inference")
+                ),
+                _one_worker_rule("inference", "has(self.fuse) && 'post' in self.fuse", WORKERS_FUSED_MESSAGE),
             ]
         }
     )
@@ -801,6 +833,25 @@ class PipelineSpec(_Model):
     def drain_grace(self, process: StageName) -> float:
         """How long `process` drains: the longest of the stages it runs (its own and those fused into it)."""
         return max(self.stages.get(s).drain_grace() for s in (process, *self.fused_into(process)))
+
+    def workers_refusal(self, stage: StageName) -> str | None:
+        """Why `stage` must run one worker process (None: it may run several). The admission broker shares
+        one queue between workers; the gateway's quotas, a model in memory and fused stages are not shared."""
+        if stage is StageName.STREAM:
+            return WORKERS_GATEWAY_MESSAGE
+        if stage is StageName.INFERENCE and self.model.backend is BackendKind.LLAMACPP:
+            return WORKERS_LLAMACPP_MESSAGE
+        if self.host_of(stage) is not stage or self.fused_into(stage):
+            return WORKERS_FUSED_MESSAGE
+        return None
+
+    @model_validator(mode="after")
+    def _workers_where_they_can_run(self) -> PipelineSpec:
+        for stage in STAGE_ORDER:
+            refusal = self.workers_refusal(stage)
+            if refusal is not None and self.stages.get(stage).workers > 1:
+                raise ValueError(f"stages.{stage.value}.workers: {refusal}")
+        return self
 
     @field_validator("fuse")
     @classmethod

@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from promptpipe.contract.spec import ShedPolicy
 from promptpipe.runtime.errors import DeadlineExceeded, Shed
@@ -43,6 +44,25 @@ class Flow:
 
 
 ONE_FLOW = Flow()
+
+
+class Admission(Protocol):
+    """What a stage admits its calls with: its own `AdmissionQueue`, or a worker's share of the stage's
+    (`broker.BrokeredQueue`)."""
+
+    capacity: int
+    concurrency: int
+    policy: ShedPolicy
+    retry_after: float
+    counters: AdmissionCounters
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> contextlib.AbstractAsyncContextManager[float]: ...
 
 
 class _FlowQueue:

@@ -23,11 +23,13 @@ from promptpipe.contract.spec import StageName, StageSpec
 from promptpipe.contract.tracing import service_name
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.apikeys import KeyRing
+from promptpipe.runtime.broker import BrokeredQueue
 from promptpipe.runtime.metrics import serving_gauge
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
 from promptpipe.runtime.tls import ServerCertificate
 from promptpipe.runtime.tracing import setup_tracing
+from promptpipe.runtime.workers import supervise
 from promptpipe.stages import build_stage
 from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
@@ -40,7 +42,6 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
     # Clients move to new replicas when their connection ends; the calls on it finish first.
     ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
 )
@@ -48,13 +49,15 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 MIN_CONCURRENT_STREAMS = 100
 
 
-def server_options(spec: StageSpec) -> list[tuple[str, Any]]:
+def server_options(spec: StageSpec, shared_port: bool = False) -> list[tuple[str, Any]]:
     """SERVER_OPTIONS, plus the bounds that follow from the stage's limits.
 
     An aged connection is closed for good once no call on it can still be within its timeout (a call
     past it is one whose client stopped reading; the watchdog already freed its slot). One connection
     may not open more streams than the stage can admit, and never fewer than MIN_CONCURRENT_STREAMS:
     more would only be refused, but a lower limit would hold them queued in the client, unseen.
+    A stage's worker processes share their port (`shared_port`, SO_REUSEPORT); a lone process does not, so a
+    second one started on its port fails rather than taking half its calls.
     """
     grace_seconds = spec.timeout_seconds + WATCHDOG_SLACK_SECONDS + CONNECTION_GRACE_MARGIN_SECONDS
     streams = max(MIN_CONCURRENT_STREAMS, spec.queue.capacity + spec.queue.concurrency)
@@ -62,6 +65,7 @@ def server_options(spec: StageSpec) -> list[tuple[str, Any]]:
         *SERVER_OPTIONS,
         ("grpc.max_connection_age_grace_ms", int(grace_seconds * 1000)),
         ("grpc.max_concurrent_streams", streams),
+        ("grpc.so_reuseport", 1 if shared_port else 0),
     ]
 
 
@@ -72,11 +76,21 @@ CONNECTION_GRACE_MARGIN_SECONDS = 5.0
 async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     stage = settings.stage
     pipeline = config.pipeline
+    spec = pipeline.spec.stages.get(stage)
+    worker = settings.worker_of is not None
+    if spec.workers > 1 and not worker:
+        await supervise(settings, config, spec.workers)
+        return
     server_interceptors, client_interceptors = setup_tracing(
         settings.otel_exporter, service_name(pipeline.metadata.name, stage.value)
     )
     registry = CollectorRegistry()
-    runtime = StageRuntime.create(stage.value, pipeline.spec.stages.get(stage), registry, pipeline.metadata.name)
+    stop = asyncio.Event()
+    shared: BrokeredQueue | None = None
+    if settings.worker_of is not None:
+        shared = BrokeredQueue(spec.queue)
+        await shared.connect(str(settings.worker_of), lost=stop.set)  # no supervisor: drain and go
+    runtime = StageRuntime.create(stage.value, spec, registry, pipeline.metadata.name, shared)
     keys = _keys(settings)
     if keys is not None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
@@ -85,7 +99,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.healthy())
 
-    server = grpc.aio.server(options=server_options(served.spec), interceptors=server_interceptors or None)
+    server = grpc.aio.server(options=server_options(served.spec, worker), interceptors=server_interceptors or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     certificate = _certificate(settings)
@@ -102,7 +116,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         # is on a port of its own, which the gateway's Service does not expose.
         gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
         services = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
-        internal = grpc.aio.server(options=server_options(served.spec))
+        internal = grpc.aio.server(options=server_options(served.spec, worker))
         stage_pb2_grpc.add_StageServicer_to_server(servicer, internal)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
         stage_port = internal.add_insecure_port(f"{settings.host}:{settings.stage_port}")
@@ -113,7 +127,9 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     servers = [server] if internal is None else [server, internal]
     health_names = ("", *services, *([stage_service] if internal is not None else []))
 
-    metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    # A worker's metrics are for its supervisor only, which serves the stage's on the pod's metrics port.
+    metrics_host = "127.0.0.1" if worker else settings.host
+    metrics_httpd, _ = start_http_server(settings.metrics_port, addr=metrics_host, registry=registry)
     metrics_port = metrics_httpd.server_port
     http_port = 0
     if built.http is not None and settings.http_port is not None:
@@ -151,7 +167,6 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     )
 
     watch = asyncio.create_task(_follow_health(built.healthy, health_servicer, health_names))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -174,6 +189,8 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         await asyncio.gather(*stopping, *([built.http.stop()] if built.http is not None else []))
     finally:
         await built.close()
+        if shared is not None:
+            await shared.close()
         metrics_httpd.shutdown()
     log.info("stage %s stopped", stage.value)
 

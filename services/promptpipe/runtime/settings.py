@@ -48,6 +48,9 @@ class StageSettings(BaseSettings):
     port_file: Path | None = None
     """If set, the bound ports are written here as `grpc metrics http stage` once serving (http 0: none;
     stage: the stream stage's internal port, else the same as grpc)."""
+    worker_of: Path | None = None
+    """Set by a stage's supervisor (`stages.<stage>.workers` > 1): the socket of the admission broker this
+    worker process shares the stage's queue through."""
     otel_exporter: str = "none"
     """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`."""
     log_level: str = "INFO"

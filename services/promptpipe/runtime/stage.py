@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import StageSpec
 from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE
-from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
+from promptpipe.runtime.admission import ONE_FLOW, Admission, AdmissionQueue, Flow
+from promptpipe.runtime.broker import BrokeredQueue
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import tracer
@@ -58,7 +59,7 @@ class StreamingHandler(StageHandler, Protocol):
 
 
 class StageRuntime:
-    def __init__(self, stage: str, spec: StageSpec, queue: AdmissionQueue, metrics: StageMetrics) -> None:
+    def __init__(self, stage: str, spec: StageSpec, queue: Admission, metrics: StageMetrics) -> None:
         self.stage = stage
         self.spec = spec
         self.queue = queue
@@ -66,9 +67,13 @@ class StageRuntime:
         self._span_name = stage
 
     @classmethod
-    def create(cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str) -> StageRuntime:
-        q = spec.queue
-        queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
+    def create(
+        cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str, queue: Admission | None = None
+    ) -> StageRuntime:
+        """A stage's runtime with its own admission queue, or `queue` (a worker's share of the stage's)."""
+        if queue is None:
+            q = spec.queue
+            queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
         return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
 
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
@@ -145,17 +150,25 @@ class StageRuntime:
             stage=self.stage, queue_wait_seconds=call.queue_wait, work_seconds=work, first_output_seconds=first
         )
 
-    def stats(self, serving: bool) -> stage_pb2.StageStats:
+    async def stats(self, serving: bool) -> stage_pb2.StageStats:
+        """The stage's queue: its own, or with workers the one they share (asked of the broker)."""
         q = self.queue
+        if isinstance(q, BrokeredQueue):
+            shared = await q.stats()
+            depth, in_flight = shared["depth"], shared["in_flight"]
+            rejected, dropped, completed = shared["rejected"], shared["dropped"], shared["completed"]
+        else:
+            depth, in_flight = q.depth, q.in_flight
+            rejected, dropped, completed = q.counters.rejected, q.counters.dropped, q.counters.completed
         return stage_pb2.StageStats(
             stage=self.stage,
-            queue_depth=q.depth,
+            queue_depth=depth,
             queue_capacity=q.capacity,
-            in_flight=q.in_flight,
+            in_flight=in_flight,
             concurrency=q.concurrency,
-            rejected_total=q.counters.rejected,
-            dropped_total=q.counters.dropped,
-            completed_total=q.counters.completed,
+            rejected_total=rejected,
+            dropped_total=dropped,
+            completed_total=completed,
             serving=serving,
             shed_policy=q.policy.value,
         )
@@ -268,4 +281,4 @@ class StageServicer:
                 yield event
 
     async def Stats(self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageStats:
-        return self.runtime.stats(self.serving)
+        return await self.runtime.stats(self.serving)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
+from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.calls import NextStage, StageClient
 from promptpipe.runtime.inprocess import InProcessStage
@@ -72,7 +73,12 @@ def build_stage(
         if spec.host_of(to) is stage:
             return in_this_process(to)
         return StageClient(
-            config.endpoints[to], retry, client_interceptors, next_calls.to(to.value), f"the {to.value} stage"
+            config.endpoints[to],
+            retry,
+            client_interceptors,
+            next_calls.to(to.value),
+            f"the {to.value} stage",
+            spec.stages.get(to).workers,
         )
 
     def handler(of: StageName) -> EnrichingHandler | StreamingHandler:
@@ -125,7 +131,7 @@ def build_stage(
             GatewayMetrics(registry, name, spec.slo),
             keys or KeyRing(),
             Quotas(spec.auth),
-            TenantMetrics(registry, name, runtime.queue),
+            TenantMetrics(registry, name, _own_queue(runtime)),
         )
         built.gateway = gateway
         built.http = OpenAIGateway(gateway, runtime, name, spec.model, registry, keys or KeyRing())
@@ -158,3 +164,10 @@ class _WatchingPods:
     async def close(self) -> None:
         await self._pods.close()
         await self._inference.close()
+
+
+def _own_queue(runtime: StageRuntime) -> AdmissionQueue:
+    """The gateway's admission queue: always its own (it runs one process, `PipelineSpec.workers_refusal`)."""
+    if not isinstance(runtime.queue, AdmissionQueue):
+        raise TypeError("the gateway holds its own admission queue")
+    return runtime.queue

@@ -1,0 +1,159 @@
+"""A stage as several worker processes on one port (`stages.<stage>.workers`): a core each.
+
+The process the container (or `promptpipe up`) starts becomes the stage's supervisor. It holds the
+stage's one admission queue and lends its slots to the workers (`broker`), starts the workers, each a
+stage process of its own serving the same gRPC port (SO_REUSEPORT: the kernel spreads connections over
+them), serves the stage's /metrics (the workers', merged: `metrics_merge`), and
+passes SIGTERM on so each drains as a lone stage does. A worker that dies takes the stage down with it:
+the supervisor stops the others and exits non-zero, and the kubelet (or `promptpipe up`) sees a stage
+that failed, not one quietly running on fewer cores. A worker whose supervisor is gone drains and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from promptpipe.contract.runtime_config import RuntimeConfig
+from promptpipe.runtime.admission import AdmissionQueue
+from promptpipe.runtime.broker import AdmissionBroker
+from promptpipe.runtime.metrics_merge import merge
+from promptpipe.runtime.settings import StageSettings
+
+log = logging.getLogger(__name__)
+
+# How long a scrape waits for a worker's metrics.
+SCRAPE_TIMEOUT_SECONDS = 5.0
+
+
+class WorkerMetrics(Collector):
+    """The workers' metrics, read from each when Prometheus scrapes the supervisor, merged."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+
+    def collect(self) -> Iterator[Metric]:
+        texts = []
+        for port in self.ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_SECONDS) as r:
+                    texts.append(r.read().decode())
+            except OSError as exc:  # a worker stopping: the stage is going down with it
+                log.warning("worker metrics on :%d not read: %s", port, exc)
+        yield from merge(texts)
+
+
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """`port` (0: a free one), held open with SO_REUSEPORT while the workers bind it beside us."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((host, port))
+        yield int(held.getsockname()[1])
+
+
+def worker_environment(settings: StageSettings, port: int, port_file: Path, broker: Path) -> dict[str, str]:
+    """The environment of one worker: this process's settings, on the shared port, reporting to us."""
+    env = dict(os.environ)
+    values = settings.model_dump(mode="json", exclude_none=True)
+    values |= {"port": port, "stage_port": port, "metrics_port": 0, "port_file": str(port_file)}
+    values["worker_of"] = str(broker)
+    for name, value in values.items():
+        env[f"PROMPTPIPE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int) -> None:
+    stage = settings.stage.value
+    pipeline = config.pipeline.metadata.name
+    q = config.pipeline.spec.stages.get(settings.stage).queue
+    queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
+    registry = CollectorRegistry()
+    scraped = WorkerMetrics()
+    registry.register(scraped)
+    broker = AdmissionBroker(queue)
+    with tempfile.TemporaryDirectory(prefix=f"promptpipe-{stage}-") as folder:
+        socket_path = Path(folder, "admission.sock")
+        await broker.start(str(socket_path))
+        procs: list[asyncio.subprocess.Process] = []
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            with reserved_port(settings.host, settings.port) as port:
+                port_files = [Path(folder, f"worker-{i}.ports") for i in range(workers)]
+                for port_file in port_files:
+                    env = worker_environment(settings, port, port_file, socket_path)
+                    procs.append(
+                        await asyncio.create_subprocess_exec(sys.executable, "-m", __package__ + ".server", env=env)
+                    )
+                scraped.ports = await _serving(procs, port_files, stop)
+            metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+            metrics_port = metrics_httpd.server_port
+            if settings.port_file is not None:
+                partial = settings.port_file.with_suffix(".partial")
+                partial.write_text(f"{port} {metrics_port} 0 {port}\n")
+                partial.replace(settings.port_file)
+            log.info(
+                "stage %s of pipeline %s serving on %s:%d with %d workers (metrics :%d)",
+                stage,
+                pipeline,
+                settings.host,
+                port,
+                workers,
+                metrics_port,
+            )
+            try:
+                failed = await _until_stopped_or_failed(procs, stop)
+            finally:
+                metrics_httpd.shutdown()
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)  # each drains within its grace, as a lone stage does
+            await asyncio.gather(*(proc.wait() for proc in procs))
+            await broker.close()
+    if failed:
+        raise SystemExit(f"stage {stage}: a worker exited; stopped the others")
+    log.info("stage %s stopped (%d workers)", stage, workers)
+
+
+async def _serving(procs: list[asyncio.subprocess.Process], port_files: list[Path], stop: asyncio.Event) -> list[int]:
+    """Once every worker serves: their metrics ports. A worker that exits first fails the start."""
+    while not all(f.exists() for f in port_files):
+        exited = [p for p in procs if p.returncode is not None]
+        if exited:
+            raise SystemExit(f"a worker exited with {exited[0].returncode} before it served")
+        if stop.is_set():
+            raise SystemExit("stopped before every worker served")
+        await asyncio.sleep(0.05)
+    return [int(f.read_text().split()[1]) for f in port_files]
+
+
+async def _until_stopped_or_failed(procs: list[asyncio.subprocess.Process], stop: asyncio.Event) -> bool:
+    """Wait for SIGTERM (False) or for a worker to exit by itself (True)."""
+    stopping = asyncio.create_task(stop.wait())
+    exits = [asyncio.create_task(p.wait()) for p in procs]
+    done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    for task in exits:
+        task.cancel()
+    failed = stopping not in done
+    if failed:
+        log.error("a worker of this stage exited (%s): stopping the others", [p.returncode for p in procs])
+    return failed
