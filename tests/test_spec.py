@@ -165,3 +165,29 @@ def test_a_stage_runs_several_workers_only_where_a_shared_queue_is_all_they_shar
     with pytest.raises(PipelineFileError) as info:
         parse_pipeline(doc)
     assert f"stages.{stage}.workers: must be 1" in str(info.value) and refused in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("stage", "cpu", "workers", "expected"),
+    [
+        ("post", None, None, 1),  # no request: one
+        ("post", "500m", None, 1),
+        ("post", "2", None, 2),
+        ("post", "3900m", None, 3),  # whole CPUs
+        ("post", 64, None, 32),  # at most MAX_WORKERS
+        ("post", "4", 1, 1),  # told
+        ("assemble", None, 3, 3),
+        ("stream", "4", None, 1),  # the gateway: one process
+        ("inference", "4", None, 1),  # llama.cpp: one process, every core
+    ],
+)
+def test_a_stage_runs_one_worker_per_whole_cpu_it_requests_unless_told(
+    stage: str, cpu: object, workers: int | None, expected: int
+) -> None:
+    doc = quickstart()
+    spec = doc["spec"]["stages"].setdefault(stage, {})
+    if cpu is not None:
+        spec["resources"] = {"requests": {"cpu": cpu}}
+    if workers is not None:
+        spec["workers"] = workers
+    assert parse_pipeline(doc).spec.workers_of(StageName(stage)) == expected

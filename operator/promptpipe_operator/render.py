@@ -25,11 +25,13 @@ from promptpipe.contract.spec import (
     STAGE_ORDER,
     BackendKind,
     CorpusSpec,
+    PipelineSpec,
     PromptPipeline,
     ResourcesSpec,
     RolloutSpec,
     ScalingSpec,
     StageName,
+    StageSpec,
     TgiSpec,
 )
 from promptpipe.registry.settings import RegistrySettings
@@ -134,12 +136,7 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     rag = spec.rag
     if rag.corpus.config_map:
         rag = rag.model_copy(update={"corpus": CorpusSpec(path=CORPUS_DIR)})
-    stages = spec.stages.model_copy(
-        update={
-            s.value: spec.stages.get(s).model_copy(update={"scaling": ScalingSpec(), "resources": None})
-            for s in STAGE_ORDER
-        }
-    )
+    stages = spec.stages.model_copy(update={s.value: _as_the_stage_sees_it(spec, s) for s in STAGE_ORDER})
     spec = spec.model_copy(update={"model": model, "rag": rag, "stages": stages, "rollout": RolloutSpec()})
     bare = pp.model_copy(
         update={"status": None, "spec": spec, "metadata": type(pp.metadata)(name=name, namespace=namespace)}
@@ -179,6 +176,16 @@ def _probe(stage: StageName, kind: str, loads_model: bool) -> dict[str, Any]:
 
 # Requests sized for this machine class of work; limits only on memory, so a stage
 # is throttled rather than killed when it bursts on CPU.
+def _as_the_stage_sees_it(spec: PipelineSpec, stage: StageName) -> StageSpec:
+    """A stage's spec without what only the operator uses; the workers its CPU request gives it (they
+    follow from `resources`, which the stage does not see: `PipelineSpec.workers_of`) written in."""
+    own = spec.stages.get(stage)
+    update: dict[str, Any] = {"scaling": ScalingSpec(), "resources": None}
+    if own.resources is not None:
+        update["workers"] = spec.workers_of(stage)
+    return own.model_copy(update=update)
+
+
 _STAGE_RESOURCES = ResourcesSpec(requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"})
 _LLAMACPP_RESOURCES = ResourcesSpec(requests={"cpu": "1", "memory": "1Gi"}, limits={"memory": "4Gi"})
 

@@ -179,6 +179,23 @@ STREAM_MIN_REPLICAS_MESSAGE = (
 )
 
 
+MAX_WORKERS = 32
+
+
+_QUANTITY_SUFFIXES = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def cpu_cores(quantity: str) -> float:
+    """A quantity (QUANTITY_PATTERN: "2", "1.5", "500m", "1e3") as a number: a CPU request in cores."""
+    for suffix in ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E"):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * _QUANTITY_SUFFIXES[suffix]
+    return float(quantity)
+
+
 class StageSpec(_Model):
     queue: QueueSpec = QueueSpec()
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
@@ -191,7 +208,8 @@ class StageSpec(_Model):
     resources: ResourcesSpec | None = None
     # Processes serving the stage's port (SO_REUSEPORT), an event loop and a core each, sharing the stage's
     # one admission queue. More than 1 only where `PipelineSpec.workers_refusal` finds nothing against it.
-    workers: Annotated[int, Field(ge=1, le=32)] = 1
+    # Unset: one per whole CPU the stage requests (`PipelineSpec.workers_of`).
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None
 
     def drain_grace(self) -> float:
         """How long a draining stage lets its calls run: `drainGraceSeconds`, else `timeoutSeconds`."""
@@ -845,11 +863,23 @@ class PipelineSpec(_Model):
             return WORKERS_FUSED_MESSAGE
         return None
 
+    def workers_of(self, stage: StageName) -> int:
+        """The worker processes `stage` runs: its `workers`, else one per whole CPU it requests where it may
+        run several (`workers_refusal`), else 1."""
+        spec = self.stages.get(stage)
+        if spec.workers is not None:
+            return spec.workers
+        cpu = (spec.resources.requests.get("cpu") if spec.resources is not None else None) or "0"
+        if self.workers_refusal(stage) is not None:
+            return 1
+        return max(1, min(MAX_WORKERS, int(cpu_cores(cpu))))
+
     @model_validator(mode="after")
     def _workers_where_they_can_run(self) -> PipelineSpec:
         for stage in STAGE_ORDER:
             refusal = self.workers_refusal(stage)
-            if refusal is not None and self.stages.get(stage).workers > 1:
+            workers = self.stages.get(stage).workers
+            if refusal is not None and workers is not None and workers > 1:
                 raise ValueError(f"stages.{stage.value}.workers: {refusal}")
         return self
 

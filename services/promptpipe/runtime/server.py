@@ -78,8 +78,9 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     pipeline = config.pipeline
     spec = pipeline.spec.stages.get(stage)
     worker = settings.worker_of is not None
-    if spec.workers > 1 and not worker:
-        await supervise(settings, config, spec.workers)
+    workers = pipeline.spec.workers_of(stage)
+    if workers > 1 and not worker:
+        await supervise(settings, config, workers)
         return
     server_interceptors, client_interceptors = setup_tracing(
         settings.otel_exporter, service_name(pipeline.metadata.name, stage.value)

@@ -78,7 +78,7 @@ def build_stage(
             client_interceptors,
             next_calls.to(to.value),
             f"the {to.value} stage",
-            spec.stages.get(to).workers,
+            spec.workers_of(to),
         )
 
     def handler(of: StageName) -> EnrichingHandler | StreamingHandler:
