@@ -21,6 +21,7 @@ from tests.devcluster.cluster import ControlPlane
 from tests.support.kube import kubectl
 from tests.support.kubelet import container_env
 from tests.support.moto import CREDENTIALS, make_model
+from tests.support.node import images_values, write_values
 from tests.support.operator import OperatorProcess, service_account_kubeconfig
 
 pytestmark = pytest.mark.helm
@@ -341,3 +342,17 @@ def test_the_plain_install_is_accepted_by_the_api_server(
         str(ROOT / "deploy" / "install.yaml"),
     )
     assert result.stdout.count("(server dry run)") == 10
+
+
+@pytest.mark.parametrize("tag", ["2245820300176e16", "0123456789abcdef", "1234567890123456"])
+def test_the_harness_values_file_names_an_image_tag_of_hex_digits_as_helm_must_read_it(
+    kube_tools: Tools, tmp_path: Path, tag: str
+) -> None:
+    # A content hash that reads as a number in YAML 1.2 (CI met 2245820300176e16: "operator.image.tag: Invalid
+    # type. Expected: string, given: integer").
+    images = {key: f"localhost/promptpipe/{key}:{tag}" for key in ("operator", "stage", "tgi")}
+    values = write_values(tmp_path / "my-images.yaml", images_values(images, "http://10.88.0.1:9091"))
+    out = helm(kube_tools, "template", "pp", str(CHART), "--kube-version", KUBE_VERSION, "-f", str(values)).stdout
+    assert (
+        f"image: localhost/promptpipe/operator:{tag}" in out or f'image: "localhost/promptpipe/operator:{tag}"' in out
+    )

@@ -46,23 +46,39 @@ def kernel_settings() -> dict[str, str]:
     return {key: (Path("/proc/sys") / key).read_text().strip() for key in KERNEL_SYSCTLS}
 
 
-def image_values(node: Node, folder: Path) -> Path:
-    """Chart values naming the images built here, and the cluster's Prometheus that KEDA reads
-    (docs/install.md: `-f my-images.yaml`)."""
-    operator, stage = node.images["operator"].rsplit(":", 1), node.images["stage"].rsplit(":", 1)
-    values = {
+def images_values(images: dict[str, str], prometheus_url: str) -> dict[str, object]:
+    """Chart values naming the images built here (repository:tag by key), and the cluster's Prometheus
+    that KEDA reads."""
+    operator, stage = images["operator"].rsplit(":", 1), images["stage"].rsplit(":", 1)
+    return {
         "operator": {"image": {"repository": operator[0], "tag": operator[1], "pullPolicy": "IfNotPresent"}},
         "pipelines": {
             "stageImage": {"repository": stage[0], "tag": stage[1], "pullPolicy": "IfNotPresent"},
-            "prometheusAddress": node.prometheus_url,
+            "prometheusAddress": prometheus_url,
             "loadWindow": "10s",  # five of its scrapes
             # The TGI-protocol image built here stands in for TGI's own.
-            "allowedTgiImages": [node.images["tgi"].rsplit(":", 1)[0]],
+            "allowedTgiImages": [images["tgi"].rsplit(":", 1)[0]],
         },
     }
-    path = folder / "my-images.yaml"
-    path.write_text(yaml.safe_dump(values))
+
+
+class _QuotedStrings(yaml.SafeDumper):
+    """Every string double-quoted. Helm reads YAML 1.2, where an image tag of hex digits such as
+    2245820300176e16 is a number; PyYAML (YAML 1.1) would write it bare."""
+
+
+_QuotedStrings.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style='"'))
+
+
+def write_values(path: Path, values: dict[str, object]) -> Path:
+    """A values file helm reads as written."""
+    path.write_text(yaml.dump(values, Dumper=_QuotedStrings))
     return path
+
+
+def image_values(node: Node, folder: Path) -> Path:
+    """`images_values` of the node, as my-images.yaml (docs/install.md: `-f my-images.yaml`)."""
+    return write_values(folder / "my-images.yaml", images_values(node.images, node.prometheus_url))
 
 
 def shell_env(node: Node, tools: Tools) -> dict[str, str]:
