@@ -182,17 +182,18 @@ STREAM_MIN_REPLICAS_MESSAGE = (
 MAX_WORKERS = 32
 
 
+# Binary suffixes first: "Mi" must not be read as "i" after an "M".
 _QUANTITY_SUFFIXES = {
-    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
 }  # fmt: skip
 
 
 def cpu_cores(quantity: str) -> float:
     """A quantity (QUANTITY_PATTERN: "2", "1.5", "500m", "1e3") as a number: a CPU request in cores."""
-    for suffix in ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E"):
+    for suffix, factor in _QUANTITY_SUFFIXES.items():
         if quantity.endswith(suffix):
-            return float(quantity[: -len(suffix)]) * _QUANTITY_SUFFIXES[suffix]
+            return float(quantity[: -len(suffix)]) * factor
     return float(quantity)
 
 

@@ -20,7 +20,7 @@ import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from promptpipe.contract.spec import ShedPolicy
@@ -63,6 +63,9 @@ class Admission(Protocol):
     def in_flight(self) -> int: ...
 
     def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> contextlib.AbstractAsyncContextManager[float]: ...
+
+    async def stats(self) -> dict[str, int]:
+        """The stage's queue now (all its workers'): depth, in_flight, rejected, dropped, completed."""
 
 
 class _FlowQueue:
@@ -133,6 +136,12 @@ class AdmissionQueue:
     @property
     def depth(self) -> int:
         return self._depth
+
+    def snapshot(self) -> dict[str, int]:
+        return {"depth": self.depth, "in_flight": self.in_flight, **asdict(self.counters)}
+
+    async def stats(self) -> dict[str, int]:
+        return self.snapshot()
 
     def waiting(self, flow: str) -> int:
         for cls in self._classes.values():

@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
 from typing import Any
 
 from promptpipe.contract.spec import QueueSpec
@@ -36,10 +35,6 @@ MAX_LINE_BYTES = 64 * 1024
 
 def _line(*fields: Any) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
-
-
-def queue_stats(queue: AdmissionQueue) -> dict[str, Any]:
-    return {"depth": queue.depth, "in_flight": queue.in_flight, **asdict(queue.counters)}
 
 
 class AdmissionBroker:
@@ -82,7 +77,7 @@ class AdmissionBroker:
                     if waiting is not None:
                         waiting.cancel()
                 elif op == "s":
-                    writer.write(_line("s", call, queue_stats(self.queue)))
+                    writer.write(_line("s", call, self.queue.snapshot()))
         except (ConnectionError, ValueError) as exc:  # a broken worker: its calls end below
             log.warning("admission broker: a worker's link failed: %s", exc)
         finally:
@@ -213,8 +208,8 @@ class BrokeredQueue:
             with contextlib.suppress(Unavailable):
                 self._send("r", call)
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, int]:
         """The stage's queue as the broker sees it (all workers): depth, in_flight and the counters."""
         _, fut = self._ask("s")
-        result: dict[str, Any] = await fut
+        result: dict[str, int] = await fut
         return result

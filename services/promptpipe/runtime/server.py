@@ -148,11 +148,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     for each in servers:
         await each.start()
     await built.start()
-    if settings.port_file is not None:
-        # Written before SERVING, so whoever sees SERVING can read it; renamed into place whole.
-        partial = settings.port_file.with_suffix(".partial")
-        partial.write_text(f"{port} {metrics_port} {http_port} {stage_port}\n")
-        partial.replace(settings.port_file)
+    settings.report_ports(port, metrics_port, http_port, stage_port)
     for name in health_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     servicer.serving = True

@@ -57,6 +57,14 @@ class StageSettings(BaseSettings):
     check: bool = False
     """Load the config and build the stage (every library it runs imported), print the settings, exit."""
 
+    def report_ports(self, grpc: int, metrics: int, http: int, stage: int) -> None:
+        """Write the bound ports to `port_file`, if set: renamed into place whole, so a reader never sees
+        half of it (written before SERVING, so whoever sees SERVING can read it)."""
+        if self.port_file is not None:
+            partial = self.port_file.with_suffix(".partial")
+            partial.write_text(f"{grpc} {metrics} {http} {stage}\n")
+            partial.replace(self.port_file)
+
     @model_validator(mode="after")
     def _tls_whole(self) -> StageSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

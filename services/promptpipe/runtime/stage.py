@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from promptpipe.contract.spec import StageSpec
 from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE
 from promptpipe.runtime.admission import ONE_FLOW, Admission, AdmissionQueue, Flow
-from promptpipe.runtime.broker import BrokeredQueue
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import tracer
@@ -153,22 +152,16 @@ class StageRuntime:
     async def stats(self, serving: bool) -> stage_pb2.StageStats:
         """The stage's queue: its own, or with workers the one they share (asked of the broker)."""
         q = self.queue
-        if isinstance(q, BrokeredQueue):
-            shared = await q.stats()
-            depth, in_flight = shared["depth"], shared["in_flight"]
-            rejected, dropped, completed = shared["rejected"], shared["dropped"], shared["completed"]
-        else:
-            depth, in_flight = q.depth, q.in_flight
-            rejected, dropped, completed = q.counters.rejected, q.counters.dropped, q.counters.completed
+        now = await q.stats()
         return stage_pb2.StageStats(
             stage=self.stage,
-            queue_depth=depth,
+            queue_depth=now["depth"],
             queue_capacity=q.capacity,
-            in_flight=in_flight,
+            in_flight=now["in_flight"],
             concurrency=q.concurrency,
-            rejected_total=rejected,
-            dropped_total=dropped,
-            completed_total=completed,
+            rejected_total=now["rejected"],
+            dropped_total=now["dropped"],
+            completed_total=now["completed"],
             serving=serving,
             shed_policy=q.policy.value,
         )

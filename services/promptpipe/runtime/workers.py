@@ -32,11 +32,14 @@ from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.broker import AdmissionBroker
 from promptpipe.runtime.metrics_merge import merge
 from promptpipe.runtime.settings import StageSettings
+from promptpipe.waiting import wait_until_async
 
 log = logging.getLogger(__name__)
 
 # How long a scrape waits for a worker's metrics.
 SCRAPE_TIMEOUT_SECONDS = 5.0
+# How long the workers may take to start (rag indexes its corpus first); past it the stage fails.
+WORKER_START_SECONDS = 600.0
 
 
 class WorkerMetrics(Collector):
@@ -70,8 +73,13 @@ def worker_environment(settings: StageSettings, port: int, port_file: Path, brok
     """The environment of one worker: this process's settings, on the shared port, reporting to us."""
     env = dict(os.environ)
     values = settings.model_dump(mode="json", exclude_none=True)
-    values |= {"port": port, "stage_port": port, "metrics_port": 0, "port_file": str(port_file)}
-    values["worker_of"] = str(broker)
+    values |= {
+        "port": port,
+        "stage_port": port,
+        "metrics_port": 0,
+        "port_file": str(port_file),
+        "worker_of": str(broker),
+    }
     for name, value in values.items():
         env[f"PROMPTPIPE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
@@ -105,10 +113,7 @@ async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int
                 scraped.ports = await _serving(procs, port_files, stop)
             metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
             metrics_port = metrics_httpd.server_port
-            if settings.port_file is not None:
-                partial = settings.port_file.with_suffix(".partial")
-                partial.write_text(f"{port} {metrics_port} 0 {port}\n")
-                partial.replace(settings.port_file)
+            settings.report_ports(port, metrics_port, 0, port)
             log.info(
                 "stage %s of pipeline %s serving on %s:%d with %d workers (metrics :%d)",
                 stage,
@@ -135,13 +140,16 @@ async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int
 
 async def _serving(procs: list[asyncio.subprocess.Process], port_files: list[Path], stop: asyncio.Event) -> list[int]:
     """Once every worker serves: their metrics ports. A worker that exits first fails the start."""
-    while not all(f.exists() for f in port_files):
+
+    def all_serving() -> bool:
         exited = [p for p in procs if p.returncode is not None]
         if exited:
             raise SystemExit(f"a worker exited with {exited[0].returncode} before it served")
         if stop.is_set():
             raise SystemExit("stopped before every worker served")
-        await asyncio.sleep(0.05)
+        return all(f.exists() for f in port_files)
+
+    await wait_until_async(all_serving, "every worker to serve", WORKER_START_SECONDS, every=0.05)
     return [int(f.read_text().split()[1]) for f in port_files]
 
 
