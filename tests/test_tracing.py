@@ -18,8 +18,10 @@ STAGE_SPANS = {"stream", "rag", "assemble", "post", "inference"}
 
 
 def spans_in(log: str) -> list[dict[str, Any]]:
+    """The spans a stage has finished writing; a line still being written (no newline yet) waits for the next look."""
+    text = Path(log).read_text()
     out = []
-    for line in Path(log).read_text().splitlines():
+    for line in text[: text.rfind("\n") + 1].splitlines():
         if line.startswith("{") and '"trace_id"' in line:
             out.append(json.loads(line))
     return out
