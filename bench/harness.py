@@ -114,8 +114,11 @@ async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamRe
     return StreamResult(ttft, tokens, time.perf_counter() - start, grpc.StatusCode.OK)
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, own_connection: bool = False) -> grpc.aio.Channel:
+    """A channel to `target`; `own_connection`: not shared with the process's other channels (gRPC's
+    default), so a server's worker processes, handed connections, each get some."""
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 # The nearest-rank percentile (q in 0-100) that `promptpipe analyze` reports too.

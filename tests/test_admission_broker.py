@@ -1,5 +1,5 @@
-"""The admission broker: workers' queues borrow the stage's one queue over a Unix socket (real sockets,
-one process: each BrokeredQueue stands for a worker)."""
+"""The stage broker: workers' queues borrow the stage's one queue, and a gateway's workers its tenants'
+quotas, over a Unix socket (real sockets, one process: each link stands for a worker)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,48 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from promptpipe.contract.spec import QueueSpec, ShedPolicy
-from promptpipe.runtime.admission import AdmissionQueue
-from promptpipe.runtime.broker import AdmissionBroker, BrokeredQueue
-from promptpipe.runtime.errors import DeadlineExceeded, Shed, Unavailable
+from promptpipe.contract import metrics as m
+from promptpipe.contract.spec import AuthSpec, QueueSpec, ShedPolicy
+from promptpipe.runtime.admission import AdmissionQueue, Flow
+from promptpipe.runtime.broker import BrokeredQueue, BrokeredTenancy, BrokerLink, StageBroker
+from promptpipe.runtime.errors import DeadlineExceeded, QuotaExceeded, Shed, Unavailable
+from promptpipe.runtime.metrics import TenantMetrics
+from promptpipe.runtime.quotas import LocalTenancy, Quotas
 
 SPEC = QueueSpec(capacity=2, concurrency=2, shed_policy=ShedPolicy.REJECT_NEW, retry_after_seconds=0.25)
+TOKENS = m.GATEWAY_TENANT_TOKENS.name
 
 
 class Stage:
-    def __init__(self, broker: AdmissionBroker, path: str) -> None:
+    def __init__(self, broker: StageBroker, path: str) -> None:
         self.broker = broker
         self.path = path
-        self.workers: list[BrokeredQueue] = []
+        self.links: list[BrokerLink] = []
+        self.registry = CollectorRegistry()
+
+    async def link(self) -> BrokerLink:
+        link = BrokerLink()
+        await link.connect(self.path)
+        self.links.append(link)
+        return link
 
     async def worker(self) -> BrokeredQueue:
-        queue = BrokeredQueue(SPEC)
-        await queue.connect(self.path)
-        self.workers.append(queue)
-        return queue
+        return BrokeredQueue(await self.link(), SPEC)
 
 
 @pytest.fixture
 async def stage(tmp_path: Path) -> AsyncIterator[Stage]:
     queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, SPEC.retry_after_seconds)
-    broker = AdmissionBroker(queue)
+    broker = StageBroker(queue)
     path = str(tmp_path / "admission.sock")
     await broker.start(path)
     s = Stage(broker, path)
     yield s
-    for w in s.workers:
-        await w.close()
+    for link in s.links:
+        await link.close()
     await broker.close()
 
 
@@ -99,7 +109,7 @@ async def test_a_worker_that_gives_up_leaves_the_queue_and_one_that_dies_frees_i
     waiting.cancel()  # the call's client left while it waited
     await until(lambda: stage.broker.queue.depth == 0)
 
-    await one.close()  # the worker holding both slots dies
+    await stage.links[0].close()  # the worker holding both slots dies
     await until(lambda: stage.broker.queue.in_flight == 0)
     log: list[str] = []
     release.set()
@@ -124,3 +134,56 @@ async def test_with_the_broker_gone_a_call_is_refused_unavailable_not_left_waiti
             pass
     release.set()
     await asyncio.gather(*running, return_exceptions=True)
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Stage]:
+    """A gateway's broker: its queue, and its tenants' quotas and metrics, kept by the supervisor."""
+    queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, SPEC.retry_after_seconds)
+    registry = CollectorRegistry()
+    auth = AuthSpec.model_validate(
+        {"tenants": [{"name": "acme", "requestsPerMinute": 3, "weight": 4, "priority": "high"}]}
+        | {"defaultQuota": {"tokensPerMinute": 100}}
+    )
+    tenancy = LocalTenancy(Quotas(auth), TenantMetrics(registry, "p", queue))
+    broker = StageBroker(queue, tenancy, lambda: generate_latest(registry))
+    path = str(tmp_path / "gateway.sock")
+    await broker.start(path)
+    s = Stage(broker, path)
+    s.registry = registry
+    yield s
+    for link in s.links:
+        await link.close()
+    await broker.close()
+
+
+async def test_a_tenants_quota_is_one_bucket_across_workers(gateway: Stage) -> None:
+    one, two = BrokeredTenancy(await gateway.link()), BrokeredTenancy(await gateway.link())
+    # acme may start 3 calls a minute: 3 are charged, whichever worker took them, then each is refused.
+    flows = [await w.charge("acme") for w in (one, two, one)]
+    assert flows == [Flow("acme", 4, 1)] * 3, "the call's flow is the tenant's, as the supervisor's quotas give it"
+    for w in (two, one):
+        with pytest.raises(QuotaExceeded) as refused:
+            await w.charge("acme")
+        assert refused.value.tenant == "acme" and refused.value.limit == "requests"
+        assert "requests per minute used up (3)" in refused.value.message and refused.value.retry_after > 0
+    exposition = (await gateway.links[1].metrics()).decode()  # what a worker's HTTP /metrics serves
+    calls = {
+        s.labels["outcome"]: s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == "promptpipe_gateway_tenant_calls_total" and s.labels["tenant"] == "acme"
+    }
+    assert calls == {"admitted": 3, "over_requests_quota": 2}, calls
+
+
+async def test_tokens_a_worker_reports_are_charged_to_the_tenants_one_bucket(gateway: Stage) -> None:
+    one, two = BrokeredTenancy(await gateway.link()), BrokeredTenancy(await gateway.link())
+    await one.charge("bob")
+    one.used("bob", 60)  # a call on one worker used 60 tokens, one on the other 50: the bucket of 100 is spent
+    await two.charge("bob")
+    two.used("bob", 50)
+    await until(lambda: gateway.registry.get_sample_value(TOKENS, {"pipeline": "p", "tenant": "bob"}) == 110)
+    with pytest.raises(QuotaExceeded) as refused:
+        await one.charge("bob")
+    assert refused.value.limit == "tokens"

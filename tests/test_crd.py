@@ -131,7 +131,6 @@ MALFORMED = [
     (["spec", "fuse"], ["rag", "inference"], "spec.fuse: Invalid value"),
     # Worker processes: at least one; more only where their one shared queue is all they share.
     (["spec", "stages", "post", "workers"], 0, "spec.stages.post.workers"),
-    (["spec", "stages", "stream", "workers"], 2, "spec.stages.stream.workers"),
     (["spec", "stages", "inference", "workers"], 2, "spec.stages.inference.workers"),  # llamacpp holds the model
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
@@ -167,7 +166,14 @@ def test_malformed_resource_is_refused_at_apply_naming_the_field(
 
 @pytest.mark.controlplane
 @pytest.mark.parametrize(
-    ("fuse", "stage"), [(["post"], "post"), (["post"], "inference"), (["rag", "assemble"], "assemble")]
+    ("fuse", "stage"),
+    [
+        (["post"], "post"),
+        (["post"], "inference"),
+        (["rag", "assemble"], "assemble"),
+        (["rag"], "stream"),
+        (["post", "inference"], "stream"),
+    ],
 )
 def test_workers_of_a_fused_stage_or_its_host_are_refused_naming_the_field(
     promptpipe_crd: None,
@@ -191,6 +197,20 @@ def test_workers_of_a_fused_stage_or_its_host_are_refused_naming_the_field(
         control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
     )
     assert accepted.returncode == 0, accepted.stderr
+
+
+@pytest.mark.controlplane
+def test_gateway_workers_are_accepted_beside_a_fusion_the_gateway_does_not_host(
+    promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str
+) -> None:
+    doc = quickstart("gatewayworkers")
+    doc["spec"]["model"] = {"name": "m", "backend": "synthetic"}
+    doc["spec"]["fuse"] = ["post"]  # post runs in inference's process: the gateway hosts nothing
+    doc["spec"]["stages"]["stream"]["workers"] = 4
+    result = kubectl(
+        control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
+    )
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.controlplane

@@ -6,14 +6,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from promptpipe.contract.spec import QueueSpec
-from promptpipe.runtime.broker import BrokeredQueue
+from promptpipe.runtime.broker import BrokeredQueue, BrokerLink
 from promptpipe.runtime.metrics import BackendMetrics, StageMetrics, serving_gauge
 from promptpipe.runtime.metrics_merge import merge
 
 
 def worker(calls: int, active: int, serving: bool, circuit_open: bool) -> str:
     registry = CollectorRegistry()
-    stage = StageMetrics(registry, "p", "post", BrokeredQueue(QueueSpec(capacity=4, concurrency=2)))
+    stage = StageMetrics(registry, "p", "post", BrokeredQueue(BrokerLink(), QueueSpec(capacity=4, concurrency=2)))
     for _ in range(calls):
         stage.observe_call("OK", 0.003)
     stage.rejected.inc()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -19,7 +20,7 @@ from promptpipe.localproc import free_port
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import DataLoss, UpstreamError
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, TenantMetrics
-from promptpipe.runtime.quotas import Quotas
+from promptpipe.runtime.quotas import LocalTenancy, Quotas
 from promptpipe.runtime.stage import Call, StageRuntime
 from promptpipe.stages.inference import InferenceHandler
 from promptpipe.stages.post import PostHandler
@@ -124,10 +125,8 @@ async def test_the_gateway_ends_a_post_stream_without_its_final_event_with_data_
     runtime = StageRuntime.create("stream", StageSpec(), registry, "p")
     stage: Any = CutShortStage()
     metrics = GatewayMetrics(registry, "p")
-    tenants = TenantMetrics(registry, "p", runtime.queue)
-    gateway = GatewayServicer(
-        runtime, GenerationDefaults(), stage, stage, stage, metrics, KeyRing(), Quotas(AuthSpec()), tenants
-    )
+    tenancy = LocalTenancy(Quotas(AuthSpec()), TenantMetrics(registry, "p", runtime.queue))
+    gateway = GatewayServicer(runtime, GenerationDefaults(), stage, stage, stage, metrics, KeyRing(), tenancy)
     context = Context()
     sent = []
     with pytest.raises(Aborted):
@@ -158,5 +157,41 @@ async def test_the_client_turns_a_gateway_stream_without_a_summary_into_data_los
                     texts.append(response.chunk.text)
         assert texts == ["a"]
         assert info.value.code is grpc.StatusCode.DATA_LOSS
+    finally:
+        await server.stop(0)
+
+
+class LingeringGateway(gateway_pb2_grpc.GatewayServicer):
+    """Sends its summary, then takes a moment before its handler returns (and its OK status leaves)."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        try:
+            yield gateway_pb2.GenerateResponse(summary=gateway_pb2.GenerateSummary(request_id="r"))
+            await asyncio.sleep(0.2)
+            self.ended.append("completed")
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+
+
+@pytest.mark.processes
+async def test_the_client_lets_a_call_end_after_its_summary_rather_than_cancel_it() -> None:
+    gateway = LingeringGateway()
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    await server.start()
+    try:
+        async with PipelineClient(f"127.0.0.1:{port}") as client:
+            responses = [r async for r in client.generate("x", timeout=5)]
+        assert [r.summary.request_id for r in responses] == ["r"]
+        await asyncio.sleep(0.3)
+        # The call ended OK on the gateway's side: the client did not cancel it once it had its summary.
+        assert gateway.ended == ["completed"]
     finally:
         await server.stop(0)

@@ -529,14 +529,15 @@ def test_a_stage_runs_a_worker_per_whole_cpu_it_requests_unless_told_and_the_sta
         with_model={"backend": "tgi", "tgi": {"endpoints": ["http://tgi:8080"]}},
         post={"resources": {"requests": {"cpu": "2500m"}}},
         rag={"resources": {"requests": {"cpu": "3"}}, "workers": 1},
-        stream={"resources": {"requests": {"cpu": "4"}}},  # the gateway runs one process whatever it requests
+        stream={"resources": {"requests": {"cpu": "4"}}},
+        inference={"resources": {"requests": {"cpu": "4"}}, "workers": 1},
     )
     config = RuntimeConfig.model_validate(yaml.safe_load(config_map(pp, "ns1")[0]["data"]["runtime.yaml"]))
     stages = config.pipeline.spec.stages
     # What the processes (and their callers) read: resolved from requests the stages themselves never see.
     workers = {s: config.pipeline.spec.workers_of(s) for s in STAGE_ORDER}
     assert workers == {
-        StageName.STREAM: 1,
+        StageName.STREAM: 4,
         StageName.RAG: 1,
         StageName.ASSEMBLE: 1,
         StageName.INFERENCE: 1,

@@ -66,7 +66,7 @@ def test_every_example_pipeline_is_valid() -> None:
             "spec.model.tgi",
         ),
         (["spec", "stages", "post", "workers"], 0, "spec.stages.post.workers"),
-        (["spec", "stages", "stream", "workers"], 2, "spec"),  # the model's message names stages.stream.workers
+        (["spec", "stages", "inference", "workers"], 2, "spec"),  # the model's message names the field
     ],
 )
 def test_malformed_pipeline_is_refused_naming_the_field(path: list[str], value: object, field: str) -> None:
@@ -143,7 +143,10 @@ def test_a_process_drains_for_the_longest_stage_it_runs_and_knows_whether_it_run
         ("post", [], "synthetic", None),
         ("rag", [], "tgi", None),
         ("inference", [], "tgi", None),
-        ("stream", [], "synthetic", "the gateway's tenant quotas"),
+        ("stream", [], "synthetic", None),  # its tenants' quotas are its supervisor's, like its queue
+        ("stream", ["post"], "tgi", None),  # post runs in inference's process: the gateway hosts nothing
+        ("stream", ["rag"], "synthetic", "fused into another's process, or hosting one"),
+        ("stream", ["post", "inference"], "synthetic", "fused into another's process, or hosting one"),
         ("inference", [], "llamacpp", "each worker would load the model"),
         ("post", ["post"], "synthetic", "fused into another's process, or hosting one"),
         ("inference", ["post"], "synthetic", "fused into another's process, or hosting one"),
@@ -177,7 +180,7 @@ def test_a_stage_runs_several_workers_only_where_a_shared_queue_is_all_they_shar
         ("post", 64, None, 32),  # at most MAX_WORKERS
         ("post", "4", 1, 1),  # told
         ("assemble", None, 3, 3),
-        ("stream", "4", None, 1),  # the gateway: one process
+        ("stream", "4", None, 4),  # the gateway too: its quotas are its supervisor's
         ("inference", "4", None, 1),  # llama.cpp: one process, every core
     ],
 )

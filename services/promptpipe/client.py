@@ -27,6 +27,12 @@ class GenerationError(Exception):
         return f"{self.code.name}: {self.message}{hint}"
 
 
+# A client is a connection of its own, not one shared by every client in the process (gRPC's default):
+# a gateway's pods behind a Service, and its worker processes on one port, are each handed connections,
+# so clients spread over them only if each has its own.
+CLIENT_CHANNEL_OPTIONS = (*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
+
+
 class PipelineClient:
     def __init__(
         self, target: str, api_key: str | None = None, *, tls: bool = False, root_certificates: bytes | None = None
@@ -36,9 +42,9 @@ class PipelineClient:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates)
-            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CLIENT_CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(target, options=CLIENT_CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def __aenter__(self) -> PipelineClient:
@@ -77,9 +83,13 @@ class PipelineClient:
         call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
-                yield response
                 if response.HasField("summary"):
+                    # Its OK status follows the summary at once: wait for it, so a client that closes its
+                    # channel next does not cancel a call that has ended (the gateway would count it CANCELLED).
+                    await call.code()
+                    yield response
                     return
+                yield response
             # Every call ends with a summary or a status: a stream with neither may be cut short.
             raise GenerationError(grpc.StatusCode.DATA_LOSS, "the gateway ended the stream without a summary")
         except grpc.aio.AioRpcError as err:

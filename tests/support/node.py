@@ -166,11 +166,11 @@ def apply(node: Node, namespace: str, doc: dict[str, object]) -> None:
 
 
 async def stream(
-    target: str, prompt: str = "go", seen: list[int] | None = None, max_new_tokens: int = 0
+    target: str, prompt: str = "go", seen: list[int] | None = None, max_new_tokens: int = 0, api_key: str | None = None
 ) -> tuple[int, grpc.StatusCode | None]:
     """(tokens received, the status the call ended with: None for OK); `seen` counts them as they come."""
     seen = seen if seen is not None else [0]
-    async with PipelineClient(target) as client:
+    async with PipelineClient(target, api_key) as client:
         try:
             async for response in client.generate(prompt, max_new_tokens=max_new_tokens, timeout=60):
                 if response.HasField("chunk"):

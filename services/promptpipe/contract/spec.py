@@ -734,7 +734,6 @@ class TlsSpec(_Model):
 
 
 # Where a stage cannot run more than one worker process (`workers`), and why.
-WORKERS_GATEWAY_MESSAGE = "must be 1: the gateway's tenant quotas are kept in its one process"
 WORKERS_LLAMACPP_MESSAGE = "must be 1 with backend llamacpp: each worker would load the model, which uses every core"
 WORKERS_FUSED_MESSAGE = "must be 1 for a stage fused into another's process, or hosting one (spec.fuse)"
 
@@ -783,7 +782,11 @@ class PipelineSpec(_Model):
                     "fieldPath": ".fuse",
                 },
                 # The API server's copy of `workers_refusal` below.
-                _one_worker_rule("stream", "true", WORKERS_GATEWAY_MESSAGE),
+                _one_worker_rule(
+                    "stream",
+                    "has(self.fuse) && self.fuse.exists(s, s in ['rag', 'assemble', 'inference'])",
+                    WORKERS_FUSED_MESSAGE,
+                ),
                 _one_worker_rule(
                     "inference",
                     "!has(self.model.backend) || self.model.backend == 'llamacpp'",
@@ -854,10 +857,9 @@ class PipelineSpec(_Model):
         return max(self.stages.get(s).drain_grace() for s in (process, *self.fused_into(process)))
 
     def workers_refusal(self, stage: StageName) -> str | None:
-        """Why `stage` must run one worker process (None: it may run several). The admission broker shares
-        one queue between workers; the gateway's quotas, a model in memory and fused stages are not shared."""
-        if stage is StageName.STREAM:
-            return WORKERS_GATEWAY_MESSAGE
+        """Why `stage` must run one worker process (None: it may run several). The stage broker shares one
+        queue (and the gateway's tenant quotas) between workers; a model in memory and fused stages are not
+        shared."""
         if stage is StageName.INFERENCE and self.model.backend is BackendKind.LLAMACPP:
             return WORKERS_LLAMACPP_MESSAGE
         if self.host_of(stage) is not stage or self.fused_into(stage):

@@ -1,16 +1,21 @@
-"""One admission queue for a stage's worker processes (`stages.<stage>.workers`).
+"""What a stage's worker processes share (`stages.<stage>.workers`), kept by their supervisor.
 
-The supervising process holds the stage's one `AdmissionQueue` and lends its slots over a Unix socket;
-each worker asks through a `BrokeredQueue`, which admits as an `AdmissionQueue` does. So `concurrency`
-and `capacity` bound the stage as a whole, however the kernel spreads connections over the workers, and
-the queue's order and shed policies are the same code. A worker that dies gives its slots back (its
-connection closes). What it costs: a round trip on the socket to admit a call and a message to release
-it, both outside the token path.
+The supervising process holds the stage's one `AdmissionQueue` and, for the gateway, its tenants' quotas
+and per-tenant metrics (`quotas.LocalTenancy`), and lends them over a Unix socket. Each worker talks to
+it through one `BrokerLink`: a `BrokeredQueue` admits as an `AdmissionQueue` does, a `BrokeredTenancy`
+charges calls as `LocalTenancy` does. So `concurrency`, `capacity` and a tenant's requests and tokens per
+minute bound the stage as a whole, however the kernel spreads connections over the workers, and the
+queue's order, shed policies and token buckets are the same code. A worker that dies gives its slots
+back (its connection closes). What it costs: a round trip on the socket to admit a call (and, on the
+gateway, one to charge it) and a message to release it, all outside the token path.
 
-Messages are JSON arrays, one per line: worker to broker `["a", id, timeout, flow, weight, priority]`
-(admit), `["c", id]` (gave up), `["r", id]` (release), `["s", id]` (stats); broker to worker
-`["g", id, waited]` (granted), `["x", id, reason, retry_after, message]` (shed), `["d", id]` (deadline
-passed while queued), `["s", id, stats]`.
+Messages are JSON arrays, one per line. Worker to broker: `["a", id, timeout, flow, weight, priority]`
+(admit), `["c", id]` (gave up), `["r", id]` (release), `["s", id]` (queue stats), `["q", id, tenant]`
+(charge a call to a tenant), `["u", 0, tenant, tokens]` (a tenant's call used tokens), `["m", id]` (the
+stage's metrics). Broker to worker: `["g", id, waited]` (granted), `["x", id, reason, retry_after,
+message]` (shed), `["d", id]` (deadline passed while queued), `["s", id, stats]`, `["f", id, flow, weight,
+priority]` (charged: the call's flow), `["e", id, tenant, limit, message, retry_after]` (quota used up),
+`["m", id, exposition]`.
 """
 
 from __future__ import annotations
@@ -25,25 +30,38 @@ from typing import Any
 
 from promptpipe.contract.spec import QueueSpec
 from promptpipe.runtime.admission import ONE_FLOW, AdmissionCounters, AdmissionQueue, Flow
-from promptpipe.runtime.errors import DeadlineExceeded, Shed, Unavailable
+from promptpipe.runtime.errors import DeadlineExceeded, QuotaExceeded, Shed, Unavailable
+from promptpipe.runtime.quotas import LocalTenancy
 
 log = logging.getLogger(__name__)
 
-# A line is one small message; a worker sending more is broken.
+# A worker's message is small; a worker sending more is broken.
 MAX_LINE_BYTES = 64 * 1024
+# The broker's answers include the stage's metrics exposition, which grows with its tenants and series.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 def _line(*fields: Any) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 
 
-class AdmissionBroker:
-    """The supervisor's side: the stage's queue, lent to the workers connected on `path`."""
+class StageBroker:
+    """The supervisor's side: the stage's queue (and the gateway's tenancy), lent to the workers connected
+    on `path`; `exposition` renders the stage's metrics (the workers', merged) for a worker that serves
+    them (the gateway's HTTP /metrics)."""
 
-    def __init__(self, queue: AdmissionQueue) -> None:
+    def __init__(
+        self,
+        queue: AdmissionQueue,
+        tenancy: LocalTenancy | None = None,
+        exposition: Callable[[], bytes] | None = None,
+    ) -> None:
         self.queue = queue
+        self.tenancy = tenancy
+        self._exposition = exposition
         self._server: asyncio.AbstractServer | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, path: str) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path, limit=MAX_LINE_BYTES)
@@ -78,14 +96,48 @@ class AdmissionBroker:
                         waiting.cancel()
                 elif op == "s":
                     writer.write(_line("s", call, self.queue.snapshot()))
+                elif op == "q":
+                    writer.write(self._charge(call, args[0]))
+                elif op == "u":
+                    tenant, tokens = args
+                    self._tenancy().used(tenant, tokens)
+                elif op == "m":
+                    self._spawn(self._expose(call, writer))
+                else:
+                    raise ValueError(f"unknown message {op!r}")
         except (ConnectionError, ValueError) as exc:  # a broken worker: its calls end below
-            log.warning("admission broker: a worker's link failed: %s", exc)
+            log.warning("stage broker: a worker's link failed: %s", exc)
         finally:
             # The worker is gone (it exited or crashed): whatever it held or waited for is given back.
             for task in list(holds.values()):
                 task.cancel()
             self._links.discard(writer)
             writer.close()
+
+    def _tenancy(self) -> LocalTenancy:
+        if self.tenancy is None:
+            raise ValueError("this stage keeps no tenants (only the gateway does)")
+        return self.tenancy
+
+    def _charge(self, call: int, tenant: str) -> bytes:
+        try:
+            flow = self._tenancy().charge_now(tenant)
+        except QuotaExceeded as exc:
+            return _line("e", call, exc.tenant, exc.limit, exc.message, exc.retry_after)
+        return _line("f", call, flow.name, flow.weight, flow.priority)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _expose(self, call: int, writer: asyncio.StreamWriter) -> None:
+        if self._exposition is None:
+            raise ValueError("this broker serves no metrics")
+        # Off the loop: it reads every worker's /metrics, and the queue must not wait for that.
+        text = await asyncio.to_thread(self._exposition)
+        if not writer.is_closing():
+            writer.write(_line("m", call, text.decode()))
 
     async def _hold(
         self, call: int, timeout: float | None, flow: Flow, release: asyncio.Event, writer: asyncio.StreamWriter
@@ -110,30 +162,19 @@ def _forget(
     return done
 
 
-class BrokeredQueue:
-    """A worker's side: admission as `AdmissionQueue.slot` gives it, from the supervisor's queue.
+class BrokerLink:
+    """A worker's one connection to its supervisor's broker: requests, and their answers matched by id."""
 
-    `depth`, `in_flight` and `counters` are this worker's own share (the stage's are the broker's:
-    `stats()`); `capacity`, `concurrency` and the policy are the stage's."""
-
-    def __init__(self, spec: QueueSpec) -> None:
-        self.capacity = spec.capacity
-        self.concurrency = spec.concurrency
-        self.policy = spec.shed_policy
-        self.retry_after = spec.retry_after_seconds
-        self.depth = 0
-        self.in_flight = 0
-        self.counters = AdmissionCounters()
+    def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._receiving: asyncio.Task[None] | None = None
 
     async def connect(self, path: str, lost: Callable[[], None] | None = None) -> None:
         """Link to the broker at `path`; `lost` is called if the link ends (the supervisor is gone)."""
-        self._reader, self._writer = await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
-        self._receiving = asyncio.create_task(self._receive(self._reader))
+        reader, self._writer = await asyncio.open_unix_connection(path, limit=MAX_ANSWER_BYTES)
+        self._receiving = asyncio.create_task(self._receive(reader))
         if lost is not None:
             self._receiving.add_done_callback(lambda task: None if task.cancelled() else lost())
 
@@ -143,10 +184,30 @@ class BrokeredQueue:
         if self._writer is not None:
             self._writer.close()
 
-    def _send(self, *fields: Any) -> None:
+    def send(self, *fields: Any) -> None:
         if self._writer is None or self._writer.is_closing():
-            raise Unavailable("the stage's admission broker is gone")
+            raise Unavailable("the stage's broker is gone")
         self._writer.write(_line(*fields))
+
+    def ask(self, op: str, *fields: Any) -> tuple[int, asyncio.Future[Any]]:
+        """Send a request; its id, and the future its answer settles."""
+        call = next(self._ids)
+        fut = self._pending[call] = asyncio.get_running_loop().create_future()
+        try:
+            self.send(op, call, *fields)
+        except Unavailable:
+            del self._pending[call]
+            raise
+        return call, fut
+
+    def forget(self, call: int) -> None:
+        self._pending.pop(call, None)
+
+    async def metrics(self) -> bytes:
+        """The stage's metrics exposition (all its workers'), as its supervisor serves it."""
+        _, fut = self.ask("m")
+        text: str = await fut
+        return text.encode()
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -155,41 +216,55 @@ class BrokeredQueue:
                 fut = self._pending.pop(call, None)
                 if fut is None or fut.done():
                     continue
-                if op == "g":
+                if op in ("g", "s", "m"):
                     fut.set_result(args[0])
+                elif op == "f":
+                    fut.set_result(Flow(*args))
                 elif op == "x":
                     reason, retry_after, message = args
                     fut.set_exception(Shed(message, retry_after, reason))
+                elif op == "e":
+                    tenant, limit, message, retry_after = args
+                    fut.set_exception(QuotaExceeded(tenant, limit, message, retry_after))
                 elif op == "d":
                     fut.set_exception(DeadlineExceeded("deadline passed while queued"))
-                elif op == "s":
-                    fut.set_result(args[0])
         finally:
             # The supervisor is gone: nothing more will be admitted here.
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(Unavailable("the stage's admission broker is gone"))
+                    fut.set_exception(Unavailable("the stage's broker is gone"))
             self._pending.clear()
             if self._writer is not None:
                 self._writer.close()
 
-    def _ask(self, *fields: Any) -> tuple[int, asyncio.Future[Any]]:
-        call = next(self._ids)
-        fut = self._pending[call] = asyncio.get_running_loop().create_future()
-        self._send(fields[0], call, *fields[1:])
-        return call, fut
+
+class BrokeredQueue:
+    """A worker's admission: as `AdmissionQueue.slot` gives it, from the supervisor's queue.
+
+    `depth`, `in_flight` and `counters` are this worker's own share (the stage's are the broker's:
+    `stats()`); `capacity`, `concurrency` and the policy are the stage's."""
+
+    def __init__(self, link: BrokerLink, spec: QueueSpec) -> None:
+        self._link = link
+        self.capacity = spec.capacity
+        self.concurrency = spec.concurrency
+        self.policy = spec.shed_policy
+        self.retry_after = spec.retry_after_seconds
+        self.depth = 0
+        self.in_flight = 0
+        self.counters = AdmissionCounters()
 
     @contextlib.asynccontextmanager
     async def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> AsyncIterator[float]:
         """Hold one of the stage's work slots for the body; yields the seconds spent waiting for it."""
-        call, fut = self._ask("a", timeout, flow.name, flow.weight, flow.priority)
+        call, fut = self._link.ask("a", timeout, flow.name, flow.weight, flow.priority)
         self.depth += 1
         try:
             waited: float = await fut
         except asyncio.CancelledError:
-            self._pending.pop(call, None)
+            self._link.forget(call)
             with contextlib.suppress(Unavailable):
-                self._send("c", call)  # the broker drops the wait, or frees a slot granted meanwhile
+                self._link.send("c", call)  # the broker drops the wait, or frees a slot granted meanwhile
             raise
         except Shed as exc:
             if exc.reason == "dropped":
@@ -206,10 +281,31 @@ class BrokeredQueue:
             self.in_flight -= 1
             self.counters.completed += 1
             with contextlib.suppress(Unavailable):
-                self._send("r", call)
+                self._link.send("r", call)
 
     async def stats(self) -> dict[str, int]:
         """The stage's queue as the broker sees it (all workers): depth, in_flight and the counters."""
-        _, fut = self._ask("s")
+        _, fut = self._link.ask("s")
         result: dict[str, int] = await fut
         return result
+
+
+class BrokeredTenancy:
+    """A gateway worker's tenants: each call charged to its tenant's quota in the supervisor, where the
+    per-tenant metrics are kept too (`quotas.Tenancy`)."""
+
+    def __init__(self, link: BrokerLink) -> None:
+        self._link = link
+
+    async def charge(self, tenant: str) -> Flow:
+        call, fut = self._link.ask("q", tenant)
+        try:
+            flow: Flow = await fut
+        except asyncio.CancelledError:
+            self._link.forget(call)  # charged or not, the call's client is gone before it was admitted
+            raise
+        return flow
+
+    def used(self, tenant: str, tokens: int) -> None:
+        with contextlib.suppress(Unavailable):  # the supervisor is gone: the stage is stopping
+            self._link.send("u", 0, tenant, tokens)

@@ -4,16 +4,22 @@ Requests per minute: a call takes one token from its tenant's bucket, or is refu
 Tokens per minute: a call's size is not known before it runs, so a call is admitted while its tenant's
 bucket is not empty and pays for its prompt and generated tokens when it ends; a bucket driven below zero
 refuses the tenant's calls until it refills above it. Each bucket holds at most a minute's worth.
+
+The gateway charges its calls through a `Tenancy`: its own (`LocalTenancy`), or, when it runs worker
+processes, its supervisor's, over the broker (`broker.BrokeredTenancy`), so a tenant's quota is one
+bucket however many workers its calls reach.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from promptpipe.contract.spec import AuthSpec, PriorityClass, QuotaSpec
 from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.errors import QuotaExceeded
+from promptpipe.runtime.metrics import TenantMetrics
 
 PRIORITIES = {PriorityClass.HIGH: 1, PriorityClass.NORMAL: 0, PriorityClass.LOW: -1}
 
@@ -87,3 +93,37 @@ class Quotas:
         if t is None:
             t = self._tenants[name] = _Tenant(name, self._auth.quota_of(name), self._clock())
         return t
+
+
+class Tenancy(Protocol):
+    """How the gateway charges its calls to their tenants."""
+
+    async def charge(self, tenant: str) -> Flow:
+        """One call to `tenant`'s quota (QuotaExceeded if used up), and its flow in the admission queue."""
+
+    def used(self, tenant: str, tokens: int) -> None:
+        """A call of `tenant` ended having used `tokens` (prompt plus generated)."""
+
+
+class LocalTenancy:
+    """The tenants' quotas and per-tenant metrics, kept in this process."""
+
+    def __init__(self, quotas: Quotas, metrics: TenantMetrics) -> None:
+        self._quotas = quotas
+        self._metrics = metrics
+
+    def charge_now(self, tenant: str) -> Flow:
+        try:
+            flow = self._quotas.admit(tenant)
+        except QuotaExceeded as exc:
+            self._metrics.call(tenant, f"over_{exc.limit}_quota")
+            raise
+        self._metrics.call(tenant, "admitted")
+        return flow
+
+    async def charge(self, tenant: str) -> Flow:
+        return self.charge_now(tenant)
+
+    def used(self, tenant: str, tokens: int) -> None:
+        self._quotas.used(tenant, tokens)
+        self._metrics.tokens(tenant, tokens)

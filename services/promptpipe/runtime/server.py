@@ -23,7 +23,7 @@ from promptpipe.contract.spec import StageName, StageSpec
 from promptpipe.contract.tracing import service_name
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.apikeys import KeyRing
-from promptpipe.runtime.broker import BrokeredQueue
+from promptpipe.runtime.broker import BrokeredQueue, BrokerLink
 from promptpipe.runtime.metrics import serving_gauge
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
@@ -87,15 +87,16 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()
-    shared: BrokeredQueue | None = None
+    supervisor: BrokerLink | None = None
     if settings.worker_of is not None:
-        shared = BrokeredQueue(spec.queue)
-        await shared.connect(str(settings.worker_of), lost=stop.set)  # no supervisor: drain and go
+        supervisor = BrokerLink()
+        await supervisor.connect(str(settings.worker_of), lost=stop.set)  # no supervisor: drain and go
+    shared = BrokeredQueue(supervisor, spec.queue) if supervisor is not None else None
     runtime = StageRuntime.create(stage.value, spec, registry, pipeline.metadata.name, shared)
     keys = _keys(settings)
     if keys is not None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
-    built = build_stage(stage, config, runtime, registry, client_interceptors, keys)
+    built = build_stage(stage, config, runtime, registry, client_interceptors, keys, supervisor)
     served = built.served or runtime  # post's, when post is fused into this inference process
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.healthy())
@@ -140,6 +141,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
             runtime.spec.drain_grace(),
             lambda: servicer.serving and built.healthy(),
             certificate,
+            worker,
         )
 
     # Not serving until the stage has loaded what it needs (model, index).
@@ -186,8 +188,8 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         await asyncio.gather(*stopping, *([built.http.stop()] if built.http is not None else []))
     finally:
         await built.close()
-        if shared is not None:
-            await shared.close()
+        if supervisor is not None:
+            await supervisor.close()
         metrics_httpd.shutdown()
     log.info("stage %s stopped", stage.value)
 

@@ -1,9 +1,10 @@
 """A stage as several worker processes on one port (`stages.<stage>.workers`): a core each.
 
 The process the container (or `promptpipe up`) starts becomes the stage's supervisor. It holds the
-stage's one admission queue and lends its slots to the workers (`broker`), starts the workers, each a
-stage process of its own serving the same gRPC port (SO_REUSEPORT: the kernel spreads connections over
-them), serves the stage's /metrics (the workers', merged: `metrics_merge`), and
+stage's one admission queue (and the gateway's tenant quotas and per-tenant metrics) and lends them to
+the workers (`broker`), starts the workers, each a stage process of its own serving the same ports
+(gRPC; the gateway's internal Stage port and OpenAI HTTP port too: SO_REUSEPORT, the kernel spreads
+connections over them), serves the stage's /metrics (the workers', merged: `metrics_merge`), and
 passes SIGTERM on so each drains as a lone stage does. A worker that dies takes the stage down with it:
 the supervisor stops the others and exits non-zero, and the kubelet (or `promptpipe up`) sees a stage
 that failed, not one quietly running on fewer cores. A worker whose supervisor is gone drains and exits.
@@ -21,16 +22,20 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from promptpipe.contract.runtime_config import RuntimeConfig
+from promptpipe.contract.spec import StageName
 from promptpipe.runtime.admission import AdmissionQueue
-from promptpipe.runtime.broker import AdmissionBroker
+from promptpipe.runtime.broker import StageBroker
+from promptpipe.runtime.metrics import TenantMetrics
 from promptpipe.runtime.metrics_merge import merge
+from promptpipe.runtime.quotas import LocalTenancy, Quotas
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.waiting import wait_until_async
 
@@ -69,17 +74,44 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
         yield int(held.getsockname()[1])
 
 
-def worker_environment(settings: StageSettings, port: int, port_file: Path, broker: Path) -> dict[str, str]:
-    """The environment of one worker: this process's settings, on the shared port, reporting to us."""
+@dataclass(frozen=True)
+class SharedPorts:
+    """The ports every worker of a stage serves: gRPC, the gateway's internal Stage port (the others'
+    Stage service is on `grpc`), and the gateway's HTTP port (None: it serves none)."""
+
+    grpc: int
+    stage: int
+    http: int | None
+
+
+@contextlib.contextmanager
+def reserved_ports(settings: StageSettings) -> Iterator[SharedPorts]:
+    """The stage's ports (0: free ones), held while its workers bind them beside us."""
+    with contextlib.ExitStack() as held:
+        grpc = held.enter_context(reserved_port(settings.host, settings.port))
+        if settings.stage is not StageName.STREAM:
+            yield SharedPorts(grpc, grpc, None)
+            return
+        stage = held.enter_context(reserved_port(settings.host, settings.stage_port))
+        http = None
+        if settings.http_port is not None:
+            http = held.enter_context(reserved_port(settings.host, settings.http_port))
+        yield SharedPorts(grpc, stage, http)
+
+
+def worker_environment(settings: StageSettings, ports: SharedPorts, port_file: Path, broker: Path) -> dict[str, str]:
+    """The environment of one worker: this process's settings, on the shared ports, reporting to us."""
     env = dict(os.environ)
     values = settings.model_dump(mode="json", exclude_none=True)
     values |= {
-        "port": port,
-        "stage_port": port,
+        "port": ports.grpc,
+        "stage_port": ports.stage,
         "metrics_port": 0,
         "port_file": str(port_file),
         "worker_of": str(broker),
     }
+    if ports.http is not None:
+        values["http_port"] = ports.http
     for name, value in values.items():
         env[f"PROMPTPIPE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
@@ -93,7 +125,10 @@ async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int
     registry = CollectorRegistry()
     scraped = WorkerMetrics()
     registry.register(scraped)
-    broker = AdmissionBroker(queue)
+    tenancy = None
+    if settings.stage is StageName.STREAM:
+        tenancy = LocalTenancy(Quotas(config.pipeline.spec.auth), TenantMetrics(registry, pipeline, queue))
+    broker = StageBroker(queue, tenancy, lambda: generate_latest(registry))
     with tempfile.TemporaryDirectory(prefix=f"promptpipe-{stage}-") as folder:
         socket_path = Path(folder, "admission.sock")
         await broker.start(str(socket_path))
@@ -103,25 +138,27 @@ async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            with reserved_port(settings.host, settings.port) as port:
+            with reserved_ports(settings) as ports:
                 port_files = [Path(folder, f"worker-{i}.ports") for i in range(workers)]
                 for port_file in port_files:
-                    env = worker_environment(settings, port, port_file, socket_path)
+                    env = worker_environment(settings, ports, port_file, socket_path)
                     procs.append(
                         await asyncio.create_subprocess_exec(sys.executable, "-m", __package__ + ".server", env=env)
                     )
                 scraped.ports = await _serving(procs, port_files, stop)
             metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
             metrics_port = metrics_httpd.server_port
-            settings.report_ports(port, metrics_port, 0, port)
+            settings.report_ports(ports.grpc, metrics_port, ports.http or 0, ports.stage)
             log.info(
-                "stage %s of pipeline %s serving on %s:%d with %d workers (metrics :%d)",
+                "stage %s of pipeline %s serving on %s:%d with %d workers (metrics :%d%s)",
                 stage,
                 pipeline,
                 settings.host,
-                port,
+                ports.grpc,
                 workers,
                 metrics_port,
+                (f", OpenAI-compatible HTTP :{ports.http}" if ports.http is not None else "")
+                + (f", internal Stage service :{ports.stage}" if ports.stage != ports.grpc else ""),
             )
             try:
                 failed = await _until_stopped_or_failed(procs, stop)

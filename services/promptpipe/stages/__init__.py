@@ -6,12 +6,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.apikeys import KeyRing
+from promptpipe.runtime.broker import BrokeredTenancy, BrokerLink
 from promptpipe.runtime.calls import NextStage, StageClient
 from promptpipe.runtime.inprocess import InProcessStage
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, TenantMetrics
@@ -27,7 +28,13 @@ class HttpApi(Protocol):
     """The gateway's OpenAI-compatible HTTP API, served beside its gRPC one."""
 
     async def serve(
-        self, host: str, port: int, grace: float, serving: Callable[[], bool], tls: ServerCertificate | None
+        self,
+        host: str,
+        port: int,
+        grace: float,
+        serving: Callable[[], bool],
+        tls: ServerCertificate | None,
+        shared_port: bool,
     ) -> int: ...
 
     async def stop(self) -> None: ...
@@ -53,9 +60,11 @@ def build_stage(
     registry: CollectorRegistry,
     client_interceptors: Sequence[Any],
     keys: KeyRing | None = None,
+    supervisor: BrokerLink | None = None,
 ) -> BuiltStage:
     """The process of `stage`: its handler (or the gateway), with the stages fused into it (`spec.fuse`)
-    built in, each behind its own runtime, called in-process."""
+    built in, each behind its own runtime, called in-process. A worker process (`supervisor`) keeps the
+    gateway's tenants and serves the stage's metrics through its supervisor."""
     spec = config.pipeline.spec
     name = config.pipeline.metadata.name
     retry = spec.stages.get(stage).retries
@@ -118,10 +127,16 @@ def build_stage(
             await local.start()
 
     if stage is StageName.STREAM:
-        from promptpipe.runtime.quotas import Quotas
+        from promptpipe.runtime.quotas import LocalTenancy, Quotas, Tenancy
         from promptpipe.stages.http_gateway import OpenAIGateway
         from promptpipe.stages.stream import GatewayServicer
 
+        tenancy: Tenancy
+        if supervisor is None:
+            tenancy = LocalTenancy(Quotas(spec.auth), TenantMetrics(registry, name, _own_queue(runtime)))
+            exposition = _exposition_of(registry)
+        else:
+            tenancy, exposition = BrokeredTenancy(supervisor), supervisor.metrics
         gateway = GatewayServicer(
             runtime,
             spec.generation,
@@ -130,11 +145,10 @@ def build_stage(
             client(StageName.POST),
             GatewayMetrics(registry, name, spec.slo),
             keys or KeyRing(),
-            Quotas(spec.auth),
-            TenantMetrics(registry, name, _own_queue(runtime)),
+            tenancy,
         )
         built.gateway = gateway
-        built.http = OpenAIGateway(gateway, runtime, name, spec.model, registry, keys or KeyRing())
+        built.http = OpenAIGateway(gateway, runtime, name, spec.model, exposition, keys or KeyRing())
         built.start, built.close = start_in_process, gateway.close
         return built
     if spec.called_as(stage) is stage:
@@ -167,7 +181,14 @@ class _WatchingPods:
 
 
 def _own_queue(runtime: StageRuntime) -> AdmissionQueue:
-    """The gateway's admission queue: always its own (it runs one process, `PipelineSpec.workers_refusal`)."""
+    """The admission queue of a gateway that runs as one process (a worker's is its supervisor's)."""
     if not isinstance(runtime.queue, AdmissionQueue):
-        raise TypeError("the gateway holds its own admission queue")
+        raise TypeError("a gateway worker keeps its tenants through its supervisor")
     return runtime.queue
+
+
+def _exposition_of(registry: CollectorRegistry) -> Callable[[], Awaitable[bytes]]:
+    async def exposition() -> bytes:
+        return generate_latest(registry)
+
+    return exposition

@@ -16,11 +16,10 @@ import math
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from promptpipe.contract.spec import ModelSpec
@@ -47,13 +46,13 @@ class OpenAIGateway:
         runtime: StageRuntime,
         pipeline: str,
         model: ModelSpec,
-        registry: CollectorRegistry,
+        exposition: Callable[[], Awaitable[bytes]],
         keys: KeyRing,
     ) -> None:
         self._keys = keys
         self._gateway = gateway
         self._runtime = runtime
-        self._registry = registry
+        self._exposition = exposition  # the stage's metrics: this process's, or its workers' merged
         self._serving: Callable[[], bool] = lambda: False
         self._runner: web.AppRunner | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -66,16 +65,23 @@ class OpenAIGateway:
             self._model_cards.append({"id": pipeline, **card, "promptpipe": extra})
 
     async def serve(
-        self, host: str, port: int, grace: float, serving: Callable[[], bool], tls: ServerCertificate | None = None
+        self,
+        host: str,
+        port: int,
+        grace: float,
+        serving: Callable[[], bool],
+        tls: ServerCertificate | None = None,
+        shared_port: bool = False,
     ) -> int:
         """Start serving; the bound port (0 picks one). Handlers are cancelled when their client leaves,
         which ends the call down to the backend, as a gRPC cancellation does. On `stop`, answers in
-        progress get `grace` seconds, as on gRPC. With `tls`, HTTPS, the certificate followed as it changes."""
+        progress get `grace` seconds, as on gRPC. With `tls`, HTTPS, the certificate followed as it changes.
+        A gateway's worker processes share the port (`shared_port`, SO_REUSEPORT)."""
         self._serving = serving
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace)
         await self._runner.setup()
         context = tls.ssl_context() if tls is not None else None
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=context)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=shared_port, ssl_context=context)
         await site.start()
         if tls is not None and context is not None:
             self._reloading = asyncio.create_task(_follow_certificate(tls, context))
@@ -110,7 +116,7 @@ class OpenAIGateway:
         tenant = self._tenant(request)
         parsed = api.parse(kind, await request.read(), self._models)
         try:
-            flow = self._gateway.charge(tenant)
+            flow = await self._gateway.tenancy.charge(tenant)
         except QuotaExceeded as exc:
             raise api.api_error(exc) from None
         with_tenant(parsed.request, tenant)
@@ -162,7 +168,7 @@ class OpenAIGateway:
         return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self._registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=await self._exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _follow_certificate(tls: ServerCertificate, context: ssl.SSLContext) -> None:

@@ -15,8 +15,8 @@ from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
 from promptpipe.runtime.calls import NextStage
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss, QuotaExceeded, abort_with
-from promptpipe.runtime.metrics import GatewayMetrics, TenantMetrics
-from promptpipe.runtime.quotas import Quotas
+from promptpipe.runtime.metrics import GatewayMetrics
+from promptpipe.runtime.quotas import Tenancy
 from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
 from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import common_pb2, gateway_pb2
@@ -39,12 +39,10 @@ class GatewayServicer:
         post: NextStage,
         metrics: GatewayMetrics,
         keys: KeyRing,
-        quotas: Quotas,
-        tenants: TenantMetrics,
+        tenancy: Tenancy,
     ) -> None:
         self.keys = keys
-        self._quotas = quotas
-        self._tenants = tenants
+        self.tenancy = tenancy
         self._runtime = runtime
         self._defaults = defaults
         self._rag = rag
@@ -61,7 +59,7 @@ class GatewayServicer:
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.perf_counter()
         try:
-            tenant, flow = self.caller(dict(context.invocation_metadata() or ()).get("authorization"))
+            tenant, flow = await self.caller(dict(context.invocation_metadata() or ()).get("authorization"))
         except (Unauthenticated, QuotaExceeded) as exc:
             await abort_with(context, exc, self._runtime.stage)
         with_tenant(request, tenant)
@@ -71,21 +69,11 @@ class GatewayServicer:
             async for response in answer:
                 yield response
 
-    def caller(self, authorization: str | None) -> tuple[str, Flow]:
+    async def caller(self, authorization: str | None) -> tuple[str, Flow]:
         """Whose call this is and its place in the admission queue, before admission: a call without a
         valid key (Unauthenticated) or over its tenant's quota (QuotaExceeded) takes no place in the queue."""
         tenant = self.keys.tenant_of(authorization)
-        return tenant, self.charge(tenant)
-
-    def charge(self, tenant: str) -> Flow:
-        """One call to `tenant`'s quota (QuotaExceeded if used up), and its flow in the admission queue."""
-        try:
-            flow = self._quotas.admit(tenant)
-        except QuotaExceeded as exc:
-            self._tenants.call(tenant, f"over_{exc.limit}_quota")
-            raise
-        self._tenants.call(tenant, "admitted")
-        return flow
+        return tenant, await self.tenancy.charge(tenant)
 
     async def answer(
         self, request: gateway_pb2.GenerateRequest, call: Call, received: float, request_id: str, tenant: str
@@ -133,5 +121,4 @@ class GatewayServicer:
                         return
             raise DataLoss("the post stage ended its stream without a final event")
         finally:
-            self._quotas.used(tenant, prompt_tokens + tokens)
-            self._tenants.tokens(tenant, prompt_tokens + tokens)
+            self.tenancy.used(tenant, prompt_tokens + tokens)
