@@ -84,7 +84,7 @@ async def test_a_fused_stage_keeps_its_queue_and_its_refusal_names_its_limits(st
     refused = await collect(p.gateway, "b")
 
     assert refused.error is not None and refused.error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert refused.error.message == "queue full (0 waiting, 1 running)"
+    assert refused.error.message == "stage post: queue full (0 waiting, 1 running)"
     assert refused.error.retry_after == pytest.approx(0.5)
     assert not first.done(), "refused at once, not after the running call"
     done = await first

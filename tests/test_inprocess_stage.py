@@ -74,7 +74,7 @@ async def test_a_full_stage_refuses_as_its_grpc_status_would_naming_itself_with_
 
     err = refused.value
     assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and err.retry_after == 0.25
-    assert err.message == "queue full (0 waiting, 1 running)"
+    assert err.message == "stage post: queue full (0 waiting, 1 running)"
     assert from_a_stage(err.trailers) and (ORIGIN_TRAILER, "post") in err.trailers
     details = dict(err.trailers)["grpc-status-details-bin"]
     assert isinstance(details, bytes)

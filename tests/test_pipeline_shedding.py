@@ -39,7 +39,7 @@ async def test_full_queue_rejects_new_call_at_once_with_retry_hint(start_pipelin
     rejected = await collect(p.gateway, "c")
 
     assert rejected.error is not None and rejected.error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "queue full" in rejected.error.message
+    assert "stage inference: queue full" in rejected.error.message
     assert rejected.error.retry_after == pytest.approx(0.25)
     assert rejected.chunks == 0
     assert not a.done(), "the rejection must not wait for the running call"

@@ -81,7 +81,9 @@ async def test_the_queue_limits_hold_for_the_stage_whichever_worker_takes_a_call
     assert len(served) == 4, [o.error for o in outcomes]
     assert all(o.summary is not None and o.summary.usage.completion_tokens == 16 for o in served)
     assert all(o.error.code is grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused if o.error is not None)
-    assert all("queue full" in o.error.message for o in refused if o.error is not None), [o.error for o in refused]
+    assert all("stage post: queue full" in o.error.message for o in refused if o.error is not None), [
+        o.error for o in refused
+    ]
 
     s = await stats(p.target(StageName.POST))  # from either worker: the stage's queue, kept by the supervisor
     assert (s.rejected_total, s.completed_total, s.in_flight, s.queue_depth) == (6, 4, 0, 0)

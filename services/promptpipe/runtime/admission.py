@@ -123,7 +123,11 @@ class _PriorityClass:
 
 
 class AdmissionQueue:
-    def __init__(self, capacity: int, concurrency: int, policy: ShedPolicy, retry_after: float) -> None:
+    def __init__(
+        self, capacity: int, concurrency: int, policy: ShedPolicy, retry_after: float, stage: str = ""
+    ) -> None:
+        # A refusal names its stage: it reaches the client through every stage before it, unchanged.
+        self._prefix = f"stage {stage}: " if stage else ""
         self.capacity = capacity
         self.concurrency = concurrency
         self.policy = policy
@@ -203,7 +207,7 @@ class AdmissionQueue:
             self._evict(mine.waiters.popleft(), mine, "dropped from a full queue (drop-oldest) for a newer request")
             return
         self.counters.rejected += 1
-        raise Shed(f"queue full ({self.capacity} waiting, {self.concurrency} running)", self.retry_after)
+        raise Shed(f"{self._prefix}queue full ({self.capacity} waiting, {self.concurrency} running)", self.retry_after)
 
     def _heaviest_below(self, newcomer: Flow) -> _FlowQueue | None:
         """The flow that yields its place to `newcomer`: of the lowest priority class below or at the
@@ -228,7 +232,7 @@ class AdmissionQueue:
         if not fq.waiters:
             self._classes[fq.flow.priority].remove(fq.flow.name)
         self.counters.dropped += 1
-        fut.set_exception(Shed(why, self.retry_after, "dropped"))
+        fut.set_exception(Shed(self._prefix + why, self.retry_after, "dropped"))
 
     def _abandon(self, fut: asyncio.Future[None], fq: _FlowQueue) -> None:
         """A waiter gave up; if a slot was handed to it meanwhile, pass it on."""

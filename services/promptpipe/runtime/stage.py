@@ -72,7 +72,7 @@ class StageRuntime:
         """A stage's runtime with its own admission queue, or `queue` (a worker's share of the stage's)."""
         if queue is None:
             q = spec.queue
-            queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
+            queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds, stage)
         return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
 
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:

@@ -121,7 +121,7 @@ async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int
     stage = settings.stage.value
     pipeline = config.pipeline.metadata.name
     q = config.pipeline.spec.stages.get(settings.stage).queue
-    queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds)
+    queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds, stage)
     registry = CollectorRegistry()
     scraped = WorkerMetrics()
     registry.register(scraped)
