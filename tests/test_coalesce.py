@@ -103,3 +103,34 @@ async def test_closing_the_reader_closes_a_source_held_up_by_the_full_buffer() -
     await turns(50)  # the buffer fills: the pump waits for room, the source waits at its yield
     await stream.aclose()
     assert closed.is_set(), "the source is closed with the reader, not whenever the garbage collector gets to it"
+
+
+async def test_a_reader_cancelled_while_the_source_winds_down_stays_cancelled() -> None:
+    """The reader closes its stream; while the source takes its time to stop, the reader's own task is
+    cancelled (its client left): that cancel is not swallowed by the wind-down."""
+    winding_down = asyncio.Event()
+    log: list[str] = []
+
+    async def slow_to_stop() -> AsyncIterator[stage_pb2.StageEvent]:
+        yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text="a", token_count=1))
+        try:
+            await asyncio.Event().wait()  # generating, until cancelled
+        except asyncio.CancelledError:
+            winding_down.set()
+            await asyncio.shield(asyncio.sleep(0.2))  # a cleanup that takes a while (a backend told to stop)
+            log.append("source stopped")
+            raise
+
+    async def reader() -> None:
+        events = coalesce(slow_to_stop())
+        async for _ in events:
+            break
+        await events.aclose()
+        log.append("reader went on")
+
+    task = asyncio.create_task(reader())
+    await winding_down.wait()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done and task.cancelled(), log
+    assert log == ["source stopped"], "the source stopped, and the cancelled reader did not go on"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from promptpipe.v1 import common_pb2, stage_pb2
@@ -76,12 +75,19 @@ async def coalesce(
         if failure is not None:
             raise failure
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # The pump is stopped before the source is closed (closing a source the pump is inside fails). A
+        # cancel of the reader's own task meanwhile is kept, and raised once the source is closed.
+        cancelled = False
+        task.cancel()
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                cancelled = True
         # The pump may have stopped while the source sat at a `yield` (the buffer was full): close it now,
         # so what it holds (a call upstream, a generation) ends with the reader, not at a GC pass.
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
+        if cancelled:
+            raise asyncio.CancelledError
