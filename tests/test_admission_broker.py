@@ -187,3 +187,24 @@ async def test_tokens_a_worker_reports_are_charged_to_the_tenants_one_bucket(gat
     with pytest.raises(QuotaExceeded) as refused:
         await one.charge("bob")
     assert refused.value.limit == "tokens"
+
+
+async def test_a_worker_asking_for_metrics_the_supervisor_cannot_render_gets_the_reason_not_a_wait(
+    tmp_path: Path,
+) -> None:
+    def broken() -> bytes:
+        raise OSError("a worker's /metrics did not answer")
+
+    queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, SPEC.retry_after_seconds)
+    broker = StageBroker(queue, exposition=broken)
+    path = str(tmp_path / "m.sock")
+    await broker.start(path)
+    link = BrokerLink()
+    await link.connect(path)
+    try:
+        with pytest.raises(Unavailable, match="did not answer"):
+            async with asyncio.timeout(5):
+                await link.metrics()
+    finally:
+        await link.close()
+        await broker.close()

@@ -15,7 +15,7 @@ Messages are JSON arrays, one per line. Worker to broker: `["a", id, timeout, fl
 stage's metrics). Broker to worker: `["g", id, waited]` (granted), `["x", id, reason, retry_after,
 message]` (shed), `["d", id]` (deadline passed while queued), `["s", id, stats]`, `["f", id, flow, weight,
 priority]` (charged: the call's flow), `["e", id, tenant, limit, message, retry_after]` (quota used up),
-`["m", id, exposition]`.
+`["m", id, exposition]` or `["n", id, reason]` (not rendered).
 """
 
 from __future__ import annotations
@@ -132,12 +132,16 @@ class StageBroker:
         task.add_done_callback(self._tasks.discard)
 
     async def _expose(self, call: int, writer: asyncio.StreamWriter) -> None:
-        if self._exposition is None:
-            raise ValueError("this broker serves no metrics")
-        # Off the loop: it reads every worker's /metrics, and the queue must not wait for that.
-        text = await asyncio.to_thread(self._exposition)
+        try:
+            if self._exposition is None:
+                raise LookupError("this stage's supervisor serves no metrics")
+            # Off the loop: it reads every worker's /metrics, and the queue must not wait for that.
+            answer = _line("m", call, (await asyncio.to_thread(self._exposition)).decode())
+        except Exception as exc:  # the worker's request ends with the reason, never waits
+            log.exception("stage metrics not rendered for a worker")
+            answer = _line("n", call, f"the stage's metrics: {exc}")
         if not writer.is_closing():
-            writer.write(_line("m", call, text.decode()))
+            writer.write(answer)
 
     async def _hold(
         self, call: int, timeout: float | None, flow: Flow, release: asyncio.Event, writer: asyncio.StreamWriter
@@ -228,6 +232,8 @@ class BrokerLink:
                     fut.set_exception(QuotaExceeded(tenant, limit, message, retry_after))
                 elif op == "d":
                     fut.set_exception(DeadlineExceeded("deadline passed while queued"))
+                elif op == "n":
+                    fut.set_exception(Unavailable(args[0]))
         finally:
             # The supervisor is gone: nothing more will be admitted here.
             for fut in self._pending.values():
