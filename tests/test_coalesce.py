@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 
 from promptpipe.runtime.coalesce import coalesce
@@ -134,3 +135,31 @@ async def test_a_reader_cancelled_while_the_source_winds_down_stays_cancelled() 
     done, _ = await asyncio.wait([task], timeout=5)
     assert done and task.cancelled(), log
     assert log == ["source stopped"], "the source stopped, and the cancelled reader did not go on"
+
+
+CURRENT_SPAN: contextvars.ContextVar[str] = contextvars.ContextVar("current_span", default="")
+
+
+async def test_the_source_is_closed_in_the_task_that_runs_it_so_what_it_set_in_its_context_resets() -> None:
+    """A source that sets a context variable and resets it when it ends (as an OpenTelemetry span made
+    current does) is closed in its own context, even when held up at a `yield` by a full buffer: resetting
+    from another task's context fails ("Failed to detach context" in a traced stage's log)."""
+    ended: list[str] = []
+
+    async def traced() -> AsyncIterator[stage_pb2.StageEvent]:
+        token = CURRENT_SPAN.set("inference")
+        try:
+            while True:  # never awaits: the pump stops it only when the buffer is full
+                yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text="x", token_count=1))
+        finally:
+            try:
+                CURRENT_SPAN.reset(token)
+                ended.append("reset")
+            except ValueError as exc:
+                ended.append(f"not reset: {exc}")
+
+    stream = coalesce(traced(), max_buffered_tokens=4)
+    await anext(stream)
+    await turns(50)  # the buffer fills: the source waits at its yield
+    await stream.aclose()
+    assert ended == ["reset"]

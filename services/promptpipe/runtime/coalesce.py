@@ -43,8 +43,18 @@ async def coalesce(
         except Exception as exc:  # noqa: BLE001 - handed to the reader, raised there
             failure = exc
         finally:
-            done = True
-            ready.set()
+            try:
+                # Stopped while the source sat at a `yield` (the buffer was full): close it here, in the
+                # task that runs it (its context: the spans it opened end in it), so what it holds (a call
+                # upstream, a generation) ends with the reader, not at a GC pass.
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            except Exception as exc:  # noqa: BLE001 - handed to the reader, raised there
+                failure = failure or exc
+            finally:
+                done = True
+                ready.set()
 
     task = asyncio.create_task(pump())
     try:
@@ -75,8 +85,8 @@ async def coalesce(
         if failure is not None:
             raise failure
     finally:
-        # The pump is stopped before the source is closed (closing a source the pump is inside fails). A
-        # cancel of the reader's own task meanwhile is kept, and raised once the source is closed.
+        # The reader is done: the pump stops and closes the source. A cancel of the reader's own task
+        # meanwhile is kept, and raised once the source is closed.
         cancelled = False
         task.cancel()
         while not task.done():
@@ -84,10 +94,5 @@ async def coalesce(
                 await asyncio.wait([task])
             except asyncio.CancelledError:
                 cancelled = True
-        # The pump may have stopped while the source sat at a `yield` (the buffer was full): close it now,
-        # so what it holds (a call upstream, a generation) ends with the reader, not at a GC pass.
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
         if cancelled:
             raise asyncio.CancelledError
