@@ -121,7 +121,7 @@ def _print_status(run: localrun.LocalRun) -> None:
         pad_edge=False,
         collapse_padding=True,
     )
-    for col in ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
+    for col in ("stage", "health", "workers", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
         table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
     spec = load_runtime_config(Path(run.folder) / "runtime.yaml").pipeline.spec
     for stage, proc in run.stages.items():
@@ -130,7 +130,8 @@ def _print_status(run: localrun.LocalRun) -> None:
         colour = "green" if health == "SERVING" else "red"
         # A process with fused stages (`spec.fuse`) names them; its queue is the one its callers call.
         label = "+".join([stage, *(s.value for s in spec.fused_into(StageName(stage)))])
-        row = [label, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]
+        workers = spec.workers_of(StageName(stage))  # processes on its port (`stages.<stage>.workers`)
+        row = [label, f"[{colour}]{health}[/]", str(workers), str(proc.port), str(proc.metrics_port)]
         if stats is None:
             table.add_row(*row, *["-"] * 5)
             continue
