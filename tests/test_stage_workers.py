@@ -157,28 +157,28 @@ def http_metrics(p: RunningPipeline) -> str:
 
 
 def test_a_tenants_quota_holds_for_the_gateway_whichever_worker_takes_a_call(start_pipeline) -> None:  # type: ignore[no-untyped-def]
-    p: RunningPipeline = start_pipeline(two_gateway_workers(auth={"defaultQuota": {"requestsPerMinute": 6}}))
+    p: RunningPipeline = start_pipeline(two_gateway_workers(auth={"defaultQuota": {"requestsPerMinute": 3}}))
     assert len(workers_of(p.pid(StageName.STREAM))) == 2
 
     async def grpc_calls() -> list[Outcome]:
         return list(await asyncio.gather(*(collect(p.gateway, f"call {i}") for i in range(6))))
 
-    # Twelve calls, six on gRPC and six on HTTP, each on a connection of its own: one bucket of 6 a minute
-    # for the stage, so exactly 6 are served. (With a bucket per worker, all 12 would be.)
+    # Twelve calls, six on gRPC and six on HTTP, each on a connection of its own: one bucket of 3 a minute
+    # (one more every 20 s) for the stage, so exactly 3 are served. (With a bucket per worker, up to 6.)
     on_grpc = asyncio.run(grpc_calls())
     on_http = [openai_call(p) for _ in range(6)]
     served = [o for o in on_grpc if o.error is None] + [text for text in on_http if text is not None]
-    assert len(served) == 6, ([o.error for o in on_grpc], on_http)
+    assert len(served) == 3, ([o.error for o in on_grpc], on_http)
     refused = [o.error for o in on_grpc if o.error is not None]
     assert all(
-        e.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "requests per minute used up (6)" in e.message for e in refused
+        e.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "requests per minute used up (3)" in e.message for e in refused
     )
 
     # The per-tenant counts are the stage's, kept by the supervisor: on its metrics port, and on the HTTP
     # port's /metrics, which a worker serves from its supervisor (a worker's own has none).
     for metrics in (p.metrics(StageName.STREAM), http_metrics(p)):
-        assert sample(metrics, (TENANT_CALLS, {"outcome": "admitted"})) == 6
-        assert sample(metrics, (TENANT_CALLS, {"outcome": "over_requests_quota"})) == 6
+        assert sample(metrics, (TENANT_CALLS, {"outcome": "admitted"})) == 3
+        assert sample(metrics, (TENANT_CALLS, {"outcome": "over_requests_quota"})) == 9
     for pid in workers_of(p.pid(StageName.STREAM)):
         assert TENANT_CALLS not in worker_metrics(pid)
 
