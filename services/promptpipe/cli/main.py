@@ -16,7 +16,7 @@ from rich.table import Table
 
 from promptpipe import chattemplates
 from promptpipe.cli import localrun
-from promptpipe.cli.console import err, fail, out
+from promptpipe.cli.console import err, fail, out, print_table
 from promptpipe.cli.keys import keys_app
 from promptpipe.cli.models import model_app, registry_app
 from promptpipe.cli.perf import analyze_command, bench
@@ -143,7 +143,7 @@ def _print_status(run: localrun.LocalRun) -> None:
             str(stats.dropped_total),
             str(stats.completed_total),
         )
-    out.print(table)
+    print_table(table)
 
 
 @app.command()

@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from promptpipe.cli.console import err, fail, out
+from promptpipe.cli.console import err, fail, out, print_table
 from promptpipe.registry import errors
 from promptpipe.registry.refs import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN, RefError, check, parse_ref
 from promptpipe.registry.settings import RegistrySettings
@@ -159,7 +159,7 @@ def list_(
             for m in models:
                 aliases = ", ".join(f"{a}→{v}" for a, v in sorted(m.aliases.items()))
                 table.add_row(m.name, str(len(m.versions)), m.versions[-1] if m.versions else "-", aliases)
-            return out.print(table)
+            return print_table(table)
         check("model name", name, NAME_PATTERN)
         records = reg.versions(name)
         if not records:
@@ -177,7 +177,7 @@ def list_(
             r.created_at[:19],
             r.created_by,
         )
-    out.print(table)
+    print_table(table)
 
 
 @model_app.command()
@@ -198,7 +198,7 @@ def show(
     table = _table("file", "size", "sha256")
     for f in r.manifest.files:
         table.add_row(f.path, decimal(f.size), f.sha256)
-    out.print(table)
+    print_table(table)
 
 
 @model_app.command()
@@ -266,7 +266,7 @@ def history(name: Annotated[str, typer.Argument()], output: OutputOption = Outpu
     table = _table("when", "what", "version", "alias", "previous", "by")
     for e in entries:
         table.add_row(e.at[:19], e.action, e.version, e.alias, e.previous, e.actor)
-    out.print(table)
+    print_table(table)
 
 
 def _table(*columns: str) -> Table:
