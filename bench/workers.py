@@ -29,8 +29,7 @@ from bench.harness import channel, closed_loop, gateway_stream, median, pct, pip
 from promptpipe.contract.spec import AuthSpec, QueueSpec, ShedPolicy
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.broker import BrokeredQueue, BrokeredTenancy, BrokerLink, StageBroker
-from promptpipe.runtime.metrics import TenantMetrics
-from promptpipe.runtime.quotas import LocalTenancy, Quotas, Tenancy
+from promptpipe.runtime.quotas import LocalTenancy, Tenancy
 from promptpipe.v1 import gateway_pb2_grpc
 
 SPEC = QueueSpec(capacity=64, concurrency=8, shed_policy=ShedPolicy.REJECT_NEW)
@@ -41,7 +40,7 @@ CLIENT_CONNECTIONS = 8
 
 def _tenancy() -> tuple[AdmissionQueue, LocalTenancy]:
     queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, 0.5)
-    return queue, LocalTenancy(Quotas(AUTH), TenantMetrics(CollectorRegistry(), "bench", queue))
+    return queue, LocalTenancy.create(AUTH, CollectorRegistry(), "bench", queue)
 
 
 def _broker_process(path: str, ready: multiprocessing.synchronize.Event) -> None:

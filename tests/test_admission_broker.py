@@ -16,8 +16,7 @@ from promptpipe.contract.spec import AuthSpec, QueueSpec, ShedPolicy
 from promptpipe.runtime.admission import AdmissionQueue, Flow
 from promptpipe.runtime.broker import BrokeredQueue, BrokeredTenancy, BrokerLink, StageBroker
 from promptpipe.runtime.errors import DeadlineExceeded, QuotaExceeded, Shed, Unavailable
-from promptpipe.runtime.metrics import TenantMetrics
-from promptpipe.runtime.quotas import LocalTenancy, Quotas
+from promptpipe.runtime.quotas import LocalTenancy
 
 SPEC = QueueSpec(capacity=2, concurrency=2, shed_policy=ShedPolicy.REJECT_NEW, retry_after_seconds=0.25)
 TOKENS = m.GATEWAY_TENANT_TOKENS.name
@@ -42,7 +41,7 @@ class Stage:
 
 @pytest.fixture
 async def stage(tmp_path: Path) -> AsyncIterator[Stage]:
-    queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, SPEC.retry_after_seconds)
+    queue = AdmissionQueue.of(SPEC, "post")
     broker = StageBroker(queue)
     path = str(tmp_path / "admission.sock")
     await broker.start(path)
@@ -139,13 +138,13 @@ async def test_with_the_broker_gone_a_call_is_refused_unavailable_not_left_waiti
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Stage]:
     """A gateway's broker: its queue, and its tenants' quotas and metrics, kept by the supervisor."""
-    queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, SPEC.retry_after_seconds)
+    queue = AdmissionQueue.of(SPEC, "stream")
     registry = CollectorRegistry()
     auth = AuthSpec.model_validate(
         {"tenants": [{"name": "acme", "requestsPerMinute": 3, "weight": 4, "priority": "high"}]}
         | {"defaultQuota": {"tokensPerMinute": 100}}
     )
-    tenancy = LocalTenancy(Quotas(auth), TenantMetrics(registry, "p", queue))
+    tenancy = LocalTenancy.create(auth, registry, "p", queue)
     broker = StageBroker(queue, tenancy, lambda: generate_latest(registry))
     path = str(tmp_path / "gateway.sock")
     await broker.start(path)
@@ -195,7 +194,7 @@ async def test_a_worker_asking_for_metrics_the_supervisor_cannot_render_gets_the
     def broken() -> bytes:
         raise OSError("a worker's /metrics did not answer")
 
-    queue = AdmissionQueue(SPEC.capacity, SPEC.concurrency, SPEC.shed_policy, SPEC.retry_after_seconds)
+    queue = AdmissionQueue.of(SPEC, "stream")
     broker = StageBroker(queue, exposition=broken)
     path = str(tmp_path / "m.sock")
     await broker.start(path)

@@ -19,8 +19,8 @@ from promptpipe.contract.spec import AuthSpec, GenerationDefaults, PostSpec, Sta
 from promptpipe.localproc import free_port
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import DataLoss, UpstreamError
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, TenantMetrics
-from promptpipe.runtime.quotas import LocalTenancy, Quotas
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics
+from promptpipe.runtime.quotas import LocalTenancy
 from promptpipe.runtime.stage import Call, StageRuntime
 from promptpipe.stages.inference import InferenceHandler
 from promptpipe.stages.post import PostHandler
@@ -125,7 +125,7 @@ async def test_the_gateway_ends_a_post_stream_without_its_final_event_with_data_
     runtime = StageRuntime.create("stream", StageSpec(), registry, "p")
     stage: Any = CutShortStage()
     metrics = GatewayMetrics(registry, "p")
-    tenancy = LocalTenancy(Quotas(AuthSpec()), TenantMetrics(registry, "p", runtime.queue))
+    tenancy = LocalTenancy.create(AuthSpec(), registry, "p", runtime.queue)
     gateway = GatewayServicer(runtime, GenerationDefaults(), stage, stage, stage, metrics, KeyRing(), tenancy)
     context = Context()
     sent = []

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from promptpipe.contract.spec import ShedPolicy
+from promptpipe.contract.spec import QueueSpec, ShedPolicy
 from promptpipe.runtime.errors import DeadlineExceeded, Shed
 
 
@@ -140,6 +140,11 @@ class AdmissionQueue:
     @property
     def depth(self) -> int:
         return self._depth
+
+    @classmethod
+    def of(cls, spec: QueueSpec, stage: str) -> AdmissionQueue:
+        """The queue `spec` declares for `stage` (whose name its refusals carry)."""
+        return cls(spec.capacity, spec.concurrency, spec.shed_policy, spec.retry_after_seconds, stage)
 
     def snapshot(self) -> dict[str, int]:
         return {"depth": self.depth, "in_flight": self.in_flight, **asdict(self.counters)}

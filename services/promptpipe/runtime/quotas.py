@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from promptpipe.contract.spec import AuthSpec, PriorityClass, QuotaSpec
-from promptpipe.runtime.admission import Flow
+from promptpipe.runtime.admission import AdmissionQueue, Flow
 from promptpipe.runtime.errors import QuotaExceeded
 from promptpipe.runtime.metrics import TenantMetrics
 
@@ -111,6 +113,12 @@ class LocalTenancy:
     def __init__(self, quotas: Quotas, metrics: TenantMetrics) -> None:
         self._quotas = quotas
         self._metrics = metrics
+
+    @classmethod
+    def create(cls, auth: AuthSpec, registry: CollectorRegistry, pipeline: str, queue: AdmissionQueue) -> LocalTenancy:
+        """The gateway's tenants, kept in this process: their quotas from `auth`, their metrics (including
+        each one's waiters in `queue`, the gateway's admission queue) in `registry`."""
+        return cls(Quotas(auth), TenantMetrics(registry, pipeline, queue))
 
     def charge_now(self, tenant: str) -> Flow:
         try:

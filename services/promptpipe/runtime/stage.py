@@ -71,8 +71,7 @@ class StageRuntime:
     ) -> StageRuntime:
         """A stage's runtime with its own admission queue, or `queue` (a worker's share of the stage's)."""
         if queue is None:
-            q = spec.queue
-            queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds, stage)
+            queue = AdmissionQueue.of(spec.queue, stage)
         return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
 
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:

@@ -33,9 +33,8 @@ from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import StageName
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.broker import StageBroker
-from promptpipe.runtime.metrics import TenantMetrics
 from promptpipe.runtime.metrics_merge import merge
-from promptpipe.runtime.quotas import LocalTenancy, Quotas
+from promptpipe.runtime.quotas import LocalTenancy
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.waiting import wait_until_async
 
@@ -120,14 +119,13 @@ def worker_environment(settings: StageSettings, ports: SharedPorts, port_file: P
 async def supervise(settings: StageSettings, config: RuntimeConfig, workers: int) -> None:
     stage = settings.stage.value
     pipeline = config.pipeline.metadata.name
-    q = config.pipeline.spec.stages.get(settings.stage).queue
-    queue = AdmissionQueue(q.capacity, q.concurrency, q.shed_policy, q.retry_after_seconds, stage)
+    queue = AdmissionQueue.of(config.pipeline.spec.stages.get(settings.stage).queue, stage)
     registry = CollectorRegistry()
     scraped = WorkerMetrics()
     registry.register(scraped)
     tenancy = None
     if settings.stage is StageName.STREAM:
-        tenancy = LocalTenancy(Quotas(config.pipeline.spec.auth), TenantMetrics(registry, pipeline, queue))
+        tenancy = LocalTenancy.create(config.pipeline.spec.auth, registry, pipeline, queue)
     broker = StageBroker(queue, tenancy, lambda: generate_latest(registry))
     with tempfile.TemporaryDirectory(prefix=f"promptpipe-{stage}-") as folder:
         socket_path = Path(folder, "admission.sock")

@@ -15,7 +15,7 @@ from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.broker import BrokeredTenancy, BrokerLink
 from promptpipe.runtime.calls import NextStage, StageClient
 from promptpipe.runtime.inprocess import InProcessStage
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, TenantMetrics
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
 from promptpipe.runtime.tls import ServerCertificate
 
@@ -127,13 +127,13 @@ def build_stage(
             await local.start()
 
     if stage is StageName.STREAM:
-        from promptpipe.runtime.quotas import LocalTenancy, Quotas, Tenancy
+        from promptpipe.runtime.quotas import LocalTenancy, Tenancy
         from promptpipe.stages.http_gateway import OpenAIGateway
         from promptpipe.stages.stream import GatewayServicer
 
         tenancy: Tenancy
         if supervisor is None:
-            tenancy = LocalTenancy(Quotas(spec.auth), TenantMetrics(registry, name, _own_queue(runtime)))
+            tenancy = LocalTenancy.create(spec.auth, registry, name, _own_queue(runtime))
             exposition = _exposition_of(registry)
         else:
             tenancy, exposition = BrokeredTenancy(supervisor), supervisor.metrics
