@@ -3,6 +3,7 @@ split, the split at each percentile, the knob, the SLO, the knee and the report'
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import itertools
 import json
@@ -19,6 +20,8 @@ from promptpipe.perf.breakdown import NETWORK, PARTS, Slo, at_percentiles, knee,
 from promptpipe.perf.load import parse_levels, poisson_arrivals
 from promptpipe.perf.prompts import Conversation, Prompt, from_jsonl, synthetic
 from promptpipe.perf.records import BenchResult, CallRecord, Level, StageShare
+from promptpipe.perf.runner import Plan, prompt_source, run
+from promptpipe.perf.transports import CallOutcome
 
 
 def stage(name: str, queue: float = 0.0, work: float = 0.0, first: float | None = None, hop: float = 0.0) -> StageShare:
@@ -112,6 +115,30 @@ def test_a_conversation_carries_its_history_into_each_turn() -> None:
 def test_synthetic_prompts_have_the_asked_length_in_words() -> None:
     p = synthetic(50, 7, random.Random(3))
     assert len(p.text.split()) == 50 and p.max_new_tokens == 7
+
+
+class CountingTransport:
+    """Answers every call at once and remembers the prompts it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def call(self, prompt: Prompt, session: str, timeout: float) -> CallOutcome:
+        self.sent.append(prompt.text)
+        return CallOutcome(ttft=0.001, e2e=0.002, output_tokens=2)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_warmup_calls_go_first_and_are_not_recorded() -> None:
+    transport = CountingTransport()
+    prompts = prompt_source(None, 8, 2)
+    levels = [Level("concurrency", 2), Level("concurrency", 1)]
+    result = asyncio.run(run(Plan(levels, 5, 60.0, prompts, warmup=3), transport, BenchResult("t", "grpc", levels)))
+    assert len(transport.sent) == 3 + 5 + 5, "three warm-up calls, then each level's five"
+    assert [len(result.calls_of(i)) for i in range(2)] == [5, 5]
+    assert min(c.start for c in result.calls) >= 0, "the run's clock starts after the warm-up"
 
 
 def test_a_calls_parts_add_up_to_what_its_client_measured() -> None:

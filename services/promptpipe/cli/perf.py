@@ -73,6 +73,7 @@ def bench(
     ] = None,
     turns: Annotated[int, typer.Option(min=1, help="Turns per session (>1: multi-turn, history carried).")] = 1,
     timeout: Annotated[float, typer.Option(min=0.1, help="Deadline of each call, in seconds.")] = 60.0,
+    warmup: Annotated[int, typer.Option(min=0, help="Calls sent one at a time first, not recorded.")] = 0,
     transport: Annotated[str, typer.Option(help="grpc (the gateway's API) or http (OpenAI-compatible).")] = "grpc",
     target: Annotated[
         str | None, typer.Option(help="gRPC address, or the HTTP API's base URL (default: the local pipeline's).")
@@ -101,7 +102,8 @@ def bench(
         raise fail(f"--transport: {transport!r} is neither grpc nor http", 2)
     slo = _slo(_spec(file), slo_ttft_ms, slo_tpot_ms)
     address = target or _local_target(name, transport)
-    plan = Plan(levels, requests, seconds, prompt_source(fixed, input_tokens, output_tokens), turns, timeout, seed)
+    source = prompt_source(fixed, input_tokens, output_tokens)
+    plan = Plan(levels, requests, seconds, source, turns, timeout, seed, warmup)
     meta = {
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "requests": requests,
@@ -112,6 +114,7 @@ def bench(
         "turns": turns,
         "timeout": timeout,
         "seed": seed,
+        "warmup": warmup,
     }
     result = records.BenchResult(address, transport, levels, meta=meta)
     asyncio.run(_bench(plan, transport, address, api_key, model, result))

@@ -30,11 +30,16 @@ class Plan:
     turns: int = 1  # >1: multi-turn sessions, each turn carrying the conversation so far
     timeout: float = 60.0
     seed: int = 0
+    # Calls sent one at a time before the first level and not recorded: connections, caches and a model's
+    # first prompt warm up outside the figures.
+    warmup: int = 0
 
 
 async def run(plan: Plan, transport: Transport, result: BenchResult, progress: Progress | None = None) -> BenchResult:
     """Run every level of `plan` through `transport`, appending to `result` (its calls and windows)."""
     rng = random.Random(plan.seed)  # noqa: S311 - load shapes and filler text, reproducible by seed
+    for _ in range(plan.warmup):
+        await transport.call(plan.prompts(rng), "", plan.timeout)
     origin = time.perf_counter()
     for index, level in enumerate(plan.levels):
         level_run = _LevelRun(plan, transport, result, index, origin, rng, progress)
