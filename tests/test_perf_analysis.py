@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from promptpipe.contract.spec import FusedStage, PipelineSpec
+from promptpipe.contract.spec import BackendKind, FusedStage, PipelineSpec
 from promptpipe.perf import records
 from promptpipe.perf.advice import knob
 from promptpipe.perf.analysis import analyze
@@ -177,6 +177,10 @@ def test_the_knob_is_named_as_the_spec_spells_it_with_its_value_now() -> None:
     advice = knob("inference queue", "ttft", spec)
     assert "`stages.inference.queue.concurrency` (now 3)" in advice
     assert "`stages.inference.scaling.maxReplicas` (now 4)" in advice
+    # The embedded model (llamacpp, the default) takes its calls in turn: more slots are not the answer.
+    assert "only moves the wait into it" in advice and "batching backend" in advice
+    synthetic = spec.model_copy(update={"model": spec.model.model_copy(update={"backend": BackendKind.SYNTHETIC})})
+    assert knob("inference queue", "ttft", synthetic).startswith("raise `stages.inference.queue.concurrency` (now 3)")
     assert "`stages.post.queue.concurrency`" in knob("post queue", "ttft", None)
     prefill = knob("inference work", "ttft", spec)
     assert "`template.maxPromptTokens` (now 1536)" in prefill and "rag.topK" not in prefill  # rag is off
@@ -223,7 +227,8 @@ def test_the_knee_is_the_last_level_before_latency_leaves_its_curve() -> None:
 
 def test_analyze_names_the_bottleneck_with_its_share_load_and_knob() -> None:
     calls = [call(inference_queue=0.2 + i / 1000) for i in range(40)]
-    spec = PipelineSpec.model_validate({"model": {"name": "m"}, "slo": {"ttftP95Milliseconds": 100}})
+    model = {"name": "m", "backend": "synthetic"}
+    spec = PipelineSpec.model_validate({"model": model, "slo": {"ttftP95Milliseconds": 100}})
     analysis = analyze(bench_result([Level("rate", 12)], [calls]), spec)
     ttft = analysis.levels[0].findings[0]
     assert ttft.metric == "TTFT" and ttft.percentile == 95 and ttft.part == "inference queue"
@@ -357,3 +362,24 @@ def test_a_trace_becomes_a_call_record_split_like_a_bench_call() -> None:
     assert sum(data["ttft_composition"]["1 traced call"]["p50"].values()) == pytest.approx(102.0)
     # A trace still missing a stage's span is no call yet.
     assert traces.record({"spans": [x for x in spans if x["operationName"] != "inference"]}, origin=1.0) is None
+
+
+def test_analyze_piped_into_a_file_keeps_each_verdict_on_one_line(tmp_path: Path) -> None:
+    """A report read by a script or pasted into a ticket: no line is wrapped at rich's 80 columns."""
+    from typer.testing import CliRunner
+
+    from promptpipe.cli.main import app
+
+    calls = [call(inference_queue=0.2 + i / 1000) for i in range(40)]
+    path = tmp_path / "bench.json"
+    records.save(bench_result([Level("concurrency", 16)], [calls]), path)
+    slo = ["--slo-ttft-ms", "150", "--slo-tpot-ms", "5"]
+    result = CliRunner().invoke(app, ["analyze", str(path), *slo], env={"COLUMNS": ""})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    slo_line = next(line for line in lines if line.startswith("SLO at 16 concurrent: "))
+    assert slo_line.endswith(("met", "missed")) and "TPOT p95" in slo_line
+    accounting = next(line for line in lines if line.startswith("accounting: "))
+    assert accounting.endswith("40 calls)")
+    bottleneck = next(line for line in lines if line.startswith("bottleneck: inference queue wait"))
+    assert bottleneck.endswith("calls wait for a free slot") and len(bottleneck) > 80

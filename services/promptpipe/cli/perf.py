@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from promptpipe.cli import localrun
-from promptpipe.cli.console import err, fail, out
+from promptpipe.cli.console import err, fail, out, print_table
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
 from promptpipe.contract.spec import PipelineSpec
 from promptpipe.perf import prometheus as prom
@@ -121,7 +121,7 @@ def bench(
     csv_path = records.save(result, output)
     _print_errors(result)
     _print_levels([summarize(result, i, slo) for i in range(len(levels))], slo)
-    out.print(f"results: [bold]{output}[/] and {csv_path}; next: promptpipe analyze {output}")
+    out.print(f"results: [bold]{output}[/] and {csv_path}; next: promptpipe analyze {output}", soft_wrap=True)
 
 
 def _local_target(name: str | None, transport: str) -> str:
@@ -194,8 +194,8 @@ def _print_levels(summaries: list[LevelSummary], slo: Slo) -> None:
             f"{s.goodput:.1%}" if s.goodput is not None else "-",
             ", ".join(f"{k} {v}" for k, v in s.statuses.items()),
         )
-    out.print(latency)
-    out.print(ends)
+    print_table(latency)
+    print_table(ends)
     if slo.set:
         for s in summaries:
             verdicts = [
@@ -203,7 +203,7 @@ def _print_levels(summaries: list[LevelSummary], slo: Slo) -> None:
                 + ("[green]met[/]" if met else "[red]missed[/]")
                 for name, measured, target, met in s.slo_verdicts(slo)
             ]
-            out.print(f"SLO at {s.level.label}: " + ", ".join(verdicts))
+            out.print(f"SLO at {s.level.label}: " + ", ".join(verdicts), soft_wrap=True)
 
 
 def _print_errors(result: records.BenchResult) -> None:
@@ -273,14 +273,17 @@ def _show(result: records.BenchResult, spec: PipelineSpec | None, slo: Slo, repo
         _print_split(lv)
     _print_accounting(analysis)
     if analysis.knee is not None:
-        out.print(f"knee: latency leaves its unloaded curve after [bold]{result.levels[analysis.knee].label}[/]")
+        out.print(
+            f"knee: latency leaves its unloaded curve after [bold]{result.levels[analysis.knee].label}[/]",
+            soft_wrap=True,
+        )
     if report is not None:
         try:
             from promptpipe.perf import report as reporting  # noqa: PLC0415 - matplotlib only when drawing
         except ImportError as e:
             raise fail(f"--report needs matplotlib: pip install 'promptpipe[perf]' ({e})") from None
         files = reporting.write(analysis, report)
-        out.print(f"report: [bold]{report / 'index.html'}[/] ({len(files)} files)")
+        out.print(f"report: [bold]{report / 'index.html'}[/] ({len(files)} files)", soft_wrap=True)
 
 
 def _analyze_prometheus(
@@ -311,11 +314,12 @@ def _analyze_prometheus(
             _ms(parts[f"{name} work"]),
             f"{own / total:.0%}" if total else "-",
         )
-    out.print(table)
-    out.print("gateway TTFT " + ", ".join(f"p{p} {_ms(v)} ms" for p, v in fig.ttft.items()))
+    print_table(table)
+    out.print("gateway TTFT " + ", ".join(f"p{p} {_ms(v)} ms" for p, v in fig.ttft.items()), soft_wrap=True)
     out.print(
         "(a stage's own work includes the hops to the stages it calls: Prometheus does not see the network)",
         style="dim",
+        soft_wrap=True,
     )
     out.print(f"[bold]bottleneck[/]: {prom.bottleneck(fig, spec)}", soft_wrap=True)
 
@@ -336,7 +340,7 @@ def _print_split(lv: LevelAnalysis) -> None:
                 cells = [f"{r.parts[part] * 1000:.1f} ({r.parts[part] / r.value:.0%})" for r in rows if r.value]
                 table.add_row(part_label(part), *cells)
         table.add_row(f"[bold]{metric}[/]", *(f"[bold]{r.value * 1000:.1f}[/]" for r in rows))
-        out.print(table)
+        print_table(table)
     for f in lv.findings:
         out.print(f"[bold]bottleneck[/]: {f.sentence()}", soft_wrap=True)
 
@@ -349,5 +353,6 @@ def _print_accounting(analysis: Analysis) -> None:
     worst = max(errors)
     out.print(
         f"accounting: stage shares + network add up to each call's measured end-to-end time within "
-        f"{worst:.2%} (median {statistics.median(errors):.3%}, {len(errors)} calls)"
+        f"{worst:.2%} (median {statistics.median(errors):.3%}, {len(errors)} calls)",
+        soft_wrap=True,
     )

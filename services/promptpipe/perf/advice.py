@@ -3,7 +3,7 @@ now when the spec is known."""
 
 from __future__ import annotations
 
-from promptpipe.contract.spec import PipelineSpec, StageName, StageSpec
+from promptpipe.contract.spec import BackendKind, PipelineSpec, StageName, StageSpec
 from promptpipe.perf.breakdown import NETWORK
 
 
@@ -35,6 +35,14 @@ def _queue_knob(stage: str, spec: PipelineSpec | None) -> str:
     host = spec.host_of(StageName(stage)).value if spec is not None else stage
     h = _stage(spec, host)
     replicas = _now(h.scaling.max_replicas if h else None)
+    if stage == "inference" and spec is not None and spec.model.backend is BackendKind.LLAMACPP:
+        # Its generations take turns on the one model a process holds: more slots only move the wait inside.
+        return (
+            f"the embedded model runs one call at a time per process, so raising `stages.inference.queue.concurrency`"
+            f"{concurrency} only moves the wait into it: raise `stages.{host}.scaling.maxReplicas`{replicas} (each "
+            "replica loads the model) or serve the model from a batching backend (`model.backend`: tgi, or openai "
+            "for vLLM)"
+        )
     text = (
         f"raise `stages.{stage}.queue.concurrency`{concurrency} or `stages.{host}.scaling.maxReplicas`{replicas}: "
         "calls wait for a free slot"
