@@ -124,6 +124,10 @@ MALFORMED = [
     (["spec", "slo"], {"ttftP95Milliseconds": 0}, "spec.slo.ttftP95Milliseconds"),
     (["spec", "slo"], {"errorRate": 1.5}, "spec.slo.errorRate"),
     (["spec", "slo"], {"tpotP95": 40}, "spec.slo.tpotP95"),
+    # Where the stages' spans go (an OTLP/gRPC URL), and the share of calls traced.
+    (["spec", "tracing"], {"otlpEndpoint": "jaeger-collector:4317"}, "spec.tracing.otlpEndpoint"),
+    (["spec", "tracing"], {"otlpEndpoint": "http://jaeger:4317", "sampleRatio": -0.1}, "spec.tracing.sampleRatio"),
+    (["spec", "tracing"], {"sampleRatio": 0.5}, "spec.tracing.otlpEndpoint"),
     # Fusion: only rag, assemble, post and inference run inside a neighbour, each named once; inference
     # only with post, which calls it.
     (["spec", "fuse"], ["stream"], "spec.fuse[0]"),

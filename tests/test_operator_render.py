@@ -373,6 +373,18 @@ def test_stage_resources_come_from_the_spec_else_from_what_the_stage_runs() -> N
     assert resources(StageName.RAG)["requests"]["cpu"] == "100m"
 
 
+def test_spec_tracing_reaches_every_stage_in_its_config_and_a_change_rolls_them() -> None:
+    doc = copy.deepcopy(QUICKSTART)
+    untraced = config_map(parse_pipeline(doc), "ns1")[1]
+    doc["spec"]["tracing"] = {"otlpEndpoint": "http://jaeger-collector.obs.svc:4317", "sampleRatio": 0.1}
+    cm, traced = config_map(parse_pipeline(doc), "ns1")
+    config = RuntimeConfig.model_validate(yaml.safe_load(cm["data"]["runtime.yaml"]))
+    assert config.pipeline.spec.tracing is not None
+    assert config.pipeline.spec.tracing.otlp_endpoint == "http://jaeger-collector.obs.svc:4317"
+    assert config.pipeline.spec.tracing.sample_ratio == 0.1
+    assert traced != untraced, "turning tracing on rolls the stage pods, which read it at start"
+
+
 def test_config_hash_ignores_kubernetes_metadata_so_status_writes_roll_nothing() -> None:
     doc = copy.deepcopy(QUICKSTART)
     first = config_map(parse_pipeline(doc), "ns1")[1]

@@ -50,6 +50,8 @@ def test_every_example_pipeline_is_valid() -> None:
         (["apiVersion"], "promptpipe.io/v2", "apiVersion"),
         (["spec", "slo"], {"ttftP95Milliseconds": 0}, "spec.slo.ttftP95Milliseconds"),
         (["spec", "slo"], {"errorRate": 1}, "spec.slo.errorRate"),
+        (["spec", "tracing"], {"otlpEndpoint": "jaeger:4317"}, "spec.tracing.otlpEndpoint"),
+        (["spec", "tracing"], {"otlpEndpoint": "http://jaeger:4317", "sampleRatio": 1.5}, "spec.tracing.sampleRatio"),
         # The API server's rules, the same in the model: `promptpipe validate` and `up` judge alike.
         (["spec", "stages", "rag", "retries"], {"initialBackoffSeconds": 5}, "spec.stages.rag.retries"),
         (["spec", "generation", "maxNewTokens"], 5000, "spec.generation"),

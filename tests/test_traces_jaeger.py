@@ -5,43 +5,28 @@ on each, and no prompt text anywhere."""
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from promptpipe.client import PipelineClient
-from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, service_name
+from promptpipe.contract.tracing import service_name
 from promptpipe.perf import records, traces
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.support.cli import promptpipe
-from tests.support.jaeger import jaeger
+from tests.support.jaeger import assert_one_call, jaeger, stage_spans, whole
 from tests.support.pipelines import running_pipeline, synthetic_pipeline
 
 pytestmark = [pytest.mark.jaeger, pytest.mark.processes]
 
-STAGES = ("stream", "rag", "assemble", "post", "inference")
 CALLS = 4
 SECRET = "pumpernickel-4242"  # in every prompt: it must not reach any span
-
-
-def stage_spans(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for span in trace["spans"]:
-        if span["operationName"] in STAGES:
-            out.setdefault(span["operationName"], []).append(span)
-    return out
-
-
-def ancestors(trace: dict[str, Any], span: dict[str, Any]) -> list[dict[str, Any]]:
-    """The span's parents up to the root, nearest first."""
-    by_id = {s["spanID"]: s for s in trace["spans"]}
-    out = []
-    while parents := [r["spanID"] for r in span["references"] if r["refType"] == "CHILD_OF"]:
-        span = by_id[parents[0]]
-        out.append(span)
-    return out
 
 
 def test_one_trace_per_call_with_the_five_stage_spans_linked_across_processes(
@@ -67,12 +52,6 @@ def test_one_trace_per_call_with_the_five_stage_spans_linked_across_processes(
             assert len(asyncio.run(calls())) == CALLS
             gateway = service_name("traced", "stream")
 
-            def whole(trace: dict[str, Any]) -> bool:
-                """Every stage's span in, and every span's parent: spans leave each process in batches."""
-                ids = {s["spanID"] for s in trace["spans"]}
-                parents = {r["spanID"] for s in trace["spans"] for r in s["references"] if r["refType"] == "CHILD_OF"}
-                return stage_spans(trace).keys() == set(STAGES) and parents <= ids
-
             def complete() -> list[dict[str, Any]] | None:
                 traces = [t for t in backend.traces(gateway) if whole(t)]
                 return traces if len(traces) >= CALLS else None
@@ -81,31 +60,7 @@ def test_one_trace_per_call_with_the_five_stage_spans_linked_across_processes(
 
     assert len(traces) == CALLS, "one trace per call"
     for trace in traces:
-        spans = stage_spans(trace)
-        assert {name: len(s) for name, s in spans.items()} == dict.fromkeys(STAGES, 1), "one span per stage"
-        one = {name: s[0] for name, s in spans.items()}
-        # Each stage's span comes from its own process, under its own service name.
-        for name, span in one.items():
-            assert trace["processes"][span["processID"]]["serviceName"] == service_name("traced", name)
-        # The gateway's span is the root of the stages; the others hang under it across processes (through
-        # the gRPC client and server spans), inference under post, which calls it.
-        assert not [a for a in ancestors(trace, one["stream"]) if a["operationName"] in STAGES]
-        for name in ("rag", "assemble", "post"):
-            above = [a["operationName"] for a in ancestors(trace, one[name]) if a["operationName"] in STAGES]
-            assert above == ["stream"], name
-        above = [a["operationName"] for a in ancestors(trace, one["inference"]) if a["operationName"] in STAGES]
-        assert above == ["post", "stream"]
-        # The queue wait rides on each stage span.
-        for name, span in one.items():
-            tags = {t["key"]: t["value"] for t in span["tags"]}
-            assert QUEUE_WAIT_ATTRIBUTE in tags and float(tags[QUEUE_WAIT_ATTRIBUTE]) >= 0, name
-        # No prompt text in any attribute, log or process tag of any span of the call.
-        for span in trace["spans"]:
-            values = [str(t["value"]) for t in span["tags"]]
-            values += [str(f["value"]) for log in span.get("logs", []) for f in log["fields"]]
-            assert not [v for v in values if SECRET in v or "secret word" in v], span["operationName"]
-        for process in trace["processes"].values():
-            assert not [t for t in process["tags"] if SECRET in str(t["value"])]
+        assert_one_call(trace, "traced", SECRET, "secret word")
 
 
 def test_analyze_reads_the_traces_and_names_the_slow_stage(
@@ -151,3 +106,76 @@ def test_analyze_reads_the_traces_and_names_the_slow_stage(
     for call in traced.calls:  # each trace's parts add up to the gateway's time, none negative
         parts = [x for s in call.stages for x in (s.queue, s.work, s.hop)]
         assert min(parts) >= 0 and sum(parts) == pytest.approx(call.e2e, rel=0.05)
+
+
+def post_chat(base_url: str, prompt: str, headers: dict[str, str]) -> None:
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+    request = urllib.request.Request(
+        f"{base_url}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **headers},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+
+
+def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_its_own(
+    kube_tools: Tools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline file alone turns tracing on (no exporter asked for, no OTEL_ endpoint): half the calls
+    are traced, each with every stage's span (the stages follow the gateway's decision), none in part. Over
+    HTTP, a caller's W3C traceparent decides for its call whatever the ratio: sampled, the call is part of
+    the caller's trace, under its span; not sampled, it leaves no span."""
+    calls = 60
+    with jaeger(kube_tools, tmp_path / "jaeger") as backend:
+        for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        doc = synthetic_pipeline("sampled", tracing={"otlpEndpoint": backend.otlp, "sampleRatio": 0.5})
+        with running_pipeline(doc, tmp_path / "p") as pipeline:
+
+            async def grpc_calls() -> None:
+                async with PipelineClient(pipeline.gateway) as client:
+                    for i in range(calls):
+                        async for _ in client.generate(f"call {i}: {SECRET}", max_new_tokens=4, timeout=30):
+                            pass
+
+            asyncio.run(grpc_calls())
+            callers = {
+                f"{random.getrandbits(127) | 1 << 124:032x}": f"{random.getrandbits(63) | 1:016x}" for _ in range(6)
+            }
+            for i, (trace_id, span_id) in enumerate(callers.items()):
+                flags = "01" if i % 2 == 0 else "00"  # the caller sampled the even ones
+                post_chat(
+                    pipeline.openai_base_url, f"http {i}: {SECRET}", {"traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+                )
+            sampled = {t: s for i, (t, s) in enumerate(callers.items()) if i % 2 == 0}
+            from_callers = {int(t, 16): int(s, 16) for t, s in callers.items()}
+            gateway = service_name("sampled", "stream")
+
+            def settled() -> list[dict[str, Any]] | None:
+                """Every trace whole, and the callers' sampled ones in."""
+                found = backend.traces(gateway, limit=1000)
+                ids = {int(t["traceID"], 16) for t in found}
+                callers_own = [int(t["traceID"], 16) in from_callers for t in found]
+                done = all(whole(t, mine) for t, mine in zip(found, callers_own, strict=True))
+                return found if done and {int(t, 16) for t in sampled} <= ids else None
+
+            found = wait_until(settled, "the traced calls whole in Jaeger", 30, every=0.5)
+            time.sleep(1)  # anything late (a partial trace, an unsampled call) would be in by now
+            found = backend.traces(gateway, limit=1000)
+            rag_traces = {t["traceID"] for t in backend.traces(service_name("sampled", "rag"), limit=1000)}
+
+    by_id = {int(t["traceID"], 16): t for t in found}
+    own = [t for i, t in by_id.items() if i not in from_callers]
+    # Half of 60 at random: outside 10..50 once in about 10^7 runs.
+    assert 10 <= len(own) <= 50, len(own)
+    assert {t["traceID"] for t in found} == rag_traces, "a stage traces exactly the calls the gateway does"
+    for trace in found:
+        assert_one_call(trace, "sampled", SECRET)
+    # The caller's sampled calls are in its traces, the gateway's span under the caller's; its others nowhere.
+    assert {i for i in by_id if i in from_callers} == {int(t, 16) for t in sampled}
+    for trace_id in sampled:
+        stream = stage_spans(by_id[int(trace_id, 16)])["stream"][0]
+        parents = {int(r["spanID"], 16) for r in stream["references"] if r["refType"] == "CHILD_OF"}
+        assert parents == {from_callers[int(trace_id, 16)]}

@@ -14,7 +14,7 @@ from tests.support.pipelines import running_pipeline, synthetic_pipeline
 
 pytestmark = pytest.mark.processes
 
-STAGE_SPANS = {"stream", "rag", "assemble", "post", "inference"}
+STAGE_SPANS = {"stream", "rag", "assemble", "post", "infer"}  # the inference stage's span is `infer`
 
 
 def spans_in(log: str) -> list[dict[str, Any]]:
@@ -41,6 +41,6 @@ async def test_one_trace_holds_a_span_for_every_stage(tmp_path: Path) -> None:
         all_spans = {s["context"]["span_id"]: s for log in logs for s in spans_in(log)}
     assert len({s["context"]["trace_id"] for s in spans.values()}) == 1, "one trace across all processes"
     # Each stage span hangs below the gRPC server span of the call that reached it.
-    for name in ("rag", "assemble", "post", "inference"):
+    for name in ("rag", "assemble", "post", "infer"):
         parent = all_spans[spans[name]["parent_id"]]
         assert parent["kind"] == "SpanKind.SERVER" and parent["name"].startswith("/promptpipe.v1.Stage/")

@@ -96,7 +96,7 @@ class RunningPipeline:
 
 
 @contextmanager
-def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "none") -> Iterator[RunningPipeline]:
+def running_pipeline(doc: dict[str, Any], folder: Path, otel_exporter: str = "") -> Iterator[RunningPipeline]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -89,7 +89,7 @@ def find_run(name: str | None) -> LocalRun:
     return LocalRun.load(candidates[0])
 
 
-def start(pipeline_file: Path, *, otel_exporter: str = "none") -> LocalRun:
+def start(pipeline_file: Path, *, otel_exporter: str = "") -> LocalRun:
     pipeline = load_pipeline(pipeline_file)
     model = pipeline.spec.model
     if model.backend is BackendKind.TGI and not (model.tgi and model.tgi.endpoints):

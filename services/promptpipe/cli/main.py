@@ -25,6 +25,7 @@ from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
 from promptpipe.contract.runtime_config import load_runtime_config
 from promptpipe.contract.spec import GROUP, PLURAL, VERSION, StageName
+from promptpipe.contract.tracing import Exporter
 from promptpipe.localproc import alive
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2, stage_pb2_grpc
 from promptpipe.waiting import wait_until
@@ -68,11 +69,14 @@ def validate(file: Annotated[Path, typer.Option("--file", "-f", help="PromptPipe
 def up(
     file: Annotated[Path, typer.Option("--file", "-f", help="PromptPipeline YAML.")],
     wait: Annotated[float, typer.Option(help="Seconds to wait for every stage to be SERVING.")] = 120.0,
-    otel_exporter: Annotated[str, typer.Option(help="Tracing exporter: none, console, otlp.")] = "none",
+    otel_exporter: Annotated[
+        Exporter | None,
+        typer.Option(help="Tracing exporter. Default: OTLP as the file's spec.tracing says, else none."),
+    ] = None,
 ) -> None:
     """Start the pipeline's five stages as local processes on loopback ports."""
     try:
-        run = localrun.start(file, otel_exporter=otel_exporter)
+        run = localrun.start(file, otel_exporter=otel_exporter or "")
     except PipelineFileError as e:
         raise fail(f"{file} is not a valid PromptPipeline:\n{e}", 2) from None
     except localrun.LocalRunError as e:

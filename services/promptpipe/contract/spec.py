@@ -763,6 +763,18 @@ class SloSpec(_Model):
     error_rate: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
+class TracingSpec(_Model):
+    """Where every stage sends its spans (OTLP over gRPC), and how many calls are traced."""
+
+    # The OTLP/gRPC receiver: an OpenTelemetry Collector, Jaeger or Tempo. http:// is plaintext, https://
+    # TLS. The environment's OTEL_EXPORTER_OTLP_ENDPOINT, where set, wins: a laptop sends the spans of a
+    # cluster's pipeline file to its own collector.
+    otlp_endpoint: Endpoint
+    # The share of calls traced, decided where a call enters the gateway (parent-based: a caller that sends
+    # a W3C traceparent decides for its own calls, and every stage follows the gateway's decision).
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
 class PipelineSpec(_Model):
     # The API server's copy of `_context_holds_an_answer` below (defaults spelled out: CEL sees unset fields).
     model_config = ConfigDict(
@@ -813,6 +825,8 @@ class PipelineSpec(_Model):
     # Operator only (locally: PROMPTPIPE_TLS_CERT_FILE and PROMPTPIPE_TLS_KEY_FILE).
     tls: TlsSpec | None = None
     slo: SloSpec | None = None
+    # Off unless set (locally, `promptpipe up --otel-exporter` too).
+    tracing: TracingSpec | None = None
     # Stages that run inside a neighbour's process, called in-process instead of over gRPC: rag and
     # assemble in the gateway's, post in the inference stage's. Fewer hops and pods, for less isolation
     # (a fused stage shares its host's process, replicas and resources; its own queue, timeout and metrics

@@ -1,10 +1,11 @@
 """`promptpipe analyze --jaeger URL`: calls read back from a tracing backend (Jaeger's query API), each
 turned into the same per-stage record a bench run makes, so the same analysis splits them.
 
-A trace holds each stage's span (from its work slot to the call's end, its queue wait as an attribute)
-and, around each call between stages, the caller's gRPC client span. A stage's own work is its span less
-the client spans of the calls it made; the hop to a stage is its caller's client span less the stage's
-queue wait and span. Traces carry no first-token time: the split is of the end-to-end time."""
+A trace holds each stage's span (named as `SPAN_NAMES` says, from its work slot to the call's end, its
+queue wait as an attribute) and, around each call between stages, the caller's gRPC client span. A
+stage's own work is its span less the client spans of the calls it made; the hop to a stage is its
+caller's client span less the stage's queue wait and span. Traces carry no first-token time: the split
+is of the end-to-end time."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, service_name
+from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, STAGE_OF_SPAN, service_name
 from promptpipe.perf.records import STAGES, BenchResult, CallRecord, Level, StageShare
 
 # Who calls whom: the gateway calls rag, assemble and post; post calls inference.
@@ -41,7 +42,7 @@ def record(trace: dict[str, Any], origin: float) -> CallRecord | None:
     """One call's record, or None for a trace without every stage's span (still arriving, or cut short)."""
     spans = trace["spans"]
     by_id = {s["spanID"]: s for s in spans}
-    stage_of = {s["spanID"]: s["operationName"] for s in spans if s["operationName"] in STAGES}
+    stage_of = {s["spanID"]: STAGE_OF_SPAN[s["operationName"]] for s in spans if s["operationName"] in STAGE_OF_SPAN}
     stage_span = {name: by_id[i] for i, name in stage_of.items()}
     if set(stage_span) != set(STAGES) or len(stage_of) != len(STAGES):
         return None
@@ -73,6 +74,12 @@ def record(trace: dict[str, Any], origin: float) -> CallRecord | None:
         if span is None:
             return None
         around[stage] = span["duration"] / 1e6
+    # A stage's span can end after its caller's client span did (the caller had the last message and went
+    # on while the stage wound down; under load, by milliseconds): only what falls inside the caller's span
+    # is the call's. Callers come first in CALLER, so a clipped post clips the inference call inside it.
+    for stage, caller in CALLER.items():
+        around[stage] = min(around[stage], seconds[caller])
+        seconds[stage] = min(seconds[stage], max(0.0, around[stage] - queue(stage)))
     shares = []
     for stage in STAGES:
         called = sum(around[c] for c, caller in CALLER.items() if caller == stage)

@@ -83,7 +83,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         await supervise(settings, config, workers)
         return
     server_interceptors, client_interceptors = setup_tracing(
-        settings.otel_exporter, service_name(pipeline.metadata.name, stage.value)
+        settings.otel_exporter, service_name(pipeline.metadata.name, stage.value), pipeline.spec.tracing
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()

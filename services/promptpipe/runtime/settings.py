@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from promptpipe.contract.spec import StageName
+from promptpipe.contract.tracing import Exporter
 
 
 class StageSettings(BaseSettings):
@@ -51,8 +53,9 @@ class StageSettings(BaseSettings):
     worker_of: Path | None = None
     """Set by a stage's supervisor (`stages.<stage>.workers` > 1): the socket of the admission broker this
     worker process shares the stage's queue through."""
-    otel_exporter: str = "none"
-    """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`."""
+    otel_exporter: Exporter | Literal[""] = ""
+    """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`; unset, as the pipeline's
+    `spec.tracing` says (OTLP to its endpoint), and off without it."""
     log_level: str = "INFO"
     check: bool = False
     """Load the config and build the stage (every library it runs imported), print the settings, exit."""

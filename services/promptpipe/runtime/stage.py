@@ -17,7 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import StageSpec
-from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE
+from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, SPAN_NAMES
 from promptpipe.runtime.admission import ONE_FLOW, Admission, AdmissionQueue, Flow
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
@@ -63,7 +63,7 @@ class StageRuntime:
         self.spec = spec
         self.queue = queue
         self.metrics = metrics
-        self._span_name = stage
+        self._span_name = SPAN_NAMES.get(stage, stage)
 
     @classmethod
     def create(

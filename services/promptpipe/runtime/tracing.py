@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from promptpipe.contract.spec import TracingSpec
+from promptpipe.contract.tracing import EXPORTERS
 
 # What OpenTelemetry logs when a context is reset from another one: grpc drops a handler whose client
 # left while it sat at a `yield`, and its span contexts (the gRPC instrumentation's and our stage span) are
@@ -34,34 +43,80 @@ def _from_another_context(record: logging.LogRecord) -> bool:
     return isinstance(exc, ValueError) and "was created in a different Context" in str(exc)
 
 
-def setup_tracing(exporter: str, service_name: str) -> tuple[list[Any], list[Any]]:
-    """Install a tracer provider; return (server, client) gRPC interceptors.
+# Where the OpenTelemetry SDK reads an OTLP endpoint from, most specific first.
+ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
-    With exporter `none` nothing is installed: no interceptors, no-op spans.
+
+@dataclass(frozen=True)
+class TracingPlan:
+    """What a stage process exports: `exporter` (none, console, otlp), to `endpoint` (None: the SDK's own,
+    from the environment or its default), traced calls in `sample_ratio` (None: the SDK's sampler)."""
+
+    exporter: str
+    endpoint: str | None = None
+    sample_ratio: float | None = None
+
+
+def plan(exporter: str, spec: TracingSpec | None, env: Mapping[str, str]) -> TracingPlan:
+    """The exporter asked for (`""`: as the pipeline's `spec.tracing` says, off without it), the spec's
+    endpoint unless the environment names one, and the spec's sample ratio."""
+    if exporter not in ("", *EXPORTERS):
+        raise ValueError(f"otel_exporter: unknown exporter {exporter!r} ({', '.join(EXPORTERS)})")
+    chosen = exporter or ("otlp" if spec is not None else "none")
+    if chosen == "none":
+        return TracingPlan("none")
+    from_env = any(env.get(k) for k in ENDPOINT_ENV)
+    endpoint = spec.otlp_endpoint if spec is not None and chosen == "otlp" and not from_env else None
+    return TracingPlan(chosen, endpoint, spec.sample_ratio if spec is not None else None)
+
+
+def setup_tracing(exporter: str, service_name: str, spec: TracingSpec | None = None) -> tuple[list[Any], list[Any]]:
+    """Install a tracer provider as `plan` says; return (server, client) gRPC interceptors.
+
+    Off (exporter `none`, or `""` without `spec.tracing`): nothing is installed, no interceptors, no-op spans.
     """
-    if exporter == "none":
+    chosen = plan(exporter, spec, os.environ)
+    if chosen.exporter == "none":
         return [], []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     span_exporter: SpanExporter
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if exporter == "console":
+    sampler = ParentBased(TraceIdRatioBased(chosen.sample_ratio)) if chosen.sample_ratio is not None else None
+    # host.name tells replicas apart: on a cluster it is the pod's name.
+    resource = Resource.create({"service.name": service_name, "host.name": socket.gethostname()})
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    if chosen.exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         span_exporter = ConsoleSpanExporter(formatter=lambda span: span.to_json(indent=None) + "\n")
         provider.add_span_processor(SimpleSpanProcessor(span_exporter))
-    elif exporter == "otlp":
+    else:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    else:
-        raise ValueError(f"otel_exporter: unknown exporter {exporter!r} (none, console, otlp)")
+        # An http:// endpoint is plaintext, https:// TLS (the exporter reads the scheme).
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=chosen.endpoint)))
     trace.set_tracer_provider(provider)
     quiet_foreign_detach()
     return [aio_server_interceptor()], list(aio_client_interceptors())  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def continuing(headers: Mapping[str, str]) -> Iterator[None]:
+    """Run the block in the trace context a caller sent (W3C `traceparent`), as the gRPC server interceptor
+    does for gRPC calls: the HTTP gateway's stage span becomes the caller's span's child. A no-op when the
+    headers carry none."""
+    if "traceparent" not in headers:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def tracer() -> trace.Tracer:

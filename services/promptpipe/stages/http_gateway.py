@@ -27,6 +27,7 @@ from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
 from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError
 from promptpipe.runtime.stage import StageRuntime
 from promptpipe.runtime.tls import RELOAD_EVERY_SECONDS, ServerCertificate
+from promptpipe.runtime.tracing import continuing
 from promptpipe.stages import openai_api as api
 from promptpipe.stages.stream import GatewayServicer, with_tenant
 from promptpipe.v1 import gateway_pb2
@@ -124,14 +125,16 @@ class OpenAIGateway:
         response: web.StreamResponse | None = None
         deadline, callers = self._runtime.deadline_within(_timeout(request))
         try:
-            async with self._runtime.admit(deadline, callers, lambda: None, flow) as call:
-                answer = self._gateway.answer(parsed.request, call, received, request_id, tenant)
-                async with contextlib.aclosing(answer):
-                    if not parsed.stream:
-                        return await _whole(answer, shapes, headers)
-                    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-                    await _stream(request, response, answer, shapes)
-                    return response
+            # A caller's W3C traceparent makes this call's spans part of its trace, as over gRPC.
+            with continuing(request.headers):
+                async with self._runtime.admit(deadline, callers, lambda: None, flow) as call:
+                    answer = self._gateway.answer(parsed.request, call, received, request_id, tenant)
+                    async with contextlib.aclosing(answer):
+                        if not parsed.stream:
+                            return await _whole(answer, shapes, headers)
+                        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+                        await _stream(request, response, answer, shapes)
+                        return response
         except ClientGone:
             log.debug("client left request %s", request_id)
             return response or web.Response(status=499)

@@ -1,0 +1,38 @@
+"""Where a stage's spans go: the pipeline's `spec.tracing`, the exporter a process is started with, and the
+environment an OpenTelemetry user already sets (pure: `runtime.tracing.plan`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from promptpipe.contract.spec import TracingSpec
+from promptpipe.runtime.tracing import TracingPlan, plan
+
+SPEC = TracingSpec.model_validate({"otlpEndpoint": "http://jaeger-collector.obs.svc:4317", "sampleRatio": 0.25})
+
+
+def test_without_spec_tracing_or_an_exporter_nothing_is_traced() -> None:
+    assert plan("", None, {}) == TracingPlan("none")
+
+
+def test_spec_tracing_alone_exports_over_otlp_to_its_endpoint_at_its_ratio() -> None:
+    assert plan("", SPEC, {}) == TracingPlan("otlp", "http://jaeger-collector.obs.svc:4317", 0.25)
+    assert plan("otlp", SPEC, {}) == plan("", SPEC, {})
+
+
+def test_an_endpoint_in_the_environment_wins_over_the_files() -> None:
+    for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        assert plan("", SPEC, {key: "http://127.0.0.1:4317"}) == TracingPlan("otlp", None, 0.25), key
+    # Set but empty is not set.
+    assert plan("", SPEC, {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}).endpoint == SPEC.otlp_endpoint
+
+
+def test_the_exporter_asked_for_overrides_the_file() -> None:
+    assert plan("none", SPEC, {}) == TracingPlan("none"), "off, though the file names a collector"
+    assert plan("console", SPEC, {}) == TracingPlan("console", None, 0.25), "printed, sampled as the file says"
+    assert plan("otlp", None, {}) == TracingPlan("otlp"), "the SDK's endpoint and sampler, from the environment"
+
+
+def test_an_unknown_exporter_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ValueError, match="otel_exporter: unknown exporter 'jaeger' \\(none, console, otlp\\)"):
+        plan("jaeger", SPEC, {})
