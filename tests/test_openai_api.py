@@ -148,6 +148,9 @@ def test_overload_is_a_503_with_the_stages_retry_hint_in_both_headers_the_sdks_r
     assert err.headers() == {"Retry-After": "1", "retry-after-ms": "250"}
     passed_on = api.api_error(UpstreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", (), 2.5))
     assert passed_on.status == 503 and passed_on.headers() == {"Retry-After": "3", "retry-after-ms": "2500"}
+    # Nearly due is still not now: a hint of 0 ms would send the SDK back at once, to be refused again.
+    nearly = api.api_error(Shed("stage stream: queue full", 0.0004))
+    assert nearly.headers() == {"Retry-After": "1", "retry-after-ms": "1"}
     unavailable = api.api_error(UpstreamError(grpc.StatusCode.UNAVAILABLE, "draining"))
     assert unavailable.status == 503 and "Retry-After" in unavailable.headers()
 

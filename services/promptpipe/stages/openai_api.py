@@ -52,7 +52,8 @@ class ApiError(Exception):
         # The SDKs read retry-after-ms first (sub-second hints), then Retry-After in whole seconds.
         return {
             "Retry-After": str(max(1, math.ceil(self.retry_after))),
-            "retry-after-ms": str(int(self.retry_after * 1000)),
+            # Rounded up: a bucket a fraction of a millisecond from its next token must not say "now" (0).
+            "retry-after-ms": str(max(1, math.ceil(round(self.retry_after * 1000, 6)))),
         }
 
 
