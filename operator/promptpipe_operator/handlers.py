@@ -20,14 +20,14 @@ import time
 from typing import Any, cast
 
 import kopf
-from kubernetes import client, config
+from kubernetes import config
 
 from promptpipe.contract.labels import MANAGED_BY, MANAGER
 from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
 from promptpipe.contract.spec import GROUP, PLURAL, VERSION
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
-from promptpipe_operator.kube import Kube
+from promptpipe_operator.kube import Kube, api_client
 from promptpipe_operator.leadership import LEADERSHIP
 from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
 from promptpipe_operator.reconcile import InvalidSpec, Result, Transient, reconcile_once
@@ -57,7 +57,7 @@ class Operator:
         self.settings = settings
         config.load_config()  # in a pod: its ServiceAccount; else KUBECONFIG
         self.kube = Kube(
-            client.ApiClient(),
+            api_client(),
             workers=settings.apply_concurrency,
             timeout_seconds=settings.api_timeout_seconds,
             may_write=LEADERSHIP.check,

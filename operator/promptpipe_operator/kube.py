@@ -13,6 +13,7 @@ from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError, UnprocessibleEntityError
 from kubernetes.dynamic.resource import Resource
+from urllib3.util.retry import Retry
 
 from promptpipe.contract.labels import MANAGER
 from promptpipe.contract.spec import API_VERSION, KIND
@@ -38,6 +39,15 @@ class KindNotServed(Exception):
     def __init__(self, api_version: str, kind: str) -> None:
         super().__init__(f"the API server does not serve {kind} ({api_version})")
         self.api_version, self.kind = api_version, kind
+
+
+def api_client() -> client.ApiClient:
+    """The client of the loaded configuration, whose calls end within their timeout: urllib3 retries a
+    timed-out read three times by default, so a stalled API server held a call four timeouts long. A
+    connection that fails to open is still retried; a reconcile that fails is requeued."""
+    configuration = client.Configuration.get_default_copy()
+    configuration.retries = Retry(total=3, connect=3, read=0, redirect=0, status=0, other=0)
+    return client.ApiClient(configuration)
 
 
 class Kube:
