@@ -12,11 +12,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from promptpipe.cli.localrun import health_status
 from promptpipe.client import PipelineClient
+from promptpipe.contract.spec import StageName
 from promptpipe.contract.tracing import service_name
 from promptpipe.perf import records, traces
+from promptpipe.v1 import stage_pb2, stage_pb2_grpc
 from promptpipe.waiting import wait_until
 from tests.devcluster.build import Tools
 from tests.support.cli import promptpipe
@@ -108,6 +112,11 @@ def test_analyze_reads_the_traces_and_names_the_slow_stage(
         assert min(parts) >= 0 and sum(parts) == pytest.approx(call.e2e, rel=0.05)
 
 
+def stats(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stage_pb2_grpc.StageStub(channel).Stats(stage_pb2.StatsRequest(), timeout=5)  # type: ignore[no-untyped-call]
+
+
 def post_chat(base_url: str, prompt: str, headers: dict[str, str]) -> None:
     body = {"model": "synthetic", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
     request = urllib.request.Request(
@@ -125,7 +134,8 @@ def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_
     """The pipeline file alone turns tracing on (no exporter asked for, no OTEL_ endpoint): half the calls
     are traced, each with every stage's span (the stages follow the gateway's decision), none in part. Over
     HTTP, a caller's W3C traceparent decides for its call whatever the ratio: sampled, the call is part of
-    the caller's trace, under its span; not sampled, it leaves no span."""
+    the caller's trace, under its span; not sampled, it leaves no span. Health probes and Stats polls,
+    as a kubelet and a scaler send them, start no trace."""
     calls = 60
     with jaeger(kube_tools, tmp_path / "jaeger") as backend:
         for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"):
@@ -140,6 +150,10 @@ def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_
                         async for _ in client.generate(f"call {i}: {SECRET}", max_new_tokens=4, timeout=30):
                             pass
 
+            for stage in StageName:  # 20 probes each: traced at 0.5, some would start traces of their own
+                for _ in range(10):
+                    assert health_status(pipeline.stats_target(stage), 5.0) == "SERVING"
+                    stats(pipeline.stats_target(stage))
             asyncio.run(grpc_calls())
             callers = {
                 f"{random.getrandbits(127) | 1 << 124:032x}": f"{random.getrandbits(63) | 1:016x}" for _ in range(6)
@@ -171,6 +185,7 @@ def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_
     # Half of 60 at random: outside 10..50 once in about 10^7 runs.
     assert 10 <= len(own) <= 50, len(own)
     assert {t["traceID"] for t in found} == rag_traces, "a stage traces exactly the calls the gateway does"
+    assert all(s["operationName"] != "/grpc.health.v1.Health/Check" for t in found for s in t["spans"])
     for trace in found:
         assert_one_call(trace, "sampled", SECRET)
     # The caller's sampled calls are in its traces, the gateway's span under the caller's; its others nowhere.

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from promptpipe.contract.spec import TracingSpec
+from promptpipe.contract.tracing import TRACED_METHODS
 from promptpipe.runtime.tracing import TracingPlan, plan
+from promptpipe.v1 import gateway_pb2, stage_pb2
 
 SPEC = TracingSpec.model_validate({"otlpEndpoint": "http://jaeger-collector.obs.svc:4317", "sampleRatio": 0.25})
 
@@ -36,3 +38,16 @@ def test_the_exporter_asked_for_overrides_the_file() -> None:
 def test_an_unknown_exporter_is_refused_naming_the_choices() -> None:
     with pytest.raises(ValueError, match="otel_exporter: unknown exporter 'jaeger' \\(none, console, otlp\\)"):
         plan("jaeger", SPEC, {})
+
+
+def test_the_methods_that_carry_a_call_are_traced_and_the_stats_poll_is_not() -> None:
+    """Every method of the Gateway and Stage services is a call but Stats (health and reflection are other
+    services): a method added to either must be placed on one side of this line."""
+    methods = {
+        f"/{service.full_name}/{method.name}"
+        for file in (gateway_pb2.DESCRIPTOR, stage_pb2.DESCRIPTOR)
+        for service in file.services_by_name.values()
+        for method in service.methods
+    }
+    assert methods - TRACED_METHODS == {"/promptpipe.v1.Stage/Stats"}
+    assert methods >= TRACED_METHODS

@@ -14,7 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from promptpipe.contract.spec import TracingSpec
-from promptpipe.contract.tracing import EXPORTERS
+from promptpipe.contract.tracing import EXPORTERS, TRACED_METHODS
 
 # What OpenTelemetry logs when a context is reset from another one: grpc drops a handler whose client
 # left while it sat at a `yield`, and its span contexts (the gRPC instrumentation's and our stage span) are
@@ -78,7 +78,7 @@ def setup_tracing(exporter: str, service_name: str, spec: TracingSpec | None = N
     chosen = plan(exporter, spec, os.environ)
     if chosen.exporter == "none":
         return [], []
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
@@ -101,7 +101,11 @@ def setup_tracing(exporter: str, service_name: str, spec: TracingSpec | None = N
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=chosen.endpoint)))
     trace.set_tracer_provider(provider)
     quiet_foreign_detach()
-    return [aio_server_interceptor()], list(aio_client_interceptors())  # type: ignore[no-untyped-call]
+    calls_only = filters.any_of(*(filters.full_method_name(m) for m in sorted(TRACED_METHODS)))
+    return (
+        [aio_server_interceptor(filter_=calls_only)],  # type: ignore[no-untyped-call]
+        list(aio_client_interceptors(filter_=calls_only)),  # type: ignore[no-untyped-call]
+    )
 
 
 @contextmanager
