@@ -41,7 +41,7 @@ $(BIN)/python:
 $(LLAMA_WHEEL): | $(BIN)/python
 	mkdir -p $(WHEELS)
 	rm -f $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl  # else pip keeps the wheel it finds there
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
+	time CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
 	  $(BIN)/pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VER)
 	touch $@
 

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,5 +427,8 @@ def ensure_tools() -> Tools:
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):
+            started = time.monotonic()
             step()
+            # Each build's time in the setup log: what a first run on a new machine spends, and where.
+            log.info("built %s in %.0f s", ", ".join(p.name for p in products), time.monotonic() - started)
     return tools

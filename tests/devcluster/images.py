@@ -16,6 +16,7 @@ import hashlib
 import logging
 import subprocess
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,7 @@ class Builder:
         name = f"{REPOSITORY}/{image}:{key}"
         if not self._exists(name):
             log.info("building %s from %s", name, dockerfile.relative_to(ROOT))
+            started = time.monotonic()
             self.buildah(
                 "bud",
                 "--isolation",
@@ -217,6 +219,7 @@ class Builder:
                 name,
                 str(ROOT),
             )
+            log.info("built %s in %.0f s", image, time.monotonic() - started)
         return self._archive(name)
 
     def all(self) -> dict[str, Image]:
