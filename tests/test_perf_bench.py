@@ -4,6 +4,7 @@ each call's breakdown adds up to what the client measured, and a stage made slow
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from promptpipe.perf.breakdown import split
 from tests.devcluster.build import Tools
 from tests.support.cli import promptpipe
 from tests.support.pipelines import running_pipeline, synthetic_pipeline
-from tests.support.prometheus import prometheus, scraped
+from tests.support.prometheus import gateway_exposition, prometheus, scraped
 
 pytestmark = pytest.mark.processes
 
@@ -204,3 +205,29 @@ def test_analyze_reads_a_pipelines_prometheus_and_names_the_slow_stage(kube_tool
 
     missing = promptpipe("analyze", "--prometheus", "http://127.0.0.1:9", "--pipeline", "slow", home=tmp_path)
     assert missing.returncode == 1 and "http://127.0.0.1:9" in missing.stderr
+
+
+@pytest.mark.prometheus
+def test_analyze_refuses_a_name_pipelines_in_two_namespaces_share_unless_told_which(
+    kube_tools: Tools, tmp_path: Path
+) -> None:
+    """Summed, team-a's quick calls and team-b's slow ones would describe neither pipeline."""
+    with gateway_exposition("assistant") as team_a, gateway_exposition("assistant") as team_b:
+        targets = {team_a.target: {"namespace": "team-a"}, team_b.target: {"namespace": "team-b"}}
+        with prometheus(kube_tools, tmp_path / "prometheus", targets) as url:
+            for target in targets:  # every series seen at zero first
+                scraped(url, target)
+            team_a.calls({"OK": 30}, ttft_seconds=0.2)  # each call 0.3 s long at the gateway
+            team_b.calls({"OK": 30}, ttft_seconds=3.0)
+            for target in targets:
+                scraped(url, target)
+            args = ("analyze", "--prometheus", url, "--pipeline", "assistant", "--window", "2m")
+            both = promptpipe(*args, home=tmp_path)
+            one = promptpipe(*args, "--namespace", "team-a", home=tmp_path)
+    assert both.returncode == 1
+    assert "pipeline 'assistant' runs in namespaces team-a, team-b: name one with --namespace" in both.stderr
+    assert one.returncode == 0, one.stderr
+    stream = next(line.split() for line in one.stdout.splitlines() if line.split()[:1] == ["stream"])
+    assert float(stream[4]) == pytest.approx(300, rel=0.05), one.stdout  # own work mean: team-a's alone
+    p95 = re.search(r"gateway TTFT .*p95 ([\d.]+) ms", one.stdout)
+    assert p95 is not None and float(p95[1]) < 1000, one.stdout

@@ -234,7 +234,9 @@ def analyze_command(
         str | None, typer.Option(help="Instead of a result file: a Prometheus scraping the pipeline (its URL).")
     ] = None,
     pipeline: Annotated[str | None, typer.Option(help="With --prometheus or --jaeger: the pipeline's name.")] = None,
-    namespace: Annotated[str | None, typer.Option(help="With --prometheus: its namespace, if several.")] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="With --prometheus: its namespace (needed if several have the name).")
+    ] = None,
     window: Annotated[str, typer.Option(help="With --prometheus: the PromQL range to look back over.")] = "5m",
     jaeger: Annotated[
         str | None, typer.Option(help="Instead of a result file: Jaeger's query API (its URL), holding the traces.")

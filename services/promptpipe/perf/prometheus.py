@@ -68,8 +68,8 @@ class PipelineFigures:
         return s.queue_mean + s.duration_mean if s else 0.0
 
 
-def _query(url: str, promql: str) -> dict[str, float]:
-    """An instant query's vector, by its `stage` label ("" when it has none). NaN (no calls) is left out."""
+def _query(url: str, promql: str, label: str = "stage") -> dict[str, float]:
+    """An instant query's vector, by its `label` ("" when it has none). NaN (no calls) is left out."""
     target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     try:
         with urllib.request.urlopen(target, timeout=10) as response:  # noqa: S310 - the user's Prometheus URL
@@ -82,12 +82,15 @@ def _query(url: str, promql: str) -> dict[str, float]:
     for row in data["data"]["result"]:
         value = float(row["value"][1])
         if not math.isnan(value):
-            out[row["metric"].get("stage", "")] = value
+            out[row["metric"].get(label, "")] = value
     return out
 
 
 def figures(url: str, pipeline: str, window: str = "5m", namespace: str | None = None) -> PipelineFigures:
-    """The pipeline's figures over the last `window` (a PromQL duration)."""
+    """The pipeline's figures over the last `window` (a PromQL duration). Without `namespace`, a name that
+    pipelines in several namespaces share is refused: their series would be summed as one pipeline's."""
+    if namespace is None:
+        _one_namespace(url, pipeline, window)
     selector = f'pipeline="{pipeline}"' + (f',namespace="{namespace}"' if namespace else "")
     wait, duration, ttft = STAGE_QUEUE_WAIT.name, STAGE_DURATION.name, GATEWAY_TTFT.name
 
@@ -113,6 +116,15 @@ def figures(url: str, pipeline: str, window: str = "5m", namespace: str | None =
         got = _query(url, f"histogram_quantile({p / 100}, sum by (le) (rate({ttft}_bucket{{{selector}}}[{window}])))")
         quantiles[p] = got.get("", math.nan)
     return PipelineFigures(pipeline, window, stages, quantiles)
+
+
+def _one_namespace(url: str, pipeline: str, window: str) -> None:
+    seen = f'count by (namespace) (count_over_time({STAGE_DURATION.name}_count{{pipeline="{pipeline}"}}[{window}]))'
+    namespaces = sorted(_query(url, seen, "namespace"))
+    if len(namespaces) > 1:
+        raise PrometheusError(
+            f"pipeline {pipeline!r} runs in namespaces {', '.join(namespaces)}: name one with --namespace"
+        )
 
 
 # A queue whose p95 wait is at least this share of the gateway's p95 TTFT is the bottleneck named.
