@@ -37,7 +37,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==25.3
 
-# llama-cpp-python compiles llama.cpp from source (about 10 minutes on 2 cores): build it once.
+# llama-cpp-python compiles llama.cpp from source (about 5 minutes on 2 cores): build it once.
 $(LLAMA_WHEEL): | $(BIN)/python
 	mkdir -p $(WHEELS)
 	rm -f $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl  # else pip keeps the wheel it finds there
@@ -62,7 +62,7 @@ wheelhouse: $(WHEELHOUSE)
 # and promtool, and Jaeger (the tracing backend) from the Go module proxy, plus KEDA's CRDs; the node's kubelet,
 # kube-scheduler, kube-proxy, CoreDNS, pause and containerd, and its Debian packages (runc, CNI,
 # buildah, debootstrap, iptables: apt-get install, as root). Built once into $(CACHE)/controlplane
-# (about 20 minutes the first time on 2 cores); a no-op when they are there.
+# (about 31 minutes the first time on 2 cores); a no-op when they are there.
 controlplane: $(STAMP)
 	PROMPTPIPE_CACHE=$(CACHE) $(DEV) cluster build
 
