@@ -19,7 +19,8 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 # `replace path => path vX` lines of a go.mod (replaces to another version, not to a folder).
 _VERSION_REPLACE = re.compile(r"^replace\s+(\S+)(?:\s+v\S+)?\s+=>\s+\1\s+(v\S+)\s*$", re.MULTILINE)
 _LOCAL_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/src/\1\s*$", re.MULTILINE)
+
+
+@contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Logs how long the block took: the setup log then shows where a first run on a new machine spends
+    its time."""
+    started = time.monotonic()
+    yield
+    log.info("built %s in %.0f s", what, time.monotonic() - started)
 
 
 def cache_root() -> Path:
@@ -427,8 +437,6 @@ def ensure_tools() -> Tools:
     ]
     for products, step in steps:
         if not all(p.exists() for p in products):
-            started = time.monotonic()
-            step()
-            # Each build's time in the setup log: what a first run on a new machine spends, and where.
-            log.info("built %s in %.0f s", ", ".join(p.name for p in products), time.monotonic() - started)
+            with timed(", ".join(p.name for p in products)):
+                step()
     return tools

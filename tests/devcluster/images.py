@@ -16,12 +16,11 @@ import hashlib
 import logging
 import subprocess
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.devcluster import versions
-from tests.devcluster.build import Tools, cache_root
+from tests.devcluster.build import Tools, cache_root, timed
 
 log = logging.getLogger(__name__)
 
@@ -193,33 +192,32 @@ class Builder:
         name = f"{REPOSITORY}/{image}:{key}"
         if not self._exists(name):
             log.info("building %s from %s", name, dockerfile.relative_to(ROOT))
-            started = time.monotonic()
-            self.buildah(
-                "bud",
-                "--isolation",
-                "oci",  # runc, so that RUN steps get no network at all
-                "--network",
-                "none",
-                "--pull=never",  # an optional-value flag: the value must be attached
-                "--volume",
-                f"{wheels_dir()}:/wheels:ro",
-                "--build-arg",
-                f"PYTHON_IMAGE={base}",
-                "--build-arg",
-                "PIP_NO_INDEX=1",
-                "--build-arg",
-                "PIP_FIND_LINKS=/wheels",
-                "--build-arg",
-                "BUILD_PACKAGES=",
-                "--build-arg",
-                "RUNTIME_PACKAGES=",
-                "--file",
-                str(dockerfile),
-                "--tag",
-                name,
-                str(ROOT),
-            )
-            log.info("built %s in %.0f s", image, time.monotonic() - started)
+            with timed(image):
+                self.buildah(
+                    "bud",
+                    "--isolation",
+                    "oci",  # runc, so that RUN steps get no network at all
+                    "--network",
+                    "none",
+                    "--pull=never",  # an optional-value flag: the value must be attached
+                    "--volume",
+                    f"{wheels_dir()}:/wheels:ro",
+                    "--build-arg",
+                    f"PYTHON_IMAGE={base}",
+                    "--build-arg",
+                    "PIP_NO_INDEX=1",
+                    "--build-arg",
+                    "PIP_FIND_LINKS=/wheels",
+                    "--build-arg",
+                    "BUILD_PACKAGES=",
+                    "--build-arg",
+                    "RUNTIME_PACKAGES=",
+                    "--file",
+                    str(dockerfile),
+                    "--tag",
+                    name,
+                    str(ROOT),
+                )
         return self._archive(name)
 
     def all(self) -> dict[str, Image]:

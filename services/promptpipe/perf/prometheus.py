@@ -89,7 +89,7 @@ def _query(url: str, promql: str, label: str = "stage") -> dict[str, float]:
 def figures(url: str, pipeline: str, window: str = "5m", namespace: str | None = None) -> PipelineFigures:
     """The pipeline's figures over the last `window` (a PromQL duration). Without `namespace`, a name that
     pipelines in several namespaces share is refused: their series would be summed as one pipeline's."""
-    if namespace is None:
+    if not namespace:
         _one_namespace(url, pipeline, window)
     selector = f'pipeline="{pipeline}"' + (f',namespace="{namespace}"' if namespace else "")
     wait, duration, ttft = STAGE_QUEUE_WAIT.name, STAGE_DURATION.name, GATEWAY_TTFT.name
