@@ -117,6 +117,8 @@ def test_deployment_probes_security_drain_and_config_rollout() -> None:
     container = pod["containers"][0]
     assert "replicas" not in d["spec"], "KEDA owns the replica count"
     assert container["readinessProbe"]["grpc"] == {"port": GRPC_PORT}
+    # Liveness asks the service that is NOT_SERVING only while the stage is stuck (an open circuit is not).
+    assert container["livenessProbe"]["grpc"] == {"port": GRPC_PORT, "service": "liveness"}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"]
     assert pod["terminationGracePeriodSeconds"] == 45
     assert pod["automountServiceAccountToken"] is False, "no API token where nothing calls the API"

@@ -16,8 +16,8 @@ import hashlib
 import math
 from typing import Any
 
+from promptpipe.contract import health, metrics
 from promptpipe.contract import labels as keys
-from promptpipe.contract import metrics
 from promptpipe.contract.runtime_config import BackendPods, RuntimeConfig
 from promptpipe.contract.spec import (
     API_VERSION,
@@ -170,7 +170,9 @@ def _probe(stage: StageName, kind: str, loads_model: bool) -> dict[str, Any]:
         # The inference stage (or the process it is fused into) loads a model before it reports SERVING.
         probe |= {"failureThreshold": 120 if loads_model else 24}
     elif kind == "liveness":
-        probe |= {"failureThreshold": 6}
+        # Its own health service: NOT_SERVING only while the stage is stuck, so a stage is restarted for
+        # that, never for a backend whose circuit is open (which only takes it out of its Service).
+        probe |= {"grpc": {"port": port, "service": health.LIVENESS}, "failureThreshold": 6}
     return probe
 
 

@@ -57,3 +57,8 @@ class Backend(Protocol):
     def available(self) -> bool:
         """Whether a call could be served now (false while every endpoint's circuit is open)."""
         ...
+
+    def held_for(self) -> float:
+        """Seconds the backend has been held by one call beyond that call's own slot (the embedded model,
+        taken until its decode thread ends); 0 when it holds nothing of its own."""
+        ...

@@ -3,6 +3,11 @@
 Generation runs in a worker thread; tokens cross into the event loop through a
 hand-over bounded by a semaphore. Closing the async iterator sets a flag the thread checks after
 every token, so a cancelled call stops the decode loop within one token.
+
+The model is one llama context: one call decodes at a time. It is taken by a call and given back by
+the decode thread's own end (a callback on the thread's future), never by an await in the call's
+cleanup: a cancel that lands on such an await (a deadline passing while a long prompt is still being
+read) would skip the release and leave the model taken for good.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,8 @@ log = logging.getLogger(__name__)
 _DONE = object()
 # Pieces the decode thread may hand over before the reader takes them: past this it waits (backpressure).
 MAX_UNREAD_PIECES = 256
+# How long closing the backend waits for a decode thread to stop (it checks after every token).
+CLOSE_WAIT_SECONDS = 10.0
 
 
 def default_model_path() -> Path:
@@ -51,6 +59,12 @@ class LlamaCppBackend:
         self._llm: Any = None
         # One llama context decodes one sequence at a time.
         self._lock = asyncio.Lock()
+        self._decoding: asyncio.Future[Outcome] | None = None
+        self._taken_at: float | None = None  # time.monotonic() when the running call took the model
+
+    def held_for(self) -> float:
+        """Seconds the model has been taken by one call (0: free): what tells a stuck stage."""
+        return 0.0 if self._taken_at is None else time.monotonic() - self._taken_at
 
     async def start(self) -> None:
         path = model_path(self._spec)
@@ -61,6 +75,8 @@ class LlamaCppBackend:
         log.info("loaded %s (context %d)", path.name, self._spec.context_size)
 
     async def close(self) -> None:
+        if self._decoding is not None:  # a call's thread stops within a token once its call has ended
+            await asyncio.wait([self._decoding], timeout=CLOSE_WAIT_SECONDS)
         self._llm = None
 
     def available(self) -> bool:
@@ -76,11 +92,17 @@ class LlamaCppBackend:
                 await self._lock.acquire()
         except TimeoutError:
             raise DeadlineExceeded("deadline passed waiting for the model") from None
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        room = threading.Semaphore(MAX_UNREAD_PIECES)
-        stop = threading.Event()
-        worker = loop.run_in_executor(None, self._decode, request, queue, loop, stop, room)
+        try:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            room = threading.Semaphore(MAX_UNREAD_PIECES)
+            stop = threading.Event()
+            worker = loop.run_in_executor(None, self._decode, request, queue, loop, stop, room)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._decoding, self._taken_at = worker, time.monotonic()
+        worker.add_done_callback(self._given_back)
         finished = False
         try:
             while True:
@@ -98,12 +120,17 @@ class LlamaCppBackend:
         except TimeoutError:
             raise DeadlineExceeded("deadline passed during generation") from None
         finally:
+            # Everything here is synchronous: the thread stops at its next token and gives the model back.
             stop.set()
             if not finished:
                 for _ in range(MAX_UNREAD_PIECES):  # unblock a thread waiting for room
                     room.release()
-                await asyncio.shield(worker)
-            self._lock.release()
+
+    def _given_back(self, worker: asyncio.Future[Outcome]) -> None:
+        """The decode thread ended: the model is free for the next call."""
+        if self._decoding is worker:
+            self._decoding = self._taken_at = None
+        self._lock.release()
 
     def _decode(
         self,

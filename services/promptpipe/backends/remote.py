@@ -5,7 +5,8 @@ endpoints, or, for the TGI the operator runs, its pods as they come and go (`dis
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
 from promptpipe.backends.routing import Router
@@ -37,13 +38,15 @@ class RemoteBackend:
         retry: RetrySpec,
         metrics: BackendMetrics,
         routing: RoutingSpec | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
         self._retry = retry
         self._metrics = metrics
         self._breaker_spec = breaker
+        self._clock = clock  # the circuit breakers' (tests move it on)
         self._router = Router(routing or RoutingSpec(), spec.endpoints)
-        self._breakers = {ep: CircuitBreaker(breaker) for ep in spec.endpoints}
+        self._breakers = {ep: CircuitBreaker(breaker, clock) for ep in spec.endpoints}
         metrics.replicas_from(self.loads)
 
     @property
@@ -60,7 +63,9 @@ class RemoteBackend:
         if tuple(dict.fromkeys(replicas)) == self._router.replicas:
             return
         self._router.set_replicas(replicas)
-        self._breakers = {ep: self._breakers.get(ep) or CircuitBreaker(self._breaker_spec) for ep in replicas}
+        self._breakers = {
+            ep: self._breakers.get(ep) or CircuitBreaker(self._breaker_spec, self._clock) for ep in replicas
+        }
         self._update_circuit_gauge()
         log.info("backend replicas: %s", ", ".join(self._router.replicas))
 
@@ -72,6 +77,9 @@ class RemoteBackend:
 
     def stream_from(self, endpoint: str, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
         raise NotImplementedError
+
+    def held_for(self) -> float:
+        return 0.0  # a call holds nothing here beyond its admission slot
 
     def available(self) -> bool:
         """False while every endpoint's circuit is open and no trial is due: the stage says NOT_SERVING."""

@@ -25,6 +25,9 @@ class SyntheticBackend:
     async def close(self) -> None:
         return None
 
+    def held_for(self) -> float:
+        return 0.0  # a call holds nothing here beyond its admission slot
+
     def available(self) -> bool:
         return True
 

@@ -23,6 +23,7 @@ class Label(str, enum.Enum):
     TENANT = "tenant"  # an API key's tenant; the first TENANT_LABELS_MAX seen, the rest `other`
     OUTCOME = "outcome"
     OBJECTIVE = "objective"  # one of spec.slo's: ttft_p95_seconds, tpot_p95_seconds, error_rate
+    HELD = "held"  # what a call holds: `slot` (a stage's work slot) or `model` (the embedded model)
 
 
 # Most distinct tenant label values a gateway exports; tenants past them share the value `other`.
@@ -85,6 +86,20 @@ STAGE_CALLER_DEADLINES = Metric(
 )
 STAGE_SHED = Metric(
     "promptpipe_stage_shed_total", Kind.COUNTER, "Requests shed by the queue, by reason.", (*_STAGE, Label.REASON)
+)
+STAGE_HELD = Metric(
+    "promptpipe_stage_held_seconds",
+    Kind.GAUGE,
+    "How long the longest-held work slot (held=slot) or the embedded model (held=model) has been held by one"
+    " call; 0 when free. Past the stage's stuck limit the stage is stuck (promptpipe_stage_stuck).",
+    (*_STAGE, Label.HELD),
+)
+STAGE_STUCK = Metric(
+    "promptpipe_stage_stuck",
+    Kind.GAUGE,
+    "1 while a call has held a work slot or the model longer than any call may (its timeout, the watchdog's"
+    " slack and a margin): the stage reports NOT_SERVING and fails its liveness probe until it is restarted.",
+    _STAGE,
 )
 
 GATEWAY_TTFT = Metric(
@@ -187,6 +202,8 @@ ALL: tuple[Metric, ...] = (
     STAGE_CALLER_DEADLINES,
     STAGE_SHED,
     STAGE_SERVING,
+    STAGE_HELD,
+    STAGE_STUCK,
     GATEWAY_TTFT,
     GATEWAY_TPOT,
     GATEWAY_OUTPUT_TOKENS,

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -46,6 +47,30 @@ class Flow:
 ONE_FLOW = Flow()
 
 
+class Holds:
+    """When each thing a call holds was taken: how long the longest-held one has been held. A call's slot
+    is never held longer than its deadline and the watchdog allow; one that is has a stuck holder."""
+
+    def __init__(self) -> None:
+        self._since: dict[int, float] = {}  # insertion order: the first is the oldest
+        self._ids = itertools.count()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        hold = next(self._ids)
+        self._since[hold] = time.monotonic()
+        try:
+            yield
+        finally:
+            del self._since[hold]
+
+    def longest(self) -> float:
+        """Seconds the longest-held one has been held (0: none is)."""
+        for since in self._since.values():
+            return time.monotonic() - since
+        return 0.0
+
+
 class Admission(Protocol):
     """What a stage admits its calls with: its own `AdmissionQueue`, or a worker's share of the stage's
     (`broker.BrokeredQueue`)."""
@@ -61,6 +86,9 @@ class Admission(Protocol):
 
     @property
     def in_flight(self) -> int: ...
+
+    def held_for(self) -> float:
+        """Seconds the longest-held work slot has been held (0: none is)."""
 
     def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> contextlib.AbstractAsyncContextManager[float]: ...
 
@@ -136,6 +164,7 @@ class AdmissionQueue:
         self.counters = AdmissionCounters()
         self._depth = 0
         self._classes: dict[int, _PriorityClass] = {}  # highest priority first
+        self._holds = Holds()
 
     @property
     def depth(self) -> int:
@@ -145,6 +174,9 @@ class AdmissionQueue:
     def of(cls, spec: QueueSpec, stage: str) -> AdmissionQueue:
         """The queue `spec` declares for `stage` (whose name its refusals carry)."""
         return cls(spec.capacity, spec.concurrency, spec.shed_policy, spec.retry_after_seconds, stage)
+
+    def held_for(self) -> float:
+        return self._holds.longest()
 
     def snapshot(self) -> dict[str, int]:
         return {"depth": self.depth, "in_flight": self.in_flight, **asdict(self.counters)}
@@ -164,7 +196,8 @@ class AdmissionQueue:
         """Hold a work slot for the body; yields the seconds spent waiting for it."""
         waited = await self._acquire(timeout, flow)
         try:
-            yield waited
+            with self._holds.held():
+                yield waited
         finally:
             self.counters.completed += 1
             self._release()

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from promptpipe.contract.spec import QueueSpec
-from promptpipe.runtime.admission import ONE_FLOW, AdmissionCounters, AdmissionQueue, Flow
+from promptpipe.runtime.admission import ONE_FLOW, AdmissionCounters, AdmissionQueue, Flow, Holds
 from promptpipe.runtime.errors import DeadlineExceeded, QuotaExceeded, Shed, Unavailable
 from promptpipe.runtime.quotas import LocalTenancy
 
@@ -259,6 +259,10 @@ class BrokeredQueue:
         self.depth = 0
         self.in_flight = 0
         self.counters = AdmissionCounters()
+        self._holds = Holds()
+
+    def held_for(self) -> float:
+        return self._holds.longest()
 
     @contextlib.asynccontextmanager
     async def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> AsyncIterator[float]:
@@ -282,7 +286,8 @@ class BrokeredQueue:
             self.depth -= 1
         self.in_flight += 1
         try:
-            yield waited
+            with self._holds.held():
+                yield waited
         finally:
             self.in_flight -= 1
             self.counters.completed += 1

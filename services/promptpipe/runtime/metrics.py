@@ -201,6 +201,21 @@ def serving_gauge(registry: CollectorRegistry, pipeline: str, stage: str, servin
     _gauge(m.STAGE_SERVING, registry).labels(**labels).set_function(lambda: 1.0 if serving() else 0.0)
 
 
+class LivenessMetrics:
+    """How long a stage's calls have held its slots or its model, and whether it is stuck (`liveness`)."""
+
+    def __init__(self, registry: CollectorRegistry, pipeline: str) -> None:
+        self._pipeline = pipeline
+        self._held = _gauge(m.STAGE_HELD, registry)
+        self._stuck = _gauge(m.STAGE_STUCK, registry)
+
+    def held(self, stage: str, what: str, seconds: Callable[[], float]) -> None:
+        self._held.labels(self._pipeline, stage, what).set_function(seconds)
+
+    def stuck(self, stage: str, stuck: Callable[[], bool]) -> None:
+        self._stuck.labels(self._pipeline, stage).set_function(lambda: 1.0 if stuck() else 0.0)
+
+
 class BackendMetrics:
     def __init__(self, registry: CollectorRegistry, pipeline: str, backend: str) -> None:
         labels = {m.Label.PIPELINE.value: pipeline, m.Label.BACKEND.value: backend}

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from promptpipe.contract import health as health_services
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
 from promptpipe.contract.spec import StageName, StageSpec
 from promptpipe.contract.tracing import service_name
@@ -30,7 +31,7 @@ from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, Stage
 from promptpipe.runtime.tls import ServerCertificate
 from promptpipe.runtime.tracing import setup_tracing
 from promptpipe.runtime.workers import supervise
-from promptpipe.stages import build_stage
+from promptpipe.stages import BuiltStage, build_stage
 from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     built = build_stage(stage, config, runtime, registry, client_interceptors, keys, supervisor)
     served = built.served or runtime  # post's, when post is fused into this inference process
     servicer = StageServicer(served, built.handler)
-    serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.healthy())
+    serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())
 
     server = grpc.aio.server(options=server_options(served.spec, worker), interceptors=server_interceptors or None)
     health_servicer = health.aio.HealthServicer()
@@ -127,7 +128,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         services = [stage_service]
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     servers = [server] if internal is None else [server, internal]
-    health_names = ("", *services, *([stage_service] if internal is not None else []))
+    health_names = (health_services.OVERALL, *services, *([stage_service] if internal is not None else []))
 
     # A worker's metrics are for its supervisor only, which serves the stage's on the pod's metrics port.
     metrics_host = "127.0.0.1" if worker else settings.host
@@ -139,19 +140,19 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
             settings.host,
             settings.http_port,
             runtime.spec.drain_grace(),
-            lambda: servicer.serving and built.healthy(),
+            lambda: servicer.serving and built.can_serve(),
             certificate,
             worker,
         )
 
     # Not serving until the stage has loaded what it needs (model, index).
-    for name in health_names:
+    for name in (*health_names, health_services.LIVENESS):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     for each in servers:
         await each.start()
     await built.start()
     settings.report_ports(port, metrics_port, http_port, stage_port)
-    for name in health_names:
+    for name in (*health_names, health_services.LIVENESS):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     servicer.serving = True
     log.info(
@@ -165,7 +166,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         + (f", internal Stage service :{stage_port}" if stage_port != port else ""),
     )
 
-    watch = asyncio.create_task(_follow_health(built.healthy, health_servicer, health_names))
+    watch = asyncio.create_task(_follow_health(built, health_servicer, health_names))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -211,21 +212,24 @@ def _certificate(settings: StageSettings) -> ServerCertificate | None:
     return ServerCertificate(settings.tls_cert_file, settings.tls_key_file)
 
 
-async def _follow_health(
-    healthy: Callable[[], bool], servicer: health.aio.HealthServicer, services: Sequence[str]
-) -> None:
-    """NOT_SERVING while the stage cannot serve (every backend circuit open), SERVING again once it can:
-    the kubelet's readiness probe and the callers' view follow."""
-    serving = True
+async def _follow_health(built: BuiltStage, servicer: health.aio.HealthServicer, services: Sequence[str]) -> None:
+    """NOT_SERVING while the stage cannot serve (every backend circuit open, or stuck), SERVING again once it
+    can: the kubelet's readiness probe and the callers' view follow. The liveness service says NOT_SERVING
+    only while the stage is stuck: the kubelet's liveness probe restarts it then, and only then."""
+    serving = alive = True
+    status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
     while True:
         await asyncio.sleep(HEALTH_EVERY_SECONDS)
-        now = healthy()
+        stuck = built.liveness.stuck() is not None
+        now = not stuck and built.healthy()
         if now != serving:
             serving = now
-            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
-            log.warning("stage health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            log.warning("stage health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status[now]))
             for name in services:
-                await servicer.set(name, status)
+                await servicer.set(name, status[now])
+        if stuck == alive:
+            alive = not stuck
+            await servicer.set(health_services.LIVENESS, status[alive])
 
 
 async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any]:

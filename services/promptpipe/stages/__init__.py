@@ -15,6 +15,7 @@ from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.broker import BrokeredTenancy, BrokerLink
 from promptpipe.runtime.calls import NextStage, StageClient
 from promptpipe.runtime.inprocess import InProcessStage
+from promptpipe.runtime.liveness import Liveness, stuck_after
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls
 from promptpipe.runtime.stage import EnrichingHandler, StageRuntime, StreamingHandler
 from promptpipe.runtime.tls import ServerCertificate
@@ -43,6 +44,8 @@ class HttpApi(Protocol):
 @dataclass
 class BuiltStage:
     handler: EnrichingHandler | StreamingHandler | None
+    # What the process's calls hold (every stage's slots, the model), to tell when it is stuck.
+    liveness: Liveness
     gateway: Any = None
     http: HttpApi | None = None
     start: Callable[[], Awaitable[None]] = _nothing
@@ -51,6 +54,10 @@ class BuiltStage:
     healthy: Callable[[], bool] = lambda: True
     # The stage the process's Stage service serves, when not its own: post, fused into inference.
     served: StageRuntime | None = None
+
+    def can_serve(self) -> bool:
+        """Healthy and not stuck: what the stage's health says while it runs."""
+        return self.healthy() and self.liveness.stuck() is None
 
 
 def build_stage(
@@ -70,10 +77,13 @@ def build_stage(
     retry = spec.stages.get(stage).retries
     next_calls = NextStageCalls(registry, name, stage.value)
     in_process: list[InProcessStage] = []  # in the order they must start
-    built = BuiltStage(handler=None)
+    built = BuiltStage(handler=None, liveness=Liveness(registry, name))
+    built.liveness.watch(stage.value, "slot", runtime.queue.held_for, stuck_after(runtime.spec))
 
     def in_this_process(of: StageName) -> InProcessStage:
         own = runtime if of is stage else StageRuntime.create(of.value, spec.stages.get(of), registry, name)
+        if own is not runtime:
+            built.liveness.watch(of.value, "slot", own.queue.held_for, stuck_after(own.spec))
         local = InProcessStage(own, handler(of))
         in_process.append(local)
         return local
@@ -114,6 +124,8 @@ def build_stage(
         backend = build_backend(spec.model, retry, metrics)
         inference = InferenceHandler(backend, metrics)
         built.healthy = inference.healthy
+        limit = stuck_after(spec.stages.get(StageName.INFERENCE))
+        built.liveness.watch(StageName.INFERENCE.value, "model", backend.held_for, limit)
         if config.backend_pods is not None:
             from promptpipe.backends.discovery import EndpointSliceWatch
             from promptpipe.backends.remote import RemoteBackend

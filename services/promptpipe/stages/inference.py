@@ -66,7 +66,8 @@ class InferenceHandler:
             failed = True
             raise
         finally:
-            await generation.aclose()  # stops the backend when we leave early
+            # Counted before the await: a cancel landing on it would skip whatever follows.
             self._metrics.active.dec()
             if not finished and not failed:  # the caller left or its deadline passed
                 self._metrics.cancelled.inc()
+            await generation.aclose()  # stops the backend when we leave early
