@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import statistics
@@ -19,6 +18,7 @@ import psutil
 import yaml
 
 from promptpipe.cli import localrun
+from promptpipe.perf import load
 from promptpipe.perf.breakdown import percentile
 from promptpipe.rpc import CHANNEL_OPTIONS
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
@@ -116,7 +116,7 @@ async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamRe
 
 def channel(target: str, own_connection: bool = False) -> grpc.aio.Channel:
     """A channel to `target`; `own_connection`: not shared with the process's other channels (gRPC's
-    default), so a server's worker processes, handed connections, each get some."""
+    default), so several servers behind one address, handed connections, each get some."""
     options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)] if own_connection else CHANNEL_OPTIONS
     return grpc.aio.insecure_channel(target, options=options)
 
@@ -134,15 +134,17 @@ def median(values: list[float]) -> float:
 
 
 async def closed_loop(fn: Any, concurrency: int, total: int) -> list[StreamResult]:
-    """`concurrency` workers issue `total` calls back to back."""
+    """`concurrency` clients issue `total` calls of `fn` back to back (`promptpipe bench`'s closed loop)."""
     results: list[StreamResult] = []
     remaining = total
 
-    async def worker() -> None:
+    async def one() -> bool:
         nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            results.append(await fn())
+        if remaining <= 0:
+            return False
+        remaining -= 1
+        results.append(await fn())
+        return True
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await load.closed_loop(concurrency, one)
     return results

@@ -242,8 +242,8 @@ async def _model_calls(path: Path, question: str, max_new: int, samples: int) ->
 async def _assembled_prompt(path: Path, question: str, max_new: int) -> str:
     """The prompt the quickstart's rag and assemble stages hand to inference."""
     from promptpipe.contract.pipeline_file import load_pipeline
+    from promptpipe.gateway.requests import work_item
     from promptpipe.runtime.calls import StageClient
-    from promptpipe.stages.requests import work_item
     from promptpipe.v1 import common_pb2, gateway_pb2
 
     spec = load_pipeline(path).spec

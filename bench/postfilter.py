@@ -15,7 +15,7 @@ import time
 
 from promptpipe.contract.spec import PostSpec
 from promptpipe.textfilters.rules import build_rules
-from promptpipe.textfilters.stream import StreamingFilter
+from promptpipe.textfilters.streaming import StreamingFilter
 
 SPEC = PostSpec.model_validate({"stopSequences": ["<END>"], "blocklist": {"words": ["darn"]}})
 TOKENS = (4_000, 8_000, 16_000, 32_000)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from promptpipe.contract.spec import PipelineSpec
-from promptpipe_operator import analysis, probes
+from promptpipe_operator import analysis, rollout_checks
 from tests.devcluster.build import Tools
 from tests.support.prometheus import SCRAPE_SECONDS, gateway_exposition, prometheus, query, scraped
 
@@ -66,7 +66,7 @@ def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: To
         for _ in range(3):  # the calls' scrape is then older than the time since the switch
             scraped(url, gateway.target)
         since_switch = time.monotonic() - switched
-        healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, since_switch, cfg)
+        healthy, why = rollout_checks.analyse_prometheus(NAMESPACE, PIPELINE, since_switch, cfg)
         delta = analysis.since({"pod": current}, {"pod": baseline})
         from_scrape = analysis.verdict(
             delta.requests, delta.errors, analysis.quantile(0.95, delta.ttft_buckets), cfg.rollout.analysis
@@ -83,16 +83,16 @@ def test_prometheus_and_the_gateway_scrape_reach_the_same_verdict(kube_tools: To
         assert 2.5 < p95 <= 5.0 and p95 == pytest.approx(exact_p95, rel=0.15), (why, exact_p95)
 
         # The selector is the pipeline's and namespace's: another namespace's series are not counted.
-        assert probes.analyse_prometheus("team-b", PIPELINE, since_switch, cfg)[0] is None
+        assert rollout_checks.analyse_prometheus("team-b", PIPELINE, since_switch, cfg)[0] is None
         assert query(url, 'count(promptpipe_stage_duration_seconds_count{namespace="team-a"})')
 
 
 @pytest.mark.prometheus
 def test_an_unreachable_or_refusing_prometheus_gives_no_verdict_and_says_why(kube_tools: Tools, tmp_path: Path) -> None:
-    healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec("http://127.0.0.1:9"))
+    healthy, why = rollout_checks.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec("http://127.0.0.1:9"))
     assert healthy is None and "could not be queried" in why
     with prometheus(kube_tools, tmp_path / "prometheus", {}) as url:
-        healthy, why = probes.analyse_prometheus('a"b', PIPELINE, 30, spec(url))  # a broken selector
+        healthy, why = rollout_checks.analyse_prometheus('a"b', PIPELINE, 30, spec(url))  # a broken selector
     assert healthy is None and "Prometheus refused the query" in why, why
 
 
@@ -123,7 +123,7 @@ def test_what_a_server_other_than_prometheus_answers_is_never_copied_into_the_st
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         for base in (url, f"{url}/leak"):
-            healthy, why = probes.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec(base))
+            healthy, why = rollout_checks.analyse_prometheus(NAMESPACE, PIPELINE, 30, spec(base))
             assert healthy is None and "not a Prometheus API answer" in why
             assert secret not in why
     finally:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from promptpipe.contract.apikeys import KeyFileError, hash_key, new_key, parse_keys
+from promptpipe.gateway import openai_api as api
+from promptpipe.gateway.grpc_api import with_tenant
 from promptpipe.runtime.apikeys import ANONYMOUS, RELOAD_EVERY_SECONDS, KeyRing, Unauthenticated
-from promptpipe.stages import openai_api as api
-from promptpipe.stages.stream import with_tenant
 from promptpipe.v1 import gateway_pb2
 
 

@@ -32,12 +32,12 @@ from promptpipe.contract.spec import (
     RetrySpec,
     StageName,
 )
+from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import StageError
 from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.runtime.stage import StageRuntime
-from promptpipe.stages import BuiltStage, build_stage
-from promptpipe.stages.stream import GatewayServicer
+from promptpipe.stage_process import StageProcess, build
 from promptpipe.v1 import common_pb2, gateway_pb2
 from promptpipe.waiting import wait_until_async
 from tests.support.cancelling import run_cancelled_at, suspensions
@@ -67,15 +67,15 @@ def pipeline(model: dict[str, Any]) -> dict[str, Any]:
 class Fused:
     """A pipeline in this process, called as the gateway's transports call it."""
 
-    built: BuiltStage
+    built: StageProcess
     runtime: StageRuntime
     registry: CollectorRegistry
     backend: str
 
     @property
     def gateway(self) -> GatewayServicer:
-        gateway: GatewayServicer = self.built.gateway
-        return gateway
+        assert self.built.gateway is not None
+        return self.built.gateway
 
     async def call(self) -> gateway_pb2.GenerateSummary:
         """One call: key and quota, admission, then rag -> assemble -> post -> inference (the OpenAI HTTP
@@ -134,7 +134,7 @@ async def fused(model: dict[str, Any]) -> AsyncIterator[Fused]:
     registry = CollectorRegistry()
     runtime = StageRuntime.create("stream", pp.spec.stages.stream, registry, "cancel")
     keys = KeyRing(inline=f"alice: {hash_key(KEY)}")
-    built = build_stage(StageName.STREAM, config, runtime, registry, [], keys)
+    built = build(StageName.STREAM, config, runtime, registry, [], keys)
     await built.start()
     try:
         yield Fused(built, runtime, registry, pp.spec.model.backend.value)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.processes
 def test_up_generate_status_down(tmp_path: Path) -> None:
     home = tmp_path / "home"
     pipeline = tmp_path / "p.yaml"
-    doc = synthetic_pipeline("cli", post={"redact": {"replacement": "[X]"}}, stages={"post": {"workers": 2}})
+    doc = synthetic_pipeline("cli", post={"redact": {"replacement": "[X]"}})
     pipeline.write_text(yaml.safe_dump(doc))
 
     up = promptpipe("up", "-f", str(pipeline), home=home)
@@ -46,13 +46,6 @@ def test_up_generate_status_down(tmp_path: Path) -> None:
             if line.split()[:1] in (["stream"], ["rag"], ["assemble"], ["inference"], ["post"])
         ]
         assert len(rows) == 5 and all(row[1] == "SERVING" for row in rows)
-        assert {row[0]: row[2] for row in rows} == {
-            "stream": "1",
-            "rag": "1",
-            "assemble": "1",
-            "inference": "1",
-            "post": "2",
-        }
         done = {row[0]: row[-1] for row in rows}
         # The gateway admits before it validates, so the refused request held a gateway slot too.
         assert done == {"stream": "2", "rag": "1", "assemble": "1", "inference": "1", "post": "1"}

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from promptpipe.cli.console import print_table
 
-COLUMNS = ("stage", "health", "workers", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done")
+COLUMNS = ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done")
 
 
 def test_a_piped_table_is_printed_at_the_width_it_needs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -133,9 +133,8 @@ MALFORMED = [
     (["spec", "fuse"], ["stream"], "spec.fuse[0]"),
     (["spec", "fuse"], ["post", "post"], "spec.fuse[1]"),
     (["spec", "fuse"], ["rag", "inference"], "spec.fuse: Invalid value"),
-    # Worker processes: at least one; more only where their one shared queue is all they share.
-    (["spec", "stages", "post", "workers"], 0, "spec.stages.post.workers"),
-    (["spec", "stages", "inference", "workers"], 2, "spec.stages.inference.workers"),  # llamacpp holds the model
+    # Worker processes were removed in 0.2.0: a stage pod runs one process.
+    (["spec", "stages", "post", "workers"], 1, "spec.stages.post.workers"),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.
     (
         ["spec", "model", "openai"],
@@ -169,52 +168,18 @@ def test_malformed_resource_is_refused_at_apply_naming_the_field(
 
 
 @pytest.mark.controlplane
-@pytest.mark.parametrize(
-    ("fuse", "stage"),
-    [
-        (["post"], "post"),
-        (["post"], "inference"),
-        (["rag", "assemble"], "assemble"),
-        (["rag"], "stream"),
-        (["post", "inference"], "stream"),
-    ],
-)
-def test_workers_of_a_fused_stage_or_its_host_are_refused_naming_the_field(
-    promptpipe_crd: None,
-    control_plane: ControlPlane,
-    kube_tools: Tools,
-    namespace: str,
-    fuse: list[str],
-    stage: str,
+@pytest.mark.parametrize("stage", ["stream", "inference"])
+def test_workers_are_refused_at_apply_naming_the_field_and_what_to_do_instead(
+    promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str, stage: str
 ) -> None:
-    doc = quickstart("fusedworkers")
-    doc["spec"]["model"] = {"name": "m", "backend": "synthetic"}  # workers are refused with llamacpp anyway
-    doc["spec"]["fuse"] = fuse
-    doc["spec"]["stages"][stage]["workers"] = 2
+    doc = quickstart("workers")
+    doc["spec"]["stages"][stage]["workers"] = 4
     result = kubectl(
         control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
     )
     assert result.returncode != 0
-    assert f"spec.stages.{stage}.workers" in result.stderr and "spec.fuse" in result.stderr, result.stderr
-    doc["spec"]["fuse"] = []
-    accepted = kubectl(
-        control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
-    )
-    assert accepted.returncode == 0, accepted.stderr
-
-
-@pytest.mark.controlplane
-def test_gateway_workers_are_accepted_beside_a_fusion_the_gateway_does_not_host(
-    promptpipe_crd: None, control_plane: ControlPlane, kube_tools: Tools, namespace: str
-) -> None:
-    doc = quickstart("gatewayworkers")
-    doc["spec"]["model"] = {"name": "m", "backend": "synthetic"}
-    doc["spec"]["fuse"] = ["post"]  # post runs in inference's process: the gateway hosts nothing
-    doc["spec"]["stages"]["stream"]["workers"] = 4
-    result = kubectl(
-        control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False
-    )
-    assert result.returncode == 0, result.stderr
+    assert f"spec.stages.{stage}.workers" in result.stderr, result.stderr
+    assert "scale a stage with replicas" in result.stderr, result.stderr
 
 
 @pytest.mark.controlplane

@@ -1,4 +1,4 @@
-"""The write fence: a replica writes only while its Lease is fresh (operator/promptpipe_operator/leadership.py)."""
+"""The write fence: a replica writes only while its Lease is fresh (promptpipe_operator/leader/write_fence.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from promptpipe_operator.leadership import Leadership, NotLeading
+from promptpipe_operator.leader.write_fence import Leadership, NotLeading
 
 
 def test_without_leader_election_every_write_is_allowed() -> None:

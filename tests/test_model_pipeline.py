@@ -14,10 +14,10 @@ from promptpipe.backends.llamacpp import default_model_path
 from promptpipe.cli import localrun
 from promptpipe.contract.pipeline_file import load_pipeline
 from promptpipe.contract.spec import StageName
+from promptpipe.gateway.requests import work_item
 from promptpipe.runtime.calls import StageClient
-from promptpipe.stages.requests import work_item
 from promptpipe.textfilters.rules import build_rules
-from promptpipe.textfilters.stream import StreamingFilter
+from promptpipe.textfilters.streaming import StreamingFilter
 from promptpipe.v1 import common_pb2, gateway_pb2
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import Outcome, collect

@@ -16,6 +16,7 @@ from promptpipe.backends.base import GenerationRequest, Outcome, Piece
 from promptpipe.backends.synthetic import SyntheticBackend
 from promptpipe.client import GenerationError, PipelineClient
 from promptpipe.contract.spec import AuthSpec, GenerationDefaults, PostSpec, StageSpec, SyntheticSpec
+from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.localproc import free_port
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import DataLoss, UpstreamError
@@ -24,7 +25,6 @@ from promptpipe.runtime.quotas import LocalTenancy
 from promptpipe.runtime.stage import Call, StageRuntime
 from promptpipe.stages.inference import InferenceHandler
 from promptpipe.stages.post import PostHandler
-from promptpipe.stages.stream import GatewayServicer
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2
 
 

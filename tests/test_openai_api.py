@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API's wire format (stages/openai_api.py): requests in, chunks and errors out."""
+"""The OpenAI-compatible API's wire format (gateway/openai_api.py): requests in, chunks and errors out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import grpc
 import pytest
 
+from promptpipe.gateway import openai_api as api
 from promptpipe.runtime.errors import DeadlineExceeded, InvalidArgument, Shed, UpstreamError
-from promptpipe.stages import openai_api as api
 from promptpipe.v1 import common_pb2, gateway_pb2
 
 MODELS = frozenset({"smollm2", "quickstart"})

@@ -538,25 +538,13 @@ def test_fused_whole_the_pipeline_is_one_gateway_pod_that_holds_the_model_and_fi
     assert backend == [{"podSelector": {"matchLabels": selector("quickstart", "stream")}}]
 
 
-def test_a_stage_runs_a_worker_per_whole_cpu_it_requests_unless_told_and_the_stages_read_the_count() -> None:
+def test_a_stages_resources_go_on_its_pod_and_never_into_the_config_its_process_reads() -> None:
     pp = pipeline(
         with_model={"backend": "tgi", "tgi": {"endpoints": ["http://tgi:8080"]}},
         post={"resources": {"requests": {"cpu": "2500m"}}},
-        rag={"resources": {"requests": {"cpu": "3"}}, "workers": 1},
-        stream={"resources": {"requests": {"cpu": "4"}}},
-        inference={"resources": {"requests": {"cpu": "4"}}, "workers": 1},
     )
     config = RuntimeConfig.model_validate(yaml.safe_load(config_map(pp, "ns1")[0]["data"]["runtime.yaml"]))
     stages = config.pipeline.spec.stages
-    # What the processes (and their callers) read: resolved from requests the stages themselves never see.
-    workers = {s: config.pipeline.spec.workers_of(s) for s in STAGE_ORDER}
-    assert workers == {
-        StageName.STREAM: 4,
-        StageName.RAG: 1,
-        StageName.ASSEMBLE: 1,
-        StageName.INFERENCE: 1,
-        StageName.POST: 2,
-    }
     assert all(stages.get(s).resources is None for s in STAGE_ORDER), "the stages never see their resources"
     post = by_kind(children(pp, "ns1", SETTINGS), "Deployment")["quickstart-post"]["spec"]["template"]["spec"]
     assert post["containers"][0]["resources"]["requests"]["cpu"] == "2500m"

@@ -10,9 +10,9 @@ from google.rpc import error_details_pb2, status_pb2
 
 from promptpipe.contract.pipeline_file import PipelineFileError, parse_pipeline
 from promptpipe.contract.spec import AuthSpec
+from promptpipe.gateway import openai_api as api
 from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.errors import QuotaExceeded, Shed, abort_with
-from promptpipe.stages import openai_api as api
 
 
 class Clock:

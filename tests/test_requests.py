@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import pytest
 
 from promptpipe.contract.spec import GenerationDefaults, ModelSpec, TemplateSpec
+from promptpipe.gateway.requests import own_timings, work_item
 from promptpipe.runtime.errors import InvalidArgument
 from promptpipe.runtime.stage import Call
 from promptpipe.stages import assemble as assemble_stage
 from promptpipe.stages import token_counts
 from promptpipe.stages.prompting import CHATML, ChatTemplate, assemble, build_messages
-from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
 
 DEFAULTS = GenerationDefaults(max_new_tokens=64, max_new_tokens_limit=512, temperature=0.3)

@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from promptpipe.cli.main import app
+from promptpipe.contract import topology
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline, parse_pipeline
 from promptpipe.contract.spec import StageName
 from promptpipe_operator import policy
@@ -67,8 +68,6 @@ def test_every_example_pipeline_is_valid() -> None:
             {"name": "m", "backend": "tgi", "tgi": {"maxInputTokens": 8, "maxTotalTokens": 8}},
             "spec.model.tgi",
         ),
-        (["spec", "stages", "post", "workers"], 0, "spec.stages.post.workers"),
-        (["spec", "stages", "inference", "workers"], 2, "spec"),  # the model's message names the field
     ],
 )
 def test_malformed_pipeline_is_refused_naming_the_field(path: list[str], value: object, field: str) -> None:
@@ -129,70 +128,23 @@ def test_a_process_drains_for_the_longest_stage_it_runs_and_knows_whether_it_run
     doc["spec"]["stages"]["post"] = {"timeoutSeconds": 300}
     doc["spec"]["stages"]["inference"]["drainGraceSeconds"] = 30
     alone = parse_pipeline(copy.deepcopy(doc)).spec
-    assert alone.drain_grace(StageName.INFERENCE) == 30 and alone.drain_grace(StageName.POST) == 300
-    assert alone.runs_inference(StageName.INFERENCE) and not alone.runs_inference(StageName.STREAM)
+    assert topology.drain_grace(alone, StageName.INFERENCE) == 30 and topology.drain_grace(alone, StageName.POST) == 300
+    assert topology.runs_inference(alone, StageName.INFERENCE) and not topology.runs_inference(alone, StageName.STREAM)
     doc["spec"]["fuse"] = ["post"]
     post_in_inference = parse_pipeline(copy.deepcopy(doc)).spec
-    assert post_in_inference.drain_grace(StageName.INFERENCE) == 300  # post's calls run in it now
+    assert topology.drain_grace(post_in_inference, StageName.INFERENCE) == 300  # post's calls run in it now
     doc["spec"]["fuse"] = ["rag", "assemble", "post", "inference"]
     whole = parse_pipeline(doc).spec
-    assert whole.runs_inference(StageName.STREAM) and whole.drain_grace(StageName.STREAM) == 300
+    assert topology.runs_inference(whole, StageName.STREAM) and topology.drain_grace(whole, StageName.STREAM) == 300
 
 
-@pytest.mark.parametrize(
-    ("stage", "fuse", "backend", "refused"),
-    [
-        ("post", [], "synthetic", None),
-        ("rag", [], "tgi", None),
-        ("inference", [], "tgi", None),
-        ("stream", [], "synthetic", None),  # its tenants' quotas are its supervisor's, like its queue
-        ("stream", ["post"], "tgi", None),  # post runs in inference's process: the gateway hosts nothing
-        ("stream", ["rag"], "synthetic", "fused into another's process, or hosting one"),
-        ("stream", ["post", "inference"], "synthetic", "fused into another's process, or hosting one"),
-        ("inference", [], "llamacpp", "each worker would load the model"),
-        ("post", ["post"], "synthetic", "fused into another's process, or hosting one"),
-        ("inference", ["post"], "synthetic", "fused into another's process, or hosting one"),
-        ("assemble", ["rag", "assemble"], "synthetic", "fused into another's process, or hosting one"),
-    ],
-)
-def test_a_stage_runs_several_workers_only_where_a_shared_queue_is_all_they_share(
-    stage: str, fuse: list[str], backend: str, refused: str | None
-) -> None:
+@pytest.mark.parametrize("stage", ["stream", "rag", "assemble", "inference", "post"])
+@pytest.mark.parametrize("workers", [1, 4])
+def test_workers_were_removed_and_a_file_that_sets_them_is_refused_saying_what_to_do(stage: str, workers: int) -> None:
     doc = quickstart()
-    model: dict[str, Any] = {"name": "m", "backend": backend}
-    if backend == "tgi":
-        model["tgi"] = {"endpoints": ["http://tgi:8080"]}
-    doc["spec"]["model"], doc["spec"]["fuse"] = model, fuse
-    doc["spec"]["stages"].setdefault(stage, {})["workers"] = 2
-    if refused is None:
-        assert parse_pipeline(doc).spec.stages.get(StageName(stage)).workers == 2
-        return
+    doc["spec"]["stages"].setdefault(stage, {})["workers"] = workers
     with pytest.raises(PipelineFileError) as info:
         parse_pipeline(doc)
-    assert f"stages.{stage}.workers: must be 1" in str(info.value) and refused in str(info.value), str(info.value)
-
-
-@pytest.mark.parametrize(
-    ("stage", "cpu", "workers", "expected"),
-    [
-        ("post", None, None, 1),  # no request: one
-        ("post", "500m", None, 1),
-        ("post", "2", None, 2),
-        ("post", "3900m", None, 3),  # whole CPUs
-        ("post", 64, None, 32),  # at most MAX_WORKERS
-        ("post", "4", 1, 1),  # told
-        ("assemble", None, 3, 3),
-        ("stream", "4", None, 4),  # the gateway too: its quotas are its supervisor's
-        ("inference", "4", None, 1),  # llama.cpp: one process, every core
-    ],
-)
-def test_a_stage_runs_one_worker_per_whole_cpu_it_requests_unless_told(
-    stage: str, cpu: object, workers: int | None, expected: int
-) -> None:
-    doc = quickstart()
-    spec = doc["spec"]["stages"].setdefault(stage, {})
-    if cpu is not None:
-        spec["resources"] = {"requests": {"cpu": cpu}}
-    if workers is not None:
-        spec["workers"] = workers
-    assert parse_pipeline(doc).spec.workers_of(StageName(stage)) == expected
+    message = str(info.value)
+    assert f"spec.stages.{stage}.workers" in message, message
+    assert "removed in 0.2.0" in message and "scale a stage with replicas" in message, message

@@ -15,14 +15,15 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from promptpipe import stage_process
 from promptpipe.backends.base import GenerationRequest, Outcome
 from promptpipe.backends.llamacpp import LlamaCppBackend
 from promptpipe.contract.spec import LlamaCppSpec, QueueSpec, StageSpec
-from promptpipe.runtime import server
 from promptpipe.runtime.admission import AdmissionQueue
 from promptpipe.runtime.liveness import Liveness, stuck_after
 from promptpipe.runtime.metrics import BackendMetrics
-from promptpipe.stages import BuiltStage
+from promptpipe.runtime.stage import StageRuntime
+from promptpipe.stage_process import StageProcess
 from promptpipe.v1 import common_pb2
 
 
@@ -119,7 +120,7 @@ async def test_a_decode_thread_that_never_returns_keeps_the_model_held_and_the_s
 
 
 @contextlib.asynccontextmanager
-async def health_server(built: BuiltStage) -> AsyncIterator[health_pb2_grpc.HealthStub]:
+async def health_server(built: StageProcess) -> AsyncIterator[health_pb2_grpc.HealthStub]:
     grpc_server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
@@ -127,7 +128,7 @@ async def health_server(built: BuiltStage) -> AsyncIterator[health_pb2_grpc.Heal
     await grpc_server.start()
     for name in ("", "promptpipe.v1.Stage", "liveness"):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    following = asyncio.create_task(server._follow_health(built, servicer, ("", "promptpipe.v1.Stage")))
+    following = asyncio.create_task(stage_process._follow_health(built, servicer, ("", "promptpipe.v1.Stage")))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
@@ -152,7 +153,9 @@ async def eventually(stub: health_pb2_grpc.HealthStub, service: str, want: str) 
 @pytest.mark.processes
 async def test_a_stuck_stage_is_not_serving_and_fails_liveness_and_an_open_circuit_only_readiness() -> None:
     circuit_closed = True
-    built = BuiltStage(handler=None, liveness=Liveness(CollectorRegistry(), "p"), healthy=lambda: circuit_closed)
+    registry = CollectorRegistry()
+    runtime = StageRuntime.create("inference", StageSpec(), registry, "p")
+    built = StageProcess(runtime, None, Liveness(registry, "p"), healthy=lambda: circuit_closed)
     model = Held()
     built.liveness.watch("inference", "model", model, 10)
     async with health_server(built) as stub:

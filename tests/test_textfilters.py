@@ -8,7 +8,7 @@ import pytest
 
 from promptpipe.contract.spec import PostSpec
 from promptpipe.textfilters.rules import Action, build_rules, iban_valid, luhn_valid, stop_rules
-from promptpipe.textfilters.stream import StreamingFilter
+from promptpipe.textfilters.streaming import StreamingFilter
 
 SPEC = PostSpec.model_validate({"stopSequences": ["<END>"], "blocklist": {"words": ["darn"]}})
 

@@ -68,7 +68,7 @@ def main() -> None:
         LEADER.set(1)
         run_kopf(settings)
         return
-    from promptpipe_operator.leader import lead  # noqa: PLC0415 - kubernetes' leader election only when used
+    from promptpipe_operator.leader.election import lead  # noqa: PLC0415 - kubernetes' leader election only when used
 
     config.load_config()
     sys.exit(lead(settings, lambda: run_kopf(settings)))

@@ -28,7 +28,7 @@ from promptpipe.contract.spec import GROUP, PLURAL, VERSION
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe.registry.store import Registry
 from promptpipe_operator.kube import Kube, api_client
-from promptpipe_operator.leadership import LEADERSHIP
+from promptpipe_operator.leader.write_fence import LEADERSHIP
 from promptpipe_operator.metrics import CHILD_CHANGES, RECONCILE_ERRORS, RECONCILE_SECONDS, RECONCILES
 from promptpipe_operator.reconcile import InvalidSpec, Result, Transient, reconcile_once
 from promptpipe_operator.settings import OperatorSettings

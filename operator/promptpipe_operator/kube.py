@@ -67,7 +67,7 @@ class Kube:
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="apply")
         # (connect, read): a stalled connection fails its call instead of holding a thread for ever.
         self._timeout = (timeout_seconds, timeout_seconds)
-        self._may_write = may_write  # raises when this replica must not write (leadership.py)
+        self._may_write = may_write  # raises when this replica must not write (leader/write_fence.py)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

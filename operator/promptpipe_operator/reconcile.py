@@ -20,7 +20,7 @@ from promptpipe.contract.pipeline_file import PipelineFileError, parse_pipeline
 from promptpipe.contract.spec import PromptPipeline, StageName
 from promptpipe.contract.timestamps import format_time, parse_time
 from promptpipe.registry.store import Registry
-from promptpipe_operator import metrics, pods, policy, probes, render
+from promptpipe_operator import metrics, pods, policy, render, rollout_checks
 from promptpipe_operator.analysis import Counts
 from promptpipe_operator.events import Event
 from promptpipe_operator.kube import CHILD_KINDS, ChildKey, KindNotServed, Kube
@@ -168,41 +168,90 @@ def reconcile_once(
     if refused is not None:  # as a spec the model refuses: nothing is changed until it is fixed
         return _refuse(kube, body, refused, "NotAllowed")
 
-    owner = render.owner_reference(name, meta["uid"])
     selector = f"{keys.INSTANCE}={name},{keys.MANAGED_BY}={keys.MANAGER}"
     result = Result(body, {})
-    applied: dict[ChildKey, dict[str, Any]] = {}
+    run = _converge(kube, settings, registry, pp, body, selector, result)
+    deployments = {n: obj for (k, n), obj in run.applied.items() if k == "Deployment"}
+    rollout_state = run.rollout
+    if run.failure is not None:  # what was not applied this time may still be there from before
+        # The status then says less of the stages; the condition says why.
+        with contextlib.suppress(DynamicApiError, *UNANSWERED):
+            deployments = {
+                n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items() if k == "Deployment"
+            } | deployments
+        if rollout_state is not None and not run.recorded:  # the decision was not recorded: nothing of it stands
+            rollout_state = State.from_status(before.get("rollout"))
+    failure, problem, body = run.failure, run.problem, run.body
+    active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
+    health = components(pp, deployments, active_color)
+    result.status = pipeline_status(pp, namespace, generation, health, before, format_time(), problem, rollout_state)
+    try:
+        _write_status(kube, body, result.status)
+    except DynamicApiError as err:
+        failure = failure or _api_failure(err, "writing the status")
+    except UNANSWERED as err:
+        failure = failure or _unanswered(err, "writing the status")
+    result.events = events_for(result, before, generation) + result.events
+    result.error = failure
+    return result
+
+
+@dataclass
+class _Run:
+    """What one pass of applying a pipeline's children did, for its status."""
+
+    body: dict[str, Any]  # the pipeline, as last written (a recorded rollout decision writes it)
+    applied: dict[ChildKey, dict[str, Any]] = field(default_factory=dict)
     problem: Problem | None = None
     failure: Transient | None = None
-    rollout_state: State | None = None
+    rollout: State | None = None  # the rollout's state, as decided this pass
+    recorded: bool = False  # whether that decision was written before anything it decided was applied
+
+
+def _converge(
+    kube: Kube,
+    settings: OperatorSettings,
+    registry: Registry | None,
+    pp: PromptPipeline,
+    body: dict[str, Any],
+    selector: str,
+    result: Result,
+) -> _Run:
+    """Apply the pipeline's children (and decide its rollout), delete the ones no longer wanted; what
+    failed is in the returned value, never raised."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    generation = int(meta.get("generation", 1))
+    before: dict[str, Any] = body.get("status") or {}
+    owner = render.owner_reference(name, meta["uid"])
+    run = _Run(body)
     decision: Decision | None = None
-    recorded = False
     try:
         existing = kube.owned(namespace, meta["uid"], selector)
         if render.managed_tgi(pp) is not None:
             decision, unresolved = advance_rollout(kube, settings, registry, pp, body, existing, generation)
-            rollout_state = decision.state
-            result.requeue_after = wake_in(rollout_state, pp.spec.rollout, probes.now())
+            run.rollout = decision.state
+            result.requeue_after = wake_in(run.rollout, pp.spec.rollout, rollout_checks.now())
             if pp.spec.model.alias:  # a promotion is seen at the next poll
                 result.requeue_after = min(
                     result.requeue_after or settings.alias_poll_seconds, settings.alias_poll_seconds
                 )
             if unresolved:
-                problem = Problem("ModelUnresolved", unresolved)
-        desired = render.children(pp, namespace, settings, rollout_state, registry.settings if registry else None)
+                run.problem = Problem("ModelUnresolved", unresolved)
+        desired = render.children(pp, namespace, settings, run.rollout, registry.settings if registry else None)
         # An object of a child's name that is not ours is left alone: a forced apply would take it over.
         new = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
         taken = kube.strangers(namespace, meta["uid"], new) if new else []
         if taken:
-            problem = Problem("NameTaken", name_taken_message(taken))
+            run.problem = Problem("NameTaken", name_taken_message(taken))
             desired = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in taken]
         for manifest in desired:
             manifest["metadata"]["ownerReferences"] = [owner]
-        if rollout_state is not None and rollout_state.to_status() != before.get("rollout"):
+        if run.rollout is not None and run.rollout.to_status() != before.get("rollout"):
             # The rollout's decision is recorded before anything it decided is applied, so a child that
             # keeps failing to apply cannot hold the rollout at one step, deciding it again every time.
-            body = _write_status(kube, body, {**before, "rollout": rollout_state.to_status()})
-            recorded = True
+            run.body = _write_status(kube, run.body, {**before, "rollout": run.rollout.to_status()})
+            run.recorded = True
             if decision is not None:
                 result.events += decision.events
                 count_rollbacks(namespace, name, decision)
@@ -217,7 +266,7 @@ def reconcile_once(
                 if isinstance(outcome, Exception):
                     failed.append((manifest, outcome))
                     continue
-                applied[key] = outcome
+                run.applied[key] = outcome
                 if key not in existing:
                     result.created.append(_label(manifest))
                 elif changed_by_apply(existing[key], outcome):
@@ -227,7 +276,7 @@ def reconcile_once(
         for kind, child in sorted(set(existing) - wanted):
             kube.delete(versions[kind], kind, namespace, child)
             result.deleted.append(f"{kind} {child}")
-        if decision is not None and not recorded:  # nothing new to record: told once it is applied
+        if decision is not None and not run.recorded:  # nothing new to record: told once it is applied
             result.events += decision.events
         if failed:
             failed_child, first_failure = failed[0]
@@ -235,39 +284,19 @@ def reconcile_once(
                 raise _Refused(_label(failed_child), first_failure)
             raise first_failure
     except KindNotServed as err:
-        problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
-        failure = Transient(str(err), 30.0)
+        run.problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
+        run.failure = Transient(str(err), 30.0)
     except _Refused as err:
-        failure = _api_failure(err.cause, f"applying {err.child}")
-        problem = Problem("ApplyFailed", str(failure))
+        run.failure = _api_failure(err.cause, f"applying {err.child}")
+        run.problem = Problem("ApplyFailed", str(run.failure))
     except DynamicApiError as err:
-        failure = _api_failure(err, "applying the children")
-        problem = Problem("ApplyFailed", str(failure))
+        run.failure = _api_failure(err, "applying the children")
+        run.problem = Problem("ApplyFailed", str(run.failure))
     except UNANSWERED as err:
-        failure = _unanswered(err, "applying the children")
-        problem = Problem("ApiUnreachable", str(failure))
+        run.failure = _unanswered(err, "applying the children")
+        run.problem = Problem("ApiUnreachable", str(run.failure))
 
-    deployments = {n: obj for (k, n), obj in applied.items() if k == "Deployment"}
-    if failure is not None:  # what was not applied this time may still be there from before
-        # The status then says less of the stages; the condition says why.
-        with contextlib.suppress(DynamicApiError, *UNANSWERED):
-            deployments = {
-                n: obj for (k, n), obj in kube.owned(namespace, meta["uid"], selector).items() if k == "Deployment"
-            } | deployments
-        if rollout_state is not None and not recorded:  # the decision was not recorded: nothing of it stands
-            rollout_state = State.from_status(before.get("rollout"))
-    active_color = rollout_state.active.color if rollout_state and rollout_state.active else None
-    health = components(pp, deployments, active_color)
-    result.status = pipeline_status(pp, namespace, generation, health, before, format_time(), problem, rollout_state)
-    try:
-        _write_status(kube, body, result.status)
-    except DynamicApiError as err:
-        failure = failure or _api_failure(err, "writing the status")
-    except UNANSWERED as err:
-        failure = failure or _unanswered(err, "writing the status")
-    result.events = events_for(result, before, generation) + result.events
-    result.error = failure
-    return result
+    return run
 
 
 def _refuse(kube: Kube, body: dict[str, Any], message: str, reason: str) -> Result:
@@ -306,8 +335,8 @@ def advance_rollout(
     Returns the decision and, if the spec's version cannot be resolved, why."""
     name, namespace = pp.metadata.name, body["metadata"]["namespace"]
     state = State.from_status((body.get("status") or {}).get("rollout"))
-    cfg, now = pp.spec.rollout, probes.now()
-    desired, unresolved = probes.resolve_version(registry, pp.spec)
+    cfg, now = pp.spec.rollout, rollout_checks.now()
+    desired, unresolved = rollout_checks.resolve_version(registry, pp.spec)
     request = (body["metadata"].get("annotations") or {}).get(keys.ROLLBACK, "")
     target_ready, target_failed, target_pods, target_gave_up = False, "", "", ""
     target = state.target
@@ -329,7 +358,7 @@ def advance_rollout(
         and desired in (None, target.version)
         and request == state.rollback_handled
     ):
-        smoke = probes.smoke(
+        smoke = rollout_checks.smoke(
             settings.backend_url_template.format(
                 service=render.backend_name(name, target.color), namespace=namespace, port=render.TGI_PORT
             ),
@@ -338,7 +367,7 @@ def advance_rollout(
     verdict = None
 
     def gateway_counts() -> dict[str, Counts]:
-        return probes.scrape(
+        return rollout_checks.scrape(
             pods.metrics_urls(kube.pods(namespace, render.selector(name, StageName.STREAM.value))), name
         )
 
@@ -346,14 +375,14 @@ def advance_rollout(
         analysis = cfg.analysis
         if analysis.prometheus is not None:
             since_switch = (now - (parse_time(state.switched_at) or now)).total_seconds()
-            verdict = probes.analyse_prometheus(namespace, name, since_switch, pp.spec)
+            verdict = rollout_checks.analyse_prometheus(namespace, name, since_switch, pp.spec)
         else:
             current = gateway_counts()
             if state.baseline is None:  # no counters from the switch: start counting now
                 state = replace(state, baseline=baseline(current))
                 verdict = (None, "counting calls from now")
             else:
-                verdict = probes.analyse_scrapes(current, state.baseline, pp.spec)
+                verdict = rollout_checks.analyse_scrapes(current, state.baseline, pp.spec)
     decision = decide(
         state,
         Observed(
@@ -367,7 +396,7 @@ def advance_rollout(
             request,
             target_pods=target_pods,
             target_gave_up=target_gave_up,
-            desired_digest=probes.digest_of(registry, pp.spec, desired),
+            desired_digest=rollout_checks.digest_of(registry, pp.spec, desired),
         ),
         cfg,
     )

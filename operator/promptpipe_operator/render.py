@@ -16,7 +16,7 @@ import hashlib
 import math
 from typing import Any
 
-from promptpipe.contract import health, metrics
+from promptpipe.contract import health, metrics, topology
 from promptpipe.contract import labels as keys
 from promptpipe.contract.runtime_config import BackendPods, RuntimeConfig
 from promptpipe.contract.spec import (
@@ -109,7 +109,8 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     editing those changes the ScaledObject or the TGI Deployment without rolling every stage."""
     name = pp.metadata.name
     # A fused stage is reached at its host's Service (`spec.fuse`).
-    endpoints = {s: f"{child_name(name, pp.spec.host_of(s).value)}.{namespace}.svc:{GRPC_PORT}" for s in STAGE_ORDER}
+    hosts = {s: child_name(name, topology.host_of(pp.spec, s).value) for s in STAGE_ORDER}
+    endpoints = {s: f"{host}.{namespace}.svc:{GRPC_PORT}" for s, host in hosts.items()}
     spec = pp.spec
     model = spec.model
     tgi = managed_tgi(pp)
@@ -179,13 +180,8 @@ def _probe(stage: StageName, kind: str, loads_model: bool) -> dict[str, Any]:
 # Requests sized for this machine class of work; limits only on memory, so a stage
 # is throttled rather than killed when it bursts on CPU.
 def _as_the_stage_sees_it(spec: PipelineSpec, stage: StageName) -> StageSpec:
-    """A stage's spec without what only the operator uses; the workers its CPU request gives it (they
-    follow from `resources`, which the stage does not see: `PipelineSpec.workers_of`) written in."""
-    own = spec.stages.get(stage)
-    update: dict[str, Any] = {"scaling": ScalingSpec(), "resources": None}
-    if own.resources is not None:
-        update["workers"] = spec.workers_of(stage)
-    return own.model_copy(update=update)
+    """A stage's spec without what only the operator uses (its scaling and resources)."""
+    return spec.stages.get(stage).model_copy(update={"scaling": ScalingSpec(), "resources": None})
 
 
 _STAGE_RESOURCES = ResourcesSpec(requests={"cpu": "100m", "memory": "128Mi"}, limits={"memory": "512Mi"})
@@ -196,7 +192,7 @@ def stage_resources(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
     """The stage container's resources: the spec's, else a default for what the stage runs."""
     chosen = pp.spec.stages.get(stage).resources
     if chosen is None:
-        runs_inference = pp.spec.runs_inference(stage)
+        runs_inference = topology.runs_inference(pp.spec, stage)
         embedded = runs_inference and pp.spec.model.backend is BackendKind.LLAMACPP
         chosen = _LLAMACPP_RESOURCES if embedded else _STAGE_RESOURCES
     return _resources(chosen)
@@ -210,8 +206,8 @@ def deployment(
     pp: PromptPipeline, namespace: str, stage: StageName, settings: OperatorSettings, config_hash: str
 ) -> KubeObject:
     name = pp.metadata.name
-    runs_inference = pp.spec.runs_inference(stage)
-    drain_grace = pp.spec.drain_grace(stage)
+    runs_inference = topology.runs_inference(pp.spec, stage)
+    drain_grace = topology.drain_grace(pp.spec, stage)
     env: list[dict[str, Any]] = [
         {"name": "PROMPTPIPE_STAGE", "value": stage.value},
         {"name": "PROMPTPIPE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_FILE}"},
@@ -238,7 +234,7 @@ def deployment(
         ports.append({"name": "stage", "containerPort": STAGE_PORT, "protocol": "TCP"})
         _gateway_front_door(pp, env, mounts, volumes)
     corpus = pp.spec.rag.corpus.config_map
-    if pp.spec.host_of(StageName.RAG) is stage and corpus:  # rag's own pod, or the gateway's with rag fused
+    if topology.host_of(pp.spec, StageName.RAG) is stage and corpus:  # rag's own pod, or the gateway's with rag fused
         mounts.append({"name": "corpus", "mountPath": CORPUS_DIR, "readOnly": True})
         volumes.append({"name": "corpus", "configMap": {"name": corpus}})
     openai = pp.spec.model.openai
@@ -338,7 +334,7 @@ def _gateway_front_door(
 def discovers_backend(pp: PromptPipeline, stage: StageName) -> bool:
     """The inference stage (or the process it is fused into) of a pipeline whose TGI the operator runs: it
     watches the TGI pods' EndpointSlices."""
-    return pp.spec.runs_inference(stage) and managed_tgi(pp) is not None
+    return topology.runs_inference(pp.spec, stage) and managed_tgi(pp) is not None
 
 
 def _service_account(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
@@ -432,7 +428,7 @@ def scaled_object(pp: PromptPipeline, namespace: str, stage: StageName, settings
     name = pp.metadata.name
     scaling = pp.spec.stages.get(stage).scaling
     # What its callers call it as, and whose queue bounds a replica's calls: post's, when post is fused in.
-    called = pp.spec.called_as(stage)
+    called = topology.called_as(pp.spec, stage)
     trigger_metadata = {
         "serverAddress": settings.prometheus_address,
         "query": load_query(name, namespace, called, settings.load_window),
@@ -690,15 +686,15 @@ def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSetti
             {"from": scrapers, "ports": ports("metrics")},
         ]
     }
-    processes = {s.value: s for s in pp.spec.processes()}
+    processes = {s.value: s for s in topology.processes(pp.spec)}
 
     def hosts(stages: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(pp.spec.host_of(StageName(c)).value for c in stages))
+        return tuple(dict.fromkeys(topology.host_of(pp.spec, StageName(c)).value for c in stages))
 
     for component, stage_callers in CALLERS.items():
         callers = hosts(stage_callers)  # the processes the calling stages run in
         if component in processes:  # a process's callers are those of the stage called in it
-            callers = hosts(CALLERS[pp.spec.called_as(processes[component]).value])
+            callers = hosts(CALLERS[topology.called_as(pp.spec, processes[component]).value])
         elif component != BACKEND:
             continue  # fused: no pods of its own
         if component == BACKEND:
@@ -744,7 +740,7 @@ def children(
     cm, config_hash = config_map(pp, namespace)
     access = discovery_access(pp, namespace) if managed_tgi(pp) is not None else []
     out = [*backend_children(pp, namespace, state or State(), settings, registry), *access, cm]
-    for stage in pp.spec.processes():
+    for stage in topology.processes(pp.spec):
         out += [
             deployment(pp, namespace, stage, settings, config_hash),
             service(pp, namespace, stage),

@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from promptpipe.contract import topology
 from promptpipe.contract.spec import PromptPipeline
 from promptpipe_operator.render import (
     BACKEND,
@@ -74,7 +75,7 @@ def components(
     """Health of every Deployment serving the pipeline (the backend: its active color), keyed by
     Deployment name in `deployments`."""
     name = pp.metadata.name
-    out = [deployment_health(s.value, deployments.get(child_name(name, s.value))) for s in pp.spec.processes()]
+    out = [deployment_health(s.value, deployments.get(child_name(name, s.value))) for s in topology.processes(pp.spec)]
     if managed_tgi(pp) is not None:
         out.append(deployment_health(BACKEND, deployments.get(backend_name(name, active_color or BLUE))))
     return out

@@ -28,8 +28,8 @@ class GenerationError(Exception):
 
 
 # A client is a connection of its own, not one shared by every client in the process (gRPC's default):
-# a gateway's pods behind a Service, and its worker processes on one port, are each handed connections,
-# so clients spread over them only if each has its own.
+# a gateway's pods behind a Service are each handed connections, so clients spread over them only if
+# each has its own.
 CLIENT_CHANNEL_OPTIONS = (*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
 
 

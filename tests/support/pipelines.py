@@ -83,7 +83,7 @@ class RunningPipeline:
             "PROMPTPIPE_METRICS_PORT": "0",
             "PROMPTPIPE_STAGE_PORT": "0",  # the gateway's internal port (unused by the other stages)
         }
-        args = [sys.executable, "-m", "promptpipe.runtime.server"]
+        args = [sys.executable, "-m", "promptpipe.stage_process"]
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def metric(self, stage: StageName, name: str, /, **labels: str) -> float:

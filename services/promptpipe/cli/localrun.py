@@ -1,7 +1,7 @@
 """`promptpipe up/down/status` on a laptop: each stage a local process on loopback.
 
 The processes run the same entry point as the container images
-(`promptpipe.runtime.server`), configured the same way (PROMPTPIPE_* environment
+(`promptpipe.stage_process`), configured the same way (PROMPTPIPE_* environment
 and a runtime config file), so local runs exercise the production code path.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from promptpipe.contract import topology
 from promptpipe.contract.pipeline_file import load_pipeline
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
 from promptpipe.contract.spec import STAGE_ORDER, TGI_WITHOUT_ENDPOINTS, BackendKind, PromptPipeline, StageName
@@ -102,11 +103,11 @@ def start(pipeline_file: Path, *, otel_exporter: str = "") -> LocalRun:
             raise LocalRunError(f"pipeline {name!r} is already running (promptpipe down --name {name})")
     folder.mkdir(parents=True, exist_ok=True)
     # One process per stage, but a fused stage runs in its host's (`spec.fuse`): its endpoint is the host's.
-    processes = pipeline.spec.processes()
+    processes = topology.processes(pipeline.spec)
     ports = {stage: free_port() for stage in processes}
     config = RuntimeConfig(
         pipeline=pipeline,
-        endpoints={s: f"127.0.0.1:{ports[pipeline.spec.host_of(s)]}" for s in STAGE_ORDER},
+        endpoints={s: f"127.0.0.1:{ports[topology.host_of(pipeline.spec, s)]}" for s in STAGE_ORDER},
         base_dir=str(pipeline_file.resolve().parent),
     )
     config_path = folder / "runtime.yaml"
@@ -130,7 +131,7 @@ def start(pipeline_file: Path, *, otel_exporter: str = "") -> LocalRun:
         (folder / f"{stage.value}.ports").unlink(missing_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "promptpipe.runtime.server"],
+                [sys.executable, "-m", "promptpipe.stage_process"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -164,7 +165,7 @@ PASSED_TO_INFERENCE = (
 def stage_environment(stage: StageName, pipeline: PromptPipeline, parent: Mapping[str, str]) -> dict[str, str]:
     """The part of `parent` a stage process needs (the PROMPTPIPE_* settings are added by the caller)."""
     names = set(PASSED_TO_EVERY_STAGE)
-    if pipeline.spec.runs_inference(stage):
+    if topology.runs_inference(pipeline.spec, stage):
         names.update(PASSED_TO_INFERENCE)
         openai = pipeline.spec.model.openai
         if pipeline.spec.model.backend is BackendKind.OPENAI and openai is not None and openai.api_key_env:
@@ -217,7 +218,7 @@ def stop(run: LocalRun) -> list[str]:
             continue
         os.kill(proc.pid, signal.SIGTERM)
         spec = config.pipeline.spec
-        grace = spec.drain_grace(stage)
+        grace = topology.drain_grace(spec, stage)
         if not exits(proc.pid, grace + 5.0):
             os.kill(proc.pid, signal.SIGKILL)
             killed.append(stage.value)

@@ -21,6 +21,7 @@ from promptpipe.cli.keys import keys_app
 from promptpipe.cli.models import model_app, registry_app
 from promptpipe.cli.perf import analyze_command, bench
 from promptpipe.client import GenerationError, PipelineClient
+from promptpipe.contract import topology
 from promptpipe.contract.labels import ROLLBACK as ROLLBACK_ANNOTATION
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
 from promptpipe.contract.runtime_config import load_runtime_config
@@ -125,7 +126,7 @@ def _print_status(run: localrun.LocalRun) -> None:
         pad_edge=False,
         collapse_padding=True,
     )
-    for col in ("stage", "health", "workers", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
+    for col in ("stage", "health", "grpc", "metrics", "queue", "running", "rejected", "dropped", "done"):
         table.add_column(col, justify="left" if col in ("stage", "health") else "right", no_wrap=True)
     spec = load_runtime_config(Path(run.folder) / "runtime.yaml").pipeline.spec
     for stage, proc in run.stages.items():
@@ -133,9 +134,8 @@ def _print_status(run: localrun.LocalRun) -> None:
         stats = asyncio.run(_stats(proc.stats_target)) if health != "EXITED" else None
         colour = "green" if health == "SERVING" else "red"
         # A process with fused stages (`spec.fuse`) names them; its queue is the one its callers call.
-        label = "+".join([stage, *(s.value for s in spec.fused_into(StageName(stage)))])
-        workers = spec.workers_of(StageName(stage))  # processes on its port (`stages.<stage>.workers`)
-        row = [label, f"[{colour}]{health}[/]", str(workers), str(proc.port), str(proc.metrics_port)]
+        label = "+".join([stage, *(s.value for s in topology.fused_into(spec, StageName(stage)))])
+        row = [label, f"[{colour}]{health}[/]", str(proc.port), str(proc.metrics_port)]
         if stats is None:
             table.add_row(*row, *["-"] * 5)
             continue

@@ -26,6 +26,7 @@ from promptpipe.perf.load import parse_levels
 from promptpipe.perf.prompts import from_jsonl
 from promptpipe.perf.runner import Plan, prompt_source, run
 from promptpipe.perf.transports import GrpcTransport, HttpTransport, Transport
+from promptpipe.promql import PrometheusError
 
 FileOption = Annotated[
     Path | None, typer.Option("--file", "-f", exists=True, dir_okay=False, help="The pipeline file: its spec.slo.")
@@ -295,7 +296,7 @@ def _analyze_prometheus(
         raise fail("--prometheus needs --pipeline NAME", 2)
     try:
         fig = prom.figures(url, pipeline, window, namespace)
-    except prom.PrometheusError as e:
+    except PrometheusError as e:
         raise fail(str(e)) from None
     parts = fig.mean_parts()
     total = sum(parts.values())

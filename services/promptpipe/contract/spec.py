@@ -23,7 +23,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-from pydantic.config import JsonDict
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
@@ -59,13 +58,6 @@ class FusedStage(str, enum.Enum):
     INFERENCE = "inference"
 
 
-# The process each fusable stage runs in when fused (post follows inference into the gateway's).
-FUSION_HOSTS: dict[StageName, StageName] = {
-    StageName.RAG: StageName.STREAM,
-    StageName.ASSEMBLE: StageName.STREAM,
-    StageName.POST: StageName.INFERENCE,
-    StageName.INFERENCE: StageName.STREAM,
-}
 INFERENCE_FUSED_ALONE_MESSAGE = "inference runs in the gateway's process only with post (post calls it): add post"
 
 
@@ -179,25 +171,24 @@ STREAM_MIN_REPLICAS_MESSAGE = (
 )
 
 
-MAX_WORKERS = 32
-
-
-# Binary suffixes first: "Mi" must not be read as "i" after an "M".
-_QUANTITY_SUFFIXES = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-}  # fmt: skip
-
-
-def cpu_cores(quantity: str) -> float:
-    """A quantity (QUANTITY_PATTERN: "2", "1.5", "500m", "1e3") as a number: a CPU request in cores."""
-    for suffix, factor in _QUANTITY_SUFFIXES.items():
-        if quantity.endswith(suffix):
-            return float(quantity[: -len(suffix)]) * factor
-    return float(quantity)
+# `stages.<stage>.workers` (worker processes per pod) was removed in 0.2.0; a file that still sets it is
+# refused with this, at apply and by `promptpipe up`, rather than ignored.
+WORKERS_REMOVED_MESSAGE = (
+    "was removed in 0.2.0: a stage pod runs one process; scale a stage with replicas"
+    " (scaling.minReplicas and maxReplicas; KEDA adds pods on load)"
+)
 
 
 class StageSpec(_Model):
+    # The API server's copy of `_no_workers` below.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.workers)", "message": WORKERS_REMOVED_MESSAGE, "fieldPath": ".workers"}
+            ]
+        }
+    )
+
     queue: QueueSpec = QueueSpec()
     timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     retries: RetrySpec = RetrySpec()
@@ -207,10 +198,14 @@ class StageSpec(_Model):
     scaling: ScalingSpec = ScalingSpec()
     # Operator only: the stage container's resources; unset, the operator's defaults for the stage.
     resources: ResourcesSpec | None = None
-    # Processes serving the stage's port (SO_REUSEPORT), an event loop and a core each, sharing the stage's
-    # one admission queue. More than 1 only where `PipelineSpec.workers_refusal` finds nothing against it.
-    # Unset: one per whole CPU the stage requests (`PipelineSpec.workers_of`).
-    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None
+    # Removed in 0.2.0 (WORKERS_REMOVED_MESSAGE): kept in the schema only to refuse it by name.
+    workers: Annotated[int, Field(description="Removed in 0.2.0: refused. Scale a stage with replicas.")] | None = None
+
+    @field_validator("workers")
+    @classmethod
+    def _no_workers(cls, workers: int | None) -> None:
+        if workers is not None:
+            raise ValueError(WORKERS_REMOVED_MESSAGE)
 
     def drain_grace(self) -> float:
         """How long a draining stage lets its calls run: `drainGraceSeconds`, else `timeoutSeconds`."""
@@ -733,21 +728,6 @@ class TlsSpec(_Model):
     secret_name: Annotated[str, Field(min_length=1, max_length=253)]
 
 
-# Where a stage cannot run more than one worker process (`workers`), and why.
-WORKERS_LLAMACPP_MESSAGE = "must be 1 with backend llamacpp: each worker would load the model, which uses every core"
-WORKERS_FUSED_MESSAGE = "must be 1 for a stage fused into another's process, or hosting one (spec.fuse)"
-
-
-def _one_worker_rule(stage: str, when: str, message: str) -> JsonDict:
-    """CEL: `stages.<stage>.workers` is 1 when `when` holds (unset fields are their defaults)."""
-    return {
-        "rule": f"!({when}) || !has(self.stages) || !has(self.stages.{stage})"
-        f" || !has(self.stages.{stage}.workers) || self.stages.{stage}.workers == 1",
-        "message": message,
-        "fieldPath": f".stages.{stage}.workers",
-    }
-
-
 # The embedded model's context holds the prompt and the answer: an answer as long leaves no prompt.
 CONTEXT_MESSAGE = "must be less than model.llamacpp.contextSize: the context holds the prompt and the answer"
 
@@ -793,22 +773,6 @@ class PipelineSpec(_Model):
                     "message": INFERENCE_FUSED_ALONE_MESSAGE,
                     "fieldPath": ".fuse",
                 },
-                # The API server's copy of `workers_refusal` below.
-                _one_worker_rule(
-                    "stream",
-                    "has(self.fuse) && self.fuse.exists(s, s in ['rag', 'assemble', 'inference'])",
-                    WORKERS_FUSED_MESSAGE,
-                ),
-                _one_worker_rule(
-                    "inference",
-                    "!has(self.model.backend) || self.model.backend == 'llamacpp'",
-                    WORKERS_LLAMACPP_MESSAGE,
-                ),
-                *(
-                    _one_worker_rule(stage, f"has(self.fuse) && '{stage}' in self.fuse", WORKERS_FUSED_MESSAGE)
-                    for stage in ("rag", "assemble", "post", "inference")
-                ),
-                _one_worker_rule("inference", "has(self.fuse) && 'post' in self.fuse", WORKERS_FUSED_MESSAGE),
             ]
         }
     )
@@ -840,65 +804,6 @@ class PipelineSpec(_Model):
             json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
     ] = []
-
-    def host_of(self, stage: StageName) -> StageName:
-        """The stage whose process runs `stage`: itself unless it is fused (post fused follows inference)."""
-        host = stage
-        while host in FUSION_HOSTS and FusedStage(host.value) in self.fuse:
-            host = FUSION_HOSTS[host]
-        return host
-
-    def processes(self) -> list[StageName]:
-        """The stages that run as processes of their own (Deployments on a cluster), in STAGE_ORDER."""
-        return [s for s in STAGE_ORDER if self.host_of(s) is s]
-
-    def called_as(self, process: StageName) -> StageName:
-        """The stage the other processes call in `process`: post, when post is fused into inference."""
-        if process is StageName.INFERENCE and StageName.POST in self.fused_into(process):
-            return StageName.POST
-        return process
-
-    def fused_into(self, host: StageName) -> list[StageName]:
-        """The fused stages that run in `host`'s process."""
-        return [s for s in STAGE_ORDER if s is not host and self.host_of(s) is host]
-
-    def runs_inference(self, process: StageName) -> bool:
-        """Whether `process` runs the inference stage: its own process, or its host's when fused."""
-        return self.host_of(StageName.INFERENCE) is process
-
-    def drain_grace(self, process: StageName) -> float:
-        """How long `process` drains: the longest of the stages it runs (its own and those fused into it)."""
-        return max(self.stages.get(s).drain_grace() for s in (process, *self.fused_into(process)))
-
-    def workers_refusal(self, stage: StageName) -> str | None:
-        """Why `stage` must run one worker process (None: it may run several). The stage broker shares one
-        queue (and the gateway's tenant quotas) between workers; a model in memory and fused stages are not
-        shared."""
-        if stage is StageName.INFERENCE and self.model.backend is BackendKind.LLAMACPP:
-            return WORKERS_LLAMACPP_MESSAGE
-        if self.host_of(stage) is not stage or self.fused_into(stage):
-            return WORKERS_FUSED_MESSAGE
-        return None
-
-    def workers_of(self, stage: StageName) -> int:
-        """The worker processes `stage` runs: its `workers`, else one per whole CPU it requests where it may
-        run several (`workers_refusal`), else 1."""
-        spec = self.stages.get(stage)
-        if spec.workers is not None:
-            return spec.workers
-        cpu = (spec.resources.requests.get("cpu") if spec.resources is not None else None) or "0"
-        if self.workers_refusal(stage) is not None:
-            return 1
-        return max(1, min(MAX_WORKERS, int(cpu_cores(cpu))))
-
-    @model_validator(mode="after")
-    def _workers_where_they_can_run(self) -> PipelineSpec:
-        for stage in STAGE_ORDER:
-            refusal = self.workers_refusal(stage)
-            workers = self.stages.get(stage).workers
-            if refusal is not None and workers is not None and workers > 1:
-                raise ValueError(f"stages.{stage.value}.workers: {refusal}")
-        return self
 
     @field_validator("fuse")
     @classmethod

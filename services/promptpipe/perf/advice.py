@@ -3,6 +3,7 @@ now when the spec is known."""
 
 from __future__ import annotations
 
+from promptpipe.contract import topology
 from promptpipe.contract.spec import BackendKind, PipelineSpec, StageName, StageSpec
 from promptpipe.perf.breakdown import NETWORK
 
@@ -32,7 +33,7 @@ def _queue_knob(stage: str, spec: PipelineSpec | None) -> str:
     s = _stage(spec, stage)
     concurrency = _now(s.queue.concurrency if s else None)
     # A fused stage has the replicas of the process it runs in (`spec.fuse`).
-    host = spec.host_of(StageName(stage)).value if spec is not None else stage
+    host = topology.host_of(spec, StageName(stage)).value if spec is not None else stage
     h = _stage(spec, host)
     replicas = _now(h.scaling.max_replicas if h else None)
     if stage == "inference" and spec is not None and spec.model.backend is BackendKind.LLAMACPP:

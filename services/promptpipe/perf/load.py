@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
 from promptpipe.perf.records import Level
 
@@ -35,3 +37,14 @@ def poisson_arrivals(rate: float, seconds: float, limit: int, rng: random.Random
         times.append(t)
         t += rng.expovariate(rate)
     return times
+
+
+async def closed_loop(concurrency: int, call: Callable[[], Awaitable[bool]]) -> None:
+    """Fixed concurrency: `concurrency` clients, each sending its next call as soon as its last one ended,
+    until `call` says there is none left to send (False)."""
+
+    async def client() -> None:
+        while await call():
+            pass
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))

@@ -9,12 +9,10 @@ Prometheus does not see the network. Queue waits come at p95 too, set against th
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
+from promptpipe import promql as promql_client
 from promptpipe.contract.metrics import GATEWAY_TTFT, STAGE_DURATION, STAGE_QUEUE_WAIT
 from promptpipe.contract.spec import PipelineSpec
 from promptpipe.perf.advice import knob
@@ -24,10 +22,6 @@ from promptpipe.perf.records import STAGES
 
 # Whom each stage calls (the gateway: rag, assemble and post; post: inference).
 CALLS = {"stream": ("rag", "assemble", "post"), "post": ("inference",)}
-
-
-class PrometheusError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -70,20 +64,10 @@ class PipelineFigures:
 
 def _query(url: str, promql: str, label: str = "stage") -> dict[str, float]:
     """An instant query's vector, by its `label` ("" when it has none). NaN (no calls) is left out."""
-    target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    try:
-        with urllib.request.urlopen(target, timeout=10) as response:  # noqa: S310 - the user's Prometheus URL
-            data = json.loads(response.read())
-    except (OSError, ValueError) as e:
-        raise PrometheusError(f"{url}: {e}") from None
-    if data.get("status") != "success":
-        raise PrometheusError(f"{url}: {data.get('error', data)}")
-    out = {}
-    for row in data["data"]["result"]:
-        value = float(row["value"][1])
-        if not math.isnan(value):
-            out[row["metric"].get(label, "")] = value
-    return out
+    return promql_client.vector(url, promql, QUERY_TIMEOUT_SECONDS, label)
+
+
+QUERY_TIMEOUT_SECONDS = 10.0
 
 
 def figures(url: str, pipeline: str, window: str = "5m", namespace: str | None = None) -> PipelineFigures:
@@ -110,7 +94,7 @@ def figures(url: str, pipeline: str, window: str = "5m", namespace: str | None =
         if calls.get(name) and name in duration_mean
     }
     if not stages:
-        raise PrometheusError(f"no calls of pipeline {pipeline!r} in the last {window} at {url}")
+        raise promql_client.PrometheusError(f"no calls of pipeline {pipeline!r} in the last {window} at {url}")
     quantiles = {}
     for p in PERCENTILES:
         got = _query(url, f"histogram_quantile({p / 100}, sum by (le) (rate({ttft}_bucket{{{selector}}}[{window}])))")
@@ -122,7 +106,7 @@ def _one_namespace(url: str, pipeline: str, window: str) -> None:
     seen = f'count by (namespace) (count_over_time({STAGE_DURATION.name}_count{{pipeline="{pipeline}"}}[{window}]))'
     namespaces = sorted(_query(url, seen, "namespace"))
     if len(namespaces) > 1:
-        raise PrometheusError(
+        raise promql_client.PrometheusError(
             f"pipeline {pipeline!r} runs in namespaces {', '.join(namespaces)}: name one with --namespace"
         )
 

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from promptpipe.perf.load import poisson_arrivals
+from promptpipe.perf.load import closed_loop, poisson_arrivals
 from promptpipe.perf.prompts import Conversation, Prompt, synthetic
 from promptpipe.perf.records import BenchResult, CallRecord, Level
 from promptpipe.perf.transports import Transport
@@ -45,7 +45,7 @@ async def run(plan: Plan, transport: Transport, result: BenchResult, progress: P
         level_run = _LevelRun(plan, transport, result, index, origin, rng, progress)
         start = time.perf_counter() - origin
         if level.kind == "concurrency":
-            await level_run.closed_loop(int(level.value))
+            await closed_loop(int(level.value), level_run.session)
         else:
             await level_run.open_loop(level.value)
         result.windows.append((start, time.perf_counter() - origin))
@@ -76,14 +76,6 @@ class _LevelRun:
         self.claimed += self.plan.turns
         return True
 
-    async def closed_loop(self, workers: int) -> None:
-        """Fixed concurrency: each worker sends its next call when its last one ends."""
-        await asyncio.gather(*(self._worker() for _ in range(workers)))
-
-    async def _worker(self) -> None:
-        while await self._session():
-            pass
-
     async def open_loop(self, rate: float) -> None:
         """Fixed rate: sessions start at Poisson arrival times whether or not earlier calls have ended."""
         sessions = -(-self.plan.requests // self.plan.turns)
@@ -93,10 +85,10 @@ class _LevelRun:
             delay = self.started + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(self._session()))
+            tasks.append(asyncio.create_task(self.session()))
         await asyncio.gather(*tasks)
 
-    async def _session(self) -> bool:
+    async def session(self) -> bool:
         """One session of `plan.turns` calls in sequence (one call when single-turn). False: none was sent."""
         if not self._claim():
             return False

@@ -17,7 +17,7 @@ from promptpipe.perf.prompts import Prompt
 from promptpipe.perf.records import StageShare
 from promptpipe.v1 import gateway_pb2
 
-# How the OpenAI-compatible API says a pipeline status (see stages/openai_api.py), back to its name.
+# How the OpenAI-compatible API says a pipeline status (see gateway/openai_api.py), back to its name.
 _HTTP_STATUS = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",

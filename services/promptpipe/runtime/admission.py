@@ -22,7 +22,6 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
-from typing import Protocol
 
 from promptpipe.contract.spec import QueueSpec, ShedPolicy
 from promptpipe.runtime.errors import DeadlineExceeded, Shed
@@ -69,31 +68,6 @@ class Holds:
         for since in self._since.values():
             return time.monotonic() - since
         return 0.0
-
-
-class Admission(Protocol):
-    """What a stage admits its calls with: its own `AdmissionQueue`, or a worker's share of the stage's
-    (`broker.BrokeredQueue`)."""
-
-    capacity: int
-    concurrency: int
-    policy: ShedPolicy
-    retry_after: float
-    counters: AdmissionCounters
-
-    @property
-    def depth(self) -> int: ...
-
-    @property
-    def in_flight(self) -> int: ...
-
-    def held_for(self) -> float:
-        """Seconds the longest-held work slot has been held (0: none is)."""
-
-    def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> contextlib.AbstractAsyncContextManager[float]: ...
-
-    async def stats(self) -> dict[str, int]:
-        """The stage's queue now (all its workers'): depth, in_flight, rejected, dropped, completed."""
 
 
 class _FlowQueue:
@@ -176,13 +150,11 @@ class AdmissionQueue:
         return cls(spec.capacity, spec.concurrency, spec.shed_policy, spec.retry_after_seconds, stage)
 
     def held_for(self) -> float:
+        """Seconds the longest-held work slot has been held (0: none is)."""
         return self._holds.longest()
 
     def snapshot(self) -> dict[str, int]:
         return {"depth": self.depth, "in_flight": self.in_flight, **asdict(self.counters)}
-
-    async def stats(self) -> dict[str, int]:
-        return self.snapshot()
 
     def waiting(self, flow: str) -> int:
         for cls in self._classes.values():

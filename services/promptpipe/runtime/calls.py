@@ -9,7 +9,6 @@ replicas (round_robin over its headless Service's addresses, re-resolved as conn
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -43,21 +42,6 @@ class NextStage(Protocol):
     async def close(self) -> None: ...
 
 
-# Connections to each replica of a stage run by several worker processes: the kernel hands each new
-# connection to one of them (SO_REUSEPORT), so a few per worker spread the calls over them all, and each
-# connection's end (MAX_CONNECTION_AGE_MS) deals its place again.
-CONNECTIONS_PER_WORKER = 4
-
-
-def connection_options(workers: int) -> list[Sequence[tuple[str, Any]]]:
-    """The options of each channel to a stage of `workers` processes per replica: one channel for a lone
-    process; else CONNECTIONS_PER_WORKER per worker, each with a subchannel pool of its own (so a
-    connection of its own to every replica)."""
-    if workers <= 1:
-        return [STAGE_CHANNEL_OPTIONS]
-    return [[*STAGE_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]] * (CONNECTIONS_PER_WORKER * workers)
-
-
 class StageClient:
     def __init__(
         self,
@@ -66,23 +50,18 @@ class StageClient:
         interceptors: Sequence[Any] = (),
         open_calls: OpenCallSeconds | None = None,
         name: str = "the next stage",
-        workers: int = 1,
     ) -> None:
         self.target = target
         self.name = name  # what callers' messages call it: never its address
         self._retry = retry
         self._open_calls = open_calls or OpenCallSeconds()
-        self._channels = [
-            grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)
-            for options in connection_options(workers)
-        ]
-        self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
-        self._turn = itertools.cycle(self._stubs)
-        self._stub = self._stubs[0]
+        self._channel = grpc.aio.insecure_channel(
+            target, options=STAGE_CHANNEL_OPTIONS, interceptors=interceptors or None
+        )
+        self._stub = stage_pb2_grpc.StageStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+        await self._channel.close()
 
     async def stats(self, timeout: float) -> stage_pb2.StageStats:
         result: stage_pb2.StageStats = await self._stub.Stats(stage_pb2.StatsRequest(), timeout=timeout)
@@ -94,7 +73,7 @@ class StageClient:
         with self._open_calls.open():  # retries and waiting included
             async for attempt in Retries(self._retry, deadline, self.name):
                 try:
-                    result: stage_pb2.WorkItem = await next(self._turn).Process(
+                    result: stage_pb2.WorkItem = await self._stub.Process(
                         item, timeout=self._remaining(deadline), wait_for_ready=True
                     )
                     if result.timings:  # the callee's own, appended last
@@ -110,7 +89,7 @@ class StageClient:
         first: float | None = None
         with self._open_calls.open():  # retries and waiting included
             async for attempt in Retries(self._retry, deadline, self.name):
-                call = next(self._turn).Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
+                call = self._stub.Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
                 # Closed explicitly when we leave: a tracing interceptor ends the call's span only when its
                 # response iterator ends, and one left to the garbage collector may never be.
                 events = aiter(call)

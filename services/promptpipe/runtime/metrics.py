@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from promptpipe.contract import metrics as m
 from promptpipe.contract.codes import SERVER_ERROR_CODES
 from promptpipe.contract.spec import SloSpec
-from promptpipe.runtime.admission import Admission, AdmissionQueue
+from promptpipe.runtime.admission import AdmissionQueue
 
 # Latency buckets from 100 µs to 2 min: stage hops are sub-millisecond, generations long.
 _LATENCY_BUCKETS = (
@@ -90,11 +90,10 @@ def _families_of(registry: CollectorRegistry) -> _StageFamilies:
 
 
 class StageMetrics:
-    def __init__(self, registry: CollectorRegistry, pipeline: str, stage: str, queue: Admission) -> None:
+    def __init__(self, registry: CollectorRegistry, pipeline: str, stage: str, queue: AdmissionQueue) -> None:
         labels = {m.Label.PIPELINE.value: pipeline, m.Label.STAGE.value: stage}
         f = _families_of(registry)
-        # Gauges read the queue when scraped: nothing to keep in sync on the hot path. A worker's queue counts
-        # its own calls waiting and working, so the workers' sum is the stage's (`metrics_merge`).
+        # Gauges read the queue when scraped: nothing to keep in sync on the hot path.
         f.queue_depth.labels(**labels).set_function(lambda: queue.depth)
         f.queue_capacity.labels(**labels).set(queue.capacity)
         f.in_flight.labels(**labels).set_function(lambda: queue.in_flight)

@@ -5,9 +5,8 @@ Tokens per minute: a call's size is not known before it runs, so a call is admit
 bucket is not empty and pays for its prompt and generated tokens when it ends; a bucket driven below zero
 refuses the tenant's calls until it refills above it. Each bucket holds at most a minute's worth.
 
-The gateway charges its calls through a `Tenancy`: its own (`LocalTenancy`), or, when it runs worker
-processes, its supervisor's, over the broker (`broker.BrokeredTenancy`), so a tenant's quota is one
-bucket however many workers its calls reach.
+The gateway charges its calls through a `Tenancy`: today the buckets kept in its own process
+(`LocalTenancy`).
 """
 
 from __future__ import annotations

@@ -50,9 +50,6 @@ class StageSettings(BaseSettings):
     port_file: Path | None = None
     """If set, the bound ports are written here as `grpc metrics http stage` once serving (http 0: none;
     stage: the stream stage's internal port, else the same as grpc)."""
-    worker_of: Path | None = None
-    """Set by a stage's supervisor (`stages.<stage>.workers` > 1): the socket of the admission broker this
-    worker process shares the stage's queue through."""
     otel_exporter: Exporter | Literal[""] = ""
     """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`; unset, as the pipeline's
     `spec.tracing` says (OTLP to its endpoint), and off without it."""

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import StageSpec
 from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, SPAN_NAMES
-from promptpipe.runtime.admission import ONE_FLOW, Admission, AdmissionQueue, Flow
+from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import tracer
@@ -58,7 +58,7 @@ class StreamingHandler(StageHandler, Protocol):
 
 
 class StageRuntime:
-    def __init__(self, stage: str, spec: StageSpec, queue: Admission, metrics: StageMetrics) -> None:
+    def __init__(self, stage: str, spec: StageSpec, queue: AdmissionQueue, metrics: StageMetrics) -> None:
         self.stage = stage
         self.spec = spec
         self.queue = queue
@@ -66,12 +66,9 @@ class StageRuntime:
         self._span_name = SPAN_NAMES.get(stage, stage)
 
     @classmethod
-    def create(
-        cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str, queue: Admission | None = None
-    ) -> StageRuntime:
-        """A stage's runtime with its own admission queue, or `queue` (a worker's share of the stage's)."""
-        if queue is None:
-            queue = AdmissionQueue.of(spec.queue, stage)
+    def create(cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str) -> StageRuntime:
+        """A stage's runtime with its own admission queue."""
+        queue = AdmissionQueue.of(spec.queue, stage)
         return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
 
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
@@ -148,10 +145,10 @@ class StageRuntime:
             stage=self.stage, queue_wait_seconds=call.queue_wait, work_seconds=work, first_output_seconds=first
         )
 
-    async def stats(self, serving: bool) -> stage_pb2.StageStats:
-        """The stage's queue: its own, or with workers the one they share (asked of the broker)."""
+    def stats(self, serving: bool) -> stage_pb2.StageStats:
+        """The stage's queue now."""
         q = self.queue
-        now = await q.stats()
+        now = q.snapshot()
         return stage_pb2.StageStats(
             stage=self.stage,
             queue_depth=now["depth"],
@@ -273,4 +270,4 @@ class StageServicer:
                 yield event
 
     async def Stats(self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageStats:
-        return await self.runtime.stats(self.serving)
+        return self.runtime.stats(self.serving)

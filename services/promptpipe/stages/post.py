@@ -10,7 +10,7 @@ from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss, StageError
 from promptpipe.runtime.stage import Call
 from promptpipe.textfilters.rules import Action, build_rules, stop_rules
-from promptpipe.textfilters.stream import StreamingFilter
+from promptpipe.textfilters.streaming import StreamingFilter
 from promptpipe.v1 import common_pb2, stage_pb2
 
 _ENDED_BY = {Action.STOP: common_pb2.FINISH_REASON_STOP, Action.REFUSE: common_pb2.FINISH_REASON_CONTENT_FILTER}

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 
 from promptpipe.contract.spec import GenerationDefaults
+from promptpipe.gateway.requests import own_timings, work_item
 from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
 from promptpipe.runtime.calls import NextStage
@@ -18,7 +19,6 @@ from promptpipe.runtime.errors import DataLoss, QuotaExceeded, abort_with
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.quotas import Tenancy
 from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
-from promptpipe.stages.requests import own_timings, work_item
 from promptpipe.v1 import common_pb2, gateway_pb2
 
 

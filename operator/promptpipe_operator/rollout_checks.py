@@ -7,10 +7,10 @@ import datetime as dt
 import json
 import logging
 import urllib.error
-import urllib.parse
 import urllib.request
 from typing import Any
 
+from promptpipe import promql
 from promptpipe.contract.spec import PipelineSpec
 from promptpipe.registry import errors as registry_errors
 from promptpipe.registry.refs import ModelRef
@@ -74,36 +74,16 @@ def analyse_prometheus(
     seconds = max(since_switch, 0.0) + source.scrape_interval
     values: dict[str, float | None] = {}
     for key, query in prometheus_queries(namespace, pipeline, seconds).items():
-        target = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": query})
         try:
-            with urllib.request.urlopen(target, timeout=5) as response:  # noqa: S310 - the spec's Prometheus
-                data = json.loads(response.read(MAX_ANSWER_BYTES))
-        except urllib.error.HTTPError as e:  # Prometheus answers a bad query with 400 and a JSON error
-            data = _json_or_none(e.read(MAX_ANSWER_BYTES)) or {"error": f"HTTP {e.code}, not a Prometheus API answer"}
-        except (OSError, ValueError) as e:
-            return None, f"Prometheus at {url} could not be queried: {type(e).__name__}"
-        data = data if isinstance(data, dict) else {}
-        result = data.get("data", {}).get("result", []) if data.get("status") == "success" else None
-        if result is None:
-            # Only Prometheus' own short error string is told; anything else the server said is not copied.
-            error = data.get("error")
-            told = error[:200] if isinstance(error, str) else "not a Prometheus API answer"
-            return None, f"Prometheus refused the query {query!r}: {told}"
+            result = promql.instant_query(url, query, PROMETHEUS_TIMEOUT_SECONDS)
+        except promql.PrometheusError as e:
+            return None, str(e)
         raw = float(result[0]["value"][1]) if result else None
         values[key] = None if raw is None or raw != raw else raw  # NaN: no data
     return verdict(values["requests"] or 0.0, values["errors"] or 0.0, values["ttft_p95"], spec.rollout.analysis)
 
 
-# The most of an answer the analysis reads: a vector of one sample is a few hundred bytes.
-MAX_ANSWER_BYTES = 1 << 20
-
-
-def _json_or_none(body: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+PROMETHEUS_TIMEOUT_SECONDS = 5.0
 
 
 def resolve_version(registry: Registry | None, spec: PipelineSpec) -> tuple[str | None, str]:

@@ -23,13 +23,13 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from promptpipe.contract.spec import ModelSpec
+from promptpipe.gateway import openai_api as api
+from promptpipe.gateway.grpc_api import GatewayServicer, with_tenant
 from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
 from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError
 from promptpipe.runtime.stage import StageRuntime
 from promptpipe.runtime.tls import RELOAD_EVERY_SECONDS, ServerCertificate
 from promptpipe.runtime.tracing import continuing
-from promptpipe.stages import openai_api as api
-from promptpipe.stages.stream import GatewayServicer, with_tenant
 from promptpipe.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class OpenAIGateway:
         self._keys = keys
         self._gateway = gateway
         self._runtime = runtime
-        self._exposition = exposition  # the stage's metrics: this process's, or its workers' merged
+        self._exposition = exposition  # the stage's metrics
         self._serving: Callable[[], bool] = lambda: False
         self._runner: web.AppRunner | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -72,17 +72,15 @@ class OpenAIGateway:
         grace: float,
         serving: Callable[[], bool],
         tls: ServerCertificate | None = None,
-        shared_port: bool = False,
     ) -> int:
         """Start serving; the bound port (0 picks one). Handlers are cancelled when their client leaves,
         which ends the call down to the backend, as a gRPC cancellation does. On `stop`, answers in
-        progress get `grace` seconds, as on gRPC. With `tls`, HTTPS, the certificate followed as it changes.
-        A gateway's worker processes share the port (`shared_port`, SO_REUSEPORT)."""
+        progress get `grace` seconds, as on gRPC. With `tls`, HTTPS, the certificate followed as it changes."""
         self._serving = serving
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace)
         await self._runner.setup()
         context = tls.ssl_context() if tls is not None else None
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=shared_port, ssl_context=context)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=context)
         await site.start()
         if tls is not None and context is not None:
             self._reloading = asyncio.create_task(_follow_certificate(tls, context))

@@ -4,11 +4,11 @@ Only the replica holding the Lease runs kopf at all; the others wait, watching t
 Lease. A leader that cannot renew in time stops and exits non-zero (its pod restarts
 as a follower), as controller-runtime's managers do: any failure to renew counts (a
 refusal, a reset or stalled connection: every call has a timeout), its writes stop at
-once (`leadership.py`: each write checks that the last renewal is within the renew
+once (`write_fence.py`: each write checks that the last renewal is within the renew
 deadline), and if kopf does not stop within the lease's duration the process exits
 regardless. One that is stopped releases the Lease, so a follower takes over at once
 rather than after the lease expires. Uses the official client's LeaderElection, with
-our Lease lock (`leaselock.py`).
+our Lease lock (`lease_lock.py`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from kubernetes import client
 from kubernetes.leaderelection import electionconfig, leaderelection
 
-from promptpipe_operator.leadership import LEADERSHIP
-from promptpipe_operator.leaselock import LeaseLock
+from promptpipe_operator.leader.lease_lock import LeaseLock
+from promptpipe_operator.leader.write_fence import LEADERSHIP
 from promptpipe_operator.metrics import LEADER
 from promptpipe_operator.settings import OperatorSettings
 

@@ -1,7 +1,9 @@
-"""One stage process: gRPC server with health and reflection, /metrics, graceful drain.
+"""One stage process: built from its config (`build`), then served (`serve`): the gRPC server with health
+and reflection, /metrics, the gateway's HTTP API, graceful drain.
 
-This is the entry point the container images run (`promptpipe-stage`) and the one
-`promptpipe up` starts locally, so both paths are the same code.
+This is the entry point the container images run (`promptpipe-stage`) and the one `promptpipe up` starts
+locally, so both paths are the same code. A process runs its own stage and the stages fused into it
+(`spec.fuse`), each behind its own runtime (queue, deadline cap, metrics), called in-process.
 """
 
 from __future__ import annotations
@@ -10,31 +12,213 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from promptpipe.contract import health as health_services
+from promptpipe.contract import topology
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
 from promptpipe.contract.spec import StageName, StageSpec
 from promptpipe.contract.tracing import service_name
+from promptpipe.gateway.grpc_api import GatewayServicer
+from promptpipe.gateway.http_api import OpenAIGateway
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime.apikeys import KeyRing
-from promptpipe.runtime.broker import BrokeredQueue, BrokerLink
-from promptpipe.runtime.metrics import serving_gauge
+from promptpipe.runtime.calls import NextStage, StageClient
+from promptpipe.runtime.inprocess import InProcessStage
+from promptpipe.runtime.liveness import Liveness, stuck_after
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, serving_gauge
+from promptpipe.runtime.quotas import LocalTenancy
 from promptpipe.runtime.settings import StageSettings
-from promptpipe.runtime.stage import WATCHDOG_SLACK_SECONDS, StageRuntime, StageServicer
+from promptpipe.runtime.stage import (
+    WATCHDOG_SLACK_SECONDS,
+    EnrichingHandler,
+    StageRuntime,
+    StageServicer,
+    StreamingHandler,
+)
 from promptpipe.runtime.tls import ServerCertificate
 from promptpipe.runtime.tracing import setup_tracing
-from promptpipe.runtime.workers import supervise
-from promptpipe.stages import BuiltStage, build_stage
 from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+Handler = EnrichingHandler | StreamingHandler
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class StageProcess:
+    """What one stage process serves, built from its config by `build`."""
+
+    # The stage its Stage service serves (post's, when post is fused into the inference process) and its
+    # handler; the gateway serves none (its Stage service answers Stats only).
+    served: StageRuntime
+    handler: Handler | None
+    # What the process's calls hold (every stage's slots, the model), to tell when it is stuck.
+    liveness: Liveness
+    start: Callable[[], Awaitable[None]] = _nothing
+    close: Callable[[], Awaitable[None]] = _nothing
+    # Whether the stage can serve now (every backend circuit open: no).
+    healthy: Callable[[], bool] = lambda: True
+    gateway: GatewayServicer | None = None
+    http: OpenAIGateway | None = None
+
+    def can_serve(self) -> bool:
+        """Healthy and not stuck: what the stage's health says while it runs."""
+        return self.healthy() and self.liveness.stuck() is None
+
+
+class _Parts:
+    """The parts of one stage process: the handlers of the stages it runs and the calls between them."""
+
+    def __init__(
+        self,
+        stage: StageName,
+        config: RuntimeConfig,
+        runtime: StageRuntime,
+        registry: CollectorRegistry,
+        client_interceptors: Sequence[Any],
+    ) -> None:
+        self.stage = stage
+        self.config = config
+        self.spec = config.pipeline.spec
+        self.name = config.pipeline.metadata.name
+        self.runtime = runtime
+        self.registry = registry
+        self.client_interceptors = client_interceptors
+        self.next_calls = NextStageCalls(registry, self.name, stage.value)
+        self.in_process: list[InProcessStage] = []  # in the order they must start
+        self.liveness = Liveness(registry, self.name)
+        self.liveness.watch(stage.value, "slot", runtime.queue.held_for, stuck_after(runtime.spec))
+        self.healthy: Callable[[], bool] = lambda: True
+
+    def next_stage(self, to: StageName) -> NextStage:
+        """How this process calls `to`: in-process when `to` runs here, else over gRPC."""
+        if topology.host_of(self.spec, to) is self.stage:
+            return self.local(to)
+        retry = self.spec.stages.get(self.stage).retries
+        calls = self.next_calls.to(to.value)
+        return StageClient(self.config.endpoints[to], retry, self.client_interceptors, calls, f"the {to.value} stage")
+
+    def local(self, stage: StageName) -> InProcessStage:
+        """`stage`, run in this process behind its own runtime."""
+        runtime = self.runtime
+        if stage is not self.stage:
+            runtime = StageRuntime.create(stage.value, self.spec.stages.get(stage), self.registry, self.name)
+            self.liveness.watch(stage.value, "slot", runtime.queue.held_for, stuck_after(runtime.spec))
+        local = InProcessStage(runtime, self.handler(stage))
+        self.in_process.append(local)
+        return local
+
+    async def start_in_process(self) -> None:
+        for local in self.in_process:
+            await local.start()
+
+    # Imports are local: a process loads only the libraries its own stages run (bm25s, jinja2, llama.cpp, ...).
+    def handler(self, stage: StageName) -> Handler:
+        spec = self.spec
+        if stage is StageName.RAG:
+            from promptpipe.stages.rag import RagHandler
+
+            corpus = self.config.resolve(spec.rag.corpus.path) if spec.rag.corpus.path else None
+            return RagHandler(spec.rag, corpus)
+        if stage is StageName.ASSEMBLE:
+            from promptpipe.stages.assemble import AssembleHandler
+
+            return AssembleHandler(spec.template, spec.model, spec.generation.max_new_tokens)
+        if stage is StageName.POST:
+            from promptpipe.stages.post import PostHandler
+
+            return PostHandler(spec.post, self.next_stage(StageName.INFERENCE))
+        return self.inference()
+
+    def inference(self) -> StreamingHandler:
+        from promptpipe.backends import build_backend
+        from promptpipe.backends.discovery import EndpointSliceWatch
+        from promptpipe.backends.remote import RemoteBackend
+        from promptpipe.stages.inference import InferenceHandler
+
+        spec = self.spec
+        metrics = BackendMetrics(self.registry, self.name, spec.model.backend.value)
+        backend = build_backend(spec.model, spec.stages.get(self.stage).retries, metrics)
+        inference = InferenceHandler(backend, metrics)
+        self.healthy = inference.healthy
+        limit = stuck_after(spec.stages.get(StageName.INFERENCE))
+        self.liveness.watch(StageName.INFERENCE.value, "model", backend.held_for, limit)
+        if self.config.backend_pods is not None and isinstance(backend, RemoteBackend):
+            return _WatchingPods(inference, EndpointSliceWatch(self.config.backend_pods, backend.set_replicas))
+        return inference
+
+
+def build(
+    stage: StageName,
+    config: RuntimeConfig,
+    runtime: StageRuntime,
+    registry: CollectorRegistry,
+    client_interceptors: Sequence[Any] = (),
+    keys: KeyRing | None = None,
+) -> StageProcess:
+    """The process of `stage`: its handler (or the gateway), with the stages fused into it built in."""
+    parts = _Parts(stage, config, runtime, registry, client_interceptors)
+    spec, name = parts.spec, parts.name
+    if stage is StageName.STREAM:
+        keys = keys or KeyRing()
+        gateway = GatewayServicer(
+            runtime,
+            spec.generation,
+            parts.next_stage(StageName.RAG),
+            parts.next_stage(StageName.ASSEMBLE),
+            parts.next_stage(StageName.POST),
+            GatewayMetrics(registry, name, spec.slo),
+            keys,
+            LocalTenancy.create(spec.auth, registry, name, runtime.queue),
+        )
+        http = OpenAIGateway(gateway, runtime, name, spec.model, _exposition_of(registry), keys)
+        return StageProcess(
+            runtime, None, parts.liveness, parts.start_in_process, gateway.close, parts.healthy, gateway, http
+        )
+    if topology.called_as(spec, stage) is stage:
+        own = parts.handler(stage)
+        return StageProcess(runtime, own, parts.liveness, own.start, own.close, parts.healthy)
+    # post in the inference process: its Stage service serves post, which calls inference in-process
+    post = parts.local(StageName.POST)
+    return StageProcess(post.runtime, post.handler, parts.liveness, parts.start_in_process, post.close, parts.healthy)
+
+
+class _WatchingPods:
+    """The inference handler of a backend whose replicas are the pods behind a Service, followed as they
+    come and go (EndpointSlices), from start to close."""
+
+    def __init__(self, inference: StreamingHandler, pods: Any) -> None:
+        self._inference = inference
+        self._pods = pods
+        self.run = inference.run
+
+    async def start(self) -> None:
+        await self._inference.start()
+        await self._pods.start()
+
+    async def close(self) -> None:
+        await self._pods.close()
+        await self._inference.close()
+
+
+def _exposition_of(registry: CollectorRegistry) -> Callable[[], Awaitable[bytes]]:
+    async def exposition() -> bytes:
+        return generate_latest(registry)
+
+    return exposition
+
 
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_time_ms", 30_000),
@@ -50,15 +234,15 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 MIN_CONCURRENT_STREAMS = 100
 
 
-def server_options(spec: StageSpec, shared_port: bool = False) -> list[tuple[str, Any]]:
+def server_options(spec: StageSpec) -> list[tuple[str, Any]]:
     """SERVER_OPTIONS, plus the bounds that follow from the stage's limits.
 
     An aged connection is closed for good once no call on it can still be within its timeout (a call
     past it is one whose client stopped reading; the watchdog already freed its slot). One connection
     may not open more streams than the stage can admit, and never fewer than MIN_CONCURRENT_STREAMS:
     more would only be refused, but a lower limit would hold them queued in the client, unseen.
-    A stage's worker processes share their port (`shared_port`, SO_REUSEPORT); a lone process does not, so a
-    second one started on its port fails rather than taking half its calls.
+    The port is not shared (no SO_REUSEPORT): a second process started on it fails rather than taking half
+    its calls.
     """
     grace_seconds = spec.timeout_seconds + WATCHDOG_SLACK_SECONDS + CONNECTION_GRACE_MARGIN_SECONDS
     streams = max(MIN_CONCURRENT_STREAMS, spec.queue.capacity + spec.queue.concurrency)
@@ -66,7 +250,7 @@ def server_options(spec: StageSpec, shared_port: bool = False) -> list[tuple[str
         *SERVER_OPTIONS,
         ("grpc.max_connection_age_grace_ms", int(grace_seconds * 1000)),
         ("grpc.max_concurrent_streams", streams),
-        ("grpc.so_reuseport", 1 if shared_port else 0),
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -78,31 +262,21 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     stage = settings.stage
     pipeline = config.pipeline
     spec = pipeline.spec.stages.get(stage)
-    worker = settings.worker_of is not None
-    workers = pipeline.spec.workers_of(stage)
-    if workers > 1 and not worker:
-        await supervise(settings, config, workers)
-        return
     server_interceptors, client_interceptors = setup_tracing(
         settings.otel_exporter, service_name(pipeline.metadata.name, stage.value), pipeline.spec.tracing
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()
-    supervisor: BrokerLink | None = None
-    if settings.worker_of is not None:
-        supervisor = BrokerLink()
-        await supervisor.connect(str(settings.worker_of), lost=stop.set)  # no supervisor: drain and go
-    shared = BrokeredQueue(supervisor, spec.queue) if supervisor is not None else None
-    runtime = StageRuntime.create(stage.value, spec, registry, pipeline.metadata.name, shared)
+    runtime = StageRuntime.create(stage.value, spec, registry, pipeline.metadata.name)
     keys = _keys(settings)
     if keys is not None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
-    built = build_stage(stage, config, runtime, registry, client_interceptors, keys, supervisor)
-    served = built.served or runtime  # post's, when post is fused into this inference process
+    built = build(stage, config, runtime, registry, client_interceptors, keys)
+    served = built.served  # post's, when post is fused into this inference process
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())
 
-    server = grpc.aio.server(options=server_options(served.spec, worker), interceptors=server_interceptors or None)
+    server = grpc.aio.server(options=server_options(served.spec), interceptors=server_interceptors or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     certificate = _certificate(settings)
@@ -119,7 +293,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         # is on a port of its own, which the gateway's Service does not expose.
         gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
         services = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
-        internal = grpc.aio.server(options=server_options(served.spec, worker))
+        internal = grpc.aio.server(options=server_options(served.spec))
         stage_pb2_grpc.add_StageServicer_to_server(servicer, internal)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
         stage_port = internal.add_insecure_port(f"{settings.host}:{settings.stage_port}")
@@ -130,9 +304,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     servers = [server] if internal is None else [server, internal]
     health_names = (health_services.OVERALL, *services, *([stage_service] if internal is not None else []))
 
-    # A worker's metrics are for its supervisor only, which serves the stage's on the pod's metrics port.
-    metrics_host = "127.0.0.1" if worker else settings.host
-    metrics_httpd, _ = start_http_server(settings.metrics_port, addr=metrics_host, registry=registry)
+    metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     metrics_port = metrics_httpd.server_port
     http_port = 0
     if built.http is not None and settings.http_port is not None:
@@ -142,7 +314,6 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
             runtime.spec.drain_grace(),
             lambda: servicer.serving and built.can_serve(),
             certificate,
-            worker,
         )
 
     # Not serving until the stage has loaded what it needs (model, index).
@@ -189,8 +360,6 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         await asyncio.gather(*stopping, *([built.http.stop()] if built.http is not None else []))
     finally:
         await built.close()
-        if supervisor is not None:
-            await supervisor.close()
         metrics_httpd.shutdown()
     log.info("stage %s stopped", stage.value)
 
@@ -212,7 +381,7 @@ def _certificate(settings: StageSettings) -> ServerCertificate | None:
     return ServerCertificate(settings.tls_cert_file, settings.tls_key_file)
 
 
-async def _follow_health(built: BuiltStage, servicer: health.aio.HealthServicer, services: Sequence[str]) -> None:
+async def _follow_health(built: StageProcess, servicer: health.aio.HealthServicer, services: Sequence[str]) -> None:
     """NOT_SERVING while the stage cannot serve (every backend circuit open, or stuck), SERVING again once it
     can: the kubelet's readiness probe and the callers' view follow. The liveness service says NOT_SERVING
     only while the stage is stuck: the kubelet's liveness probe restarts it then, and only then."""
@@ -238,7 +407,7 @@ async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any
     runtime = StageRuntime.create(
         settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(), pipeline.metadata.name
     )
-    built = build_stage(settings.stage, config, runtime, CollectorRegistry(), [], _keys(settings))
+    built = build(settings.stage, config, runtime, CollectorRegistry(), [], _keys(settings))
     await built.close()
     return {
         "settings": settings.model_dump(mode="json"),
