@@ -32,6 +32,7 @@ from promptpipe.contract.spec import (
     RetrySpec,
     StageName,
 )
+from promptpipe.gateway.access_log import AccessLog
 from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.errors import StageError
@@ -88,7 +89,9 @@ class Fused:
         )
         deadline, callers = self.runtime.deadline_within(30)
         async with self.runtime.admit(deadline, callers, lambda: None, flow) as call:
-            answer = self.gateway.answer(request, call, received, "req", tenant)
+            access = AccessLog("http", "req")
+            access.tenant = tenant
+            answer = self.gateway.answer(request, call, received, access)
             async with contextlib.aclosing(answer):
                 async for response in answer:
                     if response.HasField("summary"):

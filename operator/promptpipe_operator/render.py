@@ -214,6 +214,8 @@ def deployment(
         {"name": "PROMPTPIPE_HOST", "value": "0.0.0.0"},  # noqa: S104 - inside the pod
         {"name": "PROMPTPIPE_PORT", "value": str(GRPC_PORT)},
         {"name": "PROMPTPIPE_METRICS_PORT", "value": str(METRICS_PORT)},
+        # The stages log as the operator does: JSON lines unless the chart says plain.
+        {"name": "PROMPTPIPE_LOG_FORMAT", "value": "json" if settings.log_format == "json" else "text"},
     ]
     ports = [
         {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},

@@ -56,6 +56,7 @@ class OperatorSettings(BaseSettings):
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
     """kopf's liveness probe, while this replica runs kopf; empty: off."""
     log_format: Literal["json", "plain"] = "json"
+    """The operator's logs, and the stage pods' it renders: `json` (one object per line) or `plain` text."""
 
     leader_election: bool = False
     """Run kopf only while holding a Lease, so several replicas are safe."""

@@ -29,6 +29,7 @@ from promptpipe.contract.tracing import service_name
 from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.gateway.http_api import OpenAIGateway
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
+from promptpipe.runtime import logs
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.calls import NextStage, StageClient
 from promptpipe.runtime.inprocess import InProcessStage
@@ -418,8 +419,9 @@ async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any
 
 def main() -> None:
     settings = StageSettings(_cli_parse_args=True)  # type: ignore[call-arg]
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format, "", settings.stage.value)
     config = load_runtime_config(settings.config)
+    logs.configure(settings.log_level, settings.log_format, config.pipeline.metadata.name, settings.stage.value)
     if settings.check:
         print(json.dumps(asyncio.run(check(settings, config))))
         return

@@ -1,7 +1,9 @@
-"""stream: the gateway, the public API. Admission first, then rag -> assemble -> post."""
+"""The gateway's gRPC API (`promptpipe.v1.Gateway`), and the call both transports make: key and quota
+first, then admission, then rag -> assemble -> post."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -10,12 +12,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import grpc
 
 from promptpipe.contract.spec import GenerationDefaults
+from promptpipe.gateway.access_log import AccessLog
 from promptpipe.gateway.requests import own_timings, work_item
 from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
 from promptpipe.runtime.calls import NextStage
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss, QuotaExceeded, abort_with
+from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.quotas import Tenancy
 from promptpipe.runtime.stage import Call, StageRuntime, close_when_done
@@ -58,16 +62,30 @@ class GatewayServicer:
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         received = time.perf_counter()
+        access = AccessLog("grpc", uuid.uuid4().hex)
+        in_call(request_id=access.request_id)
         try:
-            tenant, flow = await self.caller(dict(context.invocation_metadata() or ()).get("authorization"))
-        except (Unauthenticated, QuotaExceeded) as exc:
-            await abort_with(context, exc, self._runtime.stage)
-        with_tenant(request, tenant)
-        async with self._runtime.admitted(context, flow) as call:
-            answer = self.answer(request, call, received, uuid.uuid4().hex, tenant)
-            close_when_done(context, answer)
-            async for response in answer:
-                yield response
+            try:
+                tenant, flow = await self.caller(dict(context.invocation_metadata() or ()).get("authorization"))
+            except (Unauthenticated, QuotaExceeded) as exc:
+                await abort_with(context, exc, self._runtime.stage)
+            access.tenant = tenant
+            in_call(tenant=tenant)
+            with_tenant(request, tenant)
+            async with self._runtime.admitted(context, flow) as call:
+                answer = self.answer(request, call, received, access)
+                close_when_done(context, answer)
+                async for response in answer:
+                    yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            access.status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        finally:
+            code = context.code()  # set by an abort: the status the call ended with
+            if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+                access.status = code.name
+            access.write()
 
     async def caller(self, authorization: str | None) -> tuple[str, Flow]:
         """Whose call this is and its place in the admission queue, before admission: a call without a
@@ -76,11 +94,13 @@ class GatewayServicer:
         return tenant, await self.tenancy.charge(tenant)
 
     async def answer(
-        self, request: gateway_pb2.GenerateRequest, call: Call, received: float, request_id: str, tenant: str
+        self, request: gateway_pb2.GenerateRequest, call: Call, received: float, access: AccessLog
     ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         """One admitted call through rag -> assemble -> post, whatever the transport: chunks, then the
         summary. Closing it early (the client left) closes the post stage's stream, which ends the call
-        down to the backend. Its tokens are charged to `tenant` however it ends."""
+        down to the backend. Its tokens are charged to its tenant however it ends, and go on its access
+        log line."""
+        request_id, tenant = access.request_id, access.tenant
         first: float | None = None
         tokens = prompt_tokens = 0
         try:
@@ -122,3 +142,5 @@ class GatewayServicer:
             raise DataLoss("the post stage ended its stream without a final event")
         finally:
             self.tenancy.used(tenant, prompt_tokens + tokens)
+            access.tokens_in, access.tokens_out = prompt_tokens, tokens
+            access.ttft = None if first is None else first - received

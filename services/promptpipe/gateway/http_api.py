@@ -24,9 +24,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from promptpipe.contract.spec import ModelSpec
 from promptpipe.gateway import openai_api as api
+from promptpipe.gateway.access_log import AccessLog, status_of_http
 from promptpipe.gateway.grpc_api import GatewayServicer, with_tenant
 from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
 from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError
+from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.stage import StageRuntime
 from promptpipe.runtime.tls import RELOAD_EVERY_SECONDS, ServerCertificate
 from promptpipe.runtime.tracing import continuing
@@ -109,10 +111,34 @@ class OpenAIGateway:
         return await self._generate(request, "completion")
 
     async def _generate(self, request: web.Request, kind: api.Kind) -> web.StreamResponse:
+        """One call, and its access log line however it ends."""
+        access = AccessLog("http", uuid.uuid4().hex)
+        in_call(request_id=access.request_id)
+        try:
+            response = await self._answer(request, kind, access)
+        except (api.ApiError, web.HTTPException) as err:
+            if access.status == "OK":
+                access.status = status_of_http(err.status)
+            raise
+        except asyncio.CancelledError:
+            access.status = "CANCELLED"
+            raise
+        except Exception:
+            access.status = "INTERNAL"
+            raise
+        else:
+            if access.status == "OK":
+                access.status = status_of_http(response.status)
+        finally:
+            access.write()
+        return response
+
+    async def _answer(self, request: web.Request, kind: api.Kind, access: AccessLog) -> web.StreamResponse:
         received = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = access.request_id
         headers = {"x-request-id": request_id}
-        tenant = self._tenant(request)
+        tenant = access.tenant = self._tenant(request)
+        in_call(tenant=tenant)
         parsed = api.parse(kind, await request.read(), self._models)
         try:
             flow = await self._gateway.tenancy.charge(tenant)
@@ -126,7 +152,7 @@ class OpenAIGateway:
             # A caller's W3C traceparent makes this call's spans part of its trace, as over gRPC.
             with continuing(request.headers):
                 async with self._runtime.admit(deadline, callers, lambda: None, flow) as call:
-                    answer = self._gateway.answer(parsed.request, call, received, request_id, tenant)
+                    answer = self._gateway.answer(parsed.request, call, received, access)
                     async with contextlib.aclosing(answer):
                         if not parsed.stream:
                             return await _whole(answer, shapes, headers)
@@ -135,8 +161,10 @@ class OpenAIGateway:
                         return response
         except ClientGone:
             log.debug("client left request %s", request_id)
+            access.status = "CANCELLED"
             return response or web.Response(status=499)
         except StageError as exc:
+            access.status = exc.code.name
             err = api.api_error(exc, parsed.names)
             if response is None or not response.prepared:
                 raise err from None

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from promptpipe.contract.spec import StageName
 from promptpipe.contract.tracing import Exporter
+from promptpipe.runtime.logs import LogFormat
 
 
 class StageSettings(BaseSettings):
@@ -54,6 +55,9 @@ class StageSettings(BaseSettings):
     """Tracing exporter: `none`, `console` (JSON lines on stdout) or `otlp`; unset, as the pipeline's
     `spec.tracing` says (OTLP to its endpoint), and off without it."""
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    """`text` for a terminal (`promptpipe up`'s default), or `json`: one JSON object per line, each with the
+    pipeline, the stage and, while a call is worked on, its request id (the images' and the chart's default)."""
     check: bool = False
     """Load the config and build the stage (every library it runs imported), print the settings, exit."""
 

@@ -20,6 +20,7 @@ from promptpipe.contract.spec import StageSpec
 from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, SPAN_NAMES
 from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
+from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.metrics import StageMetrics
 from promptpipe.runtime.tracing import tracer
 from promptpipe.v1 import common_pb2, stage_pb2
@@ -243,6 +244,7 @@ class StageServicer:
         if handler is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} streams; call Run")
             raise AssertionError("abort raises")
+        in_call(request_id=request.request_id)
         async with self.runtime.admitted(context) as call:
             work_started = time.perf_counter()
             item = await handler.process(request, call)
@@ -257,6 +259,7 @@ class StageServicer:
         if handler is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} has no Run")
             raise AssertionError("abort raises")
+        in_call(request_id=request.request_id)
         async with self.runtime.admitted(context) as call:
             work_started = time.perf_counter()
             first_output: float | None = None
