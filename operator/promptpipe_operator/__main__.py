@@ -13,6 +13,7 @@ import kopf
 from kubernetes import config
 from prometheus_client import start_http_server
 
+from promptpipe import __version__
 from promptpipe.registry.settings import RegistrySettings
 from promptpipe_operator.metrics import LEADER
 from promptpipe_operator.settings import OperatorSettings
@@ -43,6 +44,7 @@ def _arguments() -> argparse.Namespace:
         description="Reconciles PromptPipelines into stage Deployments, Services, ScaledObjects and TGI backends.",
         epilog=f"Settings come from the environment:\n{fields}\n  PROMPTPIPE_REGISTRY_*: the model registry",
     )
+    parser.add_argument("--version", action="version", version=f"promptpipe-operator {__version__}")
     parser.add_argument(
         "--check", action="store_true", help="import the handlers, read the settings, print them as JSON and exit"
     )

@@ -7,13 +7,15 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from promptpipe import __version__
+
 
 class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PROMPTPIPE_OPERATOR_", extra="ignore", frozen=True, use_attribute_docstrings=True
     )
 
-    stage_image: str = "ghcr.io/promptpipe/stage:0.1.0"
+    stage_image: str = f"ghcr.io/promptpipe/stage:{__version__}"
     """Image every stage Deployment runs (`promptpipe-stage`)."""
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
     """Where KEDA's prometheus scaler reads the stages' load."""

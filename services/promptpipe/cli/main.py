@@ -14,7 +14,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from promptpipe import chattemplates
+from promptpipe import __version__, chattemplates
 from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out, print_table
 from promptpipe.cli.keys import keys_app
@@ -32,10 +32,25 @@ from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2, stage_pb2_grpc
 from promptpipe.waiting import wait_until
 
 app = typer.Typer(
-    help="Multi-stage LLM prompt pipelines as streaming gRPC microservices.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        out.print(f"promptpipe {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Multi-stage LLM prompt pipelines as streaming gRPC microservices."""
+
 
 app.add_typer(model_app, name="model")
 app.add_typer(keys_app, name="keys")
