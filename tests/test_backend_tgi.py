@@ -14,7 +14,7 @@ from promptpipe.contract.spec import StageName
 from promptpipe.localproc import free_port
 from promptpipe.stages.token_counts import TgiTokenCounter, approximate_tokens
 from promptpipe.waiting import wait_until_async
-from tests.support.calls import collect
+from tests.support.calls import Outcome, collect
 from tests.support.pipelines import synthetic_pipeline, tgi_server, tgi_stats
 
 pytestmark = pytest.mark.processes
@@ -171,12 +171,15 @@ async def test_a_half_open_trial_the_client_walks_away_from_does_not_leave_the_c
         assert failed.error is not None
         refused = await collect(p.gateway, "hello")
         assert refused.error is not None and "circuit open" in refused.error.message
-        await asyncio.sleep(2.2)
+        # A trial is due once resetSeconds have passed: the stage says it can serve again (read when scraped).
+        serving = "promptpipe_stage_serving"
+        await wait_until_async(lambda: p.metric(StageName.INFERENCE, serving) == 1, "a trial to be due", timeout=10)
 
         # The trial call: its client leaves after the first token, so it ends with no verdict.
-        trial = asyncio.create_task(collect(p.gateway, "slow:300"))
-        await wait_until_async(lambda: tgi_stats(url)["started"] >= 2, "the trial to reach the backend", timeout=10)
-        await asyncio.sleep(0.5)
+        streaming = Outcome()
+        trial = asyncio.create_task(collect(p.gateway, "slow:300", streaming))
+        async with asyncio.timeout(10):
+            await streaming.first_chunk.wait()
         trial.cancel()
         await wait_until_async(lambda: tgi_stats(url)["aborted"] >= 1, "the trial to be cut off", timeout=10)
 

@@ -103,8 +103,11 @@ class Context:
     """What the gateway uses of grpc.aio's servicer context."""
 
     def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
+        self.aborted_with: grpc.StatusCode | None = None
         self.details = ""
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.aborted_with
 
     def time_remaining(self) -> float:
         return 10.0
@@ -116,7 +119,7 @@ class Context:
         return None
 
     async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> None:
-        self.code, self.details = code, details
+        self.aborted_with, self.details = code, details
         raise Aborted
 
 
@@ -133,7 +136,7 @@ async def test_the_gateway_ends_a_post_stream_without_its_final_event_with_data_
         async for response in gateway.Generate(gateway_pb2.GenerateRequest(prompt="x"), context):  # type: ignore[arg-type]
             sent.append(response)
     assert [r.chunk.text for r in sent] == ["ab"] or [r.chunk.text for r in sent] == ["a", "b"]
-    assert context.code is grpc.StatusCode.DATA_LOSS and "without a final event" in context.details
+    assert context.code() is grpc.StatusCode.DATA_LOSS and "without a final event" in context.details
 
 
 class SummarylessGateway(gateway_pb2_grpc.GatewayServicer):
@@ -166,6 +169,7 @@ class LingeringGateway(gateway_pb2_grpc.GatewayServicer):
 
     def __init__(self) -> None:
         self.ended: list[str] = []
+        self.done = asyncio.Event()
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -177,6 +181,8 @@ class LingeringGateway(gateway_pb2_grpc.GatewayServicer):
         except asyncio.CancelledError:
             self.ended.append("cancelled")
             raise
+        finally:
+            self.done.set()
 
 
 @pytest.mark.processes
@@ -190,7 +196,8 @@ async def test_the_client_lets_a_call_end_after_its_summary_rather_than_cancel_i
         async with PipelineClient(f"127.0.0.1:{port}") as client:
             responses = [r async for r in client.generate("x", timeout=5)]
         assert [r.summary.request_id for r in responses] == ["r"]
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(10):  # however the handler ends, it says so
+            await gateway.done.wait()
         # The call ended OK on the gateway's side: the client did not cancel it once it had its summary.
         assert gateway.ended == ["completed"]
     finally:

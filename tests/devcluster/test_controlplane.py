@@ -74,13 +74,14 @@ def test_rbac_denies_what_a_service_account_was_not_granted(
     )
 
     eventually(lambda: robot.list_namespaced_config_map(namespace))
-    for forbidden in (
+    forbidden_calls: tuple[Callable[[], object], ...] = (
         lambda: robot.list_namespaced_secret(namespace),
         lambda: robot.list_namespaced_config_map("default"),
         lambda: robot.create_namespaced_config_map(
             namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="x"))
         ),
-    ):
+    )
+    for forbidden in forbidden_calls:
         with pytest.raises(ApiException) as info:
             forbidden()
         assert info.value.status == 403
@@ -268,7 +269,7 @@ def test_owner_references_are_garbage_collected_and_namespaces_deleted(kube: cli
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
