@@ -1,13 +1,15 @@
 """The control-plane build recipe and PKI: pure functions, no Go, no processes. (That the API server
-enforces RBAC and the controllers collect garbage is tested against the real thing, in test_controlplane.py.)"""
+enforces RBAC and the controllers collect garbage is tested against the real thing, in
+devcluster/test_controlplane.py.)"""
 
 from __future__ import annotations
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.devcluster.build import staging_modules, tools_go, wrapper_gomod
+from tests.devcluster.build import keda_scaler_switch, staging_modules, tools_go, wrapper_gomod
 from tests.devcluster.pki import make_pki
 
 KUBERNETES_GOMOD = """module k8s.io/kubernetes
@@ -56,3 +58,35 @@ def test_pki_chains_to_its_ca_with_the_right_identities() -> None:
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
     assert admin.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "system:masters"
+
+
+KEDA_BUILDER = """func buildScaler(ctx context.Context, triggerType string, config *C) (scalers.Scaler, error) {
+\t// TRIGGERS-START
+\tswitch triggerType {
+\tcase "activemq":
+\t\treturn scalers.NewActiveMQScaler(config)
+\tcase "cpu":
+\t\treturn scalers.NewCPUMemoryScaler(corev1.ResourceCPU, config)
+\tcase "kafka":
+\t\treturn scalers.NewKafkaScaler(ctx, config)
+\tcase "prometheus":
+\t\treturn scalers.NewPrometheusScaler(config)
+\tdefault:
+\t\treturn nil, fmt.Errorf("no scaler found for type: %s", triggerType)
+\t}
+\t// TRIGGERS-END
+}
+"""
+
+
+def test_the_keda_build_keeps_only_the_scalers_the_project_uses() -> None:
+    trimmed = keda_scaler_switch(KEDA_BUILDER, ("prometheus", "cpu"))
+    assert 'case "prometheus":' in trimmed and 'case "cpu":' in trimmed
+    assert "activemq" not in trimmed and "Kafka" not in trimmed
+    assert 'no scaler found for type: %s", triggerType)' in trimmed, "any other type: KEDA's own error"
+    assert trimmed.startswith("func buildScaler(") and trimmed.endswith("// TRIGGERS-END\n}\n")
+
+
+def test_the_keda_build_stops_when_the_builders_layout_changed() -> None:
+    with pytest.raises(RuntimeError, match="layout changed"):
+        keda_scaler_switch(KEDA_BUILDER, ("prometheus", "memory"))

@@ -105,8 +105,8 @@ def expected_tools(root: Path | None = None) -> Tools:
         b / "kube-proxy",
         b / f"coredns-{versions.COREDNS}",
         b / "pause",
-        b / "keda",
-        b / "keda-adapter",
+        b / f"keda-{'-'.join(KEDA_TRIGGERS)}",
+        b / f"keda-adapter-{'-'.join(KEDA_TRIGGERS)}",
         b / f"containerd-{versions.CONTAINERD}" / "containerd",
         b / f"containerd-{versions.CONTAINERD}" / "containerd-shim-runc-v2",
         b / f"containerd-{versions.CONTAINERD}" / "ctr",
@@ -357,21 +357,69 @@ def ensure_ghz() -> Path:
 
 
 KEDA_COMMANDS = {"keda": "cmd/operator", "keda-adapter": "cmd/adapter"}
+# The triggers the project's ScaledObjects use: prometheus (the stages' load), and cpu and memory, which
+# KEDA hands to the HPA itself. A KEDA build links every scaler's client (cloud SDKs, databases,
+# Elasticsearch's typed API: 3,300 packages, most of a 10-minute build); this one only these.
+KEDA_TRIGGERS = ("prometheus", "cpu", "memory")
+# What of KEDA's scalers package those need: its interfaces and helpers, and the scalers themselves; and
+# the one constant they share with the scalers left out (defined in azure_queue_scaler.go), given again.
+KEDA_SCALER_FILES = ("scaler.go", "prometheus_scaler.go", "cpu_memory_scaler.go")
+KEDA_SHARED_GO = 'package scalers\n\nconst externalMetricType = "External"\n'
+_KEDA_CASE = re.compile(r'\tcase "([a-z0-9-]+)":\n\t\treturn [^\n]*\n')
 
 
-def build_keda(bin_dir: Path, work: Path) -> None:
-    """KEDA's operator and its metrics API server (the adapter), from the module whose CRDs are pinned.
+def keda_scaler_switch(builder: str, triggers: tuple[str, ...] = KEDA_TRIGGERS) -> str:
+    """KEDA's scaler builder (pkg/scaling/scalers_builder.go) with only the cases of `triggers`: any other
+    trigger type gets KEDA's own "no scaler found" error."""
+    start = builder.index("\tswitch triggerType {", builder.index("// TRIGGERS-START"))
+    end = builder.index("\tdefault:", start)
+    cases = [m.group(0) for m in _KEDA_CASE.finditer(builder, start, end) if m.group(1) in triggers]
+    if len(cases) != len(triggers):
+        raise RuntimeError(f"KEDA's scaler builder has not every one of {triggers}: its layout changed")
+    return builder[:start] + "\tswitch triggerType {\n" + "".join(cases) + builder[end:]
+
+
+def trimmed_keda_source(module: Path, dest: Path) -> None:
+    """KEDA's module source with only the scalers of KEDA_TRIGGERS (its module cache copy is read-only)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(module, dest, ignore=shutil.ignore_patterns("*_test.go", "testdata", ".git*"))
+    for path in dest.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for source in (dest / "pkg" / "scalers").glob("*.go"):
+        if source.name not in KEDA_SCALER_FILES:
+            source.unlink()
+    (dest / "pkg" / "scalers" / "shared_by_left_out_scalers.go").write_text(KEDA_SHARED_GO)
+    builder = dest / "pkg" / "scaling" / "scalers_builder.go"
+    builder.write_text(keda_scaler_switch(builder.read_text()))
+
+
+def build_keda(dest: dict[str, Path], work: Path) -> None:
+    """KEDA's operator and its metrics API server (the adapter), from the module whose CRDs are pinned,
+    with the scalers of KEDA_TRIGGERS only.
 
     Its go.mod replaces one module by version, which a dependent ignores: the wrapper copies it."""
     v = versions.KEDA
     work.mkdir(parents=True, exist_ok=True)
     module = "github.com/kedacore/keda/v2"
-    gomod = Path(_module_file(module, f"v{v}", work)["GoMod"]).read_text()
+    info = _module_file(module, f"v{v}", work)
+    trimmed_keda_source(Path(info["Dir"]), work / "keda")
+    replaces = [
+        f"\t{path} => {path} {version}"
+        for path, version in sorted(_VERSION_REPLACE.findall(Path(info["GoMod"]).read_text()))
+    ]
+    (work / "go.mod").write_text(
+        f"module promptpipe.local/keda\n\ngo 1.23\n\nrequire {module} v{v}\n\n"
+        + "replace (\n"
+        + "\n".join([f"\t{module} => ./keda", *replaces])
+        + "\n)\n"
+    )
     commands = [f"{module}/{path}" for path in KEDA_COMMANDS.values()]
-    _wrapper(work, {module: f"v{v}"}, dict(_VERSION_REPLACE.findall(gomod)), commands)
+    (work / "tools.go").write_text(tools_go(commands))
+    _go(["mod", "tidy"], work)
     stamp = f"-X {module}/version.Version=v{v}"
     for binary, command in zip(KEDA_COMMANDS, commands, strict=True):
-        _go(["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(bin_dir / binary), command], work)
+        _go(["build", "-trimpath", f"-ldflags=-s -w {stamp}", "-o", str(dest[binary]), command], work)
 
 
 def fetch_keda_crds(dest: Path, work: Path) -> None:
@@ -421,7 +469,12 @@ def ensure_tools() -> Tools:
             ),
             lambda: fetch_keda_crds(tools.keda_crds, work / "keda"),
         ),
-        ((tools.keda, tools.keda_adapter), lambda: build_keda(bin_dir, work / f"keda-{versions.KEDA}")),
+        (
+            (tools.keda, tools.keda_adapter),
+            lambda: build_keda(
+                {"keda": tools.keda, "keda-adapter": tools.keda_adapter}, work / f"keda-{versions.KEDA}"
+            ),
+        ),
         (
             (tools.containerd, tools.containerd_shim, tools.ctr),
             lambda: build_containerd(tools.containerd.parent, work / f"containerd-{versions.CONTAINERD}"),
