@@ -84,7 +84,10 @@ test: setup lint
 	PROMPTPIPE_CACHE=$(CACHE) $(DEV) node images
 	PROMPTPIPE_CACHE=$(CACHE) $(BIN)/python -m pytest -q -ra --durations=12
 
+# matplotlib builds its font cache (running fc-list) the first time it is used: built here, before the
+# pure tier, which refuses any test that starts a process.
 test-fast: $(STAMP)
+	$(BIN)/python -c "import matplotlib.font_manager"
 	PROMPTPIPE_PURE_TESTS=1 $(BIN)/python -m pytest -q -m "$(PURE)"
 
 # The fault run alone, with its report (it is part of `make test` too).

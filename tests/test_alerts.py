@@ -34,7 +34,7 @@ def promtool(tools: Tools, *args: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_are_valid_and_pass_their_unit_tests(kube_tools: Tools) -> None:
     checked = promtool(kube_tools, "check", "rules", str(RULES))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 17 rules found" in checked.stdout
+    assert "SUCCESS: 18 rules found" in checked.stdout
     tested = promtool(kube_tools, "test", "rules", str(UNIT_TESTS))
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
