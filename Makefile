@@ -59,10 +59,11 @@ $(WHEELHOUSE): $(STAMP)
 wheelhouse: $(WHEELHOUSE)
 
 # etcd, kube-apiserver, kube-controller-manager, kubectl, helm, skaffold, dockerfile-lint, Prometheus
-# and promtool, and Jaeger (the tracing backend) from the Go module proxy, plus KEDA's CRDs; the node's kubelet,
-# kube-scheduler, kube-proxy, CoreDNS, pause and containerd, and its Debian packages (runc, CNI,
-# buildah, debootstrap, iptables: apt-get install, as root). Built once into $(CACHE)/controlplane
-# (about 31 minutes the first time on 2 cores); a no-op when they are there.
+# and promtool, Jaeger (the tracing backend) and KEDA (with only the scalers the project uses) from the Go
+# module proxy, plus KEDA's CRDs; the node's kubelet, kube-scheduler, kube-proxy, CoreDNS, pause and
+# containerd, and its Debian packages (runc, CNI, buildah, debootstrap, iptables: apt-get install, as
+# root). Built once into $(CACHE)/controlplane (about 26 minutes the first time on 2 cores: the setup log
+# times each part); a no-op when they are there.
 controlplane: $(STAMP)
 	PROMPTPIPE_CACHE=$(CACHE) $(DEV) cluster build
 
