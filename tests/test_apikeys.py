@@ -117,6 +117,10 @@ def test_the_tenant_travels_in_the_metadata_the_client_cannot_forge_once_keys_ar
     open_call = gateway_pb2.GenerateRequest(prompt="hi")
     with_tenant(open_call, ANONYMOUS)
     assert "tenant" not in open_call.metadata
+    # An open gateway has no tenants: a client naming one is not believed (nor passed on to the stages).
+    forged = gateway_pb2.GenerateRequest(prompt="hi", metadata={"tenant": "team-a", "topic": "x"})
+    with_tenant(forged, ANONYMOUS)
+    assert dict(forged.metadata) == {"topic": "x"}
 
 
 def test_a_refused_key_is_openais_401_invalid_api_key() -> None:

@@ -128,14 +128,21 @@ def post_chat(base_url: str, prompt: str, headers: dict[str, str]) -> None:
         assert response.status == 200
 
 
-def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_its_own(
+def caller_trace_id(kept_at_half: bool) -> str:
+    """A W3C trace id whose low 64 bits a 0.5 ratio keeps (under 2^63) or drops."""
+    low = random.getrandbits(62) | 1 if kept_at_half else 1 << 63 | random.getrandbits(62)
+    return f"{random.getrandbits(64) | 1 << 60:016x}{low:016x}"
+
+
+def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_cannot_trace_more_than_the_ratio(
     kube_tools: Tools, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The pipeline file alone turns tracing on (no exporter asked for, no OTEL_ endpoint): half the calls
     are traced, each with every stage's span (the stages follow the gateway's decision), none in part. Over
-    HTTP, a caller's W3C traceparent decides for its call whatever the ratio: sampled, the call is part of
-    the caller's trace, under its span; not sampled, it leaves no span. Health probes and Stats polls,
-    as a kubelet and a scaler send them, start no trace."""
+    HTTP, a call whose caller sent a sampled W3C traceparent is traced only where the gateway's ratio keeps
+    its trace id (a client cannot have more traced than the ratio says), and then as part of the caller's
+    trace, under its span; one the caller did not sample leaves no span. Health probes and Stats polls, as
+    a kubelet and a scaler send them, start no trace."""
     calls = 60
     with jaeger(kube_tools, tmp_path / "jaeger") as backend:
         for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"):
@@ -155,16 +162,17 @@ def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_
                     assert health_status(pipeline.stats_target(stage), 5.0) == "SERVING"
                     stats(pipeline.stats_target(stage))
             asyncio.run(grpc_calls())
-            callers = {
-                f"{random.getrandbits(127) | 1 << 124:032x}": f"{random.getrandbits(63) | 1:016x}" for _ in range(6)
-            }
-            for i, (trace_id, span_id) in enumerate(callers.items()):
-                flags = "01" if i % 2 == 0 else "00"  # the caller sampled the even ones
+            # At ratio 0.5 the gateway keeps a trace id whose low 64 bits are under 2^63 (TraceIdRatioBased).
+            # (kept by the ratio, sampled by the caller): only the calls with both are traced.
+            shapes = [(True, True), (True, True), (False, True), (False, True), (True, False), (True, False)]
+            callers = {caller_trace_id(kept): (f"{random.getrandbits(63) | 1:016x}", on) for kept, on in shapes}
+            for i, (trace_id, (span_id, on)) in enumerate(callers.items()):
+                flags = "01" if on else "00"
                 post_chat(
                     pipeline.openai_base_url, f"http {i}: {SECRET}", {"traceparent": f"00-{trace_id}-{span_id}-{flags}"}
                 )
-            sampled = {t: s for i, (t, s) in enumerate(callers.items()) if i % 2 == 0}
-            from_callers = {int(t, 16): int(s, 16) for t, s in callers.items()}
+            sampled = {t: s for (t, (s, _)), (kept, on) in zip(callers.items(), shapes, strict=True) if kept and on}
+            from_callers = {int(t, 16): int(s, 16) for t, (s, _) in callers.items()}
             gateway = service_name("sampled", "stream")
 
             def settled() -> list[dict[str, Any]] | None:
@@ -188,7 +196,8 @@ def test_spec_tracing_samples_whole_calls_and_a_callers_traceparent_decides_for_
     assert all(s["operationName"] != "/grpc.health.v1.Health/Check" for t in found for s in t["spans"])
     for trace in found:
         assert_one_call(trace, "sampled", SECRET)
-    # The caller's sampled calls are in its traces, the gateway's span under the caller's; its others nowhere.
+    # The caller's sampled calls the ratio keeps are in its traces, the gateway's span under the caller's;
+    # its sampled calls the ratio drops and its unsampled ones are nowhere.
     assert {i for i in by_id if i in from_callers} == {int(t, 16) for t in sampled}
     for trace_id in sampled:
         stream = stage_spans(by_id[int(trace_id, 16)])["stream"][0]

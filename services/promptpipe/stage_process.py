@@ -263,8 +263,12 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     stage = settings.stage
     pipeline = config.pipeline
     spec = pipeline.spec.stages.get(stage)
+    # The gateway is where calls enter: it decides which are traced, whatever a client's traceparent says.
     server_interceptors, client_interceptors = setup_tracing(
-        settings.otel_exporter, service_name(pipeline.metadata.name, stage.value), pipeline.spec.tracing
+        settings.otel_exporter,
+        service_name(pipeline.metadata.name, stage.value),
+        pipeline.spec.tracing,
+        edge=stage is StageName.STREAM,
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()

@@ -27,10 +27,12 @@ from promptpipe.v1 import common_pb2, gateway_pb2
 
 
 def with_tenant(request: gateway_pb2.GenerateRequest, tenant: str) -> None:
-    """The tenant whose key the call carried goes on with the request (metadata `tenant`, which the
-    client cannot set once keys are on)."""
+    """The tenant whose key the call carried goes on with the request (metadata `tenant`). The client never
+    sets it: with keys its own is replaced, and on an open gateway (no key, no tenant) it is dropped."""
     if tenant != ANONYMOUS:
         request.metadata["tenant"] = tenant
+    elif "tenant" in request.metadata:
+        del request.metadata["tenant"]
 
 
 class GatewayServicer:

@@ -8,13 +8,16 @@ import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from promptpipe.contract.spec import TracingSpec
 from promptpipe.contract.tracing import EXPORTERS, TRACED_METHODS
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 # What OpenTelemetry logs when a context is reset from another one: grpc drops a handler whose client
 # left while it sat at a `yield`, and its span contexts (the gRPC instrumentation's and our stage span) are
@@ -70,8 +73,25 @@ def plan(exporter: str, spec: TracingSpec | None, env: Mapping[str, str]) -> Tra
     return TracingPlan(chosen, endpoint, spec.sample_ratio if spec is not None else None)
 
 
-def setup_tracing(exporter: str, service_name: str, spec: TracingSpec | None = None) -> tuple[list[Any], list[Any]]:
-    """Install a tracer provider as `plan` says; return (server, client) gRPC interceptors.
+def sampler(ratio: float | None, edge: bool) -> Sampler | None:
+    """Which calls a process traces, at `ratio` (None: the SDK's default, every call). A call is traced whole
+    or not at all: a stage inside the pipeline follows its caller's decision, and the process where calls
+    enter (`edge`, the gateway) decides, at `ratio`, also for a call whose client sent a sampled W3C
+    traceparent, so no client can have more traced than the ratio says; one the client did not sample is
+    not traced."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    if ratio is None:
+        return None
+    by_ratio = TraceIdRatioBased(ratio)
+    return ParentBased(by_ratio, remote_parent_sampled=by_ratio) if edge else ParentBased(by_ratio)
+
+
+def setup_tracing(
+    exporter: str, service_name: str, spec: TracingSpec | None = None, edge: bool = False
+) -> tuple[list[Any], list[Any]]:
+    """Install a tracer provider as `plan` says; return (server, client) gRPC interceptors. `edge`: the
+    process where calls enter the pipeline (see `sampler`).
 
     Off (exporter `none`, or `""` without `spec.tracing`): nothing is installed, no interceptors, no-op spans.
     """
@@ -82,13 +102,11 @@ def setup_tracing(exporter: str, service_name: str, spec: TracingSpec | None = N
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     span_exporter: SpanExporter
-    sampler = ParentBased(TraceIdRatioBased(chosen.sample_ratio)) if chosen.sample_ratio is not None else None
     # host.name tells replicas apart: on a cluster it is the pod's name.
     resource = Resource.create({"service.name": service_name, "host.name": socket.gethostname()})
-    provider = TracerProvider(resource=resource, sampler=sampler)
+    provider = TracerProvider(resource=resource, sampler=sampler(chosen.sample_ratio, edge))
     if chosen.exporter == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
