@@ -213,15 +213,16 @@ def test_curl_streams_server_sent_events_ending_with_done(start_pipeline) -> Non
     assert "".join(texts).split() == ["tok"] * 4
 
 
-def test_health_and_metrics_are_on_the_http_port_too(start_pipeline) -> None:
+def test_health_is_on_the_http_port_and_metrics_only_on_the_metrics_port(start_pipeline) -> None:
     p = start_pipeline(synthetic_pipeline())
     root = p.openai_base_url.removesuffix("/v1")
     with urllib.request.urlopen(root + "/health", timeout=5) as health:
         assert json.loads(health.read()) == {"status": "SERVING"}
     sdk(p).completions.create(model="synthetic", prompt="hello")
-    with urllib.request.urlopen(root + "/metrics", timeout=5) as metrics:
-        text = metrics.read().decode()
-    assert "promptpipe_gateway_output_tokens_total" in text
+    with pytest.raises(urllib.error.HTTPError) as public:
+        urllib.request.urlopen(root + "/metrics", timeout=5)
+    assert public.value.code == 404, "no metrics (tenants' names among them) on the public port"
+    assert "promptpipe_gateway_output_tokens_total" in p.metrics(StageName.STREAM)
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(root + "/v1/embeddings", timeout=5)
     assert missing.value.code == 404 and "error" in json.loads(missing.value.read())

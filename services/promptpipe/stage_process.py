@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 
 from promptpipe.contract import health as health_services
 from promptpipe.contract import topology
@@ -184,7 +184,7 @@ def build(
             keys,
             LocalTenancy.create(spec.auth, registry, name, runtime.queue),
         )
-        http = OpenAIGateway(gateway, runtime, name, spec.model, _exposition_of(registry), keys)
+        http = OpenAIGateway(gateway, runtime, name, spec.model, keys)
         return StageProcess(
             runtime, None, parts.liveness, parts.start_in_process, gateway.close, parts.healthy, gateway, http
         )
@@ -212,13 +212,6 @@ class _WatchingPods:
     async def close(self) -> None:
         await self._pods.close()
         await self._inference.close()
-
-
-def _exposition_of(registry: CollectorRegistry) -> Callable[[], Awaitable[bytes]]:
-    async def exposition() -> bytes:
-        return generate_latest(registry)
-
-    return exposition
 
 
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (

@@ -16,11 +16,10 @@ import math
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from promptpipe.contract.spec import ModelSpec
 from promptpipe.gateway import openai_api as api
@@ -49,13 +48,11 @@ class OpenAIGateway:
         runtime: StageRuntime,
         pipeline: str,
         model: ModelSpec,
-        exposition: Callable[[], Awaitable[bytes]],
         keys: KeyRing,
     ) -> None:
         self._keys = keys
         self._gateway = gateway
         self._runtime = runtime
-        self._exposition = exposition  # the stage's metrics
         self._serving: Callable[[], bool] = lambda: False
         self._runner: web.AppRunner | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -101,7 +98,7 @@ class OpenAIGateway:
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model}", self._get_model)
         app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
+        # No /metrics here: the public port serves no one the tenants' names (the metrics port does).
         return app
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -195,9 +192,6 @@ class OpenAIGateway:
     async def _health(self, request: web.Request) -> web.Response:
         serving = self._serving()
         return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=await self._exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _follow_certificate(tls: ServerCertificate, context: ssl.SSLContext) -> None:
