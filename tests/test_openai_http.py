@@ -4,6 +4,7 @@ official `openai` SDK (sync and async), curl, and our own `openai` backend calli
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import subprocess
 import time
@@ -243,3 +244,24 @@ async def test_one_pipeline_calls_another_through_its_openai_api(start_pipeline)
     assert out.error is None and out.summary is not None
     assert out.text.split() == ["tok"] * 16
     assert inner.metric(StageName.STREAM, "promptpipe_stage_duration_seconds_count", code="OK") == 1
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_declared_json_is_refused_415(start_pipeline, content_type: str | None) -> None:
+    """A POST a web page can make a browser send without a preflight (text/plain, a form, no type) is not a
+    call: the gateway refuses it before reading the body, and the same body as JSON is answered."""
+    p = start_pipeline(synthetic_pipeline())
+    body = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": "hello"}]}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    url = urllib.parse.urlsplit(p.openai_base_url)
+    connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)  # sends no type of its own
+    connection.request("POST", url.path + "/chat/completions", body, headers)
+    refused = connection.getresponse()
+    assert refused.status == 415
+    assert json.loads(refused.read())["error"]["code"] == "unsupported_media_type"
+    connection.close()
+    declared = urllib.request.Request(
+        p.openai_base_url + "/chat/completions", body, {"Content-Type": "application/json; charset=utf-8"}
+    )
+    with urllib.request.urlopen(declared, timeout=10) as answered:
+        assert answered.status == 200

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Bodies the gRPC API would take (256 messages of up to 200 000 characters is more; those are refused).
 MAX_BODY_BYTES = 8 * 1024 * 1024
 TIMEOUT_HEADER = "X-Request-Timeout"
+JSON = "application/json"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -136,6 +137,10 @@ class OpenAIGateway:
         headers = {"x-request-id": request_id}
         tenant = access.tenant = self._tenant(request)
         in_call(tenant=tenant)
+        if request.content_type != JSON:
+            # A text/plain or form POST is one any web page can make a browser send to a local gateway.
+            got = request.headers.get("Content-Type") or "none"
+            raise api.ApiError(415, f"Content-Type must be {JSON}, not {got}", code="unsupported_media_type")
         parsed = api.parse(kind, await request.read(), self._models)
         try:
             flow = await self._gateway.tenancy.charge(tenant)
