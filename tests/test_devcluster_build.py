@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.devcluster import jaeger_trim
 from tests.devcluster.build import keda_scaler_switch, staging_modules, tools_go, wrapper_gomod
 from tests.devcluster.pki import make_pki
 
@@ -43,6 +44,11 @@ def test_wrapper_replaces_each_staging_module_with_its_published_version() -> No
     assert "\tk8s.io/client-go => k8s.io/client-go v0.32.4\n" in gomod
     assert "./staging" not in gomod
     assert tools_go(["k8s.io/kubernetes/cmd/kube-apiserver"]).startswith("//go:build tools\n")
+
+
+def test_wrapper_replaces_a_module_by_a_folder_for_an_edited_copy() -> None:
+    gomod = wrapper_gomod("promptpipe.local/jaeger", {"example.com/m": "v1.0.0"}, {"example.com/m": "./m"})
+    assert "\texample.com/m => ./m\n" in gomod
 
 
 def test_pki_chains_to_its_ca_with_the_right_identities() -> None:
@@ -90,3 +96,57 @@ def test_the_keda_build_keeps_only_the_scalers_the_project_uses() -> None:
 def test_the_keda_build_stops_when_the_builders_layout_changed() -> None:
     with pytest.raises(RuntimeError, match="layout changed"):
         keda_scaler_switch(KEDA_BUILDER, ("prometheus", "memory"))
+
+
+JAEGER_COMPONENTS = """package internal
+
+import (
+\t"github.com/open-telemetry/opentelemetry-collector-contrib/receiver/kafkareceiver"
+\t"go.opentelemetry.io/collector/component"
+\t"go.opentelemetry.io/collector/processor/batchprocessor"
+\t"go.opentelemetry.io/collector/receiver/otlpreceiver"
+\t"go.opentelemetry.io/collector/extension/zpagesextension"
+
+\t"github.com/jaegertracing/jaeger/cmd/jaeger/internal/exporters/storageexporter"
+\t"github.com/jaegertracing/jaeger/cmd/jaeger/internal/extension/jaegerquery"
+\t"github.com/jaegertracing/jaeger/cmd/jaeger/internal/extension/jaegerstorage"
+\t"github.com/open-telemetry/opentelemetry-collector-contrib/extension/healthcheckv2extension"
+)
+
+func (b builders) build() (otelcol.Factories, error) {
+\tfactories.Extensions, err = b.extension(
+\t\thealthcheckv2extension.NewFactory(),
+\t\tzpagesextension.NewFactory(),
+\t\tjaegerquery.NewFactory(),
+\t\tjaegerstorage.NewFactory(),
+\t)
+\tfactories.Receivers, err = b.receiver(
+\t\totlpreceiver.NewFactory(),
+\t\tkafkareceiver.NewFactory(),
+\t)
+\tfactories.Exporters, err = b.exporter(
+\t\tstorageexporter.NewFactory(), // generic exporter
+\t)
+\tfactories.Processors, err = b.processor(
+\t\tbatchprocessor.NewFactory(),
+\t)
+}
+"""
+
+
+def test_the_jaeger_build_registers_only_the_components_the_tests_configure() -> None:
+    trimmed = jaeger_trim.components(JAEGER_COMPONENTS)
+    assert "kafkareceiver" not in trimmed and "zpagesextension" not in trimmed, "neither registered nor imported"
+    for kept in jaeger_trim.KEPT_FACTORIES:
+        assert f"\t\t{kept}.NewFactory()," in trimmed
+    assert '\t"go.opentelemetry.io/collector/component"\n' in trimmed, "imports of no factory stay"
+
+
+def test_the_jaeger_build_stops_when_jaegers_layout_changed() -> None:
+    without_query = JAEGER_COMPONENTS.replace("\t\tjaegerquery.NewFactory(),\n", "")
+    with pytest.raises(jaeger_trim.LayoutChanged, match="layout changed"):
+        jaeger_trim.components(without_query)
+    with pytest.raises(jaeger_trim.LayoutChanged, match="mappings"):
+        jaeger_trim.main_go("package main\n\nfunc main() {}\n")
+    with pytest.raises(jaeger_trim.LayoutChanged, match="storage types"):
+        jaeger_trim.v1_factory("func (*Factory) getFactoryOfType(t string) {\n\tswitch t {\n\t}\n}\n")

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.devcluster import dockerfile_lint, versions
+from tests.devcluster import dockerfile_lint, jaeger_trim, versions
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,11 @@ def wrapper_gomod(module: str, requires: dict[str, str], replaces: dict[str, str
     lines.append(")")
     if replaces:
         lines += ["", "replace ("]
-        lines += [f"\t{path} => {path} {version}" for path, version in sorted(replaces.items())]
+        # A replace by a folder ("./x") or by another version of the same module.
+        lines += [
+            f"\t{path} => {version}" if version.startswith("./") else f"\t{path} => {path} {version}"
+            for path, version in sorted(replaces.items())
+        ]
         lines.append(")")
     return "\n".join(lines) + "\n"
 
@@ -325,8 +329,19 @@ def _build_module_command(dest: Path, work: Path, module: str, version: str, com
 
 
 def build_jaeger(dest: Path, work: Path) -> None:
-    """Jaeger v2 (all in one) from its module."""
-    _build_module_command(dest, work, "github.com/jaegertracing/jaeger", f"v{versions.JAEGER}", "cmd/jaeger")
+    """Jaeger v2 (all in one) from its module, cut to what the tests configure (jaeger_trim): a wrapper
+    module points Jaeger at the edited copy, with the version replaces of Jaeger's go.mod copied in."""
+    v = f"v{versions.JAEGER}"
+    work.mkdir(parents=True, exist_ok=True)
+    module = "github.com/jaegertracing/jaeger"
+    info = _module_file(module, v, work)
+    source = work / "jaeger"
+    writable_source(Path(info["Dir"]), source)
+    for path, rewrite in jaeger_trim.REWRITES.items():
+        (source / path).write_text(rewrite((source / path).read_text()))
+    replaces = dict(_VERSION_REPLACE.findall(Path(info["GoMod"]).read_text()))
+    _wrapper(work, {module: v}, {**replaces, module: "./jaeger"}, [f"{module}/cmd/jaeger"])
+    _go(["build", "-trimpath", "-ldflags=-s -w", "-o", str(dest), f"{module}/cmd/jaeger"], work)
 
 
 def build_containerd(dest: Path, work: Path) -> None:
@@ -379,13 +394,18 @@ def keda_scaler_switch(builder: str, triggers: tuple[str, ...] = KEDA_TRIGGERS) 
     return builder[:start] + "\tswitch triggerType {\n" + "".join(cases) + builder[end:]
 
 
-def trimmed_keda_source(module: Path, dest: Path) -> None:
-    """KEDA's module source with only the scalers of KEDA_TRIGGERS (its module cache copy is read-only)."""
+def writable_source(module: Path, dest: Path) -> None:
+    """A module's source to edit (the module cache's copy is read-only), without its tests."""
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(module, dest, ignore=shutil.ignore_patterns("*_test.go", "testdata", ".git*"))
+    shutil.copytree(module, dest, ignore=shutil.ignore_patterns("*_test.go", "testdata", ".git"))
     for path in dest.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def trimmed_keda_source(module: Path, dest: Path) -> None:
+    """KEDA's module source with only the scalers of KEDA_TRIGGERS."""
+    writable_source(module, dest)
     for source in (dest / "pkg" / "scalers").glob("*.go"):
         if source.name not in KEDA_SCALER_FILES:
             source.unlink()
