@@ -62,6 +62,19 @@ def test_bad_requests_name_the_field(req: gateway_pb2.GenerateRequest, field: st
     assert str(info.value).startswith(field + ": ")
 
 
+def test_a_prompt_over_the_pipelines_cap_is_refused_in_all_not_per_message() -> None:
+    capped = GenerationDefaults(max_prompt_characters=2048)
+    three = [common_pb2.ChatMessage(role="user", content="z" * 700)] * 3  # each under, together over
+    with pytest.raises(InvalidArgument) as info:
+        work_item(request(messages=three), capped, "rid")
+    assert info.value.field == "messages" and "2100 characters in all" in str(info.value)
+    assert "generation.maxPromptCharacters" in str(info.value)
+    with pytest.raises(InvalidArgument) as info:
+        work_item(request(prompt="z" * 2049), capped, "rid")
+    assert info.value.field == "prompt"
+    assert len(work_item(request(prompt="z" * 2048), capped, "rid").messages[0].content) == 2048
+
+
 def test_defaults_fill_unset_parameters_and_explicit_zero_temperature_is_kept() -> None:
     item = work_item(request(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=0.0)), DEFAULTS, "rid")
     assert item.parameters.max_new_tokens == 64

@@ -24,10 +24,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from promptpipe.contract import health as health_services
 from promptpipe.contract import topology
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
-from promptpipe.contract.spec import StageName, StageSpec
+from promptpipe.contract.spec import GenerationDefaults, StageName, StageSpec
 from promptpipe.contract.tracing import service_name
 from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.gateway.http_api import OpenAIGateway
+from promptpipe.gateway.key_check import KeyCheck
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime import logs
 from promptpipe.runtime.apikeys import KeyRing
@@ -184,7 +185,7 @@ def build(
             keys,
             LocalTenancy.create(spec.auth, registry, name, runtime.queue),
         )
-        http = OpenAIGateway(gateway, runtime, name, spec.model, keys)
+        http = OpenAIGateway(gateway, runtime, name, spec.model, keys, spec.http)
         return StageProcess(
             runtime, None, parts.liveness, parts.start_in_process, gateway.close, parts.healthy, gateway, http
         )
@@ -248,6 +249,17 @@ def server_options(spec: StageSpec) -> list[tuple[str, Any]]:
     ]
 
 
+def public_options(spec: StageSpec, generation: GenerationDefaults) -> list[tuple[str, Any]]:
+    """The gateway's public server: server_options, with a request message no larger than the longest prompt
+    it takes (every character UTF-8's longest, plus room for the rest of the request), which grpc refuses
+    RESOURCE_EXHAUSTED from its length prefix, before reading it."""
+    limit = 4 * generation.max_prompt_characters + PUBLIC_REQUEST_MARGIN_BYTES
+    options = [o for o in server_options(spec) if o[0] != "grpc.max_receive_message_length"]
+    return [*options, ("grpc.max_receive_message_length", limit)]
+
+
+# A request's parameters, metadata, session id and framing, beside its prompt (metadata alone: 32 of ~1 KiB).
+PUBLIC_REQUEST_MARGIN_BYTES = 64 * 1024
 # Time for a call's status to leave after its watchdog fired, before its connection is closed.
 CONNECTION_GRACE_MARGIN_SECONDS = 5.0
 
@@ -274,7 +286,12 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())
 
-    server = grpc.aio.server(options=server_options(served.spec), interceptors=server_interceptors or None)
+    # The key check first: a stranger's call gets no span and its request is never read.
+    key_check = [KeyCheck(keys, stage.value)] if keys is not None else []
+    interceptors = [*key_check, *server_interceptors]
+    public = stage is StageName.STREAM  # the gateway: its port faces the clients
+    options = public_options(served.spec, pipeline.spec.generation) if public else server_options(served.spec)
+    server = grpc.aio.server(options=options, interceptors=interceptors or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     certificate = _certificate(settings)

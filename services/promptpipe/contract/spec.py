@@ -455,6 +455,11 @@ class GenerationDefaults(_Model):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.2
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     top_k: Annotated[int, Field(ge=0, le=1000)] = 40
+    # A call's whole prompt (its messages' content, or its prompt), refused at the gateway above this, before
+    # retrieval and assembly work on it. In characters, as the per-message limit: not tokens, which the
+    # gateway cannot count; assemble then fits what passes to template.maxPromptTokens (dropping the oldest
+    # history first), so this is a bound on what a stranger can make the pipeline read, not the budget.
+    max_prompt_characters: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> GenerationDefaults:
@@ -720,6 +725,19 @@ class AuthSpec(_Model):
         return self.default_quota
 
 
+class HttpSpec(_Model):
+    """What the gateway's OpenAI-compatible HTTP API reads from a connection before it gives up on it."""
+
+    # A request body, counted at its inflated size (a gzip or deflate body is inflated in bounded steps and
+    # refused 413 as soon as it passes this).
+    max_body_bytes: Annotated[int, Field(ge=64 * 1024, le=16 * 1024 * 1024)] = 1024 * 1024
+    # From a connection's opening (or its previous answer) to a request's whole head: a client dripping its
+    # headers is closed at this.
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # For the whole body, once the head has arrived: a client dripping its body gets 408 and is closed.
+    body_timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+
+
 class TlsSpec(_Model):
     """TLS on the gateway's public ports, gRPC and HTTP."""
 
@@ -786,6 +804,7 @@ class PipelineSpec(_Model):
     template: TemplateSpec = TemplateSpec()
     post: PostSpec = PostSpec()
     auth: AuthSpec = AuthSpec()
+    http: HttpSpec = HttpSpec()
     # Operator only (locally: PROMPTPIPE_TLS_CERT_FILE and PROMPTPIPE_TLS_KEY_FILE).
     tls: TlsSpec | None = None
     slo: SloSpec | None = None

@@ -21,10 +21,11 @@ from typing import Any
 
 from aiohttp import web
 
-from promptpipe.contract.spec import ModelSpec
+from promptpipe.contract.spec import HttpSpec, ModelSpec
 from promptpipe.gateway import openai_api as api
 from promptpipe.gateway.access_log import AccessLog, status_of_http
 from promptpipe.gateway.grpc_api import GatewayServicer, with_tenant
+from promptpipe.gateway.http_body import read_body
 from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
 from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError
 from promptpipe.runtime.logs import in_call
@@ -35,8 +36,9 @@ from promptpipe.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)
 
-# Bodies the gRPC API would take (256 messages of up to 200 000 characters is more; those are refused).
-MAX_BODY_BYTES = 8 * 1024 * 1024
+# A client still sending the rest of a refused body is read from this long, so that it sees the answer
+# (closing on unread data resets the connection), and no longer: a stranger's drip holds nothing.
+LINGER_SECONDS = 1.0
 TIMEOUT_HEADER = "X-Request-Timeout"
 JSON = "application/json"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -50,8 +52,10 @@ class OpenAIGateway:
         pipeline: str,
         model: ModelSpec,
         keys: KeyRing,
+        limits: HttpSpec,
     ) -> None:
         self._keys = keys
+        self._limits = limits
         self._gateway = gateway
         self._runtime = runtime
         self._serving: Callable[[], bool] = lambda: False
@@ -77,7 +81,18 @@ class OpenAIGateway:
         which ends the call down to the backend, as a gRPC cancellation does. On `stop`, answers in
         progress get `grace` seconds, as on gRPC. With `tls`, HTTPS, the certificate followed as it changes."""
         self._serving = serving
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace)
+        # The keep-alive timer runs from a connection's opening and from each answer to the next request's
+        # whole head: a client dripping its headers is closed when it fires. Bodies are inflated by
+        # read_body, in bounded steps, not by aiohttp.
+        self._runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=grace,
+            keepalive_timeout=self._limits.header_timeout_seconds,
+            lingering_time=LINGER_SECONDS,
+            auto_decompress=False,
+        )
         await self._runner.setup()
         context = tls.ssl_context() if tls is not None else None
         site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=context)
@@ -93,7 +108,7 @@ class OpenAIGateway:
             await self._runner.cleanup()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
+        app = web.Application(client_max_size=self._limits.max_body_bytes, middlewares=[_openai_errors])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completion)
         app.router.add_get("/v1/models", self._list_models)
@@ -141,11 +156,14 @@ class OpenAIGateway:
             # A text/plain or form POST is one any web page can make a browser send to a local gateway.
             got = request.headers.get("Content-Type") or "none"
             raise api.ApiError(415, f"Content-Type must be {JSON}, not {got}", code="unsupported_media_type")
-        parsed = api.parse(kind, await request.read(), self._models)
+        # Charged before its body is read: a body refused while it is read or parsed still counts.
         try:
             flow = await self._gateway.tenancy.charge(tenant)
         except QuotaExceeded as exc:
             raise api.api_error(exc) from None
+        limits = self._limits
+        body = await read_body(request, limits.max_body_bytes, limits.body_timeout_seconds)
+        parsed = api.parse(kind, body, self._models)
         with_tenant(parsed.request, tenant)
         shapes = api.Shapes(kind, request_id, parsed.model, int(time.time()), parsed.include_usage)
         response: web.StreamResponse | None = None
@@ -274,7 +292,10 @@ async def _openai_errors(request: web.Request, handler: Any) -> web.StreamRespon
         response: web.StreamResponse = await handler(request)
         return response
     except api.ApiError as err:
-        return web.json_response(err.body(), status=err.status, headers=err.headers())
+        refused = web.json_response(err.body(), status=err.status, headers=err.headers())
+        if err.status in (408, 413):
+            refused.force_close()  # the rest of its body is not read: the connection cannot carry another
+        return refused
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -19,17 +19,26 @@ MAX_METADATA = 32
 CHAT_ROLES = ("user", "assistant")
 
 
-def _check_messages(request: gateway_pb2.GenerateRequest) -> list[common_pb2.ChatMessage]:
+def _over(total: int, limit: int) -> str:
+    return f"{total} characters in all; this pipeline takes at most {limit} (generation.maxPromptCharacters)"
+
+
+def _check_messages(request: gateway_pb2.GenerateRequest, max_prompt: int) -> list[common_pb2.ChatMessage]:
     if request.prompt and request.messages:
         raise InvalidArgument("prompt", "give either prompt or messages, not both")
     if request.prompt:
         if len(request.prompt) > MAX_TEXT_CHARS:
             raise InvalidArgument("prompt", f"longer than {MAX_TEXT_CHARS} characters")
+        if len(request.prompt) > max_prompt:
+            raise InvalidArgument("prompt", _over(len(request.prompt), max_prompt))
         return [common_pb2.ChatMessage(role="user", content=request.prompt)]
     if not request.messages:
         raise InvalidArgument("prompt", "either prompt or messages is required")
     if len(request.messages) > MAX_MESSAGES:
         raise InvalidArgument("messages", f"more than {MAX_MESSAGES} messages")
+    total = sum(len(m.content) for m in request.messages)
+    if total > max_prompt:
+        raise InvalidArgument("messages", _over(total, max_prompt))
     for i, m in enumerate(request.messages):
         if m.role not in CHAT_ROLES:
             raise InvalidArgument(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, not {m.role!r}")
@@ -84,7 +93,7 @@ def work_item(
         request_id=request_id,
         # None given: the inference stage routes the call by its prompt's opening (`backends/routing.py`).
         session_id=request.session_id,
-        messages=_check_messages(request),
+        messages=_check_messages(request, defaults.max_prompt_characters),
         parameters=_resolve_parameters(request.parameters, defaults),
         metadata=dict(request.metadata),
     )
