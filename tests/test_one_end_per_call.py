@@ -66,7 +66,8 @@ def call() -> Call:
 
 
 async def test_the_inference_stage_turns_a_generation_without_its_result_into_data_loss() -> None:
-    handler = InferenceHandler(CutShortBackend(SyntheticSpec()), BackendMetrics(CollectorRegistry(), "p", "cut"))
+    metrics = BackendMetrics(CollectorRegistry(), "p", "cut")
+    handler = InferenceHandler(CutShortBackend(SyntheticSpec()), metrics, GenerationDefaults(), 1024)
     with pytest.raises(DataLoss, match="without its final result"):
         await drain(handler.run(stage_pb2.WorkItem(prompt="x"), call()))
 

@@ -21,7 +21,7 @@ import pytest
 
 from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.contract.spec import StageName
-from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 from tests.support.pipelines import RunningPipeline, synthetic_pipeline
 
 pytestmark = pytest.mark.processes
@@ -236,3 +236,37 @@ def test_a_body_refused_while_it_is_read_or_parsed_is_charged_to_the_tenant(star
     good = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}).encode()
     status, body = post(p, good, key)
     assert status == 429 and body["error"]["code"] == "rate_limit_exceeded", body
+
+
+# ---- behind the gateway: the inference stage checks what it is asked, whoever asks
+
+
+async def run_inference(target: str, item: stage_pb2.WorkItem) -> tuple[grpc.StatusCode, str, int]:
+    """A direct Stage/Run to the inference stage: its status, message, and the tokens it streamed."""
+    tokens = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            async for event in stage_pb2_grpc.StageStub(channel).Run(item, timeout=30):
+                tokens += event.chunk.token_count
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or "", tokens
+    return grpc.StatusCode.OK, "", tokens
+
+
+def test_the_inference_stage_refuses_past_the_pipelines_limits_whoever_calls(start_pipeline) -> None:
+    p = gateway_with_limits(start_pipeline, template={"maxPromptTokens": 256})
+    target = p.target(StageName.INFERENCE)
+    asking = stage_pb2.WorkItem(prompt="hi", parameters=common_pb2.GenerationParameters(max_new_tokens=100_000))
+    code, message, tokens = asyncio.run(run_inference(target, asking))
+    assert (code, tokens) == (grpc.StatusCode.INVALID_ARGUMENT, 0)
+    assert message.startswith("parameters.max_new_tokens: must be at most 4096")
+    hot = stage_pb2.WorkItem(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=9))
+    assert asyncio.run(run_inference(target, hot))[:2] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "parameters.temperature: must be between 0 and 2",
+    )
+    long = stage_pb2.WorkItem(prompt="w " * 10_000)
+    code, message, _ = asyncio.run(run_inference(target, long))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "budget of 256 tokens" in message
+    # Unset parameters get the pipeline's defaults (maxNewTokens 16 here), not the backend's or none.
+    assert asyncio.run(run_inference(target, stage_pb2.WorkItem(prompt="hi"))) == (grpc.StatusCode.OK, "", 16)

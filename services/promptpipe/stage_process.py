@@ -153,7 +153,7 @@ class _Parts:
         spec = self.spec
         metrics = BackendMetrics(self.registry, self.name, spec.model.backend.value)
         backend = build_backend(spec.model, spec.stages.get(self.stage).retries, metrics)
-        inference = InferenceHandler(backend, metrics)
+        inference = InferenceHandler(backend, metrics, spec.generation, spec.template.max_prompt_tokens)
         self.healthy = inference.healthy
         limit = stuck_after(spec.stages.get(StageName.INFERENCE))
         self.liveness.watch(StageName.INFERENCE.value, "model", backend.held_for, limit)

@@ -5,15 +5,13 @@ Every problem raises InvalidArgument naming the field as the client spelled it.
 
 from __future__ import annotations
 
-import math
-
-from promptpipe.contract.spec import MAX_STOP_CHARS, GenerationDefaults
+from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.errors import InvalidArgument
+from promptpipe.runtime.parameters import resolve_parameters
 from promptpipe.v1 import common_pb2, gateway_pb2, stage_pb2
 
 MAX_TEXT_CHARS = 200_000
 MAX_MESSAGES = 256
-MAX_STOPS = 8
 MAX_SESSION_CHARS = 256
 MAX_METADATA = 32
 CHAT_ROLES = ("user", "assistant")
@@ -51,34 +49,6 @@ def _check_messages(request: gateway_pb2.GenerateRequest, max_prompt: int) -> li
     return list(request.messages)
 
 
-def _resolve_parameters(p: common_pb2.GenerationParameters, d: GenerationDefaults) -> common_pb2.GenerationParameters:
-    if p.max_new_tokens > d.max_new_tokens_limit:
-        raise InvalidArgument("parameters.max_new_tokens", f"must be at most {d.max_new_tokens_limit}")
-    temperature = p.temperature if p.HasField("temperature") else d.temperature
-    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise InvalidArgument("parameters.temperature", "must be between 0 and 2")
-    top_p = p.top_p if p.HasField("top_p") else d.top_p
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidArgument("parameters.top_p", "must be greater than 0 and at most 1")
-    if p.top_k > 1000:
-        raise InvalidArgument("parameters.top_k", "must be at most 1000")
-    if len(p.stop) > MAX_STOPS:
-        raise InvalidArgument("parameters.stop", f"at most {MAX_STOPS} stop sequences")
-    for i, s in enumerate(p.stop):
-        if not s or len(s) > MAX_STOP_CHARS:
-            raise InvalidArgument(f"parameters.stop[{i}]", f"must have 1 to {MAX_STOP_CHARS} characters")
-    resolved = common_pb2.GenerationParameters(
-        max_new_tokens=p.max_new_tokens or d.max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=p.top_k or d.top_k,
-        stop=list(p.stop),
-    )
-    if p.HasField("seed"):
-        resolved.seed = p.seed
-    return resolved
-
-
 def work_item(
     request: gateway_pb2.GenerateRequest, defaults: GenerationDefaults, request_id: str
 ) -> stage_pb2.WorkItem:
@@ -94,7 +64,7 @@ def work_item(
         # None given: the inference stage routes the call by its prompt's opening (`backends/routing.py`).
         session_id=request.session_id,
         messages=_check_messages(request, defaults.max_prompt_characters),
-        parameters=_resolve_parameters(request.parameters, defaults),
+        parameters=resolve_parameters(request.parameters, defaults),
         metadata=dict(request.metadata),
     )
 

@@ -6,15 +6,36 @@ from collections.abc import AsyncIterator
 
 from promptpipe.backends.base import Backend, GenerationRequest, Piece
 from promptpipe.backends.routing import routing_key
+from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.runtime.coalesce import coalesce
-from promptpipe.runtime.errors import DataLoss
+from promptpipe.runtime.errors import DataLoss, InvalidArgument
 from promptpipe.runtime.metrics import BackendMetrics
+from promptpipe.runtime.parameters import resolve_parameters
 from promptpipe.runtime.stage import Call
 from promptpipe.v1 import common_pb2, stage_pb2
 
+# The most characters one token of any model's vocabulary is taken to cover, for a bound on a prompt's
+# tokens without its tokenizer: a prompt longer than its token budget times this cannot fit.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def checked(item: stage_pb2.WorkItem, generation: GenerationDefaults, max_prompt_tokens: int) -> stage_pb2.WorkItem:
+    """The item as the backend gets it, if it asks nothing past the pipeline's limits, whoever sent it: the
+    gateway checks the same, but any pod in the namespace (or process on the machine) that reaches this
+    port is a caller too. Unset parameters get the pipeline's defaults, as at the gateway."""
+    parameters = resolve_parameters(item.parameters, generation)
+    if not item.prompt:
+        raise InvalidArgument("prompt", "the rendered prompt is empty")
+    if item.prompt_tokens > max_prompt_tokens or len(item.prompt) > max_prompt_tokens * MAX_CHARS_PER_TOKEN:
+        raise InvalidArgument("prompt", f"longer than the pipeline's budget of {max_prompt_tokens} tokens")
+    resolved = stage_pb2.WorkItem()
+    resolved.CopyFrom(item)
+    resolved.parameters.CopyFrom(parameters)
+    return resolved
+
 
 def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationRequest:
-    p = item.parameters  # the gateway has filled in every default
+    p = item.parameters  # the gateway has filled in every default, and checked() the limits
     first_user = next((m.content for m in item.messages if m.role == "user"), "")
     return GenerationRequest(
         prompt=item.prompt,
@@ -31,9 +52,13 @@ def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationReques
 
 
 class InferenceHandler:
-    def __init__(self, backend: Backend, metrics: BackendMetrics) -> None:
+    def __init__(
+        self, backend: Backend, metrics: BackendMetrics, generation: GenerationDefaults, max_prompt_tokens: int
+    ) -> None:
         self.backend = backend
         self._metrics = metrics
+        self._generation = generation
+        self._max_prompt_tokens = max_prompt_tokens
 
     async def start(self) -> None:
         await self.backend.start()
@@ -48,6 +73,7 @@ class InferenceHandler:
         return coalesce(self._events(item, call))
 
     async def _events(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
+        item = checked(item, self._generation, self._max_prompt_tokens)
         generation = self.backend.generate(generation_request(item, call))
         finished = failed = False
         self._metrics.active.inc()
