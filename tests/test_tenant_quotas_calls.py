@@ -138,3 +138,32 @@ def test_the_openai_sdk_retries_a_429_after_the_retry_after_it_was_given(
     told = int(attempts[0][1] or 0) / 1000
     assert 0 < told <= 0.5
     assert waited >= told * 0.9, (waited, told)  # it waited as told, not its own (shorter) backoff
+
+
+async def leave_after_the_first_chunk(p: RunningPipeline, key: str, prompt: str) -> str:
+    """A streamed call its client closes as soon as the first chunk arrives."""
+    async with PipelineClient(p.gateway, key) as client:
+        async for response in client.generate(prompt, timeout=30):
+            if response.HasField("chunk"):
+                return str(response.chunk.text)
+    raise AssertionError("no chunk came")
+
+
+def test_a_client_that_leaves_after_the_first_chunk_pays_for_its_prompt(start_pipeline, tenants) -> None:
+    doc = synthetic_pipeline(
+        model={"synthetic": {"tokensPerSecond": 20}},
+        generation={"maxNewTokens": 200},
+        template={"maxPromptTokens": 4096},
+        auth={"tenants": [{"name": "thrifty", "tokensPerMinute": 2000}]},
+    )
+    p = start_pipeline(doc)
+    prompt = "tell me more " * 600  # about 1,950 tokens by the synthetic backend's count (4 characters a token)
+    assert asyncio.run(leave_after_the_first_chunk(p, tenants["thrifty"], prompt))
+    charged = p.metric(StageName.STREAM, "promptpipe_gateway_tenant_tokens_total", tenant="thrifty")
+    assert 1900 < charged < 2000, "the prompt was billed, and the chunk sent, not the answer never sent"
+    # The bucket held 2,000 and the call left it about 50: admitted while not empty, the next call overdraws it,
+    # and the one after is refused, though neither client waited for an answer.
+    asyncio.run(leave_after_the_first_chunk(p, tenants["thrifty"], prompt))
+    with pytest.raises(GenerationError) as err:
+        asyncio.run(leave_after_the_first_chunk(p, tenants["thrifty"], prompt))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -665,7 +665,7 @@ class QuotaSpec(_Model):
     # Calls started per minute; unset: no limit.
     requests_per_minute: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
     # Prompt plus generated tokens per minute; a call is admitted while the bucket is not empty and pays for
-    # its tokens when it ends. Unset: no limit.
+    # its tokens as they are known (its prompt once assembled, each chunk as sent). Unset: no limit.
     tokens_per_minute: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = None
     # Its share of the gateway's work slots when tenants compete (deficit round robin).
     weight: Annotated[int, Field(ge=1, le=100)] = 1

@@ -100,8 +100,8 @@ class GatewayServicer:
     ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         """One admitted call through rag -> assemble -> post, whatever the transport: chunks, then the
         summary. Closing it early (the client left) closes the post stage's stream, which ends the call
-        down to the backend. Its tokens are charged to its tenant however it ends, and go on its access
-        log line."""
+        down to the backend. Its tokens are charged to its tenant as they are known (the prompt's once it is
+        assembled, each chunk's as it goes out), so however it ends, and go on its access log line."""
         request_id, tenant = access.request_id, access.tenant
         first: float | None = None
         tokens = prompt_tokens = 0
@@ -109,6 +109,10 @@ class GatewayServicer:
             item = work_item(request, self._defaults, request_id)
             item = await self._rag.process(item, call.deadline)
             item = await self._assemble.process(item, call.deadline)
+            # Billed as they are known, not when the call ends: a client that leaves after its first chunk
+            # has paid for its prompt, and for every token it was sent.
+            prompt_tokens = item.prompt_tokens
+            self.tenancy.used(tenant, prompt_tokens)
             async with contextlib.aclosing(coalesce(self._post.run(item, call.deadline))) as events:
                 async for event in events:
                     if event.HasField("chunk"):
@@ -117,12 +121,15 @@ class GatewayServicer:
                             self._metrics.first_token(first - received)
                         tokens += event.chunk.token_count
                         self._metrics.tokens.inc(event.chunk.token_count)
+                        self.tenancy.used(tenant, event.chunk.token_count)
                         yield gateway_pb2.GenerateResponse(chunk=event.chunk)
                     elif event.HasField("final"):
                         end = time.perf_counter()
                         if first is not None and tokens > 1:
                             self._metrics.tpot.observe((end - first) / (tokens - 1))
-                        prompt_tokens = event.final.usage.prompt_tokens
+                        # The backend's own count, where it differs from assemble's: the rest is billed now.
+                        self.tenancy.used(tenant, max(0, event.final.usage.prompt_tokens - prompt_tokens))
+                        prompt_tokens = max(prompt_tokens, event.final.usage.prompt_tokens)
                         # From the request's arrival (its key and quota checks included), as the TTFT is.
                         served = end - received - call.queue_wait
                         stream_timing = common_pb2.StageTiming(
@@ -143,6 +150,5 @@ class GatewayServicer:
                         return
             raise DataLoss("the post stage ended its stream without a final event")
         finally:
-            self.tenancy.used(tenant, prompt_tokens + tokens)
             access.tokens_in, access.tokens_out = prompt_tokens, tokens
             access.ttft = None if first is None else first - received

@@ -83,7 +83,7 @@ class Quotas:
         return t.flow
 
     def used(self, tenant: str, tokens: int) -> None:
-        """A call of `tenant` ended having used `tokens` (prompt plus generated)."""
+        """A call of `tenant` used `tokens` more (its prompt, or chunks it was sent)."""
         t = self._tenant(tenant)
         if t.tokens is not None and tokens:
             t.tokens.refill(self._clock())
@@ -103,7 +103,7 @@ class Tenancy(Protocol):
         """One call to `tenant`'s quota (QuotaExceeded if used up), and its flow in the admission queue."""
 
     def used(self, tenant: str, tokens: int) -> None:
-        """A call of `tenant` ended having used `tokens` (prompt plus generated)."""
+        """A call of `tenant` used `tokens` more (its prompt, or chunks it was sent)."""
 
 
 class LocalTenancy:
