@@ -25,6 +25,9 @@ INPUTS = {
     "unbroken word": ["ab"],
     "digit run": ["12"],
     "address-like": ["a.b", "@c"],
+    # Text that is not ASCII takes the normalised view's slow path (one pass per character held back).
+    "prose, not ASCII": [" la", " r\u00e9ponse", " est", "\u00a0", "Paris", ",", " caf\u00e9", "."],
+    "disguised address": [" alice", "\u200b", "(at)", "example", "(dot)", "com", " and"],
 }
 
 

@@ -175,3 +175,46 @@ def test_a_broken_stream_never_sends_the_revealing_start_of_a_match(cut_short: s
 def test_a_broken_stream_sends_what_is_held_back_when_it_reveals_nothing(cut_short: str, sent: str) -> None:
     f = StreamingFilter(build_rules(SPEC))
     assert f.feed(cut_short).text + f.abandon().text == sent
+
+
+# Ways of writing PII that a reader still reads as PII (issue 34's findings), and what each must become.
+DISGUISED = [
+    ("4111.1111.1111.1111", "[REDACTED]"),
+    ("4111\u200b1111\u200b1111\u200b1111", "[REDACTED]"),  # zero-width spaces between the groups
+    ("4111\u00a01111\u00a01111\u00a01111", "[REDACTED]"),  # no-break spaces
+    ("4111\u202f1111\u20091111\u00ad1111", "[REDACTED]"),  # narrow no-break, thin space, soft hyphen
+    ("\uff14\uff11\uff11\uff11 1111 1111 1111", "[REDACTED]"),  # full-width digits
+    ("alice\uff20example.com", "[REDACTED]"),  # full-width @
+    ("ali\u200bce@exam\u200bple.com", "[REDACTED]"),  # a zero-width space inside the address
+    ("alice(at)example.com", "[REDACTED]"),
+    ("alice[at]example[dot]com", "[REDACTED]"),
+    ("alice( at )example.com", "[REDACTED]"),
+    ("ALICE{AT}EXAMPLE(DOT)COM", "[REDACTED]"),
+    ("4111 1111 1111 1111 0", "[REDACTED] 0"),  # a card followed by another digit
+    ("4111-1111-1111-1111-5", "[REDACTED]-5"),
+    ("4111 1111 1111 1111 5500 0000 0000 0004", "[REDACTED] [REDACTED]"),  # two cards in one run
+]
+
+
+@pytest.mark.parametrize(("disguised", "redacted"), DISGUISED)
+def test_disguised_pii_is_redacted_at_every_split(disguised: str, redacted: str) -> None:
+    text = f"See {disguised}, then"
+    expected = f"See {redacted}, then"
+    assert stream([text]) == (expected, None)
+    for cut in range(len(text) + 1):
+        assert stream([text[:cut], text[cut:]]) == (expected, None), cut
+    assert stream(list(text)) == (expected, None)
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "Order 41111111111111110 shipped",  # 17 digits with no separator: a number, not a card and a digit
+        "Call me (at) noon, [dot] points",  # the words alone, next to nothing an address needs
+        "Prices 12\u00a0\u20ac, caf\u00e9 na\u00efve \uff21\uff22\uff23 \u200bok",  # non-ASCII text with no PII
+        "Ids 1234 5678 9012 3456 7890 1234 5678 9012 3456 7890 1234 5678 9012 3456 7",  # 57 digits, no valid card
+    ],
+)
+def test_normalising_leaves_what_is_not_pii_as_it_was_sent(kept: str) -> None:
+    assert stream([kept]) == (kept, None)
+    assert stream(list(kept)) == (kept, None)

@@ -1,8 +1,10 @@
 """What the post stage looks for: PII detectors, stop sequences, blocklist words.
 
-Each rule is a pattern plus an optional validator that sees the full match (Luhn
-for cards, ISO 13616 mod-97 for IBANs, digit count for phones), so a 16-digit
-order number that fails Luhn is left alone.
+Each rule is a pattern plus an optional validator that sees the full match (ISO 13616
+mod-97 for IBANs, digit count for phones) or a finder of what to act on within it (the
+Luhn-valid card numbers in a run of digit groups), so a 16-digit order number that fails
+Luhn is left alone. The patterns match the normalised view of the text (normalize.py):
+full-width forms, zero-width characters and odd spaces do not hide a match.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ class Rule:
     # For a redaction: whether the start of a match, cut short by a broken stream, already gives away
     # what the rule protects (and so is redacted whole rather than sent).
     revealing: Callable[[str], bool] | None = None
+    # For a match that may hold several things to act on, or one within other text: their spans in it.
+    within: Callable[[str], list[tuple[int, int]]] | None = None
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """What of a complete match `text` the rule acts on, as spans of it."""
+        if self.within is not None:
+            return self.within(text)
+        if self.validate is None or self.validate(text):
+            return [(0, len(text))]
+        return []
 
 
 def _digits(text: str) -> str:
@@ -49,6 +61,29 @@ def luhn_valid(text: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
+
+
+def card_spans(run: str) -> list[tuple[int, int]]:
+    """The card numbers in a run of digit groups: spans of 13 to 19 digits that pass Luhn, each from the
+    start of a group to the end of one, leftmost first and the longest at a place. A card followed by
+    another digit group (`4111 1111 1111 1111 0`) or by a second card is found; a digit run with no
+    separator is a card only whole, so a long number is not read as one with digits to spare."""
+    positions = [i for i, ch in enumerate(run) if ch.isdigit()]
+    digits = "".join(run[i] for i in positions)
+    starts = {k for k, i in enumerate(positions) if k == 0 or not run[i - 1].isdigit()}
+    ends = {k + 1 for k, i in enumerate(positions) if i + 1 == len(run) or not run[i + 1].isdigit()}
+    spans: list[tuple[int, int]] = []
+    k = 0
+    while k < len(positions):
+        found = k in starts and next(
+            (n for n in range(19, 12, -1) if k + n in ends and luhn_valid(digits[k : k + n])), None
+        )
+        if found:
+            spans.append((positions[k], positions[k + found - 1] + 1))
+            k += found
+        else:
+            k += 1
+    return spans
 
 
 def iban_valid(text: str) -> bool:
@@ -69,7 +104,8 @@ def phone_valid(text: str) -> bool:
 # streaming filter never holds back more than the longest possible match: a run of word characters
 # with no break cannot grow into an address after its 64th character.
 EMAIL = r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}(?![\w-])"
-CARD = r"(?<![\w-]|\d[ -])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)"
+# A run of digit groups (a card, two cards, a card and more digits): card_spans finds the cards in it.
+CARD = r"(?<![\w.-]|\d[ .-])\d(?:[ .-]?\d){12,56}(?!\w|[ .-]\d)"
 IBAN = r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?!\w)"
 PHONE = r"(?<![\w+]|\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){5,13}(?![\w-]|[ .-]\d)"
 
@@ -99,7 +135,7 @@ def build_rules(spec: PostSpec) -> list[Rule]:
         rules.append(Rule("email", regex.compile(EMAIL), Action.REPLACE, red.replacement, revealing=_has_at))
     if red.card:
         card = regex.compile(CARD)
-        rules.append(Rule("card", card, Action.REPLACE, red.replacement, luhn_valid, _digits_at_least(6)))
+        rules.append(Rule("card", card, Action.REPLACE, red.replacement, None, _digits_at_least(6), card_spans))
     if red.iban:
         rules.append(Rule("iban", regex.compile(IBAN), Action.REPLACE, red.replacement, iban_valid, _iban_start))
     if red.phone:

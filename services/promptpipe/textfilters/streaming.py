@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from promptpipe.textfilters.normalize import view
 from promptpipe.textfilters.rules import Action, Rule
 
 # Enough emitted text to keep for the rules' look-behind boundaries.
@@ -91,24 +92,27 @@ class StreamingFilter:
 
     def _revealing_start(self) -> tuple[int, str] | None:
         """Where in the held-back text the earliest revealing partial match starts, and its replacement."""
-        subject = self._context + self._pending
-        offset = len(self._context)
+        seen = view(self._context + self._pending, final=False)
+        subject, context = seen.text, len(self._context)
+        offset = seen.index_of(context)
         earliest: tuple[int, str] | None = None
         for rule in self._rules:
             if rule.revealing is None:
                 continue
             for m in rule.pattern.finditer(subject, pos=offset, partial=True):
                 cut_short = m.partial or m.end() == len(subject)  # what may have gone on, had the stream
-                if cut_short and rule.revealing(m.group()) and (earliest is None or m.start() - offset < earliest[0]):
-                    earliest = (m.start() - offset, rule.replacement)
+                start = seen.raw_start(m.start()) - context
+                if cut_short and rule.revealing(m.group()) and (earliest is None or start < earliest[0]):
+                    earliest = (start, rule.replacement)
         return earliest
 
     def _scan(self, final: bool) -> tuple[list[Match], int]:
-        """Complete matches, and where the earliest still-open match starts."""
-        subject = self._context + self._pending
-        offset = len(self._context)
-        end = len(subject)
-        hold = end
+        """Complete matches, and where the earliest still-open match starts, in the held-back text: found
+        in its normalised view, and mapped back to what was sent."""
+        seen = view(self._context + self._pending, final)
+        subject, context = seen.text, len(self._context)
+        offset = seen.index_of(context)
+        hold = len(subject)
         matches: list[Match] = []
         for rule in self._rules:
             for m in rule.pattern.finditer(subject, pos=offset, partial=not final):
@@ -117,9 +121,9 @@ class StreamingFilter:
                     if stop > start:
                         hold = min(hold, start)
                     continue
-                if rule.validate is None or rule.validate(m.group()):
-                    matches.append(Match(start - offset, stop - offset, rule))
-        return matches, max(hold - offset, len(self._pending) - MAX_HELD_CHARS)
+                for s, e in rule.spans(m.group()):
+                    matches.append(Match(seen.raw_start(start + s) - context, seen.raw_end(start + e) - context, rule))
+        return matches, max(seen.raw_start(hold) - context, len(self._pending) - MAX_HELD_CHARS)
 
     @staticmethod
     def _may_grow(rule: Rule, subject: str, start: int, stop: int) -> bool:
