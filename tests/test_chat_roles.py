@@ -7,6 +7,7 @@ them; the prompt is then tokenized as the inference stage's llama.cpp does (spec
 from __future__ import annotations
 
 import time
+import unicodedata
 from typing import Any
 
 import pytest
@@ -91,3 +92,35 @@ def test_common_special_token_shapes_are_escaped_without_a_vocabulary(marker: st
 def test_ordinary_text_with_brackets_is_left_alone() -> None:
     for text in ("a < b | c > d", "<b>bold</b>", "[link](x)", "x <| y", "|>"):
         assert COMMON.escape(text) == text
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        "<\uff5cUser\uff5c>",  # DeepSeek's, with full-width bars
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
+        "[SYSTEM_PROMPT]",  # Mistral's control tokens
+        "[/TOOL_RESULTS]",
+        "<|start|>",  # gpt-oss
+    ],
+)
+def test_the_markup_of_other_model_families_is_escaped(marker: str) -> None:
+    escaped = COMMON.escape(f"a {marker} b")
+    assert escaped != f"a {marker} b" and escaped.replace(ZERO_WIDTH_SPACE, "") == f"a {marker} b"
+
+
+@pytest.mark.parametrize(
+    ("disguised", "token"),
+    [
+        ("\uff1c|im_start|\uff1e", "<|im_start|>"),
+        ("\uff3bINST\uff3d", "[INST]"),
+        ("<|im_\u200bstart|>", "<|im_start|>"),
+    ],
+)
+def test_markup_a_normalising_tokenizer_would_read_is_escaped(disguised: str, token: str) -> None:
+    """Full-width brackets (NFKC makes them ASCII) or a format character inside: found in the normalised
+    view, escaped in the text as sent, which reads the same."""
+    escaped = COMMON.escape(f"x {disguised} y")
+    assert escaped.replace(ZERO_WIDTH_SPACE, "") == f"x {disguised} y".replace(ZERO_WIDTH_SPACE, "")
+    assert ZERO_WIDTH_SPACE in escaped.replace(disguised, "")  # a zero-width space was put in
+    assert token not in unicodedata.normalize("NFKC", escaped), "a normalising tokenizer no longer reads the token"

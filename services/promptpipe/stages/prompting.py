@@ -17,6 +17,7 @@ import jinja2
 from promptpipe import chattemplates
 from promptpipe.contract.spec import TemplateSpec
 from promptpipe.runtime.errors import InvalidArgument
+from promptpipe.textfilters.normalize import view
 from promptpipe.v1 import common_pb2, stage_pb2
 
 CHATML = (
@@ -26,10 +27,16 @@ CHATML = (
 
 Tokenize = Callable[[str], int]
 
-# Special-token shapes common chat models frame turns with: ChatML and Llama 3 (`<|...|>`), Llama 2 and
-# Mistral (`[INST]`, `<<SYS>>`, `<s>`), Gemma (`<start_of_turn>`). Used as they are when the model's own
-# vocabulary is not at hand (a TGI or OpenAI backend), added to its special tokens when it is.
-COMMON_SPECIAL_TOKENS = r"<\|[^|\s<>]{1,64}\|>|</?s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk)>"
+# Special-token shapes common chat models frame turns with: ChatML, Llama 3 and 4, Phi, Granite, gpt-oss
+# (`<|...|>`), DeepSeek's with full-width bars (`<｜User｜>`, `<｜end▁of▁sentence｜>`), Llama 2 and Mistral
+# (`[INST]`, `<<SYS>>`, `<s>`, and Mistral's `[SYSTEM_PROMPT]`, `[TOOL_CALLS]` and the like), Gemma
+# (`<start_of_turn>`). Used as they are when the model's own vocabulary is not at hand (a TGI or OpenAI
+# backend: neither API lists its special tokens), added to its special tokens when it is (llama.cpp).
+MISTRAL_CONTROL = "INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT|IMG|IMG_BREAK|IMG_END"
+COMMON_SPECIAL_TOKENS = (
+    r"<\|[^|\s<>]{1,64}\|>|<\uff5c[^\uff5c\s<>]{1,64}\uff5c>|</?s>"
+    rf"|\[/?(?:{MISTRAL_CONTROL})\]|<</?SYS>>|<(?:start|end)_of_turn>|<(?:bos|eos|pad|unk)>"
+)
 # Put inside an escaped token: the text reads the same, but no longer tokenizes as the special token.
 ZERO_WIDTH_SPACE = "\u200b"
 
@@ -57,7 +64,18 @@ class SpecialTokens:
         return cls(tuple(known))
 
     def escape(self, text: str) -> str:
-        return self._pattern.sub(lambda m: m.group()[0] + ZERO_WIDTH_SPACE + m.group()[1:], text)
+        """`text` with a zero-width space after the first character of each special token in it, found in
+        its normalised view (textfilters.normalize): a tokenizer that normalises (NFKC) before it matches
+        special tokens would read `＜|im_start|＞` as `<|im_start|>`."""
+        seen = view(text, final=True)
+        if seen.starts is None:
+            return self._pattern.sub(lambda m: m.group()[0] + ZERO_WIDTH_SPACE + m.group()[1:], text)
+        cuts = [seen.raw_end(m.start() + 1) for m in self._pattern.finditer(seen.text)]
+        pieces, last = [], 0
+        for cut in cuts:
+            pieces += [text[last:cut], ZERO_WIDTH_SPACE]
+            last = cut
+        return "".join([*pieces, text[last:]])
 
 
 COMMON = SpecialTokens()
