@@ -116,7 +116,9 @@ class _Parts:
         """`stage`, run in this process behind its own runtime."""
         runtime = self.runtime
         if stage is not self.stage:
-            runtime = StageRuntime.create(stage.value, self.spec.stages.get(stage), self.registry, self.name)
+            runtime = StageRuntime.create(
+                stage.value, self.spec.stages.get(stage), self.registry, self.name, self.spec.auth
+            )
             self.liveness.watch(stage.value, "slot", runtime.queue.held_for, stuck_after(runtime.spec))
         local = InProcessStage(runtime, self.handler(stage))
         self.in_process.append(local)
@@ -277,7 +279,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     )
     registry = CollectorRegistry()
     stop = asyncio.Event()
-    runtime = StageRuntime.create(stage.value, spec, registry, pipeline.metadata.name)
+    runtime = StageRuntime.create(stage.value, spec, registry, pipeline.metadata.name, pipeline.spec.auth)
     keys = _keys(settings)
     if keys is not None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())

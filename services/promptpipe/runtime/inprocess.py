@@ -43,7 +43,7 @@ class InProcessStage:
         started = time.perf_counter()
         capped, callers = self.runtime.deadline_within(deadline - time.monotonic())
         try:
-            async with self.runtime.admit(capped, callers, None) as call:
+            async with self.runtime.admit(capped, callers, None, self.runtime.flow_of(item)) as call:
                 work_started = time.perf_counter()
                 result = await handler.process(item, call)
                 result.timings.append(self.runtime.timing(call, work_started))
@@ -60,7 +60,7 @@ class InProcessStage:
         started = time.perf_counter()
         capped, callers = self.runtime.deadline_within(deadline - time.monotonic())
         try:
-            async with self.runtime.admit(capped, callers, None) as call:
+            async with self.runtime.admit(capped, callers, None, self.runtime.flow_of(item)) as call:
                 work_started = time.perf_counter()
                 first_output: float | None = None
                 events = handler.run(item, call)

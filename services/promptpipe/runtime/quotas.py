@@ -18,11 +18,33 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 
 from promptpipe.contract.spec import AuthSpec, PriorityClass, QuotaSpec
-from promptpipe.runtime.admission import AdmissionQueue, Flow
+from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
 from promptpipe.runtime.errors import QuotaExceeded
 from promptpipe.runtime.metrics import TenantMetrics
 
 PRIORITIES = {PriorityClass.HIGH: 1, PriorityClass.NORMAL: 0, PriorityClass.LOW: -1}
+
+
+def tenant_flow(name: str, quota: QuotaSpec) -> Flow:
+    return Flow(name, quota.weight, PRIORITIES[quota.priority])
+
+
+class TenantFlows:
+    """Each tenant's flow (its share and priority) from the pipeline's `auth`, for the stages behind the
+    gateway: a call's tenant travels in its work item's `tenant` metadata, which the gateway sets, and
+    every stage that queues admits by it, so one tenant's flood cannot fill a stage's queue and have the
+    others' calls shed there. No tenant (an open gateway): one flow for all."""
+
+    def __init__(self, auth: AuthSpec) -> None:
+        self._auth = auth
+        self._listed = {t.name: tenant_flow(t.name, t) for t in auth.tenants}
+
+    def of(self, tenant: str) -> Flow:
+        if not tenant:
+            return ONE_FLOW
+        flow = self._listed.get(tenant)
+        # An unlisted tenant's flow is made for each call: the queue keeps none past its last waiter.
+        return flow if flow is not None else tenant_flow(tenant, self._auth.default_quota)
 
 
 class TokenBucket:
@@ -44,7 +66,7 @@ class _Tenant:
     __slots__ = ("flow", "requests", "tokens")
 
     def __init__(self, name: str, quota: QuotaSpec, now: float) -> None:
-        self.flow = Flow(name, quota.weight, PRIORITIES[quota.priority])
+        self.flow = tenant_flow(name, quota)
         rpm, tpm = quota.requests_per_minute, quota.tokens_per_minute
         self.requests = TokenBucket(rpm, now) if rpm is not None else None
         self.tokens = TokenBucket(tpm, now) if tpm is not None else None

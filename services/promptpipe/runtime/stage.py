@@ -16,12 +16,13 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 from prometheus_client import CollectorRegistry
 
-from promptpipe.contract.spec import StageSpec
+from promptpipe.contract.spec import AuthSpec, StageSpec
 from promptpipe.contract.tracing import QUEUE_WAIT_ATTRIBUTE, SPAN_NAMES
 from promptpipe.runtime.admission import ONE_FLOW, AdmissionQueue, Flow
 from promptpipe.runtime.errors import DeadlineExceeded, Shed, StageError, abort_with
 from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.metrics import StageMetrics
+from promptpipe.runtime.quotas import TenantFlows
 from promptpipe.runtime.tracing import tracer
 from promptpipe.v1 import common_pb2, stage_pb2
 
@@ -59,18 +60,28 @@ class StreamingHandler(StageHandler, Protocol):
 
 
 class StageRuntime:
-    def __init__(self, stage: str, spec: StageSpec, queue: AdmissionQueue, metrics: StageMetrics) -> None:
+    def __init__(
+        self, stage: str, spec: StageSpec, queue: AdmissionQueue, metrics: StageMetrics, auth: AuthSpec | None = None
+    ) -> None:
         self.stage = stage
         self.spec = spec
         self.queue = queue
         self.metrics = metrics
         self._span_name = SPAN_NAMES.get(stage, stage)
+        self._flows = TenantFlows(auth if auth is not None else AuthSpec())
 
     @classmethod
-    def create(cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str) -> StageRuntime:
-        """A stage's runtime with its own admission queue."""
+    def create(
+        cls, stage: str, spec: StageSpec, registry: CollectorRegistry, pipeline: str, auth: AuthSpec | None = None
+    ) -> StageRuntime:
+        """A stage's runtime with its own admission queue; with `auth`, its calls are admitted by their
+        tenants' flows."""
         queue = AdmissionQueue.of(spec.queue, stage)
-        return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue))
+        return cls(stage, spec, queue, StageMetrics(registry, pipeline, stage, queue), auth)
+
+    def flow_of(self, item: stage_pb2.WorkItem) -> Flow:
+        """The flow a work item is admitted by: its tenant's, as the gateway set it."""
+        return self._flows.of(item.metadata.get("tenant", ""))
 
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
         """The caller's deadline, capped by this stage's timeout; and whether it is the caller's."""
@@ -245,7 +256,7 @@ class StageServicer:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} streams; call Run")
             raise AssertionError("abort raises")
         in_call(request_id=request.request_id)
-        async with self.runtime.admitted(context) as call:
+        async with self.runtime.admitted(context, self.runtime.flow_of(request)) as call:
             work_started = time.perf_counter()
             item = await handler.process(request, call)
             item.timings.append(self.runtime.timing(call, work_started))
@@ -260,7 +271,7 @@ class StageServicer:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"stage {self.runtime.stage} has no Run")
             raise AssertionError("abort raises")
         in_call(request_id=request.request_id)
-        async with self.runtime.admitted(context) as call:
+        async with self.runtime.admitted(context, self.runtime.flow_of(request)) as call:
             work_started = time.perf_counter()
             first_output: float | None = None
             events = handler.run(request, call)
