@@ -12,6 +12,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -225,6 +226,25 @@ def test_a_gzip_bomb_is_refused_413_while_it_inflates_in_bounded_steps(start_pip
     assert status == 400 and "inflate" in body["error"]["message"]
     status, body = post(p, ok, key, **{"Content-Encoding": "br"})
     assert status == 415 and body["error"]["code"] == "unsupported_encoding"
+
+
+def test_bodies_of_tiny_content_parts_are_refused_while_they_are_decoded(start_pipeline, key) -> None:
+    p = gateway_with_limits(start_pipeline)
+    pid = p.pid(StageName.STREAM)
+    part = {"type": "text", "text": "a"}
+    body = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": [part] * 33_000}]}).encode()
+    assert len(body) < MIB  # within the body limit: what costs is the objects, not the bytes
+    idle = rss_mib(pid)
+
+    def one(_: int) -> tuple[int, dict[str, Any]]:
+        return post(p, body, key)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    assert all(status == 400 and "more than 1024 JSON objects" in b["error"]["message"] for status, b in answers)
+    grown = rss_mib(pid) - idle
+    # Decoded whole, 33,000 parts are about 12 MB of objects per body (the gateway grew 36 MiB for 8).
+    assert grown < 8, f"the gateway grew {grown:.1f} MiB for 8 bodies of {len(body) // 1024} KiB"
 
 
 def test_a_body_refused_while_it_is_read_or_parsed_is_charged_to_the_tenant(start_pipeline, key) -> None:

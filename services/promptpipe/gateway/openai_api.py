@@ -158,7 +158,37 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+# JSON objects one body may hold (messages, their content parts, metadata, stream options): a chat needs a
+# few hundred at most. Counted while the body is decoded, which stops at the first past it: a body of tiny
+# content parts would otherwise cost 30 times its size in memory, and its parse would hold the event loop.
+MAX_OBJECTS = 1024
+
+
+class _TooManyObjects(Exception):
+    pass
+
+
+def _count_objects(raw: bytes) -> None:
+    """Decodes `raw` only to count its objects, stopping at MAX_OBJECTS + 1 (a body that is not JSON is left
+    for the model's parse to name)."""
+    seen = 0
+
+    def counted(pairs: list[tuple[str, Any]]) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > MAX_OBJECTS:
+            raise _TooManyObjects
+
+    try:
+        json.loads(raw, object_pairs_hook=counted)
+    except _TooManyObjects:
+        raise bad_request(None, f"the body holds more than {MAX_OBJECTS} JSON objects") from None
+    except ValueError:
+        pass
+
+
 def _validated(model: type[_Chat] | type[_Completion], raw: bytes) -> _Chat | _Completion:
+    _count_objects(raw)
     try:
         return model.model_validate_json(raw, strict=True)
     except pydantic.ValidationError as err:
