@@ -1,0 +1,149 @@
+"""What the gateway's and the stages' checks cost a call: TTFT through the whole pipeline (five services,
+synthetic backend, API keys on), this tree against an earlier checkout, side by side, rounds alternating.
+
+    git worktree add /tmp/before 7d450c3     # the code before the checks (issue 34)
+    python -m bench.edge_checks --before-tree /tmp/before [--calls 400] [--rounds 3]
+
+Each side runs in a process of its own with its own code (PYTHONPATH), the same pipeline file and the
+same client: sequential calls (one at a time, so the figure is the path's, not a queue's), each with a
+valid key, after a warm-up. Also the key check alone, per call (this tree's interceptor), in µs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KEY = "pp-bench-key-0123456789abcdef0123456789abcdef"
+DOC = {
+    "apiVersion": "promptpipe.io/v1alpha1",
+    "kind": "PromptPipeline",
+    "metadata": {"name": "checks"},
+    "spec": {
+        "model": {"name": "synthetic", "backend": "synthetic", "synthetic": {"tokensPerSecond": 0}},
+        "generation": {"maxNewTokens": 8},
+        "rag": {"enabled": False},
+    },
+}
+
+
+def _measure(calls: int) -> dict[str, float]:
+    """In the child: start the pipeline with one key, time `calls` sequential calls' first token."""
+    import grpc
+    import yaml
+
+    from promptpipe.cli import localrun
+    from promptpipe.contract.apikeys import hash_key
+    from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["PROMPTPIPE_HOME"] = tmp
+        os.environ["PROMPTPIPE_API_KEYS"] = f"bench: {hash_key(KEY)}\n"
+        path = Path(tmp) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(DOC))
+        run = localrun.start(path)
+        try:
+            localrun.wait_serving(run, 120)
+
+            async def drive() -> list[float]:
+                ttfts: list[float] = []
+                async with grpc.aio.insecure_channel(run.gateway) as channel:
+                    stub = gateway_pb2_grpc.GatewayStub(channel)
+                    for i in range(calls + 50):
+                        started = time.perf_counter()
+                        first = None
+                        request = gateway_pb2.GenerateRequest(prompt="hello there")
+                        async for r in stub.Generate(request, metadata=(("authorization", f"Bearer {KEY}"),)):
+                            if first is None and r.HasField("chunk"):
+                                first = time.perf_counter() - started
+                        if i >= 50 and first is not None:  # the first 50 warm the path up
+                            ttfts.append(first)
+                return ttfts
+
+            ttfts = sorted(asyncio.run(drive()))
+        finally:
+            localrun.stop(run)
+    return {"p50": statistics.median(ttfts), "p99": ttfts[int(0.99 * (len(ttfts) - 1))], "calls": len(ttfts)}
+
+
+def _key_check_us(rounds: int = 20_000) -> float:
+    """This tree's key check (the interceptor's work before a call goes on), per call, in µs."""
+    import grpc
+
+    from promptpipe.contract.apikeys import hash_key
+    from promptpipe.gateway.key_check import KeyCheck
+    from promptpipe.runtime.apikeys import KeyRing
+
+    check = KeyCheck(KeyRing(inline=f"bench: {hash_key(KEY)}\n"), "stream")
+
+    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+        method = "/promptpipe.v1.Gateway/Generate"
+        invocation_metadata = (("authorization", f"Bearer {KEY}"),)
+
+    async def go_on(_: grpc.HandlerCallDetails) -> None:
+        return None
+
+    async def loop() -> float:
+        details = Details()
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await check.intercept_service(go_on, details)
+        return (time.perf_counter() - started) / rounds * 1e6
+
+    return asyncio.run(loop())
+
+
+def _side(tree: Path | None, calls: int) -> dict[str, float]:
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = f"{tree / 'services'}:{tree}"
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", "--calls", str(calls)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before-tree", type=Path, help="a checkout of the code before the checks")
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(_measure(args.calls)))
+        return
+    sides: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    for _ in range(args.rounds):
+        if args.before_tree is not None:
+            sides["before"].append(_side(args.before_tree, args.calls))
+        sides["after"].append(_side(None, args.calls))
+    print(f"TTFT through five services, API keys on, {args.calls} sequential calls a round; median of rounds")
+    print(f"{'code':<8}{'p50 ms':>10}{'p99 ms':>10}")
+    figures = {}
+    for name, rounds in sides.items():
+        if rounds:
+            p50 = statistics.median(r["p50"] for r in rounds) * 1000
+            p99 = statistics.median(r["p99"] for r in rounds) * 1000
+            figures[name] = p50
+            print(f"{name:<8}{p50:>10.2f}{p99:>10.2f}")
+    if len(figures) == 2:
+        print(f"after/before p50: {figures['after'] / figures['before']:.2f}x")
+    print(f"the key check alone: {_key_check_us():.1f} µs a call")
+
+
+if __name__ == "__main__":
+    main()
