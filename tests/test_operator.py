@@ -364,11 +364,15 @@ def replicas_known(metrics_url: str) -> set[str]:
     return set(re.findall(r'promptpipe_backend_replica_in_flight\{[^}]*replica="([^"]+)"', text))
 
 
-def endpoint_slice(name: str, service: str, ready: dict[str, bool]) -> dict[str, Any]:
+def endpoint_slice(
+    name: str, service: str, ready: dict[str, bool], managed_by: str = "endpointslice-controller.k8s.io"
+) -> dict[str, Any]:
+    """A slice as the EndpointSlice controller writes one (`managed_by` another: one anybody could write)."""
+    labels = {"kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": managed_by}
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "metadata": {"name": name, "labels": labels},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [{"addresses": [ip], "conditions": {"ready": up}} for ip, up in ready.items()],
@@ -443,8 +447,11 @@ def test_the_inference_stage_follows_the_tgi_pods_through_the_endpointslices_its
         slices.delete_namespaced_endpoint_slice("disc-backend-a", cluster.ns)
         took.append(changed("two pods gone", {"http://10.1.0.3:8080"}))
         print(f"\nEndpointSlice change → in the stage's ring: {', '.join(f'{t * 1000:.0f} ms' for t in took)}")
-        # Another Service's slices are not this backend's replicas.
+        # Another Service's slices are not this backend's replicas, nor is a look-alike labelled with its name
+        # by someone else than the EndpointSlice controller (which would get the prompts sent to it).
         slices.create_namespaced_endpoint_slice(cluster.ns, endpoint_slice("other", "disc-stream", {"10.1.0.9": True}))
+        forged = endpoint_slice("disc-backend-x", "disc-backend", {"10.6.6.6": True}, managed_by="tenant")
+        slices.create_namespaced_endpoint_slice(cluster.ns, forged)
         time.sleep(1)
         assert replicas_known(metrics) == {"http://10.1.0.3:8080"}
 

@@ -5,7 +5,9 @@ EndpointSlices rather than DNS A records of a headless Service: a watch sends ea
 while DNS answers are cached (kubeadm's CoreDNS caches them 30 s), and the blue-green switch, which moves the
 backend Service's selector from one color's pods to the other's, must move every call at once, not 30 s
 later. A slice also says which pods are ready; a terminating one leaves before it stops. The price is one
-read-only Role (list and watch EndpointSlices in the pipeline's namespace) for the inference pods.
+read-only Role (list and watch EndpointSlices in the pipeline's namespace) for the inference pods. Only the
+slices the EndpointSlice controller wrote count: a look-alike slice labelled with the Service's name is not
+a replica.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from promptpipe.contract.runtime_config import BackendPods
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Which controller wrote a slice. Anyone who may create EndpointSlices in the namespace can label one with
+# the backend Service's name and point the inference stage's calls (and the prompts in them) at a pod of
+# their own: only the slices Kubernetes' own controller wrote for the Service are its replicas.
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+ENDPOINTSLICE_CONTROLLER = "endpointslice-controller.k8s.io"
 WATCH_SECONDS = 240  # a watch is renewed this often (and on any error), listing afresh
 RETRY_SECONDS = 2.0
 REQUEST_TIMEOUT_SECONDS = 10.0
@@ -74,7 +81,7 @@ class EndpointSliceWatch:
 
     def _run(self) -> None:
         source = self._source
-        selector = f"{SERVICE_NAME_LABEL}={source.service}"
+        selector = f"{SERVICE_NAME_LABEL}={source.service},{MANAGED_BY_LABEL}={ENDPOINTSLICE_CONTROLLER}"
         while not self._stop.is_set():
             try:
                 config.load_config()  # in a pod, its service account; elsewhere, KUBECONFIG
