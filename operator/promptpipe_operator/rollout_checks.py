@@ -6,11 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import urllib.error
-import urllib.request
 from typing import Any
 
-from promptpipe import promql
+from promptpipe import bounded_http, promql
 from promptpipe.contract.spec import PipelineSpec
 from promptpipe.registry import errors as registry_errors
 from promptpipe.registry.refs import ModelRef
@@ -24,33 +22,45 @@ def smoke(base_url: str, spec: PipelineSpec) -> tuple[bool, str]:
     """One generation through TGI's /generate; it passes if TGI answers 200 with generated text."""
     cfg = spec.rollout.smoke
     body = json.dumps({"inputs": cfg.prompt, "parameters": {"max_new_tokens": cfg.max_new_tokens}}).encode()
-    request = urllib.request.Request(  # noqa: S310 - http(s): the operator's own backend URL
-        f"{base_url}/generate",
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
     try:
-        with urllib.request.urlopen(request, timeout=cfg.timeout) as response:  # noqa: S310 - the backend's URL
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        detail = e.read()[:300].decode(errors="replace")
-        return False, f"POST {base_url}/generate answered HTTP {e.code}: {detail}"
-    except (OSError, ValueError) as e:
+        got = bounded_http.request(
+            f"{base_url}/generate",
+            deadline_seconds=cfg.timeout,
+            max_bytes=MAX_SMOKE_BYTES,
+            method="POST",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+    except bounded_http.HttpFailure as e:
         return False, f"POST {base_url}/generate failed: {e}"
+    # What the pod sent is never told (it goes into status and Events): a status code and a reason are enough.
+    if got.status != 200:
+        return False, f"POST {base_url}/generate answered HTTP {got.status}"
+    try:
+        answer = json.loads(got.body)
+    except ValueError:
+        answer = None
     if not isinstance(answer, dict) or not isinstance(answer.get("generated_text"), str):
-        return False, f"POST {base_url}/generate answered without generated_text: {str(answer)[:200]}"
-    return True, f"generated {answer['generated_text'][:60]!r}"
+        return False, f"POST {base_url}/generate answered without generated_text"
+    return True, f"generated {len(answer['generated_text'])} characters"
+
+
+# A smoke generation's answer: a few tokens of text; the metrics of one gateway pod: a few hundred series.
+MAX_SMOKE_BYTES = 64 * 1024
+MAX_METRICS_BYTES = 4 * 1024 * 1024
 
 
 def scrape(urls: dict[str, str], pipeline: str, timeout: float = 3.0) -> dict[str, Counts]:
-    """Each gateway pod's counters, keyed by pod; pods that do not answer are left out."""
+    """Each gateway pod's counters, keyed by pod; pods that do not answer (within `timeout` in all, with at
+    most MAX_METRICS_BYTES, no redirect followed) are left out."""
     out: dict[str, Counts] = {}
     for pod, url in urls.items():
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a pod's metrics
-                out[pod] = parse_gateway(response.read().decode(), pipeline)
-        except (OSError, ValueError) as e:
+            got = bounded_http.request(url, deadline_seconds=timeout, max_bytes=MAX_METRICS_BYTES)
+            if got.status != 200:
+                raise bounded_http.HttpFailure(f"HTTP {got.status}")
+            out[pod] = parse_gateway(got.body.decode(errors="replace"), pipeline)
+        except (bounded_http.HttpFailure, ValueError) as e:
             log.warning("could not scrape a gateway", extra={"pod": pod, "url": url, "error": str(e)})
     return out
 
