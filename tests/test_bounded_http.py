@@ -96,8 +96,19 @@ def test_the_smoke_check_fails_within_its_timeout_and_tells_nothing_the_pod_sent
         {"model": {"name": "m", "backend": "tgi", "tgi": {"gpus": 0}}, "rollout": {"smoke": {"timeout": 1}}}
     )
     started = time.monotonic()
-    passed, why = rollout_checks.smoke(hostile, spec)
+    passed, why = rollout_checks.smoke(hostile, spec, most_seconds=60)
     assert not passed and SECRET.decode() not in why and "10.6.6.6" not in why
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("hostile", [drips], indirect=True, ids=["drips"])
+def test_the_smoke_check_never_outlasts_what_the_reconcile_leaves_it(hostile: str) -> None:
+    spec = PipelineSpec.model_validate(
+        {"model": {"name": "m", "backend": "tgi", "tgi": {"gpus": 0}}, "rollout": {"smoke": {"timeout": 600}}}
+    )
+    started = time.monotonic()
+    passed, why = rollout_checks.smoke(hostile, spec, most_seconds=1.0)
+    assert not passed and "within 1 s" in why
     assert time.monotonic() - started < 2.0
 
 

@@ -46,6 +46,10 @@ from promptpipe_operator.status import (
     pipeline_status,
 )
 
+# The most of a reconcile's bound (`reconcile_timeout_seconds`) a rollout's smoke generation may take: the
+# rest is the API calls around it.
+SMOKE_SHARE_OF_RECONCILE = 0.5
+
 
 class InvalidSpec(Exception):
     """The spec passed the API server's schema but not the pipeline model: retrying cannot help."""
@@ -363,6 +367,7 @@ def advance_rollout(
                 service=render.backend_name(name, target.color), namespace=namespace, port=render.TGI_PORT
             ),
             pp.spec,
+            settings.reconcile_timeout_seconds * SMOKE_SHARE_OF_RECONCILE,
         )
     verdict = None
 

@@ -18,14 +18,17 @@ from promptpipe_operator.analysis import Counts, parse_gateway, prometheus_queri
 log = logging.getLogger("promptpipe.operator")
 
 
-def smoke(base_url: str, spec: PipelineSpec) -> tuple[bool, str]:
-    """One generation through TGI's /generate; it passes if TGI answers 200 with generated text."""
+def smoke(base_url: str, spec: PipelineSpec, most_seconds: float) -> tuple[bool, str]:
+    """One generation through TGI's /generate; it passes if TGI answers 200 with generated text. It takes
+    at most `spec.rollout.smoke.timeout`, and never more than `most_seconds` (what the reconcile that runs
+    it leaves: a smoke check may not outlast the reconcile's bound and fail the operator's liveness)."""
     cfg = spec.rollout.smoke
+    deadline = min(cfg.timeout, most_seconds)
     body = json.dumps({"inputs": cfg.prompt, "parameters": {"max_new_tokens": cfg.max_new_tokens}}).encode()
     try:
         got = bounded_http.request(
             f"{base_url}/generate",
-            deadline_seconds=cfg.timeout,
+            deadline_seconds=deadline,
             max_bytes=MAX_SMOKE_BYTES,
             method="POST",
             body=body,

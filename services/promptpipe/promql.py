@@ -33,15 +33,14 @@ def instant_query(url: str, promql: str, timeout: float) -> list[dict[str, Any]]
     except bounded_http.HttpFailure as e:
         raise PrometheusError(f"Prometheus at {url} could not be queried: {e}") from None
     data = _json_object(answer.body)  # a bad query is refused with 400 and a JSON error, read the same
-    if answer.status != 200 and not data:
-        data = {"error": f"HTTP {answer.status}, not a Prometheus API answer"}
     result = data.get("data", {}).get("result") if data.get("status") == "success" else None
     if not isinstance(result, list):
-        error = data.get("error")
         # Prometheus' own refusal ({"status": "error", "errorType": ..., "error": ...}) is told, shortened;
         # anything else is not repeated.
-        prometheus_said = data.get("status") == "error" and "errorType" in data and isinstance(error, str)
-        told = error[:MAX_ERROR_CHARS] if prometheus_said else "not a Prometheus API answer"
+        error = data.get("error")
+        told = f"not a Prometheus API answer (HTTP {answer.status})"
+        if data.get("status") == "error" and "errorType" in data and isinstance(error, str):
+            told = error[:MAX_ERROR_CHARS]
         raise PrometheusError(f"Prometheus refused the query {promql!r}: {told}")
     return result
 
