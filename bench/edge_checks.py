@@ -2,11 +2,12 @@
 synthetic backend, API keys on), this tree against an earlier checkout, side by side, rounds alternating.
 
     git worktree add /tmp/before 7d450c3     # the code before the checks (issue 34)
-    python -m bench.edge_checks --before-tree /tmp/before [--calls 400] [--rounds 3]
+    python -m bench.edge_checks --before-tree /tmp/before [--calls 400] [--rounds 3] [--bodies]
 
 Each side runs in a process of its own with its own code (PYTHONPATH), the same pipeline file and the
 same client: sequential calls (one at a time, so the figure is the path's, not a queue's), each with a
-valid key, after a warm-up. Also the key check alone, per call (this tree's interceptor), in µs.
+valid key, after a warm-up. Also the key check alone, per call (this tree's interceptor), in µs, and with
+--bodies what 8 concurrent bodies of about 1 MiB cost this tree's gateway (RSS, and small calls meanwhile).
 """
 
 from __future__ import annotations
@@ -101,6 +102,89 @@ def _key_check_us(rounds: int = 20_000) -> float:
     return asyncio.run(loop())
 
 
+def _bodies() -> None:
+    """8 concurrent bodies at once, with a key, to this tree's gateway over HTTP: its RSS growth at the peak
+    and after, and the latency of small calls made meanwhile (the event loop held)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import psutil
+    import yaml
+
+    from promptpipe.cli import localrun
+    from promptpipe.contract.apikeys import hash_key
+
+    def post(base: str, body: bytes) -> int:
+        request = urllib.request.Request(
+            f"{base}/chat/completions",
+            data=body,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    part = {"type": "text", "text": "a"}
+    kinds = {
+        "33,000 one-letter parts": {"role": "user", "content": [part] * 33_000},
+        "one 1 MiB string": {"role": "user", "content": "word " * (1_040_000 // 5)},
+    }
+    small = json.dumps({"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    print("8 concurrent bodies of about 1 MiB, with a key: the gateway's RSS, and small calls meanwhile")
+    print(f"{'body':<26}{'statuses':>12}{'peak MiB':>10}{'after':>8}{'small p50 ms':>14}{'max ms':>8}")
+    for name, message in kinds.items():
+        body = json.dumps({"model": "synthetic", "messages": [message]}).encode()
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["PROMPTPIPE_HOME"] = tmp
+            os.environ["PROMPTPIPE_API_KEYS"] = f"bench: {hash_key(KEY)}\n"
+            path = Path(tmp) / "pipeline.yaml"
+            path.write_text(yaml.safe_dump(DOC))
+            run = localrun.start(path)
+            try:
+                localrun.wait_serving(run, 120)
+                gateway = psutil.Process(run.stages["stream"].pid)
+                post(run.openai_base_url, small)
+                idle = gateway.memory_info().rss / 2**20
+                peak, latencies, statuses, done = [idle], [], [], threading.Event()
+
+                def sample() -> None:
+                    while not done.is_set():
+                        peak.append(gateway.memory_info().rss / 2**20)
+                        time.sleep(0.01)
+
+                def calls() -> None:
+                    while not done.is_set():
+                        started = time.perf_counter()
+                        post(run.openai_base_url, small)
+                        latencies.append(time.perf_counter() - started)
+
+                helpers = [threading.Thread(target=sample), threading.Thread(target=calls)]
+                senders = [
+                    threading.Thread(target=lambda: statuses.append(post(run.openai_base_url, body))) for _ in range(8)
+                ]
+                for t in [*helpers, *senders]:
+                    t.start()
+                for t in senders:
+                    t.join()
+                time.sleep(0.5)
+                done.set()
+                for t in helpers:
+                    t.join()
+                after = gateway.memory_info().rss / 2**20
+            finally:
+                localrun.stop(run)
+        codes = ",".join(sorted({str(c) for c in statuses}))
+        latencies.sort()
+        print(
+            f"{name:<26}{codes:>12}{max(peak) - idle:>+10.1f}{after - idle:>+8.1f}"
+            f"{statistics.median(latencies) * 1000:>14.1f}{latencies[-1] * 1000:>8.1f}"
+        )
+
+
 def _side(tree: Path | None, calls: int) -> dict[str, float]:
     env = dict(os.environ)
     if tree is not None:
@@ -121,6 +205,7 @@ def main() -> None:
     parser.add_argument("--before-tree", type=Path, help="a checkout of the code before the checks")
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bodies", action="store_true", help="also: 8 concurrent 1 MiB bodies (memory, loop)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -143,6 +228,8 @@ def main() -> None:
     if len(figures) == 2:
         print(f"after/before p50: {figures['after'] / figures['before']:.2f}x")
     print(f"the key check alone: {_key_check_us():.1f} µs a call")
+    if args.bodies:
+        _bodies()
 
 
 if __name__ == "__main__":
