@@ -1,9 +1,11 @@
-"""The chart's admission policy on the real API server: a pipeline may name only an API-key Secret its
-author may read (the API server's own authorizer decides, as the user making the request)."""
+"""The chart's admission policy on the real API server: a pipeline may name only Secrets its author may
+read, and only such an author may change where one is sent (the API server's own authorizer decides, as the
+user making the request)."""
 
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,10 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.helm]
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "promptpipe"
 AUTHOR = "alice@example.com"
+# May edit pipelines, may read no Secret.
+EDITOR = "mallory@example.com"
 POLICY = "templates/admissionpolicy.yaml"
+KEY_FILE = QUICKSTART["spec"]["auth"]["apiKeysSecret"]["name"]
 
 
 @pytest.fixture
@@ -62,9 +67,16 @@ def test_a_pipeline_may_name_only_a_secret_its_author_can_read(
         core.create_namespaced_secret(
             namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={"key": "k"})
         )
-    # Alice may manage pipelines, and read the one Secret meant for them.
+    # Alice may manage pipelines, and read the Secrets meant for them (the OpenAI key; the quickstart's
+    # gateway key file).
     pipelines = _rule(["promptpipelines"], ["get", "create", "patch"], "promptpipe.io")
-    grant(rbac, namespace, "pipeline-author", AUTHOR, [pipelines, _rule(["secrets"], ["get"], names=["llm-key"])])
+    grant(
+        rbac,
+        namespace,
+        "pipeline-author",
+        AUTHOR,
+        [pipelines, _rule(["secrets"], ["get"], names=["llm-key", KEY_FILE])],
+    )
 
     def apply_as_alice(doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         args = ("apply", "-n", namespace, f"--as={AUTHOR}", "-f", "-")
@@ -122,3 +134,64 @@ def grant(rbac: client.RbacAuthorizationV1Api, namespace: str, role: str, user: 
             subjects=[client.RbacV1Subject(kind="User", name=user, api_group="rbac.authorization.k8s.io")],
         ),
     )
+
+
+def test_a_pipeline_editor_who_may_not_read_its_secrets_cannot_send_them_elsewhere(
+    policy: str, control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str
+) -> None:
+    core, rbac = client.CoreV1Api(kube), client.RbacAuthorizationV1Api(kube)
+    for secret in ("llm-key", "database-password"):
+        core.create_namespaced_secret(
+            namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={"key": "k"})
+        )
+    grant(rbac, namespace, "pipeline-editor", EDITOR, [_rule(["promptpipelines"], ["get", "patch"], "promptpipe.io")])
+    # The admin (who may read every Secret) sets up two pipelines naming the key: one sending it, one that
+    # names it but runs the embedded model, so the key goes nowhere yet.
+    kubectl(
+        control_plane,
+        kube_tools,
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=yaml.safe_dump(with_key_secret("assistant", "llm-key")),
+    )
+    dormant = with_key_secret("dormant", "llm-key")
+    dormant["spec"]["model"]["backend"] = "llamacpp"
+    kubectl(control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(dormant))
+
+    def patch_as_editor(name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        patch = json.dumps({"spec": spec})
+        args = ("patch", "-n", namespace, "pp", name, "--type=merge", f"--as={EDITOR}", "-p", patch)
+        return kubectl(control_plane, kube_tools, *args, check=False)
+
+    # Until the API server has loaded the policy, the first refusal is waited for.
+    def refused(name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str] | None:
+        result = patch_as_editor(name, spec)
+        return result if result.returncode != 0 and "may not read Secret" in result.stderr else None
+
+    evil = {"model": {"openai": {"endpoints": ["https://collector.example.net/v1"]}}}
+    moved = wait_until(lambda: refused("assistant", evil), "the policy to refuse moving the key", timeout=30)
+    assert f"spec.model.openai.apiKeySecret.name: {EDITOR} may not read Secret llm-key" in moved.stderr, moved.stderr
+    # Turning on the backend that sends it is deciding where it goes, too.
+    woken = patch_as_editor("dormant", {"model": {"backend": "openai"}})
+    assert woken.returncode != 0 and "may not read Secret llm-key" in woken.stderr, woken.stderr
+    # The gateway's key file and its TLS key: naming one the editor may not read is refused, naming the field.
+    for spec, field in (
+        ({"auth": {"apiKeysSecret": {"name": "database-password", "key": "key"}}}, "spec.auth.apiKeysSecret.name"),
+        ({"tls": {"secretName": "database-password"}}, "spec.tls.secretName"),
+    ):
+        named = patch_as_editor("assistant", spec)
+        assert named.returncode != 0 and f"{field}: {EDITOR} may not read Secret database-password" in named.stderr
+    # Nothing of the above reached the stored pipelines.
+    stored = json.loads(kubectl(control_plane, kube_tools, "get", "-n", namespace, "pp", "-o", "json").stdout)
+    models = {item["metadata"]["name"]: item["spec"]["model"] for item in stored["items"]}
+    assert models["assistant"]["openai"]["endpoints"] == ["http://llm:8000/v1"]
+    assert models["dormant"]["backend"] == "llamacpp"
+    # What leaves the Secrets' destinations alone is the editor's to change: a stage's scaling, and turning
+    # the OpenAI backend off (the key then goes nowhere).
+    scaled = patch_as_editor("assistant", {"stages": {"post": {"scaling": {"maxReplicas": 3}}}})
+    assert scaled.returncode == 0, scaled.stderr
+    off = patch_as_editor("assistant", {"model": {"backend": "llamacpp"}})
+    assert off.returncode == 0, off.stderr
