@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -21,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 KEY = "pp-bench-key-0123456789abcdef0123456789abcdef"
 DOC = {
@@ -36,14 +39,13 @@ DOC = {
 }
 
 
-def _measure(calls: int) -> dict[str, float]:
-    """In the child: start the pipeline with one key, time `calls` sequential calls' first token."""
-    import grpc
+@contextlib.contextmanager
+def _keyed_pipeline() -> Iterator[Any]:
+    """The pipeline of DOC running locally with one API key (KEY), on whatever code PYTHONPATH gives."""
     import yaml
 
     from promptpipe.cli import localrun
     from promptpipe.contract.apikeys import hash_key
-    from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["PROMPTPIPE_HOME"] = tmp
@@ -53,25 +55,35 @@ def _measure(calls: int) -> dict[str, float]:
         run = localrun.start(path)
         try:
             localrun.wait_serving(run, 120)
-
-            async def drive() -> list[float]:
-                ttfts: list[float] = []
-                async with grpc.aio.insecure_channel(run.gateway) as channel:
-                    stub = gateway_pb2_grpc.GatewayStub(channel)
-                    for i in range(calls + 50):
-                        started = time.perf_counter()
-                        first = None
-                        request = gateway_pb2.GenerateRequest(prompt="hello there")
-                        async for r in stub.Generate(request, metadata=(("authorization", f"Bearer {KEY}"),)):
-                            if first is None and r.HasField("chunk"):
-                                first = time.perf_counter() - started
-                        if i >= 50 and first is not None:  # the first 50 warm the path up
-                            ttfts.append(first)
-                return ttfts
-
-            ttfts = sorted(asyncio.run(drive()))
+            yield run
         finally:
             localrun.stop(run)
+
+
+def _measure(calls: int) -> dict[str, float]:
+    """In the child: start the pipeline with one key, time `calls` sequential calls' first token."""
+    import grpc
+
+    from promptpipe.v1 import gateway_pb2, gateway_pb2_grpc
+
+    with _keyed_pipeline() as run:
+
+        async def drive() -> list[float]:
+            ttfts: list[float] = []
+            async with grpc.aio.insecure_channel(run.gateway) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                for i in range(calls + 50):
+                    started = time.perf_counter()
+                    first = None
+                    request = gateway_pb2.GenerateRequest(prompt="hello there")
+                    async for r in stub.Generate(request, metadata=(("authorization", f"Bearer {KEY}"),)):
+                        if first is None and r.HasField("chunk"):
+                            first = time.perf_counter() - started
+                    if i >= 50 and first is not None:  # the first 50 warm the path up
+                        ttfts.append(first)
+            return ttfts
+
+        ttfts = sorted(asyncio.run(drive()))
     return {"p50": statistics.median(ttfts), "p99": ttfts[int(0.99 * (len(ttfts) - 1))], "calls": len(ttfts)}
 
 
@@ -110,10 +122,6 @@ def _bodies() -> None:
     import urllib.request
 
     import psutil
-    import yaml
-
-    from promptpipe.cli import localrun
-    from promptpipe.contract.apikeys import hash_key
 
     def post(base: str, body: bytes) -> int:
         request = urllib.request.Request(
@@ -138,45 +146,36 @@ def _bodies() -> None:
     print(f"{'body':<26}{'statuses':>12}{'peak MiB':>10}{'after':>8}{'small p50 ms':>14}{'max ms':>8}")
     for name, message in kinds.items():
         body = json.dumps({"model": "synthetic", "messages": [message]}).encode()
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["PROMPTPIPE_HOME"] = tmp
-            os.environ["PROMPTPIPE_API_KEYS"] = f"bench: {hash_key(KEY)}\n"
-            path = Path(tmp) / "pipeline.yaml"
-            path.write_text(yaml.safe_dump(DOC))
-            run = localrun.start(path)
-            try:
-                localrun.wait_serving(run, 120)
-                gateway = psutil.Process(run.stages["stream"].pid)
-                post(run.openai_base_url, small)
-                idle = gateway.memory_info().rss / 2**20
-                peak, latencies, statuses, done = [idle], [], [], threading.Event()
+        with _keyed_pipeline() as run:
+            gateway = psutil.Process(run.stages["stream"].pid)
+            post(run.openai_base_url, small)
+            idle = gateway.memory_info().rss / 2**20
+            peak, latencies, statuses, done = [idle], [], [], threading.Event()
 
-                def sample() -> None:
-                    while not done.is_set():
-                        peak.append(gateway.memory_info().rss / 2**20)
-                        time.sleep(0.01)
+            def sample() -> None:
+                while not done.is_set():
+                    peak.append(gateway.memory_info().rss / 2**20)
+                    time.sleep(0.01)
 
-                def calls() -> None:
-                    while not done.is_set():
-                        started = time.perf_counter()
-                        post(run.openai_base_url, small)
-                        latencies.append(time.perf_counter() - started)
+            def calls() -> None:
+                while not done.is_set():
+                    started = time.perf_counter()
+                    post(run.openai_base_url, small)
+                    latencies.append(time.perf_counter() - started)
 
-                helpers = [threading.Thread(target=sample), threading.Thread(target=calls)]
-                senders = [
-                    threading.Thread(target=lambda: statuses.append(post(run.openai_base_url, body))) for _ in range(8)
-                ]
-                for t in [*helpers, *senders]:
-                    t.start()
-                for t in senders:
-                    t.join()
-                time.sleep(0.5)
-                done.set()
-                for t in helpers:
-                    t.join()
-                after = gateway.memory_info().rss / 2**20
-            finally:
-                localrun.stop(run)
+            helpers = [threading.Thread(target=sample), threading.Thread(target=calls)]
+            senders = [
+                threading.Thread(target=lambda: statuses.append(post(run.openai_base_url, body))) for _ in range(8)
+            ]
+            for t in [*helpers, *senders]:
+                t.start()
+            for t in senders:
+                t.join()
+            time.sleep(0.5)
+            done.set()
+            for t in helpers:
+                t.join()
+            after = gateway.memory_info().rss / 2**20
         codes = ",".join(sorted({str(c) for c in statuses}))
         latencies.sort()
         print(

@@ -48,6 +48,15 @@ def policy(control_plane: ControlPlane, kube_tools: Tools, promptpipe_crd: None)
         kubectl(control_plane, kube_tools, "delete", "-f", "-", "--ignore-not-found", stdin=rendered)
 
 
+@pytest.fixture
+def secrets(kube: client.ApiClient, namespace: str) -> None:
+    """The Secrets a pipeline might name: the one meant for it (llm-key) and one that is not."""
+    for secret in ("llm-key", "database-password"):
+        client.CoreV1Api(kube).create_namespaced_secret(
+            namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={"key": "k"})
+        )
+
+
 def with_key_secret(name: str, secret: str) -> dict[str, Any]:
     doc = copy.deepcopy(QUICKSTART)
     doc["metadata"]["name"] = name
@@ -60,13 +69,9 @@ def with_key_secret(name: str, secret: str) -> dict[str, Any]:
 
 
 def test_a_pipeline_may_name_only_a_secret_its_author_can_read(
-    policy: str, control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str
+    policy: str, secrets: None, control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str
 ) -> None:
-    core, rbac = client.CoreV1Api(kube), client.RbacAuthorizationV1Api(kube)
-    for secret in ("llm-key", "database-password"):
-        core.create_namespaced_secret(
-            namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={"key": "k"})
-        )
+    rbac = client.RbacAuthorizationV1Api(kube)
     # Alice may manage pipelines, and read the Secrets meant for them (the OpenAI key; the quickstart's
     # gateway key file).
     pipelines = _rule(["promptpipelines"], ["get", "create", "patch"], "promptpipe.io")
@@ -137,13 +142,9 @@ def grant(rbac: client.RbacAuthorizationV1Api, namespace: str, role: str, user: 
 
 
 def test_a_pipeline_editor_who_may_not_read_its_secrets_cannot_send_them_elsewhere(
-    policy: str, control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str
+    policy: str, secrets: None, control_plane: ControlPlane, kube_tools: Tools, kube: client.ApiClient, namespace: str
 ) -> None:
-    core, rbac = client.CoreV1Api(kube), client.RbacAuthorizationV1Api(kube)
-    for secret in ("llm-key", "database-password"):
-        core.create_namespaced_secret(
-            namespace, client.V1Secret(metadata=client.V1ObjectMeta(name=secret), string_data={"key": "k"})
-        )
+    rbac = client.RbacAuthorizationV1Api(kube)
     grant(rbac, namespace, "pipeline-editor", EDITOR, [_rule(["promptpipelines"], ["get", "patch"], "promptpipe.io")])
     # The admin (who may read every Secret) sets up two pipelines naming the key: one sending it, one that
     # names it but runs the embedded model, so the key goes nowhere yet.
