@@ -133,6 +133,11 @@ MALFORMED = [
     (["spec", "fuse"], ["stream"], "spec.fuse[0]"),
     (["spec", "fuse"], ["post", "post"], "spec.fuse[1]"),
     (["spec", "fuse"], ["rag", "inference"], "spec.fuse: Invalid value"),
+    # A cluster reads a pipeline's paths inside the stage's container: nothing outside its working directory.
+    (["spec", "rag", "corpus"], {"path": "/var/run/secrets/kubernetes.io/serviceaccount"}, "spec.rag.corpus.path"),
+    (["spec", "rag", "corpus"], {"path": "corpus/../../proc/self"}, "spec.rag.corpus.path"),
+    (["spec", "model", "llamacpp"], {"modelPath": "/etc/shadow"}, "spec.model.llamacpp.modelPath"),
+    (["spec", "model", "llamacpp"], {"modelPath": ".."}, "spec.model.llamacpp.modelPath"),
     # Worker processes were removed in 0.2.0: a stage pod runs one process.
     (["spec", "stages", "post", "workers"], 1, "spec.stages.post.workers"),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.

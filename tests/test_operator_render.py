@@ -253,7 +253,15 @@ def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tg
         assert fetch["command"][5:] == (["--digest", "sha256:22"] if version == "v2" else [])
         assert {"name": "PROMPTPIPE_REGISTRY_BUCKET", "value": "models"} in fetch["env"]
         assert {"name": "PROMPTPIPE_REGISTRY_REGION", "value": "eu-west-1"} in fetch["env"]
-        assert fetch["envFrom"] == [{"secretRef": {"name": "registry-keys"}}]
+        # The AWS keys of the Secret, one by one: nothing else it holds becomes the container's environment.
+        assert "envFrom" not in fetch
+        from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in fetch["env"] if "valueFrom" in e}
+        assert from_secret == {
+            key: {"name": "registry-keys", "key": key, "optional": True}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        }
+        # TGI gets a memory limit though the pipeline names none.
+        assert pod["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
         # Why the download failed shows in the pod's status, not only in its logs.
         assert fetch["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert pod["serviceAccountName"] == "tgi", "the pods' identity reads the registry (IRSA)"
@@ -548,3 +556,44 @@ def test_a_stages_resources_go_on_its_pod_and_never_into_the_config_its_process_
     assert all(stages.get(s).resources is None for s in STAGE_ORDER), "the stages never see their resources"
     post = by_kind(children(pp, "ns1", SETTINGS), "Deployment")["quickstart-post"]["spec"]["template"]["spec"]
     assert post["containers"][0]["resources"]["requests"]["cpu"] == "2500m"
+
+
+@pytest.mark.parametrize(
+    ("field", "path", "ok"),
+    [
+        ("corpus", "/var/run/secrets/kubernetes.io/serviceaccount", False),
+        ("corpus", "docs/../../proc/self", False),
+        ("corpus", "docs/..", False),
+        ("corpus", "docs/2024..2025", True),
+        ("corpus", "corpus", True),
+        ("model", "/etc/shadow", False),
+        ("model", "models/smollm2.gguf", True),
+    ],
+)
+def test_a_path_read_inside_the_stage_container_stays_in_its_working_directory(field: str, path: str, ok: bool) -> None:
+    doc = copy.deepcopy(QUICKSTART)
+    if field == "corpus":
+        doc["spec"]["rag"]["corpus"] = {"path": path}
+    else:
+        doc["spec"]["model"]["llamacpp"] = {"modelPath": path}
+    named = "spec.rag.corpus.path" if field == "corpus" else "spec.model.llamacpp.modelPath"
+    refusal = policy.refusal(parse_pipeline(doc), SETTINGS)
+    assert refusal is None if ok else (refusal or "").startswith(f"{named}: must be relative"), refusal
+
+
+@pytest.mark.parametrize(
+    ("resources", "limit"),
+    [
+        (None, "16Gi"),
+        ({"requests": {"memory": "24Gi"}}, "24Gi"),
+        ({"requests": {"memory": "24Gi"}, "limits": {"memory": "30Gi"}}, "30Gi"),
+    ],
+)
+def test_operator_run_tgi_has_a_memory_limit_whatever_the_pipeline_names(
+    resources: dict[str, Any] | None, limit: str
+) -> None:
+    tgi: dict[str, Any] = {"resources": resources} if resources else {}
+    pp = pipeline(with_model={"name": "m", "backend": "tgi", "tgi": tgi})
+    out = children(pp, "ns1", SETTINGS, State(active=Slot("v1", BLUE)))
+    pod = by_kind(out, "Deployment")["quickstart-backend-blue"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["memory"] == limit

@@ -5,12 +5,14 @@ author could otherwise reach through the operator's own privileges. Pure functio
   must come from a repository the operator's installer allowed (chart value `pipelines.allowedTgiImages`).
 - `spec.rollout.analysis.prometheus.url`: the operator queries it from inside the cluster, so it must be
   a Prometheus the installer named (`pipelines.prometheusAddress`, `pipelines.analysisPrometheusUrls`).
+- `spec.rag.corpus.path`, `spec.model.llamacpp.modelPath`: read inside the stage's container, so neither
+  absolute nor climbing out with `..` (the CRD refuses them too; this judges pipelines stored before).
 """
 
 from __future__ import annotations
 
 from promptpipe import chattemplates
-from promptpipe.contract.spec import PromptPipeline
+from promptpipe.contract.spec import IN_IMAGE_PATH_MESSAGE, PromptPipeline, in_image_path
 from promptpipe_operator.render import managed_tgi
 from promptpipe_operator.settings import OperatorSettings
 
@@ -46,6 +48,13 @@ def refusal(pp: PromptPipeline, settings: OperatorSettings) -> str | None:
             f"spec.model.tgi.image: {repository_of(tgi.image)} is not a repository this operator runs TGI from"
             f" (allowed: {allowed}; chart value pipelines.allowedTgiImages)"
         )
+    paths = {
+        "spec.rag.corpus.path": pp.spec.rag.corpus.path,
+        "spec.model.llamacpp.modelPath": pp.spec.model.llamacpp.model_path,
+    }
+    for field, path in paths.items():
+        if not in_image_path(path):
+            return f"{field}: {IN_IMAGE_PATH_MESSAGE}"
     source = pp.spec.rollout.analysis.prometheus
     if source is not None and source.url.rstrip("/") not in settings.analysis_prometheus():
         return (

