@@ -48,7 +48,8 @@ def bg_doc(model: dict[str, Any], **rollout: Any) -> dict[str, Any]:
     doc["spec"]["rollout"] = {
         "progressDeadline": 10,
         "keepPrevious": 2,
-        "analysis": {"window": 1, "interval": 1},
+        # Journeys about the switch, with no calls to judge: promoted all the same (the hold is tested apart).
+        "analysis": {"window": 1, "interval": 1, "onNoVerdict": "promote"},
         **rollout,
     }
     return doc
@@ -194,7 +195,7 @@ def test_a_stalled_registry_leaves_the_version_unresolved_with_the_reason_and_th
 def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_retires_blue(rollouts: Rollouts) -> None:
     r, cluster = rollouts, rollouts.cluster
     r.registry.promote("smollm2", "v1", "prod")
-    r.apply(bg_doc({"alias": "prod"}))
+    r.apply(bg_doc({"alias": "prod"}, analysis={"window": 1, "interval": 1}))  # onNoVerdict: hold
     wait_until(lambda: r.backends() == {"blue": "v1"}, "v1 on blue")
     r.all_ready()
     r.registry.promote("smollm2", "v2", "prod")
@@ -211,8 +212,14 @@ def test_a_promoted_alias_rolls_out_green_switches_after_the_smoke_test_and_reti
     status = wait_until(lambda: cluster.status(NAME).get("activeColor") == "green" and cluster.status(NAME), "status")
     assert (status["activeVersion"], status["activeColor"]) == ("v2", "green")
     assert (status["previousVersion"], status["previousColor"]) == ("v1", "blue")
-    # The analysis window passes without enough calls to judge: promoted, saying so; then blue is kept for
-    # keepPrevious and removed.
+    # The analysis window passes without enough calls to judge: held, by default, saying so; blue keeps
+    # running and traffic stays on green.
+    held = wait_until(lambda: r.rollout().get("reason") == "AnalysisHeld" and r.rollout(), "the hold", timeout=15)
+    assert held["phase"] == "Analyzing" and held["message"].startswith("held without a verdict: "), held
+    assert wait_until(lambda: cluster.events("RolloutHeld"), "a RolloutHeld event")
+    assert r.backends() == {"blue": "v1", "green": "v2"} and r.traffic() == "green"
+    # Told to promote without a verdict, it does, saying so; then blue is kept for keepPrevious and removed.
+    r.apply(bg_doc({"alias": "prod"}, analysis={"window": 1, "interval": 1, "onNoVerdict": "promote"}))
     wait_until(lambda: r.rollout()["phase"] == "Stable", "the analysis to end", timeout=15)
     assert r.rollout()["reason"] == "AnalysisInconclusive"
     assert r.rollout()["message"].startswith("promoted without a verdict: ")
@@ -277,10 +284,10 @@ def test_a_child_the_api_refuses_does_not_hold_the_rollout_at_one_step(
     rollouts: Rollouts, refuse_a_child: Callable[[], str]
 ) -> None:
     r, cluster = rollouts, rollouts.cluster
-    r.start_on("v1", analysis={"window": 2, "interval": 1})
+    r.start_on("v1", analysis={"window": 2, "interval": 1, "onNoVerdict": "promote"})
     # The rag child is refused from now on, on every reconcile; the model's rollout must go on regardless.
     refused_child = refuse_a_child()
-    doc = bg_doc({"version": "v2"}, analysis={"window": 2, "interval": 1})
+    doc = bg_doc({"version": "v2"}, analysis={"window": 2, "interval": 1, "onNoVerdict": "promote"})
     doc["spec"]["stages"]["rag"] = {"scaling": {"maxReplicas": 9}}
     r.apply(doc)
 

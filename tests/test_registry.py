@@ -329,6 +329,12 @@ def test_the_command_line_end_to_end(registry_settings: RegistrySettings, tmp_pa
     assert bad.returncode == 2 and "invalid model name 'Bad Name'" in bad.stderr
     immutable = promptpipe(registry_settings, "model", "push", "smollm2:v1", str(make_model(tmp_path / "n", "n")))
     assert immutable.returncode == 1 and "immutable" in immutable.stderr
+    # A registry that cannot be reached is not a bad model: its own exit status, which a pod's download
+    # retries on (the rollout does not take it for a model that fails).
+    closed = registry_settings.model_copy(update={"endpoint_url": f"http://127.0.0.1:{free_port()}"})
+    away = promptpipe(closed, "model", "pull", "smollm2@prod", str(tmp_path / "again"))
+    assert away.returncode == errors.UNREACHABLE_EXIT == 75 and "cannot reach" in away.stderr, away.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_concurrent_promotions_and_rollbacks_keep_the_alias_and_its_history_one_story(

@@ -6,7 +6,12 @@ import datetime as dt
 
 import pytest
 
-from promptpipe.contract.spec import AnalysisSpec, RolloutSpec
+from promptpipe.contract.pipeline_file import parse_pipeline
+from promptpipe.contract.spec import AnalysisSpec, NoVerdict, RolloutSpec
+from promptpipe.localproc import free_port
+from promptpipe.registry.errors import UNREACHABLE_EXIT
+from promptpipe.registry.settings import RegistrySettings
+from promptpipe.registry.store import Registry
 from promptpipe_operator.analysis import Counts, parse_gateway, quantile, since, verdict
 from promptpipe_operator.pods import gave_up, metrics_urls, pod_problem
 from promptpipe_operator.rollout import (
@@ -21,9 +26,11 @@ from promptpipe_operator.rollout import (
     Slot,
     State,
     decide,
+    only_pinned,
     ts,
     wake_in,
 )
+from promptpipe_operator.rollout_checks import digest_of
 
 T0 = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 CFG = RolloutSpec.model_validate({"keepPrevious": "10m", "progressDeadline": "5m", "analysis": {"window": "2m"}})
@@ -274,18 +281,61 @@ def test_the_verdict_needs_enough_calls_and_names_the_threshold() -> None:
     assert ok is False and "maxTtftP95Seconds" in why
 
 
-def test_a_window_too_quiet_to_judge_is_promoted_only_with_the_reason_said() -> None:
-    d = decide(STABLE_V1, obs("v2"), CFG)
-    d = decide(d.state, obs("v2", 30, target_ready=True, smoke=(True, "ok")), CFG)
-    quiet = "3 calls since the switch, fewer than minRequests 20"
-    d = decide(d.state, obs("v2", 60, verdict=(None, quiet)), CFG)
+QUIET = "3 calls since the switch, fewer than minRequests 20"
+
+
+def switched_and_quiet(cfg: RolloutSpec) -> State:
+    """v2 switched to at 30 s; an analysis at 60 s had too few calls to judge."""
+    d = decide(STABLE_V1, obs("v2"), cfg)
+    d = decide(d.state, obs("v2", 30, target_ready=True, smoke=(True, "ok")), cfg)
+    d = decide(d.state, obs("v2", 60, verdict=(None, QUIET)), cfg)
     assert d.state.phase == ANALYZING and not d.state.judged
-    d = decide(d.state, obs("v2", 151, verdict=(None, quiet)), CFG)
+    return d.state
+
+
+def test_a_window_without_a_verdict_holds_by_default_until_one_comes() -> None:
+    d = decide(switched_and_quiet(CFG), obs("v2", 151, verdict=(None, QUIET)), CFG)
+    # Held: traffic stays on v2, v1 keeps running (not expired), the status and a Warning event say why.
+    assert d.state.phase == ANALYZING and (d.state.active, d.state.previous) == (Slot("v2", GREEN), Slot("v1", BLUE))
+    assert (d.state.reason, d.state.message) == ("AnalysisHeld", f"held without a verdict: {QUIET}")
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "RolloutHeld")] and QUIET in d.events[0].message
+    assert d.state.previous_until == "" and not d.switched
+    # The analysis goes on every interval (not in a tight loop for the passed window), the event said once.
+    assert wake_in(d.state, CFG, at(152)) == pytest.approx(CFG.analysis.interval - 1)
+    assert decide(d.state, obs("v2", 155), CFG).state == d.state, "between analyses, nothing changes"
+    d = decide(d.state, obs("v2", 161, verdict=(None, QUIET)), CFG)
+    assert d.state.phase == ANALYZING and d.events == []
+    assert d.state.message == f"held without a verdict: {QUIET}"
+    # Calls come: a verdict decides.
+    passed = decide(d.state, obs("v2", 171, verdict=(True, "error rate 0.0% over 40 calls")), CFG)
+    assert passed.state.phase == STABLE and passed.state.history[-1]["reason"] == "AnalysisPassed"
+    assert passed.state.previous_until == ts(at(171 + 600))
+    failed = decide(d.state, obs("v2", 171, verdict=(False, "error rate 30% over maxErrorRate")), CFG)
+    assert failed.state.phase == ROLLED_BACK and failed.state.active == Slot("v1", BLUE) and failed.switched
+
+
+def test_on_no_verdict_promote_promotes_only_with_the_reason_said() -> None:
+    cfg = CFG.model_copy(update={"analysis": AnalysisSpec(window=120, on_no_verdict=NoVerdict.PROMOTE)})
+    d = decide(switched_and_quiet(cfg), obs("v2", 151, verdict=(None, QUIET)), cfg)
     assert d.state.phase == STABLE and d.state.previous == Slot("v1", BLUE)
     assert d.state.history[-1]["reason"] == "AnalysisInconclusive"
-    assert (d.state.reason, d.state.message) == ("AnalysisInconclusive", f"promoted without a verdict: {quiet}")
+    assert (d.state.reason, d.state.message) == ("AnalysisInconclusive", f"promoted without a verdict: {QUIET}")
     assert [(e.type, e.reason) for e in d.events] == [("Warning", "RolloutInconclusive")]
-    assert quiet in d.events[0].message
+    assert QUIET in d.events[0].message
+
+
+def test_on_no_verdict_rollback_goes_back_to_the_previous_version() -> None:
+    cfg = CFG.model_copy(update={"analysis": AnalysisSpec(window=120, on_no_verdict=NoVerdict.ROLLBACK)})
+    d = decide(switched_and_quiet(cfg), obs("v2", 151, verdict=(None, QUIET)), cfg)
+    assert d.state.phase == ROLLED_BACK and d.state.active == Slot("v1", BLUE) and d.switched
+    assert (d.state.reason, d.state.message) == ("AnalysisInconclusive", f"no verdict: {QUIET}")
+
+
+def test_a_held_rollout_gives_way_to_another_version() -> None:
+    held = decide(switched_and_quiet(CFG), obs("v2", 151, verdict=(None, QUIET)), CFG).state
+    d = decide(held, obs("v3", 160), CFG)
+    assert d.state.phase == PROGRESSING and d.state.target == Slot("v3", BLUE)
+    assert d.state.history[-1]["reason"] == "AnalysisInconclusive"
 
 
 def test_one_conclusive_verdict_in_the_window_makes_it_a_pass() -> None:
@@ -308,3 +358,53 @@ def test_deadlines_the_callers_chose_are_not_the_models_errors() -> None:
     )
     c = parse_gateway(text, "q")
     assert (c.requests, c.errors) == (100, 2), "18 of the 20 deadlines were the callers' own, shorter than the timeout"
+
+
+def test_a_version_whose_digest_cannot_be_read_is_not_started_unpinned() -> None:
+    why = "the digest of smollm2:v2 cannot be read now (cannot reach the registry): not rolled out unpinned"
+    # Not running yet: nothing is started, and the status will say why.
+    assert only_pinned(STABLE_V1, "v2", "", why) == (None, why)
+    assert only_pinned(State(), "v1", "", why) == (None, why), "nor the first version"
+    # Running already (pinned when it started): the rollout goes on with it.
+    assert only_pinned(STABLE_V1, "v1", "", why) == ("v1", "")
+    progressing = State(active=Slot("v1", BLUE), target=Slot("v2", GREEN, "sha256:22"), phase=PROGRESSING)
+    assert only_pinned(progressing, "v2", "", why) == ("v2", "")
+    assert only_pinned(STABLE_V1, "v2", "", "") == ("v2", "")
+    # Decided on None, a stable rollout starts nothing.
+    assert decide(STABLE_V1, obs(None), CFG).state == STABLE_V1
+
+
+def test_the_digest_of_an_unreachable_registry_is_a_reason_not_an_empty_pin() -> None:
+    settings = RegistrySettings(
+        bucket="b", table="t", region="eu-west-1", endpoint_url=f"http://127.0.0.1:{free_port()}"
+    )
+    spec = parse_pipeline(
+        {
+            "apiVersion": "promptpipe.io/v1alpha1",
+            "kind": "PromptPipeline",
+            "metadata": {"name": "p"},
+            "spec": {"model": {"name": "smollm2", "version": "v2", "backend": "tgi"}},
+        }
+    ).spec
+    digest, why = digest_of(Registry(settings), spec, "v2")
+    assert digest == "" and why.startswith("the digest of smollm2:v2 cannot be read now (") and "unpinned" in why
+
+
+def test_a_download_failing_only_for_an_unreachable_registry_is_waited_for_not_given_up_on() -> None:
+    def fetch(code: int) -> dict[str, object]:
+        failed = {"terminated": {"exitCode": code, "reason": "Error", "message": "error: cannot reach the registry"}}
+        return pod(
+            [
+                {
+                    "name": "fetch-model",
+                    "restartCount": 4,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": failed,
+                }
+            ],
+            [],
+        )
+
+    assert gave_up([fetch(UNREACHABLE_EXIT)]) == "", "retried by the kubelet while the deadline allows"
+    assert "(exit 75, 4 restarts)" in pod_problem(fetch(UNREACHABLE_EXIT)), "and still shown as why it waits"
+    assert gave_up([fetch(1)]).startswith("pod p-1: init container fetch-model failed (exit 1, 4 restarts)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from promptpipe.registry.errors import UNREACHABLE_EXIT
+
 # Waiting reasons that will not clear by themselves (image, config, or a container that keeps failing).
 STUCK = frozenset(
     {
@@ -61,15 +63,27 @@ def first_problem(pods: list[dict[str, Any]]) -> str:
     return next((problem for pod in pods if (problem := pod_problem(pod))), "")
 
 
+def _exit_code(status: dict[str, Any]) -> int | None:
+    state = status.get("state") or {}
+    terminated = state.get("terminated") or (status.get("lastState") or {}).get("terminated") or {}
+    code = terminated.get("exitCode")
+    return int(code) if code is not None else None
+
+
 def gave_up(pods: list[dict[str, Any]]) -> str:
-    """The problem of the first pod with a container that keeps failing (GIVE_UP_AFTER_RESTARTS), or ''."""
+    """The problem of the first pod with a container that keeps failing (GIVE_UP_AFTER_RESTARTS), or ''. A
+    model download that failed only because the registry could not be reached (UNREACHABLE_EXIT) has not:
+    the kubelet tries it again with back-off, as long as the rollout's progress deadline lets it."""
     for pod in pods:
         status = pod.get("status") or {}
         for kind, key in (("init container", "initContainerStatuses"), ("container", "containerStatuses")):
             for container in status.get(key) or []:
-                if container.get("restartCount", 0) >= GIVE_UP_AFTER_RESTARTS and (
-                    problem := _container_problem(kind, container)
+                if (
+                    container.get("restartCount", 0) < GIVE_UP_AFTER_RESTARTS
+                    or _exit_code(container) == UNREACHABLE_EXIT
                 ):
+                    continue
+                if problem := _container_problem(kind, container):
                     return f"pod {pod['metadata']['name']}: {problem}"
     return ""
 

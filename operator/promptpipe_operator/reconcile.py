@@ -31,6 +31,7 @@ from promptpipe_operator.rollout import (
     Observed,
     State,
     decide,
+    only_pinned,
     wake_in,
     wants_analysis,
     wants_smoke,
@@ -236,7 +237,7 @@ def _converge(
             decision, unresolved = advance_rollout(kube, settings, registry, pp, body, existing, generation)
             run.rollout = decision.state
             result.requeue_after = wake_in(run.rollout, pp.spec.rollout, rollout_checks.now())
-            if pp.spec.model.alias:  # a promotion is seen at the next poll
+            if pp.spec.model.alias or unresolved:  # a promotion, or the registry back, is seen at the next poll
                 result.requeue_after = min(
                     result.requeue_after or settings.alias_poll_seconds, settings.alias_poll_seconds
                 )
@@ -341,6 +342,8 @@ def advance_rollout(
     state = State.from_status((body.get("status") or {}).get("rollout"))
     cfg, now = pp.spec.rollout, rollout_checks.now()
     desired, unresolved = rollout_checks.resolve_version(registry, pp.spec)
+    digest, no_digest = rollout_checks.digest_of(registry, pp.spec, desired)
+    desired, unresolved = only_pinned(state, desired, unresolved, no_digest)
     request = (body["metadata"].get("annotations") or {}).get(keys.ROLLBACK, "")
     target_ready, target_failed, target_pods, target_gave_up = False, "", "", ""
     target = state.target
@@ -401,7 +404,7 @@ def advance_rollout(
             request,
             target_pods=target_pods,
             target_gave_up=target_gave_up,
-            desired_digest=rollout_checks.digest_of(registry, pp.spec, desired),
+            desired_digest=digest,
         ),
         cfg,
     )

@@ -18,7 +18,7 @@ import datetime as dt
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from promptpipe.contract.spec import RolloutSpec
+from promptpipe.contract.spec import NoVerdict, RolloutSpec
 from promptpipe.contract.timestamps import format_time, parse_time
 from promptpipe_operator.events import Event
 
@@ -195,6 +195,15 @@ def _roll_back(state: State, obs: Observed, bad: Slot, restore: Slot, reason: st
     )
 
 
+def only_pinned(state: State, desired: str | None, unresolved: str, no_digest: str) -> tuple[str | None, str]:
+    """The version to decide on, and why it is unresolved: a version not running yet starts only pinned to
+    its content, so while its digest cannot be read (`no_digest` says why) the rollout stays where it is."""
+    running = {slot.version for slot in (state.active, state.target) if slot is not None}
+    if no_digest and desired is not None and desired not in running:
+        return None, no_digest
+    return desired, unresolved
+
+
 def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
     now = obs.now
     events: list[Event] = []
@@ -314,19 +323,38 @@ def decide(state: State, obs: Observed, cfg: RolloutSpec) -> Decision:
             )
         return Decision(replace(state, message=obs.target_pods), events)
 
-    if state.phase == ANALYZING and state.previous is not None:
+    if state.phase == ANALYZING and (previous := state.previous) is not None:
         if obs.verdict is not None:
             healthy, why = obs.verdict
             if healthy is False:
-                return _roll_back(state, obs, active, state.previous, "AnalysisFailed", why)
+                return _roll_back(state, obs, active, previous, "AnalysisFailed", why)
             state = replace(state, last_analysis_at=ts(now), message=why, judged=state.judged or healthy is True)
         switched_at = parse_time(state.switched_at) or now
         window_over = (now - switched_at).total_seconds() >= cfg.analysis.window
-        if window_over or (desired is not None and desired != active.version):
-            # Promoted either way, but never silently on a window too quiet to judge: the status, the
-            # history and a Warning event say that no verdict was reached, and why.
+        superseded = desired is not None and desired != active.version
+        unjudged = state.message
+        on_no_verdict = cfg.analysis.on_no_verdict
+        if window_over and not state.judged and not superseded and on_no_verdict is not NoVerdict.PROMOTE:
+            if on_no_verdict is NoVerdict.ROLLBACK:
+                return _roll_back(state, obs, active, previous, "AnalysisInconclusive", f"no verdict: {unjudged}")
+            # Hold: traffic stays, the previous version keeps running, the analysis goes on until a verdict.
+            if state.reason == "AnalysisHeld" and obs.verdict is None:
+                return Decision(state, events)  # held already; nothing analysed since
+            if state.reason != "AnalysisHeld":
+                events.append(
+                    Event(
+                        "Warning",
+                        "RolloutHeld",
+                        f"{active.version} held after the analysis window without a verdict ({unjudged});"
+                        f" {previous.version} keeps running: `promptpipe rollback` to go back",
+                    )
+                )
+            held = replace(state, reason="AnalysisHeld", message=f"held without a verdict: {unjudged}")
+            return Decision(held, events)
+        if window_over or superseded:
+            # Promoted with a verdict, on `onNoVerdict: promote`, or because another version is wanted; never
+            # silently without a verdict: the status, the history and a Warning event say so, and why.
             reason = "AnalysisPassed" if state.judged else "AnalysisInconclusive"
-            unjudged = state.message
             state = replace(
                 state,
                 phase=STABLE,
@@ -395,10 +423,9 @@ def wake_in(state: State, cfg: RolloutSpec, now: dt.datetime) -> float | None:
         due.append(now + dt.timedelta(seconds=TARGET_PODS_POLL_SECONDS))
     if state.phase == ANALYZING and (switched := parse_time(state.switched_at)):
         last = parse_time(state.last_analysis_at) or switched
-        due += [
-            last + dt.timedelta(seconds=cfg.analysis.interval),
-            switched + dt.timedelta(seconds=cfg.analysis.window),
-        ]
+        due.append(last + dt.timedelta(seconds=cfg.analysis.interval))
+        if (window_end := switched + dt.timedelta(seconds=cfg.analysis.window)) > now:  # past it: held
+            due.append(window_end)
     if state.previous is not None and (until := parse_time(state.previous_until)):
         due.append(until)
     if not due:

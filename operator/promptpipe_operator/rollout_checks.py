@@ -116,15 +116,15 @@ def resolve_version(registry: Registry | None, spec: PipelineSpec) -> tuple[str 
         return None, str(e)
 
 
-def digest_of(registry: Registry | None, spec: PipelineSpec, version: str | None) -> str:
-    """The registry's digest of `version`, which the pods that pull it are pinned to; '' when the model is
-    not the registry's or the digest cannot be read now (the pods still check every file and the list)."""
+def digest_of(registry: Registry | None, spec: PipelineSpec, version: str | None) -> tuple[str, str]:
+    """(the registry's digest of `version`, which the pods that pull it are pinned to, ''), ('', '') when the
+    model is not the registry's, or ('', why) when the digest cannot be read now."""
     if registry is None or version is None or not spec.model.from_registry:
-        return ""
+        return "", ""
     try:
-        return registry.digest_of(spec.model.name, version)
-    except registry_errors.RegistryError:
-        return ""
+        return registry.digest_of(spec.model.name, version), ""
+    except registry_errors.RegistryError as e:
+        return "", f"the digest of {spec.model.name}:{version} cannot be read now ({e}): not rolled out unpinned"
 
 
 def now() -> dt.datetime:

@@ -51,6 +51,8 @@ def _registry() -> Iterator[Registry]:
         raise fail(str(e), 2) from None
     except errors.NotFound as e:
         raise fail(str(e), 3) from None
+    except errors.Unreachable as e:
+        raise fail(str(e), errors.UNREACHABLE_EXIT) from None
     except errors.RegistryError as e:
         raise fail(str(e)) from None
 

@@ -645,6 +645,14 @@ class PrometheusSource(_Model):
     scrape_interval: Annotated[Duration, Within(1, 600)] = 15.0
 
 
+class NoVerdict(str, enum.Enum):
+    """What a rollout does when its analysis window ends without a verdict (too few calls, no Prometheus)."""
+
+    HOLD = "hold"  # traffic stays on the new version, the previous keeps running, analysis goes on
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+
+
 class AnalysisSpec(_Model):
     """After the switch: roll back if, over `window`, errors or TTFT p95 pass their thresholds."""
 
@@ -656,6 +664,9 @@ class AnalysisSpec(_Model):
     max_ttft_p95_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
     # Fewer calls than this in the window give no verdict (and no rollback).
     min_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    # When the window ends with no verdict: hold (until one comes, or `promptpipe rollback`), promote or
+    # roll back. Never promoted on no evidence unless said so.
+    on_no_verdict: NoVerdict = NoVerdict.HOLD
     # Unset: the operator scrapes the gateway pods' /metrics itself.
     prometheus: PrometheusSource | None = None
 

@@ -31,5 +31,10 @@ class Unreachable(RegistryError):
     """The endpoint could not be reached."""
 
 
+# The exit status of `promptpipe model pull` when the registry could not be reached (sysexits' EX_TEMPFAIL):
+# a pod's model download that ends so is tried again (the kubelet's back-off), not taken for a bad model.
+UNREACHABLE_EXIT = 75
+
+
 class Conflict(RegistryError):
     """The change was made against a state that has moved since (an alias promoted meanwhile)."""
