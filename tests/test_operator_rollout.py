@@ -347,25 +347,35 @@ def test_a_failed_smoke_generation_rolls_back_before_any_traffic_moves(rollouts:
     wait_until(lambda: r.backends() == {"blue": "v1"} and r.traffic() == "blue", "blue alone, serving")
 
 
-def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts: Rollouts) -> None:
+def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue_whatever_a_look_alike_says(
+    rollouts: Rollouts,
+) -> None:
     r, cluster = rollouts, rollouts.cluster
-    metrics = prometheus_client.CollectorRegistry()
-    calls = prometheus_client.Histogram(
-        "promptpipe_stage_duration_seconds", "", ["pipeline", "stage", "code"], registry=metrics
-    )
-    port = free_port()
-    server, thread = prometheus_client.start_http_server(port, addr="127.0.0.1", registry=metrics)
+    # The gateway's own pod, and a look-alike carrying its labels (any pod author in the namespace could
+    # make one) that reports a thousand healthy calls after the switch: counted, they would pass analysis.
+    exposed = {}
+    for who in ("gateway", "look-alike"):
+        metrics = prometheus_client.CollectorRegistry()
+        calls = prometheus_client.Histogram(
+            "promptpipe_stage_duration_seconds", "", ["pipeline", "stage", "code"], registry=metrics
+        )
+        port = free_port()
+        exposed[who] = (calls, port, prometheus_client.start_http_server(port, addr="127.0.0.1", registry=metrics))
     try:
-        gateway_pod(cluster, port)
-        r.start_on("v1", analysis={"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1})
+        analysis = {"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1}
+        r.start_on("v1", analysis=analysis)
+        gateway_pod(cluster, exposed["gateway"][1], f"{NAME}-stream-6b7f9-abcde")
+        gateway_pod(cluster, exposed["look-alike"][1], f"{NAME}-stream-look-alike", owned=False)
+        calls, forged = exposed["gateway"][0], exposed["look-alike"][0]
         for _ in range(50):
             calls.labels(NAME, "stream", "OK").observe(0.2)  # before the switch: not counted
-        r.apply(
-            bg_doc({"version": "v2"}, analysis={"window": 60, "interval": 1, "minRequests": 10, "maxErrorRate": 0.1})
-        )
+        r.apply(bg_doc({"version": "v2"}, analysis=analysis))
         wait_until(lambda: "green" in r.backends(), "green")
         cluster.set_ready(f"{NAME}-backend-green")
         wait_until(lambda: r.traffic() == "green" and r.rollout().get("baseline"), "the switch and a baseline")
+        assert list(r.rollout()["baseline"]) == [f"{NAME}-stream-6b7f9-abcde"], "only the gateway's own pod"
+        for _ in range(1000):
+            forged.labels(NAME, "stream", "OK").observe(0.1)
         for code in ["OK"] * 14 + ["UNAVAILABLE"] * 6:
             calls.labels(NAME, "stream", code).observe(0.3)
         wait_until(lambda: r.traffic() == "blue", "traffic back on blue")
@@ -374,8 +384,9 @@ def test_errors_at_the_gateway_during_analysis_put_traffic_back_on_blue(rollouts
         # Recorded first, then carried out in the same reconcile: traffic back, green removed.
         wait_until(lambda: r.backends() == {"blue": "v1"} and r.traffic() == "blue", "blue alone, serving")
     finally:
-        server.shutdown()
-        thread.join()
+        for _, _, (server, thread) in exposed.values():
+            server.shutdown()
+            thread.join()
 
 
 @pytest.mark.prometheus
@@ -476,33 +487,8 @@ def test_an_operator_restarted_mid_rollout_finishes_it_and_leaves_no_orphans(rol
     assert services == {f"{NAME}-backend", f"{NAME}-backend-green"}
 
 
-def gateway_pod(cluster: Cluster, metrics_port: int) -> None:
-    """A gateway Pod the operator finds by its labels, Ready at 127.0.0.1 (status as a kubelet writes it)."""
-    labels = {
-        "app.kubernetes.io/name": "promptpipe",
-        "app.kubernetes.io/instance": NAME,
-        "app.kubernetes.io/component": "stream",
-    }
-    cluster.core.create_namespaced_pod(
-        cluster.ns,
-        {
-            "metadata": {"name": f"{NAME}-stream-test", "labels": labels},
-            "spec": {
-                "containers": [
-                    {"name": "stage", "image": "stage", "ports": [{"name": "metrics", "containerPort": metrics_port}]}
-                ]
-            },
-        },
-    )
-    cluster.core.patch_namespaced_pod_status(
-        f"{NAME}-stream-test",
-        cluster.ns,
-        {
-            "status": {
-                "phase": "Running",
-                "podIP": "127.0.0.1",
-                "podIPs": [{"ip": "127.0.0.1"}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-            }
-        },
-    )
+def gateway_pod(cluster: Cluster, metrics_port: int, name: str, owned: bool = True) -> None:
+    """A gateway Pod serving its metrics at 127.0.0.1:`metrics_port`: the gateway Deployment's own, or (not
+    `owned`) a look-alike carrying its labels."""
+    containers = [{"name": "stage", "image": "stage", "ports": [{"name": "metrics", "containerPort": metrics_port}]}]
+    cluster.ready_pod(name, containers, f"{NAME}-stream", owned)

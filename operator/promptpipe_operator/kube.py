@@ -17,6 +17,7 @@ from urllib3.util.retry import Retry
 
 from promptpipe.contract.labels import MANAGER
 from promptpipe.contract.spec import API_VERSION, KIND
+from promptpipe_operator import pods
 from promptpipe_operator.render import KubeObject
 
 # What a pipeline owns, as (apiVersion, kind): listed to find children and strays.
@@ -202,15 +203,23 @@ class Kube:
             if t
         ]
 
-    def pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
-        """The pods carrying all of `labels`."""
+    def _listed(self, api_version: str, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         return [
             item.to_dict()
-            for item in self._resource("v1", "Pod")
+            for item in self._resource(api_version, kind)
             .get(namespace=namespace, label_selector=selector, _request_timeout=self._timeout)
             .items
         ]
+
+    def pods_of(self, namespace: str, deployment: dict[str, Any]) -> list[dict[str, Any]]:
+        """A Deployment's pods by ownership (Deployment → ReplicaSet → Pod), not by its labels, which anyone
+        who may create pods in the namespace can copy onto a pod of their own."""
+        labels = deployment["spec"]["selector"]["matchLabels"]
+        sets = pods.controlled_by(
+            self._listed("apps/v1", "ReplicaSet", namespace, labels), {deployment["metadata"]["uid"]}
+        )
+        return pods.controlled_by(self._listed("v1", "Pod", namespace, labels), {rs["metadata"]["uid"] for rs in sets})
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._may_write()

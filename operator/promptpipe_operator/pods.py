@@ -88,6 +88,18 @@ def gave_up(pods: list[dict[str, Any]]) -> str:
     return ""
 
 
+def controlled_by(items: list[dict[str, Any]], owner_uids: set[str]) -> list[dict[str, Any]]:
+    """The objects whose controller (the owner reference marked `controller`) is one of `owner_uids`."""
+    return [
+        item
+        for item in items
+        if any(
+            ref.get("controller") and ref.get("uid") in owner_uids
+            for ref in (item.get("metadata") or {}).get("ownerReferences") or []
+        )
+    ]
+
+
 def metrics_urls(pods: list[dict[str, Any]]) -> dict[str, str]:
     """`/metrics` of every Ready pod, by pod name (its container port named `metrics`)."""
     out: dict[str, str] = {}

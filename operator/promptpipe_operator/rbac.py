@@ -38,8 +38,10 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
     DISCOVERY_RULE,
     # Each pipeline's NetworkPolicies: who may reach which of its pods.
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _CHILD_VERBS},
-    # A rollout finds the Ready gateway pods' /metrics here, and reads why green's pods do not serve.
+    # A rollout finds the Ready gateway pods' /metrics here, and reads why green's pods do not serve: the
+    # pods of a Deployment's ReplicaSets, by ownership (labels can be copied onto anyone's pod).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
     # Events on the pipelines, for `kubectl describe`.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

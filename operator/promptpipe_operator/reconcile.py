@@ -354,9 +354,8 @@ def advance_rollout(
             health = deployment_health(render.BACKEND, dep)
             target_ready = health.health is Health.READY
             target_failed = health.detail if health.health is Health.FAILED else ""
-        if not target_ready:  # the pods' status says why (a model that failed its hashes, an image pull)
-            color = {**render.selector(name, render.BACKEND), keys.COLOR: target.color}
-            listed = kube.pods(namespace, color)
+        if not target_ready and dep is not None:  # its pods say why (a model that failed its hashes, a pull)
+            listed = kube.pods_of(namespace, dep)
             target_pods, target_gave_up = pods.first_problem(listed), pods.gave_up(listed)
     smoke = None
     if (
@@ -375,9 +374,8 @@ def advance_rollout(
     verdict = None
 
     def gateway_counts() -> dict[str, Counts]:
-        return rollout_checks.scrape(
-            pods.metrics_urls(kube.pods(namespace, render.selector(name, StageName.STREAM.value))), name
-        )
+        gateway = existing.get(("Deployment", render.child_name(name, StageName.STREAM.value)))
+        return rollout_checks.scrape(pods.metrics_urls(kube.pods_of(namespace, gateway) if gateway else []), name)
 
     if wants_analysis(state, cfg, now):
         analysis = cfg.analysis

@@ -78,9 +78,48 @@ class Cluster:
             },
         )
 
+    def ready_pod(self, name: str, containers: list[dict[str, Any]], deployment: str, owned: bool = True) -> None:
+        """A Pod Ready at 127.0.0.1 (status as a kubelet writes it) with `deployment`'s pod labels: owned as
+        its controllers would make it, by a ReplicaSet that Deployment controls; or (not `owned`) a
+        look-alike, which anyone who may create pods in the namespace could make."""
+        d = self.apps.read_namespaced_deployment(deployment, self.ns)
+        labels = dict(d.spec.selector.match_labels)
+        owners: list[dict[str, Any]] = []
+        if owned:
+            rs = self.apps.create_namespaced_replica_set(
+                self.ns,
+                {
+                    "metadata": {
+                        "name": f"{deployment}-{name}",
+                        "labels": labels,
+                        "ownerReferences": [_controller("apps/v1", "Deployment", d.metadata.name, d.metadata.uid)],
+                    },
+                    "spec": {
+                        "replicas": 1,
+                        "selector": {"matchLabels": labels},
+                        "template": {"metadata": {"labels": labels}, "spec": {"containers": containers}},
+                    },
+                },
+            )
+            owners = [_controller("apps/v1", "ReplicaSet", rs.metadata.name, rs.metadata.uid)]
+        self.core.create_namespaced_pod(
+            self.ns,
+            {
+                "metadata": {"name": name, "labels": labels, "ownerReferences": owners},
+                "spec": {"containers": containers},
+            },
+        )
+        ready = [{"type": "Ready", "status": "True"}]
+        status = {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "conditions": ready}
+        self.core.patch_namespaced_pod_status(name, self.ns, {"status": status})
+
     def events(self, reason: str) -> list[str]:
         items = self.core.list_namespaced_event(self.ns).items
         return [e.message for e in items if e.reason == reason and e.involved_object.kind == "PromptPipeline"]
+
+
+def _controller(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}
 
 
 def apply(plane: ControlPlane, tools: Tools, namespace: str, doc: dict[str, Any]) -> None:
