@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from promptpipe.contract.spec import BackendKind, FusedStage, PipelineSpec
+from promptpipe.contract.spec import BackendKind, FusedStage, PipelineSpec, QueueSpec
 from promptpipe.perf import records
 from promptpipe.perf.advice import knob
 from promptpipe.perf.analysis import analyze
@@ -22,6 +22,8 @@ from promptpipe.perf.prompts import Conversation, Prompt, from_jsonl, synthetic
 from promptpipe.perf.records import BenchResult, CallRecord, Level, StageShare
 from promptpipe.perf.runner import Plan, prompt_source, run
 from promptpipe.perf.transports import CallOutcome
+from promptpipe.runtime.admission import AdmissionQueue
+from promptpipe.runtime.errors import Shed
 
 
 def stage(name: str, queue: float = 0.0, work: float = 0.0, first: float | None = None, hop: float = 0.0) -> StageShare:
@@ -391,3 +393,24 @@ def test_analyze_piped_into_a_file_keeps_each_verdict_on_one_line(tmp_path: Path
     assert accounting.endswith("40 calls)")
     bottleneck = next(line for line in lines if line.startswith("bottleneck: inference queue wait"))
     assert bottleneck.endswith("calls wait for a free slot") and len(bottleneck) > 80
+
+
+async def test_analyze_names_the_stage_whose_wait_cap_refused_or_ended_calls() -> None:
+    # The refusals' words as the queue says them (not copied here): one refused, one ended at the cap.
+    q = AdmissionQueue.of(QueueSpec(concurrency=1, max_wait_milliseconds=1), "inference")
+    async with q.slot(5.0):
+        await asyncio.sleep(0.01)  # a slot-time of about 10 ms, ten times the cap
+    words = []
+    async with q.slot(5.0):
+        for _ in range(2):
+            try:
+                async with q.slot(5.0):
+                    pass
+            except Shed as refused:
+                words.append(str(refused))
+            q._slot_seconds = 0.0  # the next one is let in to wait, and waits past the cap
+    assert words[0].startswith("stage inference: expected wait") and words[1].startswith("stage inference: waited")
+    capped = [CallRecord(**{**call(status="RESOURCE_EXHAUSTED").__dict__, "error": w}) for w in words]
+    full = CallRecord(**{**call(status="RESOURCE_EXHAUSTED").__dict__, "error": "stage post: queue full (1 waiting)"})
+    result = bench_result([Level("rate", 1.0)], [[call(), *capped, full]])
+    assert summarize(result, 0, Slo()).wait_capped == {"inference": 2}

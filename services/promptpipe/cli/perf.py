@@ -197,6 +197,13 @@ def _print_levels(summaries: list[LevelSummary], slo: Slo) -> None:
         )
     print_table(latency)
     print_table(ends)
+    for s in summaries:
+        for stage, count in s.wait_capped.items():
+            out.print(
+                f"at {s.level.label}: {count} of {s.calls} calls refused or ended by"
+                f" stages.{stage}.queue.maxWaitMilliseconds (the wait cap), not by a full queue",
+                soft_wrap=True,
+            )
     if slo.set:
         for s in summaries:
             verdicts = [

@@ -79,6 +79,10 @@ class QueueSpec(_Model):
     shed_policy: ShedPolicy = ShedPolicy.REJECT_NEW
     # The retry hint sent with RESOURCE_EXHAUSTED.
     retry_after_seconds: Annotated[float, Field(gt=0, le=3600)] = 0.5
+    # A cap on waiting (0: none but the call's deadline). A call whose expected wait (the calls served before
+    # it × the recent time a slot is held ÷ concurrency) is over it is refused at once; one that has waited
+    # this long is ended. Both RESOURCE_EXHAUSTED with a retry hint, naming the stage and the cap.
+    max_wait_milliseconds: Annotated[int, Field(ge=0, le=3_600_000)] = 0
 
 
 class RetrySpec(_Model):

@@ -4,12 +4,15 @@ percentile, the dominant part and the knob that moves it. Pure functions over be
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from promptpipe.perf.records import STAGES, BenchResult, CallRecord, Level
 
 PERCENTILES = (50, 90, 95, 99)
+# A refusal by a stage's wait cap, as the stage words it (runtime/admission.py); group 1: the stage.
+WAIT_CAPPED = re.compile(r"stage (\w+): (?:expected wait \d+ ms is over|waited \d+ ms,) queue\.maxWaitMilliseconds")
 NETWORK = "network"  # the unaccounted rest: every hop between processes, the client's included
 # A call's parts in the order it meets them, each "<stage> queue" or "<stage> work", then the rest.
 PARTS = (*(f"{s} {kind}" for s in STAGES for kind in ("queue", "work")), NETWORK)
@@ -151,6 +154,8 @@ class LevelSummary:
     output_tokens_per_second: float
     requests_per_second: float
     goodput: float | None  # share of calls within the SLO's latencies, None without one
+    # Calls a stage's wait cap (queue.maxWaitMilliseconds) refused or ended, by stage.
+    wait_capped: dict[str, int] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float:
@@ -190,6 +195,7 @@ def summarize(result: BenchResult, index: int, slo: Slo) -> LevelSummary:
         output_tokens_per_second=sum(c.output_tokens for c in ok) / seconds,
         requests_per_second=len(ok) / seconds,
         goodput=(sum(slo.met_by(c) for c in calls) / len(calls) if calls else 0.0) if slo.set else None,
+        wait_capped=dict(Counter(m.group(1) for c in calls if not c.ok and (m := WAIT_CAPPED.search(c.error)))),
     )
 
 

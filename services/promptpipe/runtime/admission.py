@@ -11,6 +11,11 @@ whose class outranks a waiting one) takes the place of that flow's newest waiter
 flow's longest waiter. With one flow this is the plain FIFO queue and its two shed policies. Waiting is
 bounded by the caller's deadline, and a cancelled waiter leaves the queue, so nothing waits forever and
 nothing is dropped without an error.
+
+With a wait cap (`queue.maxWaitMilliseconds`), a newcomer whose expected wait is over it is refused at once
+(the calls that would be served before it, by the rules above, times the recent time a slot is held, over
+the concurrency), and a waiter is ended when it has waited that long: a queue then holds only calls that
+can still use their place.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
@@ -44,6 +50,10 @@ class Flow:
 
 
 ONE_FLOW = Flow()
+# A refusal's reason (Shed.reason, the shed metric's label) when it is the wait cap's.
+WAIT_CAP = "wait_cap"
+# How much the latest slot's time moves the recent one: about the last ten count.
+SLOT_TIME_WEIGHT = 0.2
 
 
 class Holds:
@@ -126,7 +136,13 @@ class _PriorityClass:
 
 class AdmissionQueue:
     def __init__(
-        self, capacity: int, concurrency: int, policy: ShedPolicy, retry_after: float, stage: str = ""
+        self,
+        capacity: int,
+        concurrency: int,
+        policy: ShedPolicy,
+        retry_after: float,
+        stage: str = "",
+        max_wait: float = 0.0,
     ) -> None:
         # A refusal names its stage: it reaches the client through every stage before it, unchanged.
         self._prefix = f"stage {stage}: " if stage else ""
@@ -134,11 +150,13 @@ class AdmissionQueue:
         self.concurrency = concurrency
         self.policy = policy
         self.retry_after = retry_after
+        self.max_wait = max_wait  # seconds; 0: no cap
         self.in_flight = 0
         self.counters = AdmissionCounters()
         self._depth = 0
         self._classes: dict[int, _PriorityClass] = {}  # highest priority first
         self._holds = Holds()
+        self._slot_seconds: float | None = None  # recent time a slot is held (EWMA); None: none held yet
 
     @property
     def depth(self) -> int:
@@ -147,7 +165,14 @@ class AdmissionQueue:
     @classmethod
     def of(cls, spec: QueueSpec, stage: str) -> AdmissionQueue:
         """The queue `spec` declares for `stage` (whose name its refusals carry)."""
-        return cls(spec.capacity, spec.concurrency, spec.shed_policy, spec.retry_after_seconds, stage)
+        return cls(
+            spec.capacity,
+            spec.concurrency,
+            spec.shed_policy,
+            spec.retry_after_seconds,
+            stage,
+            spec.max_wait_milliseconds / 1000,
+        )
 
     def held_for(self) -> float:
         """Seconds the longest-held work slot has been held (0: none is)."""
@@ -167,17 +192,61 @@ class AdmissionQueue:
     async def slot(self, timeout: float | None, flow: Flow = ONE_FLOW) -> AsyncIterator[float]:
         """Hold a work slot for the body; yields the seconds spent waiting for it."""
         waited = await self._acquire(timeout, flow)
+        taken = time.perf_counter()
         try:
             with self._holds.held():
                 yield waited
         finally:
+            held = time.perf_counter() - taken
+            recent = self._slot_seconds
+            self._slot_seconds = held if recent is None else recent + SLOT_TIME_WEIGHT * (held - recent)
             self.counters.completed += 1
             self._release()
+
+    def expected_wait(self, flow: Flow = ONE_FLOW) -> float | None:
+        """Seconds a newcomer of `flow` would wait for a slot now, or None before any slot was held."""
+        if self._slot_seconds is None:
+            return None
+        if self.in_flight < self.concurrency and not self._depth:
+            return 0.0
+        return (self._ahead(flow) + 1) * self._slot_seconds / self.concurrency
+
+    def _ahead(self, flow: Flow) -> int:
+        """About how many waiting calls would be served before a newcomer of `flow`: every waiter of a higher
+        priority, and in its own class its flow's waiters and each other flow's turns until the newcomer's
+        (deficit round robin, in proportion to the weights); a flow not waiting yet waits only for the other
+        flows that just started."""
+        ahead = 0
+        for priority, cls in self._classes.items():
+            if priority > flow.priority:
+                ahead += sum(len(fq.waiters) for fq in cls.all())
+            elif priority == flow.priority:
+                mine = cls.get(flow.name)
+                rounds = len(mine.waiters) + 1 if mine is not None else 1
+                others = cls.all() if mine is not None else list(cls.fresh.values())
+                for fq in others:
+                    turns = math.ceil(rounds * fq.flow.weight / flow.weight)
+                    ahead += len(fq.waiters) if fq is mine else min(len(fq.waiters), turns)
+        return ahead
+
+    def _over_the_cap(self, flow: Flow) -> None:
+        """Refuse a newcomer that would wait longer than the cap (Shed), with the wait it would have had."""
+        expected = self.expected_wait(flow)
+        if not self.max_wait or expected is None or expected <= self.max_wait:
+            return
+        self.counters.rejected += 1
+        raise Shed(
+            f"{self._prefix}expected wait {expected * 1000:.0f} ms is over queue.maxWaitMilliseconds"
+            f" {self.max_wait * 1000:.0f}",
+            max(self.retry_after, expected - self.max_wait),
+            WAIT_CAP,
+        )
 
     async def _acquire(self, timeout: float | None, flow: Flow) -> float:
         if self.in_flight < self.concurrency and not self._depth:
             self.in_flight += 1
             return 0.0
+        self._over_the_cap(flow)
         if self._depth >= self.capacity:
             self._shed_for(flow)
         start = time.perf_counter()
@@ -185,12 +254,20 @@ class AdmissionQueue:
         fq = self._flow_queue(flow)
         fq.waiters.append(fut)
         self._depth += 1
+        capped = bool(self.max_wait) and (timeout is None or self.max_wait < timeout)
         try:
             # Not wait_for: on Python 3.11 it swallows a cancel that arrives with the slot.
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.max_wait if capped else timeout):
                 await asyncio.shield(fut)
         except TimeoutError:
             self._abandon(fut, fq)
+            if capped:
+                self.counters.dropped += 1
+                raise Shed(
+                    f"{self._prefix}waited {self.max_wait * 1000:.0f} ms, queue.maxWaitMilliseconds",
+                    self.retry_after,
+                    WAIT_CAP,
+                ) from None
             raise DeadlineExceeded("deadline passed while queued") from None
         except asyncio.CancelledError:
             self._abandon(fut, fq)

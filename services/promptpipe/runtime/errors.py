@@ -41,7 +41,7 @@ class Shed(StageError):
     def __init__(self, message: str, retry_after: float, reason: str = "rejected") -> None:
         super().__init__(message)
         self.retry_after = retry_after
-        self.reason = reason  # "rejected" (reject-new) or "dropped" (drop-oldest)
+        self.reason = reason  # "rejected" (reject-new), "dropped" (drop-oldest) or "wait_cap" (maxWaitMilliseconds)
 
 
 class QuotaExceeded(Shed):

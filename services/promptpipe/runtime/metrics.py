@@ -106,8 +106,8 @@ class StageMetrics:
         # RESOURCE_EXHAUSTED too: sheds count against the SLO's error budget (the chart's alerts).
         for code in ("OK", *SERVER_ERROR_CODES, "RESOURCE_EXHAUSTED"):
             self._duration.labels(**labels, code=code)
-        self.rejected = f.shed.labels(**labels, reason="rejected")
-        self.dropped = f.shed.labels(**labels, reason="dropped")
+        # By Shed.reason: refused as it came (a full queue), dropped from it, or the wait cap's.
+        self.shed = {reason: f.shed.labels(**labels, reason=reason) for reason in ("rejected", "dropped", "wait_cap")}
         self.caller_deadlines = f.caller_deadlines.labels(**labels)
 
     def observe_call(self, code: str, seconds: float) -> None:

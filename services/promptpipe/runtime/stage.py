@@ -137,7 +137,7 @@ class StageRuntime:
         except Exception as exc:
             code = exc.code.name if isinstance(exc, StageError) else "INTERNAL"
             if isinstance(exc, Shed):
-                (self.metrics.dropped if exc.reason == "dropped" else self.metrics.rejected).inc()
+                self.metrics.shed.get(exc.reason, self.metrics.shed["rejected"]).inc()
             raise
         finally:
             if watchdog is not None:
