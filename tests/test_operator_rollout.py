@@ -13,13 +13,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
+import psutil
 import pytest
 import yaml
 from kubernetes import client
@@ -33,7 +36,7 @@ from tests.devcluster.cluster import ControlPlane
 from tests.support.cluster import QUICKSTART, Cluster, apply
 from tests.support.faults import FaultyProxy, Mode
 from tests.support.kube import kubectl
-from tests.support.moto import make_model, registry_env_through
+from tests.support.moto import make_model, registry_env, registry_env_through
 from tests.support.operator import OperatorProcess
 from tests.support.pipelines import tgi_server
 from tests.support.prometheus import SCRAPE_SECONDS, gateway_exposition, prometheus, scraped
@@ -106,8 +109,9 @@ class Rollouts:
         for deployment in sorted(deployments):
             self.cluster.set_ready(deployment)
 
-    def fail_smoke(self, color: str) -> None:
-        body = json.dumps({"prefix": f"{self.cluster.ns}/{NAME}-backend-{color}"}).encode()
+    def fail_smoke(self, color: str, mode: str = "error") -> None:
+        """Make that color's backend answer the smoke generation as `mode` says (tests/support/tgi_server)."""
+        body = json.dumps({"prefix": f"{self.cluster.ns}/{NAME}-backend-{color}", "mode": mode}).encode()
         urllib.request.urlopen(
             urllib.request.Request(
                 f"{self.tgi}/control/fail", data=body, method="POST", headers={"Content-Type": "application/json"}
@@ -123,33 +127,50 @@ def registry_proxy(registry: Registry) -> Iterator[FaultyProxy]:
         yield proxy
 
 
+RolloutsFor = Callable[..., AbstractContextManager[list[Rollouts]]]
+
+
 @pytest.fixture
-def rollouts(
+def rollouts_for(
     registry: Registry,
-    registry_proxy: FaultyProxy,
     operator_identity: Path,
-    namespace: str,
     kube: client.ApiClient,
     control_plane: ControlPlane,
     kube_tools: Tools,
     tmp_path: Path,
+) -> RolloutsFor:
+    """Called with namespaces, the registry's settings (env) and more operator settings: one operator watching
+    those namespaces, the registry holding `versions` of smollm2, every backend played by one TGI test
+    server; a Rollouts for each namespace."""
+
+    @contextmanager
+    def start(namespaces: list[str], env: dict[str, str], versions: int = 3) -> Iterator[list[Rollouts]]:
+        for i in range(versions):
+            registry.push("smollm2", make_model(tmp_path / f"v{i + 1}", f"seed-{i}"), f"v{i + 1}")
+        with (
+            tgi_server() as tgi,
+            OperatorProcess(
+                operator_identity,
+                ",".join(namespaces),
+                tmp_path / "operator.log",
+                env={"PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}", **env},
+            ) as op,
+        ):
+            yield [Rollouts(Cluster(kube, ns), control_plane, kube_tools, registry, tgi, op) for ns in namespaces]
+
+    return start
+
+
+@pytest.fixture
+def rollouts(
+    rollouts_for: RolloutsFor, registry: Registry, registry_proxy: FaultyProxy, namespace: str
 ) -> Iterator[Rollouts]:
-    for i, version in enumerate(("v1", "v2", "v3")):
-        registry.push("smollm2", make_model(tmp_path / version, f"seed-{i}"), version)
-    with (
-        tgi_server() as tgi,
-        OperatorProcess(
-            operator_identity,
-            namespace,
-            tmp_path / "operator.log",
-            env={
-                **registry_env_through(registry.settings, registry_proxy.address),
-                "PROMPTPIPE_OPERATOR_BACKEND_URL_TEMPLATE": f"{tgi}/{{namespace}}/{{service}}",
-                "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5",
-            },
-        ) as op,
-    ):
-        yield Rollouts(Cluster(kube, namespace), control_plane, kube_tools, registry, tgi, op)
+    env = {
+        **registry_env_through(registry.settings, registry_proxy.address),
+        "PROMPTPIPE_OPERATOR_ALIAS_POLL_SECONDS": "0.5",
+    }
+    with rollouts_for([namespace], env) as (one,):
+        yield one
 
 
 def test_a_stalled_registry_leaves_the_version_unresolved_with_the_reason_and_the_reconcile_goes_on(
@@ -492,3 +513,74 @@ def gateway_pod(cluster: Cluster, metrics_port: int, name: str, owned: bool = Tr
     `owned`) a look-alike carrying its labels."""
     containers = [{"name": "stage", "image": "stage", "ports": [{"name": "metrics", "containerPort": metrics_port}]}]
     cluster.ready_pod(name, containers, f"{NAME}-stream", owned)
+
+
+@pytest.fixture
+def two_namespaces(
+    rollouts_for: RolloutsFor, registry: Registry, namespace: str, kube: client.ApiClient
+) -> Iterator[list[Rollouts]]:
+    """One operator watching two namespaces (a tenant's each); its reconcile bound 16 s, so a smoke check may
+    take 8."""
+    core = client.CoreV1Api(kube)
+    other = f"{namespace}-b"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    env = {**registry_env(registry.settings), "PROMPTPIPE_OPERATOR_RECONCILE_TIMEOUT_SECONDS": "16"}
+    try:
+        with rollouts_for([namespace, other], env, versions=5) as both:
+            yield both
+    finally:
+        core.delete_namespace(other)
+
+
+def test_a_hostile_green_in_one_namespace_neither_stalls_nor_floods_the_operator_for_another(
+    two_namespaces: list[Rollouts],
+) -> None:
+    a, b = two_namespaces
+    a.start_on("v1")
+    b.start_on("v1")
+    # A's green accepts the smoke generation and never answers; meanwhile B's pipeline is edited.
+    a.fail_smoke("green", "stall")
+    a.apply(bg_doc({"version": "v2"}))
+    wait_until(lambda: "green" in a.backends(), "A's green")
+    a.cluster.set_ready(f"{NAME}-backend-green")
+    wait_until(lambda: a.rollout().get("phase") == "Progressing", "A's smoke check under way")
+    edited = time.monotonic()
+    doc = bg_doc({"version": "v1"})
+    doc["spec"]["stages"]["post"] = {"timeoutSeconds": 33}
+    b.apply(doc)
+
+    def grace(r: Rollouts) -> int:
+        post = r.cluster.apps.read_namespaced_deployment(f"{NAME}-post", r.cluster.ns)
+        return int(post.spec.template.spec.termination_grace_period_seconds)
+
+    wait_until(lambda: grace(b) == 38, "B's edit reconciled", timeout=30)
+    b_took = time.monotonic() - edited
+    stalled = wait_until(lambda: a.rollout().get("phase") == "RolledBack" and a.rollout(), "A's rollback", timeout=30)
+    a_took = time.monotonic() - edited
+    assert b_took < a_took and b_took < 6, (b_took, a_took)
+    assert stalled["reason"] == "SmokeTestFailed" and "no whole answer within 8 s" in stalled["message"], stalled
+
+    # A green that floods (1 GiB, unannounced), one that redirects elsewhere, one that errs with a secret in
+    # its body: each fails its smoke check at once, with a reason, and nothing it sent is told.
+    for version, mode, said in (
+        ("v3", "flood", "the answer is larger than 65536 bytes"),
+        ("v4", "redirect", "answered HTTP 307"),
+        ("v5", "error", "answered HTTP 500"),
+    ):
+        a.fail_smoke("green", mode)
+        a.apply(bg_doc({"version": version}))
+        wait_until(lambda v=version: a.backends().get("green") == v, f"A's green on {version}")  # type: ignore[misc]
+        a.cluster.set_ready(f"{NAME}-backend-green")
+        failed = wait_until(
+            lambda v=version: (r := a.rollout()).get("history", [{}])[-1].get("version") == v and r,  # type: ignore[misc]
+            f"{version}'s rollback",
+        )
+        assert failed["phase"] == "RolledBack" and failed["reason"] == "SmokeTestFailed", failed
+        assert said in failed["message"], failed
+    told = json.dumps([a.cluster.status(NAME), a.cluster.events("RolledBack")])
+    for sent in ("SECRET-FROM-THE-POD", "xxxxxxxx", "10.6.6.6", "generated_text"):
+        assert sent not in told, sent
+    # The operator never restarted, and stayed well inside its pod's memory limit (256Mi in the chart).
+    op = a.operator
+    assert op.proc is not None and op.proc.poll() is None
+    assert psutil.Process(op.proc.pid).memory_info().rss < 256 * 2**20

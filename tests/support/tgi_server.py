@@ -116,7 +116,8 @@ class FakeTgi:
             "most_active": 0,  # the most generations it ran at once
         }
         self._overloads: Counter[str] = Counter()
-        self.failing: set[str] = set()
+        # Backends (by path prefix) that misbehave on /generate, and how (see `fail`).
+        self.failing: dict[str, str] = {}
 
     def _option(self, prompt: str, key: str) -> int | None:
         m = re.search(rf"{key}:(\d+)", prompt)
@@ -219,8 +220,9 @@ class FakeTgi:
         body = await request.json()
         if not isinstance(body.get("inputs"), str):
             return web.json_response({"error": "missing inputs", "error_type": "validation"}, status=422)
-        if request.match_info.get("prefix", "") in self.failing:
-            return web.json_response({"error": "CUDA out of memory", "error_type": "generation"}, status=500)
+        fault = self.failing.get(request.match_info.get("prefix", ""))
+        if fault is not None:
+            return await self._misbehave(request, fault)
         n = int((body.get("parameters") or {}).get("max_new_tokens") or 4)
         if self.model is not None:
             self.stats["started"] += 1  # type: ignore[operator]
@@ -230,10 +232,32 @@ class FakeTgi:
         return web.json_response({"generated_text": " ".join(WORDS[i % len(WORDS)] for i in range(n))})
 
     async def fail(self, request: web.Request) -> web.Response:
-        """POST /control/fail {"prefix": "ns/service", "failing": true}: that backend's /generate answers 500."""
+        """POST /control/fail {"prefix": "ns/service", "failing": true, "mode": ...}: that backend's /generate
+        misbehaves as `mode` says (FAULTS; default "error"); "failing": false makes it well again."""
         body = await request.json()
-        (self.failing.add if body.get("failing", True) else self.failing.discard)(body["prefix"])
-        return web.json_response(sorted(self.failing))
+        if body.get("failing", True):
+            self.failing[body["prefix"]] = str(body.get("mode", "error"))
+        else:
+            self.failing.pop(body["prefix"], None)
+        return web.json_response(self.failing)
+
+    @staticmethod
+    async def _misbehave(request: web.Request, mode: str) -> web.StreamResponse:
+        """What a hostile or broken pod behind a backend Service could answer a smoke check with."""
+        if mode == "stall":  # accepts, reads, never answers
+            await asyncio.sleep(3600)
+        if mode == "redirect":  # to another namespace's Service
+            raise web.HTTPTemporaryRedirect("http://10.6.6.6/other-namespace/secret-service/generate")
+        if mode == "flood":  # a 200 whose body never ends (1 GiB, unannounced)
+            response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            chunk = b'{"generated_text": "' + b"x" * (1 << 20)
+            for _ in range(1024):
+                await response.write(chunk)
+            return response
+        # "error": a 500 whose body carries what must never be copied into a status or an Event
+        body = {"error": "CUDA out of memory; SECRET-FROM-THE-POD", "error_type": "generation"}
+        return web.json_response(body, status=500)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """TGI's POST /tokenize: the input's tokens as {id, text, start, stop}. With a model, its own
