@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psutil
@@ -22,6 +23,8 @@ from promptpipe.perf import load
 from promptpipe.perf.breakdown import percentile
 from promptpipe.rpc import CHANNEL_OPTIONS
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
+
+C = TypeVar("C")
 
 
 def pipeline_doc(
@@ -148,3 +151,47 @@ async def closed_loop(fn: Any, concurrency: int, total: int) -> list[StreamResul
 
     await load.closed_loop(concurrency, one)
     return results
+
+
+async def gaps_of_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int) -> list[float]:
+    """The gaps between a call's chunk messages as the client sees them (its inter-token latency, a batch's
+    tokens arriving together)."""
+    request = gateway_pb2.GenerateRequest(
+        prompt="bench", parameters=common_pb2.GenerationParameters(max_new_tokens=max_new)
+    )
+    arrivals = [time.perf_counter() async for r in stub.Generate(request, timeout=60) if r.HasField("chunk")]
+    return [b - a for a, b in itertools.pairwise(arrivals)]
+
+
+async def path_figures(doc: dict[str, Any], seconds: float) -> dict[str, float]:
+    """On a running `doc` (synthetic backend): tokens/s end to end and of the inference stage alone at 16
+    streams as fast as read, TTFT p50/p99 at 1 stream (8 tokens a call)."""
+    out: dict[str, float] = {}
+    with running(doc) as run:
+        async with channel(run.gateway) as gw, channel(f"127.0.0.1:{run.stages['inference'].port}") as inf:
+            gateway, stage = gateway_pb2_grpc.GatewayStub(gw), stage_pb2_grpc.StageStub(inf)
+            for _ in range(50):  # warm up channels and code paths
+                await gateway_stream(gateway, 8)
+            for name, fn in (
+                ("pipeline tok/s", lambda: gateway_stream(gateway, 4000)),
+                ("inference tok/s", lambda: stage_stream(stage, 4000)),
+            ):
+                start = time.perf_counter()
+                results = await closed_loop(fn, 16, int(seconds * 8))
+                out[name] = sum(r.tokens for r in results) / (time.perf_counter() - start)
+            ttfts = [r.ttft for r in await closed_loop(lambda: gateway_stream(gateway, 8), 1, 400) if r.ttft]
+            out["TTFT p50 ms"], out["TTFT p99 ms"] = pct(ttfts, 50) * 1000, pct(ttfts, 99) * 1000
+    return out
+
+
+def medians_of_alternating_rounds(
+    rounds: int, configs: Sequence[C], measure: Callable[[C], dict[str, float]], label: Callable[[C], str]
+) -> dict[C, dict[str, float]]:
+    """Each config measured once a round, configs alternating within the round (a noisy minute hurts them
+    alike), each measurement printed as it comes; every figure's median over the rounds, by config."""
+    runs: dict[C, list[dict[str, float]]] = {c: [] for c in configs}
+    for r in range(rounds):
+        for config in configs:
+            runs[config].append(measure(config))
+            print(f"round {r + 1}, {label(config)}: {runs[config][-1]}", flush=True)
+    return {c: {f: statistics.median(run[f] for run in runs[c]) for f in runs[c][0]} for c in configs}

@@ -163,3 +163,51 @@ async def test_the_source_is_closed_in_the_task_that_runs_it_so_what_it_set_in_i
     await turns(50)  # the buffer fills: the source waits at its yield
     await stream.aclose()
     assert ended == ["reset"]
+
+
+async def paced(gaps: list[float]) -> AsyncIterator[stage_pb2.StageEvent]:
+    """A token after each of `gaps` seconds (the first at once), then the final event."""
+    for i, gap in enumerate(gaps):
+        await asyncio.sleep(gap)
+        yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=f"t{i} ", token_count=1))
+    yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(usage=common_pb2.Usage(completion_tokens=len(gaps))))
+
+
+async def timed(events: AsyncIterator[stage_pb2.StageEvent]) -> list[tuple[float, stage_pb2.StageEvent]]:
+    start = asyncio.get_running_loop().time()
+    return [(asyncio.get_running_loop().time() - start, e) async for e in events]
+
+
+async def test_at_the_source_the_first_token_goes_alone_at_once_then_batches_by_interval() -> None:
+    # Tokens every 10 ms after the first, batches every 50 ms: the first alone and at once, then a few
+    # messages carrying several tokens each, everything in order.
+    out = await timed(coalesce(paced([0.0, *[0.01] * 19]), interval=0.05))
+    chunks = [(at, e.chunk) for at, e in out if e.HasField("chunk")]
+    assert chunks[0][1].text == "t0 " and chunks[0][1].token_count == 1
+    assert "".join(c.text for _, c in chunks) == "".join(f"t{i} " for i in range(20))
+    assert sum(c.token_count for _, c in chunks) == 20
+    assert 2 <= len(chunks) <= 10, [c.token_count for _, c in chunks]  # about 190 ms of tokens, 50 ms batches
+    assert out[-1][1].HasField("final")
+
+
+async def test_the_end_of_the_stream_is_never_held_for_the_interval() -> None:
+    # A 1 s interval over 190 ms of tokens: the first alone at once, the rest together when the final comes.
+    out = await timed(coalesce(paced([0.0, *[0.01] * 19]), interval=1.0))
+    chunks = [(at, e.chunk) for at, e in out if e.HasField("chunk")]
+    assert [c.token_count for _, c in chunks] == [1, 19]
+    assert chunks[0][0] < 0.5 and out[-1][1].HasField("final") and out[-1][0] < 0.8, [at for at, _ in out]
+
+
+async def test_a_batch_goes_as_soon_as_max_tokens_are_waiting() -> None:
+    out = [e async for e in coalesce(tokens(40), interval=10.0, max_tokens=8)]
+    sizes = [e.chunk.token_count for e in out if e.HasField("chunk")]
+    assert sizes[0] == 1 and sum(sizes) == 40 and all(s <= 8 + 1 for s in sizes), sizes
+    assert len(sizes) >= 40 // 9, "not one batch held for the 10 s interval"
+
+
+async def test_a_token_after_a_stall_longer_than_the_interval_goes_at_once() -> None:
+    out = await timed(coalesce(paced([0.0, 0.3, 0.0]), interval=0.2))
+    chunks = [(at, e.chunk.text) for at, e in out if e.HasField("chunk")]
+    assert chunks[0][1] == "t0 " and chunks[0][0] < 0.05, "the first before the stall"
+    assert "".join(text for _, text in chunks) == "t0 t1 t2 "
+    assert chunks[-1][0] < 0.3 + 0.25, "the stall already outlasted the interval: nothing more is waited for"

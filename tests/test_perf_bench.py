@@ -21,6 +21,7 @@ pytestmark = pytest.mark.processes
 
 # A backend with a visible first token and decode time, so every part of a call is there to measure.
 FIRST_TOKEN = 0.02
+TIMER_GRAIN = 0.001
 BACKEND = {"model": {"synthetic": {"tokensPerSecond": 400, "firstTokenSeconds": FIRST_TOKEN}}}
 
 
@@ -39,7 +40,10 @@ def assert_each_call_adds_up(result: records.BenchResult, calls: int, first_toke
         # The gateway's figures, which the shares add up to, are its own measurement: the client's is longer.
         assert c.server_total <= c.e2e
         assert {x.stage for x in c.stages} == {"stream", "rag", "assemble", "inference", "post"}
-        assert s.ttft["inference work"] >= first_token > 0 or (first_token == 0 and s.ttft["inference work"] > 0)
+        # Within a millisecond: uvloop's timers count whole milliseconds from the loop's cached clock, so a
+        # 20 ms sleep can end 0.3 ms early on time.perf_counter.
+        least = first_token - TIMER_GRAIN
+        assert s.ttft["inference work"] >= least > 0 or (first_token == 0 and s.ttft["inference work"] > 0)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])

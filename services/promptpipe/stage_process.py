@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from promptpipe import event_loop
 from promptpipe.contract import health as health_services
 from promptpipe.contract import topology
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
@@ -155,7 +156,7 @@ class _Parts:
         spec = self.spec
         metrics = BackendMetrics(self.registry, self.name, spec.model.backend.value)
         backend = build_backend(spec.model, spec.stages.get(self.stage).retries, metrics)
-        inference = InferenceHandler(backend, metrics, spec.generation, spec.template.max_prompt_tokens)
+        inference = InferenceHandler(backend, metrics, spec.generation, spec.template.max_prompt_tokens, spec.batching)
         self.healthy = inference.healthy
         limit = stuck_after(spec.stages.get(StageName.INFERENCE))
         self.liveness.watch(StageName.INFERENCE.value, "model", backend.held_for, limit)
@@ -439,9 +440,9 @@ def main() -> None:
     config = load_runtime_config(settings.config)
     logs.configure(settings.log_level, settings.log_format, config.pipeline.metadata.name, settings.stage.value)
     if settings.check:
-        print(json.dumps(asyncio.run(check(settings, config))))
+        print(json.dumps(event_loop.run(check(settings, config))))
         return
-    asyncio.run(serve(settings, config))
+    event_loop.run(serve(settings, config))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from promptpipe import __version__, chattemplates
+from promptpipe import __version__, chattemplates, event_loop
 from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out, print_table
 from promptpipe.cli.keys import keys_app
@@ -236,7 +236,7 @@ def generate(
     """Stream an answer from the gateway, then a summary line."""
     address = target or _run(name).gateway
     call = _generate(address, prompt, session, max_new_tokens, temperature, timeout, api_key, tls, ca_file)
-    raise typer.Exit(asyncio.run(call))
+    raise typer.Exit(event_loop.run(call))
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import math
 import statistics
@@ -14,6 +13,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from promptpipe import event_loop
 from promptpipe.cli import localrun
 from promptpipe.cli.console import err, fail, out, print_table
 from promptpipe.contract.pipeline_file import PipelineFileError, load_pipeline
@@ -118,7 +118,7 @@ def bench(
         "warmup": warmup,
     }
     result = records.BenchResult(address, transport, levels, meta=meta)
-    asyncio.run(_bench(plan, transport, address, api_key, model, result))
+    event_loop.run(_bench(plan, transport, address, api_key, model, result))
     csv_path = records.save(result, output)
     _print_errors(result)
     _print_levels([summarize(result, i, slo) for i in range(len(levels))], slo)

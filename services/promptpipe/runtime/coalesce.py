@@ -5,12 +5,19 @@ at once and sends it as one chunk. A reader that keeps up gets every chunk as it
 was produced (no added latency); a slow one gets fewer, larger chunks, so the
 per-message cost of gRPC stops bounding throughput. The buffer is bounded in
 tokens, so a stalled reader stalls the producer (backpressure), not memory.
+
+At the source (the inference stage), batches are made on purpose, as the engines do (vLLM's
+`--stream-interval`, TGI's one Decode per step): the first chunk goes out at once, alone; after it, at most
+one message every `interval` seconds, or as soon as `max_tokens` are waiting, carrying everything produced
+since the last. A message costs a process the same whatever it carries, so a call's tokens cost about
+`max_tokens` times less; the last tokens and the final event never wait for the interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from promptpipe.v1 import common_pb2, stage_pb2
@@ -19,8 +26,12 @@ MAX_BUFFERED_TOKENS = 1024
 
 
 async def coalesce(
-    source: AsyncIterator[stage_pb2.StageEvent], max_buffered_tokens: int = MAX_BUFFERED_TOKENS
+    source: AsyncIterator[stage_pb2.StageEvent],
+    max_buffered_tokens: int = MAX_BUFFERED_TOKENS,
+    interval: float = 0.0,
+    max_tokens: int = 0,
 ) -> AsyncGenerator[stage_pb2.StageEvent, None]:
+    """`source`'s events, chunks merged as described above; `interval` 0: no batch is waited for."""
     buffer: collections.deque[stage_pb2.StageEvent] = collections.deque()
     buffered_tokens = 0
     ready = asyncio.Event()
@@ -56,11 +67,25 @@ async def coalesce(
                 done = True
                 ready.set()
 
+    def batch_ready() -> bool:
+        # A whole batch, the stream's end, or an event that is not a chunk (the final one comes last).
+        return done or buffered_tokens >= max_tokens > 0 or bool(buffer and not buffer[-1].HasField("chunk"))
+
+    loop = asyncio.get_running_loop()
     task = asyncio.create_task(pump())
+    last_sent: float | None = None  # when a chunk last went out; None: none has (the first never waits)
     try:
         while True:
             await ready.wait()
             ready.clear()
+            if interval > 0 and last_sent is not None and not batch_ready():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(last_sent + interval):
+                        while not batch_ready():
+                            await ready.wait()
+                            ready.clear()
+            if buffer and buffer[0].HasField("chunk"):
+                last_sent = loop.time()
             while buffer:
                 event = buffer.popleft()
                 if not event.HasField("chunk"):

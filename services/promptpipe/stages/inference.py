@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from promptpipe.backends.base import Backend, GenerationRequest, Piece
 from promptpipe.backends.routing import routing_key
-from promptpipe.contract.spec import GenerationDefaults
+from promptpipe.contract.spec import BatchingSpec, GenerationDefaults
 from promptpipe.runtime.coalesce import coalesce
 from promptpipe.runtime.errors import DataLoss, InvalidArgument
 from promptpipe.runtime.metrics import BackendMetrics
@@ -53,12 +53,18 @@ def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationReques
 
 class InferenceHandler:
     def __init__(
-        self, backend: Backend, metrics: BackendMetrics, generation: GenerationDefaults, max_prompt_tokens: int
+        self,
+        backend: Backend,
+        metrics: BackendMetrics,
+        generation: GenerationDefaults,
+        max_prompt_tokens: int,
+        batching: BatchingSpec | None = None,
     ) -> None:
         self.backend = backend
         self._metrics = metrics
         self._generation = generation
         self._max_prompt_tokens = max_prompt_tokens
+        self._batching = batching or BatchingSpec()
 
     async def start(self) -> None:
         await self.backend.start()
@@ -70,7 +76,8 @@ class InferenceHandler:
         return self.backend.available()
 
     def run(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
-        return coalesce(self._events(item, call))
+        b = self._batching
+        return coalesce(self._events(item, call), interval=b.interval_milliseconds / 1000, max_tokens=b.max_tokens)
 
     async def _events(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
         item = checked(item, self._generation, self._max_prompt_tokens)
