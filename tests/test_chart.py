@@ -267,7 +267,12 @@ def test_install_runs_the_operator_under_the_charts_identity_then_upgrade_and_un
             tgi = apps.read_namespaced_deployment("assistant-bg-backend-blue", namespace).spec.template.spec
             assert tgi.service_account_name == "tgi"
             fetch = tgi.init_containers[0]
-            assert [s.secret_ref.name for s in fetch.env_from] == ["registry-keys"]
+            # The AWS keys of the chart's Secret, one by one, never the whole Secret as environment.
+            assert not fetch.env_from
+            from_secret = {e.name: e.value_from.secret_key_ref.name for e in fetch.env if e.value_from}
+            assert from_secret == dict.fromkeys(
+                ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"), "registry-keys"
+            )
             fetch_env = {e.name: e.value for e in fetch.env}
             assert fetch_env["PROMPTPIPE_REGISTRY_BUCKET"] == settings.bucket
             assert fetch_env["PROMPTPIPE_REGISTRY_ENDPOINT_URL"] == settings.endpoint_url

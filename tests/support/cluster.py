@@ -10,7 +10,7 @@ from kubernetes import client
 
 from tests.devcluster.build import Tools
 from tests.devcluster.cluster import ControlPlane
-from tests.support.kube import kubectl
+from tests.support.kube import kubectl, replica_set_owning
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART: dict[str, Any] = yaml.safe_load((ROOT / "deploy" / "examples" / "quickstart.yaml").read_text())
@@ -84,24 +84,7 @@ class Cluster:
         look-alike, which anyone who may create pods in the namespace could make."""
         d = self.apps.read_namespaced_deployment(deployment, self.ns)
         labels = dict(d.spec.selector.match_labels)
-        owners: list[dict[str, Any]] = []
-        if owned:
-            rs = self.apps.create_namespaced_replica_set(
-                self.ns,
-                {
-                    "metadata": {
-                        "name": f"{deployment}-{name}",
-                        "labels": labels,
-                        "ownerReferences": [_controller("apps/v1", "Deployment", d.metadata.name, d.metadata.uid)],
-                    },
-                    "spec": {
-                        "replicas": 1,
-                        "selector": {"matchLabels": labels},
-                        "template": {"metadata": {"labels": labels}, "spec": {"containers": containers}},
-                    },
-                },
-            )
-            owners = [_controller("apps/v1", "ReplicaSet", rs.metadata.name, rs.metadata.uid)]
+        owners = replica_set_owning(self.apps, self.ns, deployment, name) if owned else []
         self.core.create_namespaced_pod(
             self.ns,
             {
@@ -116,10 +99,6 @@ class Cluster:
     def events(self, reason: str) -> list[str]:
         items = self.core.list_namespaced_event(self.ns).items
         return [e.message for e in items if e.reason == reason and e.involved_object.kind == "PromptPipeline"]
-
-
-def _controller(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
-    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}
 
 
 def apply(plane: ControlPlane, tools: Tools, namespace: str, doc: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -114,3 +115,31 @@ def as_service_account(
     yield make
     for api in made:
         api.close()
+
+
+def replica_set_owning(apps: client.AppsV1Api, namespace: str, deployment: str, suffix: str) -> list[dict[str, Any]]:
+    """A ReplicaSet `<deployment>-<suffix>` controlled by the Deployment, with its pod template, as the
+    Deployment controller makes one; the owner references a Pod of it carries (the ReplicaSet controller's
+    part, where no controller runs)."""
+    d = apps.read_namespaced_deployment(deployment, namespace)
+    template = client.ApiClient().sanitize_for_serialization(d.spec.template)
+    rs = apps.create_namespaced_replica_set(
+        namespace,
+        {
+            "metadata": {
+                "name": f"{deployment}-{suffix}",
+                "labels": template["metadata"].get("labels") or {},
+                "ownerReferences": [_controller("apps/v1", "Deployment", d.metadata.name, d.metadata.uid)],
+            },
+            "spec": {
+                "replicas": 1,
+                "selector": client.ApiClient().sanitize_for_serialization(d.spec.selector),
+                "template": template,
+            },
+        },
+    )
+    return [_controller("apps/v1", "ReplicaSet", rs.metadata.name, rs.metadata.uid)]
+
+
+def _controller(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}

@@ -20,6 +20,7 @@ from kubernetes import client
 from promptpipe.contract.timestamps import format_time
 from promptpipe.localproc import die_with_parent, free_port
 from promptpipe.waiting import wait_until
+from tests.support.kube import replica_set_owning
 
 Container = dict[str, Any]  # as in a Pod spec, camelCase keys
 
@@ -58,7 +59,10 @@ def container_env(core: client.CoreV1Api, namespace: str, container: Container, 
         if "fieldRef" in ref:
             env[var["name"]] = _field(ref["fieldRef"]["fieldPath"], namespace, pod_name)
         elif "secretKeyRef" in ref:
-            env[var["name"]] = _secret(core, namespace, ref["secretKeyRef"]["name"])[ref["secretKeyRef"]["key"]]
+            key = ref["secretKeyRef"]
+            values = _secret(core, namespace, key["name"])
+            if key["key"] in values or not key.get("optional"):  # an optional key that is absent: no variable
+                env[var["name"]] = values[key["key"]]
         else:
             key = ref["configMapKeyRef"]
             env[var["name"]] = _config_map(core, namespace, key["name"])[key["key"]]
@@ -104,10 +108,11 @@ class Kubelet:
         template = client.ApiClient().sanitize_for_serialization(
             self.apps.read_namespaced_deployment(deployment, self.namespace).spec.template
         )
-        name = f"{deployment}-{uuid.uuid4().hex[:5]}"
-        self.core.create_namespaced_pod(
-            self.namespace, {"metadata": {**template["metadata"], "name": name}, "spec": template["spec"]}
-        )
+        suffix = uuid.uuid4().hex[:5]
+        name = f"{deployment}-{suffix}"
+        owners = replica_set_owning(self.apps, self.namespace, deployment, suffix)
+        metadata = {**template["metadata"], "name": name, "ownerReferences": owners}
+        self.core.create_namespaced_pod(self.namespace, {"metadata": metadata, "spec": template["spec"]})
         spec = template["spec"]
         pod = RunningPod(name, {v["name"]: self.root / name / v["name"] for v in spec.get("volumes") or []})
         for folder in pod.volumes.values():
