@@ -157,3 +157,26 @@ async def test_with_one_tenant_it_is_the_fifo_queue() -> None:
         await s.arrive(f"c{i}", A)
     await s.finish_all_in_turn()
     assert s.admitted == [f"c{i}" for i in range(7)]
+
+
+async def test_refusal_tells_what_admission_would_do_and_changes_nothing() -> None:
+    q = AdmissionQueue(capacity=2, concurrency=1, policy=ShedPolicy.REJECT_NEW, retry_after=0.5, stage="stream")
+    s = Slots(q)
+    assert q.refusal(A) is None, "a free slot"
+    for name in ("a0", "a1", "a2"):
+        await s.arrive(name, A)  # a0 runs; a1 and a2 fill the queue
+    before = (q.depth, q.in_flight, q.counters.rejected, q.counters.dropped)
+    refused = q.refusal(A)
+    assert refused is not None and str(refused) == "stage stream: queue full (2 waiting, 1 running)"
+    assert refused.retry_after == 0.5
+    assert q.refusal(B) is None, "a light tenant would take the heavy one's newest place"
+    assert (q.depth, q.in_flight, q.counters.rejected, q.counters.dropped) == before
+    await s.arrive("b0", B)
+    assert "b0" not in s.shed and "dropped" in str(s.shed["a2"]), "admission did what refusal said"
+    await s.finish_all_in_turn()
+    drop = AdmissionQueue(capacity=1, concurrency=1, policy=ShedPolicy.DROP_OLDEST, retry_after=0.5)
+    d = Slots(drop)
+    for name in ("a0", "a1"):
+        await d.arrive(name, A)
+    assert drop.refusal(A) is None, "drop-oldest: its own oldest makes room"
+    await d.finish_all_in_turn()

@@ -167,3 +167,39 @@ def test_a_client_that_leaves_after_the_first_chunk_pays_for_its_prompt(start_pi
     with pytest.raises(GenerationError) as err:
         asyncio.run(leave_after_the_first_chunk(p, tenants["thrifty"], prompt))
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_call_the_full_gateway_would_refuse_is_refused_at_the_edge_and_not_charged(
+    start_pipeline, tenants: dict[str, str]
+) -> None:
+    # One work slot and no queue at the gateway; "small" may make 2 calls a minute.
+    p = start_pipeline(
+        synthetic_pipeline(
+            model={"synthetic": {"tokensPerSecond": 20}},
+            generation={"maxNewTokens": 20},
+            auth={"defaultQuota": {"requestsPerMinute": 2}},
+            stages={"stream": {"queue": {"capacity": 0, "concurrency": 1}}},
+        )
+    )
+    started = asyncio.Event()
+
+    async def call() -> str:
+        async with PipelineClient(p.gateway, tenants["small"]) as client:
+            text = ""
+            async for r in client.generate("hello there", timeout=30):
+                text += r.chunk.text
+                started.set()
+            return text
+
+    running = asyncio.create_task(call())  # the first of small's two: it holds the only slot for ~1 s
+    await asyncio.wait_for(started.wait(), 10)
+    for _ in range(5):
+        with pytest.raises(GenerationError) as refused:
+            await call()
+        assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.quota is None
+        assert "stage stream: queue full" in refused.value.message and refused.value.retry_after
+    assert not running.done(), "refused at once, not after the running call"
+    assert await running
+    # Refused before the quota was charged: small's second call of the minute is still its own.
+    assert await call()
+    assert p.metric(StageName.STREAM, "promptpipe_stage_shed_total", reason="rejected") == 5

@@ -27,6 +27,7 @@ from promptpipe.contract import topology
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
 from promptpipe.contract.spec import GenerationDefaults, StageName, StageSpec
 from promptpipe.contract.tracing import service_name
+from promptpipe.gateway.edge_admission import EdgeAdmission
 from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.gateway.http_api import OpenAIGateway
 from promptpipe.gateway.key_check import KeyCheck
@@ -289,10 +290,12 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())
 
-    # The key check first: a stranger's call gets no span and its request is never read.
-    key_check = [KeyCheck(keys, stage.value)] if keys is not None else []
-    interceptors = [*key_check, *server_interceptors]
     public = stage is StageName.STREAM  # the gateway: its port faces the clients
+    # The key check first: a stranger's call gets no span and its request is never read. Then, at the
+    # gateway, a call its queue would refuse now is refused as cheaply: from its metadata.
+    key_check = [KeyCheck(keys, stage.value)] if keys is not None else []
+    edge = [EdgeAdmission(runtime, keys)] if public else []
+    interceptors = [*key_check, *edge, *server_interceptors]
     options = public_options(served.spec, pipeline.spec.generation) if public else server_options(served.spec)
     server = grpc.aio.server(options=options, interceptors=interceptors or None)
     health_servicer = health.aio.HealthServicer()

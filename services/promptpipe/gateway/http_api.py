@@ -156,6 +156,11 @@ class OpenAIGateway:
             # A text/plain or form POST is one any web page can make a browser send to a local gateway.
             got = request.headers.get("Content-Type") or "none"
             raise api.ApiError(415, f"Content-Type must be {JSON}, not {got}", code="unsupported_media_type")
+        # A call the gateway's queue would refuse now is refused before its body is read, and not charged
+        # (edge_admission.py says why); admission looks again once the body is in.
+        refused = self._runtime.refused_at_the_door(tenant)
+        if refused is not None:
+            raise api.api_error(refused) from None
         # Charged before its body is read: a body refused while it is read or parsed still counts.
         try:
             flow = await self._gateway.tenancy.charge(tenant)

@@ -229,26 +229,36 @@ class AdmissionQueue:
                     ahead += len(fq.waiters) if fq is mine else min(len(fq.waiters), turns)
         return ahead
 
-    def _over_the_cap(self, flow: Flow) -> None:
-        """Refuse a newcomer that would wait longer than the cap (Shed), with the wait it would have had."""
+    def refusal(self, flow: Flow = ONE_FLOW) -> Shed | None:
+        """What a newcomer of `flow` would be refused with now (nothing changes), or None if it would get a
+        slot, a place, or another's place: what a caller can ask before it reads a request at all."""
+        if self.in_flight < self.concurrency and not self._depth:
+            return None
         expected = self.expected_wait(flow)
-        if not self.max_wait or expected is None or expected <= self.max_wait:
-            return
-        self.counters.rejected += 1
-        raise Shed(
-            f"{self._prefix}expected wait {expected * 1000:.0f} ms is over queue.maxWaitMilliseconds"
-            f" {self.max_wait * 1000:.0f}",
-            max(self.retry_after, expected - self.max_wait),
-            WAIT_CAP,
-        )
+        if self.max_wait and expected is not None and expected > self.max_wait:
+            return Shed(
+                f"{self._prefix}expected wait {expected * 1000:.0f} ms is over queue.maxWaitMilliseconds"
+                f" {self.max_wait * 1000:.0f}",
+                max(self.retry_after, expected - self.max_wait),
+                WAIT_CAP,
+            )
+        if self._depth < self.capacity or self._heaviest_below(flow) is not None:
+            return None
+        own = self._classes.get(flow.priority)
+        if self.policy is ShedPolicy.DROP_OLDEST and own is not None and own.get(flow.name) is not None:
+            return None  # it takes its own flow's oldest place
+        return Shed(f"{self._prefix}queue full ({self.capacity} waiting, {self.concurrency} running)", self.retry_after)
 
     async def _acquire(self, timeout: float | None, flow: Flow) -> float:
         if self.in_flight < self.concurrency and not self._depth:
             self.in_flight += 1
             return 0.0
-        self._over_the_cap(flow)
+        refused = self.refusal(flow)
+        if refused is not None:
+            self.counters.rejected += 1
+            raise refused
         if self._depth >= self.capacity:
-            self._shed_for(flow)
+            self._make_room(flow)
         start = time.perf_counter()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fq = self._flow_queue(flow)
@@ -281,8 +291,8 @@ class AdmissionQueue:
             self._classes = dict(sorted(self._classes.items(), reverse=True))
         return cls.get(flow.name) or cls.add(flow)
 
-    def _shed_for(self, newcomer: Flow) -> None:
-        """Make room for `newcomer` in the full queue, or refuse it (Shed)."""
+    def _make_room(self, newcomer: Flow) -> None:
+        """Make room for `newcomer` in the full queue (`refusal` said there is a place it may take)."""
         victim = self._heaviest_below(newcomer)
         if victim is not None:
             fut = victim.waiters.pop() if self.policy is ShedPolicy.REJECT_NEW else victim.waiters.popleft()
@@ -290,11 +300,9 @@ class AdmissionQueue:
             return
         own = self._classes.get(newcomer.priority)
         mine = own.get(newcomer.name) if own is not None else None
-        if self.policy is ShedPolicy.DROP_OLDEST and mine is not None:
-            self._evict(mine.waiters.popleft(), mine, "dropped from a full queue (drop-oldest) for a newer request")
-            return
-        self.counters.rejected += 1
-        raise Shed(f"{self._prefix}queue full ({self.capacity} waiting, {self.concurrency} running)", self.retry_after)
+        if mine is None:  # cannot be: `refusal` found it a place (drop-oldest, its own flow waiting)
+            raise RuntimeError("a full queue with no place for a call it admitted")
+        self._evict(mine.waiters.popleft(), mine, "dropped from a full queue (drop-oldest) for a newer request")
 
     def _heaviest_below(self, newcomer: Flow) -> _FlowQueue | None:
         """The flow that yields its place to `newcomer`: of the lowest priority class below or at the

@@ -83,6 +83,16 @@ class StageRuntime:
         """The flow a work item is admitted by: its tenant's, as the gateway set it."""
         return self._flows.of(item.metadata.get("tenant", ""))
 
+    def refused_at_the_door(self, tenant: str) -> Shed | None:
+        """What this stage's queue would refuse a call of `tenant` with now, counted as its refusals are; or
+        None. For a check before the call's request is read; admission checks again (and may still shed)."""
+        refused = self.queue.refusal(self._flows.of(tenant))
+        if refused is not None:
+            self.queue.counters.rejected += 1
+            self.metrics.shed.get(refused.reason, self.metrics.shed["rejected"]).inc()
+            self.metrics.observe_call(refused.code.name, 0.0)
+        return refused
+
     def deadline_for(self, context: grpc.aio.ServicerContext) -> tuple[float, bool]:
         """The caller's deadline, capped by this stage's timeout; and whether it is the caller's."""
         return self.deadline_within(context.time_remaining())
