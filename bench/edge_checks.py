@@ -114,6 +114,56 @@ def _key_check_us(rounds: int = 20_000) -> float:
     return asyncio.run(loop())
 
 
+def _identity_check_us(rounds: int = 20_000) -> dict[str, float]:
+    """This tree's stage identity, per call, in µs: the callee's interceptor with a token it has seen (the
+    common case), its first check of a new token (the signature verified), and the caller's token."""
+    import grpc
+
+    from promptpipe.cli import local_identity
+    from promptpipe.contract.identity import callers_of, subject
+    from promptpipe.contract.pipeline_file import parse_pipeline
+    from promptpipe.contract.spec import StageName
+    from promptpipe.runtime.identity import CallerCheck, IdentityCheck, SignedToken, keys_file
+
+    pipeline = parse_pipeline(DOC)
+    with tempfile.TemporaryDirectory() as tmp:
+        identity = local_identity.set_up(Path(tmp), pipeline)
+        keys = keys_file(identity)
+        check = CallerCheck(identity, callers_of(pipeline.spec, StageName.INFERENCE), keys)
+        interceptor = IdentityCheck(check, "inference")
+        post = subject(identity.namespace, identity.accounts[StageName.POST])
+        signer = SignedToken(Path(identity.signing_key_file), keys.value, identity.audience, post)
+
+        class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+            method = "/promptpipe.v1.Stage/Run"
+            invocation_metadata = signer.metadata()
+
+        async def go_on(_: grpc.HandlerCallDetails) -> None:
+            return None
+
+        async def seen() -> float:
+            details = Details()
+            started = time.perf_counter()
+            for _ in range(rounds):
+                await interceptor.intercept_service(go_on, details)
+            return (time.perf_counter() - started) / rounds * 1e6
+
+        cached = asyncio.run(seen())
+        fresh = []
+        now = time.time()
+        for i in range(200):  # a new token each time (issued i seconds ago, still valid): a token's first call
+            key = Path(identity.signing_key_file)
+            token = SignedToken(key, keys.value, identity.audience, post, clock=lambda i=i: now - i).metadata()[0][1]
+            started = time.perf_counter()
+            check.caller_of(token)
+            fresh.append((time.perf_counter() - started) * 1e6)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            signer.metadata()
+        sending = (time.perf_counter() - started) / rounds * 1e6
+    return {"seen": cached, "first": statistics.median(fresh), "sending": sending}
+
+
 def _bodies() -> None:
     """8 concurrent bodies at once, with a key, to this tree's gateway over HTTP: its RSS growth at the peak
     and after, and the latency of small calls made meanwhile (the event loop held)."""
@@ -227,6 +277,12 @@ def main() -> None:
     if len(figures) == 2:
         print(f"after/before p50: {figures['after'] / figures['before']:.2f}x")
     print(f"the key check alone: {_key_check_us():.1f} µs a call")
+    identity = _identity_check_us()
+    print(
+        f"stage identity, per call and hop: the callee's check {identity['seen']:.1f} µs (a token seen before), "
+        f"{identity['first']:.0f} µs for a token's first call (signature verified); the caller's token "
+        f"{identity['sending']:.2f} µs"
+    )
     if args.bodies:
         _bodies()
 

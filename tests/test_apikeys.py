@@ -10,7 +10,9 @@ import pytest
 from promptpipe.contract.apikeys import KeyFileError, hash_key, new_key, parse_keys
 from promptpipe.gateway import openai_api as api
 from promptpipe.gateway.grpc_api import with_tenant
-from promptpipe.runtime.apikeys import ANONYMOUS, RELOAD_EVERY_SECONDS, KeyRing, Unauthenticated
+from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing
+from promptpipe.runtime.errors import Unauthenticated
+from promptpipe.runtime.watched_file import RELOAD_EVERY_SECONDS
 from promptpipe.v1 import gateway_pb2
 
 

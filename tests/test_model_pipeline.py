@@ -48,7 +48,9 @@ async def assembled_prompt(p: RunningPipeline, request: gateway_pb2.GenerateRequ
     item = work_item(request, spec.generation, "direct")
     deadline = time.monotonic() + 30
     retry = spec.stages.rag.retries
-    rag, assemble = StageClient(p.target(StageName.RAG), retry), StageClient(p.target(StageName.ASSEMBLE), retry)
+    gateway = p.identity_of(StageName.STREAM)  # asked as the gateway asks them
+    rag = StageClient(p.target(StageName.RAG), retry, tokens=gateway)
+    assemble = StageClient(p.target(StageName.ASSEMBLE), retry, tokens=gateway)
     try:
         item = await rag.process(item, deadline)
         assert any("Paris" in passage.text for passage in item.passages), "rag found the relevant passage"

@@ -6,6 +6,7 @@ Deployment controller would once pods are Ready.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from kubernetes import client
@@ -24,6 +26,7 @@ from promptpipe.contract.labels import ROLLBACK
 from promptpipe.contract.spec import GROUP, STAGE_ORDER
 from promptpipe.localproc import free_port
 from promptpipe.registry.store import Registry
+from promptpipe.v1 import stage_pb2, stage_pb2_grpc
 from promptpipe.waiting import wait_until
 from promptpipe_operator import rbac
 from tests.devcluster.build import Tools
@@ -45,11 +48,12 @@ pytestmark = pytest.mark.controlplane
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s.value for s in STAGE_ORDER]
-# ConfigMap, and per stage a Deployment, a Service, a ScaledObject and a NetworkPolicy.
-QUICKSTART_CHILDREN = 1 + 4 * len(STAGES)
+# The config and identity ConfigMaps, and per stage a Deployment, a Service, a ScaledObject, a NetworkPolicy
+# and a ServiceAccount (its identity).
+QUICKSTART_CHILDREN = 2 + 5 * len(STAGES)
 # The TGI the operator runs: the inference Service, blue's Deployment and Service, the inference stage's
-# ServiceAccount, Role and RoleBinding (it watches the TGI pods' EndpointSlices), the TGI pods' NetworkPolicy.
-TGI_CHILDREN = 7
+# Role and RoleBinding (it watches the TGI pods' EndpointSlices), the TGI pods' NetworkPolicy.
+TGI_CHILDREN = 6
 # Where kopf records the spec it last handled (handlers.py configures the prefix).
 LAST_HANDLED = f"{GROUP}/last-handled-configuration"
 KOPF_MANAGED = f"{GROUP}/kopf-managed"  # kopf's mark on every object it has seen: not a handler's progress
@@ -109,8 +113,8 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
     uid = cluster.pipeline()["metadata"]["uid"]
     children = cluster.children()
     expected = (
-        {("ConfigMap", "quickstart-config")}
-        | {(k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject")}
+        {("ConfigMap", "quickstart-config"), ("ConfigMap", "quickstart-identity")}
+        | {(k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject", "ServiceAccount")}
         | {("NetworkPolicy", f"quickstart-{s}-ingress") for s in STAGES}
     )
     assert set(children) == expected
@@ -132,7 +136,7 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
         "GatewayAccess": "True",  # the quickstart names its key Secret
     }
     created = wait_until(lambda: cluster.events("Created"), "a Created event")
-    assert "Deployment quickstart-stream" in created[0]
+    assert "ServiceAccount quickstart-stream" in created[0] and "and 21 more" in created[0]
     # The operator stored nothing of kopf's in the status, and put no finalizer on the pipeline.
     assert "kopf" not in status and not cluster.pipeline()["metadata"].get("finalizers")
 
@@ -397,12 +401,13 @@ def test_the_inference_stage_follows_the_tgi_pods_through_the_endpointslices_its
     wait_until(lambda: all_created(cluster, QUICKSTART_CHILDREN + TGI_CHILDREN, "disc"), "the pipeline's children")
     children = cluster.children("disc")
     inference = children[("Deployment", "disc-inference")]["spec"]["template"]["spec"]
-    assert inference["serviceAccountName"] == "disc-inference-discovery" and inference["automountServiceAccountToken"]
+    assert inference["serviceAccountName"] == "disc-inference" and inference["automountServiceAccountToken"]
     for stage in STAGES:
         if stage != "inference":
             pod = children[("Deployment", f"disc-{stage}")]["spec"]["template"]["spec"]
-            assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod, stage
+            assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == f"disc-{stage}"
     runtime = yaml.safe_load(children[("ConfigMap", "disc-config")]["data"]["runtime.yaml"])
+    runtime.pop("identity")  # the stage's identity is another test's (below); here it runs without
     assert runtime["backend_pods"] == {
         "service": "disc-backend",
         "namespace": cluster.ns,
@@ -411,7 +416,7 @@ def test_the_inference_stage_follows_the_tgi_pods_through_the_endpointslices_its
     }
     config_file = tmp_path / "runtime.yaml"
     config_file.write_text(yaml.safe_dump(runtime))
-    identity = service_account_kubeconfig(control_plane, tmp_path, cluster.ns, "disc-inference-discovery")
+    identity = service_account_kubeconfig(control_plane, tmp_path, cluster.ns, "disc-inference")
 
     slices = client.DiscoveryV1Api(kube)
     slices.create_namespaced_endpoint_slice(
@@ -465,7 +470,7 @@ def test_a_missing_permission_degrades_the_pipeline_and_it_recovers_once_granted
     tmp_path: Path,
 ) -> None:
     account = f"limited-{cluster.ns}"
-    without_keda = [r for r in rbac.RULES if r["apiGroups"] != ["keda.sh"]]
+    without_keda = [r for r in rbac.RULES if r.get("apiGroups") != ["keda.sh"]]
     op = OperatorProcess(
         operator_kubeconfig(control_plane, tmp_path, account, without_keda),
         cluster.ns,
@@ -720,3 +725,75 @@ def test_a_stalled_api_server_connection_fails_calls_in_time_and_the_pipeline_co
             )
         finally:
             op.stop()
+
+
+def _token(api: client.ApiClient, namespace: str, account: str, audience: str | None) -> str:
+    """A token the API server signs for `account` (TokenRequest), for `audience` (None: the API server's own)."""
+    spec = client.V1TokenRequestSpec(audiences=[audience] if audience else [], expiration_seconds=600)
+    request = client.AuthenticationV1TokenRequest(spec=spec)
+    token: str = client.CoreV1Api(api).create_namespaced_service_account_token(account, namespace, request).status.token
+    return token
+
+
+async def _run_as(target: str, token: str | None) -> grpc.StatusCode:
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            async for _ in stage_pb2_grpc.StageStub(channel).Run(
+                stage_pb2.WorkItem(prompt="hi"), timeout=30, metadata=metadata
+            ):
+                pass
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.processes
+def test_a_stage_admits_the_tokens_the_api_server_signs_for_its_callers_account_and_pipeline_only(
+    operator: OperatorProcess,
+    cluster: Cluster,
+    control_plane: ControlPlane,
+    kube_tools: Tools,
+    kube: client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    """The inference stage runs with the config and the keys the operator published (the cluster's
+    service-account issuer and keys, read by the operator, never by a stage); the tokens are the API
+    server's own, as the kubelet would mount them in the pods."""
+    doc = pipeline_doc("ident")
+    doc["spec"]["model"] = {"name": "synthetic", "backend": "synthetic"}
+    deploy(control_plane, kube_tools, cluster, doc)
+    children = cluster.children("ident")
+    assert {("ServiceAccount", f"ident-{s}") for s in STAGES} <= set(children)
+    keys = json.loads(children[("ConfigMap", "ident-identity")]["data"]["keys.json"])
+    assert keys["issuer"] == "https://kubernetes.default.svc.cluster.local" and keys["keys"], keys
+    runtime = yaml.safe_load(children[("ConfigMap", "ident-config")]["data"]["runtime.yaml"])
+    audience = f"promptpipe.io/{cluster.ns}/ident"
+    assert runtime["identity"]["audience"] == audience
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    runtime["identity"]["keys_file"] = str(tmp_path / "keys.json")  # where the pod's volume has it
+    (tmp_path / "runtime.yaml").write_text(yaml.safe_dump(runtime))
+    (tmp_path / "token").write_text(_token(kube, cluster.ns, "ident-inference", audience))
+    port, metrics_port = free_port(), free_port()
+    env = {
+        "PROMPTPIPE_STAGE": "inference",
+        "PROMPTPIPE_CONFIG": str(tmp_path / "runtime.yaml"),
+        "PROMPTPIPE_PORT": str(port),
+        "PROMPTPIPE_METRICS_PORT": str(metrics_port),
+        "PROMPTPIPE_IDENTITY_TOKEN_FILE": str(tmp_path / "token"),
+    }
+    stage = [str(Path(sys.executable).parent / "promptpipe-stage")]
+    target = f"127.0.0.1:{port}"
+    with serving_process(stage, f"http://127.0.0.1:{metrics_port}/metrics", "the inference stage", env=env):
+        assert asyncio.run(_run_as(target, _token(kube, cluster.ns, "ident-post", audience))) is grpc.StatusCode.OK
+        refused = {
+            "no token": None,
+            "post's API token (not for the pipeline)": _token(kube, cluster.ns, "ident-post", None),
+            "post's token for another pipeline": _token(kube, cluster.ns, "ident-post", audience + "-other"),
+        }
+        for what, token in refused.items():
+            assert asyncio.run(_run_as(target, token)) is grpc.StatusCode.UNAUTHENTICATED, what
+        # Valid tokens for the pipeline, of accounts that do not call inference: the gateway's, and a pod's own.
+        for account in ("ident-stream", "default"):
+            token = _token(kube, cluster.ns, account, audience)
+            assert asyncio.run(_run_as(target, token)) is grpc.StatusCode.PERMISSION_DENIED, account

@@ -62,8 +62,9 @@ def by_kind(manifests: list[dict[str, Any]], kind: str) -> dict[str, dict[str, A
 
 def test_one_deployment_service_and_scaled_object_per_stage_and_one_config_map() -> None:
     out = children(pipeline(), "ns1", SETTINGS)
-    assert [m["kind"] for m in out].count("ConfigMap") == 1
-    for kind in ("Deployment", "Service", "ScaledObject"):
+    # The runtime config, and the cluster's keys the stages check their callers' tokens with.
+    assert set(by_kind(out, "ConfigMap")) == {"quickstart-config", "quickstart-identity"}
+    for kind in ("Deployment", "Service", "ScaledObject", "ServiceAccount"):
         assert set(by_kind(out, kind)) == {f"quickstart-{s.value}" for s in STAGE_ORDER}
     assert all(m["metadata"]["namespace"] == "ns1" for m in out)
 
@@ -225,7 +226,7 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
     assert config.backend_pods == BackendPods(service="quickstart-backend", namespace="ns1", port="http")
     assert svc["spec"]["ports"][0]["name"] == config.backend_pods.port
     inference = by_kind(out, "Deployment")["quickstart-inference"]["spec"]["template"]["spec"]
-    assert inference["serviceAccountName"] == "quickstart-inference-discovery"
+    assert inference["serviceAccountName"] == "quickstart-inference"  # its identity, with the Role bound
     assert inference["automountServiceAccountToken"] is True
     role = by_kind(out, "Role")["quickstart-inference-discovery"]
     assert role["rules"] == [
@@ -233,9 +234,7 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
     ]
     binding = by_kind(out, "RoleBinding")["quickstart-inference-discovery"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "quickstart-inference-discovery", "namespace": "ns1"}
-    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "quickstart-inference", "namespace": "ns1"}]
 
 
 def test_a_registry_model_is_fetched_and_verified_by_an_init_container_before_tgi_starts() -> None:
@@ -301,7 +300,7 @@ def test_tgi_at_given_endpoints_and_other_backends_add_no_backend_children() -> 
         out = children(pp, "ns1", SETTINGS)
         names = {m["metadata"]["name"] for m in out}
         assert "quickstart-backend" not in names, model
-        assert not {"ServiceAccount", "Role", "RoleBinding"} & {m["kind"] for m in out}, model
+        assert not {"Role", "RoleBinding"} & {m["kind"] for m in out}, model
         assert runtime_config(pp, "ns1").backend_pods is None, "the endpoints given are the replicas"
         inference = by_kind(out, "Deployment")["quickstart-inference"]["spec"]["template"]["spec"]
         assert inference["automountServiceAccountToken"] is False
@@ -419,12 +418,12 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
                 inference={"resources": {"limits": {"cpu": "500m"}}},
             ),
             State(active=Slot("m", BLUE)),
-            3 + 3 + 1,  # TGI's Service, blue's Deployment and Service; the inference stage's account, Role,
-            # binding; the TGI pods' NetworkPolicy
+            3 + 2 + 1,  # TGI's Service, blue's Deployment and Service; the inference stage's Role and binding;
+            # the TGI pods' NetworkPolicy
         ),
-        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5 + 3 + 1),
+        (pipeline("bg", with_model={"name": "smollm2", "version": "v2", "backend": "tgi"}), both_colors, 5 + 2 + 1),
     ):
-        manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS, state, RegistrySettings()))
+        manifests = yaml.safe_dump_all(children(pp, namespace, SETTINGS, state, RegistrySettings(), KEYS))
         result = subprocess.run(
             [
                 str(kube_tools.kubectl),
@@ -440,8 +439,9 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
             check=False,
         )
         assert result.returncode == 0, result.stderr
-        # A ConfigMap; per stage a Deployment, Service, ScaledObject and NetworkPolicy.
-        assert result.stdout.count("(server dry run)") == 1 + 4 * len(STAGE_ORDER) + extra
+        # The config and identity ConfigMaps; per stage a Deployment, Service, ScaledObject, NetworkPolicy and
+        # ServiceAccount.
+        assert result.stdout.count("(server dry run)") == 2 + 5 * len(STAGE_ORDER) + extra
 
 
 @pytest.mark.parametrize(
@@ -540,7 +540,9 @@ def test_fused_whole_the_pipeline_is_one_gateway_pod_that_holds_the_model_and_fi
     doc["spec"]["model"].update({"backend": "tgi", "tgi": {"gpus": 1}})
     tgi = parse_pipeline(doc)
     gateway = by_kind(children(tgi, "ns1", SETTINGS), "Deployment")["quickstart-stream"]["spec"]["template"]["spec"]
-    assert gateway["serviceAccountName"] == "quickstart-inference-discovery"
+    assert gateway["serviceAccountName"] == "quickstart-stream"
+    binding = by_kind(children(tgi, "ns1", SETTINGS), "RoleBinding")["quickstart-inference-discovery"]
+    assert binding["subjects"][0]["name"] == "quickstart-stream"
     policies = by_kind(network_policies(tgi, "ns1", SETTINGS), "NetworkPolicy")
     backend = policies["quickstart-backend-ingress"]["spec"]["ingress"][0]["from"]
     assert backend == [{"podSelector": {"matchLabels": selector("quickstart", "stream")}}]
@@ -597,3 +599,45 @@ def test_operator_run_tgi_has_a_memory_limit_whatever_the_pipeline_names(
     out = children(pp, "ns1", SETTINGS, State(active=Slot("v1", BLUE)))
     pod = by_kind(out, "Deployment")["quickstart-backend-blue"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["memory"] == limit
+
+
+KEYS = '{"issuer": "https://kubernetes.default.svc.cluster.local", "keys": []}'
+
+
+def test_each_stage_pod_proves_who_it_is_with_a_token_for_its_pipeline_and_reads_the_clusters_keys() -> None:
+    out = children(pipeline(), "ns1", SETTINGS, issuer_keys=KEYS)
+    accounts = by_kind(out, "ServiceAccount")
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+    assert by_kind(out, "ConfigMap")["quickstart-identity"]["data"] == {"keys.json": KEYS}
+    for name, made in by_kind(out, "Deployment").items():
+        pod = made["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == name and name in accounts
+        assert pod["automountServiceAccountToken"] is False, "no API token in a stage that never calls the API"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "identity"]
+        token, keys = volume["projected"]["sources"]
+        assert token == {
+            "serviceAccountToken": {
+                "audience": "promptpipe.io/ns1/quickstart",
+                "expirationSeconds": 600,
+                "path": "token",
+            }
+        }
+        assert keys["configMap"]["name"] == "quickstart-identity"
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["PROMPTPIPE_IDENTITY_TOKEN_FILE"] == "/var/run/promptpipe/identity/token"
+        assert {"name": "identity", "mountPath": "/var/run/promptpipe/identity", "readOnly": True} in container[
+            "volumeMounts"
+        ]
+    identity = runtime_config(pipeline(), "ns1").identity
+    assert identity is not None
+    assert identity.audience == "promptpipe.io/ns1/quickstart" and identity.namespace == "ns1"
+    assert identity.accounts == {s: f"quickstart-{s.value}" for s in STAGE_ORDER}
+    assert identity.keys_file == "/var/run/promptpipe/identity/keys.json" and not identity.signing_key_file
+
+
+def test_a_fused_stage_has_no_account_of_its_own() -> None:
+    doc = copy.deepcopy(QUICKSTART)
+    doc["spec"]["fuse"] = ["rag", "assemble"]
+    out = children(parse_pipeline(doc), "ns1", SETTINGS, issuer_keys=KEYS)
+    assert set(by_kind(out, "ServiceAccount")) == {"quickstart-stream", "quickstart-post", "quickstart-inference"}

@@ -22,6 +22,7 @@ import pytest
 
 from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.contract.spec import StageName
+from promptpipe.runtime.identity import TokenSource
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 from tests.support.pipelines import RunningPipeline, synthetic_pipeline
 
@@ -261,12 +262,15 @@ def test_a_body_refused_while_it_is_read_or_parsed_is_charged_to_the_tenant(star
 # ---- behind the gateway: the inference stage checks what it is asked, whoever asks
 
 
-async def run_inference(target: str, item: stage_pb2.WorkItem) -> tuple[grpc.StatusCode, str, int]:
-    """A direct Stage/Run to the inference stage: its status, message, and the tokens it streamed."""
+async def run_inference(
+    target: str, item: stage_pb2.WorkItem, identity: TokenSource
+) -> tuple[grpc.StatusCode, str, int]:
+    """A direct Stage/Run to the inference stage with `identity`'s token: its status, message, and the tokens
+    it streamed."""
     tokens = 0
     async with grpc.aio.insecure_channel(target) as channel:
         try:
-            async for event in stage_pb2_grpc.StageStub(channel).Run(item, timeout=30):
+            async for event in stage_pb2_grpc.StageStub(channel).Run(item, timeout=30, metadata=identity.metadata()):
                 tokens += event.chunk.token_count
         except grpc.aio.AioRpcError as err:
             return err.code(), err.details() or "", tokens
@@ -276,17 +280,18 @@ async def run_inference(target: str, item: stage_pb2.WorkItem) -> tuple[grpc.Sta
 def test_the_inference_stage_refuses_past_the_pipelines_limits_whoever_calls(start_pipeline) -> None:
     p = gateway_with_limits(start_pipeline, template={"maxPromptTokens": 256})
     target = p.target(StageName.INFERENCE)
+    post = p.identity_of(StageName.POST)  # the one caller its identity check lets through
     asking = stage_pb2.WorkItem(prompt="hi", parameters=common_pb2.GenerationParameters(max_new_tokens=100_000))
-    code, message, tokens = asyncio.run(run_inference(target, asking))
+    code, message, tokens = asyncio.run(run_inference(target, asking, post))
     assert (code, tokens) == (grpc.StatusCode.INVALID_ARGUMENT, 0)
     assert message.startswith("parameters.max_new_tokens: must be at most 4096")
     hot = stage_pb2.WorkItem(prompt="hi", parameters=common_pb2.GenerationParameters(temperature=9))
-    assert asyncio.run(run_inference(target, hot))[:2] == (
+    assert asyncio.run(run_inference(target, hot, post))[:2] == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "parameters.temperature: must be between 0 and 2",
     )
     long = stage_pb2.WorkItem(prompt="w " * 10_000)
-    code, message, _ = asyncio.run(run_inference(target, long))
+    code, message, _ = asyncio.run(run_inference(target, long, post))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "budget of 256 tokens" in message
     # Unset parameters get the pipeline's defaults (maxNewTokens 16 here), not the backend's or none.
-    assert asyncio.run(run_inference(target, stage_pb2.WorkItem(prompt="hi"))) == (grpc.StatusCode.OK, "", 16)
+    assert asyncio.run(run_inference(target, stage_pb2.WorkItem(prompt="hi"), post)) == (grpc.StatusCode.OK, "", 16)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +34,10 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 ChildKey = tuple[str, str]  # (kind, name)
+
+
+# How long the cluster's service-account keys are taken as they were (every pipeline's resync copies them).
+ISSUER_KEYS_SECONDS = 60.0
 
 
 class KindNotServed(Exception):
@@ -64,6 +70,7 @@ class Kube:
         os.close(fd)
         os.unlink(self._cache)
         self._dyn = DynamicClient(api, cache_file=self._cache)
+        self._issuer_keys: tuple[float, str] | None = None
         # Children are applied a few at a time: each apply is a round trip the API server can overlap.
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="apply")
         # (connect, read): a stalled connection fails its call instead of holding a thread for ever.
@@ -87,6 +94,29 @@ class Kube:
             except ResourceNotFoundError:
                 raise KindNotServed(api_version, kind) from None
             return again
+
+    def issuer_keys(self) -> str:
+        """The cluster's service-account issuer and its public keys, as the stages read them
+        ({"issuer": ..., "keys": [JWK, ...]}); asked again at most once a minute."""
+        now = time.monotonic()
+        if self._issuer_keys is not None and now - self._issuer_keys[0] < ISSUER_KEYS_SECONDS:
+            return self._issuer_keys[1]
+        # Raw JSON (the typed clients hand back a Python repr of these); failures are DynamicApiErrors.
+        config = self._dyn.request("GET", "/.well-known/openid-configuration", serialize=False, **self._timeouts())
+        jwks = self._dyn.request(
+            "GET",
+            "/openid/v1/jwks",
+            serialize=False,
+            header_params={"Accept": "application/jwk-set+json"},  # the one representation it serves
+            **self._timeouts(),
+        )
+        issuer, keys = json.loads(config.data)["issuer"], json.loads(jwks.data)["keys"]
+        document = json.dumps({"issuer": issuer, "keys": keys}, sort_keys=True)
+        self._issuer_keys = (now, document)
+        return document
+
+    def _timeouts(self) -> dict[str, Any]:
+        return {"_request_timeout": self._timeout}
 
     def get_pipeline(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

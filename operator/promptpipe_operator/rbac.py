@@ -50,6 +50,9 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    # The cluster's service-account issuer and its public keys, copied to each pipeline for stage identity
+    # (most clusters grant these to every ServiceAccount already; said here so that none has to).
+    {"nonResourceURLs": ["/.well-known/openid-configuration", "/openid/v1/jwks"], "verbs": ["get"]},
 ]
 RULES: list[dict[str, Any]] = [*NAMESPACED_RULES, *CLUSTER_RULES]
 

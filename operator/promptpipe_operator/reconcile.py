@@ -129,11 +129,11 @@ def events_for(result: Result, before: dict[str, Any], generation: int) -> list[
 
 
 class _Refused(Exception):
-    """The API server refused one child; the others were applied."""
+    """The API server refused one child (the others were applied), or what the children are made of."""
 
-    def __init__(self, child: str, cause: DynamicApiError) -> None:
+    def __init__(self, child: str, cause: DynamicApiError, doing: str = "applying") -> None:
         super().__init__(f"{child}: {cause}")
-        self.child, self.cause = child, cause
+        self.child, self.cause, self.doing = child, cause, doing
 
 
 def _api_failure(err: DynamicApiError, what: str) -> Transient:
@@ -243,7 +243,13 @@ def _converge(
                 )
             if unresolved:
                 run.problem = Problem("ModelUnresolved", unresolved)
-        desired = render.children(pp, namespace, settings, run.rollout, registry.settings if registry else None)
+        try:
+            issuer_keys = kube.issuer_keys()
+        except DynamicApiError as err:
+            raise _Refused("the cluster's service-account keys (stage identity)", err, "reading") from None
+        desired = render.children(
+            pp, namespace, settings, run.rollout, registry.settings if registry else None, issuer_keys
+        )
         # An object of a child's name that is not ours is left alone: a forced apply would take it over.
         new = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]
         taken = kube.strangers(namespace, meta["uid"], new) if new else []
@@ -292,7 +298,7 @@ def _converge(
         run.problem = Problem("KindNotServed", f"{err}; install KEDA's CRDs (keda.sh) and the operator retries")
         run.failure = Transient(str(err), 30.0)
     except _Refused as err:
-        run.failure = _api_failure(err.cause, f"applying {err.child}")
+        run.failure = _api_failure(err.cause, f"{err.doing} {err.child}")
         run.problem = Problem("ApplyFailed", str(run.failure))
     except DynamicApiError as err:
         run.failure = _api_failure(err, "applying the children")

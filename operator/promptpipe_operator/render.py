@@ -16,7 +16,7 @@ import hashlib
 import math
 from typing import Any
 
-from promptpipe.contract import health, metrics, topology
+from promptpipe.contract import health, identity, metrics, topology
 from promptpipe.contract import labels as keys
 from promptpipe.contract.runtime_config import BackendPods, RuntimeConfig
 from promptpipe.contract.spec import (
@@ -53,6 +53,8 @@ OPENAI_KEY_ENV = "OPENAI_API_KEY"
 API_KEYS_DIR = "/var/run/promptpipe/api-keys"
 API_KEYS_FILE = "keys.yaml"
 TLS_DIR = "/var/run/promptpipe/tls"
+# Stage identity: the pod's projected token (for the pipeline's audience) and the cluster's signing keys.
+IDENTITY_DIR = "/var/run/promptpipe/identity"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
 DNS_LABEL_CHARS = 63
@@ -142,7 +144,65 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
     bare = pp.model_copy(
         update={"status": None, "spec": spec, "metadata": type(pp.metadata)(name=name, namespace=namespace)}
     )
-    return RuntimeConfig(pipeline=bare, endpoints=endpoints, base_dir=CONFIG_DIR, backend_pods=pods)
+    return RuntimeConfig(
+        pipeline=bare,
+        endpoints=endpoints,
+        base_dir=CONFIG_DIR,
+        backend_pods=pods,
+        identity=stage_identity(pp, namespace),
+    )
+
+
+def stage_identity(pp: PromptPipeline, namespace: str) -> identity.StageIdentity:
+    """Who each process of the pipeline is (its ServiceAccount) and where its pods find the keys to check
+    their callers' tokens with; each pod reads its own token (PROMPTPIPE_IDENTITY_TOKEN_FILE)."""
+    name = pp.metadata.name
+    return identity.StageIdentity(
+        audience=identity.audience(namespace, name),
+        namespace=namespace,
+        accounts={stage: stage_account(name, stage) for stage in topology.processes(pp.spec)},
+        keys_file=f"{IDENTITY_DIR}/{identity.KEYS_FILE}",
+    )
+
+
+def stage_account(pipeline: str, process: StageName) -> str:
+    """A process's ServiceAccount: its identity in its calls to other stages (and, for inference with the
+    operator's TGI, its right to read EndpointSlices)."""
+    return child_name(pipeline, process.value)
+
+
+def identity_keys(pp: PromptPipeline, namespace: str, issuer_keys: str) -> KubeObject:
+    """The cluster's service-account issuer and its public keys, copied where the stages read them (a change
+    reaches the pods' volume without a restart; no stage talks to the API server for it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": child_name(pp.metadata.name, "identity"),
+            "namespace": namespace,
+            "labels": labels(pp.metadata.name, "identity"),
+        },
+        "data": {identity.KEYS_FILE: issuer_keys},
+    }
+
+
+def stage_accounts(pp: PromptPipeline, namespace: str) -> list[KubeObject]:
+    """One ServiceAccount per process, with no API token mounted (only the one that reads EndpointSlices
+    mounts it)."""
+    name = pp.metadata.name
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {
+                "name": stage_account(name, stage),
+                "namespace": namespace,
+                "labels": labels(name, stage.value),
+            },
+            "automountServiceAccountToken": False,
+        }
+        for stage in topology.processes(pp.spec)
+    ]
 
 
 def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
@@ -229,6 +289,7 @@ def deployment(
         {"name": "config", "configMap": {"name": child_name(name, "config")}},
         {"name": "tmp", "emptyDir": {"sizeLimit": SCRATCH_SIZE_LIMIT}},
     ]
+    _identity(pp, namespace, env, mounts, volumes)
     if stage is StageName.STREAM:
         env.append({"name": "PROMPTPIPE_HTTP_PORT", "value": str(HTTP_PORT)})
         env.append({"name": "PROMPTPIPE_STAGE_PORT", "value": str(STAGE_PORT)})
@@ -309,6 +370,34 @@ def deployment(
     }
 
 
+def _identity(
+    pp: PromptPipeline,
+    namespace: str,
+    env: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> None:
+    """The pod's token for the pipeline's audience (the kubelet writes it and refreshes it before it
+    expires) and the keys its callers' tokens are checked against, in one volume."""
+    token = {
+        "audience": identity.audience(namespace, pp.metadata.name),
+        "expirationSeconds": identity.TOKEN_SECONDS,
+        "path": identity.TOKEN_FILE,
+    }
+    keys = {
+        "name": child_name(pp.metadata.name, "identity"),
+        "items": [{"key": identity.KEYS_FILE, "path": identity.KEYS_FILE}],
+    }
+    env.append({"name": "PROMPTPIPE_IDENTITY_TOKEN_FILE", "value": f"{IDENTITY_DIR}/{identity.TOKEN_FILE}"})
+    mounts.append({"name": "identity", "mountPath": IDENTITY_DIR, "readOnly": True})
+    volumes.append(
+        {
+            "name": "identity",
+            "projected": {"sources": [{"serviceAccountToken": token}, {"configMap": keys}], "defaultMode": 0o440},
+        }
+    )
+
+
 def _gateway_front_door(
     pp: PromptPipeline, env: list[dict[str, Any]], mounts: list[dict[str, Any]], volumes: list[dict[str, Any]]
 ) -> None:
@@ -340,32 +429,34 @@ def discovers_backend(pp: PromptPipeline, stage: StageName) -> bool:
 
 
 def _service_account(pp: PromptPipeline, stage: StageName) -> dict[str, Any]:
-    if discovers_backend(pp, stage):
-        return {"serviceAccountName": discovery_name(pp.metadata.name), "automountServiceAccountToken": True}
-    # The other stages never call the Kubernetes API: no token in the pod to steal.
-    return {"automountServiceAccountToken": False}
+    # Only the process that finds the TGI pods calls the Kubernetes API: no API token in the others to steal.
+    return {
+        "serviceAccountName": stage_account(pp.metadata.name, stage),
+        "automountServiceAccountToken": discovers_backend(pp, stage),
+    }
 
 
 def discovery_name(pipeline: str) -> str:
-    """The inference stage's ServiceAccount, Role and RoleBinding (replica discovery)."""
+    """The inference stage's Role and RoleBinding (replica discovery)."""
     return child_name(pipeline, "inference-discovery")
 
 
 def discovery_access(pp: PromptPipeline, namespace: str) -> list[KubeObject]:
-    """What lets the inference stage find the TGI pods: a ServiceAccount whose Role may read EndpointSlices in
-    the pipeline's namespace, and nothing else (RBAC cannot narrow a list to one Service's slices)."""
+    """What lets the inference stage find the TGI pods: a Role for its process's ServiceAccount that may read
+    EndpointSlices in the pipeline's namespace, and nothing else (RBAC cannot narrow a list to one Service's
+    slices)."""
     name = pp.metadata.name
-    account = discovery_name(name)
-    meta = {"name": account, "namespace": namespace, "labels": labels(name, StageName.INFERENCE.value)}
+    role = discovery_name(name)
+    account = stage_account(name, topology.host_of(pp.spec, StageName.INFERENCE))
+    meta = {"name": role, "namespace": namespace, "labels": labels(name, StageName.INFERENCE.value)}
     rbac = "rbac.authorization.k8s.io/v1"
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False},
         {"apiVersion": rbac, "kind": "Role", "metadata": meta, "rules": [DISCOVERY_RULE]},
         {
             "apiVersion": rbac,
             "kind": "RoleBinding",
             "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
         },
     ]
@@ -754,11 +845,14 @@ def children(
     settings: OperatorSettings,
     state: State | None = None,
     registry: RegistrySettings | None = None,
+    issuer_keys: str = "",
 ) -> list[KubeObject]:
-    """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's."""
+    """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's;
+    `issuer_keys`: the cluster's service-account issuer and keys (`Kube.issuer_keys`), for stage identity."""
     cm, config_hash = config_map(pp, namespace)
     access = discovery_access(pp, namespace) if managed_tgi(pp) is not None else []
-    out = [*backend_children(pp, namespace, state or State(), settings, registry), *access, cm]
+    accounts = [*stage_accounts(pp, namespace), identity_keys(pp, namespace, issuer_keys)]
+    out = [*backend_children(pp, namespace, state or State(), settings, registry), *accounts, *access, cm]
     for stage in topology.processes(pp.spec):
         out += [
             deployment(pp, namespace, stage, settings, config_hash),

@@ -35,9 +35,10 @@ from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime import logs
 from promptpipe.runtime.apikeys import KeyRing
 from promptpipe.runtime.calls import NextStage, StageClient
+from promptpipe.runtime.identity import NoToken, TokenSource, process_identity
 from promptpipe.runtime.inprocess import InProcessStage
 from promptpipe.runtime.liveness import Liveness, stuck_after
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, serving_gauge
+from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, callers_refused, serving_gauge
 from promptpipe.runtime.quotas import LocalTenancy
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import (
@@ -92,8 +93,10 @@ class _Parts:
         runtime: StageRuntime,
         registry: CollectorRegistry,
         client_interceptors: Sequence[Any],
+        tokens: TokenSource,
     ) -> None:
         self.stage = stage
+        self.tokens = tokens
         self.config = config
         self.spec = config.pipeline.spec
         self.name = config.pipeline.metadata.name
@@ -112,7 +115,8 @@ class _Parts:
             return self.local(to)
         retry = self.spec.stages.get(self.stage).retries
         calls = self.next_calls.to(to.value)
-        return StageClient(self.config.endpoints[to], retry, self.client_interceptors, calls, f"the {to.value} stage")
+        name = f"the {to.value} stage"
+        return StageClient(self.config.endpoints[to], retry, self.client_interceptors, calls, name, self.tokens)
 
     def local(self, stage: StageName) -> InProcessStage:
         """`stage`, run in this process behind its own runtime."""
@@ -173,9 +177,11 @@ def build(
     registry: CollectorRegistry,
     client_interceptors: Sequence[Any] = (),
     keys: KeyRing | None = None,
+    tokens: TokenSource | None = None,
 ) -> StageProcess:
-    """The process of `stage`: its handler (or the gateway), with the stages fused into it built in."""
-    parts = _Parts(stage, config, runtime, registry, client_interceptors)
+    """The process of `stage`: its handler (or the gateway), with the stages fused into it built in; its calls
+    to other processes carry `tokens` (its identity)."""
+    parts = _Parts(stage, config, runtime, registry, client_interceptors, tokens or NoToken())
     spec, name = parts.spec, parts.name
     if stage is StageName.STREAM:
         keys = keys or KeyRing()
@@ -285,7 +291,9 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     keys = _keys(settings)
     if keys is not None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
-    built = build(stage, config, runtime, registry, client_interceptors, keys)
+    refused = callers_refused(registry, pipeline.metadata.name, stage.value)
+    identity = process_identity(config.identity, pipeline.spec, stage, settings.identity_token_file, refused)
+    built = build(stage, config, runtime, registry, client_interceptors, keys, identity.tokens)
     served = built.served  # post's, when post is fused into this inference process
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())
@@ -295,7 +303,8 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     # gateway, a call its queue would refuse now is refused as cheaply: from its metadata.
     key_check = [KeyCheck(keys, stage.value)] if keys is not None else []
     edge = [EdgeAdmission(runtime, keys)] if public else []
-    interceptors = [*key_check, *edge, *server_interceptors]
+    # Behind the gateway, a call whose token names no process that may call this one is refused as early.
+    interceptors = [*key_check, *edge, *([] if public else identity.interceptors), *server_interceptors]
     options = public_options(served.spec, pipeline.spec.generation) if public else server_options(served.spec)
     server = grpc.aio.server(options=options, interceptors=interceptors or None)
     health_servicer = health.aio.HealthServicer()
@@ -314,7 +323,7 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         # is on a port of its own, which the gateway's Service does not expose.
         gateway_pb2_grpc.add_GatewayServicer_to_server(built.gateway, server)  # type: ignore[no-untyped-call]
         services = [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
-        internal = grpc.aio.server(options=server_options(served.spec))
+        internal = grpc.aio.server(options=server_options(served.spec), interceptors=identity.interceptors or None)
         stage_pb2_grpc.add_StageServicer_to_server(servicer, internal)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, internal)
         stage_port = internal.add_insecure_port(f"{settings.host}:{settings.stage_port}")
@@ -428,7 +437,8 @@ async def check(settings: StageSettings, config: RuntimeConfig) -> dict[str, Any
     runtime = StageRuntime.create(
         settings.stage.value, pipeline.spec.stages.get(settings.stage), CollectorRegistry(), pipeline.metadata.name
     )
-    built = build(settings.stage, config, runtime, CollectorRegistry(), [], _keys(settings))
+    identity = process_identity(config.identity, pipeline.spec, settings.stage, settings.identity_token_file)
+    built = build(settings.stage, config, runtime, CollectorRegistry(), [], _keys(settings), identity.tokens)
     await built.close()
     return {
         "settings": settings.model_dump(mode="json"),

@@ -16,8 +16,11 @@ from typing import Any
 import yaml
 
 from promptpipe.cli import localrun
+from promptpipe.contract.identity import StageIdentity, subject
+from promptpipe.contract.runtime_config import load_runtime_config
 from promptpipe.contract.spec import StageName
 from promptpipe.localproc import alive, free_port
+from promptpipe.runtime.identity import SignedToken, parse_issuer_keys
 from promptpipe.waiting import wait_until
 
 
@@ -65,6 +68,19 @@ class RunningPipeline:
         """Where the stage's Stage service answers Stats: the gateway's internal port, else its port."""
         return self.run.stages[stage.value].stats_target
 
+    def run_identity(self) -> StageIdentity:
+        """The run's stage identity, as `promptpipe up` set it up (its key, its keys file)."""
+        identity = load_runtime_config(Path(self.run.folder) / "runtime.yaml").identity
+        assert identity is not None, "promptpipe up sets up stage identity"
+        return identity
+
+    def identity_of(self, stage: StageName) -> SignedToken:
+        """Tokens of the pipeline's `stage` process, signed with the run's key (what that process sends)."""
+        identity = self.run_identity()
+        keys = parse_issuer_keys(Path(identity.keys_file).read_text())
+        account = subject(identity.namespace, identity.accounts[stage])
+        return SignedToken(Path(identity.signing_key_file), keys, identity.audience, account)
+
     def pid(self, stage: StageName) -> int:
         return self.run.stages[stage.value].pid
 
@@ -73,8 +89,9 @@ class RunningPipeline:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return str(resp.read().decode())
 
-    def relaunch(self, stage: StageName) -> subprocess.Popen[bytes]:
-        """The stage again, on its port, as `promptpipe up` started it (as a pod comes back on a cluster)."""
+    def relaunch(self, stage: StageName, **extra_env: str) -> subprocess.Popen[bytes]:
+        """The stage again, on its port, as `promptpipe up` started it (as a pod comes back on a cluster), with
+        `extra_env` on top."""
         env = {
             **os.environ,
             "PROMPTPIPE_STAGE": stage.value,
@@ -82,6 +99,7 @@ class RunningPipeline:
             "PROMPTPIPE_PORT": str(self.run.stages[stage.value].port),
             "PROMPTPIPE_METRICS_PORT": "0",
             "PROMPTPIPE_STAGE_PORT": "0",  # the gateway's internal port (unused by the other stages)
+            **extra_env,
         }
         args = [sys.executable, "-m", "promptpipe.stage_process"]
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from promptpipe.cli import local_identity
 from promptpipe.contract import topology
 from promptpipe.contract.pipeline_file import load_pipeline
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
@@ -109,6 +110,7 @@ def start(pipeline_file: Path, *, otel_exporter: str = "") -> LocalRun:
         pipeline=pipeline,
         endpoints={s: f"127.0.0.1:{ports[topology.host_of(pipeline.spec, s)]}" for s in STAGE_ORDER},
         base_dir=str(pipeline_file.resolve().parent),
+        identity=local_identity.set_up(folder, pipeline),  # the stages check who calls them, as on a cluster
     )
     config_path = folder / "runtime.yaml"
     config_path.write_text(config.dump_yaml())

@@ -87,6 +87,13 @@ STAGE_CALLER_DEADLINES = Metric(
 STAGE_SHED = Metric(
     "promptpipe_stage_shed_total", Kind.COUNTER, "Requests shed by the queue, by reason.", (*_STAGE, Label.REASON)
 )
+STAGE_CALLERS_REFUSED = Metric(
+    "promptpipe_stage_callers_refused_total",
+    Kind.COUNTER,
+    "Calls refused before their request was read because their identity token named no process of the pipeline"
+    " that may call this stage, by code (UNAUTHENTICATED: none, bad, expired or foreign; PERMISSION_DENIED).",
+    (*_STAGE, Label.CODE),
+)
 STAGE_HELD = Metric(
     "promptpipe_stage_held_seconds",
     Kind.GAUGE,
@@ -201,6 +208,7 @@ ALL: tuple[Metric, ...] = (
     STAGE_DURATION,
     STAGE_CALLER_DEADLINES,
     STAGE_SHED,
+    STAGE_CALLERS_REFUSED,
     STAGE_SERVING,
     STAGE_HELD,
     STAGE_STUCK,

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from promptpipe.contract.identity import StageIdentity
 from promptpipe.contract.pipeline_file import PipelineFileError, format_validation_error
 from promptpipe.contract.spec import PromptPipeline, StageName
 
@@ -37,6 +38,9 @@ class RuntimeConfig(BaseModel):
     # The operator's TGI: its pods are the replicas, found as they come and go (the endpoint, its Service,
     # serves until they are known).
     backend_pods: BackendPods | None = None
+    # How the processes prove who calls whom (`promptpipe.contract.identity`); without it they take calls
+    # from anyone (a stage started by hand), and say so at start.
+    identity: StageIdentity | None = None
 
     def resolve(self, relative: str) -> Path:
         p = Path(relative)

@@ -14,26 +14,24 @@ already refused a call without a valid key.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from promptpipe.gateway.access_log import AccessLog
 from promptpipe.gateway.key_check import GATEWAY_SERVICE
-from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
-from promptpipe.runtime.errors import Shed, abort_with
+from promptpipe.runtime.apikeys import KeyRing
+from promptpipe.runtime.errors import Shed, Unauthenticated, refusal
 from promptpipe.runtime.stage import StageRuntime
 
 
 def _refusal(refused: Shed, tenant: str, stage: str) -> grpc.RpcMethodHandler:
-    async def refuse(_unread: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    def log_it() -> None:
         access = AccessLog("grpc", uuid.uuid4().hex)
         access.tenant, access.status = tenant, refused.code.name
         access.write()
-        await abort_with(context, refused, stage)
 
-    return grpc.stream_stream_rpc_method_handler(refuse)
+    return refusal(refused, stage, before=log_it)
 
 
 class EdgeAdmission(grpc.aio.ServerInterceptor):  # type: ignore[misc]

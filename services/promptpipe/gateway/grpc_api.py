@@ -15,10 +15,10 @@ from promptpipe.contract.spec import GenerationDefaults
 from promptpipe.gateway.access_log import AccessLog
 from promptpipe.gateway.requests import own_timings, work_item
 from promptpipe.runtime.admission import Flow
-from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing, Unauthenticated
+from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing
 from promptpipe.runtime.calls import NextStage
 from promptpipe.runtime.coalesce import coalesce
-from promptpipe.runtime.errors import DataLoss, QuotaExceeded, abort_with
+from promptpipe.runtime.errors import DataLoss, QuotaExceeded, Unauthenticated, abort_with
 from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.quotas import Tenancy

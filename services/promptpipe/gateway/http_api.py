@@ -26,12 +26,13 @@ from promptpipe.gateway import openai_api as api
 from promptpipe.gateway.access_log import AccessLog, status_of_http
 from promptpipe.gateway.grpc_api import GatewayServicer, with_tenant
 from promptpipe.gateway.http_body import read_body
-from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
-from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError
+from promptpipe.runtime.apikeys import KeyRing
+from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError, Unauthenticated
 from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.stage import StageRuntime
-from promptpipe.runtime.tls import RELOAD_EVERY_SECONDS, ServerCertificate
+from promptpipe.runtime.tls import ServerCertificate
 from promptpipe.runtime.tracing import continuing
+from promptpipe.runtime.watched_file import RELOAD_EVERY_SECONDS
 from promptpipe.v1 import gateway_pb2
 
 log = logging.getLogger(__name__)

@@ -10,23 +10,15 @@ lookup).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from promptpipe.runtime.apikeys import KeyRing, Unauthenticated
-from promptpipe.runtime.errors import ORIGIN_TRAILER
+from promptpipe.runtime.apikeys import KeyRing
+from promptpipe.runtime.errors import Unauthenticated, refusal
 from promptpipe.v1 import gateway_pb2
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-
-
-def _refusal(exc: Unauthenticated, stage: str) -> grpc.RpcMethodHandler:
-    async def refuse(_unread: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        await context.abort(exc.code, exc.message, trailing_metadata=((ORIGIN_TRAILER, stage),))
-
-    return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 class KeyCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -47,5 +39,5 @@ class KeyCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             self._keys.tenant_of(metadata.get("authorization"))
         except Unauthenticated as exc:
-            return _refusal(exc, self._stage)
+            return refusal(exc, self._stage)
         return await continuation(details)

@@ -19,6 +19,7 @@ import grpc
 from promptpipe.contract.spec import RetrySpec
 from promptpipe.rpc import STAGE_CHANNEL_OPTIONS, retry_after_of
 from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
+from promptpipe.runtime.identity import NoToken, TokenSource
 from promptpipe.runtime.metrics import OpenCallSeconds
 from promptpipe.runtime.resilience import Attempt, Retries
 from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
@@ -50,8 +51,10 @@ class StageClient:
         interceptors: Sequence[Any] = (),
         open_calls: OpenCallSeconds | None = None,
         name: str = "the next stage",
+        tokens: TokenSource | None = None,
     ) -> None:
         self.target = target
+        self._tokens = tokens or NoToken()  # who this process is, on every call
         self.name = name  # what callers' messages call it: never its address
         self._retry = retry
         self._open_calls = open_calls or OpenCallSeconds()
@@ -74,7 +77,7 @@ class StageClient:
             async for attempt in Retries(self._retry, deadline, self.name):
                 try:
                     result: stage_pb2.WorkItem = await self._stub.Process(
-                        item, timeout=self._remaining(deadline), wait_for_ready=True
+                        item, timeout=self._remaining(deadline), wait_for_ready=True, metadata=self._tokens.metadata()
                     )
                     if result.timings:  # the callee's own, appended last
                         add_hop(result.timings[-1], time.perf_counter() - started, None)
@@ -89,7 +92,9 @@ class StageClient:
         first: float | None = None
         with self._open_calls.open():  # retries and waiting included
             async for attempt in Retries(self._retry, deadline, self.name):
-                call = self._stub.Run(item, timeout=self._remaining(deadline), wait_for_ready=True)
+                call = self._stub.Run(
+                    item, timeout=self._remaining(deadline), wait_for_ready=True, metadata=self._tokens.metadata()
+                )
                 # Closed explicitly when we leave: a tracing interceptor ends the call's span only when its
                 # response iterator ends, and one left to the garbage collector may never be.
                 events = aiter(call)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -52,6 +54,14 @@ class QuotaExceeded(Shed):
         super().__init__(message, retry_after, "quota")
         self.tenant = tenant
         self.limit = limit  # "requests" or "tokens" (per minute)
+
+
+class Unauthenticated(StageError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(StageError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class DeadlineExceeded(StageError):
@@ -135,6 +145,19 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, stag
         await context.abort(exc.code, exc.message, trailing_metadata=origin)
     log.exception("unexpected error in stage %s", stage, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in stage {stage}", trailing_metadata=origin)
+
+
+def refusal(exc: StageError, stage: str, before: Callable[[], None] | None = None) -> grpc.RpcMethodHandler:
+    """What a server interceptor hands back to end a call with `exc`'s status without reading its request:
+    a handler that takes the request as a stream it never reads, so nothing the caller sent is parsed.
+    `before` runs first (an access log line)."""
+
+    async def refuse(_unread: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        if before is not None:
+            before()
+        await abort_with(context, exc, stage)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 def as_received(exc: BaseException, stage: str) -> UpstreamError:

@@ -194,6 +194,15 @@ class GatewayMetrics:
             self._slow_first.inc()
 
 
+def callers_refused(registry: CollectorRegistry, pipeline: str, stage: str) -> Callable[[str], None]:
+    """`promptpipe_stage_callers_refused_total`: counts one refusal of the identity check, by status code."""
+    counter = _counter(m.STAGE_CALLERS_REFUSED, registry)
+    labels = {m.Label.PIPELINE.value: pipeline, m.Label.STAGE.value: stage}
+    for code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):  # present from the start, at 0
+        counter.labels(**labels, code=code)
+    return lambda code: counter.labels(**labels, code=code).inc()
+
+
 def serving_gauge(registry: CollectorRegistry, pipeline: str, stage: str, serving: Callable[[], bool]) -> None:
     """`promptpipe_stage_serving`, read from the stage's health when scraped."""
     labels = {m.Label.PIPELINE.value: pipeline, m.Label.STAGE.value: stage}

@@ -48,6 +48,10 @@ class StageSettings(BaseSettings):
     and the files are read again when they change."""
     tls_key_file: Path | None = None
     """The certificate's private key (PEM)."""
+    identity_token_file: Path | None = None
+    """The token this process's calls to other stages carry (a projected ServiceAccount token the kubelet
+    writes and refreshes), read again when it changes; unset, the process signs its own with the runtime
+    config's identity key (`promptpipe up`)."""
     port_file: Path | None = None
     """If set, the bound ports are written here as `grpc metrics http stage` once serving (http 0: none;
     stage: the stream stage's internal port, else the same as grpc)."""

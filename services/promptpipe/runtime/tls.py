@@ -9,7 +9,6 @@ previous one stays.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from collections.abc import Callable
@@ -17,23 +16,20 @@ from pathlib import Path
 
 import grpc
 
-log = logging.getLogger(__name__)
+from promptpipe.runtime.watched_file import WatchedFile
 
-RELOAD_EVERY_SECONDS = 1.0
+log = logging.getLogger(__name__)
 
 
 class ServerCertificate:
     def __init__(self, cert: Path, key: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self._cert, self._key = cert, key
-        self._clock = clock
-        self._seen = self._identity()
-        self._pair = self._load()  # a missing or bad pair fails the start, not the first handshake
-        self._checked = clock()
-        self.version = 0
+        # A missing or bad pair fails the start, not the first handshake.
+        self._pair = WatchedFile(cert, lambda _: self._load(), "TLS certificate", clock, also=(key,))
 
-    def _identity(self) -> tuple[int, ...]:
-        a, b = os.stat(self._cert), os.stat(self._key)  # follows the symlinks a Secret volume swaps
-        return a.st_ino, a.st_mtime_ns, a.st_size, b.st_ino, b.st_mtime_ns, b.st_size
+    @property
+    def version(self) -> int:
+        return self._pair.version
 
     def _load(self) -> tuple[bytes, bytes]:
         cert, key = self._cert.read_bytes(), self._key.read_bytes()
@@ -42,22 +38,7 @@ class ServerCertificate:
 
     def refresh(self) -> bool:
         """Read the files again if they changed (looked at once a second at most); whether they did."""
-        now = self._clock()
-        if now - self._checked < RELOAD_EVERY_SECONDS:
-            return False
-        self._checked = now
-        try:
-            seen = self._identity()
-            if seen == self._seen:
-                return False
-            pair = self._load()
-        except (OSError, ssl.SSLError) as err:
-            log.error("TLS certificate not reloaded, the previous one stays: %s", err)
-            return False
-        self._seen, self._pair = seen, pair
-        self.version += 1
-        log.info("TLS certificate reloaded from %s", self._cert)
-        return True
+        return self._pair.refresh()
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """Credentials whose pair is fetched again, when it changed, as each new connection is made."""
@@ -69,9 +50,9 @@ class ServerCertificate:
             if self.version == served:
                 return None  # unchanged: gRPC keeps what it has
             served = self.version
-            return grpc.ssl_server_certificate_configuration([self._pair])
+            return grpc.ssl_server_certificate_configuration([self._pair.value])
 
-        initial = grpc.ssl_server_certificate_configuration([self._pair])
+        initial = grpc.ssl_server_certificate_configuration([self._pair.value])
         return grpc.dynamic_ssl_server_credentials(initial, fetch)
 
     def ssl_context(self) -> ssl.SSLContext:
