@@ -27,10 +27,9 @@ from promptpipe.contract import topology
 from promptpipe.contract.runtime_config import RuntimeConfig, load_runtime_config
 from promptpipe.contract.spec import GenerationDefaults, StageName, StageSpec
 from promptpipe.contract.tracing import service_name
-from promptpipe.gateway.edge_admission import EdgeAdmission
+from promptpipe.gateway.front_door import FrontDoor
 from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.gateway.http_api import OpenAIGateway
-from promptpipe.gateway.key_check import KeyCheck
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime import logs
 from promptpipe.runtime.apikeys import KeyRing
@@ -299,12 +298,11 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())
 
     public = stage is StageName.STREAM  # the gateway: its port faces the clients
-    # The key check first: a stranger's call gets no span and its request is never read. Then, at the
-    # gateway, a call its queue would refuse now is refused as cheaply: from its metadata.
-    key_check = [KeyCheck(keys, stage.value)] if keys is not None else []
-    edge = [EdgeAdmission(runtime, keys)] if public else []
-    # Behind the gateway, a call whose token names no process that may call this one is refused as early.
-    interceptors = [*key_check, *edge, *([] if public else identity.interceptors), *server_interceptors]
+    # Before anything else, from a call's metadata alone (a stranger's call gets no span and its request is
+    # never read): at the gateway its API key and whether the queue would refuse it now; behind the gateway,
+    # whether its token names a process of the pipeline that may call this one.
+    checks = [FrontDoor(keys, runtime)] if keys is not None else list(identity.interceptors)
+    interceptors = [*checks, *server_interceptors]
     options = public_options(served.spec, pipeline.spec.generation) if public else server_options(served.spec)
     server = grpc.aio.server(options=options, interceptors=interceptors or None)
     health_servicer = health.aio.HealthServicer()

@@ -158,7 +158,7 @@ class OpenAIGateway:
             got = request.headers.get("Content-Type") or "none"
             raise api.ApiError(415, f"Content-Type must be {JSON}, not {got}", code="unsupported_media_type")
         # A call the gateway's queue would refuse now is refused before its body is read, and not charged
-        # (edge_admission.py says why); admission looks again once the body is in.
+        # (front_door.py says why); admission looks again once the body is in.
         refused = self._runtime.refused_at_the_door(tenant)
         if refused is not None:
             raise api.api_error(refused) from None
