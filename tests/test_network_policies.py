@@ -1,5 +1,6 @@
 """The back door closed: each pipeline's NetworkPolicies, as the API server stores them, admit exactly the
-calls the pipeline makes (gateway -> rag, assemble, post; post -> inference; inference -> its TGI), clients
+calls the pipeline makes (gateway -> rag, assemble, post; post -> inference; inference and assemble (its
+/tokenize) -> its TGI), clients
 to the gateway's public ports only, and the operator and Prometheus to the metrics ports."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ALLOWED_INSIDE = {
     ("stream", "post", "grpc"),
     ("post", "inference", "grpc"),
     ("inference", "backend", "http"),
+    ("assemble", "backend", "http"),  # TGI's /tokenize: the served model's own token counts
 }
 
 
@@ -65,7 +67,7 @@ def test_the_policies_read_back_from_the_api_server_admit_exactly_the_pipelines_
     assert len(backends) == 2  # blue and green: both behind one policy
     for backend in backends:
         for caller in STAGES:
-            assert admits(policies, pods[caller], backend, "http") == (caller == "inference"), caller
+            assert admits(policies, pods[caller], backend, "http") == ((caller, "backend", "http") in ALLOWED_INSIDE)
 
     for caller in STAGES:
         for callee in STAGES:

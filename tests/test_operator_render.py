@@ -545,7 +545,8 @@ def test_fused_whole_the_pipeline_is_one_gateway_pod_that_holds_the_model_and_fi
     assert binding["subjects"][0]["name"] == "quickstart-stream"
     policies = by_kind(network_policies(tgi, "ns1", SETTINGS), "NetworkPolicy")
     backend = policies["quickstart-backend-ingress"]["spec"]["ingress"][0]["from"]
-    assert backend == [{"podSelector": {"matchLabels": selector("quickstart", "stream")}}]
+    # inference runs in the gateway's pod; assemble, in its own, asks TGI's /tokenize.
+    assert backend == [{"podSelector": {"matchLabels": selector("quickstart", c)}} for c in ("stream", "assemble")]
 
 
 def test_a_stages_resources_go_on_its_pod_and_never_into_the_config_its_process_reads() -> None:

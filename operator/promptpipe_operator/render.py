@@ -766,7 +766,8 @@ CALLERS: dict[str, tuple[str, ...]] = {
     StageName.ASSEMBLE.value: (StageName.STREAM.value,),
     StageName.POST.value: (StageName.STREAM.value,),
     StageName.INFERENCE.value: (StageName.POST.value,),
-    BACKEND: (StageName.INFERENCE.value,),
+    # assemble counts a prompt's tokens with TGI's own tokenizer (POST /tokenize).
+    BACKEND: (StageName.INFERENCE.value, StageName.ASSEMBLE.value),
 }
 
 
