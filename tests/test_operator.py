@@ -797,3 +797,42 @@ def test_a_stage_admits_the_tokens_the_api_server_signs_for_its_callers_account_
         for account in ("ident-stream", "default"):
             token = _token(kube, cluster.ns, account, audience)
             assert asyncio.run(_run_as(target, token)) is grpc.StatusCode.PERMISSION_DENIED, account
+
+
+def test_a_pipeline_from_before_stage_identity_enforces_it_only_once_every_stage_pod_sends_its_token(
+    operator: OperatorProcess, cluster: Cluster, control_plane: ControlPlane, kube_tools: Tools
+) -> None:
+    """As an upgrade finds it: the runtime config without identity and pods of a template without the token
+    volume. The operator renders the stages with identity not enforced, and enforces once every stage
+    Deployment has rolled out with the volume (its status written here as the Deployment controller would,
+    there being no pods without a node)."""
+    deploy(control_plane, kube_tools, cluster, pipeline_doc())
+
+    def enforce() -> bool | None:
+        runtime = yaml.safe_load(cluster.children()[("ConfigMap", "quickstart-config")]["data"]["runtime.yaml"])
+        value = runtime.get("identity", {}).get("enforce")
+        return value if isinstance(value, bool) else None
+
+    assert enforce() is True, "a new pipeline enforces from the start"
+    # What the previous version left: no identity in the config, no token volume in the pods.
+    runtime = yaml.safe_load(cluster.children()[("ConfigMap", "quickstart-config")]["data"]["runtime.yaml"])
+    runtime.pop("identity")
+    cluster.core.patch_namespaced_config_map(
+        "quickstart-config", cluster.ns, {"data": {"runtime.yaml": yaml.safe_dump(runtime)}}
+    )
+    for stage in STAGES:
+        mounts = [{"mountPath": "/var/run/promptpipe/identity", "$patch": "delete"}]
+        pod = {
+            "volumes": [{"name": "identity", "$patch": "delete"}],
+            "containers": [{"name": "stage", "volumeMounts": mounts}],
+        }
+        drop = {"spec": {"template": {"spec": pod}}}
+        cluster.apps.patch_namespaced_deployment(f"quickstart-{stage}", cluster.ns, drop)
+    wait_until(lambda: enforce() is False, "the stages rendered with identity checked but not enforced")
+    # Every stage Deployment rolled out with the volume: enforced.
+    for stage in STAGES:
+        made = cluster.apps.read_namespaced_deployment(f"quickstart-{stage}", cluster.ns)
+        assert any(v.name == "identity" for v in made.spec.template.spec.volumes)
+        status = {"observedGeneration": made.metadata.generation, "replicas": 1, "updatedReplicas": 1}
+        cluster.apps.patch_namespaced_deployment_status(f"quickstart-{stage}", cluster.ns, {"status": status})
+    wait_until(lambda: enforce() is True, "identity enforced once every pod sends its token", timeout=90)

@@ -24,6 +24,7 @@ from promptpipe_operator.render import (
     children,
     config_map,
     deployment,
+    identity_enforceable,
     network_policies,
     runtime_config,
     scaled_object,
@@ -642,3 +643,36 @@ def test_a_fused_stage_has_no_account_of_its_own() -> None:
     doc["spec"]["fuse"] = ["rag", "assemble"]
     out = children(parse_pipeline(doc), "ns1", SETTINGS, issuer_keys=KEYS)
     assert set(by_kind(out, "ServiceAccount")) == {"quickstart-stream", "quickstart-post", "quickstart-inference"}
+
+
+def _config(identity: dict[str, Any] | None) -> dict[str, Any]:
+    runtime = {"pipeline": {}, "endpoints": {}, **({"identity": identity} if identity is not None else {})}
+    return {"kind": "ConfigMap", "data": {"runtime.yaml": yaml.safe_dump(runtime)}}
+
+
+def _deployment(with_identity: bool, generation: int = 2, observed: int = 2, updated: int = 1) -> dict[str, Any]:
+    volumes = [{"name": "config"}, *([{"name": "identity"}] if with_identity else [])]
+    return {
+        "metadata": {"generation": generation},
+        "spec": {"template": {"spec": {"volumes": volumes}}},
+        "status": {"observedGeneration": observed, "replicas": 1, "updatedReplicas": updated},
+    }
+
+
+def test_identity_is_enforced_from_the_start_and_after_an_upgrade_only_once_every_pod_sends_a_token() -> None:
+    # A new pipeline, and one already enforcing: enforced, whatever its pods do (a later roll changes nothing).
+    assert identity_enforceable(None, [])
+    enforcing = _config({"enforce": True})
+    assert identity_enforceable(enforcing, [_deployment(True, updated=0), _deployment(True, observed=1)])
+    # Made by a version without identity: not until every stage Deployment has the volume and has rolled out.
+    old = _config(None)
+    assert not identity_enforceable(old, [_deployment(False), _deployment(True)])
+    assert not identity_enforceable(old, [_deployment(True), _deployment(True, updated=0)])  # old pods left
+    assert not identity_enforceable(old, [_deployment(True, observed=1)])  # the new template not yet seen
+    assert identity_enforceable(old, [_deployment(True), _deployment(True)])
+    assert identity_enforceable(_config({"enforce": False}), [_deployment(True)])
+    # What the stages read.
+    for enforce in (True, False):
+        out = children(pipeline(), "ns1", SETTINGS, issuer_keys=KEYS, enforce_identity=enforce)
+        runtime = yaml.safe_load(by_kind(out, "ConfigMap")["quickstart-config"]["data"]["runtime.yaml"])
+        assert runtime["identity"]["enforce"] is enforce

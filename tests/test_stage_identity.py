@@ -33,6 +33,7 @@ from promptpipe.runtime.identity import (
     MAX_TOKEN_CHARS,
     CallerCheck,
     FileToken,
+    IdentityCheck,
     IssuerKeys,
     SignedToken,
     TokenSource,
@@ -327,3 +328,29 @@ async def test_a_stages_token_and_the_keys_rotate_under_load_with_no_call_failin
     finally:
         post.send_signal(signal.SIGTERM)
         post.wait(15)
+
+
+class _Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.method = "/promptpipe.v1.Stage/Run"
+        self.invocation_metadata = metadata
+
+
+@pytest.mark.parametrize("enforce", [True, False])
+async def test_not_enforced_during_an_upgrade_a_call_identity_would_refuse_is_counted_and_served(
+    identity: StageIdentity, enforce: bool
+) -> None:
+    refused: list[str] = []
+    interceptor = IdentityCheck(_check(identity, StageName.INFERENCE), "inference", refused.append, enforce)
+    served = object()
+
+    async def go_on(_: grpc.HandlerCallDetails) -> object:
+        return served
+
+    assert (
+        await interceptor.intercept_service(go_on, _Details((("authorization", _token(identity, StageName.POST)),)))
+        is served
+    )
+    handler = await interceptor.intercept_service(go_on, _Details(()))
+    assert (handler is served) is not enforce
+    assert refused == ["UNAUTHENTICATED"]

@@ -247,8 +247,17 @@ def _converge(
             issuer_keys = kube.issuer_keys()
         except DynamicApiError as err:
             raise _Refused("the cluster's service-account keys (stage identity)", err, "reading") from None
+        stages = {s.value for s in StageName}
+        stage_deployments = [
+            obj
+            for (kind, _), obj in existing.items()
+            if kind == "Deployment" and (obj["metadata"].get("labels") or {}).get(keys.COMPONENT) in stages
+        ]
+        enforce = render.identity_enforceable(
+            existing.get(("ConfigMap", render.child_name(name, "config"))), stage_deployments
+        )
         desired = render.children(
-            pp, namespace, settings, run.rollout, registry.settings if registry else None, issuer_keys
+            pp, namespace, settings, run.rollout, registry.settings if registry else None, issuer_keys, enforce
         )
         # An object of a child's name that is not ours is left alone: a forced apply would take it over.
         new = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]

@@ -16,6 +16,8 @@ import hashlib
 import math
 from typing import Any
 
+import yaml
+
 from promptpipe.contract import health, identity, metrics, topology
 from promptpipe.contract import labels as keys
 from promptpipe.contract.runtime_config import BackendPods, RuntimeConfig
@@ -105,7 +107,7 @@ def managed_tgi(pp: PromptPipeline) -> TgiSpec | None:
     return None if tgi.endpoints else tgi
 
 
-def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
+def runtime_config(pp: PromptPipeline, namespace: str, enforce_identity: bool = True) -> RuntimeConfig:
     """The pipeline as the stages see it in the cluster: cluster paths and endpoints filled in,
     and what only the operator uses (scaling, resources, how TGI is run) left at defaults, so
     editing those changes the ScaledObject or the TGI Deployment without rolling every stage."""
@@ -149,11 +151,11 @@ def runtime_config(pp: PromptPipeline, namespace: str) -> RuntimeConfig:
         endpoints=endpoints,
         base_dir=CONFIG_DIR,
         backend_pods=pods,
-        identity=stage_identity(pp, namespace),
+        identity=stage_identity(pp, namespace, enforce_identity),
     )
 
 
-def stage_identity(pp: PromptPipeline, namespace: str) -> identity.StageIdentity:
+def stage_identity(pp: PromptPipeline, namespace: str, enforce: bool = True) -> identity.StageIdentity:
     """Who each process of the pipeline is (its ServiceAccount) and where its pods find the keys to check
     their callers' tokens with; each pod reads its own token (PROMPTPIPE_IDENTITY_TOKEN_FILE)."""
     name = pp.metadata.name
@@ -162,7 +164,35 @@ def stage_identity(pp: PromptPipeline, namespace: str) -> identity.StageIdentity
         namespace=namespace,
         accounts={stage: stage_account(name, stage) for stage in topology.processes(pp.spec)},
         keys_file=f"{IDENTITY_DIR}/{identity.KEYS_FILE}",
+        enforce=enforce,
     )
+
+
+def identity_enforceable(config: KubeObject | None, deployments: list[KubeObject]) -> bool:
+    """Whether the stages refuse calls identity refuses (`StageIdentity.enforce`), from the pipeline's
+    runtime-config ConfigMap and stage Deployments as they are. A new pipeline enforces from the start, and
+    once enforced it stays so. A pipeline made by a version without stage identity first runs its new pods
+    with `enforce: false` (an old caller, not yet restarted, is not refused by a new callee), and enforces
+    once every stage Deployment has the identity volume and no pod of an older template is left."""
+    if config is None:
+        return True
+    try:
+        before = yaml.safe_load(config.get("data", {}).get(CONFIG_FILE, "")) or {}
+    except yaml.YAMLError:
+        before = {}
+    previous = before.get("identity") if isinstance(before, dict) else None
+    if isinstance(previous, dict) and previous.get("enforce", True) is True:
+        return True
+
+    def carries_token(d: KubeObject) -> bool:
+        volumes = d.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+        status = d.get("status") or {}
+        rolled = status.get("observedGeneration") == d.get("metadata", {}).get("generation") and (
+            status.get("updatedReplicas") or 0
+        ) >= (status.get("replicas") or 0)
+        return any(v.get("name") == "identity" for v in volumes) and rolled
+
+    return all(carries_token(d) for d in deployments)
 
 
 def stage_account(pipeline: str, process: StageName) -> str:
@@ -205,9 +235,9 @@ def stage_accounts(pp: PromptPipeline, namespace: str) -> list[KubeObject]:
     ]
 
 
-def config_map(pp: PromptPipeline, namespace: str) -> tuple[KubeObject, str]:
+def config_map(pp: PromptPipeline, namespace: str, enforce_identity: bool = True) -> tuple[KubeObject, str]:
     """The runtime-config ConfigMap, and a hash of it that rolls the pods when it changes."""
-    text = runtime_config(pp, namespace).dump_yaml()
+    text = runtime_config(pp, namespace, enforce_identity).dump_yaml()
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     manifest = {
         "apiVersion": "v1",
@@ -847,10 +877,12 @@ def children(
     state: State | None = None,
     registry: RegistrySettings | None = None,
     issuer_keys: str = "",
+    enforce_identity: bool = True,
 ) -> list[KubeObject]:
     """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's;
-    `issuer_keys`: the cluster's service-account issuer and keys (`Kube.issuer_keys`), for stage identity."""
-    cm, config_hash = config_map(pp, namespace)
+    `issuer_keys`: the cluster's service-account issuer and keys (`Kube.issuer_keys`), for stage identity;
+    `enforce_identity`: `identity_enforceable` of the pipeline's Deployments as they are."""
+    cm, config_hash = config_map(pp, namespace, enforce_identity)
     access = discovery_access(pp, namespace) if managed_tgi(pp) is not None else []
     accounts = [*stage_accounts(pp, namespace), identity_keys(pp, namespace, issuer_keys)]
     out = [*backend_children(pp, namespace, state or State(), settings, registry), *accounts, *access, cm]

@@ -67,3 +67,7 @@ class StageIdentity(BaseModel):
     # Locally: the key each process signs its own tokens with. On a cluster none: each pod reads the token
     # the kubelet writes for it (PROMPTPIPE_IDENTITY_TOKEN_FILE).
     signing_key_file: str = ""
+    # False only while a pipeline's pods move to identity (an upgrade): tokens are sent and checked, and a call
+    # that would be refused is counted and logged but served, so that a caller not yet restarted is not
+    # refused by a callee that already checks. The operator sets it once every pod carries a token.
+    enforce: bool = True

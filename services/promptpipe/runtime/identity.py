@@ -214,10 +214,17 @@ class IdentityCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses a Stage call whose token does not name a process that may call this one, before its request
     is read (UNAUTHENTICATED or PERMISSION_DENIED, from this stage)."""
 
-    def __init__(self, check: CallerCheck, stage: str, refused: Callable[[str], None] = lambda _code: None) -> None:
+    def __init__(
+        self,
+        check: CallerCheck,
+        stage: str,
+        refused: Callable[[str], None] = lambda _code: None,
+        enforce: bool = True,
+    ) -> None:
         self._check = check
         self._stage = stage
         self._refused = refused  # counts a refusal by its status code
+        self._enforce = enforce  # False: count and log, and serve (StageIdentity.enforce)
 
     async def intercept_service(
         self,
@@ -236,6 +243,9 @@ class IdentityCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._check.caller_of(authorization if isinstance(authorization, str) else None)
         except (Unauthenticated, PermissionDenied) as exc:
             self._refused(exc.code.name)
+            if not self._enforce:
+                log.warning("served a call identity would refuse (not enforced yet): %s", exc.message)
+                return await continuation(details)
             return refusal(exc, self._stage)
         return await continuation(details)
 
@@ -266,4 +276,4 @@ def process_identity(
     keys = keys_file(identity)
     check = CallerCheck(identity, callers_of(spec, process), keys)
     tokens = token_source(identity, process, keys.value, token_file)
-    return ProcessIdentity(tokens, (IdentityCheck(check, process.value, refused),))
+    return ProcessIdentity(tokens, (IdentityCheck(check, process.value, refused, identity.enforce),))
