@@ -87,9 +87,30 @@ def _measure(calls: int) -> dict[str, float]:
     return {"p50": statistics.median(ttfts), "p99": ttfts[int(0.99 * (len(ttfts) - 1))], "calls": len(ttfts)}
 
 
+def _interceptor_us(interceptor: Any, method: str, metadata: tuple[tuple[str, str], ...], rounds: int) -> float:
+    """A server interceptor's work before a call goes on (the call let through), per call, in µs."""
+    import grpc
+
+    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+        pass
+
+    details = Details()
+    details.method, details.invocation_metadata = method, metadata
+
+    async def go_on(_: grpc.HandlerCallDetails) -> None:
+        return None
+
+    async def loop() -> float:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            await interceptor.intercept_service(go_on, details)
+        return (time.perf_counter() - started) / rounds * 1e6
+
+    return asyncio.run(loop())
+
+
 def _key_check_us(rounds: int = 20_000) -> float:
     """This tree's front door (the key check and the queue's answer, before a call goes on), per call, in µs."""
-    import grpc
     from prometheus_client import CollectorRegistry
 
     from promptpipe.contract.apikeys import hash_key
@@ -101,28 +122,12 @@ def _key_check_us(rounds: int = 20_000) -> float:
     spec = parse_pipeline(DOC).spec
     runtime = StageRuntime.create("stream", spec.stages.stream, CollectorRegistry(), "checks", spec.auth)
     check = FrontDoor(KeyRing(inline=f"bench: {hash_key(KEY)}\n"), runtime)
-
-    class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
-        method = "/promptpipe.v1.Gateway/Generate"
-        invocation_metadata = (("authorization", f"Bearer {KEY}"),)
-
-    async def go_on(_: grpc.HandlerCallDetails) -> None:
-        return None
-
-    async def loop() -> float:
-        details = Details()
-        started = time.perf_counter()
-        for _ in range(rounds):
-            await check.intercept_service(go_on, details)
-        return (time.perf_counter() - started) / rounds * 1e6
-
-    return asyncio.run(loop())
+    return _interceptor_us(check, "/promptpipe.v1.Gateway/Generate", (("authorization", f"Bearer {KEY}"),), rounds)
 
 
 def _identity_check_us(rounds: int = 20_000) -> dict[str, float]:
     """This tree's stage identity, per call, in µs: the callee's interceptor with a token it has seen (the
     common case), its first check of a new token (the signature verified), and the caller's token."""
-    import grpc
 
     from promptpipe.cli import local_identity
     from promptpipe.contract.identity import callers_of, subject
@@ -138,22 +143,7 @@ def _identity_check_us(rounds: int = 20_000) -> dict[str, float]:
         interceptor = IdentityCheck(check, "inference")
         post = subject(identity.namespace, identity.accounts[StageName.POST])
         signer = SignedToken(Path(identity.signing_key_file), keys.value, identity.audience, post)
-
-        class Details(grpc.HandlerCallDetails):  # type: ignore[misc]
-            method = "/promptpipe.v1.Stage/Run"
-            invocation_metadata = signer.metadata()
-
-        async def go_on(_: grpc.HandlerCallDetails) -> None:
-            return None
-
-        async def seen() -> float:
-            details = Details()
-            started = time.perf_counter()
-            for _ in range(rounds):
-                await interceptor.intercept_service(go_on, details)
-            return (time.perf_counter() - started) / rounds * 1e6
-
-        cached = asyncio.run(seen())
+        cached = _interceptor_us(interceptor, "/promptpipe.v1.Stage/Run", signer.metadata(), rounds)
         fresh = []
         now = time.time()
         for i in range(200):  # a new token each time (issued i seconds ago, still valid): a token's first call

@@ -27,6 +27,7 @@ from promptpipe.runtime.stage import StageRuntime
 from promptpipe.v1 import gateway_pb2
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+GATEWAY_METHODS = f"/{GATEWAY_SERVICE}/"  # the prefix of its methods' paths
 
 
 def _authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -49,7 +50,7 @@ class FrontDoor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        if not details.method.startswith(f"/{GATEWAY_SERVICE}/"):
+        if not details.method.startswith(GATEWAY_METHODS):
             return await continuation(details)
         stage = self._runtime.stage
         try:

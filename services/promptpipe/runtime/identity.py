@@ -32,8 +32,9 @@ from promptpipe.v1 import stage_pb2
 log = logging.getLogger(__name__)
 
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+STAGE_METHODS = f"/{STAGE_SERVICE}/"  # the prefix of its methods' paths
 # Queue stats do no work for the caller and carry nothing of a call: open to probes and tools.
-UNCHECKED_METHODS = frozenset({f"/{STAGE_SERVICE}/Stats"})
+UNCHECKED_METHODS = frozenset({f"{STAGE_METHODS}Stats"})
 # A Kubernetes token is about 1 KiB; anything far larger is not one, and is not parsed.
 MAX_TOKEN_CHARS = 8192
 # Clocks of two nodes differ a little.
@@ -232,7 +233,7 @@ class IdentityCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
-        if not method.startswith(f"/{STAGE_SERVICE}/") or method in UNCHECKED_METHODS:
+        if not method.startswith(STAGE_METHODS) or method in UNCHECKED_METHODS:
             return await continuation(details)  # health, reflection and Stats
         authorization = None
         for key, value in details.invocation_metadata or ():
