@@ -77,7 +77,7 @@ demo: $(STAMP)
 
 # The pure tier: every test that starts nothing (no process, server or Go-built tool). It needs only
 # the Python install, and fails a test that starts a process without saying so in its markers.
-PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or jaeger or moto or venv or node)
+PURE := not (processes or model or controlplane or helm or skaffold or dockerfile_lint or prometheus or jaeger or moto or redis or venv or node)
 
 # The node's images are built (or found cached) before the tests: on a new machine that takes longer
 # than a test may (the base image, llama.cpp in two images).
@@ -133,6 +133,7 @@ bench: setup
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.http
 	$(BIN)/python -m bench.fairness
+	$(BIN)/python -m bench.quota_store
 
 # Boundaries between the deployables (import-linter), style (ruff) and types (mypy --strict).
 lint: $(STAMP)

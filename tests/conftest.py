@@ -16,6 +16,7 @@ from tests.support.pipelines import RunningPipeline, running_pipeline
 MARKED_BY_FIXTURE = {
     "control_plane": "controlplane",
     "moto_endpoint": "moto",
+    "quota_store": "redis",
     "start_pipeline": "processes",
     "node": "node",
 }
@@ -57,4 +58,10 @@ def start_pipeline(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Runnin
         yield start
 
 
-pytest_plugins = ["tests.support.kube", "tests.support.operator", "tests.support.moto", "tests.support.node"]
+pytest_plugins = [
+    "tests.support.kube",
+    "tests.support.operator",
+    "tests.support.moto",
+    "tests.support.node",
+    "tests.support.redis_store",
+]

@@ -182,6 +182,10 @@ def test_a_pipeline_editor_who_may_not_read_its_secrets_cannot_send_them_elsewhe
     for spec, field in (
         ({"auth": {"apiKeysSecret": {"name": "database-password", "key": "key"}}}, "spec.auth.apiKeysSecret.name"),
         ({"tls": {"secretName": "database-password"}}, "spec.tls.secretName"),
+        (
+            {"auth": {"quotaStore": {"urlSecret": {"name": "database-password", "key": "url"}}}},
+            "spec.auth.quotaStore.urlSecret.name",
+        ),
     ):
         named = patch_as_editor("assistant", spec)
         assert named.returncode != 0 and f"{field}: {EDITOR} may not read Secret database-password" in named.stderr

@@ -127,6 +127,50 @@ def test_registry_values_reach_the_operator_environment(kube_tools: Tools) -> No
     assert container["envFrom"] == [{"secretRef": {"name": "operator-registry-keys"}}]
 
 
+def test_the_optional_quota_store_runs_with_a_password_only_the_gateways_reach_it_and_off_by_default(
+    kube_tools: Tools,
+) -> None:
+    assert not [d for d in rendered(kube_tools) if "quota-store" in d["metadata"]["name"]], "off by default"
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in rendered(kube_tools, "--set", "quotaStore.enabled=true")}
+    name = "pp-promptpipe-quota-store"
+    secret = docs["Secret", name]["stringData"]
+    assert len(secret["password"]) == 32
+    assert secret["url"] == f"redis://:{secret['password']}@{name}.default.svc:6379/0"
+    pod = docs["Deployment", name]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "docker.io/valkey/valkey:8.1"
+    args = container["args"]
+    # The password from the Secret, never in the manifest; nothing kept on disk.
+    assert args[args.index("--requirepass") + 1] == "$(STORE_PASSWORD)"
+    assert container["env"] == [
+        {"name": "STORE_PASSWORD", "valueFrom": {"secretKeyRef": {"name": name, "key": "password"}}}
+    ]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["automountServiceAccountToken"] is False
+    selector = docs["Deployment", name]["spec"]["selector"]["matchLabels"]
+    assert docs["Service", name]["spec"]["selector"] == selector
+    assert docs["NetworkPolicy", name]["spec"]["podSelector"]["matchLabels"] == selector
+    # Its pods are not the operator's: no selector of the operator's (Deployment, metrics Service) takes them.
+    operator = docs["Deployment", "pp-promptpipe"]["spec"]["selector"]["matchLabels"]
+    labels = docs["Deployment", name]["spec"]["template"]["metadata"]["labels"]
+    assert not operator.items() <= labels.items()
+    assert not docs["Service", "pp-promptpipe-metrics"]["spec"]["selector"].items() <= labels.items()
+    (rule,) = docs["NetworkPolicy", name]["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer == {
+        "namespaceSelector": {},
+        "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "promptpipe", "app.kubernetes.io/component": "stream"}
+        },
+    }
+    own = rendered(kube_tools, "--set", "quotaStore.enabled=true,quotaStore.passwordSecret=store-password")
+    assert not [d for d in own if d["kind"] == "Secret"], "a Secret of the user's: the chart makes none"
+    store = next(d for d in own if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+    env = store["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env[0]["valueFrom"]["secretKeyRef"]["name"] == "store-password"
+
+
 @pytest.mark.parametrize(
     ("setting", "field"),
     [
@@ -139,6 +183,7 @@ def test_registry_values_reach_the_operator_environment(kube_tools: Tools) -> No
         ("operator.image.pullPolicy=Sometimes", "operator.image.pullPolicy"),
         ("operator.colour=blue", "colour"),
         ("pipelines.prometheusAddress=prometheus:9090", "pipelines.prometheusAddress"),
+        ("quotaStore.maxMemory=lots", "quotaStore.maxMemory"),
     ],
 )
 def test_values_schema_refuses_wrong_values_naming_the_field(kube_tools: Tools, setting: str, field: str) -> None:

@@ -362,6 +362,26 @@ def test_without_keys_a_clusters_gateway_is_closed_unless_the_pipeline_says_open
     assert "PROMPTPIPE_REQUIRE_API_KEYS" not in opened and "PROMPTPIPE_API_KEYS_FILE" not in opened
 
 
+def test_the_shared_quota_store_url_reaches_the_gateway_only_from_its_secret_never_in_the_manifest() -> None:
+    store = {"urlSecret": {"name": "quota-store", "key": "url"}, "onUnreachable": "closed"}
+    pp = with_auth({"open": True, "quotaStore": store})
+    (container,) = gateway_pod(pp)["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PROMPTPIPE_QUOTA_STORE_URL"] == {
+        "name": "PROMPTPIPE_QUOTA_STORE_URL",
+        "valueFrom": {"secretKeyRef": {"name": "quota-store", "key": "url"}},
+    }
+    # What to do without the store travels in the runtime config, with the limits themselves.
+    config = runtime_config(pp, "ns1").pipeline.spec.auth.quota_store
+    assert config is not None and config.on_unreachable == "closed"
+    for stage in (StageName.RAG, StageName.ASSEMBLE, StageName.INFERENCE, StageName.POST):
+        other = deployment(pp, "ns1", stage, SETTINGS, "h")["spec"]["template"]["spec"]["containers"][0]
+        assert all(e["name"] != "PROMPTPIPE_QUOTA_STORE_URL" for e in other["env"])
+    # Without one, each gateway pod keeps its own buckets: nothing to pass.
+    (alone,) = gateway_pod(with_auth({"open": True}))["containers"]
+    assert all(e["name"] != "PROMPTPIPE_QUOTA_STORE_URL" for e in alone["env"])
+
+
 def test_corpus_config_map_is_mounted_for_rag_only_and_the_config_points_at_it() -> None:
     pp = pipeline(with_rag={"corpus": {"configMap": "docs"}})
     rag = deployment(pp, "ns1", StageName.RAG, SETTINGS, "h")["spec"]["template"]["spec"]

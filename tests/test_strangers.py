@@ -20,11 +20,10 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 
-from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.contract.spec import StageName
 from promptpipe.runtime.identity import TokenSource
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
-from tests.support.pipelines import RunningPipeline, synthetic_pipeline
+from tests.support.pipelines import RunningPipeline, synthetic_pipeline, tenant_keys
 
 pytestmark = pytest.mark.processes
 
@@ -35,11 +34,7 @@ BODY_TIMEOUT = 1.5
 
 @pytest.fixture
 def key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    secret = new_key()
-    path = tmp_path / "keys.yaml"
-    path.write_text(f"alice: {hash_key(secret)}\n")
-    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
-    return secret
+    return tenant_keys(tmp_path, monkeypatch, "alice")["alice"]
 
 
 def gateway_with_limits(start_pipeline: Any, **spec: Any) -> RunningPipeline:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.contract.spec import StageName
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import stats
@@ -22,6 +21,7 @@ from tests.support.fairness import (
     first_token_seconds,
     start_flood,
 )
+from tests.support.pipelines import tenant_keys
 
 pytestmark = pytest.mark.processes
 
@@ -31,11 +31,8 @@ B_CALLS = 12
 @pytest.fixture
 def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     """The keys of tenant A (`flood`) and tenant B (`light`)."""
-    a, b = new_key(), new_key()
-    keys = tmp_path / "keys.yaml"
-    keys.write_text(f"flood: {hash_key(a)}\nlight: {hash_key(b)}\n")
-    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(keys))
-    return a, b
+    keys = tenant_keys(tmp_path, monkeypatch, "flood", "light")
+    return keys["flood"], keys["light"]
 
 
 def test_a_flooding_tenant_cannot_starve_a_light_one(start_pipeline, tenants: tuple[str, str]) -> None:

@@ -14,9 +14,8 @@ import openai
 import pytest
 
 from promptpipe.client import GenerationError, PipelineClient
-from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.contract.spec import StageName
-from tests.support.pipelines import RunningPipeline, synthetic_pipeline
+from tests.support.pipelines import RunningPipeline, synthetic_pipeline, tenant_keys
 
 pytestmark = pytest.mark.processes
 
@@ -25,12 +24,7 @@ HELLO = [{"role": "user", "content": "hello there"}]
 
 @pytest.fixture
 def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    keys = {tenant: new_key() for tenant in ("small", "thrifty", "big")}
-    path = tmp_path / "keys.yaml"
-    path.write_text("".join(f"{tenant}: {hash_key(key)}\n" for tenant, key in keys.items()))
-    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
-    monkeypatch.delenv("PROMPTPIPE_API_KEYS", raising=False)
-    return keys
+    return tenant_keys(tmp_path, monkeypatch, "small", "thrifty", "big")
 
 
 def quota_pipeline() -> dict[str, object]:
@@ -105,10 +99,7 @@ def test_tokens_per_minute_are_charged_what_a_call_used_and_refuse_the_next_call
 def test_the_openai_sdk_retries_a_429_after_the_retry_after_it_was_given(
     start_pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = new_key()
-    path = tmp_path / "keys.yaml"
-    path.write_text(f"fast: {hash_key(key)}\n")
-    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
+    key = tenant_keys(tmp_path, monkeypatch, "fast")["fast"]
     # 120 a minute: after the first two, one more every half second.
     p = start_pipeline(synthetic_pipeline(auth={"defaultQuota": {"requestsPerMinute": 120}}))
     attempts: list[tuple[int, str | None]] = []

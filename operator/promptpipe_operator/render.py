@@ -431,10 +431,10 @@ def _identity(
 def _gateway_front_door(
     pp: PromptPipeline, env: list[dict[str, Any]], mounts: list[dict[str, Any]], volumes: list[dict[str, Any]]
 ) -> None:
-    """The gateway's API keys and TLS certificate: each Secret mounted as a volume (not an env var, not a
-    subPath: the kubelet swaps a volume's files when the Secret changes, and the gateway reads them again,
-    so keys rotate and certificates renew without a restart). Without keys, a cluster's gateway refuses
-    every call unless the pipeline says `open`."""
+    """The gateway's API keys, TLS certificate and shared quota store. Keys and certificate: each Secret
+    mounted as a volume (not an env var, not a subPath: the kubelet swaps a volume's files when the Secret
+    changes, and the gateway reads them again, so keys rotate and certificates renew without a restart).
+    Without keys, a cluster's gateway refuses every call unless the pipeline says `open`."""
     auth = pp.spec.auth
     if auth.api_keys_secret is not None:
         ref = auth.api_keys_secret
@@ -445,6 +445,11 @@ def _gateway_front_door(
         volumes.append({"name": "api-keys", "secret": {"secretName": ref.name, "items": items, "defaultMode": 0o440}})
     elif not auth.open:
         env.append({"name": "PROMPTPIPE_REQUIRE_API_KEYS", "value": "true"})
+    store = auth.quota_store
+    if store is not None and store.url_secret is not None:
+        # An env var from the Secret, not a file: the URL (and its password) changes with a rollout.
+        url = {"name": store.url_secret.name, "key": store.url_secret.key}
+        env.append({"name": "PROMPTPIPE_QUOTA_STORE_URL", "valueFrom": {"secretKeyRef": url}})
     if pp.spec.tls is not None:
         env.append({"name": "PROMPTPIPE_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"})
         env.append({"name": "PROMPTPIPE_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"})

@@ -30,6 +30,7 @@ from promptpipe.contract.tracing import service_name
 from promptpipe.gateway.front_door import FrontDoor
 from promptpipe.gateway.grpc_api import GatewayServicer
 from promptpipe.gateway.http_api import OpenAIGateway
+from promptpipe.gateway.quota_store import SharedTenancy
 from promptpipe.rpc import MAX_CONNECTION_AGE_MS
 from promptpipe.runtime import logs
 from promptpipe.runtime.apikeys import KeyRing
@@ -38,7 +39,7 @@ from promptpipe.runtime.identity import NoToken, TokenSource, process_identity
 from promptpipe.runtime.inprocess import InProcessStage
 from promptpipe.runtime.liveness import Liveness, stuck_after
 from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, callers_refused, serving_gauge
-from promptpipe.runtime.quotas import LocalTenancy
+from promptpipe.runtime.quotas import LocalTenancy, Tenancy
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import (
     WATCHDOG_SLACK_SECONDS,
@@ -177,9 +178,11 @@ def build(
     client_interceptors: Sequence[Any] = (),
     keys: KeyRing | None = None,
     tokens: TokenSource | None = None,
+    quota_store_url: str | None = None,
 ) -> StageProcess:
     """The process of `stage`: its handler (or the gateway), with the stages fused into it built in; its calls
-    to other processes carry `tokens` (its identity)."""
+    to other processes carry `tokens` (its identity); the gateway keeps its tenants' buckets in the store at
+    `quota_store_url`, which its replicas share, or in this process without one."""
     parts = _Parts(stage, config, runtime, registry, client_interceptors, tokens or NoToken())
     spec, name = parts.spec, parts.name
     if stage is StageName.STREAM:
@@ -192,7 +195,7 @@ def build(
             parts.next_stage(StageName.POST),
             GatewayMetrics(registry, name, spec.slo),
             keys,
-            LocalTenancy.create(spec.auth, registry, name, runtime.queue),
+            _tenancy(config, registry, runtime, quota_store_url),
         )
         http = OpenAIGateway(gateway, runtime, name, spec.model, keys, spec.http)
         return StageProcess(
@@ -204,6 +207,17 @@ def build(
     # post in the inference process: its Stage service serves post, which calls inference in-process
     post = parts.local(StageName.POST)
     return StageProcess(post.runtime, post.handler, parts.liveness, parts.start_in_process, post.close, parts.healthy)
+
+
+def _tenancy(config: RuntimeConfig, registry: CollectorRegistry, runtime: StageRuntime, url: str | None) -> Tenancy:
+    pipeline = config.pipeline
+    auth, name = pipeline.spec.auth, pipeline.metadata.name
+    if url is None:
+        if auth.quota_store is not None:
+            log.warning("auth.quotaStore is set but no store URL was given: each gateway process keeps its own buckets")
+        return LocalTenancy.create(auth, registry, name, runtime.queue)
+    key = f"{pipeline.metadata.namespace}/{name}"
+    return SharedTenancy.create(url, key, auth, registry, name, runtime.queue)
 
 
 class _WatchingPods:
@@ -292,7 +306,8 @@ async def serve(settings: StageSettings, config: RuntimeConfig) -> None:
         (log.warning if keys.open or keys.closed else log.info)("%s", keys.describe())
     refused = callers_refused(registry, pipeline.metadata.name, stage.value)
     identity = process_identity(config.identity, pipeline.spec, stage, settings.identity_token_file, refused)
-    built = build(stage, config, runtime, registry, client_interceptors, keys, identity.tokens)
+    store = settings.quota_store_url.get_secret_value() if settings.quota_store_url is not None else None
+    built = build(stage, config, runtime, registry, client_interceptors, keys, identity.tokens, store)
     served = built.served  # post's, when post is fused into this inference process
     servicer = StageServicer(served, built.handler)
     serving_gauge(registry, pipeline.metadata.name, stage.value, lambda: servicer.serving and built.can_serve())

@@ -1,6 +1,6 @@
 """The node's Debian parts: runc and the CNI plugins run its containers (containerd is built, `build.py`);
-buildah and debootstrap build its images; iptables and conntrack serve kube-proxy. Installed with apt
-as root, once."""
+buildah and debootstrap build its images; iptables and conntrack serve kube-proxy. And redis-server,
+which the tests run as the gateway's shared quota store. Installed with apt as root, once."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ COMMANDS = {
     "debootstrap": "debootstrap",
     "iptables": "iptables",
     "conntrack": "conntrack",
+    # not the node's: the gateway's shared quota store in the tests (auth.quotaStore)
+    "redis-server": "redis-server",
 }
 
 

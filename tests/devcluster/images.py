@@ -42,6 +42,8 @@ DOCKERFILES = {
 }
 # What the Dockerfiles' bases bring: Python with venv, and llama.cpp's OpenMP runtime.
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "libgomp1", "ca-certificates")
+# The quota store's image: Debian's redis-server alone (the chart's default is valkey's image).
+STORE_PACKAGES = ("redis-server",)
 
 
 @dataclass(frozen=True)
@@ -118,21 +120,36 @@ class Builder:
 
     def base(self) -> str:
         """Debian bookworm with Python 3.11 from Debian's own packages."""
-        key = _digest(versions.DEBIAN_SUITE.encode(), versions.DEBIAN_MIRROR.encode(), " ".join(BASE_PACKAGES).encode())
-        name = f"{REPOSITORY}/base:{key}"
+        return self._debian("base", BASE_PACKAGES, ("--cmd", "/bin/bash"))
+
+    def quota_store(self) -> Image:
+        """The gateways' shared quota store on the node (the chart's `quotaStore`): Debian's redis-server,
+        as the chart runs valkey's image (its arguments after the entrypoint; uid 999, nothing written)."""
+        config = ("--entrypoint", '["redis-server"]', "--cmd", "[]", "--user", "999:999")
+        return self._archive(self._debian("quota-store", STORE_PACKAGES, config))
+
+    def _debian(self, image: str, packages: tuple[str, ...], config: tuple[str, ...]) -> str:
+        """Debian bookworm (minbase) with `packages`, from debootstrap, made an image with buildah `config`."""
+        key = _digest(
+            versions.DEBIAN_SUITE.encode(),
+            versions.DEBIAN_MIRROR.encode(),
+            " ".join(packages).encode(),
+            *([" ".join(config).encode()] if image != "base" else []),
+        )
+        name = f"{REPOSITORY}/{image}:{key}"
         if self._exists(name):
             return name
-        work = self.folder / "work" / f"base-{key}"
+        work = self.folder / "work" / f"{image}-{key}"
         rootfs, tar = work / "rootfs", work / "rootfs.tar"
         if not tar.exists():
-            log.info("debootstrap %s (about 90 s)", versions.DEBIAN_SUITE)
+            log.info("debootstrap %s with %s (about 90 s)", versions.DEBIAN_SUITE, ", ".join(packages))
             subprocess.run(["rm", "-rf", str(rootfs)], check=True)
             rootfs.mkdir(parents=True)
             subprocess.run(
                 [
                     "debootstrap",
                     "--variant=minbase",
-                    f"--include={','.join(BASE_PACKAGES)}",
+                    f"--include={','.join(packages)}",
                     versions.DEBIAN_SUITE,
                     str(rootfs),
                     versions.DEBIAN_MIRROR,
@@ -158,8 +175,7 @@ class Builder:
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "--env",
                 "LANG=C.UTF-8",
-                "--cmd",
-                "/bin/bash",
+                *config,
                 container,
             )
             self.buildah("commit", "--quiet", container, name)
@@ -221,7 +237,11 @@ class Builder:
         return self._archive(name)
 
     def all(self) -> dict[str, Image]:
-        images = {"pause": self.pause(), **{image: self.build(image) for image in DOCKERFILES}}
+        images = {
+            "pause": self.pause(),
+            "quota-store": self.quota_store(),
+            **{image: self.build(image) for image in DOCKERFILES},
+        }
         self.prune({self.base(), *(i.name for i in images.values())})
         return images
 

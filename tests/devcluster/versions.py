@@ -35,6 +35,7 @@ NODE_PACKAGES = {
     "debootstrap": "1.0.128+nmu2+deb12u2",
     "iptables": "1.8.9-2",
     "conntrack": "1:1.4.7-1+b2",
+    "redis-server": "5:7.0.15-1~deb12u10",
 }
 # The images' base: Debian bookworm with its own Python 3.11, from debootstrap.
 DEBIAN_SUITE = "bookworm"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from promptpipe.cli import localrun
+from promptpipe.contract.apikeys import hash_key, new_key
 from promptpipe.contract.identity import StageIdentity, subject
 from promptpipe.contract.runtime_config import load_runtime_config
 from promptpipe.contract.spec import StageName
@@ -47,6 +49,17 @@ def deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
             deep_merge(into[key], value)
         else:
             into[key] = copy.deepcopy(value)
+
+
+def tenant_keys(folder: Path, monkeypatch: Any, *tenants: str) -> dict[str, str]:
+    """A new API key for each tenant, in a key file the pipelines started next read (as
+    PROMPTPIPE_API_KEYS_FILE): the keys by tenant."""
+    keys = {tenant: new_key() for tenant in tenants}
+    path = folder / "keys.yaml"
+    path.write_text("".join(f"{tenant}: {hash_key(key)}\n" for tenant, key in keys.items()))
+    monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
+    monkeypatch.delenv("PROMPTPIPE_API_KEYS", raising=False)
+    return keys
 
 
 class RunningPipeline:
@@ -103,6 +116,27 @@ class RunningPipeline:
         }
         args = [sys.executable, "-m", "promptpipe.stage_process"]
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @contextmanager
+    def more_gateways(self, n: int, folder: Path, **extra_env: str) -> Iterator[list[tuple[str, str]]]:
+        """`n` more gateway processes of this pipeline (as more pods of its gateway), on ports of their own,
+        with `extra_env`; yields each one's gRPC address and OpenAI base URL."""
+        procs: list[subprocess.Popen[bytes]] = []
+        served = []
+        try:
+            for i in range(n):
+                ports = folder / f"gateway-{i}-{uuid.uuid4().hex[:6]}.ports"
+                extra = {"PROMPTPIPE_PORT": "0", "PROMPTPIPE_HTTP_PORT": "0", "PROMPTPIPE_PORT_FILE": str(ports)}
+                procs.append(self.relaunch(StageName.STREAM, **extra, **extra_env))
+                wait_until(ports.exists, f"gateway {i} to serve", 60)
+                grpc_port, _, http_port, _ = ports.read_text().split()
+                served.append((f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}/v1"))
+            yield served
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(10)
 
     def metric(self, stage: StageName, name: str, /, **labels: str) -> float:
         """The value of one sample in the stage's /metrics (a `stage` label too: a fused stage's, in its host's)."""

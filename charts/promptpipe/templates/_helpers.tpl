@@ -27,3 +27,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "promptpipe.image" -}}
 {{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) -}}
 {{- end -}}
+
+{{/* The quota store's own: it must not fall under the operator's selectors (its Deployment, Service). */}}
+{{- define "promptpipe.storeSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-quota-store
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "promptpipe.storeLabels" -}}
+{{ include "promptpipe.storeSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}

@@ -143,7 +143,8 @@ GATEWAY_TENANT_CALLS = Metric(
     "promptpipe_gateway_tenant_calls_total",
     Kind.COUNTER,
     "Calls of each tenant, by outcome: admitted (past its quota; it may still be shed for overload),"
-    " over_requests_quota or over_tokens_quota (refused, 429).",
+    " over_requests_quota or over_tokens_quota (refused, 429), quota_store_unreachable (refused, 503:"
+    " auth.quotaStore.onUnreachable is closed).",
     (Label.PIPELINE, Label.TENANT, Label.OUTCOME),
 )
 GATEWAY_TENANT_TOKENS = Metric(
@@ -151,6 +152,18 @@ GATEWAY_TENANT_TOKENS = Metric(
     Kind.COUNTER,
     "Prompt plus generated tokens charged to each tenant's tokens-per-minute quota.",
     (Label.PIPELINE, Label.TENANT),
+)
+GATEWAY_QUOTA_STORE_UP = Metric(
+    "promptpipe_gateway_quota_store_up",
+    Kind.GAUGE,
+    "1 while the shared quota store (auth.quotaStore) answers, 0 while calls go as its onUnreachable says.",
+    (Label.PIPELINE,),
+)
+GATEWAY_QUOTA_STORE_FAILURES = Metric(
+    "promptpipe_gateway_quota_store_failures_total",
+    Kind.COUNTER,
+    "Calls to the shared quota store that failed or outlasted its timeoutMilliseconds.",
+    (Label.PIPELINE,),
 )
 GATEWAY_TENANT_QUEUE_DEPTH = Metric(
     "promptpipe_gateway_tenant_queue_depth",
@@ -220,6 +233,8 @@ ALL: tuple[Metric, ...] = (
     GATEWAY_TENANT_CALLS,
     GATEWAY_TENANT_TOKENS,
     GATEWAY_TENANT_QUEUE_DEPTH,
+    GATEWAY_QUOTA_STORE_UP,
+    GATEWAY_QUOTA_STORE_FAILURES,
     BACKEND_GENERATED_TOKENS,
     BACKEND_CANCELLED,
     BACKEND_ACTIVE,

@@ -720,6 +720,22 @@ class TenantSpec(QuotaSpec):
 _LIST_BY_NAME: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
 
 
+class QuotaStoreSpec(_Model):
+    """Where the gateway's replicas keep their tenants' buckets together: a Redis or Valkey server, so a
+    tenant's quota is the tenant's whatever the number of gateway pods (without it each pod keeps its own,
+    and N pods give a tenant N times its quota)."""
+
+    # Operator only: the Secret key holding the server's URL, `redis://` or `rediss://` (TLS), with its
+    # password (`redis://:PASSWORD@host:6379/0`). Locally, PROMPTPIPE_QUOTA_STORE_URL.
+    url_secret: SecretKeyRef | None = None
+    # While the store cannot be reached: `open` charges each gateway pod's own buckets (a tenant gets at most
+    # its quota per pod until the store is back), `closed` refuses every call with a quota, UNAVAILABLE (503).
+    on_unreachable: Literal["open", "closed"] = "open"
+    # How long a call waits for the store before it counts as unreachable (then it is not asked again for a
+    # second: the calls meanwhile go as `onUnreachable` says without waiting).
+    timeout_milliseconds: Annotated[int, Field(ge=1, le=5000)] = 100
+
+
 class AuthSpec(_Model):
     """Who may call the gateway (API keys), and each tenant's quota and share."""
 
@@ -747,6 +763,8 @@ class AuthSpec(_Model):
         list[TenantSpec],
         Field(max_length=256, json_schema_extra=_LIST_BY_NAME),
     ] = []
+    # Unset: each gateway process keeps its own buckets (right for one replica, and for `promptpipe up`).
+    quota_store: QuotaStoreSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> AuthSpec:

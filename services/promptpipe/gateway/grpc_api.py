@@ -18,7 +18,7 @@ from promptpipe.runtime.admission import Flow
 from promptpipe.runtime.apikeys import ANONYMOUS, KeyRing
 from promptpipe.runtime.calls import NextStage
 from promptpipe.runtime.coalesce import coalesce
-from promptpipe.runtime.errors import DataLoss, QuotaExceeded, Unauthenticated, abort_with
+from promptpipe.runtime.errors import DataLoss, QuotaExceeded, Unauthenticated, Unavailable, abort_with
 from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.metrics import GatewayMetrics
 from promptpipe.runtime.quotas import Tenancy
@@ -59,6 +59,7 @@ class GatewayServicer:
     async def close(self) -> None:
         for client in (self._rag, self._assemble, self._post):
             await client.close()
+        await self.tenancy.close()
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -69,7 +70,7 @@ class GatewayServicer:
         try:
             try:
                 tenant, flow = await self.caller(dict(context.invocation_metadata() or ()).get("authorization"))
-            except (Unauthenticated, QuotaExceeded) as exc:
+            except (Unauthenticated, QuotaExceeded, Unavailable) as exc:
                 await abort_with(context, exc, self._runtime.stage)
             access.tenant = tenant
             in_call(tenant=tenant)

@@ -27,7 +27,7 @@ from promptpipe.gateway.access_log import AccessLog, status_of_http
 from promptpipe.gateway.grpc_api import GatewayServicer, with_tenant
 from promptpipe.gateway.http_body import read_body
 from promptpipe.runtime.apikeys import KeyRing
-from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError, Unauthenticated
+from promptpipe.runtime.errors import ClientGone, QuotaExceeded, StageError, Unauthenticated, Unavailable
 from promptpipe.runtime.logs import in_call
 from promptpipe.runtime.stage import StageRuntime
 from promptpipe.runtime.tls import ServerCertificate
@@ -165,7 +165,7 @@ class OpenAIGateway:
         # Charged before its body is read: a body refused while it is read or parsed still counts.
         try:
             flow = await self._gateway.tenancy.charge(tenant)
-        except QuotaExceeded as exc:
+        except (QuotaExceeded, Unavailable) as exc:  # Unavailable: the shared quota store, failing closed
             raise api.api_error(exc) from None
         limits = self._limits
         body = await read_body(request, limits.max_body_bytes, limits.body_timeout_seconds)

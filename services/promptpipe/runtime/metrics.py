@@ -203,6 +203,22 @@ def callers_refused(registry: CollectorRegistry, pipeline: str, stage: str) -> C
     return lambda code: counter.labels(**labels, code=code).inc()
 
 
+class QuotaStoreMetrics:
+    """Whether the gateway's shared quota store answers, and how often it did not."""
+
+    def __init__(self, registry: CollectorRegistry, pipeline: str) -> None:
+        self._up = _gauge(m.GATEWAY_QUOTA_STORE_UP, registry).labels(pipeline)
+        self._failures = _counter(m.GATEWAY_QUOTA_STORE_FAILURES, registry).labels(pipeline)
+        self._up.set(1)
+
+    def answered(self) -> None:
+        self._up.set(1)
+
+    def failed(self) -> None:
+        self._up.set(0)
+        self._failures.inc()
+
+
 def serving_gauge(registry: CollectorRegistry, pipeline: str, stage: str, serving: Callable[[], bool]) -> None:
     """`promptpipe_stage_serving`, read from the stage's health when scraped."""
     labels = {m.Label.PIPELINE.value: pipeline, m.Label.STAGE.value: stage}

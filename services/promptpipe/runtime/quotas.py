@@ -5,8 +5,8 @@ Tokens per minute: a call's size is not known before it runs, so a call is admit
 bucket is not empty and pays for its prompt and generated tokens when it ends; a bucket driven below zero
 refuses the tenant's calls until it refills above it. Each bucket holds at most a minute's worth.
 
-The gateway charges its calls through a `Tenancy`: today the buckets kept in its own process
-(`LocalTenancy`).
+The gateway charges its calls through a `Tenancy`: the buckets kept in its own process (`LocalTenancy`),
+or in a store its replicas share (`promptpipe.gateway.quota_store`).
 """
 
 from __future__ import annotations
@@ -127,13 +127,16 @@ class Tenancy(Protocol):
     def used(self, tenant: str, tokens: int) -> None:
         """A call of `tenant` used `tokens` more (its prompt, or chunks it was sent)."""
 
+    async def close(self) -> None:
+        """Settle what is owed (the gateway is stopping)."""
+
 
 class LocalTenancy:
     """The tenants' quotas and per-tenant metrics, kept in this process."""
 
     def __init__(self, quotas: Quotas, metrics: TenantMetrics) -> None:
-        self._quotas = quotas
-        self._metrics = metrics
+        self.quotas = quotas
+        self.metrics = metrics
 
     @classmethod
     def create(cls, auth: AuthSpec, registry: CollectorRegistry, pipeline: str, queue: AdmissionQueue) -> LocalTenancy:
@@ -143,16 +146,19 @@ class LocalTenancy:
 
     def charge_now(self, tenant: str) -> Flow:
         try:
-            flow = self._quotas.admit(tenant)
+            flow = self.quotas.admit(tenant)
         except QuotaExceeded as exc:
-            self._metrics.call(tenant, f"over_{exc.limit}_quota")
+            self.metrics.call(tenant, f"over_{exc.limit}_quota")
             raise
-        self._metrics.call(tenant, "admitted")
+        self.metrics.call(tenant, "admitted")
         return flow
 
     async def charge(self, tenant: str) -> Flow:
         return self.charge_now(tenant)
 
     def used(self, tenant: str, tokens: int) -> None:
-        self._quotas.used(tenant, tokens)
-        self._metrics.tokens(tenant, tokens)
+        self.quotas.used(tenant, tokens)
+        self.metrics.tokens(tenant, tokens)
+
+    async def close(self) -> None:
+        pass

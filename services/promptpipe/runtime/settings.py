@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from promptpipe.contract.spec import StageName
@@ -52,6 +52,10 @@ class StageSettings(BaseSettings):
     """The token this process's calls to other stages carry (a projected ServiceAccount token the kubelet
     writes and refreshes), read again when it changes; unset, the process signs its own with the runtime
     config's identity key (`promptpipe up`)."""
+    quota_store_url: SecretStr | None = None
+    """The gateway's shared quota store, `redis://[:password@]host:port/db` or `rediss://` (the pipeline's
+    `auth.quotaStore.urlSecret`, which the operator passes here): the tenants' buckets are kept there, for
+    every replica of the gateway at once. Unset: this process keeps its own."""
     port_file: Path | None = None
     """If set, the bound ports are written here as `grpc metrics http stage` once serving (http 0: none;
     stage: the stream stage's internal port, else the same as grpc)."""
