@@ -35,6 +35,7 @@ def test_a_stage_gets_only_the_environment_it_needs() -> None:
         "LLM_API_KEY": "the-key",
         "AWS_SECRET_ACCESS_KEY": "never",
         "GITHUB_TOKEN": "never",
+        "PROMPTPIPE_QUOTA_STORE_URL": "redis://:password@store:6379/0",
     }
     envs = {stage: localrun.stage_environment(stage, pipeline, parent) for stage in StageName}
     assert all("AWS_SECRET_ACCESS_KEY" not in env and "GITHUB_TOKEN" not in env for env in envs.values())
@@ -42,6 +43,8 @@ def test_a_stage_gets_only_the_environment_it_needs() -> None:
     assert {stage for stage, env in envs.items() if "HTTPS_PROXY" in env} == {StageName.INFERENCE}
     assert all(env["PATH"] == "/usr/bin" and env["LC_ALL"] == "C.UTF-8" for env in envs.values())
     assert all("OTEL_EXPORTER_OTLP_ENDPOINT" in env for env in envs.values())
+    # The quota store's URL (and its password) is the gateway's alone.
+    assert {stage for stage, env in envs.items() if "PROMPTPIPE_QUOTA_STORE_URL" in env} == {StageName.STREAM}
 
 
 @pytest.mark.processes

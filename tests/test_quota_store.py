@@ -254,3 +254,24 @@ def test_the_gateway_process_fails_closed_over_grpc_and_http_alike(
         quota_store.start()
         time.sleep(RETRY_SECONDS)
         assert asyncio.run(outcome(address, alice_key)) == "OK"
+
+
+@pytest.mark.redis
+def test_promptpipe_up_gives_the_store_url_to_its_gateway_and_to_no_other_stage(
+    start_pipeline, alice_key: str, quota_store: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROMPTPIPE_QUOTA_STORE_URL", quota_store.url)
+    doc = synthetic_pipeline(auth={"tenants": [{"name": "alice", "requestsPerMinute": 2}], "quotaStore": {}})
+    p = start_pipeline(doc)
+    got = [asyncio.run(outcome(p.gateway, alice_key)) for _ in range(3)]
+    assert got == ["OK", "OK", "RESOURCE_EXHAUSTED"]
+    assert p.metric(StageName.STREAM, "promptpipe_gateway_quota_store_up") == 1
+    # The buckets are in the store: alice's, under this pipeline's key.
+    client = quota_store.client()
+    try:
+        assert client.keys("promptpipe:quota:{default/t}:alice") == [b"promptpipe:quota:{default/t}:alice"]
+    finally:
+        client.close()
+    for stage in (StageName.RAG, StageName.ASSEMBLE, StageName.INFERENCE, StageName.POST):
+        environ = Path(f"/proc/{p.pid(stage)}/environ").read_bytes().split(b"\0")
+        assert not any(v.startswith(b"PROMPTPIPE_QUOTA_STORE_URL=") for v in environ), stage

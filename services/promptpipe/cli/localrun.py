@@ -164,15 +164,20 @@ PASSED_TO_INFERENCE = (
 )
 
 
+# The gateway's alone: the quota store's URL holds its password.
+PASSED_TO_THE_GATEWAY = ("PROMPTPIPE_QUOTA_STORE_URL",)
+
+
 def stage_environment(stage: StageName, pipeline: PromptPipeline, parent: Mapping[str, str]) -> dict[str, str]:
     """The part of `parent` a stage process needs (the PROMPTPIPE_* settings are added by the caller)."""
     names = set(PASSED_TO_EVERY_STAGE)
+    withheld = () if stage is StageName.STREAM else PASSED_TO_THE_GATEWAY
     if topology.runs_inference(pipeline.spec, stage):
         names.update(PASSED_TO_INFERENCE)
         openai = pipeline.spec.model.openai
         if pipeline.spec.model.backend is BackendKind.OPENAI and openai is not None and openai.api_key_env:
             names.add(openai.api_key_env)
-    return {k: v for k, v in parent.items() if k in names or k.startswith(PASSED_BY_PREFIX)}
+    return {k: v for k, v in parent.items() if (k in names or k.startswith(PASSED_BY_PREFIX)) and k not in withheld}
 
 
 def wait_serving(run: LocalRun, timeout: float) -> None:
