@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from promptpipe.client import PipelineClient
 from promptpipe.waiting import wait_until
 from tests.devcluster.node import Node
-from tests.support.node import all_running, apply, instance, pods, service_ip
+from tests.support.node import all_running, apply, instance, pods, service_ip, stream
 
 pytestmark = [pytest.mark.node, pytest.mark.helm]
 
@@ -56,15 +55,6 @@ def pipeline() -> dict[str, object]:
     }
 
 
-async def answer(target: str) -> int:
-    tokens = 0
-    async with PipelineClient(target) as client:
-        async for response in client.generate("go", timeout=30):
-            if response.HasField("chunk"):
-                tokens += response.chunk.token_count
-    return tokens
-
-
 def impostor(node: Node, namespace: str, labels: dict[str, str]) -> dict[str, object]:
     token = {"audience": f"promptpipe.io/{namespace}/{NAME}", "expirationSeconds": 600, "path": "token"}
     return {
@@ -99,7 +89,7 @@ def test_the_pipelines_own_calls_carry_their_stage_tokens_and_a_look_alike_pod_i
         gateway = f"127.0.0.1:{node.forward(service_ip(node, namespace, f'{NAME}-stream'), 50051)}"
         # Through the gateway, rag, assemble, post and inference each admitted the caller's projected token.
         wait_until(
-            lambda: asyncio.run(answer(gateway)) == TOKENS,
+            lambda: asyncio.run(stream(gateway)) == (TOKENS, None),
             "a call through the pipeline",
             60,
             every=1,
@@ -130,7 +120,7 @@ def test_the_pipelines_own_calls_carry_their_stage_tokens_and_a_look_alike_pod_i
         )
         assert said == {"none": "UNAUTHENTICATED", "own": "PERMISSION_DENIED"}, said
         # And the pipeline still answers; no stage restarted.
-        assert asyncio.run(answer(gateway)) == TOKENS
+        assert asyncio.run(stream(gateway)) == (TOKENS, None)
         now: list[Any] = [p for p in pods(node, namespace, instance(NAME)) if p["metadata"]["name"] != "impostor"]  # type: ignore[index]
         restarts = [s["restartCount"] for p in now for s in p["status"]["containerStatuses"]]
         assert restarts == [0] * 5, restarts
