@@ -28,7 +28,7 @@ DEV         := $(BIN)/python -m tests.devcluster
 QUESTION    ?= When was the Eiffel Tower built?
 export PROMPTPIPE_HOME ?= $(CURDIR)/.cache/local
 
-.PHONY: help setup wheelhouse controlplane cluster-up cluster-down node-up node-down demo test test-fast faults proto manifests crd bench lint clean
+.PHONY: help lock setup wheelhouse controlplane cluster-up cluster-down node-up node-down demo test test-fast faults proto manifests crd bench lint clean
 
 help:
 	@grep -E '^#   make' $(MAKEFILE_LIST) | sed 's/^#   //'
@@ -37,12 +37,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==25.3
 
-# llama-cpp-python compiles llama.cpp from source (about 5 minutes on 2 cores): build it once.
+# llama-cpp-python compiles llama.cpp from source (about 5 minutes on 2 cores): build it once, from the
+# source archive whose hash requirements/llama-cpp.txt gives.
 $(LLAMA_WHEEL): | $(BIN)/python
 	mkdir -p $(WHEELS)
 	rm -f $(WHEELS)/llama_cpp_python-$(LLAMA_VER)-*.whl  # else pip keeps the wheel it finds there
 	time CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
-	  $(BIN)/pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VER)
+	  $(BIN)/pip wheel --no-cache-dir --no-deps --require-hashes --wheel-dir $(WHEELS) -r requirements/llama-cpp.txt
 	touch $@
 
 $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL) | $(BIN)/python
@@ -110,6 +111,11 @@ manifests: setup
 	$(BIN)/python -m charts.generate > deploy/install.yaml
 
 crd: manifests
+
+# The images' hashed dependency locks (requirements/*.txt) from pyproject.toml and constraints.txt: run after
+# changing either (pip-compile asks the package index for every file's hash).
+lock: $(STAMP)
+	$(BIN)/python -m requirements.generate
 
 cluster-up: setup
 	PROMPTPIPE_CACHE=$(CACHE) $(DEV) cluster up

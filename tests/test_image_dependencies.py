@@ -25,6 +25,7 @@ from promptpipe.contract.pipeline_file import parse_pipeline
 from promptpipe.contract.runtime_config import RuntimeConfig
 from promptpipe.contract.spec import STAGE_ORDER
 from tests.devcluster.build import cache_root
+from tests.devcluster.images import llama_wheel_sha256
 
 pytestmark = pytest.mark.venv
 
@@ -80,17 +81,25 @@ class Venv:
     def __init__(self, folder: Path, wheel: Path, extras: str) -> None:
         self.bin = folder / "bin"
         run(sys.executable, "-m", "venv", folder)
-        run(
-            self.bin / "pip",
-            "install",
-            "--quiet",
-            "--no-index",
-            "--find-links",
-            WHEELS,
-            "--constraint",
-            ROOT / "constraints.txt",
-            f"{wheel}[{extras}]",
-        )
+        self.pip_install("--constraint", ROOT / "constraints.txt", f"{wheel}[{extras}]")
+
+    @classmethod
+    def locked(cls, folder: Path, wheel: Path, image: str) -> Venv:
+        """As the image installs it: its lock with --require-hashes (llama-cpp-python's with the hash of
+        the wheel compiled here, as the node's build gives it), then the project without dependencies."""
+        venv = cls.__new__(cls)
+        venv.bin = folder / "bin"
+        run(sys.executable, "-m", "venv", folder)
+        llama = folder / "llama-cpp.txt"
+        line = (ROOT / "requirements" / "llama-cpp.txt").read_text().splitlines()[-1]
+        llama.write_text(f"{line} --hash=sha256:{llama_wheel_sha256()}\n")
+        lock = ROOT / "requirements" / f"{image}.txt"
+        venv.pip_install("--require-hashes", "--no-deps", "-r", lock, "-r", llama)
+        venv.pip_install("--no-deps", wheel)
+        return venv
+
+    def pip_install(self, *args: str | Path) -> None:
+        run(self.bin / "pip", "install", "--quiet", "--no-index", "--find-links", WHEELS, *args)
 
     def run(
         self, command: str, *args: str | Path, env: dict[str, str] | None = None, check: bool = True
@@ -141,7 +150,46 @@ def test_the_operator_runs_on_its_own_dependencies(venv: Callable[[str], Venv]) 
 
 
 def test_every_stage_builds_on_the_stage_dependencies(venv: Callable[[str], Venv], tmp_path: Path) -> None:
-    venv = venv("stage")
+    stage = venv("stage")
+    every_stage_builds(stage, tmp_path)
+    assert not stage.can_import("kopf") and not stage.can_import("boto3") and not stage.can_import("typer")
+
+
+def test_the_stage_images_hashed_lock_installs_from_the_wheels_and_every_stage_builds_on_it(
+    wheel: Path, tmp_path: Path
+) -> None:
+    image = Venv.locked(tmp_path / "venv", wheel, "stage")
+    every_stage_builds(image, tmp_path)
+    # The image also runs the fetch-model init container (the CLI's), never the operator.
+    assert image.can_import("typer") and not image.can_import("kopf")
+
+
+def test_the_operator_images_hashed_lock_installs_and_the_operator_starts_on_it(wheel: Path, tmp_path: Path) -> None:
+    venv = Venv.locked(tmp_path / "venv", wheel, "operator")
+    assert "PROMPTPIPE_OPERATOR_STAGE_IMAGE" in venv.run("promptpipe-operator", "--help").stdout
+    report = json.loads(venv.run("promptpipe-operator", "--check").stdout)
+    assert "operator" in report and "registry" in report
+
+
+def test_a_wheel_whose_hash_the_lock_does_not_hold_is_refused(wheel: Path, tmp_path: Path) -> None:
+    # llama-cpp-python's lock alone, without the hash of the wheel compiled here: pip must refuse that wheel.
+    run(sys.executable, "-m", "venv", tmp_path / "venv")
+    refused = run(
+        tmp_path / "venv" / "bin" / "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        WHEELS,
+        "--require-hashes",
+        "--no-deps",
+        "-r",
+        ROOT / "requirements" / "llama-cpp.txt",
+        check=False,
+    )
+    assert refused.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in refused.stderr, refused.stderr
+
+
+def every_stage_builds(venv: Venv, tmp_path: Path) -> None:
     pipeline = parse_pipeline(yaml.safe_load(QUICKSTART.read_text()))
     config = RuntimeConfig(
         pipeline=pipeline,
@@ -166,7 +214,6 @@ def test_every_stage_builds_on_the_stage_dependencies(venv: Callable[[str], Venv
         "promptpipe-stage", "--check", env={"PROMPTPIPE_STAGE": "ranker", "PROMPTPIPE_CONFIG": str(path)}, check=False
     )
     assert refused.returncode != 0 and "stage" in refused.stderr
-    assert not venv.can_import("kopf") and not venv.can_import("boto3") and not venv.can_import("typer")
 
 
 def test_the_cli_runs_on_its_own_dependencies(venv: Callable[[str], Venv]) -> None:

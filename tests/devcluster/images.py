@@ -26,19 +26,26 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = "localhost/promptpipe"
+
+
+def locks(image: str) -> tuple[str, str]:
+    """An image's hashed dependency lock, and llama-cpp-python's (requirements/generate.py)."""
+    return (f"requirements/{image}.txt", "requirements/llama-cpp.txt")
+
+
 # The Dockerfiles, by image name; what each copies from the repository root.
 DOCKERFILES = {
     "operator": (
         ROOT / "operator" / "Dockerfile",
-        ("pyproject.toml", "constraints.txt", "README.md", "services", "operator"),
+        ("pyproject.toml", "constraints.txt", "README.md", "requirements/operator.txt", "services", "operator"),
     ),
     "stage": (
         ROOT / "services" / "Dockerfile",
-        ("pyproject.toml", "constraints.txt", "README.md", "services", "operator"),
+        ("pyproject.toml", "constraints.txt", "README.md", *locks("stage"), "services", "operator"),
     ),
-    "llamacpp-server": (ROOT / "services" / "Dockerfile.llamacpp-server", ("constraints.txt",)),
+    "llamacpp-server": (ROOT / "services" / "Dockerfile.llamacpp-server", locks("llamacpp-server")),
     # Not a product image: TGI's stand-in on the node (TGI needs GPUs), for the blue-green journeys.
-    "tgi": (ROOT / "tests" / "support" / "Dockerfile.tgi", ("constraints.txt", "tests/support/tgi_server.py")),
+    "tgi": (ROOT / "tests" / "support" / "Dockerfile.tgi", (*locks("tgi-standin"), "tests/support/tgi_server.py")),
 }
 # What the Dockerfiles' bases bring: Python with venv, and llama.cpp's OpenMP runtime.
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "libgomp1", "ca-certificates")
@@ -65,6 +72,11 @@ def _digest(*parts: bytes) -> str:
     for part in parts:
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
+
+
+def llama_wheel_sha256() -> str:
+    (wheel,) = wheels_dir().glob("llama_cpp_python-*.whl")
+    return hashlib.sha256(wheel.read_bytes()).hexdigest()
 
 
 def context_digest(paths: tuple[str, ...], root: Path = ROOT) -> str:
@@ -203,7 +215,11 @@ class Builder:
         base = self.base()
         wheels = sorted(p.name for p in wheels_dir().glob("*.whl"))
         key = _digest(
-            dockerfile.read_bytes(), context_digest(copied).encode(), base.encode(), "\n".join(wheels).encode()
+            dockerfile.read_bytes(),
+            context_digest(copied).encode(),
+            base.encode(),
+            "\n".join(wheels).encode(),
+            llama_wheel_sha256().encode(),  # compiled here: the same name may be another build
         )
         name = f"{REPOSITORY}/{image}:{key}"
         if not self._exists(name):
@@ -228,6 +244,9 @@ class Builder:
                     "BUILD_PACKAGES=",
                     "--build-arg",
                     "RUNTIME_PACKAGES=",
+                    # The wheel of llama-cpp-python compiled here from its hashed source archive (make setup).
+                    "--build-arg",
+                    f"LLAMA_CPP_WHEEL_SHA256={llama_wheel_sha256()}",
                     "--file",
                     str(dockerfile),
                     "--tag",
