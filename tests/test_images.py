@@ -55,10 +55,12 @@ def test_the_linter_reports_what_it_finds(kube_tools: Tools, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
-def test_images_run_as_non_root_from_a_pinned_base(name: str) -> None:
+def test_images_run_as_non_root_from_a_base_pinned_by_tag_and_digest(name: str) -> None:
     text = DOCKERFILES[name].read_text()
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
-    assert base and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base.group(1)), "a base pinned to a patch release"
+    assert base and re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+@sha256:[0-9a-f]{64}", base.group(1)), (
+        "a base pinned to a patch release, and by digest"
+    )
     tail = final_stage(DOCKERFILES[name])
     users = [ln.split()[1] for ln in tail if ln.startswith("USER ")]
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
