@@ -113,6 +113,8 @@ class SharedTenancy:
         self._store_metrics = store_metrics
         self._clock = clock
         self._unused: dict[str, int] = {}  # tokens used, by tenant, not yet sent to the store
+        # Each tenant's quota and flow, looked up once (auth lists up to 256): bounded as the key file is.
+        self._tenants: dict[str, tuple[QuotaSpec, Flow]] = {}
         self._down_until = 0.0
         self._down = False
         self._flushing: asyncio.Task[None] | None = None
@@ -149,8 +151,7 @@ class SharedTenancy:
         )
 
     async def charge(self, tenant: str) -> Flow:
-        quota = self._auth.quota_of(tenant)
-        flow = tenant_flow(tenant, quota)
+        quota, flow = self._tenant(tenant)
         if quota.requests_per_minute is None and quota.tokens_per_minute is None:
             self._metrics.call(tenant, "admitted")
             return flow
@@ -180,7 +181,7 @@ class SharedTenancy:
         if not tokens:
             return
         self._own.used(tenant, tokens)  # and counted in the tenant's metrics
-        if self._auth.quota_of(tenant).tokens_per_minute is None:
+        if self._tenant(tenant)[0].tokens_per_minute is None:
             return
         self._unused[tenant] = self._unused.get(tenant, 0) + tokens
         if self._flushing is None or self._flushing.done():
@@ -204,7 +205,7 @@ class SharedTenancy:
             async with asyncio.timeout(self._timeout):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for tenant, tokens in unused.items():
-                        args = self._args(self._auth.quota_of(tenant), tokens, charge=False)
+                        args = self._args(self._tenant(tenant)[0], tokens, charge=False)
                         await self._script(keys=[self._key(tenant)], args=args, client=pipe)
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
@@ -228,6 +229,13 @@ class SharedTenancy:
             return None
         self._answered()
         return refused.decode(), float(retry_after)
+
+    def _tenant(self, name: str) -> tuple[QuotaSpec, Flow]:
+        known = self._tenants.get(name)
+        if known is None:
+            quota = self._auth.quota_of(name)
+            known = self._tenants[name] = (quota, tenant_flow(name, quota))
+        return known
 
     @staticmethod
     def _args(quota: QuotaSpec, tokens: int, charge: bool) -> tuple[int, int, int, int]:
