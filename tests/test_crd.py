@@ -138,6 +138,24 @@ MALFORMED = [
     (["spec", "rag", "corpus"], {"path": "corpus/../../proc/self"}, "spec.rag.corpus.path"),
     (["spec", "model", "llamacpp"], {"modelPath": "/etc/shadow"}, "spec.model.llamacpp.modelPath"),
     (["spec", "model", "llamacpp"], {"modelPath": ".."}, "spec.model.llamacpp.modelPath"),
+    # Egress the pipeline opens beyond what it calls: NetworkPolicy shapes, checked as a CNI would need them.
+    (
+        ["spec", "network"],
+        {"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]},
+        "spec.network.egress[0].to[0].ipBlock.cidr",
+    ),
+    (
+        ["spec", "network"],
+        {"egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]},
+        "spec.network.egress[0].to[0]",
+    ),
+    (["spec", "network"], {"egress": [{"ports": [{"port": 70000}]}]}, "spec.network.egress[0].ports[0].port"),
+    (
+        ["spec", "network"],
+        {"egress": [{"ports": [{"port": 90, "endPort": 80}]}]},
+        "spec.network.egress[0].ports[0].endPort",
+    ),
+    (["spec", "network"], {"egress": [{"components": ["gateway"]}]}, "spec.network.egress[0].components[0]"),
     # Worker processes were removed in 0.2.0: a stage pod runs one process.
     (["spec", "stages", "post", "workers"], 1, "spec.stages.post.workers"),
     # The pipeline names the variable sent to the endpoint as its key: never another credential.

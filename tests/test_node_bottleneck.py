@@ -71,6 +71,9 @@ def pipeline(endpoint: str) -> dict[str, Any]:
         stages={"inference": {"queue": {"capacity": 64, "concurrency": 1}}},
         auth={"open": True},
         tracing={"otlpEndpoint": endpoint},
+        # The collector is a process of the node behind a selector-less Service: policies see past Services,
+        # so its address is named (a collector running as pods of its namespace needs no rule).
+        network={"egress": [{"to": [{"ipBlock": {"cidr": f"{NODE_IP}/32"}}], "ports": [{"port": OTLP}]}]},
     )
 
 

@@ -8,11 +8,10 @@ import uuid
 from typing import Any
 
 import pytest
-import yaml
 
 from promptpipe.waiting import wait_until
 from tests.devcluster.node import Node
-from tests.support.node import all_running, apply, instance, pods, service_ip, stream
+from tests.support.node import all_running, apply, instance, pod_output, pods, service_ip, stream
 
 pytestmark = [pytest.mark.node, pytest.mark.helm]
 
@@ -22,7 +21,8 @@ TOKENS = 8
 # A pod of the namespace, labelled as post's pods are (the one stage inference admits), calling inference:
 # with no token, then with a token of its own account for the pipeline's audience (any pod can ask the
 # kubelet for one), then with a token of post's account it has no way to get (the API server's own, from
-# its automounted account: not for the pipeline).
+# its automounted account: not for the pipeline). It waits for a connection (`wait_for_ready`): the node's
+# policy enforcer admits a new pod's address a moment after the pod has one.
 IMPOSTOR = """
 import sys, grpc
 from promptpipe.v1 import stage_pb2, stage_pb2_grpc
@@ -31,7 +31,7 @@ def run(token):
     item = stage_pb2.WorkItem(prompt="hi")
     with grpc.insecure_channel(sys.argv[1]) as channel:
         try:
-            for _ in stage_pb2_grpc.StageStub(channel).Run(item, timeout=20, metadata=metadata):
+            for _ in stage_pb2_grpc.StageStub(channel).Run(item, timeout=20, metadata=metadata, wait_for_ready=True):
                 pass
         except grpc.RpcError as err:
             return err.code().name
@@ -103,19 +103,9 @@ def test_the_pipelines_own_calls_carry_their_stage_tokens_and_a_look_alike_pod_i
         (post,) = [p for p in stage_pods if p["metadata"]["labels"][component] == "post"]
         # Every label of post's pods but the ReplicaSet's own hash (a pod with it would be adopted and removed).
         labels = {k: v for k, v in post["metadata"]["labels"].items() if k != "pod-template-hash"}
-        node.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(impostor(node, namespace, labels)))
-
-        def finished() -> bool:
-            jsonpath = "jsonpath={.status.phase}"
-            return node.kubectl("get", "pod", "impostor", "-n", namespace, "-o", jsonpath).stdout in (
-                "Succeeded",
-                "Failed",
-            )
-
-        wait_until(finished, "the impostor to finish", 120, every=1)
         said = dict(
             line.split(" ", 1)
-            for line in node.kubectl("logs", "impostor", "-n", namespace).stdout.splitlines()
+            for line in pod_output(node, impostor(node, namespace, labels)).splitlines()
             if " " in line
         )
         assert said == {"none": "UNAUTHENTICATED", "own": "PERMISSION_DENIED"}, said

@@ -115,7 +115,7 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
     expected = (
         {("ConfigMap", "quickstart-config"), ("ConfigMap", "quickstart-identity")}
         | {(k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject", "ServiceAccount")}
-        | {("NetworkPolicy", f"quickstart-{s}-ingress") for s in STAGES}
+        | {("NetworkPolicy", f"quickstart-{s}-network") for s in STAGES}
     )
     assert set(children) == expected
     for key, obj in children.items():

@@ -537,11 +537,11 @@ def test_fused_stages_get_no_pods_and_are_reached_at_their_hosts_services() -> N
 
 def test_a_fused_pipelines_network_policies_let_each_pod_be_called_by_its_callers_host_only() -> None:
     policies = by_kind(network_policies(fused("post"), "ns1", SETTINGS), "NetworkPolicy")
-    assert "quickstart-post-ingress" not in policies
-    inference = policies["quickstart-inference-ingress"]["spec"]["ingress"][0]["from"]
+    assert "quickstart-post-network" not in policies
+    inference = policies["quickstart-inference-network"]["spec"]["ingress"][0]["from"]
     assert inference == [{"podSelector": {"matchLabels": selector("quickstart", "stream")}}]
     unfused = by_kind(network_policies(pipeline(), "ns1", SETTINGS), "NetworkPolicy")
-    assert unfused["quickstart-inference-ingress"]["spec"]["ingress"][0]["from"] == [
+    assert unfused["quickstart-inference-network"]["spec"]["ingress"][0]["from"] == [
         {"podSelector": {"matchLabels": selector("quickstart", "post")}}
     ]
 
@@ -565,7 +565,7 @@ def test_fused_whole_the_pipeline_is_one_gateway_pod_that_holds_the_model_and_fi
     binding = by_kind(children(tgi, "ns1", SETTINGS), "RoleBinding")["quickstart-inference-discovery"]
     assert binding["subjects"][0]["name"] == "quickstart-stream"
     policies = by_kind(network_policies(tgi, "ns1", SETTINGS), "NetworkPolicy")
-    backend = policies["quickstart-backend-ingress"]["spec"]["ingress"][0]["from"]
+    backend = policies["quickstart-backend-network"]["spec"]["ingress"][0]["from"]
     # inference runs in the gateway's pod; assemble, in its own, asks TGI's /tokenize.
     assert backend == [{"podSelector": {"matchLabels": selector("quickstart", c)}} for c in ("stream", "assemble")]
 

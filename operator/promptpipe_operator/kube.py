@@ -71,6 +71,7 @@ class Kube:
         os.unlink(self._cache)
         self._dyn = DynamicClient(api, cache_file=self._cache)
         self._issuer_keys: tuple[float, str] | None = None
+        self._api_server: tuple[float, list[tuple[str, int]]] | None = None
         # Children are applied a few at a time: each apply is a round trip the API server can overlap.
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="apply")
         # (connect, read): a stalled connection fails its call instead of holding a thread for ever.
@@ -114,6 +115,28 @@ class Kube:
         document = json.dumps({"issuer": issuer, "keys": keys}, sort_keys=True)
         self._issuer_keys = (now, document)
         return document
+
+    def api_server(self) -> list[tuple[str, int]]:
+        """The API server's endpoints (address, port) as its `kubernetes` Service in `default` leads to
+        them, which the API server itself keeps; asked again at most once a minute."""
+        now = time.monotonic()
+        if self._api_server is not None and now - self._api_server[0] < ISSUER_KEYS_SECONDS:
+            return self._api_server[1]
+        slices = self._resource("discovery.k8s.io/v1", "EndpointSlice").get(
+            namespace="default", label_selector="kubernetes.io/service-name=kubernetes", **self._timeouts()
+        )
+        found = sorted(
+            {
+                (address, int(port["port"]))
+                for item in slices.to_dict()["items"]
+                for endpoint in item.get("endpoints") or []
+                for address in endpoint.get("addresses") or []
+                for port in item.get("ports") or []
+                if port.get("port")
+            }
+        )
+        self._api_server = (now, found)
+        return found
 
     def _timeouts(self) -> dict[str, Any]:
         return {"_request_timeout": self._timeout}

@@ -247,6 +247,12 @@ def _converge(
             issuer_keys = kube.issuer_keys()
         except DynamicApiError as err:
             raise _Refused("the cluster's service-account keys (stage identity)", err, "reading") from None
+        api_server: list[tuple[str, int]] = []
+        if render.managed_tgi(pp) is not None:  # the inference stage's replica discovery calls it
+            try:
+                api_server = kube.api_server()
+            except DynamicApiError as err:
+                raise _Refused("the API server's endpoints (the inference stage's egress)", err, "reading") from None
         stages = {s.value for s in StageName}
         stage_deployments = [
             obj
@@ -257,7 +263,14 @@ def _converge(
             existing.get(("ConfigMap", render.child_name(name, "config"))), stage_deployments
         )
         desired = render.children(
-            pp, namespace, settings, run.rollout, registry.settings if registry else None, issuer_keys, enforce
+            pp,
+            namespace,
+            settings,
+            run.rollout,
+            registry.settings if registry else None,
+            issuer_keys,
+            enforce,
+            api_server,
         )
         # An object of a child's name that is not ours is left alone: a forced apply would take it over.
         new = [m for m in desired if (m["kind"], m["metadata"]["name"]) not in existing]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -37,6 +38,7 @@ from promptpipe.contract.spec import (
     TgiSpec,
 )
 from promptpipe.registry.settings import RegistrySettings
+from promptpipe_operator import egress
 from promptpipe_operator.rollout import BLUE, State
 from promptpipe_operator.settings import OperatorSettings
 
@@ -806,18 +808,49 @@ CALLERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSettings) -> list[KubeObject]:
-    """One NetworkPolicy per component: who may open connections to its pods, on which port. Clients reach
-    the gateway's public ports only; each stage is reached by the stage that calls it alone (so nothing
-    skips the template, the limits or the filters by calling inference or post directly); metrics ports by
-    the operator and the scrapers' namespaces; the gateway's internal port by the operator alone."""
+# Whom each stage calls: the inverse of CALLERS.
+CALLEES: dict[str, tuple[str, ...]] = {
+    c: tuple(callee for callee, callers in CALLERS.items() if c in callers) for c in (s.value for s in StageName)
+}
+
+
+def _backend_urls(pp: PromptPipeline, stage: str) -> list[str]:
+    """The URLs a stage calls for the backend when the operator does not run it."""
+    model = pp.spec.model
+    if model.backend is BackendKind.OPENAI and model.openai is not None and stage == StageName.INFERENCE.value:
+        return list(model.openai.endpoints)
+    if model.backend is BackendKind.TGI and model.tgi is not None:
+        return list(model.tgi.endpoints)  # inference generates, assemble asks /tokenize
+    return []
+
+
+def _registry_urls(registry: RegistrySettings) -> list[str]:
+    urls = {u for u in (registry.endpoint_url, registry.s3_endpoint_url) if u}
+    # No endpoint: AWS itself (S3 and DynamoDB over https, at names a policy cannot pin).
+    return sorted(urls) or ["https://s3.amazonaws.com"]
+
+
+def network_policies(
+    pp: PromptPipeline,
+    namespace: str,
+    settings: OperatorSettings,
+    registry: RegistrySettings | None = None,
+    api_server: Sequence[egress.Address] = (),
+) -> list[KubeObject]:
+    """One NetworkPolicy per component: who may open connections to its pods, on which port, and where its
+    pods may open connections. Clients reach the gateway's public ports only; each stage is reached by the
+    stage that calls it alone (so nothing skips the template, the limits or the filters by calling inference
+    or post directly); metrics ports by the operator and the scrapers' namespaces; the gateway's internal
+    port by the operator alone. Out of each pod: DNS, the stages and backend it calls, what the spec names
+    (tracing collector, endpoints, registry, `network.egress`); the inference stage reaches the API server
+    (`api_server`, the `kubernetes` Service's endpoints) only to discover operator-run TGI's replicas."""
     name = pp.metadata.name
 
     def pods(component: str) -> dict[str, Any]:
         return {"podSelector": {"matchLabels": selector(name, component)}}
 
     def namespaces(*names: str) -> list[dict[str, Any]]:
-        return [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": n}}} for n in names]
+        return [egress.in_namespace(n) for n in names]
 
     def ports(*names: str) -> list[dict[str, Any]]:
         return [{"protocol": "TCP", "port": n} for n in names]
@@ -833,9 +866,13 @@ def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSetti
         ]
     }
     processes = {s.value: s for s in topology.processes(pp.spec)}
+    tgi = managed_tgi(pp)
+
+    def host(stage: str) -> str:
+        return topology.host_of(pp.spec, StageName(stage)).value
 
     def hosts(stages: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(topology.host_of(pp.spec, StageName(c)).value for c in stages))
+        return tuple(dict.fromkeys(host(c) for c in stages))
 
     for component, stage_callers in CALLERS.items():
         callers = hosts(stage_callers)  # the processes the calling stages run in
@@ -844,7 +881,7 @@ def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSetti
         elif component != BACKEND:
             continue  # fused: no pods of its own
         if component == BACKEND:
-            if managed_tgi(pp) is None:
+            if tgi is None:
                 continue
             # TGI serves its API and its /metrics on one port; the operator smoke-tests each color there.
             rules[BACKEND] = [
@@ -856,19 +893,50 @@ def network_policies(pp: PromptPipeline, namespace: str, settings: OperatorSetti
             {"from": [pods(c) for c in callers], "ports": ports("grpc")},
             {"from": scrapers, "ports": ports("metrics")},
         ]
+
+    tracing = [egress.to_url(pp.spec.tracing.otlp_endpoint, api_server)] if pp.spec.tracing else []
+    out_rules: dict[str, list[dict[str, Any]]] = {}
+    for component in rules:
+        hosted = [s.value for s in StageName if host(s.value) == component] if component != BACKEND else []
+        out = [egress.DNS, *tracing]
+        for stage in hosted:
+            for callee in CALLEES[stage]:
+                if callee != BACKEND and host(callee) != component:
+                    out.append({"to": [pods(host(callee))], "ports": ports("grpc")})
+                elif callee == BACKEND and tgi is not None:
+                    out.append({"to": [pods(BACKEND)], "ports": ports("http")})
+                elif callee == BACKEND:
+                    out += [egress.to_url(u, api_server) for u in _backend_urls(pp, stage)]
+        if tgi is not None and host(StageName.INFERENCE.value) == component and api_server:
+            out.append(egress.to_api_server(api_server))  # replica discovery: EndpointSlices
+        if component == StageName.STREAM.value and pp.spec.auth.quota_store is not None:
+            # The chart's store runs beside the operator; another store needs a `network.egress` rule.
+            out.append({"to": operator, "ports": [{"protocol": "TCP", "port": 6379}]})
+        if component == BACKEND:
+            if pp.spec.model.from_registry and registry is not None:
+                out += [egress.to_url(u, api_server) for u in _registry_urls(registry)]
+            else:  # TGI downloads the model from the Hugging Face Hub
+                out.append(egress.to_url("https://huggingface.co", api_server))
+        for declared in pp.spec.network.egress:
+            named = {c.value for c in declared.components}
+            if not named or named & {*hosted, *([BACKEND] if component == BACKEND else [])}:
+                out.append(egress.declared(declared))
+        out_rules[component] = list({yaml.safe_dump(r, sort_keys=True): r for r in out}.values())
+
     return [
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
             "metadata": {
-                "name": child_name(name, f"{component}-ingress"),
+                "name": child_name(name, f"{component}-network"),
                 "namespace": namespace,
                 "labels": labels(name, component),
             },
             "spec": {
                 "podSelector": {"matchLabels": selector(name, component)},
-                "policyTypes": ["Ingress"],
+                "policyTypes": ["Ingress", "Egress"],
                 "ingress": ingress,
+                "egress": out_rules[component],
             },
         }
         for component, ingress in rules.items()
@@ -883,10 +951,12 @@ def children(
     registry: RegistrySettings | None = None,
     issuer_keys: str = "",
     enforce_identity: bool = True,
+    api_server: Sequence[egress.Address] = (),
 ) -> list[KubeObject]:
     """Everything the pipeline owns, in the order it should be applied. `state`: the backend rollout's;
     `issuer_keys`: the cluster's service-account issuer and keys (`Kube.issuer_keys`), for stage identity;
-    `enforce_identity`: `identity_enforceable` of the pipeline's Deployments as they are."""
+    `enforce_identity`: `identity_enforceable` of the pipeline's Deployments as they are; `api_server`: the
+    API server's endpoints (`Kube.api_server`), which replica discovery calls."""
     cm, config_hash = config_map(pp, namespace, enforce_identity)
     access = discovery_access(pp, namespace) if managed_tgi(pp) is not None else []
     accounts = [*stage_accounts(pp, namespace), identity_keys(pp, namespace, issuer_keys)]
@@ -897,4 +967,4 @@ def children(
             service(pp, namespace, stage),
             scaled_object(pp, namespace, stage, settings),
         ]
-    return [*out, *network_policies(pp, namespace, settings)]
+    return [*out, *network_policies(pp, namespace, settings, registry, api_server)]

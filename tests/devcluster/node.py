@@ -2,6 +2,7 @@
 
     netns pp-XXXX ── cni0 10.88.0.1/16 ── pods (bridge + host-local), each in its own netns
       containerd (runc, CNI)   kubelet   kube-proxy (iptables)   CoreDNS (10.0.0.10 → :53)
+      NetworkPolicies enforced with iptables (`netpol`)
       forwarder 10.88.0.1:<api port> ─┐
                                       unix socket ── forwarder ── kube-apiserver 127.0.0.1:<api port>
     host: etcd, kube-apiserver, kube-controller-manager (a cluster's controllers), kube-scheduler
@@ -46,6 +47,7 @@ NODE_NAME = "promptpipe-node"
 NODE_IP = "10.88.0.1"
 POD_CIDR = "10.88.0.0/16"
 DNS_IP = "10.0.0.10"
+METADATA_IP = "169.254.169.254"
 CLUSTER_DOMAIN = "cluster.local"
 # Kernel settings (not per network namespace) the kubelet sets at start: saved first, put back after.
 KERNEL_SYSCTLS = (
@@ -256,8 +258,10 @@ def cni_config(folder: Path) -> dict[str, Any]:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
-                    # Pods reach Services through the node (where kube-proxy translates them), nothing beyond.
-                    "routes": [{"dst": SERVICE_CIDR}],
+                    # Pods reach Services through the node (where kube-proxy translates them), nothing beyond;
+                    # and the cloud's metadata address, as on a cloud's node (nothing answers unless a test
+                    # puts a listener there, to show what policies do to it).
+                    "routes": [{"dst": SERVICE_CIDR}, {"dst": METADATA_IP + "/32"}],
                     "dataDir": str(folder / "cni" / "ipam"),
                 },
             }
@@ -440,6 +444,11 @@ class Node:
             "kube-proxy", [str(tools.kube_proxy), f"--config={folder / 'kube-proxy.yaml'}", "--v=1"], inside=True
         )
         node._spawn(
+            "netpol",  # NetworkPolicies enforced, as by a CNI's policy agent
+            [sys.executable, "-m", "tests.devcluster.netpol", f"--kubeconfig={folder / 'admin-inside.kubeconfig'}"],
+            inside=True,
+        )
+        node._spawn(
             "kube-scheduler",
             [
                 str(tools.kube_scheduler),
@@ -612,6 +621,14 @@ class Node:
         address, as at a host's); it lasts as long as the node, logging to `<name>.log` in its folder."""
         return self._spawn(name, args, inside=True, env=env)
 
+    def ip(self, *args: str) -> None:
+        """`ip` inside the node's network namespace (an address a test adds to it, say)."""
+        _run("ip", "-n", self.netns, *args)
+
+    def iptables(self, *args: str) -> str:
+        """`iptables` inside the node's network namespace: the rules kube-proxy and the policy enforcer wrote."""
+        return _run("nsenter", f"--net=/run/netns/{self.netns}", "--", "iptables", "-w", "5", *args).stdout
+
     def forward(self, target: str, port: int) -> int:
         """A loopback port that reaches `target:port` inside the node (a Service's ClusterIP, a pod's IP),
         listening when this returns; it lasts as long as the node."""
@@ -630,7 +647,15 @@ class Node:
         record = self.record
         # The kubelet first, so nothing restarts the containers that go next. Nothing of the node
         # needs a graceful end: it goes whole.
-        for name in ("keda-operator", "keda-metrics-apiserver", "kubelet", "kube-scheduler", "kube-proxy", "coredns"):
+        for name in (
+            "keda-operator",
+            "keda-metrics-apiserver",
+            "kubelet",
+            "kube-scheduler",
+            "kube-proxy",
+            "netpol",
+            "coredns",
+        ):
             pid = record.pids.get(name)
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -1,14 +1,17 @@
-"""What a set of NetworkPolicies admits, as a CNI that enforces them decides it (ingress only).
-
-The test node's CNI does not enforce policies, so the tests read the operator's policies back from the API
-server and ask this: Kubernetes' semantics for the parts the operator uses (matchLabels selectors, ports
-by name). Anything else in a policy fails loudly rather than be judged wrong.
-"""
+"""What a set of NetworkPolicies admits, asked as the test node's enforcer (`tests.devcluster.netpol`)
+decides it: a connection passes when the source's egress rules and the target's ingress rules both let
+it. For tests that read a pipeline's policies back from the API server and ask about every pair."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.devcluster import netpol
+
+# The ports the project's pods name, at numbers of their own (a policy names them; only distinctness matters).
+PORTS = {"grpc": 50051, "http": 8080, "stage": 50061, "metrics": 9090, "redis": 6379}
+SOURCE_IP, TARGET_IP = "10.88.1.1", "10.88.1.2"
 
 
 @dataclass(frozen=True)
@@ -17,43 +20,42 @@ class Pod:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    unknown = set(selector) - {"matchLabels"}
-    if unknown:
-        raise NotImplementedError(f"selector keys {sorted(unknown)}")
-    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+def _permits(matches: list[netpol.Match] | None, ip: str, port: int, protocol: str) -> bool:
+    if matches is None:
+        return True  # a pod no policy selects is not isolated
+    for m in matches:
+        if m.protocol not in (None, protocol.lower()):
+            continue
+        if m.port is not None:
+            low, _, high = m.port.partition(":")
+            if not int(low) <= port <= int(high or low):
+                continue
+        if m.peer is None or m.peer == ip or (isinstance(m.peer, netpol.Block) and m.peer.contains(ip)):
+            return True
+    return False
 
 
-def _peer_admits(peer: dict[str, Any], policy_namespace: str, source: Pod) -> bool:
-    unknown = set(peer) - {"podSelector", "namespaceSelector"}
-    if unknown:
-        raise NotImplementedError(f"peer keys {sorted(unknown)}")
-    if "namespaceSelector" in peer:
-        ns_labels = {"kubernetes.io/metadata.name": source.namespace}
-        if not _matches(peer["namespaceSelector"], ns_labels):
-            return False
-    elif source.namespace != policy_namespace:
-        return False  # a podSelector alone selects pods of the policy's namespace
-    return "podSelector" not in peer or _matches(peer["podSelector"], source.labels)
+def _cluster(policies: list[dict[str, Any]], *pods: netpol.Pod) -> netpol.Cluster:
+    spaces = {p.namespace: {"kubernetes.io/metadata.name": p.namespace} for p in pods}
+    return netpol.Cluster(pods, spaces, tuple(policies))
+
+
+def _as_pod(pod: Pod, name: str, ip: str) -> netpol.Pod:
+    return netpol.Pod(pod.namespace, name, pod.labels, ip, {n: ("TCP", v) for n, v in PORTS.items()})
 
 
 def admits(policies: list[dict[str, Any]], source: Pod, target: Pod, port: str) -> bool:
     """Whether a connection from `source` to `target`'s named `port` is allowed."""
-    selecting = [
-        p
-        for p in policies
-        if p["metadata"]["namespace"] == target.namespace
-        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-        and _matches(p["spec"]["podSelector"], target.labels)
-    ]
-    if not selecting:
-        return True  # a pod no policy selects is not isolated
-    for policy in selecting:
-        for rule in policy["spec"].get("ingress") or []:
-            ports = rule.get("ports")
-            if ports is not None and port not in [p["port"] for p in ports]:
-                continue
-            peers = rule.get("from")
-            if peers is None or any(_peer_admits(peer, policy["metadata"]["namespace"], source) for peer in peers):
-                return True
-    return False
+    src, dst = _as_pod(source, "source", SOURCE_IP), _as_pod(target, "target", TARGET_IP)
+    cluster = _cluster(policies, src, dst)
+    number = PORTS[port]
+    return _permits(netpol.allowed(cluster, src, "Egress"), TARGET_IP, number, "TCP") and _permits(
+        netpol.allowed(cluster, dst, "Ingress"), SOURCE_IP, number, "TCP"
+    )
+
+
+def reaches(policies: list[dict[str, Any]], source: Pod, address: str, port: int, protocol: str = "TCP") -> bool:
+    """Whether `source` may open a connection to an address no pod has (the API server, DNS on a node,
+    the cloud's metadata service, a server outside the cluster)."""
+    src = _as_pod(source, "source", SOURCE_IP)
+    return _permits(netpol.allowed(_cluster(policies, src), src, "Egress"), address, port, protocol)

