@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [s.value for s in STAGE_ORDER]
 # The config and identity ConfigMaps, and per stage a Deployment, a Service, a ScaledObject, a NetworkPolicy
 # and a ServiceAccount (its identity).
-QUICKSTART_CHILDREN = 2 + 5 * len(STAGES)
+QUICKSTART_CHILDREN = 2 + 6 * len(STAGES)
 # The TGI the operator runs: the inference Service, blue's Deployment and Service, the inference stage's
 # Role and RoleBinding (it watches the TGI pods' EndpointSlices), the TGI pods' NetworkPolicy.
 TGI_CHILDREN = 6
@@ -116,6 +116,7 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
         {("ConfigMap", "quickstart-config"), ("ConfigMap", "quickstart-identity")}
         | {(k, f"quickstart-{s}") for s in STAGES for k in ("Deployment", "Service", "ScaledObject", "ServiceAccount")}
         | {("NetworkPolicy", f"quickstart-{s}-network") for s in STAGES}
+        | {("PodDisruptionBudget", f"quickstart-{s}") for s in STAGES}  # up to 4 replicas each by default
     )
     assert set(children) == expected
     for key, obj in children.items():
@@ -136,7 +137,7 @@ def test_apply_creates_every_child_owned_by_the_pipeline(
         "GatewayAccess": "True",  # the quickstart names its key Secret
     }
     created = wait_until(lambda: cluster.events("Created"), "a Created event")
-    assert "ServiceAccount quickstart-stream" in created[0] and "and 21 more" in created[0]
+    assert "ServiceAccount quickstart-stream" in created[0] and "and 26 more" in created[0]
     # The operator stored nothing of kopf's in the status, and put no finalizer on the pipeline.
     assert "kopf" not in status and not cluster.pipeline()["metadata"].get("finalizers")
 

@@ -133,7 +133,9 @@ def test_a_pod_is_given_the_time_its_calls_may_take_before_it_is_killed() -> Non
     for stage in StageName:
         # Unset, the drain lasts the stage's timeout: a call admitted just before SIGTERM can finish.
         pod = deployment(pipeline(), "ns1", stage, SETTINGS, "h")["spec"]["template"]["spec"]
-        assert pod["terminationGracePeriodSeconds"] == 120 + 5, stage
+        # The gateway's pre-stop wait (it keeps serving while the endpoints move) comes first.
+        pre_stop = 5 if stage is StageName.STREAM else 0
+        assert pod["terminationGracePeriodSeconds"] == pre_stop + 120 + 5, stage
     short = pipeline(post={"timeoutSeconds": 7.5})
     assert (
         deployment(short, "ns1", StageName.POST, SETTINGS, "h")["spec"]["template"]["spec"][
@@ -211,6 +213,7 @@ def test_managed_tgi_is_a_gpu_deployment_behind_the_service_the_inference_stage_
     args = container["args"]
     assert args[args.index("--model-id") + 1] == "Qwen/Qwen2.5-7B-Instruct"
     assert args[args.index("--max-concurrent-requests") + 1] == "64"
+    assert args[args.index("--usage-stats") + 1] == "off"  # TGI reports usage to Hugging Face by default
     assert args[args.index("--max-input-tokens") + 1] == "4000"
     assert args[args.index("--quantize") + 1] == "awq" and args[args.index("--num-shard") + 1] == "2"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
@@ -460,9 +463,9 @@ def test_every_child_is_accepted_by_the_api_server_and_kedas_crd(
             check=False,
         )
         assert result.returncode == 0, result.stderr
-        # The config and identity ConfigMaps; per stage a Deployment, Service, ScaledObject, NetworkPolicy and
-        # ServiceAccount.
-        assert result.stdout.count("(server dry run)") == 2 + 5 * len(STAGE_ORDER) + extra
+        # The config and identity ConfigMaps; per stage a Deployment, Service, ScaledObject, NetworkPolicy,
+        # ServiceAccount and PodDisruptionBudget (up to 4 replicas by default).
+        assert result.stdout.count("(server dry run)") == 2 + 6 * len(STAGE_ORDER) + extra
 
 
 @pytest.mark.parametrize(
@@ -696,3 +699,30 @@ def test_identity_is_enforced_from_the_start_and_after_an_upgrade_only_once_ever
         out = children(pipeline(), "ns1", SETTINGS, issuer_keys=KEYS, enforce_identity=enforce)
         runtime = yaml.safe_load(by_kind(out, "ConfigMap")["quickstart-config"]["data"]["runtime.yaml"])
         assert runtime["identity"]["enforce"] is enforce
+
+
+def test_a_drain_takes_one_pod_of_a_component_at_a_time_and_replicas_spread_over_nodes() -> None:
+    pp = pipeline(
+        with_model={"name": "m", "version": "v1", "backend": "tgi", "tgi": {"replicas": 2}},
+        rag={"scaling": {"minReplicas": 1, "maxReplicas": 1}},
+    )
+    out = children(pp, "ns1", SETTINGS, State(active=Slot("v1", BLUE)))
+    budgets = by_kind(out, "PodDisruptionBudget")
+    # rag may run one pod only: a budget would block every drain of its node, so it gets none.
+    assert set(budgets) == {f"quickstart-{c}" for c in ("stream", "assemble", "inference", "post", "backend")}
+    for name, budget in budgets.items():
+        component = name.removeprefix("quickstart-")
+        assert budget["spec"]["maxUnavailable"] == 1 and budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
+    for name, d in by_kind(out, "Deployment").items():
+        pod = d["spec"]["template"]["spec"]
+        keys = [(c["topologyKey"], c["whenUnsatisfiable"]) for c in pod["topologySpreadConstraints"]]
+        assert keys == [("kubernetes.io/hostname", "ScheduleAnyway"), ("topology.kubernetes.io/zone", "ScheduleAnyway")]
+        for c in pod["topologySpreadConstraints"]:
+            assert c["labelSelector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items(), (
+                name
+            )
+    gateway = by_kind(out, "Deployment")["quickstart-stream"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}, "serving while the endpoints move"
+    inference = by_kind(out, "Deployment")["quickstart-inference"]["spec"]["template"]["spec"]["containers"][0]
+    assert "lifecycle" not in inference

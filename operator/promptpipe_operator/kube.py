@@ -32,6 +32,7 @@ CHILD_KINDS: tuple[tuple[str, str], ...] = (
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("policy/v1", "PodDisruptionBudget"),
 )
 ChildKey = tuple[str, str]  # (kind, name)
 
@@ -122,13 +123,19 @@ class Kube:
         now = time.monotonic()
         if self._api_server is not None and now - self._api_server[0] < ISSUER_KEYS_SECONDS:
             return self._api_server[1]
-        slices = self._resource("discovery.k8s.io/v1", "EndpointSlice").get(
-            namespace="default", label_selector="kubernetes.io/service-name=kubernetes", **self._timeouts()
-        )
+        # The slice kept for the API server's own Service: read by name (the operator may `get` no other).
+        # None (a control plane without the controller that mirrors it): no address to open.
+        try:
+            item = (
+                self._resource("discovery.k8s.io/v1", "EndpointSlice")
+                .get(name="kubernetes", namespace="default", **self._timeouts())
+                .to_dict()
+            )
+        except NotFoundError:
+            item = {}
         found = sorted(
             {
                 (address, int(port["port"]))
-                for item in slices.to_dict()["items"]
                 for endpoint in item.get("endpoints") or []
                 for address in endpoint.get("addresses") or []
                 for port in item.get("ports") or []

@@ -38,6 +38,8 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
     DISCOVERY_RULE,
     # Each pipeline's NetworkPolicies: who may reach which of its pods.
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": _CHILD_VERBS},
+    # Each multi-replica stage's PodDisruptionBudget: a drain takes one pod at a time.
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": _CHILD_VERBS},
     # A rollout finds the Ready gateway pods' /metrics here, and reads why green's pods do not serve: the
     # pods of a Deployment's ReplicaSets, by ownership (labels can be copied onto anyone's pod).
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
@@ -53,6 +55,14 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     # The cluster's service-account issuer and its public keys, copied to each pipeline for stage identity
     # (most clusters grant these to every ServiceAccount already; said here so that none has to).
     {"nonResourceURLs": ["/.well-known/openid-configuration", "/openid/v1/jwks"], "verbs": ["get"]},
+    # The API server's endpoints (the slice it keeps for its `kubernetes` Service in `default`): the inference
+    # stage's NetworkPolicy lets it reach them, for replica discovery, and nothing else of the API's.
+    {
+        "apiGroups": ["discovery.k8s.io"],
+        "resources": ["endpointslices"],
+        "resourceNames": ["kubernetes"],
+        "verbs": ["get"],
+    },
 ]
 RULES: list[dict[str, Any]] = [*NAMESPACED_RULES, *CLUSTER_RULES]
 

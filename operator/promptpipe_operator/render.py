@@ -61,6 +61,10 @@ TLS_DIR = "/var/run/promptpipe/tls"
 IDENTITY_DIR = "/var/run/promptpipe/identity"
 # Pods get a little longer than the stage's drain grace before they are killed.
 TERMINATION_MARGIN_SECONDS = 5
+# The gateway keeps serving this long after its pod is marked for deletion, before it stops listening:
+# time for the endpoints to drop it everywhere (kube-proxy, ingress controllers, clients' resolvers), so
+# no new connection meets a closed port.
+GATEWAY_PRE_STOP_SECONDS = 5
 DNS_LABEL_CHARS = 63
 NAME_HASH_CHARS = 8
 # What a stage (or the model download's) /tmp may hold: nothing we run writes much there.
@@ -364,6 +368,9 @@ def deployment(
         },
         "volumeMounts": mounts,
     }
+    pre_stop = GATEWAY_PRE_STOP_SECONDS if stage is StageName.STREAM else 0
+    if pre_stop:  # the kubelet's own sleep (Kubernetes 1.30+): no binary needed in the image
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": pre_stop}}}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -385,7 +392,8 @@ def deployment(
                     },
                 },
                 "spec": {
-                    "terminationGracePeriodSeconds": math.ceil(drain_grace) + TERMINATION_MARGIN_SECONDS,
+                    "terminationGracePeriodSeconds": math.ceil(drain_grace) + TERMINATION_MARGIN_SECONDS + pre_stop,
+                    "topologySpreadConstraints": spread(selector(name, stage.value)),
                     **_service_account(pp, stage),
                     "securityContext": {
                         "runAsNonRoot": True,
@@ -400,6 +408,56 @@ def deployment(
             },
         },
     }
+
+
+def spread(pods: dict[str, str]) -> list[dict[str, Any]]:
+    """Replicas of one component spread over nodes and zones, so that a node's drain or a zone's outage takes
+    one, not all; `ScheduleAnyway`: a one-node cluster still schedules them. Counted per ReplicaSet
+    (`pod-template-hash`), so a rollout's new pods are spread among themselves."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": pods},
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
+
+
+def disruption_budget(pp: PromptPipeline, namespace: str, component: str, pods: dict[str, str]) -> KubeObject:
+    """At most one of a component's pods evicted at a time (a drain, a cluster upgrade), whatever the
+    replica count KEDA has set; an unready pod may always go (it serves nothing, and would block a drain)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": child_name(pp.metadata.name, component),
+            "namespace": namespace,
+            "labels": labels(pp.metadata.name, component),
+        },
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": pods},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def disruption_budgets(pp: PromptPipeline, namespace: str) -> list[KubeObject]:
+    """One for each component that may run more than one pod: each stage process whose scaling allows it,
+    and operator-run TGI with replicas (both colors under one budget)."""
+    name = pp.metadata.name
+    out = [
+        disruption_budget(pp, namespace, stage.value, selector(name, stage.value))
+        for stage in topology.processes(pp.spec)
+        if pp.spec.stages.get(stage).scaling.max_replicas > 1
+    ]
+    tgi = managed_tgi(pp)
+    if tgi is not None and tgi.replicas > 1:
+        out.append(disruption_budget(pp, namespace, BACKEND, selector(name, BACKEND)))
+    return out
 
 
 def _identity(
@@ -603,6 +661,10 @@ def _tgi_args(tgi: TgiSpec, model_id: str) -> list[str]:
         "0.0.0.0",  # noqa: S104 - in the pod
         "--max-concurrent-requests",
         str(tgi.max_concurrent_requests),
+        # TGI reports usage to Hugging Face unless told not to (on by default since 2.1): a cluster's model
+        # server sends nothing out, and its egress policy would refuse it anyway.
+        "--usage-stats",
+        "off",
     ]
     for flag, value in (
         ("--max-input-tokens", tgi.max_input_tokens),
@@ -719,6 +781,7 @@ def tgi_deployment(
         # Neither TGI nor the model download calls the Kubernetes API (an IRSA role comes in a token of its own).
         "automountServiceAccountToken": False,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "topologySpreadConstraints": spread({**selector(name, BACKEND), keys.COLOR: color}),
         "containers": [
             {
                 "name": "tgi",
@@ -967,4 +1030,4 @@ def children(
             service(pp, namespace, stage),
             scaled_object(pp, namespace, stage, settings),
         ]
-    return [*out, *network_policies(pp, namespace, settings, registry, api_server)]
+    return [*out, *disruption_budgets(pp, namespace), *network_policies(pp, namespace, settings, registry, api_server)]

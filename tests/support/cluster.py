@@ -26,6 +26,7 @@ class Cluster:
         self.custom = client.CustomObjectsApi(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.net = client.NetworkingV1Api(api)
+        self.policy = client.PolicyV1Api(api)
 
     def pipeline(self, name: str = "quickstart") -> dict[str, Any]:
         obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
@@ -46,6 +47,10 @@ class Cluster:
             ("Role", self.rbac.list_namespaced_role(self.ns, label_selector=selector).items),
             ("RoleBinding", self.rbac.list_namespaced_role_binding(self.ns, label_selector=selector).items),
             ("NetworkPolicy", self.net.list_namespaced_network_policy(self.ns, label_selector=selector).items),
+            (
+                "PodDisruptionBudget",
+                self.policy.list_namespaced_pod_disruption_budget(self.ns, label_selector=selector).items,
+            ),
         ):
             for item in items:
                 out[(kind, item.metadata.name)] = client.ApiClient().sanitize_for_serialization(item)

@@ -315,8 +315,15 @@ def main() -> None:
     parser.add_argument("--hostname", default="127.0.0.1")
     # As TGI's launcher: a local folder is loaded from disk (here: its config.json must be there), or it fails.
     parser.add_argument("--model-id", default="fake/tgi")
-    # Taken, and of no use without GPUs.
-    for flag in ("--max-input-tokens", "--max-total-tokens", "--max-batch-prefill-tokens", "--quantize", "--num-shard"):
+    # Taken, and of no use without GPUs (or, --usage-stats, without TGI's telemetry: this one sends none).
+    for flag in (
+        "--max-input-tokens",
+        "--max-total-tokens",
+        "--max-batch-prefill-tokens",
+        "--quantize",
+        "--num-shard",
+        "--usage-stats",
+    ):
         parser.add_argument(flag)
     args = parser.parse_args()
     if args.model_id.startswith("/") and not (Path(args.model_id) / "config.json").is_file():
