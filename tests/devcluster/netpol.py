@@ -195,16 +195,15 @@ def _pod_chain(chain: str, pod: Pod, matches: list[Match], side: str) -> tuple[l
     for i, m in enumerate(matches):
         if isinstance(m.peer, Block) and ipaddress.ip_network(m.peer.cidr, strict=False).version != 4:
             continue  # the node is IPv4 only (iptables, not ip6tables)
-        args = " ".join(_match_args(m, side))
         if isinstance(m.peer, Block):
             sub = f"{chain}-{i}"
             chains.append(sub)
-            flag = "-d" if side == "-d" else "-s"
-            lines += [f"-A {sub} {flag} {e} -j RETURN" for e in m.peer.excepts]
-            lines.append(f"-A {sub} {flag} {m.peer.cidr} -j MARK --or-mark {ALLOWED}")
-            lines.append(f"-A {chain} {args} -j {sub}".replace("  ", " "))
+            lines += [f"-A {sub} {side} {e} -j RETURN" for e in m.peer.excepts]
+            lines.append(f"-A {sub} {side} {m.peer.cidr} -j MARK --or-mark {ALLOWED}")
+            target = f"-j {sub}"
         else:
-            lines.append(f"-A {chain} {args} -j MARK --or-mark {ALLOWED}".replace("  ", " "))
+            target = f"-j MARK --or-mark {ALLOWED}"
+        lines.append(" ".join(["-A", chain, *_match_args(m, side), target]))
     lines.append(f"-A {chain} -m mark --mark {ALLOWED}/{ALLOWED} -j RETURN")
     lines.append(f"-A {chain} {comment} {REFUSE}")
     return chains, lines
@@ -269,8 +268,8 @@ def read_cluster(core: Any, networking: Any) -> Cluster:
     return Cluster(pods, spaces, policies)
 
 
-def _iptables(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["iptables", "-w", "5", *args], input=stdin, capture_output=True, text=True, check=False)
+def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True, check=False)
 
 
 def _ours() -> set[str]:
