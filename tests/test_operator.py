@@ -587,6 +587,8 @@ def test_every_example_is_reconciled(
                 f"{path.name} reconciled",
             )
         assert cluster.status("assistant-bg")["activeVersion"] == "v1"
+        # Each was made in one go: no child refused on the way (a RoleBinding sent before its Role was).
+        assert not cluster.events("ApplyFailed")
     finally:
         operator.stop()
 

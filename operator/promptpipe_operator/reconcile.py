@@ -288,12 +288,8 @@ def _converge(
             if decision is not None:
                 result.events += decision.events
                 count_rollbacks(namespace, name, decision)
-        # The traffic switch (the backend Service's selector) goes on its own, after every other child.
-        switch = ("Service", render.backend_name(name))
-        first = [m for m in desired if (m["kind"], m["metadata"]["name"]) != switch]
-        last = [m for m in desired if (m["kind"], m["metadata"]["name"]) == switch]
         failed: list[tuple[render.KubeObject, Exception]] = []
-        for batch in (first, last):
+        for batch in apply_batches(desired, render.backend_name(name)):
             for manifest, outcome in zip(batch, kube.apply_each(batch), strict=True):
                 key = (manifest["kind"], manifest["metadata"]["name"])
                 if isinstance(outcome, Exception):
@@ -330,6 +326,18 @@ def _converge(
         run.problem = Problem("ApiUnreachable", str(run.failure))
 
     return run
+
+
+def apply_batches(desired: list[render.KubeObject], switch: str) -> list[list[render.KubeObject]]:
+    """The children in the order they can be applied, each batch concurrently (pure): Roles before
+    anything, since the API server refuses a RoleBinding to a Role it cannot read yet (it checks the
+    binder holds what the Role grants); the traffic switch (the backend Service `switch`) after all else."""
+
+    def batch(m: render.KubeObject) -> int:
+        return 0 if m["kind"] == "Role" else 2 if (m["kind"], m["metadata"]["name"]) == ("Service", switch) else 1
+
+    batches = [[m for m in desired if batch(m) == b] for b in range(3)]
+    return [b for b in batches if b]
 
 
 def _refuse(kube: Kube, body: dict[str, Any], message: str, reason: str) -> Result:
