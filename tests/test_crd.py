@@ -73,6 +73,8 @@ MALFORMED = [
     (["spec", "stages", "stream"], {"scaling": {"minReplicas": 0}}, "spec.stages.stream.scaling.minReplicas"),
     (["spec", "model", "backend"], "openai", "spec.model"),
     (["spec", "generation", "temperature"], 3, "spec.generation.temperature"),
+    (["spec", "failover"], {"maxAttempts": -1}, "spec.failover.maxAttempts"),
+    (["spec", "failover"], {"maxAttempts": 11}, "spec.failover.maxAttempts"),
     (["spec", "model", "name"], "", "spec.model.name"),
     (["spec", "stages", "rag", "resources"], {"requests": {"cpu": "lots"}}, "spec.stages.rag.resources.requests.cpu"),
     # Durations are int-or-string: their bounds are CEL rules, for integers and strings alike.

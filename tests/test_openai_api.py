@@ -197,6 +197,7 @@ def test_a_chat_stream_is_openais_chunk_sequence_with_usage_last_when_asked() ->
             "first_output_seconds": 0.0,
             "hop_seconds": 0.0,
             "hop_first_seconds": 0.0,
+            "failovers": 0,
         }
     ]
     assert usage["choices"] == [] and usage["usage"] == {

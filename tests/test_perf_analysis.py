@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import itertools
 import json
 import random
@@ -414,3 +415,16 @@ async def test_analyze_names_the_stage_whose_wait_cap_refused_or_ended_calls() -
     full = CallRecord(**{**call(status="RESOURCE_EXHAUSTED").__dict__, "error": "stage post: queue full (1 waiting)"})
     result = bench_result([Level("rate", 1.0)], [[call(), *capped, full]])
     assert summarize(result, 0, Slo()).wait_capped == {"inference": 2}
+
+
+def test_analyze_counts_the_calls_a_stage_carried_on_mid_stream_and_a_result_file_keeps_them(tmp_path: Path) -> None:
+    def failed_over(times: int) -> CallRecord:
+        c = call()
+        shares = tuple(dataclasses.replace(s, failovers=times) if s.stage == "inference" else s for s in c.stages)
+        return dataclasses.replace(c, stages=shares)
+
+    result = bench_result([Level("rate", 1.0)], [[call(), failed_over(1), failed_over(2), call()]])
+    assert summarize(result, 0, Slo()).failed_over == {"inference": (2, 3)}
+    records.save(result, tmp_path / "run.json")
+    assert summarize(records.load(tmp_path / "run.json"), 0, Slo()).failed_over == {"inference": (2, 3)}
+    assert summarize(bench_result([Level("rate", 1.0)], [[call()]]), 0, Slo()).failed_over == {}

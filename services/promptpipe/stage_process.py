@@ -160,7 +160,7 @@ class _Parts:
 
         spec = self.spec
         metrics = BackendMetrics(self.registry, self.name, spec.model.backend.value)
-        backend = build_backend(spec.model, spec.stages.get(self.stage).retries, metrics)
+        backend = build_backend(spec.model, spec.stages.get(self.stage).retries, metrics, spec.failover)
         inference = InferenceHandler(backend, metrics, spec.generation, spec.template.max_prompt_tokens, spec.batching)
         self.healthy = inference.healthy
         limit = stuck_after(spec.stages.get(StageName.INFERENCE))

@@ -195,9 +195,12 @@ def serving_process(
 
 
 @contextmanager
-def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
-    """A TGI-protocol server in its own process; yields its base URL."""
-    port = free_port()
+def tgi_server(
+    name: str = "tgi", max_concurrent: int = 128, model: Path | None = None, port: int | None = None
+) -> Iterator[str]:
+    """A TGI-protocol server in its own process; yields its base URL. With `model` (a folder holding a
+    GGUF and a config.json, as the operator hands TGI) it generates with that model; on `port`, or any."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     args = [
         sys.executable,
@@ -209,6 +212,7 @@ def tgi_server(name: str = "tgi", max_concurrent: int = 128) -> Iterator[str]:
         name,
         "--max-concurrent",
         str(max_concurrent),
+        *(["--model-id", str(model)] if model else []),
     ]
     with serving_process(args, url + "/health", "the TGI test server"):
         yield url

@@ -13,6 +13,8 @@ prompt, so one server serves every test case:
     "slow:MS"        wait MS milliseconds between tokens
     "overload:K"     answer 429 to the first K requests carrying this prompt
 
+and POST /control/die arms a kill: the stream of a given prompt ends the server (SIGKILL) after K tokens.
+
 GET /stats tells what the server saw: streams started, finished, and cut off by the
 client (with how many tokens had been sent), so tests can prove cancellation from
 the backend's side.
@@ -28,7 +30,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import signal
 import sys
 import threading
 from collections import Counter
@@ -116,6 +120,8 @@ class FakeTgi:
             "most_active": 0,  # the most generations it ran at once
         }
         self._overloads: Counter[str] = Counter()
+        # Prompts whose stream kills this server (SIGKILL, as a replica dies) after that many tokens (see `die`).
+        self.dying: dict[str, int] = {}
         # Backends (by path prefix) that misbehave on /generate, and how (see `fail`).
         self.failing: dict[str, str] = {}
 
@@ -195,8 +201,12 @@ class FakeTgi:
     async def _stream_model(self, response: web.StreamResponse, prompt: str, max_new: int, seed: int | None) -> None:
         assert self.model is not None
         text: list[str] = []
+        die_after = self.dying.get(prompt)
         pieces = self.model.pieces(prompt, max_new, seed)
         async for piece, reason in pieces:
+            if len(text) == die_after:
+                await asyncio.sleep(0.05)  # what was written reaches the client before the process goes
+                os.kill(os.getpid(), signal.SIGKILL)
             text.append(piece)
             event: dict[str, object] = {
                 "index": len(text),
@@ -240,6 +250,13 @@ class FakeTgi:
         else:
             self.failing.pop(body["prefix"], None)
         return web.json_response(self.failing)
+
+    async def die(self, request: web.Request) -> web.Response:
+        """POST /control/die {"prompt": P, "after_tokens": K}: the stream of prompt P (exactly) kills this
+        server with SIGKILL once it has sent K tokens (model mode), as a replica lost mid-generation."""
+        body = await request.json()
+        self.dying[str(body["prompt"])] = int(body["after_tokens"])
+        return web.json_response({"dying": len(self.dying)})
 
     @staticmethod
     async def _misbehave(request: web.Request, mode: str) -> web.StreamResponse:
@@ -298,6 +315,7 @@ def make_app(name: str, max_concurrent: int, model_id: str = "fake/tgi") -> web.
     app.router.add_post("/generate_stream", fake.generate_stream)
     app.router.add_post("/generate", fake.generate)
     app.router.add_post("/control/fail", fake.fail)
+    app.router.add_post("/control/die", fake.die)
     app.router.add_post("/{prefix:.+}/generate", fake.generate)
     app.router.add_post("/tokenize", fake.tokenize)
     app.router.add_get("/health", fake.health)

@@ -38,6 +38,8 @@ class Piece:
 class Outcome:
     finish_reason: common_pb2.FinishReason
     completion_tokens: int
+    # Times the call was carried on on another replica after one failed mid-stream.
+    failovers: int = 0
 
 
 class Backend(Protocol):

@@ -65,8 +65,12 @@ class OpenAIBackend(RemoteBackend):
             raise InvalidArgument("parameters", f"rejected by the backend: {err.message}") from None
         except openai.RateLimitError as err:
             raise BackendCallError(f"backend overloaded: {err.message}", produced == 0, overloaded=True) from None
-        except (openai.APIConnectionError, openai.APIStatusError) as err:
+        except openai.APITimeoutError:  # the read timeout: no token for that long
+            raise BackendCallError("backend stalled: APITimeoutError", produced == 0, reason="stall") from None
+        except openai.APIConnectionError as err:
+            raise BackendCallError(f"backend error: {type(err).__name__}", produced == 0, reason="reset") from None
+        except openai.APIStatusError as err:
             raise BackendCallError(f"backend error: {type(err).__name__}", produced == 0) from None
         finally:
             await client.close()
-        raise BackendCallError("backend stream ended without a finish reason", retryable=False)
+        raise BackendCallError("backend stream ended without a finish reason", retryable=False, reason="reset")

@@ -4,16 +4,19 @@ endpoints, or, for the TGI the operator runs, its pods as they come and go (`dis
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 
 from promptpipe.backends.base import GenerationRequest, Outcome, Piece
 from promptpipe.backends.routing import Router
-from promptpipe.contract.spec import CircuitBreakerSpec, RemoteBackendSpec, RetrySpec, RoutingSpec
+from promptpipe.contract.spec import CircuitBreakerSpec, FailoverSpec, RemoteBackendSpec, RetrySpec, RoutingSpec
 from promptpipe.runtime.errors import Shed, Unavailable
 from promptpipe.runtime.metrics import BackendMetrics
 from promptpipe.runtime.resilience import CircuitBreaker, Retries
+from promptpipe.runtime.tracing import note
+from promptpipe.v1.common_pb2 import FINISH_REASON_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +24,12 @@ OVERLOAD_RETRY_AFTER = 1.0
 
 
 class BackendCallError(Exception):
-    def __init__(self, message: str, retryable: bool, overloaded: bool = False) -> None:
+    def __init__(self, message: str, retryable: bool, overloaded: bool = False, reason: str = "error") -> None:
         super().__init__(message)
         self.retryable = retryable
         self.overloaded = overloaded
+        # Why, as a failover counts it (`FAILOVER_REASONS`): reset, error or stall.
+        self.reason = reason
 
 
 class RemoteBackend:
@@ -38,10 +43,12 @@ class RemoteBackend:
         retry: RetrySpec,
         metrics: BackendMetrics,
         routing: RoutingSpec | None = None,
+        failover: FailoverSpec | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
         self._retry = retry
+        self._failover = failover or FailoverSpec()
         self._metrics = metrics
         self._breaker_spec = breaker
         self._clock = clock  # the circuit breakers' (tests move it on)
@@ -97,11 +104,62 @@ class RemoteBackend:
         self._metrics.circuit_open.set(sum(b.is_open for b in self._breakers.values()))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Piece | Outcome, None]:
+        """The call on the best replica; when that one fails after its first token, carried on on another
+        (`spec.failover`) from the prompt and the text sent so far, for the tokens left."""
+        sent: list[str] = []  # the text the caller has, piece by piece
+        tokens = 0  # ... and its tokens
+        failed: set[str] = set()
+        failovers = 0
+        first_token_seconds: float | None = None  # how long the first attempt took to its first token
+        attempt = request
+        while True:
+            before, started = tokens, time.monotonic()
+            try:
+                async for out in self._attempt(attempt, failed):
+                    if isinstance(out, Piece):
+                        if first_token_seconds is None:
+                            first_token_seconds = time.monotonic() - started
+                        sent.append(out.text)
+                        tokens += out.tokens
+                        yield out
+                    else:
+                        yield Outcome(out.finish_reason, before + out.completion_tokens, failovers)
+                return
+            except _FailedMidStream as broken:
+                failed.add(broken.endpoint)
+                others = [r for r in self._router.replicas if r not in failed]
+                refusal = why_not_carried_on(
+                    self._failover, request.remaining(), failovers, first_token_seconds or 0.0, others
+                )
+                if refusal:
+                    raise Unavailable(f"{broken.cause}; not carried on: {refusal}") from None
+                failovers += 1
+                self._metrics.failed_over(broken.cause.reason)
+                log.warning(
+                    "backend %s failed after %d tokens (%s): carrying the call on elsewhere (failover %d of %d)",
+                    broken.endpoint,
+                    tokens,
+                    broken.cause,
+                    failovers,
+                    self._failover.max_attempts,
+                )
+                note("failover", {"from": broken.endpoint, "reason": broken.cause.reason, "after_tokens": tokens})
+                left = request.max_new_tokens - tokens
+                if left <= 0:  # every token it was asked for had arrived; only the final details had not
+                    yield Outcome(FINISH_REASON_LENGTH, tokens, failovers)
+                    return
+                attempt = continued(request, "".join(sent), left)
+
+    async def _attempt(self, request: GenerationRequest, failed: set[str]) -> AsyncGenerator[Piece | Outcome, None]:
+        """One attempt at the call, on a replica not in `failed`: retried on another while nothing has been
+        streamed; a failure after that raises `_FailedMidStream`."""
         last: BackendCallError | None = None
         key = request.routing_key or request.session_id
         async for attempt in Retries(self._retry, request.deadline, "the backend"):
-            candidates = self._candidates(key)
+            candidates = [ep for ep in self._candidates(key) if ep not in failed]
             if not candidates:
+                if failed:
+                    raise Unavailable(f"no backend replica left but {', '.join(sorted(failed))}, which failed")
                 retry_in = min(b.retry_after() for b in self._breakers.values())
                 raise Unavailable(f"backend circuit open; retry in {retry_in:.1f}s")
             endpoint = (
@@ -123,7 +181,9 @@ class RemoteBackend:
                 )
                 if not err.overloaded:  # a busy backend is healthy; do not trip its breaker
                     breaker.record_failure()
-                if produced or not err.retryable:
+                if produced:
+                    raise _FailedMidStream(endpoint, err) from None
+                if not err.retryable:
                     raise Unavailable(str(err)) from None
                 last = err
             finally:
@@ -132,3 +192,35 @@ class RemoteBackend:
         if last is not None and last.overloaded:
             raise Shed(str(last), OVERLOAD_RETRY_AFTER)
         raise Unavailable(str(last))
+
+
+class _FailedMidStream(Exception):
+    def __init__(self, endpoint: str, cause: BackendCallError) -> None:
+        super().__init__(f"{endpoint}: {cause}")
+        self.endpoint, self.cause = endpoint, cause
+
+
+def why_not_carried_on(
+    failover: FailoverSpec, seconds_left: float, done: int, first_token_seconds: float, others: list[str]
+) -> str:
+    """Why a call whose replica failed mid-stream is not carried on ("" when it is), pure: failover off or
+    its attempts used up, no replica but those that failed, or a deadline closer than a first token took."""
+    if failover.max_attempts == 0:
+        return "failover is off (failover.maxAttempts 0)"
+    if done >= failover.max_attempts:
+        return f"failover.maxAttempts ({failover.max_attempts}) reached"
+    if not others:
+        return "no other replica"
+    if seconds_left <= first_token_seconds:
+        return (
+            f"{max(0.0, seconds_left):.2f}s left to the deadline, less than a first token took"
+            f" ({first_token_seconds:.2f}s)"
+        )
+    return ""
+
+
+def continued(request: GenerationRequest, sent: str, left: int) -> GenerationRequest:
+    """The call carried on after `sent`: the prompt followed by that text, for the `left` tokens still
+    owed (pure). A backend that takes only text re-reads the text, so its tokens at the seam may split
+    differently from the first replica's (docs/architecture.md#failover-mid-stream)."""
+    return dataclasses.replace(request, prompt=request.prompt + sent, max_new_tokens=left)

@@ -198,6 +198,12 @@ def _print_levels(summaries: list[LevelSummary], slo: Slo) -> None:
     print_table(latency)
     print_table(ends)
     for s in summaries:
+        for stage, (calls, times) in s.failed_over.items():
+            out.print(
+                f"at {s.level.label}: {calls} of {s.calls} calls carried on mid-stream by {stage}"
+                f" after what served them failed ({times} failovers; spec.failover)",
+                soft_wrap=True,
+            )
         for stage, count in s.wait_capped.items():
             out.print(
                 f"at {s.level.label}: {count} of {s.calls} calls refused or ended by"

@@ -210,6 +210,15 @@ BACKEND_AFFINITY_RATIO = Metric(
     "Share of the calls routed so far that went to their home replica (prefix routing).",
     _BACKEND,
 )
+FAILOVERS = Metric(
+    "promptpipe_failovers_total",
+    Kind.COUNTER,
+    "Calls this stage carried on elsewhere after what served them failed mid-stream, by why: reset "
+    "(connection lost), error (an error status), stall (no token within the read timeout).",
+    (Label.PIPELINE, Label.STAGE, Label.REASON),
+)
+# Every reason a failover may give, each series there from the start.
+FAILOVER_REASONS = ("reset", "error", "stall")
 
 ALL: tuple[Metric, ...] = (
     STAGE_QUEUE_DEPTH,
@@ -243,6 +252,7 @@ ALL: tuple[Metric, ...] = (
     BACKEND_ROUTED,
     BACKEND_REPLICA_IN_FLIGHT,
     BACKEND_AFFINITY_RATIO,
+    FAILOVERS,
 )
 
 

@@ -777,6 +777,16 @@ class BatchingSpec(_Model):
     max_tokens: Annotated[int, Field(ge=0, le=4096)] = 64
 
 
+class FailoverSpec(_Model):
+    """What happens when the backend replica serving a call fails after its first token (its connection
+    reset, an error status, or no token for the backend's `readTimeoutSeconds`): the inference stage
+    carries the generation on on another replica, from the prompt and the text already sent, for the
+    tokens left, so the client gets every token once. Only while the deadline leaves room for a new
+    attempt, never on the replica that failed; 0 ends the call with its partial answer and UNAVAILABLE."""
+
+    max_attempts: Annotated[int, Field(ge=0, le=10)] = 2
+
+
 class HttpSpec(_Model):
     """What the gateway's OpenAI-compatible HTTP API reads from a connection before it gives up on it."""
 
@@ -957,6 +967,7 @@ class PipelineSpec(_Model):
     auth: AuthSpec = AuthSpec()
     http: HttpSpec = HttpSpec()
     batching: BatchingSpec = BatchingSpec()
+    failover: FailoverSpec = FailoverSpec()
     # Operator only (locally: PROMPTPIPE_TLS_CERT_FILE and PROMPTPIPE_TLS_KEY_FILE).
     tls: TlsSpec | None = None
     slo: SloSpec | None = None

@@ -421,6 +421,7 @@ def extension(summary: gateway_pb2.GenerateSummary) -> dict[str, Any]:
                 "first_output_seconds": round(t.first_output_seconds, 6),
                 "hop_seconds": round(t.hop_seconds, 6),
                 "hop_first_seconds": round(t.hop_first_seconds, 6),
+                "failovers": t.failovers,
             }
             for t in summary.timings
         ],

@@ -94,6 +94,7 @@ def own_timings(nested: list[common_pb2.StageTiming], stream: common_pb2.StageTi
             first_output_seconds=max(0.0, t.first_output_seconds - called[1]),
             hop_seconds=t.hop_seconds,
             hop_first_seconds=t.hop_first_seconds,
+            failovers=t.failovers,
         )
 
     out = [share(by_stage[name], (0.0, 0.0)) for name in ("rag", "assemble", "inference") if name in by_stage]

@@ -156,6 +156,8 @@ class LevelSummary:
     goodput: float | None  # share of calls within the SLO's latencies, None without one
     # Calls a stage's wait cap (queue.maxWaitMilliseconds) refused or ended, by stage.
     wait_capped: dict[str, int] = field(default_factory=dict)
+    # Calls a stage carried on elsewhere mid-stream (spec.failover), by stage: (calls, failovers).
+    failed_over: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float:
@@ -196,7 +198,19 @@ def summarize(result: BenchResult, index: int, slo: Slo) -> LevelSummary:
         requests_per_second=len(ok) / seconds,
         goodput=(sum(slo.met_by(c) for c in calls) / len(calls) if calls else 0.0) if slo.set else None,
         wait_capped=dict(Counter(m.group(1) for c in calls if not c.ok and (m := WAIT_CAPPED.search(c.error)))),
+        failed_over=failed_over(calls),
     )
+
+
+def failed_over(calls: list[CallRecord]) -> dict[str, tuple[int, int]]:
+    """By stage: how many calls it carried on elsewhere mid-stream, and how many times in all."""
+    out: dict[str, tuple[int, int]] = {}
+    for c in calls:
+        for s in c.stages:
+            if s.failovers:
+                n, total = out.get(s.stage, (0, 0))
+                out[s.stage] = (n + 1, total + s.failovers)
+    return out
 
 
 def knee(summaries: list[LevelSummary], slo: Slo, factor: float = 2.0) -> int | None:

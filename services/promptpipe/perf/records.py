@@ -24,6 +24,7 @@ class StageShare:
     first: float  # the part of `work` before the first token
     hop: float  # the transport around the call to this stage, as its caller timed it
     hop_first: float
+    failovers: int = 0  # times the stage carried the call on elsewhere after what served it failed
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ def share(stage: str, t: Any) -> StageShare:
         first=float(get("first_output_seconds", 0.0)),
         hop=float(get("hop_seconds", 0.0)),
         hop_first=float(get("hop_first_seconds", 0.0)),
+        failovers=int(get("failovers", 0)),
     )
 
 

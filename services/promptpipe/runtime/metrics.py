@@ -254,6 +254,13 @@ class BackendMetrics:
         self._home = self._decided = 0
         self._affinity = _gauge(m.BACKEND_AFFINITY_RATIO, registry).labels(**labels)
         self._replicas = ReplicaLoad(registry, [pipeline, backend])
+        failovers = _counter(m.FAILOVERS, registry)
+        self._failovers = {
+            r: failovers.labels(pipeline=pipeline, stage="inference", reason=r) for r in m.FAILOVER_REASONS
+        }
+
+    def failed_over(self, reason: str) -> None:
+        self._failovers[reason].inc()
 
     def routed(self, reason: str) -> None:
         self._routed[reason].inc()

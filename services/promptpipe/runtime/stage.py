@@ -27,12 +27,14 @@ from promptpipe.runtime.tracing import tracer
 from promptpipe.v1 import common_pb2, stage_pb2
 
 
-@dataclass(frozen=True)
+@dataclass
 class Call:
     """One admitted call as a handler sees it."""
 
     deadline: float  # time.monotonic() clock
     queue_wait: float
+    # Times the handler carried the call on elsewhere after what served it failed (its timing says).
+    failovers: int = 0
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -164,7 +166,11 @@ class StageRuntime:
         work = time.perf_counter() - work_started
         first = work if first_output is None else first_output - work_started
         return common_pb2.StageTiming(
-            stage=self.stage, queue_wait_seconds=call.queue_wait, work_seconds=work, first_output_seconds=first
+            stage=self.stage,
+            queue_wait_seconds=call.queue_wait,
+            work_seconds=work,
+            first_output_seconds=first,
+            failovers=call.failovers,
         )
 
     def stats(self, serving: bool) -> stage_pb2.StageStats:

@@ -143,3 +143,8 @@ def continuing(headers: Mapping[str, str]) -> Iterator[None]:
 
 def tracer() -> trace.Tracer:
     return trace.get_tracer("promptpipe")
+
+
+def note(event: str, attributes: Mapping[str, str | int | float]) -> None:
+    """An event on the span of the call running now (none when tracing is off)."""
+    trace.get_current_span().add_event(event, dict(attributes))

@@ -91,6 +91,7 @@ class InferenceHandler:
                     yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=out.text, token_count=out.tokens))
                 else:
                     finished = True
+                    call.failovers = out.failovers
                     usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=out.completion_tokens)
                     yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(finish_reason=out.finish_reason, usage=usage))
             if not finished:

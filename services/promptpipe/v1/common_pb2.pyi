@@ -61,17 +61,19 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "queue_wait_seconds", "work_seconds", "first_output_seconds", "hop_seconds", "hop_first_seconds")
+    __slots__ = ("stage", "queue_wait_seconds", "work_seconds", "first_output_seconds", "hop_seconds", "hop_first_seconds", "failovers")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_OUTPUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HOP_FIRST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     queue_wait_seconds: float
     work_seconds: float
     first_output_seconds: float
     hop_seconds: float
     hop_first_seconds: float
-    def __init__(self, stage: _Optional[str] = ..., queue_wait_seconds: _Optional[float] = ..., work_seconds: _Optional[float] = ..., first_output_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., hop_first_seconds: _Optional[float] = ...) -> None: ...
+    failovers: int
+    def __init__(self, stage: _Optional[str] = ..., queue_wait_seconds: _Optional[float] = ..., work_seconds: _Optional[float] = ..., first_output_seconds: _Optional[float] = ..., hop_seconds: _Optional[float] = ..., hop_first_seconds: _Optional[float] = ..., failovers: _Optional[int] = ...) -> None: ...
