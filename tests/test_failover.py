@@ -1,11 +1,15 @@
-"""A backend replica that dies mid-stream: the inference stage carries the call on on another replica
-(spec.failover), so the client gets its whole answer, every piece once. Real parts: two TGI-protocol
-servers generating with SmolLM2 (greedy) in their own processes, one killed with SIGKILL after k tokens."""
+"""A backend replica or a stage pod that dies mid-stream: the call is carried on on another (spec.failover),
+so the client gets its whole answer, every piece once. Real parts: TGI-protocol servers generating with
+SmolLM2 (greedy) in their own processes, one killed with SIGKILL after k tokens; stage processes of the
+embedded model, two of a stage behind one gRPC target, the one serving the call killed with SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import signal
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -17,9 +21,11 @@ import pytest
 
 from promptpipe.backends.base import GenerationRequest
 from promptpipe.backends.llamacpp import default_model_path
-from promptpipe.backends.remote import continued, why_not_carried_on
+from promptpipe.backends.remote import continued
 from promptpipe.contract.spec import FailoverSpec, StageName
 from promptpipe.localproc import free_port
+from promptpipe.runtime.resilience import why_not_carried_on
+from promptpipe.v1 import common_pb2
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import Outcome, collect
 from tests.support.pipelines import running_pipeline, synthetic_pipeline, tgi_server, tgi_stats
@@ -210,3 +216,97 @@ def request() -> GenerationRequest:
 def test_the_carried_on_call_asks_for_the_prompt_and_the_text_sent_and_only_the_tokens_left() -> None:
     on = continued(request(), " Once upon", left=7)
     assert (on.prompt, on.max_new_tokens) == ("Q: Once upon", 7)
+
+
+def active(metrics: str) -> float:
+    return sum(
+        float(v) for v in re.findall(r"^promptpipe_backend_active_generations\{[^}]*\} (\S+)$", metrics, re.MULTILINE)
+    )
+
+
+async def test_an_inference_pod_killed_mid_stream_post_carries_the_call_on_on_another_and_the_answer_is_whole(
+    start_pipeline, tmp_path: Path
+) -> None:
+    doc = synthetic_pipeline(
+        model={"name": "SmolLM2", "backend": "llamacpp"},
+        generation={"maxNewTokens": 48, "temperature": 0.0},
+    )
+    p = start_pipeline(doc)
+    with ExitStack() as stack:
+        second = stack.enter_context(p.another(StageName.INFERENCE, tmp_path))
+        # post calls both inference pods through one target, as through a headless Service's addresses.
+        config = p.with_endpoints(tmp_path, inference=f"ipv4:{p.target(StageName.INFERENCE)},{second.target}")
+        os.kill(p.pid(StageName.POST), signal.SIGKILL)
+        port = p.target(StageName.POST).rsplit(":", 1)[1]
+        post = stack.enter_context(
+            p.another(StageName.POST, tmp_path, PROMPTPIPE_PORT=port, PROMPTPIPE_CONFIG=str(config))
+        )
+
+        whole = await collect(p.gateway, QUESTION)
+        assert whole.error is None and whole.summary is not None
+        assert whole.summary.usage.completion_tokens == 48
+        pods = {"first": lambda: p.metrics(StageName.INFERENCE), "second": second.metrics}
+        pids = {"first": p.pid(StageName.INFERENCE), "second": second.proc.pid}
+
+        streaming = Outcome()
+        call = asyncio.create_task(collect(p.gateway, QUESTION, streaming, timeout=60))
+        await wait_until_async(lambda: streaming.chunks >= 2, what="the answer under way", timeout=30)
+        (serving,) = [name for name, metrics in pods.items() if active(metrics()) == 1]
+        os.kill(pids[serving], signal.SIGKILL)
+        out = await asyncio.wait_for(call, 60)
+
+        assert out.error is None, out.error
+        assert out.text == whole.text, "every piece once, none missing"
+        assert out.summary is not None and out.summary.usage.completion_tokens == 48
+        assert failovers(out) == 1
+        assert failover_count(post.metrics(), "reset") == 1
+
+
+def in_flight(metrics: str, stage: str) -> float:
+    pattern = rf'^promptpipe_stage_in_flight\{{[^}}]*stage="{stage}"[^}}]*\}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, metrics, re.MULTILINE))
+
+
+async def test_a_post_pod_killed_mid_stream_the_gateway_carries_the_call_on_on_another_and_the_answer_is_whole(
+    start_pipeline, tmp_path: Path
+) -> None:
+    doc = synthetic_pipeline(
+        model={"name": "SmolLM2", "backend": "llamacpp"},
+        generation={"maxNewTokens": 48, "temperature": 0.0},
+    )
+    p = start_pipeline(doc)
+    with ExitStack() as stack:
+        second = stack.enter_context(p.another(StageName.POST, tmp_path))
+        config = p.with_endpoints(tmp_path, post=f"ipv4:{p.target(StageName.POST)},{second.target}")
+        os.kill(p.pid(StageName.STREAM), signal.SIGKILL)
+        port = p.gateway.rsplit(":", 1)[1]
+        gateway = stack.enter_context(
+            p.another(StageName.STREAM, tmp_path, PROMPTPIPE_PORT=port, PROMPTPIPE_CONFIG=str(config))
+        )
+
+        whole = await collect(p.gateway, QUESTION)
+        assert whole.error is None and whole.summary is not None
+        pods = {"first": lambda: p.metrics(StageName.POST), "second": second.metrics}
+        pids = {"first": p.pid(StageName.POST), "second": second.proc.pid}
+
+        streaming = Outcome()
+        call = asyncio.create_task(collect(p.gateway, QUESTION, streaming, timeout=60))
+        await wait_until_async(lambda: streaming.chunks >= 2, what="the answer under way", timeout=30)
+        (serving,) = [name for name, metrics in pods.items() if in_flight(metrics(), "post") == 1]
+        os.kill(pids[serving], signal.SIGKILL)
+        had = streaming.text
+        out = await asyncio.wait_for(call, 60)
+
+        # The whole answer: the text the client had, carried on from exactly that text to the token budget.
+        # (post sends text as its rules clear it, which may be mid-token; the new pod continues from there,
+        # so the answer may part from the uninterrupted one: docs/architecture.md#failover-mid-stream.)
+        assert out.error is None, out.error
+        assert out.text.startswith(had) and len(out.text) > len(had)
+        assert out.summary is not None and out.summary.usage.completion_tokens == 48
+        assert out.summary.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        print(
+            f"\npost pod killed after {len(had)} characters:"
+            f" identical to the uninterrupted answer: {out.text == whole.text}"
+        )
+        assert sum(t.failovers for t in out.summary.timings if t.stage == StageName.POST.value) == 1
+        assert failover_count(gateway.metrics(), "reset") == 1

@@ -38,7 +38,14 @@ from promptpipe.runtime.calls import NextStage, StageClient
 from promptpipe.runtime.identity import NoToken, TokenSource, process_identity
 from promptpipe.runtime.inprocess import InProcessStage
 from promptpipe.runtime.liveness import Liveness, stuck_after
-from promptpipe.runtime.metrics import BackendMetrics, GatewayMetrics, NextStageCalls, callers_refused, serving_gauge
+from promptpipe.runtime.metrics import (
+    BackendMetrics,
+    Failovers,
+    GatewayMetrics,
+    NextStageCalls,
+    callers_refused,
+    serving_gauge,
+)
 from promptpipe.runtime.quotas import LocalTenancy, Tenancy
 from promptpipe.runtime.settings import StageSettings
 from promptpipe.runtime.stage import (
@@ -104,6 +111,7 @@ class _Parts:
         self.registry = registry
         self.client_interceptors = client_interceptors
         self.next_calls = NextStageCalls(registry, self.name, stage.value)
+        self.failovers = Failovers(registry, self.name)
         self.in_process: list[InProcessStage] = []  # in the order they must start
         self.liveness = Liveness(registry, self.name)
         self.liveness.watch(stage.value, "slot", runtime.queue.held_for, stuck_after(runtime.spec))
@@ -116,7 +124,17 @@ class _Parts:
         retry = self.spec.stages.get(self.stage).retries
         calls = self.next_calls.to(to.value)
         name = f"the {to.value} stage"
-        return StageClient(self.config.endpoints[to], retry, self.client_interceptors, calls, name, self.tokens)
+        return StageClient(
+            self.config.endpoints[to],
+            retry,
+            self.client_interceptors,
+            calls,
+            name,
+            self.tokens,
+            failover=self.spec.failover,
+            failovers=self.failovers,
+            stage=to.value,
+        )
 
     def local(self, stage: StageName) -> InProcessStage:
         """`stage`, run in this process behind its own runtime."""
@@ -159,7 +177,7 @@ class _Parts:
         from promptpipe.stages.inference import InferenceHandler
 
         spec = self.spec
-        metrics = BackendMetrics(self.registry, self.name, spec.model.backend.value)
+        metrics = BackendMetrics(self.registry, self.name, spec.model.backend.value, self.failovers)
         backend = build_backend(spec.model, spec.stages.get(self.stage).retries, metrics, spec.failover)
         inference = InferenceHandler(backend, metrics, spec.generation, spec.template.max_prompt_tokens, spec.batching)
         self.healthy = inference.healthy

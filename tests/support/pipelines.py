@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,19 @@ def tenant_keys(folder: Path, monkeypatch: Any, *tenants: str) -> dict[str, str]
     monkeypatch.setenv("PROMPTPIPE_API_KEYS_FILE", str(path))
     monkeypatch.delenv("PROMPTPIPE_API_KEYS", raising=False)
     return keys
+
+
+@dataclass
+class Pod:
+    """One more process of a stage (see `RunningPipeline.another`)."""
+
+    proc: subprocess.Popen[bytes]
+    target: str
+    metrics_port: int
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
 
 
 class RunningPipeline:
@@ -137,6 +151,32 @@ class RunningPipeline:
                 proc.terminate()
             for proc in procs:
                 proc.wait(10)
+
+    @contextmanager
+    def another(self, stage: StageName, folder: Path, **extra_env: str) -> Iterator[Pod]:
+        """One more process of `stage` (another pod of it), on ports of its own (or `PROMPTPIPE_PORT`), until
+        the block ends."""
+        ports = folder / f"{stage.value}-{uuid.uuid4().hex[:6]}.ports"
+        proc = self.relaunch(stage, **{"PROMPTPIPE_PORT": "0", "PROMPTPIPE_PORT_FILE": str(ports), **extra_env})
+        try:
+            wait_until(lambda: ports.exists() or proc.poll() is not None, f"another {stage.value} to serve", 60)
+            grpc_port, metrics_port, _, _ = ports.read_text().split()
+            target = f"127.0.0.1:{grpc_port}"
+            wait_until(lambda: localrun.health_status(target, 1.0) == "SERVING", f"{target} to serve", 60)
+            yield Pod(proc, target, int(metrics_port))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+    def with_endpoints(self, folder: Path, **targets: str) -> Path:
+        """A copy of the run's config whose stages call `targets` (by stage name) instead, e.g. two pods of
+        a stage behind one gRPC target: `ipv4:127.0.0.1:A,127.0.0.1:B`."""
+        config = yaml.safe_load((Path(self.run.folder) / "runtime.yaml").read_text())
+        config["endpoints"].update(targets)
+        path = folder / f"runtime-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def metric(self, stage: StageName, name: str, /, **labels: str) -> float:
         """The value of one sample in the stage's /metrics (a `stage` label too: a fused stage's, in its host's)."""

@@ -14,7 +14,7 @@ from promptpipe.backends.routing import Router
 from promptpipe.contract.spec import CircuitBreakerSpec, FailoverSpec, RemoteBackendSpec, RetrySpec, RoutingSpec
 from promptpipe.runtime.errors import Shed, Unavailable
 from promptpipe.runtime.metrics import BackendMetrics
-from promptpipe.runtime.resilience import CircuitBreaker, Retries
+from promptpipe.runtime.resilience import CircuitBreaker, Retries, why_not_carried_on
 from promptpipe.runtime.tracing import note
 from promptpipe.v1.common_pb2 import FINISH_REASON_LENGTH
 
@@ -198,25 +198,6 @@ class _FailedMidStream(Exception):
     def __init__(self, endpoint: str, cause: BackendCallError) -> None:
         super().__init__(f"{endpoint}: {cause}")
         self.endpoint, self.cause = endpoint, cause
-
-
-def why_not_carried_on(
-    failover: FailoverSpec, seconds_left: float, done: int, first_token_seconds: float, others: list[str]
-) -> str:
-    """Why a call whose replica failed mid-stream is not carried on ("" when it is), pure: failover off or
-    its attempts used up, no replica but those that failed, or a deadline closer than a first token took."""
-    if failover.max_attempts == 0:
-        return "failover is off (failover.maxAttempts 0)"
-    if done >= failover.max_attempts:
-        return f"failover.maxAttempts ({failover.max_attempts}) reached"
-    if not others:
-        return "no other replica"
-    if seconds_left <= first_token_seconds:
-        return (
-            f"{max(0.0, seconds_left):.2f}s left to the deadline, less than a first token took"
-            f" ({first_token_seconds:.2f}s)"
-        )
-    return ""
 
 
 def continued(request: GenerationRequest, sent: str, left: int) -> GenerationRequest:

@@ -16,12 +16,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from promptpipe.contract.spec import RetrySpec
+from promptpipe.contract.spec import FailoverSpec, RetrySpec
 from promptpipe.rpc import STAGE_CHANNEL_OPTIONS, retry_after_of
 from promptpipe.runtime.errors import DeadlineExceeded, UpstreamError, from_a_stage
 from promptpipe.runtime.identity import NoToken, TokenSource
-from promptpipe.runtime.metrics import OpenCallSeconds
-from promptpipe.runtime.resilience import Attempt, Retries
+from promptpipe.runtime.metrics import Failovers, OpenCallSeconds
+from promptpipe.runtime.resilience import Attempt, Retries, why_not_carried_on
+from promptpipe.runtime.tracing import note
 from promptpipe.v1 import common_pb2, stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,14 @@ class StageClient:
         open_calls: OpenCallSeconds | None = None,
         name: str = "the next stage",
         tokens: TokenSource | None = None,
+        failover: FailoverSpec | None = None,
+        failovers: Failovers | None = None,
+        stage: str = "",
     ) -> None:
         self.target = target
+        self._failover = failover or FailoverSpec(max_attempts=0)
+        self._failovers = failovers
+        self._stage = stage  # the stage called, as metrics and traces name it
         self._tokens = tokens or NoToken()  # who this process is, on every call
         self.name = name  # what callers' messages call it: never its address
         self._retry = retry
@@ -87,41 +94,89 @@ class StageClient:
             raise AssertionError("the last attempt raises")
 
     async def run(self, item: stage_pb2.WorkItem, deadline: float) -> AsyncGenerator[stage_pb2.StageEvent, None]:
-        """inference and post: stream their events; `deadline` is on the time.monotonic clock."""
+        """inference and post: stream their events; `deadline` is on the time.monotonic clock. When the pod
+        serving the call goes away mid-stream, the call is carried on on another pod of the stage
+        (`spec.failover`), told what this caller already has (`WorkItem.resume`)."""
         started = time.perf_counter()
+        received: list[str] = []
+        tokens = failovers = 0
         first: float | None = None
-        with self._open_calls.open():  # retries and waiting included
-            async for attempt in Retries(self._retry, deadline, self.name):
-                call = self._stub.Run(
-                    item, timeout=self._remaining(deadline), wait_for_ready=True, metadata=self._tokens.metadata()
-                )
-                # Closed explicitly when we leave: a tracing interceptor ends the call's span only when its
-                # response iterator ends, and one left to the garbage collector may never be.
-                events = aiter(call)
-                streamed = ended = False
+        with self._open_calls.open():  # retries, waiting and failovers included
+            while True:
                 try:
-                    async for event in events:
-                        streamed = True
+                    async for event in self._attempt(item, deadline, resuming=failovers > 0):
                         if event.HasField("final"):
-                            ended = True
                             if event.final.timings:  # the callee's own, appended last
                                 now = time.perf_counter()
-                                add_hop(event.final.timings[-1], now - started, (first or now) - started)
-                        elif first is None:
-                            first = time.perf_counter()
+                                callee = event.final.timings[-1]
+                                add_hop(callee, now - started, (first or now) - started)
+                                callee.failovers += failovers
+                        else:
+                            if first is None:
+                                first = time.perf_counter()
+                            received.append(event.chunk.text)
+                            tokens += event.chunk.token_count
                         yield event
-                        if ended:  # the last event: its OK status follows, unread (a read cancelled would cancel it)
-                            return
                     return
-                except grpc.aio.AioRpcError as err:
-                    self._raise_unless_retryable(err, attempt, streamed)
-                finally:
-                    # Leaving early stops the next stage. After its final event its status follows at once:
-                    # cancelling then would have it count a call it completed as CANCELLED.
-                    if not ended:
-                        call.cancel()
-                    if isinstance(events, AsyncGenerator):
-                        await events.aclose()
+                except _WentAway as gone:
+                    refusal = why_not_carried_on(
+                        self._failover, deadline - time.monotonic(), failovers, (first or started) - started, None
+                    )
+                    if refusal:
+                        message = f"{_transport_failure(self.name, gone.code, True)}; not carried on: {refusal}"
+                        raise UpstreamError(gone.code, message) from None
+                    failovers += 1
+                    if self._failovers is not None:
+                        self._failovers.count(self._stage, "reset")
+                    log.warning(
+                        "%s went away after %d tokens: carrying the call on on another pod (failover %d of %d)",
+                        self.name,
+                        tokens,
+                        failovers,
+                        self._failover.max_attempts,
+                    )
+                    note("failover", {"to": self._stage, "reason": "reset", "after_tokens": tokens})
+                    item = resumed(item, "".join(received), tokens)
+                    received, tokens = [], 0
+
+    async def _attempt(
+        self, item: stage_pb2.WorkItem, deadline: float, resuming: bool
+    ) -> AsyncGenerator[stage_pb2.StageEvent, None]:
+        """One call, retried while nothing was streamed; the transport failing after that raises `_WentAway`.
+        A call carried on does not wait for a pod to become ready (the first call's wait is what wakes a
+        stage scaled to zero): with none ready but the one that went away, it ends at once."""
+        async for attempt in Retries(self._retry, deadline, self.name):
+            call = self._stub.Run(
+                item, timeout=self._remaining(deadline), wait_for_ready=not resuming, metadata=self._tokens.metadata()
+            )
+            # Closed explicitly when we leave: a tracing interceptor ends the call's span only when its
+            # response iterator ends, and one left to the garbage collector may never be.
+            events = aiter(call)
+            streamed = ended = False
+            try:
+                async for event in events:
+                    streamed = True
+                    ended = event.HasField("final")
+                    yield event
+                    if ended:  # the last event: its OK status follows, unread (a read cancelled would cancel it)
+                        return
+                return
+            except grpc.aio.AioRpcError as err:
+                transport = err.code() in _RETRYABLE and not from_a_stage(tuple(err.trailing_metadata() or ()))
+                if transport and streamed:
+                    log.warning("call to %s (%s) failed mid-stream: %s", self.name, self.target, err.details())
+                    raise _WentAway(err.code()) from None
+                if transport and resuming and attempt.last:
+                    went = _transport_failure(self.name, err.code(), True)
+                    raise UpstreamError(err.code(), f"{went}; not carried on: no other pod of it answered") from None
+                self._raise_unless_retryable(err, attempt, streamed)
+            finally:
+                # Leaving early stops the next stage. After its final event its status follows at once:
+                # cancelling then would have it count a call it completed as CANCELLED.
+                if not ended:
+                    call.cancel()
+                if isinstance(events, AsyncGenerator):
+                    await events.aclose()
 
     @staticmethod
     def _remaining(deadline: float) -> float:
@@ -139,6 +194,23 @@ class StageClient:
             # The transport's words name addresses and sockets: they go to the log, not to the client.
             log.warning("call to %s (%s) failed: %s: %s", self.name, self.target, code.name, err.details())
             raise UpstreamError(code, _transport_failure(self.name, code, streamed)) from None
+
+
+class _WentAway(Exception):
+    """The pod serving a streaming call went away after it had sent something."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(code.name)
+        self.code = code
+
+
+def resumed(item: stage_pb2.WorkItem, text: str, tokens: int) -> stage_pb2.WorkItem:
+    """The call again, carried on after `text` (`tokens` of them) on top of what it already carried (pure)."""
+    again = stage_pb2.WorkItem()
+    again.CopyFrom(item)
+    again.resume.text += text
+    again.resume.tokens += tokens
+    return again
 
 
 def add_hop(timing: common_pb2.StageTiming, call_seconds: float, first_seconds: float | None) -> None:

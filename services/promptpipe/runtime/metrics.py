@@ -240,8 +240,27 @@ class LivenessMetrics:
         self._stuck.labels(self._pipeline, stage).set_function(lambda: 1.0 if stuck() else 0.0)
 
 
+class Failovers:
+    """`promptpipe_failovers_total` of one process: calls whose part on `stage` moved mid-stream to another
+    backend replica or stage pod, by why (`FAILOVER_REASONS`)."""
+
+    def __init__(self, registry: CollectorRegistry, pipeline: str) -> None:
+        self._counter = _counter(m.FAILOVERS, registry)
+        self._pipeline = pipeline
+
+    def count(self, stage: str, reason: str) -> None:
+        self._counter.labels(pipeline=self._pipeline, stage=stage, reason=reason).inc()
+
+    def series(self, stage: str) -> None:
+        """Every reason's series for `stage`, there from the start."""
+        for reason in m.FAILOVER_REASONS:
+            self._counter.labels(pipeline=self._pipeline, stage=stage, reason=reason)
+
+
 class BackendMetrics:
-    def __init__(self, registry: CollectorRegistry, pipeline: str, backend: str) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, pipeline: str, backend: str, failovers: Failovers | None = None
+    ) -> None:
         labels = {m.Label.PIPELINE.value: pipeline, m.Label.BACKEND.value: backend}
         self.tokens = _counter(m.BACKEND_GENERATED_TOKENS, registry).labels(**labels)
         self.cancelled = _counter(m.BACKEND_CANCELLED, registry).labels(**labels)
@@ -254,13 +273,12 @@ class BackendMetrics:
         self._home = self._decided = 0
         self._affinity = _gauge(m.BACKEND_AFFINITY_RATIO, registry).labels(**labels)
         self._replicas = ReplicaLoad(registry, [pipeline, backend])
-        failovers = _counter(m.FAILOVERS, registry)
-        self._failovers = {
-            r: failovers.labels(pipeline=pipeline, stage="inference", reason=r) for r in m.FAILOVER_REASONS
-        }
+        self._failovers = failovers or Failovers(registry, pipeline)
+        self._failovers.series("inference")
 
     def failed_over(self, reason: str) -> None:
-        self._failovers[reason].inc()
+        """The inference stage carried a call on on another backend replica."""
+        self._failovers.count("inference", reason)
 
     def routed(self, reason: str) -> None:
         self._routed[reason].inc()

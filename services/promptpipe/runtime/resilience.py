@@ -1,4 +1,4 @@
-"""Retries with backoff and the circuit breaker."""
+"""Retries with backoff, the circuit breaker, and when a call is carried on after a failure mid-stream."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from promptpipe.contract.spec import CircuitBreakerSpec, RetrySpec
+from promptpipe.contract.spec import CircuitBreakerSpec, FailoverSpec, RetrySpec
 from promptpipe.runtime.errors import DeadlineExceeded
 
 
@@ -115,3 +115,23 @@ class CircuitBreaker:
         self._failures += 1
         if self._opened_at is not None or self._failures >= self._spec.failure_threshold:
             self._opened_at = self._clock()
+
+
+def why_not_carried_on(
+    failover: FailoverSpec, seconds_left: float, done: int, first_token_seconds: float, others: list[str] | None
+) -> str:
+    """Why a call whose replica or pod failed mid-stream is not carried on ("" when it is), pure: failover
+    off or its attempts used up, no replica but those that failed (`others`; None: not known, as for the
+    pods behind a Service), or a deadline closer than a first token took."""
+    if failover.max_attempts == 0:
+        return "failover is off (failover.maxAttempts 0)"
+    if done >= failover.max_attempts:
+        return f"failover.maxAttempts ({failover.max_attempts}) reached"
+    if others is not None and not others:
+        return "no other replica"
+    if seconds_left <= first_token_seconds:
+        return (
+            f"{max(0.0, seconds_left):.2f}s left to the deadline, less than a first token took"
+            f" ({first_token_seconds:.2f}s)"
+        )
+    return ""

@@ -28,6 +28,12 @@ def checked(item: stage_pb2.WorkItem, generation: GenerationDefaults, max_prompt
         raise InvalidArgument("prompt", "the rendered prompt is empty")
     if item.prompt_tokens > max_prompt_tokens or len(item.prompt) > max_prompt_tokens * MAX_CHARS_PER_TOKEN:
         raise InvalidArgument("prompt", f"longer than the pipeline's budget of {max_prompt_tokens} tokens")
+    # A call carried on after a failure: no more than it could have received before it.
+    owed = parameters.max_new_tokens
+    if item.resume.tokens > owed:
+        raise InvalidArgument("resume.tokens", f"more than the call's max_new_tokens ({owed})")
+    if len(item.resume.text) > max(item.resume.tokens, 1) * MAX_CHARS_PER_TOKEN:
+        raise InvalidArgument("resume.text", f"longer than {item.resume.tokens} tokens can be")
     resolved = stage_pb2.WorkItem()
     resolved.CopyFrom(item)
     resolved.parameters.CopyFrom(parameters)
@@ -38,8 +44,9 @@ def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationReques
     p = item.parameters  # the gateway has filled in every default, and checked() the limits
     first_user = next((m.content for m in item.messages if m.role == "user"), "")
     return GenerationRequest(
-        prompt=item.prompt,
-        max_new_tokens=p.max_new_tokens,
+        # Carried on after a failure (`resume`): from the text the caller has, for the tokens left.
+        prompt=item.prompt + item.resume.text,
+        max_new_tokens=p.max_new_tokens - item.resume.tokens,
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=p.top_k,
@@ -81,6 +88,13 @@ class InferenceHandler:
 
     async def _events(self, item: stage_pb2.WorkItem, call: Call) -> AsyncIterator[stage_pb2.StageEvent]:
         item = checked(item, self._generation, self._max_prompt_tokens)
+        had = item.resume.tokens
+        if had and had == item.parameters.max_new_tokens:  # every token had arrived; only the final had not
+            usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=had)
+            yield stage_pb2.StageEvent(
+                final=stage_pb2.StageFinal(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=usage)
+            )
+            return
         generation = self.backend.generate(generation_request(item, call))
         finished = failed = False
         self._metrics.active.inc()
@@ -92,7 +106,9 @@ class InferenceHandler:
                 else:
                     finished = True
                     call.failovers = out.failovers
-                    usage = common_pb2.Usage(prompt_tokens=item.prompt_tokens, completion_tokens=out.completion_tokens)
+                    usage = common_pb2.Usage(
+                        prompt_tokens=item.prompt_tokens, completion_tokens=had + out.completion_tokens
+                    )
                     yield stage_pb2.StageEvent(final=stage_pb2.StageFinal(finish_reason=out.finish_reason, usage=usage))
             if not finished:
                 raise DataLoss("the backend ended the generation without its final result")

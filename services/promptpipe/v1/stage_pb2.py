@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from promptpipe.v1 import common_pb2 as promptpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19promptpipe/v1/stage.proto\x12\rpromptpipe.v1\x1a\x1apromptpipe/v1/common.proto\"6\n\x07Passage\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x81\x03\n\x08WorkItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.promptpipe.v1.ChatMessage\x12\x37\n\nparameters\x18\x04 \x01(\x0b\x32#.promptpipe.v1.GenerationParameters\x12\x37\n\x08metadata\x18\x05 \x03(\x0b\x32%.promptpipe.v1.WorkItem.MetadataEntry\x12(\n\x08passages\x18\x06 \x03(\x0b\x32\x16.promptpipe.v1.Passage\x12\x0e\n\x06prompt\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12+\n\x07timings\x18\t \x03(\x0b\x32\x1a.promptpipe.v1.StageTiming\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\nStageFinal\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.promptpipe.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.promptpipe.v1.Usage\x12+\n\x07timings\x18\x03 \x03(\x0b\x32\x1a.promptpipe.v1.StageTiming\"x\n\nStageEvent\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.promptpipe.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.promptpipe.v1.StageFinalH\x00\x42\x06\n\x04kindJ\x04\x08\x01\x10\x02R\x04item\"\x0e\n\x0cStatsRequest\"\xde\x01\n\nStageStats\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x05 \x01(\r\x12\x16\n\x0erejected_total\x18\x06 \x01(\x04\x12\x15\n\rdropped_total\x18\x07 \x01(\x04\x12\x17\n\x0f\x63ompleted_total\x18\x08 \x01(\x04\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x13\n\x0bshed_policy\x18\n \x01(\t2\xc2\x01\n\x05Stage\x12;\n\x07Process\x12\x17.promptpipe.v1.WorkItem\x1a\x17.promptpipe.v1.WorkItem\x12;\n\x03Run\x12\x17.promptpipe.v1.WorkItem\x1a\x19.promptpipe.v1.StageEvent0\x01\x12?\n\x05Stats\x12\x1b.promptpipe.v1.StatsRequest\x1a\x19.promptpipe.v1.StageStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19promptpipe/v1/stage.proto\x12\rpromptpipe.v1\x1a\x1apromptpipe/v1/common.proto\"6\n\x07Passage\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\xa8\x03\n\x08WorkItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.promptpipe.v1.ChatMessage\x12\x37\n\nparameters\x18\x04 \x01(\x0b\x32#.promptpipe.v1.GenerationParameters\x12\x37\n\x08metadata\x18\x05 \x03(\x0b\x32%.promptpipe.v1.WorkItem.MetadataEntry\x12(\n\x08passages\x18\x06 \x03(\x0b\x32\x16.promptpipe.v1.Passage\x12\x0e\n\x06prompt\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12+\n\x07timings\x18\t \x03(\x0b\x32\x1a.promptpipe.v1.StageTiming\x12%\n\x06resume\x18\n \x01(\x0b\x32\x15.promptpipe.v1.Resume\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x06Resume\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"\x92\x01\n\nStageFinal\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.promptpipe.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.promptpipe.v1.Usage\x12+\n\x07timings\x18\x03 \x03(\x0b\x32\x1a.promptpipe.v1.StageTiming\"x\n\nStageEvent\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.promptpipe.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x19.promptpipe.v1.StageFinalH\x00\x42\x06\n\x04kindJ\x04\x08\x01\x10\x02R\x04item\"\x0e\n\x0cStatsRequest\"\xde\x01\n\nStageStats\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x13\n\x0b\x63oncurrency\x18\x05 \x01(\r\x12\x16\n\x0erejected_total\x18\x06 \x01(\x04\x12\x15\n\rdropped_total\x18\x07 \x01(\x04\x12\x17\n\x0f\x63ompleted_total\x18\x08 \x01(\x04\x12\x0f\n\x07serving\x18\t \x01(\x08\x12\x13\n\x0bshed_policy\x18\n \x01(\t2\xc2\x01\n\x05Stage\x12;\n\x07Process\x12\x17.promptpipe.v1.WorkItem\x1a\x17.promptpipe.v1.WorkItem\x12;\n\x03Run\x12\x17.promptpipe.v1.WorkItem\x1a\x19.promptpipe.v1.StageEvent0\x01\x12?\n\x05Stats\x12\x1b.promptpipe.v1.StatsRequest\x1a\x19.promptpipe.v1.StageStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PASSAGE']._serialized_start=72
   _globals['_PASSAGE']._serialized_end=126
   _globals['_WORKITEM']._serialized_start=129
-  _globals['_WORKITEM']._serialized_end=514
-  _globals['_WORKITEM_METADATAENTRY']._serialized_start=467
-  _globals['_WORKITEM_METADATAENTRY']._serialized_end=514
-  _globals['_STAGEFINAL']._serialized_start=517
-  _globals['_STAGEFINAL']._serialized_end=663
-  _globals['_STAGEEVENT']._serialized_start=665
-  _globals['_STAGEEVENT']._serialized_end=785
-  _globals['_STATSREQUEST']._serialized_start=787
-  _globals['_STATSREQUEST']._serialized_end=801
-  _globals['_STAGESTATS']._serialized_start=804
-  _globals['_STAGESTATS']._serialized_end=1026
-  _globals['_STAGE']._serialized_start=1029
-  _globals['_STAGE']._serialized_end=1223
+  _globals['_WORKITEM']._serialized_end=553
+  _globals['_WORKITEM_METADATAENTRY']._serialized_start=506
+  _globals['_WORKITEM_METADATAENTRY']._serialized_end=553
+  _globals['_RESUME']._serialized_start=555
+  _globals['_RESUME']._serialized_end=593
+  _globals['_STAGEFINAL']._serialized_start=596
+  _globals['_STAGEFINAL']._serialized_end=742
+  _globals['_STAGEEVENT']._serialized_start=744
+  _globals['_STAGEEVENT']._serialized_end=864
+  _globals['_STATSREQUEST']._serialized_start=866
+  _globals['_STATSREQUEST']._serialized_end=880
+  _globals['_STAGESTATS']._serialized_start=883
+  _globals['_STAGESTATS']._serialized_end=1105
+  _globals['_STAGE']._serialized_start=1108
+  _globals['_STAGE']._serialized_end=1302
 # @@protoc_insertion_point(module_scope)
