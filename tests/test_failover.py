@@ -310,3 +310,37 @@ async def test_a_post_pod_killed_mid_stream_the_gateway_carries_the_call_on_on_a
         )
         assert sum(t.failovers for t in out.summary.timings if t.stage == StageName.POST.value) == 1
         assert failover_count(gateway.metrics(), "reset") == 1
+
+
+@pytest.mark.parametrize(
+    ("said", "k", "stop"),
+    [
+        ("write to ann.lee@example.com today, bye", 5, ""),  # the kill lands inside the address
+        ("the quick brown fox jumps over the dog", 4, "brown fox"),  # ... inside the stop sequence
+    ],
+)
+async def test_post_acts_once_on_a_match_that_spans_a_backend_failover(
+    start_pipeline, said: str, k: int, stop: str
+) -> None:
+    with tgi_server("a") as a, tgi_server("b") as b:
+        doc = pipeline([a, b], tokens=40, post={"redact": {"email": True}})
+        p = start_pipeline(doc)
+        question = f"say:{said}|"
+        stops = [stop] if stop else []
+        whole = await collect(p.gateway, question, stop=stops)
+        assert whole.error is None and whole.summary is not None
+        (prompt,) = {q for url in (a, b) for q in tgi_stats(url)["prompts"]}
+        for url in (a, b):
+            post(url, "/control/die", {"prompt": prompt, "after_tokens": k})
+        out = await collect(p.gateway, question, stop=stops)
+        assert out.error is None, out.error
+        assert failover_count(p.metrics(StageName.INFERENCE), "reset") == 1
+        assert out.text == whole.text and out.summary is not None
+        assert out.summary.finish_reason == whole.summary.finish_reason
+        if stop:
+            assert out.text == said[: said.index(stop)]
+            assert out.summary.finish_reason == common_pb2.FINISH_REASON_STOP
+        else:
+            assert failovers(out) == 1
+            assert "@" not in out.text and "lee" not in out.text and out.text.count("[") == 1, out.text
+            assert out.text.startswith("write to ") and out.text.endswith(" today, bye")

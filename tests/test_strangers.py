@@ -290,3 +290,18 @@ def test_the_inference_stage_refuses_past_the_pipelines_limits_whoever_calls(sta
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "budget of 256 tokens" in message
     # Unset parameters get the pipeline's defaults (maxNewTokens 16 here), not the backend's or none.
     assert asyncio.run(run_inference(target, stage_pb2.WorkItem(prompt="hi"), post)) == (grpc.StatusCode.OK, "", 16)
+    # A call carried on after a failure (`resume`) claims no more than the call could have received.
+    owed = stage_pb2.WorkItem(prompt="hi", resume=stage_pb2.Resume(text="x", tokens=17))
+    assert asyncio.run(run_inference(target, owed, post))[:2] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "resume.tokens: more than the call's max_new_tokens (16)",
+    )
+    padded = stage_pb2.WorkItem(prompt="hi", resume=stage_pb2.Resume(text="w" * 100_000, tokens=3))
+    assert asyncio.run(run_inference(target, padded, post))[:2] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "resume.text: longer than 3 tokens can be",
+    )
+    # ... and gets only the tokens left: 16 - 10.
+    assert asyncio.run(
+        run_inference(target, stage_pb2.WorkItem(prompt="hi", resume=stage_pb2.Resume(text=" a b", tokens=10)), post)
+    ) == (grpc.StatusCode.OK, "", 6)

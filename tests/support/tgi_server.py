@@ -12,6 +12,7 @@ prompt, so one server serves every test case:
     "fail-after:N"   send N tokens, then an SSE error event (error_type generation)
     "slow:MS"        wait MS milliseconds between tokens
     "overload:K"     answer 429 to the first K requests carrying this prompt
+    "say:TEXT|"      send TEXT in pieces of three characters (after what of it the prompt ends with)
 
 and POST /control/die arms a kill: the stream of a given prompt ends the server (SIGKILL) after K tokens.
 
@@ -166,7 +167,11 @@ class FakeTgi:
                 await self._stream_model(response, prompt, max_new, int(seed) if seed is not None else None)  # type: ignore[call-overload]
                 self.stats["finished"] += 1  # type: ignore[operator]
                 return response
-            for i in range(max_new):
+            script = self._script(prompt, max_new)
+            for i, text in enumerate(script):
+                if i == self.dying.get(prompt):
+                    await asyncio.sleep(0.05)  # what was written reaches the client before the process goes
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if fail_after is not None and i == fail_after:
                     await self._event(
                         response, {"error": "Request failed during generation: CUDA error", "error_type": "generation"}
@@ -174,8 +179,7 @@ class FakeTgi:
                     return response
                 if delay:
                     await asyncio.sleep(delay)
-                text = f" {WORDS[i % len(WORDS)]}"
-                last = i == max_new - 1
+                last = i == len(script) - 1
                 event = {
                     "index": i + 1,
                     "token": {"id": 1000 + i, "text": text, "logprob": -0.5, "special": False},
@@ -184,8 +188,9 @@ class FakeTgi:
                     "top_tokens": None,
                 }
                 if last:
-                    event["generated_text"] = "".join(f" {WORDS[j % len(WORDS)]}" for j in range(max_new))
-                    event["details"] = {"finish_reason": "length", "generated_tokens": max_new, "seed": None}
+                    event["generated_text"] = "".join(script)
+                    reason = "length" if len(script) == max_new else "eos_token"
+                    event["details"] = {"finish_reason": reason, "generated_tokens": len(script), "seed": None}
                 await self._event(response, event)
                 sent += 1
             self.stats["finished"] += 1  # type: ignore[operator]
@@ -197,6 +202,18 @@ class FakeTgi:
         finally:
             self.active -= 1
         return response
+
+    @staticmethod
+    def _script(prompt: str, max_new: int) -> list[str]:
+        """The tokens to send: the words in turn, or with "say:TEXT|" in the prompt, TEXT in pieces of three
+        characters, carried on after whatever of it the prompt already ends with (a call carried on after
+        a failure asks with the text it has), then the end of the sequence."""
+        said = re.search(r"say:([^|]*)\|", prompt)
+        if said is None:
+            return [f" {WORDS[i % len(WORDS)]}" for i in range(max_new)]
+        pieces = [said.group(1)[i : i + 3] for i in range(0, len(said.group(1)), 3)]
+        done = max(k for k in range(len(pieces) + 1) if prompt.endswith("".join(pieces[:k])))
+        return pieces[done : done + max_new] or [""]
 
     async def _stream_model(self, response: web.StreamResponse, prompt: str, max_new: int, seed: int | None) -> None:
         assert self.model is not None
@@ -253,7 +270,7 @@ class FakeTgi:
 
     async def die(self, request: web.Request) -> web.Response:
         """POST /control/die {"prompt": P, "after_tokens": K}: the stream of prompt P (exactly) kills this
-        server with SIGKILL once it has sent K tokens (model mode), as a replica lost mid-generation."""
+        server with SIGKILL once it has sent K tokens, as a replica lost mid-generation."""
         body = await request.json()
         self.dying[str(body["prompt"])] = int(body["after_tokens"])
         return web.json_response({"dying": len(self.dying)})
