@@ -312,6 +312,23 @@ async def test_a_post_pod_killed_mid_stream_the_gateway_carries_the_call_on_on_a
         assert failover_count(gateway.metrics(), "reset") == 1
 
 
+async def test_a_replica_that_stalls_mid_stream_is_failed_over_at_the_read_timeout(start_pipeline) -> None:
+    with tgi_server("a") as a, tgi_server("b") as b:
+        doc = pipeline([a, b], tokens=12)
+        doc["spec"]["model"]["tgi"]["readTimeoutSeconds"] = 1.0
+        p = start_pipeline(doc)
+        whole = await collect(p.gateway, "say:a stalled replica is given up on|")
+        (prompt,) = {q for url in (a, b) for q in tgi_stats(url)["prompts"]}
+        for url in (a, b):
+            post(url, "/control/die", {"prompt": prompt, "after_tokens": 4, "stall": True})
+        out = await collect(p.gateway, "say:a stalled replica is given up on|")
+        assert out.error is None, out.error
+        assert out.text == whole.text == "a stalled replica is given up on"[: 3 * 12]
+        assert failovers(out) == 1
+        assert failover_count(p.metrics(StageName.INFERENCE), "stall") == 1
+        assert out.summary is not None and 1.0 <= out.summary.total_seconds < 5.0
+
+
 @pytest.mark.parametrize(
     ("said", "k", "stop"),
     [

@@ -123,6 +123,8 @@ class FakeTgi:
         self._overloads: Counter[str] = Counter()
         # Prompts whose stream kills this server (SIGKILL, as a replica dies) after that many tokens (see `die`).
         self.dying: dict[str, int] = {}
+        # ... or stalls there (sends nothing more, keeps the connection open), as a hung GPU does.
+        self.stalling: dict[str, int] = {}
         # Backends (by path prefix) that misbehave on /generate, and how (see `fail`).
         self.failing: dict[str, str] = {}
 
@@ -172,6 +174,8 @@ class FakeTgi:
                 if i == self.dying.get(prompt):
                     await asyncio.sleep(0.05)  # what was written reaches the client before the process goes
                     os.kill(os.getpid(), signal.SIGKILL)
+                if i == self.stalling.get(prompt):
+                    await asyncio.sleep(3600)
                 if fail_after is not None and i == fail_after:
                     await self._event(
                         response, {"error": "Request failed during generation: CUDA error", "error_type": "generation"}
@@ -270,10 +274,12 @@ class FakeTgi:
 
     async def die(self, request: web.Request) -> web.Response:
         """POST /control/die {"prompt": P, "after_tokens": K}: the stream of prompt P (exactly) kills this
-        server with SIGKILL once it has sent K tokens, as a replica lost mid-generation."""
+        server with SIGKILL once it has sent K tokens, as a replica lost mid-generation; with
+        "stall": true it sends nothing more instead (words mode), its connection left open."""
         body = await request.json()
-        self.dying[str(body["prompt"])] = int(body["after_tokens"])
-        return web.json_response({"dying": len(self.dying)})
+        armed = self.stalling if body.get("stall") else self.dying
+        armed[str(body["prompt"])] = int(body["after_tokens"])
+        return web.json_response({"armed": len(armed)})
 
     @staticmethod
     async def _misbehave(request: web.Request, mode: str) -> web.StreamResponse:

@@ -65,10 +65,12 @@ class TgiBackend(RemoteBackend):
             tgi_errors.NotFoundError,
         ) as err:
             raise BackendCallError(f"backend error: {type(err).__name__}", retryable=produced == 0) from None
+        except TimeoutError as err:  # first: aiohttp's read timeout (ServerTimeoutError) is a ClientError too
+            raise BackendCallError(
+                f"backend stalled: {type(err).__name__}", retryable=produced == 0, reason="stall"
+            ) from None
         except aiohttp.ClientError as err:
             raise BackendCallError(
                 f"backend unreachable: {type(err).__name__}", retryable=produced == 0, reason="reset"
             ) from None
-        except TimeoutError:  # the read timeout: no token for that long
-            raise BackendCallError("backend stalled: TimeoutError", retryable=produced == 0, reason="stall") from None
         raise BackendCallError("backend stream ended without its final details", retryable=False, reason="reset")
