@@ -19,9 +19,13 @@ import psutil
 import yaml
 
 from promptpipe.cli import localrun
+from promptpipe.contract.identity import subject
+from promptpipe.contract.runtime_config import load_runtime_config
+from promptpipe.contract.spec import StageName
 from promptpipe.perf import load
 from promptpipe.perf.breakdown import percentile
 from promptpipe.rpc import CHANNEL_OPTIONS
+from promptpipe.runtime.identity import SignedToken, parse_issuer_keys
 from promptpipe.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc
 
 C = TypeVar("C")
@@ -98,8 +102,20 @@ async def gateway_stream(stub: gateway_pb2_grpc.GatewayStub, max_new: int, timeo
     return StreamResult(ttft, tokens, time.perf_counter() - start, code, messages)
 
 
-async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamResult:
-    """The inference stage alone: a work item straight to its Run."""
+def as_post(run: localrun.LocalRun) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the post stage's identity token, the one caller the inference stage takes."""
+    identity = load_runtime_config(Path(run.folder) / "runtime.yaml").identity
+    if identity is None:
+        return ()
+    keys = parse_issuer_keys(Path(identity.keys_file).read_text())
+    account = subject(identity.namespace, identity.accounts[StageName.POST])
+    return SignedToken(Path(identity.signing_key_file), keys, identity.audience, account).metadata()
+
+
+async def stage_stream(
+    stub: stage_pb2_grpc.StageStub, max_new: int, metadata: tuple[tuple[str, str], ...] = ()
+) -> StreamResult:
+    """The inference stage alone: a work item straight to its Run (as post calls it: `as_post`)."""
     item = stage_pb2.WorkItem(
         request_id="b",
         session_id="b",
@@ -109,7 +125,7 @@ async def stage_stream(stub: stage_pb2_grpc.StageStub, max_new: int) -> StreamRe
     start = time.perf_counter()
     ttft = None
     tokens = 0
-    async for e in stub.Run(item, timeout=60):
+    async for e in stub.Run(item, timeout=60, metadata=metadata):
         if e.HasField("chunk"):
             if ttft is None:
                 ttft = time.perf_counter() - start
@@ -170,11 +186,12 @@ async def path_figures(doc: dict[str, Any], seconds: float) -> dict[str, float]:
     with running(doc) as run:
         async with channel(run.gateway) as gw, channel(f"127.0.0.1:{run.stages['inference'].port}") as inf:
             gateway, stage = gateway_pb2_grpc.GatewayStub(gw), stage_pb2_grpc.StageStub(inf)
+            post = as_post(run)
             for _ in range(50):  # warm up channels and code paths
                 await gateway_stream(gateway, 8)
             for name, fn in (
                 ("pipeline tok/s", lambda: gateway_stream(gateway, 4000)),
-                ("inference tok/s", lambda: stage_stream(stage, 4000)),
+                ("inference tok/s", lambda: stage_stream(stage, 4000, post)),
             ):
                 start = time.perf_counter()
                 results = await closed_loop(fn, 16, int(seconds * 8))

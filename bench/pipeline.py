@@ -29,6 +29,7 @@ import yaml
 
 from bench.harness import (
     StreamResult,
+    as_post,
     channel,
     closed_loop,
     gateway_stream,
@@ -95,12 +96,13 @@ async def ttft_section(samples: int) -> None:
             async with channel(run.gateway) as gw, channel(f"127.0.0.1:{inference.port}") as inf:
                 gateway = gateway_pb2_grpc.GatewayStub(gw)
                 stage = stage_pb2_grpc.StageStub(inf)
+                post = as_post(run)
                 for _ in range(50):  # warm up channels and code paths
                     await gateway_stream(gateway, 8)
                 for conc in (1, 64):
                     total = samples if conc == 1 else samples * 4
                     if label == "pipeline":  # inference alone: its process serves inference's own Run
-                        s = await closed_loop(lambda: stage_stream(stage, 8), conc, total)
+                        s = await closed_loop(lambda: stage_stream(stage, 8, post), conc, total)
                         rows[("inference stage", conc)] = [r.ttft for r in s if r.ttft is not None]
                     g = await closed_loop(lambda: gateway_stream(gateway, 8), conc, total)
                     rows[(label, conc)] = [r.ttft for r in g if r.ttft is not None]
@@ -128,9 +130,10 @@ async def throughput_section(seconds: float) -> None:
             async with channel(run.gateway) as gw, channel(f"127.0.0.1:{run.stages['inference'].port}") as inf:
                 gateway = gateway_pb2_grpc.GatewayStub(gw)
                 stage = stage_pb2_grpc.StageStub(inf)
+                post = as_post(run)
                 calls = [(label, lambda: gateway_stream(gateway, tokens_per_call))]
                 if label == "pipeline (5 stages)":
-                    calls.insert(0, ("inference stage alone", lambda: stage_stream(stage, tokens_per_call)))
+                    calls.insert(0, ("inference stage alone", lambda: stage_stream(stage, tokens_per_call, post)))
                 for name, fn in calls:
                     for conc in (1, 16):
                         start = time.perf_counter()
