@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,14 @@ from typing import Any
 import grpc
 import pytest
 
-from promptpipe.backends.base import GenerationRequest
+from promptpipe.backends import base
+from promptpipe.backends.base import GenerationRequest, Piece
 from promptpipe.backends.llamacpp import default_model_path
 from promptpipe.backends.remote import continued
 from promptpipe.contract.spec import FailoverSpec, StageName
 from promptpipe.localproc import free_port
 from promptpipe.runtime.resilience import why_not_carried_on
+from promptpipe.stages.inference import seam, without_seam
 from promptpipe.v1 import common_pb2
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import Outcome, collect
@@ -361,3 +363,23 @@ async def test_post_acts_once_on_a_match_that_spans_a_backend_failover(
             assert failovers(out) == 1
             assert "@" not in out.text and "lee" not in out.text and out.text.count("[") == 1, out.text
             assert out.text.startswith("write to ") and out.text.endswith(" today, bye")
+
+
+async def test_a_resumed_text_ending_in_whitespace_is_carried_on_from_before_it_and_it_is_not_sent_twice() -> None:
+    assert seam("The story ") == ("The story", " ")
+    assert seam("The story") == ("The story", "")
+
+    async def model(*pieces: str) -> AsyncIterator[Piece | base.Outcome]:
+        for text in pieces:
+            yield Piece(text)
+        yield base.Outcome(common_pb2.FINISH_REASON_LENGTH, len(pieces))
+
+    async def sent(pieces: AsyncIterator[Piece | base.Outcome]) -> list[tuple[str, int]]:
+        return [(o.text, o.tokens) if isinstance(o, Piece) else ("end", o.completion_tokens) async for o in pieces]
+
+    # The model writes the space again, in the next token: it goes without it and is not counted twice.
+    assert await sent(without_seam(model(" of", " a"), " ")) == [("of", 0), (" a", 1), ("end", 1)]
+    # ... alone, as a token of its own.
+    assert await sent(without_seam(model(" ", "of"), " ")) == [("", 0), ("of", 1), ("end", 1)]
+    # It does not: what it writes goes as it is.
+    assert await sent(without_seam(model(",", " a"), " ")) == [(",", 1), (" a", 1), ("end", 2)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from promptpipe.backends.base import Backend, GenerationRequest, Piece
+from promptpipe.backends.base import Backend, GenerationRequest, Outcome, Piece
 from promptpipe.backends.routing import routing_key
 from promptpipe.contract.spec import BatchingSpec, GenerationDefaults
 from promptpipe.runtime.coalesce import coalesce
@@ -40,13 +40,48 @@ def checked(item: stage_pb2.WorkItem, generation: GenerationDefaults, max_prompt
     return resolved
 
 
+def seam(resume: str) -> tuple[str, str]:
+    """Where a call carried on after `resume` continues from (pure): the text, less the whitespace it ends
+    with, and that whitespace. post sends text up to the word it still holds (it could grow into an address),
+    so a resumed text often ends in the space that begins the next token; a prompt ending in it leads a model
+    whose tokens carry their leading space elsewhere. The model writes it again; the caller has it already."""
+    text = resume.rstrip()
+    return text, resume[len(text) :]
+
+
+def without_seam(pieces: AsyncIterator[Piece | Outcome], had: str) -> AsyncIterator[Piece | Outcome]:
+    """`pieces` less the whitespace `had` at their start, which the caller already has (see `seam`), and
+    less the token that writes it again, which the caller counted when it got that whitespace (the budget
+    asked for holds one more for it: `generation_request`); where the model does not write it again, as
+    they come."""
+
+    async def stream() -> AsyncIterator[Piece | Outcome]:
+        owed, rewritten = had, False
+        async for out in pieces:
+            sent = out
+            if owed and isinstance(out, Piece):
+                if out.text.startswith(owed):
+                    sent, owed, rewritten = Piece(out.text[len(owed) :], 0), "", True
+                elif owed.startswith(out.text):
+                    sent, owed = Piece("", 0), owed[len(out.text) :]
+                else:
+                    owed = ""
+            elif isinstance(out, Outcome) and rewritten:
+                sent = Outcome(out.finish_reason, out.completion_tokens - 1, out.failovers)
+            yield sent
+
+    return stream()
+
+
 def generation_request(item: stage_pb2.WorkItem, call: Call) -> GenerationRequest:
     p = item.parameters  # the gateway has filled in every default, and checked() the limits
+    text, space = seam(item.resume.text)
     first_user = next((m.content for m in item.messages if m.role == "user"), "")
     return GenerationRequest(
         # Carried on after a failure (`resume`): from the text the caller has, for the tokens left.
-        prompt=item.prompt + item.resume.text,
-        max_new_tokens=p.max_new_tokens - item.resume.tokens,
+        prompt=item.prompt + text,
+        # The token that writes the seam's whitespace again is one the caller already counted.
+        max_new_tokens=p.max_new_tokens - item.resume.tokens + bool(space and item.resume.tokens),
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=p.top_k,
@@ -96,10 +131,12 @@ class InferenceHandler:
             )
             return
         generation = self.backend.generate(generation_request(item, call))
+        space = seam(item.resume.text)[1] if item.resume.tokens else ""
+        pieces = without_seam(generation, space) if space else generation
         finished = failed = False
         self._metrics.active.inc()
         try:
-            async for out in generation:
+            async for out in pieces:
                 if isinstance(out, Piece):
                     self._metrics.tokens.inc(out.tokens)
                     yield stage_pb2.StageEvent(chunk=common_pb2.TokenChunk(text=out.text, token_count=out.tokens))
