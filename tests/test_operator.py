@@ -577,15 +577,17 @@ def test_every_example_is_reconciled(
         for path in examples:
             doc = yaml.safe_load(path.read_text())
             model = doc["spec"]["model"]
-            tgi_run_here = model.get("backend") == "tgi" and not (model.get("tgi") or {}).get("endpoints")
+            tgi = model.get("tgi") or {}
+            tgi_run_here = model.get("backend") == "tgi" and not tgi.get("endpoints")
+            # ... and a PodDisruptionBudget over TGI's pods when it runs more than one.
+            children = QUICKSTART_CHILDREN + (TGI_CHILDREN + (tgi.get("replicas", 1) > 1)) * tgi_run_here
             apply(control_plane, kube_tools, cluster.ns, doc)
             name = doc["metadata"]["name"]
             wait_until(
-                lambda n=name, t=tgi_run_here: (
-                    all_created(cluster, QUICKSTART_CHILDREN + TGI_CHILDREN * t, n) and settled(cluster, n)
-                ),
+                lambda n=name, c=children: all_created(cluster, c, n) and settled(cluster, n),
                 f"{path.name} reconciled",
             )
+            assert len(cluster.children(name)) == children, path.name  # not a count passed on the way
         assert cluster.status("assistant-bg")["activeVersion"] == "v1"
         # Each was made in one go: no child refused on the way (a RoleBinding sent before its Role was).
         assert not cluster.events("ApplyFailed")
