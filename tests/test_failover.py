@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from promptpipe.stages.inference import seam, without_seam
 from promptpipe.v1 import common_pb2
 from promptpipe.waiting import wait_until_async
 from tests.support.calls import Outcome, collect
-from tests.support.pipelines import running_pipeline, synthetic_pipeline, tgi_server, tgi_stats
+from tests.support.pipelines import Pod, RunningPipeline, running_pipeline, synthetic_pipeline, tgi_server, tgi_stats
 from tests.test_tracing import spans_in
 
 pytestmark = pytest.mark.processes
@@ -103,9 +102,17 @@ def failovers(out: Outcome) -> int:
     return sum(t.failovers for t in out.summary.timings if t.stage == StageName.INFERENCE.value)
 
 
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples in a /metrics text whose labels include `labels`."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def failover_count(metrics: str, reason: str) -> float:
-    pattern = rf'^promptpipe_failovers_total\{{[^}}]*reason="{reason}"[^}}]*\}} (\S+)$'
-    return sum(float(v) for v in re.findall(pattern, metrics, re.MULTILINE))
+    return sample(metrics, "promptpipe_failovers_total", reason=reason)
 
 
 async def test_a_replica_killed_after_k_tokens_the_client_gets_each_piece_once_and_the_whole_answer(
@@ -220,42 +227,54 @@ def test_the_carried_on_call_asks_for_the_prompt_and_the_text_sent_and_only_the_
     assert (on.prompt, on.max_new_tokens) == ("Q: Once upon", 7)
 
 
-def active(metrics: str) -> float:
-    return sum(
-        float(v) for v in re.findall(r"^promptpipe_backend_active_generations\{[^}]*\} (\S+)$", metrics, re.MULTILINE)
+def embedded_pipeline() -> dict[str, Any]:
+    return synthetic_pipeline(
+        model={"name": "SmolLM2", "backend": "llamacpp"}, generation={"maxNewTokens": 48, "temperature": 0.0}
     )
+
+
+def two_behind_one_target(
+    p: RunningPipeline, stack: ExitStack, folder: Path, stage: StageName, caller: StageName
+) -> tuple[Pod, Pod]:
+    """A second pod of `stage`, and `caller` started again on its port calling both through one gRPC target,
+    as through a headless Service's addresses: (the second pod, the caller)."""
+    second = stack.enter_context(p.another(stage, folder))
+    config = p.with_endpoints(folder, **{stage.value: f"ipv4:{p.target(stage)},{second.target}"})
+    port = p.target(caller).rsplit(":", 1)[1]
+    os.kill(p.pid(caller), signal.SIGKILL)
+    again = p.another(caller, folder, PROMPTPIPE_PORT=port, PROMPTPIPE_CONFIG=str(config))
+    return second, stack.enter_context(again)
+
+
+async def killed_mid_stream(
+    p: RunningPipeline, stage: StageName, second: Pod, busy: Callable[[str], bool]
+) -> tuple[Outcome, str]:
+    """A call, and the pod of `stage` serving it (the one whose metrics are `busy`) killed with SIGKILL once
+    two chunks reached the client: the call's outcome, and the text the client had then."""
+    pods = {p.pid(stage): lambda: p.metrics(stage), second.proc.pid: second.metrics}
+    streaming = Outcome()
+    call = asyncio.create_task(collect(p.gateway, QUESTION, streaming, timeout=60))
+    await wait_until_async(lambda: streaming.chunks >= 2, what="the answer under way", timeout=30)
+    (serving,) = [pid for pid, metrics in pods.items() if busy(metrics())]
+    os.kill(serving, signal.SIGKILL)
+    had = streaming.text
+    return await asyncio.wait_for(call, 60), had
 
 
 async def test_an_inference_pod_killed_mid_stream_post_carries_the_call_on_on_another_and_the_answer_is_whole(
     start_pipeline, tmp_path: Path
 ) -> None:
-    doc = synthetic_pipeline(
-        model={"name": "SmolLM2", "backend": "llamacpp"},
-        generation={"maxNewTokens": 48, "temperature": 0.0},
-    )
-    p = start_pipeline(doc)
+    p = start_pipeline(embedded_pipeline())
     with ExitStack() as stack:
-        second = stack.enter_context(p.another(StageName.INFERENCE, tmp_path))
-        # post calls both inference pods through one target, as through a headless Service's addresses.
-        config = p.with_endpoints(tmp_path, inference=f"ipv4:{p.target(StageName.INFERENCE)},{second.target}")
-        os.kill(p.pid(StageName.POST), signal.SIGKILL)
-        port = p.target(StageName.POST).rsplit(":", 1)[1]
-        post = stack.enter_context(
-            p.another(StageName.POST, tmp_path, PROMPTPIPE_PORT=port, PROMPTPIPE_CONFIG=str(config))
-        )
-
+        second, post = two_behind_one_target(p, stack, tmp_path, StageName.INFERENCE, StageName.POST)
         whole = await collect(p.gateway, QUESTION)
         assert whole.error is None and whole.summary is not None
         assert whole.summary.usage.completion_tokens == 48
-        pods = {"first": lambda: p.metrics(StageName.INFERENCE), "second": second.metrics}
-        pids = {"first": p.pid(StageName.INFERENCE), "second": second.proc.pid}
 
-        streaming = Outcome()
-        call = asyncio.create_task(collect(p.gateway, QUESTION, streaming, timeout=60))
-        await wait_until_async(lambda: streaming.chunks >= 2, what="the answer under way", timeout=30)
-        (serving,) = [name for name, metrics in pods.items() if active(metrics()) == 1]
-        os.kill(pids[serving], signal.SIGKILL)
-        out = await asyncio.wait_for(call, 60)
+        def generating(metrics: str) -> bool:
+            return sample(metrics, "promptpipe_backend_active_generations") == 1
+
+        out, _ = await killed_mid_stream(p, StageName.INFERENCE, second, generating)
 
         assert out.error is None, out.error
         assert out.text == whole.text, "every piece once, none missing"
@@ -264,44 +283,23 @@ async def test_an_inference_pod_killed_mid_stream_post_carries_the_call_on_on_an
         assert failover_count(post.metrics(), "reset") == 1
 
 
-def in_flight(metrics: str, stage: str) -> float:
-    pattern = rf'^promptpipe_stage_in_flight\{{[^}}]*stage="{stage}"[^}}]*\}} (\S+)$'
-    return sum(float(v) for v in re.findall(pattern, metrics, re.MULTILINE))
-
-
 async def test_a_post_pod_killed_mid_stream_the_gateway_carries_the_call_on_on_another_and_the_answer_is_whole(
     start_pipeline, tmp_path: Path
 ) -> None:
-    doc = synthetic_pipeline(
-        model={"name": "SmolLM2", "backend": "llamacpp"},
-        generation={"maxNewTokens": 48, "temperature": 0.0},
-    )
-    p = start_pipeline(doc)
+    p = start_pipeline(embedded_pipeline())
     with ExitStack() as stack:
-        second = stack.enter_context(p.another(StageName.POST, tmp_path))
-        config = p.with_endpoints(tmp_path, post=f"ipv4:{p.target(StageName.POST)},{second.target}")
-        os.kill(p.pid(StageName.STREAM), signal.SIGKILL)
-        port = p.gateway.rsplit(":", 1)[1]
-        gateway = stack.enter_context(
-            p.another(StageName.STREAM, tmp_path, PROMPTPIPE_PORT=port, PROMPTPIPE_CONFIG=str(config))
-        )
-
+        second, gateway = two_behind_one_target(p, stack, tmp_path, StageName.POST, StageName.STREAM)
         whole = await collect(p.gateway, QUESTION)
         assert whole.error is None and whole.summary is not None
-        pods = {"first": lambda: p.metrics(StageName.POST), "second": second.metrics}
-        pids = {"first": p.pid(StageName.POST), "second": second.proc.pid}
 
-        streaming = Outcome()
-        call = asyncio.create_task(collect(p.gateway, QUESTION, streaming, timeout=60))
-        await wait_until_async(lambda: streaming.chunks >= 2, what="the answer under way", timeout=30)
-        (serving,) = [name for name, metrics in pods.items() if in_flight(metrics(), "post") == 1]
-        os.kill(pids[serving], signal.SIGKILL)
-        had = streaming.text
-        out = await asyncio.wait_for(call, 60)
+        def filtering(metrics: str) -> bool:
+            return sample(metrics, "promptpipe_stage_in_flight", stage="post") == 1
+
+        out, had = await killed_mid_stream(p, StageName.POST, second, filtering)
 
         # The whole answer: the text the client had, carried on from exactly that text to the token budget.
-        # (post sends text as its rules clear it, which may be mid-token; the new pod continues from there,
-        # so the answer may part from the uninterrupted one: docs/architecture.md#failover-mid-stream.)
+        # (Identical to the uninterrupted one where the seam is the space before a held word, the usual
+        # case; a seam inside a word is continued as it stands: docs/architecture.md#failover-mid-stream.)
         assert out.error is None, out.error
         assert out.text.startswith(had) and len(out.text) > len(had)
         assert out.summary is not None and out.summary.usage.completion_tokens == 48
